@@ -1,0 +1,421 @@
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/esro"
+)
+
+func cmdESRO(ctx context.Context, env *cmdEnv, args []string) int {
+	if len(args) > 0 {
+		switch args[0] {
+		case "perform":
+			return esroPerform(ctx, env, args[1:])
+		case "invoke":
+			return esroInvoke(ctx, env, args[1:])
+		}
+	}
+	fmt.Fprintln(env.stderr, "usage: emsdp esro perform|invoke [flags]   (emsdp esro perform -h for flags)")
+	return exitUsage
+}
+
+// usageError marks a bad flag value: exit 2.
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+
+func usagef(format string, a ...any) error { return &usageError{fmt.Sprintf(format, a...)} }
+
+// msDuration is a duration flag that also takes a bare number of
+// milliseconds, the unit of the reference's ini files.
+type msDuration struct{ d *time.Duration }
+
+func (m msDuration) String() string {
+	if m.d == nil {
+		return ""
+	}
+	return m.d.String()
+}
+
+func (m msDuration) Set(s string) error {
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+		*m.d = time.Duration(n) * time.Millisecond
+		return nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return errors.New("want a duration such as 2s or 1500ms, or milliseconds")
+	}
+	*m.d = d
+	return nil
+}
+
+// timerFlags registers the ESRO timer flags shared by every command that
+// runs an endpoint; their defaults are the reference's shipped erop.ini.
+type timerFlags struct {
+	t     esro.Timers
+	fixed bool
+}
+
+func (tf *timerFlags) register(fs *flag.FlagSet) {
+	tf.t = esro.ShippedTimers
+	fs.Var(msDuration{&tf.t.Retransmit}, "retransmit", "retransmit interval R (T_retx = R + roundtrip)")
+	fs.Var(msDuration{&tf.t.Roundtrip}, "roundtrip", "round-trip estimate RT")
+	fs.Var(msDuration{&tf.t.Acknowledgement}, "ack-delay", "acknowledgement delay A (enters T_last)")
+	fs.Var(msDuration{&tf.t.NSDULifetime}, "nsdu-lifetime", "maximum datagram lifetime L (enters T_ref)")
+	fs.IntVar(&tf.t.RetransmitCount, "retries", tf.t.RetransmitCount, "retransmissions N before giving up")
+	fs.BoolVar(&tf.fixed, "fixed-timers", false, "the reference's fixed timers instead of adaptive RTT")
+}
+
+func (tf *timerFlags) config(log *slog.Logger) (*esro.Config, error) {
+	c := &esro.Config{Timers: tf.t, FixedTimers: tf.fixed, Logger: log}
+	if err := c.Validate(); err != nil {
+		return nil, &usageError{err.Error()}
+	}
+	return c, nil
+}
+
+// parseFlags parses args; it reports -h as done and bad flags as usage.
+func parseFlags(fs *flag.FlagSet, env *cmdEnv, args []string) (done bool, code int) {
+	fs.SetOutput(env.stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return true, exitOK
+		}
+		return true, exitUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(env.stderr, "%s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
+		return true, exitUsage
+	}
+	return false, 0
+}
+
+func fail(env *cmdEnv, err error) int {
+	fmt.Fprintln(env.stderr, "emsdp:", err)
+	var ue *usageError
+	if errors.As(err, &ue) {
+		return exitUsage
+	}
+	return exitFailed
+}
+
+func stderrLogger(env *cmdEnv) *slog.Logger {
+	return slog.New(slog.NewTextHandler(env.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+func uint8Flag(name string, v, lo, hi int) (uint8, error) {
+	if v < lo || v > hi {
+		return 0, usagef("--%s %d out of range %d..%d", name, v, lo, hi)
+	}
+	return uint8(v), nil
+}
+
+func handshakeFlag(v int) (esro.Handshake, error) {
+	if v != 2 && v != 3 {
+		return 0, usagef("--handshake must be 2 or 3, not %d", v)
+	}
+	return esro.Handshake(v), nil
+}
+
+// ---- perform ----
+
+type replyMode struct {
+	kind  string // echo, date, error, none
+	value uint8
+}
+
+func parseReplyMode(s string) (replyMode, error) {
+	switch s {
+	case "echo", "date", "none":
+		return replyMode{kind: s}, nil
+	}
+	if v, ok := strings.CutPrefix(s, "error:"); ok {
+		n, err := strconv.ParseUint(v, 10, 8)
+		if err != nil {
+			return replyMode{}, usagef("--reply error:V needs V in 0..255, got %q", v)
+		}
+		return replyMode{kind: "error", value: uint8(n)}, nil
+	}
+	return replyMode{}, usagef("--reply must be echo, date, error:V or none, not %q", s)
+}
+
+func esroPerform(ctx context.Context, env *cmdEnv, args []string) int {
+	fs := flag.NewFlagSet("emsdp esro perform", flag.ContinueOnError)
+	listen := fs.String("listen", ":641", "UDP address to listen on (the reference used port 2002)")
+	sap := fs.Int("sap", 13, "SAP selector to bind, 1..15")
+	hsv := fs.Int("handshake", 3, "2-way or 3-way handshake")
+	reply := fs.String("reply", "echo", "echo, date, error:V or none")
+	var tf timerFlags
+	tf.register(fs)
+	if done, code := parseFlags(fs, env, args); done {
+		return code
+	}
+	s, err := uint8Flag("sap", *sap, 1, esro.MaxSAP)
+	if err != nil {
+		return fail(env, err)
+	}
+	hs, err := handshakeFlag(*hsv)
+	if err != nil {
+		return fail(env, err)
+	}
+	mode, err := parseReplyMode(*reply)
+	if err != nil {
+		return fail(env, err)
+	}
+	cfg, err := tf.config(stderrLogger(env))
+	if err != nil {
+		return fail(env, err)
+	}
+	if mode.kind == "none" {
+		cfg.PerformerTimeout = -1 // never answer, and never give up either
+	}
+	ep, err := esro.Listen("udp", *listen, cfg)
+	if err != nil {
+		return fail(env, listenHint(err, *listen))
+	}
+	defer ep.Close()
+	var outMu sync.Mutex
+	err = ep.HandleFunc(s, hs, func(_ context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
+		outMu.Lock()
+		fmt.Fprintf(env.stdout, "invoke peer=%s sap=%d op=%d enc=%d len=%d\n", inv.Peer, inv.SAP, inv.Operation, inv.Encoding, len(inv.Data))
+		outMu.Unlock()
+		switch mode.kind {
+		case "echo":
+			w.Result(inv.Encoding, inv.Data)
+		case "date":
+			// ctime(3) text, as the reference's example performer answers.
+			w.Result(inv.Encoding, []byte(time.Now().Format("Mon Jan _2 15:04:05 2006\n")))
+		case "error":
+			w.Error(inv.Encoding, mode.value, inv.Data)
+		}
+	})
+	if err != nil {
+		return fail(env, err)
+	}
+	fmt.Fprintf(env.stderr, "emsdp esro perform: listening on %s, SAP %d, %v, reply %s\n", ep.LocalAddr(), s, hs, *reply)
+	<-ctx.Done()
+	return exitOK
+}
+
+// listenHint explains the usual reasons a UDP bind fails.
+func listenHint(err error, addr string) error {
+	switch {
+	case errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("%w (ports below 1024 need root or CAP_NET_BIND_SERVICE; choose another with --listen)", err)
+	case strings.Contains(err.Error(), "address already in use"):
+		return fmt.Errorf("%w (another program uses %s: 'emsdp ports' shows which)", err, addr)
+	}
+	return err
+}
+
+// ---- invoke ----
+
+func esroInvoke(ctx context.Context, env *cmdEnv, args []string) int {
+	fs := flag.NewFlagSet("emsdp esro invoke", flag.ContinueOnError)
+	to := fs.String("to", "", "performer HOST:PORT (required)")
+	sap := fs.Int("sap", -1, "performer SAP selector, 0..15 (required)")
+	hsv := fs.Int("handshake", 3, "2-way or 3-way handshake")
+	op := fs.Int("op", 0, "operation value, 0..63")
+	enc := fs.Int("enc", 0, "encoding type, 0..3 (the reference tools use 2 for text)")
+	data := fs.String("data", "", "argument as text")
+	hexData := fs.String("hex", "", "argument as hex octets")
+	file := fs.String("file", "", "argument read from a file")
+	local := fs.String("local", ":0", "local UDP address to invoke from")
+	count := fs.Int("count", 0, "invoke this many times and print a summary")
+	conc := fs.Int("concurrency", 1, "invocations in flight with --count")
+	var tf timerFlags
+	tf.register(fs)
+	if done, code := parseFlags(fs, env, args); done {
+		return code
+	}
+	req, err := invokeRequest(fs, *to, *sap, *hsv, *op, *enc, *data, *hexData, *file)
+	if err != nil {
+		return fail(env, err)
+	}
+	if *count < 0 || *conc < 1 || *conc > 65536 {
+		return fail(env, usagef("--count must be >= 0 and --concurrency in 1..65536"))
+	}
+	cfg, err := tf.config(stderrLogger(env))
+	if err != nil {
+		return fail(env, err)
+	}
+	ep, err := esro.Listen("udp", *local, cfg)
+	if err != nil {
+		return fail(env, listenHint(err, *local))
+	}
+	defer ep.Close()
+	if *count == 0 {
+		res, err := ep.Invoke(ctx, req)
+		return printOutcome(env.stdout, res, err)
+	}
+	return invokeMany(ctx, env, ep, req, *count, *conc)
+}
+
+func invokeRequest(fs *flag.FlagSet, to string, sap, hsv, op, enc int, data, hexData, file string) (*esro.Request, error) {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if to == "" {
+		return nil, usagef("--to HOST:PORT is required")
+	}
+	if !set["sap"] {
+		return nil, usagef("--sap is required")
+	}
+	n := 0
+	for _, k := range []string{"data", "hex", "file"} {
+		if set[k] {
+			n++
+		}
+	}
+	if n > 1 {
+		return nil, usagef("give only one of --data, --hex and --file")
+	}
+	addr, err := resolveUDP(to)
+	if err != nil {
+		return nil, err
+	}
+	r := &esro.Request{To: addr}
+	if r.SAP, err = uint8Flag("sap", sap, 0, esro.MaxSAP); err != nil {
+		return nil, err
+	}
+	if r.Operation, err = uint8Flag("op", op, 0, esro.MaxOperation); err != nil {
+		return nil, err
+	}
+	e, err := uint8Flag("enc", enc, 0, esro.MaxEncoding)
+	if err != nil {
+		return nil, err
+	}
+	r.Encoding = esro.Encoding(e)
+	if r.Handshake, err = handshakeFlag(hsv); err != nil {
+		return nil, err
+	}
+	switch {
+	case set["hex"]:
+		if r.Data, err = hex.DecodeString(strings.Join(strings.Fields(hexData), "")); err != nil {
+			return nil, usagef("--hex: %v", err)
+		}
+	case set["file"]:
+		if r.Data, err = os.ReadFile(file); err != nil {
+			return nil, err
+		}
+	default:
+		r.Data = []byte(data)
+	}
+	return r, nil
+}
+
+// resolveUDP turns HOST:PORT into an address, resolving names.
+func resolveUDP(s string) (netip.AddrPort, error) {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap, nil
+	}
+	ua, err := net.ResolveUDPAddr("udp", s)
+	if err != nil {
+		return netip.AddrPort{}, usagef("bad address %q: %v", s, err)
+	}
+	return ua.AddrPort(), nil
+}
+
+func printOutcome(w io.Writer, res *esro.Result, err error) int {
+	var er *esro.ErrorReply
+	var f *esro.Failure
+	switch {
+	case err == nil:
+		fmt.Fprintf(w, "result enc=%d data=%q\n", res.Encoding, res.Data)
+		return exitOK
+	case errors.As(err, &er):
+		fmt.Fprintf(w, "error value=%d data=%q\n", er.Value, er.Data)
+		return exitError
+	case errors.As(err, &f):
+		fmt.Fprintf(w, "failure reason=%d %s\n", f.Reason, f.Reason)
+		return exitFailure
+	}
+	fmt.Fprintf(w, "failure reason=%d %v\n", esro.LocalResource, err)
+	return exitFailure
+}
+
+// invokeMany runs count invocations with conc in flight and prints one
+// summary line.
+func invokeMany(ctx context.Context, env *cmdEnv, ep *esro.Endpoint, req *esro.Request, count, conc int) int {
+	var mu sync.Mutex
+	var results, errs, failures int
+	reasons := map[string]int{}
+	lat := make([]time.Duration, 0, count)
+	next := make(chan struct{}, count)
+	for range count {
+		next <- struct{}{}
+	}
+	close(next)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range min(conc, count) {
+		wg.Go(func() {
+			for range next {
+				if ctx.Err() != nil {
+					return
+				}
+				t0 := time.Now()
+				_, err := ep.Invoke(ctx, req)
+				d := time.Since(t0)
+				var er *esro.ErrorReply
+				var f *esro.Failure
+				mu.Lock()
+				switch {
+				case err == nil:
+					results++
+				case errors.As(err, &er):
+					errs++
+				case errors.As(err, &f):
+					failures++
+					reasons[strconv.Itoa(int(f.Reason))]++
+				default:
+					failures++
+					reasons["local"]++
+				}
+				lat = append(lat, d)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	slices.Sort(lat)
+	done := len(lat)
+	rate := float64(done) / elapsed.Seconds()
+	var why string
+	for _, k := range slices.Sorted(maps.Keys(reasons)) {
+		why += fmt.Sprintf(" failure-reason-%s=%d", k, reasons[k])
+	}
+	fmt.Fprintf(env.stdout, "summary completed=%d results=%d errors=%d failures=%d invocations/s=%.1f p50=%s p99=%s%s\n",
+		done, results, errs, failures, rate, percentile(lat, 50), percentile(lat, 99), why)
+	switch {
+	case failures > 0 || done < count:
+		return exitFailure
+	case errs > 0:
+		return exitError
+	}
+	return exitOK
+}
+
+func percentile(sorted []time.Duration, p int) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := (len(sorted)*p + 99) / 100
+	return sorted[min(max(i-1, 0), len(sorted)-1)].Round(time.Microsecond)
+}

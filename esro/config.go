@@ -1,0 +1,199 @@
+package esro
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+)
+
+// Timers are the five timer inputs of the reference engine (spec esro.md §5.1,
+// ini section [Timer Values]). Every protocol timer is derived from them.
+type Timers struct {
+	Acknowledgement time.Duration // A, "Acknowledgement"
+	Roundtrip       time.Duration // RT, "Roundtrip"
+	Retransmit      time.Duration // R, "Retransmit"
+	NSDULifetime    time.Duration // L, "Max NSDU Life Time"
+	RetransmitCount int           // N, "Retransmit Count"
+}
+
+// ShippedTimers are the values of the reference's shipped erop.ini, the
+// defaults of this implementation (spec esro.md §5.1).
+var ShippedTimers = Timers{
+	Acknowledgement: 100 * time.Millisecond,
+	Roundtrip:       1000 * time.Millisecond,
+	Retransmit:      2000 * time.Millisecond,
+	NSDULifetime:    3000 * time.Millisecond,
+	RetransmitCount: 8,
+}
+
+// CompiledTimers are the reference engine's compiled-in defaults, used when
+// its ini file lacks a value (spec esro.md §5.1).
+var CompiledTimers = Timers{
+	Acknowledgement: 1000 * time.Millisecond,
+	Roundtrip:       5000 * time.Millisecond,
+	Retransmit:      10000 * time.Millisecond,
+	NSDULifetime:    15000 * time.Millisecond,
+	RetransmitCount: 4,
+}
+
+// Limits on timer inputs accepted by Validate: beyond an hour per value the
+// derived hold times become meaningless for a datagram protocol.
+const (
+	maxTimerInput      = time.Hour
+	MaxRetransmitCount = 255
+)
+
+// Validate reports whether every input is usable.
+func (t Timers) Validate() error {
+	for _, v := range []struct {
+		name string
+		d    time.Duration
+		zero bool
+	}{
+		{"acknowledgement delay", t.Acknowledgement, true},
+		{"roundtrip", t.Roundtrip, false},
+		{"retransmit interval", t.Retransmit, false},
+		{"NSDU lifetime", t.NSDULifetime, true},
+	} {
+		if v.d < 0 || (!v.zero && v.d == 0) || v.d > maxTimerInput {
+			return fmt.Errorf("esro: %s %v out of range", v.name, v.d)
+		}
+	}
+	if t.RetransmitCount < 0 || t.RetransmitCount > MaxRetransmitCount {
+		return fmt.Errorf("esro: retransmit count %d out of range 0..%d", t.RetransmitCount, MaxRetransmitCount)
+	}
+	return nil
+}
+
+// Durations derived from Timers by the reference formulas (spec esro.md §5.1).
+
+// RetransmitInterval is T_retx = R + RT.
+func (t Timers) RetransmitInterval() time.Duration { return t.Retransmit + t.Roundtrip }
+
+// LastWait is T_last = 2 × (A + R), the wait after the last retransmission.
+func (t Timers) LastWait() time.Duration { return 2 * (t.Acknowledgement + t.Retransmit) }
+
+// ReferenceHold is T_ref = 2 × L + N × R.
+func (t Timers) ReferenceHold() time.Duration {
+	return 2*t.NSDULifetime + time.Duration(t.RetransmitCount)*t.Retransmit
+}
+
+// Inactivity is T_inact = 4 × RT.
+func (t Timers) Inactivity() time.Duration { return 4 * t.Roundtrip }
+
+// NoResponse is T_noresp = 2 × L + (N + 1) × (R + RT).
+func (t Timers) NoResponse() time.Duration {
+	return 2*t.NSDULifetime + time.Duration(t.RetransmitCount+1)*t.RetransmitInterval()
+}
+
+// Config configures an Endpoint. The zero value is usable: every zero field
+// takes the default named in its comment.
+type Config struct {
+	// Timers are the reference timer inputs. Zero: ShippedTimers.
+	Timers Timers
+
+	// FixedTimers disables the adaptive retransmission timer and uses T_retx
+	// for every retransmission, exactly as the reference does.
+	FixedTimers bool
+
+	// MinRTO and MaxRTO bound the adaptive retransmission timeout, including
+	// backoff and jitter. Zero: 200 ms (at most MaxRTO) and T_retx. Keeping MaxRTO at T_retx
+	// keeps every gap between retransmissions shorter than the peer's
+	// derived inactivity and hold timers, so its duplicate detection holds.
+	MinRTO, MaxRTO time.Duration
+
+	// Jitter is the fraction (0..0.5) by which each adaptive retransmission
+	// interval is randomly stretched or shrunk. Zero: 0.1. Negative: none.
+	Jitter float64
+
+	// PerformerTimeout is how long a handler may take to answer before the
+	// invocation fails with FAILURE(2) to the invoker. Zero: T_noresp.
+	// Negative: wait forever, as the reference's 3-way performer does (spec
+	// esro.md Open Point 7).
+	PerformerTimeout time.Duration
+
+	// PDUSize is the largest user data accepted in a request or answer
+	// (spec esro.md §6). Zero: 1500.
+	PDUSize int
+
+	// MaxInvocations caps the invocations (both roles, including those only
+	// held for duplicate detection) the endpoint keeps. Beyond it Invoke
+	// fails with a local-resource Failure and incoming INVOKEs are answered
+	// FAILURE(1) (spec esro.md §6). Zero: 65536.
+	MaxInvocations int
+
+	// MaxPeerInvocations caps the performer invocations held for one peer,
+	// so that a flood from one (possibly spoofed) source cannot take the
+	// whole MaxInvocations budget. Zero: 256.
+	MaxPeerInvocations int
+
+	// IPOnlyPeers identifies peers by IP address alone, ignoring the UDP
+	// port, as the reference does (spec esro.md §3.1, Open Point 3). The
+	// default keys every table by IP address and port.
+	IPOnlyPeers bool
+
+	// Logger receives protocol diagnostics. Nil: slog.Default().
+	Logger *slog.Logger
+}
+
+// Validate reports whether c can configure an Endpoint.
+func (c *Config) Validate() error {
+	_, err := c.resolved()
+	return err
+}
+
+// resolved returns c with defaults filled in, or an error for bad values.
+func (c *Config) resolved() (Config, error) {
+	var r Config
+	if c != nil {
+		r = *c
+	}
+	if r.Timers == (Timers{}) {
+		r.Timers = ShippedTimers
+	}
+	if err := r.Timers.Validate(); err != nil {
+		return r, err
+	}
+	if r.MaxRTO == 0 {
+		r.MaxRTO = r.Timers.RetransmitInterval()
+	}
+	if r.MinRTO == 0 {
+		r.MinRTO = min(200*time.Millisecond, r.MaxRTO)
+	}
+	if r.MinRTO < 0 || r.MaxRTO < r.MinRTO {
+		return r, fmt.Errorf("esro: RTO bounds %v..%v invalid", r.MinRTO, r.MaxRTO)
+	}
+	switch {
+	case r.Jitter == 0:
+		r.Jitter = 0.1
+	case r.Jitter < 0:
+		r.Jitter = 0
+	case r.Jitter > 0.5:
+		return r, fmt.Errorf("esro: jitter %v out of range 0..0.5", r.Jitter)
+	}
+	if r.PerformerTimeout == 0 {
+		r.PerformerTimeout = r.Timers.NoResponse()
+	}
+	if r.PDUSize == 0 {
+		r.PDUSize = 1500
+	}
+	if r.PDUSize < 0 || r.PDUSize > maxDatagram-3 {
+		return r, fmt.Errorf("esro: PDU size %d out of range 0..%d", r.PDUSize, maxDatagram-3)
+	}
+	if r.MaxInvocations == 0 {
+		r.MaxInvocations = 65536
+	}
+	if r.MaxPeerInvocations == 0 {
+		r.MaxPeerInvocations = 256
+	}
+	if r.MaxInvocations < 0 || r.MaxPeerInvocations < 0 {
+		return r, fmt.Errorf("esro: negative invocation limit")
+	}
+	if r.Logger == nil {
+		r.Logger = slog.Default()
+	}
+	return r, nil
+}
+
+// maxDatagram is the largest UDP payload over IPv4.
+const maxDatagram = 65507

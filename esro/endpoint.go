@@ -1,0 +1,359 @@
+package esro
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+)
+
+// Endpoint is one ESRO engine on one datagram socket, serving both roles:
+// handlers bound to SAP selectors perform incoming invocations, and Invoke
+// sends invocations to peers (spec esro.md §7). All methods are safe for
+// concurrent use.
+type Endpoint struct {
+	conn net.PacketConn
+	fast udpAddrPortConn // conn's allocation-free methods, when it has them
+	log  *slog.Logger
+
+	mu      sync.Mutex
+	m       *machine
+	timer   *time.Timer
+	timerAt time.Time
+	armed   bool
+
+	st       counters
+	base     context.Context // parent of handler contexts, cancelled by Close
+	stopBase context.CancelFunc
+	loops    sync.WaitGroup // the read loop
+	handlers sync.WaitGroup
+	closed   chan struct{}
+	once     sync.Once
+}
+
+type udpAddrPortConn interface {
+	ReadFromUDPAddrPort(b []byte) (int, netip.AddrPort, error)
+	WriteToUDPAddrPort(b []byte, addr netip.AddrPort) (int, error)
+}
+
+// Listen opens a UDP socket on address ("host:port"; network "udp", "udp4"
+// or "udp6") and starts an Endpoint on it.
+func Listen(network, address string, cfg *Config) (*Endpoint, error) {
+	if _, err := cfg.resolved(); err != nil {
+		return nil, err
+	}
+	conn, err := net.ListenPacket(network, address)
+	if err != nil {
+		return nil, fmt.Errorf("esro: listen: %w", err)
+	}
+	ep, err := NewEndpoint(conn, cfg)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return ep, nil
+}
+
+// NewEndpoint starts an Endpoint on conn, which it owns from then on: Close
+// closes it. conn may be any net.PacketConn whose addresses are *net.UDPAddr
+// (a UDP socket, or an in-memory network in tests).
+func NewEndpoint(conn net.PacketConn, cfg *Config) (*Endpoint, error) {
+	c, err := cfg.resolved()
+	if err != nil {
+		return nil, err
+	}
+	e := &Endpoint{conn: conn, log: c.Logger, closed: make(chan struct{})}
+	e.fast, _ = conn.(udpAddrPortConn)
+	e.base, e.stopBase = context.WithCancel(context.Background())
+	e.m = newMachine(c, &e.st, e)
+	e.loops.Add(1)
+	go e.readLoop()
+	return e, nil
+}
+
+// LocalAddr is the socket's address.
+func (e *Endpoint) LocalAddr() net.Addr { return e.conn.LocalAddr() }
+
+// Stats returns a snapshot of the endpoint's counters.
+func (e *Endpoint) Stats() Stats { return e.st.snapshot() }
+
+// Handle binds sap (1..15) with a handshake and a handler (SAP-BIND, spec
+// esro.md §3.3). INVOKEs for an unbound SAP are answered FAILURE(2).
+func (e *Endpoint) Handle(sap uint8, hs Handshake, h Handler) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.m.bind(sap, hs, h)
+}
+
+// HandleFunc binds sap to a handler function.
+func (e *Endpoint) HandleFunc(sap uint8, hs Handshake, f func(ctx context.Context, w ResponseWriter, inv *Invocation)) error {
+	return e.Handle(sap, hs, HandlerFunc(f))
+}
+
+// Unbind releases sap. Its live invocations end without further
+// indications; their handlers' contexts are cancelled with ErrSAPNotBound.
+func (e *Endpoint) Unbind(sap uint8) error {
+	e.mu.Lock()
+	err := e.m.unbind(time.Now(), sap)
+	e.rearm(time.Now())
+	e.mu.Unlock()
+	return err
+}
+
+// Invoke performs one remote operation and returns its RESULT, or an error
+// that is an *ErrorReply for an ERROR, a *Failure when the provider reports
+// a failure (spec esro.md §5.6), or the context's error.
+//
+// When all 256 reference numbers towards the peer are held (each is held
+// until T_ref after its invocation ends, spec esro.md §4), Invoke waits for
+// one to free up, for as long as ctx allows. If ctx ends after the INVOKE
+// was sent, retransmission stops and the number is held for T_ref.
+func (e *Endpoint) Invoke(ctx context.Context, req *Request) (*Result, error) {
+	if err := req.validate(e.m.cfg.PDUSize); err != nil {
+		return nil, err
+	}
+	to := netip.AddrPortFrom(req.To.Addr().Unmap(), req.To.Port())
+	var inv *invocation
+	for inv == nil {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		now := time.Now()
+		e.mu.Lock()
+		i, wait, err := e.m.invoke(now, req, to)
+		if err != nil {
+			e.mu.Unlock()
+			return nil, err
+		}
+		if wait != nil {
+			e.mu.Unlock()
+			select {
+			case <-wait:
+			case <-ctx.Done():
+				e.mu.Lock()
+				e.m.stopWaiting(to, wait)
+				e.mu.Unlock()
+				return nil, ctx.Err()
+			}
+			continue
+		}
+		inv = i
+		out := e.m.takeOut()
+		e.rearm(now)
+		e.mu.Unlock()
+		e.flush(out)
+	}
+	select {
+	case <-inv.done:
+	case <-ctx.Done():
+		e.mu.Lock()
+		e.m.abandon(time.Now(), inv, ctx.Err())
+		e.rearm(time.Now())
+		e.mu.Unlock()
+		<-inv.done
+	}
+	return inv.res, inv.err
+}
+
+// Shutdown stops accepting new invocations (incoming INVOKEs are dropped,
+// so that the peer retransmits to whoever serves next; Invoke returns
+// ErrClosed) and waits until no invocation still needs this endpoint —
+// replies owed or awaited, acknowledgements outstanding — or ctx ends. Then
+// it closes the endpoint.
+func (e *Endpoint) Shutdown(ctx context.Context) error {
+	e.mu.Lock()
+	e.m.shutdown()
+	drained := e.m.drained
+	e.mu.Unlock()
+	var err error
+	select {
+	case <-drained:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if cerr := e.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Close ends every invocation (waiting Invoke calls return ErrClosed,
+// handler contexts are cancelled), closes the socket and waits for the read
+// loop and for handlers to return.
+func (e *Endpoint) Close() error {
+	var err error
+	e.once.Do(func() {
+		e.mu.Lock()
+		e.m.close()
+		if e.timer != nil {
+			e.timer.Stop()
+		}
+		e.mu.Unlock()
+		close(e.closed)
+		e.stopBase()
+		err = e.conn.Close()
+		e.loops.Wait()
+		e.handlers.Wait()
+	})
+	return err
+}
+
+func (e *Endpoint) readLoop() {
+	defer e.loops.Done()
+	buf := make([]byte, maxDatagram+1)
+	for {
+		var n int
+		var from netip.AddrPort
+		var err error
+		if e.fast != nil {
+			n, from, err = e.fast.ReadFromUDPAddrPort(buf)
+		} else {
+			var a net.Addr
+			n, a, err = e.conn.ReadFrom(buf)
+			if ua, ok := a.(*net.UDPAddr); ok {
+				from = ua.AddrPort()
+			}
+		}
+		if err != nil {
+			select {
+			case <-e.closed:
+				return
+			default:
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Transient errors (e.g. ICMP reports on some systems): go on,
+			// but do not spin on a persistent one.
+			e.log.Warn("esro: read", "err", err)
+			select {
+			case <-e.closed:
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+			continue
+		}
+		if !from.IsValid() {
+			continue
+		}
+		now := time.Now()
+		e.mu.Lock()
+		if e.m.closed {
+			e.mu.Unlock()
+			return
+		}
+		e.m.receive(now, buf[:n], from)
+		out := e.m.takeOut()
+		e.rearm(now)
+		e.mu.Unlock()
+		e.flush(out)
+	}
+}
+
+// rearm makes the timer fire at the machine's next deadline. It never
+// delays an armed timer: firing early is harmless, as advance only runs
+// what is due. Called with mu held.
+func (e *Endpoint) rearm(now time.Time) {
+	at, ok := e.m.nextDeadline()
+	if !ok || e.m.closed || (e.armed && !at.Before(e.timerAt)) {
+		return
+	}
+	d := at.Sub(now)
+	if e.timer == nil {
+		e.timer = time.AfterFunc(d, e.onTimer)
+	} else {
+		e.timer.Reset(d)
+	}
+	e.timerAt, e.armed = at, true
+}
+
+func (e *Endpoint) onTimer() {
+	now := time.Now()
+	e.mu.Lock()
+	e.armed = false
+	if e.m.closed {
+		e.mu.Unlock()
+		return
+	}
+	e.m.advance(now)
+	out := e.m.takeOut()
+	e.rearm(now)
+	e.mu.Unlock()
+	e.flush(out)
+}
+
+func (e *Endpoint) flush(out []outgoing) {
+	for _, o := range out {
+		var err error
+		if e.fast != nil {
+			_, err = e.fast.WriteToUDPAddrPort(o.b, o.to)
+		} else {
+			_, err = e.conn.WriteTo(o.b, net.UDPAddrFromAddrPort(o.to))
+		}
+		if err != nil {
+			// Like any datagram loss: retransmission or the peer's own
+			// timers recover.
+			e.st.sendErrors.Add(1)
+			e.log.Debug("esro: send", "to", o.to, "err", err)
+			continue
+		}
+		e.st.datagramsOut.Add(1)
+		e.st.bytesOut.Add(uint64(len(o.b)))
+	}
+}
+
+// indicate runs the handler of a new performer invocation in its own
+// goroutine. Called by the machine with mu held.
+func (e *Endpoint) indicate(inv *invocation, h Handler) {
+	ctx, cancel := context.WithCancelCause(e.base)
+	inv.cancel = cancel
+	e.handlers.Add(1)
+	go func() {
+		defer e.handlers.Done()
+		defer func() {
+			if r := recover(); r != nil {
+				// Like net/http: one bad handler must not take the
+				// endpoint down. The invocation then times out.
+				e.log.Error("esro: handler panic", "sap", inv.sap, "peer", inv.addr, "panic", r)
+			}
+		}()
+		h.ServeESRO(ctx, &responder{e: e, inv: inv}, inv.call)
+	}()
+}
+
+type responder struct {
+	e   *Endpoint
+	inv *invocation
+}
+
+func (r *responder) Result(enc Encoding, data []byte) error {
+	return r.e.answer(r.inv, false, enc, 0, data)
+}
+
+func (r *responder) Error(enc Encoding, value uint8, data []byte) error {
+	return r.e.answer(r.inv, true, enc, value, data)
+}
+
+func (r *responder) Confirmed(ctx context.Context) error {
+	select {
+	case <-r.inv.done:
+		return r.inv.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (e *Endpoint) answer(inv *invocation, isErr bool, enc Encoding, value uint8, data []byte) error {
+	now := time.Now()
+	e.mu.Lock()
+	err := e.m.answer(now, inv, isErr, enc, value, data)
+	out := e.m.takeOut()
+	e.rearm(now)
+	e.mu.Unlock()
+	e.flush(out)
+	return err
+}

@@ -1,0 +1,112 @@
+package esro
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/internal/captures"
+)
+
+// FuzzReceive drives the endpoint's receive path (the machine behind it)
+// with a script decoded from the input: datagrams from two peers, clock
+// steps, answers and invocations. It checks the bookkeeping after each step.
+func FuzzReceive(f *testing.F) {
+	for _, s := range captures.All() {
+		for _, d := range s.Datagrams {
+			if len(d.Payload) < 200 {
+				f.Add(append([]byte{0, byte(len(d.Payload))}, d.Payload...))
+			}
+		}
+	}
+	f.Add([]byte{0, 7, 0xd0, 0x5e, 0x82, 'd', 'a', 't', 'e', 3, 0, 2, 30, 0, 2, 0x03, 0x5e, 2, 255})
+	f.Add([]byte{4, 0, 2, 5, 0, 3, 0x81, 0x01, 'x', 2, 200, 2, 200})
+	f.Fuzz(func(t *testing.T, script []byte) {
+		h := newHarness(&testing.T{}, func(c *Config) { c.MaxInvocations = 64; c.MaxPeerInvocations = 16 })
+		h.m.bind(13, ThreeWay, HandlerFunc(nil))
+		h.m.bind(7, TwoWay, HandlerFunc(nil))
+		peers := []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:2002"), netip.MustParseAddrPort("192.0.2.2:2003")}
+		for len(script) >= 2 {
+			op, arg := script[0], script[1]
+			script = script[2:]
+			switch op % 6 {
+			case 0, 1: // a datagram of arg octets from peer op%2
+				n := min(int(arg), len(script))
+				h.m.receive(h.now, script[:n], peers[op%2])
+				script = script[n:]
+			case 2: // clock step of arg × 250 ms
+				h.now = h.now.Add(time.Duration(arg) * 250 * time.Millisecond)
+				h.m.advance(h.now)
+			case 3: // answer a performer invocation
+				if len(h.started) > 0 {
+					inv := h.started[int(arg)%len(h.started)]
+					h.m.answer(h.now, inv, arg&1 == 1, Encoding(arg>>6), arg, []byte{arg})
+				}
+			case 4: // invoke towards a peer
+				hs := TwoWay + Handshake(arg&1)
+				h.m.invoke(h.now, &Request{To: peers[arg>>7], SAP: arg & 15, Handshake: hs, Data: []byte{arg}}, peers[arg>>7])
+			case 5: // abandon an invoker
+				for _, inv := range h.m.invokers {
+					h.m.abandon(h.now, inv, nil)
+					break
+				}
+			}
+			h.m.takeOut()
+			checkInvariants(t, h.m)
+		}
+	})
+}
+
+func checkInvariants(t *testing.T, m *machine) {
+	t.Helper()
+	held := map[netip.AddrPort]int{}
+	perf := map[netip.AddrPort]int{}
+	for k, inv := range m.invokers {
+		if inv.perf || inv.key != k || inv.st < stInvokeSent || inv.st > stInvokerRefWait {
+			t.Fatalf("bad invoker %+v", inv)
+		}
+		if !inv.peer.isHeld(k.ref) {
+			t.Fatalf("invoker ref %d not held", k.ref)
+		}
+		held[k.peer]++
+	}
+	for k, inv := range m.performers {
+		if !inv.perf || inv.key != k || inv.st < stInvokeReceived {
+			t.Fatalf("bad performer %+v", inv)
+		}
+		perf[k.peer]++
+	}
+	for k, p := range m.peers {
+		if p.nheld != held[k] || p.nperf != perf[k] {
+			t.Fatalf("peer %v counts %d/%d, tables %d/%d", k, p.nheld, p.nperf, held[k], perf[k])
+		}
+	}
+	if m.total() > m.cfg.MaxInvocations {
+		t.Fatalf("%d invocations over the cap", m.total())
+	}
+	if int(m.st.inflightInv.Load()) != len(m.invokers) || int(m.st.inflightPerf.Load()) != len(m.performers) {
+		t.Fatal("in-flight gauges disagree with the tables")
+	}
+	for i, inv := range m.timers {
+		if inv.hidx != i || inv.timer == tNone || inv.st == stReleased {
+			t.Fatalf("timer heap entry %d: %+v", i, inv)
+		}
+	}
+	active := 0
+	for _, inv := range m.invokers {
+		if inv.st.active() {
+			active++
+		}
+		if inv.st != stReleased && inv.timer == tNone {
+			t.Fatalf("invoker without a timer in %v", inv.st)
+		}
+	}
+	for _, inv := range m.performers {
+		if inv.st.active() {
+			active++
+		}
+	}
+	if active != m.active {
+		t.Fatalf("active %d, counted %d", m.active, active)
+	}
+}
