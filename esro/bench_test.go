@@ -1,0 +1,95 @@
+package esro
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// benchTimers suit loopback: holds short enough that reference numbers
+// (256 per peer per hold, spec esro.md §6) are not the bottleneck, and a
+// performer timeout long enough for a loaded machine.
+var benchTimers = Timers{Acknowledgement: time.Millisecond, Roundtrip: 2 * time.Millisecond,
+	Retransmit: 50 * time.Millisecond, NSDULifetime: time.Millisecond, RetransmitCount: 5}
+
+// BenchmarkInvokeUDP measures complete invocations over real loopback UDP:
+// one performer endpoint echoing the argument, and c concurrent invokers
+// taking turns over 64 client endpoints (sockets), like a gateway standing
+// in for many devices, so that the 256 reference numbers per peer and hold
+// time do not cap the rate. allocs/op counts both sides of one invocation.
+// Failures (a loaded machine can starve the retry budget) are reported as
+// failures/op rather than aborting the run.
+func BenchmarkInvokeUDP(b *testing.B) {
+	for _, hs := range []Handshake{ThreeWay, TwoWay} {
+		for _, size := range []int{64, 1400} {
+			for _, c := range []int{1, 16, 256} {
+				b.Run(fmt.Sprintf("%dway/%dB/c=%d", hs, size, c), func(b *testing.B) {
+					benchInvoke(b, hs, size, c)
+				})
+			}
+		}
+	}
+}
+
+func benchInvoke(b *testing.B, hs Handshake, size, conc int) {
+	cfg := &Config{Timers: benchTimers, PerformerTimeout: 5 * time.Second, Logger: quiet}
+	perf, err := Listen("udp", "127.0.0.1:0", cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer perf.Close()
+	perf.HandleFunc(13, hs, func(ctx context.Context, w ResponseWriter, inv *Invocation) {
+		w.Result(inv.Encoding, inv.Data)
+	})
+	to := netip.MustParseAddrPort(perf.LocalAddr().String())
+	clients := make([]*Endpoint, 64)
+	for i := range clients {
+		if clients[i], err = Listen("udp", "127.0.0.1:0", cfg); err != nil {
+			b.Fatal(err)
+		}
+		defer clients[i].Close()
+	}
+	data := make([]byte, size)
+	var next, failed atomic.Int64
+	var mu sync.Mutex
+	reasons := map[string]int{}
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for range conc {
+		wg.Go(func() {
+			req := &Request{To: to, SAP: 13, Handshake: hs, Operation: 2, Data: data}
+			for {
+				n := next.Add(1)
+				if n > int64(b.N) {
+					return
+				}
+				ep := clients[n%int64(len(clients))]
+				if _, err := ep.Invoke(context.Background(), req); err != nil {
+					failed.Add(1)
+					mu.Lock()
+					reasons[err.Error()]++
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	b.StopTimer()
+	if failed.Load() > 0 {
+		b.Logf("%d of %d invocations failed: %v", failed.Load(), b.N, reasons)
+	}
+	b.ReportMetric(float64(failed.Load())/float64(b.N), "failures/op")
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "invocations/s")
+	var retx uint64
+	for _, c := range clients {
+		retx += c.Stats().Retransmissions
+	}
+	b.ReportMetric(float64(retx+perf.Stats().Retransmissions)/float64(b.N), "retransmissions/op")
+}
