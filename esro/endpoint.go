@@ -27,8 +27,7 @@ type Endpoint struct {
 	armed   bool
 
 	st       counters
-	base     context.Context // parent of handler contexts, cancelled by Close
-	stopBase context.CancelFunc
+	outs     sync.Pool      // of *[]outgoing, recycled between sends
 	loops    sync.WaitGroup // the read loop
 	handlers sync.WaitGroup
 	closed   chan struct{}
@@ -68,7 +67,7 @@ func NewEndpoint(conn net.PacketConn, cfg *Config) (*Endpoint, error) {
 	}
 	e := &Endpoint{conn: conn, log: c.Logger, closed: make(chan struct{})}
 	e.fast, _ = conn.(udpAddrPortConn)
-	e.base, e.stopBase = context.WithCancel(context.Background())
+	e.outs.New = func() any { s := make([]outgoing, 0, 4); return &s }
 	e.m = newMachine(c, &e.st, e)
 	e.loops.Add(1)
 	go e.readLoop()
@@ -142,7 +141,7 @@ func (e *Endpoint) Invoke(ctx context.Context, req *Request) (*Result, error) {
 			continue
 		}
 		inv = i
-		out := e.m.takeOut()
+		out := e.takeOut()
 		e.rearm(now)
 		e.mu.Unlock()
 		e.flush(out)
@@ -194,7 +193,6 @@ func (e *Endpoint) Close() error {
 		}
 		e.mu.Unlock()
 		close(e.closed)
-		e.stopBase()
 		err = e.conn.Close()
 		e.loops.Wait()
 		e.handlers.Wait()
@@ -247,7 +245,7 @@ func (e *Endpoint) readLoop() {
 			return
 		}
 		e.m.receive(now, buf[:n], from)
-		out := e.m.takeOut()
+		out := e.takeOut()
 		e.rearm(now)
 		e.mu.Unlock()
 		e.flush(out)
@@ -280,19 +278,36 @@ func (e *Endpoint) onTimer() {
 		return
 	}
 	e.m.advance(now)
-	out := e.m.takeOut()
+	out := e.takeOut()
 	e.rearm(now)
 	e.mu.Unlock()
 	e.flush(out)
 }
 
-func (e *Endpoint) flush(out []outgoing) {
-	for _, o := range out {
+// takeOut hands over the machine's queued datagrams and gives it a
+// recycled buffer for the next ones. Called with mu held.
+func (e *Endpoint) takeOut() *[]outgoing {
+	if len(e.m.out) == 0 {
+		return nil
+	}
+	out := e.outs.Get().(*[]outgoing)
+	*out, e.m.out = e.m.out, (*out)[:0]
+	return out
+}
+
+// flush sends the datagrams and recycles their buffer. Called without mu.
+func (e *Endpoint) flush(out *[]outgoing) {
+	if out == nil {
+		return
+	}
+	for i := range *out {
+		o := &(*out)[i]
+		b := o.payload()
 		var err error
 		if e.fast != nil {
-			_, err = e.fast.WriteToUDPAddrPort(o.b, o.to)
+			_, err = e.fast.WriteToUDPAddrPort(b, o.to)
 		} else {
-			_, err = e.conn.WriteTo(o.b, net.UDPAddrFromAddrPort(o.to))
+			_, err = e.conn.WriteTo(b, net.UDPAddrFromAddrPort(o.to))
 		}
 		if err != nil {
 			// Like any datagram loss: retransmission or the peer's own
@@ -302,27 +317,36 @@ func (e *Endpoint) flush(out []outgoing) {
 			continue
 		}
 		e.st.datagramsOut.Add(1)
-		e.st.bytesOut.Add(uint64(len(o.b)))
+		e.st.bytesOut.Add(uint64(len(b)))
 	}
+	clear(*out) // drop references to PDU buffers
+	*out = (*out)[:0]
+	e.outs.Put(out)
 }
 
 // indicate runs the handler of a new performer invocation in its own
-// goroutine. Called by the machine with mu held.
+// goroutine. Called by the machine with mu held. The handler's context is
+// not derived from an endpoint-wide one (that would cost a registration per
+// invocation): the machine cancels it whenever the invocation ends,
+// including at Close.
 func (e *Endpoint) indicate(inv *invocation, h Handler) {
-	ctx, cancel := context.WithCancelCause(e.base)
+	ctx, cancel := context.WithCancelCause(context.Background())
 	inv.cancel = cancel
+	inv.resp = responder{e: e, inv: inv}
 	e.handlers.Add(1)
-	go func() {
-		defer e.handlers.Done()
-		defer func() {
-			if r := recover(); r != nil {
-				// Like net/http: one bad handler must not take the
-				// endpoint down. The invocation then times out.
-				e.log.Error("esro: handler panic", "sap", inv.sap, "peer", inv.addr, "panic", r)
-			}
-		}()
-		h.ServeESRO(ctx, &responder{e: e, inv: inv}, inv.call)
+	go e.serve(ctx, inv, h)
+}
+
+func (e *Endpoint) serve(ctx context.Context, inv *invocation, h Handler) {
+	defer e.handlers.Done()
+	defer func() {
+		if r := recover(); r != nil {
+			// Like net/http: one bad handler must not take the endpoint
+			// down. The invocation then times out.
+			e.log.Error("esro: handler panic", "sap", inv.sap, "peer", inv.addr, "panic", r)
+		}
 	}()
+	h.ServeESRO(ctx, &inv.resp, &inv.call)
 }
 
 type responder struct {
@@ -351,7 +375,7 @@ func (e *Endpoint) answer(inv *invocation, isErr bool, enc Encoding, value uint8
 	now := time.Now()
 	e.mu.Lock()
 	err := e.m.answer(now, inv, isErr, enc, value, data)
-	out := e.m.takeOut()
+	out := e.takeOut()
 	e.rearm(now)
 	e.mu.Unlock()
 	e.flush(out)

@@ -89,9 +89,20 @@ type binding struct {
 	h  Handler
 }
 
+// outgoing is one datagram to send. PDUs of at most 3 octets (ACK,
+// FAILURE) are kept inline to spare an allocation.
 type outgoing struct {
-	to netip.AddrPort
-	b  []byte
+	to    netip.AddrPort
+	b     []byte
+	small [3]byte
+	n     uint8
+}
+
+func (o *outgoing) payload() []byte {
+	if o.b != nil {
+		return o.b
+	}
+	return o.small[:o.n]
 }
 
 type durations struct {
@@ -168,12 +179,16 @@ type invocation struct {
 	res  *Result
 	err  error
 	done chan struct{}
+	// result holds the invoker's RESULT, so that it needs no allocation
+	// of its own; res points here.
+	result Result
 
 	// invoker
 	gotReply bool
 
 	// performer
-	call     *Invocation
+	call     Invocation // what the handler is given
+	resp     responder  // the handler's ResponseWriter, set by the Endpoint
 	answered bool
 	cancel   context.CancelCauseFunc // the handler's context, set by the Endpoint
 }
@@ -292,23 +307,16 @@ func (m *machine) signalDrained() {
 // ---- sending ----
 
 func (m *machine) send(to netip.AddrPort, b []byte) {
-	m.out = append(m.out, outgoing{to, b})
+	m.out = append(m.out, outgoing{to: to, b: b})
 }
 
 func (m *machine) sendFailure(to netip.AddrPort, ref uint8, r FailureReason) {
 	m.st.failuresOut[reasonIndex(r)].Add(1)
-	m.send(to, []byte{byte(TypeFailure), ref, byte(r)})
+	m.out = append(m.out, outgoing{to: to, small: [3]byte{byte(TypeFailure), ref, byte(r)}, n: 3})
 }
 
 func (m *machine) sendAck(inv *invocation) {
-	m.send(inv.addr, []byte{byte(TypeAck), inv.key.ref})
-}
-
-// takeOut hands the queued datagrams to the caller.
-func (m *machine) takeOut() []outgoing {
-	o := m.out
-	m.out = nil
-	return o
+	m.out = append(m.out, outgoing{to: inv.addr, small: [3]byte{byte(TypeAck), inv.key.ref}, n: 2})
 }
 
 // ---- timers ----
@@ -464,7 +472,7 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 	inv := &invocation{
 		key: key, addr: from, peer: pr, perf: true, hs: bd.hs, sap: p.SAP, hidx: -1,
 		done: make(chan struct{}),
-		call: &Invocation{
+		call: Invocation{
 			Peer: from, SAP: p.SAP, RemoteSAP: p.SAP - 1, Ref: p.Ref,
 			Operation: p.Operation, Encoding: p.Encoding, Handshake: bd.hs,
 			Data: append([]byte(nil), p.Data...),
@@ -514,7 +522,8 @@ func (m *machine) onReply(now time.Time, inv *invocation, p *PDU) {
 		inv.gotReply = true
 		if p.Type == TypeResult {
 			m.st.results.Add(1)
-			m.finishInvoker(inv, &Result{Encoding: p.Encoding, Data: append([]byte(nil), p.Data...)}, nil)
+			inv.result = Result{Encoding: p.Encoding, Data: append([]byte(nil), p.Data...)}
+			m.finishInvoker(inv, &inv.result, nil)
 		} else {
 			m.st.errors.Add(1)
 			m.finishInvoker(inv, nil, &ErrorReply{Value: p.Value, Encoding: p.Encoding, Data: append([]byte(nil), p.Data...)})

@@ -80,7 +80,7 @@ func (h *harness) recvFrom(from netip.AddrPort, hexs string) {
 func (h *harness) sent() []string {
 	var s []string
 	for _, o := range h.m.takeOut() {
-		s = append(s, hex.EncodeToString(o.b))
+		s = append(s, hex.EncodeToString(o.payload()))
 	}
 	return s
 }
@@ -110,6 +110,14 @@ func (h *harness) state(inv *invocation, want state) {
 	if inv.st != want {
 		h.t.Fatalf("at +%v state %v, want %v", h.now.Sub(h.t0), inv.st, want)
 	}
+}
+
+// takeOut hands the queued datagrams to the test (the Endpoint recycles
+// them instead).
+func (m *machine) takeOut() []outgoing {
+	o := m.out
+	m.out = nil
+	return o
 }
 
 func isDone(inv *invocation) bool {
