@@ -1,0 +1,132 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/plgd-dev/go-coap/v3/message"
+	"github.com/plgd-dev/go-coap/v3/message/codes"
+	"github.com/plgd-dev/go-coap/v3/mux"
+	coapnet "github.com/plgd-dev/go-coap/v3/net"
+	"github.com/plgd-dev/go-coap/v3/options"
+	"github.com/plgd-dev/go-coap/v3/udp"
+	udpclient "github.com/plgd-dev/go-coap/v3/udp/client"
+
+	"github.com/esro-emsdp/emsdp/esro"
+)
+
+// clientSockets is how many client sockets the invokers take turns on, for
+// ESRO and CoAP alike: a gateway standing in for many devices. For ESRO it
+// also keeps the 256 reference numbers per peer and hold time from capping
+// the rate (spec esro.md §6).
+const clientSockets = 64
+
+// loopbackTimers are ESRO timers for loopback: a retry budget of about
+// 0.4 s and reference holds of a few hundred milliseconds.
+var loopbackTimers = esro.Timers{Acknowledgement: time.Millisecond, Roundtrip: 2 * time.Millisecond,
+	Retransmit: 50 * time.Millisecond, NSDULifetime: time.Millisecond, RetransmitCount: 5}
+
+func runESROvsCoAP(ctx context.Context, o *benchOptions) ([]Result, error) {
+	concs := []int{1, 16, 256}
+	sizes := []int{64, 1400}
+	var out []Result
+	for _, size := range sizes {
+		for _, c := range concs {
+			coap, err := coapLoad(ctx, o, size, c)
+			if err != nil {
+				return nil, fmt.Errorf("coap: %w", err)
+			}
+			for _, hs := range []esro.Handshake{esro.TwoWay, esro.ThreeWay} {
+				st, err := esroLoad(ctx, o, hs, size, c)
+				if err != nil {
+					return nil, fmt.Errorf("esro: %w", err)
+				}
+				r := newResult("esro", fmt.Sprintf("ESRO %v", hs), "payload", fmt.Sprintf("%d B", size), "concurrency", fmt.Sprint(c))
+				fill(&r, st)
+				r.set("ratio to CoAP", st.rate()/coap.rate(), "×")
+				out = append(out, r)
+			}
+			r := newResult("esro", "CoAP CON POST", "payload", fmt.Sprintf("%d B", size), "concurrency", fmt.Sprint(c))
+			fill(&r, coap)
+			r.set("ratio to CoAP", 1, "×")
+			out = append(out, r)
+		}
+	}
+	return out, nil
+}
+
+func fill(r *Result, st loadStats) {
+	r.set("ops/s", st.rate(), "1/s")
+	r.set("p50", ms(st.pct(50)), "ms")
+	r.set("p99", ms(st.pct(99)), "ms")
+	r.set("failed", float64(st.failed), "")
+}
+
+func esroLoad(ctx context.Context, o *benchOptions, hs esro.Handshake, size, conc int) (loadStats, error) {
+	cfg := &esro.Config{Timers: loopbackTimers, PerformerTimeout: 5 * time.Second, Logger: o.log}
+	perf, err := esro.Listen("udp", "127.0.0.1:0", cfg)
+	if err != nil {
+		return loadStats{}, err
+	}
+	defer perf.Close()
+	perf.HandleFunc(13, hs, func(_ context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
+		w.Result(inv.Encoding, inv.Data)
+	})
+	to := netip.MustParseAddrPort(perf.LocalAddr().String())
+	clients := make([]*esro.Endpoint, clientSockets)
+	for i := range clients {
+		if clients[i], err = esro.Listen("udp", "127.0.0.1:0", cfg); err != nil {
+			return loadStats{}, err
+		}
+		defer clients[i].Close()
+	}
+	data := make([]byte, size)
+	st := closedLoop(ctx, conc, o.duration/4, o.duration, func(ctx context.Context, _ int, seq int64) error {
+		_, err := clients[seq%clientSockets].Invoke(ctx, &esro.Request{To: to, SAP: 13, Handshake: hs, Operation: 2, Data: data})
+		return err
+	})
+	return st, nil
+}
+
+func coapLoad(ctx context.Context, o *benchOptions, size, conc int) (loadStats, error) {
+	r := mux.NewRouter()
+	if err := r.Handle("/echo", mux.HandlerFunc(func(w mux.ResponseWriter, m *mux.Message) {
+		body, _ := m.ReadBody()
+		w.SetResponse(codes.Changed, message.AppOctets, bytes.NewReader(body))
+	})); err != nil {
+		return loadStats{}, err
+	}
+	l, err := coapnet.NewListenUDP("udp", "127.0.0.1:0")
+	if err != nil {
+		return loadStats{}, err
+	}
+	// One datagram per message both ways, like ESRO: no blockwise transfer.
+	s := udp.NewServer(options.WithMux(r), options.WithBlockwise(false, 0, 0))
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(l) }()
+	defer func() { s.Stop(); <-done; l.Close() }()
+	addr := l.LocalAddr().String()
+	clients := make([]*udpclient.Conn, clientSockets)
+	for i := range clients {
+		if clients[i], err = udp.Dial(addr, options.WithBlockwise(false, 0, 0)); err != nil {
+			return loadStats{}, err
+		}
+		defer clients[i].Close()
+	}
+	payload := make([]byte, size)
+	st := closedLoop(ctx, conc, o.duration/4, o.duration, func(ctx context.Context, _ int, seq int64) error {
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		c := clients[seq%clientSockets]
+		resp, err := c.Post(ctx, "/echo", message.AppOctets, bytes.NewReader(payload))
+		if err != nil {
+			return err
+		}
+		c.ReleaseMessage(resp)
+		return nil
+	})
+	return st, nil
+}
