@@ -37,6 +37,7 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"esro", "ESRO tools: perform (answer invocations) and invoke", cmdESRO},
+		{"ports", "what is listening on 641 (and 642, 259, 2002), locally and remotely", cmdPorts},
 	}
 }
 

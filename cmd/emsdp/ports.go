@@ -1,0 +1,184 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/ports"
+)
+
+// cmdPorts: "emsdp ports" (local listing), "emsdp ports probe HOST" and
+// "emsdp ports nmap-probe". The logic is in package ports.
+func cmdPorts(ctx context.Context, env *cmdEnv, args []string) int {
+	if len(args) > 0 {
+		switch args[0] {
+		case "probe":
+			return portsProbe(ctx, env, args[1:])
+		case "nmap-probe":
+			return portsNmap(env, args[1:])
+		}
+	}
+	return portsLocal(ctx, env, args)
+}
+
+func portsLocal(ctx context.Context, env *cmdEnv, args []string) int {
+	fs := flag.NewFlagSet("ports", flag.ContinueOnError)
+	fs.SetOutput(env.stderr)
+	var list portList
+	fs.Var(&list, "port", "port to look at (repeatable or comma-separated; default 641,642,259,2002)")
+	asJSON := fs.Bool("json", false, "print JSON")
+	fs.Usage = func() {
+		fmt.Fprintln(env.stderr, "usage: emsdp ports [--port N ...] [--json]\n"+
+			"       emsdp ports probe HOST [--port N ...] [--udp] [--tcp] [--timeout D] [--aggressive] [--json]\n"+
+			"       emsdp ports nmap-probe\n\n"+
+			"Without a subcommand: every local TCP and UDP socket on the ports, with\n"+
+			"process, executable and command line, registered names and a verdict.\n\nflags:")
+		fs.PrintDefaults()
+	}
+	if _, code, ok := parseArgs(fs, args, 0); !ok {
+		return code
+	}
+	rep, err := ports.Local(ctx, list.or(ports.DefaultPorts()))
+	if err != nil {
+		fmt.Fprintf(env.stderr, "emsdp ports: %v\n", err)
+		return exitFailed
+	}
+	return output(env, "ports", rep, *asJSON, rep.WriteText)
+}
+
+func portsProbe(ctx context.Context, env *cmdEnv, args []string) int {
+	fs := flag.NewFlagSet("ports probe", flag.ContinueOnError)
+	fs.SetOutput(env.stderr)
+	var list portList
+	fs.Var(&list, "port", "port to probe (repeatable or comma-separated; default 641,642,259,2002)")
+	udp := fs.Bool("udp", false, "probe UDP (default: both UDP and TCP)")
+	tcp := fs.Bool("tcp", false, "probe TCP (default: both UDP and TCP)")
+	timeout := fs.Duration("timeout", 2*time.Second, "wait for each reply or connection")
+	attempts := fs.Int("attempts", 2, "sends of each UDP probe before giving up on it")
+	aggressive := fs.Bool("aggressive", false, "after the passive banner read, send an ONC-RPC NULL call and an HTTP HEAD over TCP\n"+
+		"(never to print ports, printer banners, or silent ports of hosts with a print service)")
+	asJSON := fs.Bool("json", false, "print JSON")
+	fs.Usage = func() {
+		fmt.Fprintln(env.stderr, "usage: emsdp ports probe HOST [--port N ...] [--udp] [--tcp] [--timeout D] [--aggressive] [--json]\n\n"+
+			"Probes least intrusive first: on UDP an ESRO INVOKE to SAP 0, then an EMSD\n"+
+			"check for ESRO speakers or ONC-RPC NULL calls for the rest; on TCP a connect\n"+
+			"and a passive banner read. Everything sent and received is shown in hex.\n\nflags:")
+		fs.PrintDefaults()
+	}
+	pos, code, ok := parseArgs(fs, args, 1)
+	if !ok {
+		return code
+	}
+	if *timeout <= 0 || *attempts <= 0 {
+		fmt.Fprintln(env.stderr, "emsdp ports probe: --timeout and --attempts must be positive")
+		return exitUsage
+	}
+	rep, err := ports.Probe(ctx, pos[0], &ports.ProbeOptions{
+		Ports: list.or(ports.DefaultPorts()), UDP: *udp, TCP: *tcp,
+		Timeout: *timeout, Attempts: *attempts, Aggressive: *aggressive,
+	})
+	if err != nil && rep == nil {
+		fmt.Fprintf(env.stderr, "emsdp ports probe: %v\n", err)
+		return exitFailed
+	}
+	if code := output(env, "ports probe", rep, *asJSON, rep.WriteText); code != exitOK {
+		return code
+	}
+	if err != nil { // interrupted: the partial report was printed
+		fmt.Fprintf(env.stderr, "emsdp ports probe: %v\n", err)
+		return exitFailed
+	}
+	return exitOK
+}
+
+func portsNmap(env *cmdEnv, args []string) int {
+	fs := flag.NewFlagSet("ports nmap-probe", flag.ContinueOnError)
+	fs.SetOutput(env.stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(env.stderr, "usage: emsdp ports nmap-probe\n\nPrints nmap-service-probes entries (probe and match lines) for ESRO and EMSD.")
+	}
+	if _, code, ok := parseArgs(fs, args, 0); !ok {
+		return code
+	}
+	if _, err := io.WriteString(env.stdout, ports.NmapProbe()); err != nil {
+		return exitFailed
+	}
+	return exitOK
+}
+
+func output(env *cmdEnv, name string, v any, asJSON bool, text func(io.Writer) error) int {
+	var err error
+	if asJSON {
+		enc := json.NewEncoder(env.stdout)
+		enc.SetIndent("", "  ")
+		err = enc.Encode(v)
+	} else {
+		err = text(env.stdout)
+	}
+	if err != nil {
+		fmt.Fprintf(env.stderr, "emsdp %s: %v\n", name, err)
+		return exitFailed
+	}
+	return exitOK
+}
+
+// parseArgs parses flags placed before, between or after the want
+// positional arguments ("probe HOST --port 641" reads naturally).
+func parseArgs(fs *flag.FlagSet, args []string, want int) (pos []string, code int, ok bool) {
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, exitOK, false
+			}
+			return nil, exitUsage, false
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			break
+		}
+		pos = append(pos, args[0])
+		args = args[1:]
+	}
+	if len(pos) != want {
+		fmt.Fprintf(fs.Output(), "emsdp %s: want %d argument(s), got %q\n", fs.Name(), want, pos)
+		fs.Usage()
+		return nil, exitUsage, false
+	}
+	return pos, exitOK, true
+}
+
+// portList is a repeatable --port flag that also takes "641,642".
+type portList []int
+
+func (l *portList) String() string {
+	s := make([]string, len(*l))
+	for i, p := range *l {
+		s[i] = strconv.Itoa(p)
+	}
+	return strings.Join(s, ",")
+}
+
+func (l *portList) Set(v string) error {
+	for f := range strings.SplitSeq(v, ",") {
+		p, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || p < 1 || p > 65535 {
+			return fmt.Errorf("bad port %q (want 1..65535)", f)
+		}
+		*l = append(*l, p)
+	}
+	return nil
+}
+
+func (l portList) or(def []int) []int {
+	if len(l) == 0 {
+		return def
+	}
+	return l
+}
