@@ -1,0 +1,163 @@
+package gateway
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-message"
+	"github.com/emersion/go-message/textproto"
+	"github.com/emersion/go-smtp"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+)
+
+func TestDSN(t *testing.T) {
+	orig := []byte(crlfText("Received: from x by y; Thu, 26 Nov 2026 07:00:00 +0000\nFrom: Alice <alice@example.com>\n" +
+		"To: 198.036@emsd.example.test, 198.037@emsd.example.test\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\n" +
+		"Message-ID: <m1@example.com>\n\nsecret body\n"))
+	o := DSNOptions{
+		ReportingMTA:    "mx.emsd.example.test",
+		To:              "alice@example.com",
+		Date:            time.Date(2026, 11, 26, 8, 0, 0, 0, time.UTC),
+		ArrivalDate:     time.Date(2026, 11, 26, 7, 0, 0, 0, time.UTC),
+		OriginalHeaders: orig,
+		Recipients: []DSNRecipient{
+			{Addr: "198.036@emsd.example.test", Status: StatusFor(emsd.DiagMaximumTimeExpired),
+				Diagnostic: "X-EMSD; device did not answer for 1 h", LastAttempt: time.Date(2026, 11, 26, 7, 59, 0, 0, time.UTC)},
+			{Addr: "198.037@emsd.example.test", Action: ActionDelayed, Diagnostic: "451 4.4.1 no answer", RemoteMTA: "relay.example.net"},
+		},
+		Explanation: "Zustellung fehlgeschlagen – delivery failed.\n",
+	}
+	b, err := DSN(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkSMTPSafe(t, b)
+	e, err := message.Read(bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mt, params, _ := e.Header.ContentType()
+	if mt != "multipart/report" || params["report-type"] != "delivery-status" {
+		t.Fatalf("type %s %v", mt, params)
+	}
+	for k, v := range map[string]string{
+		"From": "Mail Delivery System <postmaster@mx.emsd.example.test>", "To": "alice@example.com",
+		"Subject": "Undelivered Mail Returned to Sender", "Auto-Submitted": "auto-replied",
+		"Date": "Thu, 26 Nov 2026 08:00:00 +0000",
+	} {
+		if e.Header.Get(k) != v {
+			t.Errorf("%s: %q", k, e.Header.Get(k))
+		}
+	}
+	var types []string
+	var bodies [][]byte
+	mr := e.MultipartReader()
+	for {
+		p, err := mr.NextPart()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		pt, _, _ := p.Header.ContentType()
+		body, _ := io.ReadAll(p.Body)
+		types, bodies = append(types, pt), append(bodies, body)
+	}
+	if fmt.Sprint(types) != "[text/plain message/delivery-status text/rfc822-headers]" {
+		t.Fatalf("parts %v", types)
+	}
+	if string(bodies[0]) != "Zustellung fehlgeschlagen – delivery failed.\r\n" {
+		t.Errorf("explanation %q", bodies[0])
+	}
+	// The delivery-status part is a per-message block and one block per
+	// recipient, each in header syntax (RFC 3464 §2.1).
+	blocks := strings.Split(string(bodies[1]), "\r\n\r\n")
+	if len(blocks) != 3 {
+		t.Fatalf("blocks %q", blocks)
+	}
+	fields := make([]textproto.Header, 3)
+	for i, bl := range blocks {
+		h, err := textproto.ReadHeader(bufio.NewReader(strings.NewReader(strings.TrimRight(bl, "\r\n") + "\r\n\r\n")))
+		if err != nil {
+			t.Fatalf("block %d: %v", i, err)
+		}
+		fields[i] = h
+	}
+	want := []map[string]string{
+		{"Reporting-MTA": "dns; mx.emsd.example.test", "Arrival-Date": "Thu, 26 Nov 2026 07:00:00 +0000"},
+		{"Final-Recipient": "rfc822; 198.036@emsd.example.test", "Action": "failed", "Status": "5.4.7",
+			"Diagnostic-Code": "X-EMSD; device did not answer for 1 h", "Last-Attempt-Date": "Thu, 26 Nov 2026 07:59:00 +0000"},
+		{"Final-Recipient": "rfc822; 198.037@emsd.example.test", "Action": "delayed", "Status": "4.0.0",
+			"Diagnostic-Code": "smtp; 451 4.4.1 no answer", "Remote-MTA": "dns; relay.example.net"},
+	}
+	for i, w := range want {
+		for k, v := range w {
+			if got := fields[i].Get(k); got != v {
+				t.Errorf("block %d %s: %q, want %q", i, k, got, v)
+			}
+		}
+	}
+	hdr := string(bodies[2])
+	if !strings.Contains(hdr, "Message-ID: <m1@example.com>\r\n") || strings.Contains(hdr, "secret body") {
+		t.Errorf("original headers %q", hdr)
+	}
+
+	// Defaults: generated explanation and Message-ID, deterministic.
+	o.Explanation, o.Recipients = "", o.Recipients[:1]
+	b1, _ := DSN(o)
+	b2, _ := DSN(o)
+	if !bytes.Equal(b1, b2) || !bytes.Contains(b1, []byte("could not be delivered")) || !bytes.Contains(b1, []byte("Message-ID: <DSN.")) {
+		t.Errorf("default DSN\n%s", b1)
+	}
+	for _, bad := range []DSNOptions{{To: "a@b"}, {ReportingMTA: "x", To: "a@b"}, {ReportingMTA: "x", Recipients: o.Recipients}} {
+		if _, err := DSN(bad); err == nil {
+			t.Errorf("%+v accepted", bad)
+		}
+	}
+}
+
+func TestStatusAndNonDelivery(t *testing.T) {
+	for _, tc := range []struct {
+		err    error
+		reason emsd.NonDeliveryReason
+		diag   emsd.Diagnostic
+	}{
+		{&smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}}, emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown},
+		{&smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 1, 3}}, emsd.ReasonUnableToTransfer, emsd.DiagUnrecognizedAddress},
+		{&smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4}}, emsd.ReasonUnableToTransfer, emsd.DiagContentTooLong},
+		{&smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}}, emsd.ReasonRestrictedDelivery, emsd.DiagRecipientRefused},
+		{&PermanentError{Err: &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 4, 6}}}, emsd.ReasonUnableToTransfer, emsd.DiagLoopDetected},
+		{&smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}}, emsd.ReasonTransferFailure, emsd.DiagTransferAttemptsLimit},
+		{&PermanentError{Err: errors.New("needs SMTPUTF8")}, emsd.ReasonUnableToTransfer, emsd.DiagUnableToCompleteTransfer},
+		{fmt.Errorf("x: %w", ErrBadAddress), emsd.ReasonUnableToTransfer, emsd.DiagUnrecognizedAddress},
+		{errors.New("connection refused"), emsd.ReasonTransferFailure, emsd.DiagTransferAttemptsLimit},
+	} {
+		r, d := NonDeliveryFor(tc.err)
+		if r != tc.reason || d != tc.diag {
+			t.Errorf("%v: %v/%v, want %v/%v", tc.err, r, d, tc.reason, tc.diag)
+		}
+	}
+	// Every diagnostic has a failure status, and the two mappings agree on
+	// the codes they share.
+	for d := emsd.Diagnostic(0); d <= 15; d++ {
+		s := StatusFor(d)
+		var a, b, c int
+		if n, _ := fmt.Sscanf(s, "%d.%d.%d", &a, &b, &c); n != 3 || a != 5 {
+			t.Errorf("%v: %q", d, s)
+		}
+		if d == emsd.DiagRecipientUnknown || d == emsd.DiagContentTooLong || d == emsd.DiagLoopDetected || d == emsd.DiagRecipientRefused {
+			_, back := NonDeliveryFor(&smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{a, b, c}})
+			if back != d {
+				t.Errorf("%v → %s → %v", d, s, back)
+			}
+		}
+	}
+}

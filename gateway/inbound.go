@@ -1,0 +1,733 @@
+package gateway
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"mime"
+	"net/mail"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-message"
+	_ "github.com/emersion/go-message/charset" // charset decoders for bodies and encoded words
+	gomail "github.com/emersion/go-message/mail"
+	"github.com/emersion/go-message/textproto"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+)
+
+// DefaultMaxContent is the default budget for encoded content: what 32
+// segments (§8) carry when every ESRO user data is at most
+// emsd.DefaultMaxUserData octets and the DeliverArgument envelope is the
+// largest the server sends (127-octet rfc822 message id, both times, no
+// security element): 32 × 1340 octets.
+const DefaultMaxContent = 42880
+
+// MinMaxContent is the smallest content budget ParseMessage accepts: room
+// for a heading of 256 device recipients plus every single-valued field at
+// its §5 limit.
+const MinMaxContent = 8192
+
+// Per-field caps where §5 sets none: they keep one extension on one header
+// line and leave the content budget to the body.
+const (
+	maxExtLabel = 76
+	maxExtValue = 998
+	maxTextRead = 1 << 20 // decoded octets read from one text part
+	maxParts    = 256     // MIME parts examined
+	maxDepth    = 16      // MIME nesting examined
+)
+
+// ParseOptions tune ParseMessage. The zero value is usable.
+type ParseOptions struct {
+	// Now is the conversion time (invented Message-IDs, DELIVERED report
+	// entries without a time); zero = time.Now().
+	Now time.Time
+	// Domain names the host in invented Message-IDs (§6.3 b); "" = the
+	// first Mapping domain, else "localhost".
+	Domain string
+	// Number is the counter part of an invented Message-ID; 0 = derived
+	// from a hash of the message.
+	Number uint32
+	// EnvelopeFrom (the SMTP reverse path) is the originator when the mail
+	// has no usable From:, Sender: or Return-Path:.
+	EnvelopeFrom string
+	// EnvelopeTo lists the envelope recipients this conversion is
+	// delivered to. Those that map to a device but appear in no To:/Cc:/
+	// Bcc: header are added as blind-copy recipients so the device finds
+	// itself among the recipients. Convert once per device to keep one
+	// device's Bcc hidden from another.
+	EnvelopeTo []string
+	// MaxContent is the budget for the encoded IPM or report; 0 =
+	// DefaultMaxContent, values under MinMaxContent are raised to it. The
+	// body is cut to fit (noted in Truncated).
+	MaxContent int
+}
+
+// Inbound is an Internet mail converted for delivery to devices (§9.8).
+type Inbound struct {
+	ContentType emsd.ContentType // emsd.ContentIPM, or emsd.ContentDeliveryReport with Report
+	IPM         *emsd.IPM
+	Report      *emsd.ReportDelivery
+	// MessageID is the Message-ID header with its angle brackets, or an
+	// invented <EMSD.%08x.%08x@domain> when it is missing, malformed or
+	// longer than emsd.MaxMessageID; it fits an rfc822 MessageId.
+	MessageID string
+	// SubmissionTime is the Date: header in UTC (OP 14); nil when absent
+	// or unparseable.
+	SubmissionTime *emsd.Time
+	// Truncated describes, for humans, everything cut, dropped or guessed
+	// to fit the EMSD limits (§5, OP 8).
+	Truncated []string
+}
+
+// Header fields that become heading components (§9.8) and are therefore
+// never extensions, plus the priority fields mapped to per-message flags.
+var consumedFields = map[string]bool{
+	"From": true, "Sender": true, "To": true, "Cc": true, "Bcc": true,
+	"Reply-To": true, "Date": true, "Message-Id": true, "In-Reply-To": true,
+	"Subject": true, "Mime-Version": true, "Content-Type": true,
+	"Content-Id": true, "Content-Description": true,
+	"Content-Transfer-Encoding": true,
+}
+
+// traceFields are transport bookkeeping, not message content: kept out of
+// the 64 extensions (OP 8 recommends keeping only non-trace headers).
+var traceFields = map[string]bool{
+	"Received": true, "Return-Path": true, "X-Received": true,
+	"Dkim-Signature": true, "Domainkey-Signature": true,
+	"X-Google-Dkim-Signature": true, "Authentication-Results": true,
+	"Arc-Seal": true, "Arc-Message-Signature": true,
+	"Arc-Authentication-Results": true, "Received-Spf": true,
+	"X-Original-Authentication-Results": true, "Delivered-To": true,
+	"X-Original-To": true, "X-Gm-Message-State": true,
+	"X-Google-Smtp-Source": true, "X-Ms-Exchange-Organization-Authas": true,
+	"X-Ms-Exchange-Organization-Network-Message-Id": true,
+}
+
+// ParseMessage converts an RFC 5322/MIME message to EMSD content (§9.8,
+// §6.2, OP 8, 14, 16). It only fails on input that has no header field at
+// all; everything else is converted as well as it can be, and whatever it
+// returns encodes with package emsd (versions 1.1 and 1.0) within
+// o.MaxContent octets.
+//
+// As with the reference, any Internet sender can mark a mail as a report;
+// a server that wants reports only from its own components must check the
+// origin before calling ParseMessage.
+func ParseMessage(msg []byte, m Mapping, o ParseOptions) (*Inbound, error) {
+	hdr, body, n := scanHeader(msg)
+	if n == 0 {
+		return nil, fmt.Errorf("%w: no header fields", ErrMalformed)
+	}
+	h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(hdr)))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrMalformed, err)
+	}
+	if o.Now.IsZero() {
+		o.Now = time.Now()
+	}
+	if o.MaxContent <= 0 {
+		o.MaxContent = DefaultMaxContent
+	}
+	o.MaxContent = max(o.MaxContent, MinMaxContent)
+	p := &parser{h: gomail.Header{Header: message.Header{Header: h}}, m: m, o: o, msg: msg}
+	in := &Inbound{}
+	in.MessageID = p.messageID()
+	if t, err := p.h.Date(); err == nil && !t.IsZero() {
+		st := emsd.TimeOf(t.UTC())
+		in.SubmissionTime = &st
+	}
+	if p.isReport() {
+		in.ContentType = emsd.ContentDeliveryReport
+		in.Report = p.report(in.SubmissionTime)
+	} else {
+		in.ContentType = emsd.ContentIPM
+		in.IPM = p.ipm(body)
+	}
+	in.Truncated = p.notes
+	return in, nil
+}
+
+// scanHeader splits msg into a cleaned header section (valid fields only,
+// CRLF ends, terminated by an empty line) and the body. Like sendmail it
+// ends the header at the first line that is neither a field nor a
+// continuation; mbox "From " and ">From " lines are dropped (§9.8).
+func scanHeader(msg []byte) (hdr, body []byte, fields int) {
+	var out bytes.Buffer
+	rest := msg
+	inField := false
+	for len(rest) > 0 {
+		line := rest
+		next := []byte(nil)
+		if i := bytes.IndexByte(rest, '\n'); i >= 0 {
+			line, next = rest[:i], rest[i+1:]
+		}
+		line = bytes.TrimSuffix(line, []byte("\r"))
+		switch {
+		case len(line) == 0:
+			if inField {
+				out.WriteString("\r\n")
+			}
+			out.WriteString("\r\n")
+			return out.Bytes(), next, fields
+		case line[0] == ' ' || line[0] == '\t':
+			if inField {
+				out.WriteString("\r\n")
+				out.Write(line)
+			}
+		case bytes.HasPrefix(line, []byte("From ")) || bytes.HasPrefix(line, []byte(">From ")):
+		case validFieldLine(line):
+			if inField {
+				out.WriteString("\r\n")
+			}
+			out.Write(line)
+			inField = true
+			fields++
+		default:
+			if inField {
+				out.WriteString("\r\n")
+			}
+			out.WriteString("\r\n")
+			return out.Bytes(), rest, fields
+		}
+		rest = next
+	}
+	if inField {
+		out.WriteString("\r\n")
+	}
+	out.WriteString("\r\n")
+	return out.Bytes(), nil, fields
+}
+
+// validFieldLine: a non-empty name of printable ASCII other than ':', then
+// optional blanks, then ':'.
+func validFieldLine(line []byte) bool {
+	i := 0
+	for i < len(line) && line[i] >= 33 && line[i] <= 126 && line[i] != ':' {
+		i++
+	}
+	if i == 0 {
+		return false
+	}
+	for i < len(line) && (line[i] == ' ' || line[i] == '\t') {
+		i++
+	}
+	return i < len(line) && line[i] == ':'
+}
+
+type parser struct {
+	h     gomail.Header
+	m     Mapping
+	o     ParseOptions
+	msg   []byte
+	notes []string
+}
+
+func (p *parser) note(format string, args ...any) {
+	p.notes = append(p.notes, fmt.Sprintf(format, args...))
+}
+
+// decodeWords decodes RFC 2047 encoded words to UTF-8; on failure the raw
+// text is kept.
+func decodeWords(s string) string {
+	d := mime.WordDecoder{CharsetReader: message.CharsetReader}
+	if out, err := d.DecodeHeader(s); err == nil {
+		return out
+	}
+	return s
+}
+
+// messageID returns the Message-ID with brackets or an invented one.
+func (p *parser) messageID() string {
+	raw := strings.TrimSpace(p.h.Get("Message-Id"))
+	if raw == "" {
+		return p.inventID("")
+	}
+	if id, err := p.h.MessageID(); err == nil && id != "" {
+		if s := "<" + id + ">"; len(s) <= emsd.MaxMessageID && isASCII(s) {
+			return s
+		}
+	} else if len(raw) <= emsd.MaxMessageID && isASCII(raw) && !strings.ContainsAny(raw, " \t") && raw == oneLine(raw) {
+		return raw // odd but usable as an opaque id
+	}
+	return p.inventID("Message-ID unusable")
+}
+
+// inventID writes §6.3 (b): <EMSD.<time>.<counter>@<host>>; why, if set,
+// is noted.
+func (p *parser) inventID(why string) string {
+	n := p.o.Number
+	if n == 0 {
+		f := fnv.New32a()
+		f.Write(p.msg)
+		n = f.Sum32()
+	}
+	domain := p.o.Domain
+	if domain == "" && len(p.m.Domains) > 0 {
+		domain = p.m.Domains[0]
+	}
+	domain = strings.Map(func(r rune) rune {
+		if r > ' ' && r < 0x7f && r != '<' && r != '>' && r != '@' {
+			return r
+		}
+		return -1
+	}, domain)
+	if domain == "" {
+		domain = "localhost"
+	}
+	id := fmt.Sprintf("<EMSD.%08x.%08x@", uint32(emsd.TimeOf(p.o.Now)), n)
+	domain = cutUTF8(domain, emsd.MaxMessageID-len(id)-1)
+	if why != "" {
+		p.note("%s: invented Message-ID", why)
+	}
+	return id + domain + ">"
+}
+
+// isReport implements OP 16: the header, whatever the line ends, with a
+// value matched case-insensitively.
+func (p *parser) isReport() bool {
+	for _, v := range p.h.Values("X-Emsd-Message-Type") {
+		if strings.EqualFold(strings.TrimSpace(v), "report") {
+			return true
+		}
+	}
+	return false
+}
+
+// addr is one address read from a header.
+type addr struct {
+	or    emsd.ORAddress
+	spec  string // addr-spec, "" when unparseable
+	local bool
+	flags emsd.PerRecipientFlags
+}
+
+// addresses parses every field named key; unparseable members are kept as
+// raw rfc822 text so the device still sees them.
+func (p *parser) addresses(key string) []addr {
+	var out []addr
+	for _, v := range p.h.Values(key) {
+		list, err := gomail.ParseAddressList(v)
+		if err == nil {
+			for _, a := range list {
+				or, local := p.m.orAddress(a, &p.notes)
+				out = append(out, addr{or: or, spec: a.Address, local: local})
+			}
+			continue
+		}
+		for _, chunk := range splitAddressList(v) {
+			if a, err := gomail.ParseAddress(chunk); err == nil {
+				or, local := p.m.orAddress(a, &p.notes)
+				out = append(out, addr{or: or, spec: a.Address, local: local})
+				continue
+			}
+			raw := oneLine(decodeWords(chunk))
+			if raw == "" || strings.HasSuffix(raw, ":;") || strings.HasSuffix(raw, ": ;") {
+				continue // an empty group such as undisclosed-recipients:;
+			}
+			s := cutUTF8(raw, emsd.MaxRFC822Address)
+			if s != raw {
+				p.note("unparseable %s address cut to %d octets", key, emsd.MaxRFC822Address)
+			}
+			out = append(out, addr{or: emsd.RFC822OR(s)})
+		}
+	}
+	return out
+}
+
+// splitAddressList splits at commas outside quotes, comments and angle
+// brackets, for salvaging a list the strict parser refused.
+func splitAddressList(s string) []string {
+	var out []string
+	depth, quoted, angle, start := 0, false, false, 0
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '\\' && (quoted || depth > 0):
+			i++
+		case c == '"' && depth == 0:
+			quoted = !quoted
+		case quoted:
+		case c == '(':
+			depth++
+		case c == ')' && depth > 0:
+			depth--
+		case depth > 0:
+		case c == '<':
+			angle = true
+		case c == '>':
+			angle = false
+		case c == ',' && !angle:
+			out = append(out, strings.TrimSpace(s[start:i]))
+			start = i + 1
+		}
+	}
+	return append(out, strings.TrimSpace(s[start:]))
+}
+
+func sameAddress(a, b addr) bool {
+	if a.local || b.local {
+		return a.local == b.local && a.or.Local == b.or.Local
+	}
+	if a.spec != "" && b.spec != "" {
+		return strings.EqualFold(a.spec, b.spec)
+	}
+	return a.or.RFC822 == b.or.RFC822
+}
+
+// originator picks From:, then Sender:, Return-Path:, the envelope sender.
+func (p *parser) originator(from, sender []addr) emsd.ORAddress {
+	if len(from) > 1 {
+		p.note("From: has %d addresses; the first is the originator", len(from))
+	}
+	switch {
+	case len(from) > 0:
+		return from[0].or
+	case len(sender) > 0:
+		p.note("no usable From:; originator taken from Sender:")
+		return sender[0].or
+	}
+	for _, cand := range []struct{ what, v string }{
+		{"Return-Path:", p.h.Get("Return-Path")}, {"the envelope sender", p.o.EnvelopeFrom},
+	} {
+		v := strings.Trim(strings.TrimSpace(cand.v), "<>")
+		if v == "" {
+			continue
+		}
+		if a, err := mail.ParseAddress("<" + v + ">"); err == nil {
+			p.note("no usable From:; originator taken from %s", cand.what)
+			or, _ := p.m.orAddress(a, &p.notes)
+			return or
+		}
+	}
+	p.note("no originator in the message")
+	return emsd.RFC822OR("")
+}
+
+func (p *parser) ipm(body []byte) *emsd.IPM {
+	h := &emsd.Heading{}
+	from := p.addresses("From")
+	sender := p.addresses("Sender")
+	h.Originator = p.originator(from, sender)
+	// §9.8: sender only if it differs from From:.
+	if len(sender) > 0 && len(from) > 0 && !sameAddress(sender[0], from[0]) {
+		s := sender[0].or
+		h.Sender = &s
+	}
+	h.Recipients = p.recipients()
+	// Reply-To: all addresses; a single one equal to the originator (or the
+	// sender) says nothing and is left out (like the UA rule of §10.2, and
+	// unlike the reference MTS, which drops a lone Reply-To unless Sender:
+	// differs from From:).
+	if rt := p.addresses("Reply-To"); len(rt) > 0 {
+		redundant := len(rt) == 1 && len(from) > 0 && sameAddress(rt[0], from[0]) &&
+			(len(sender) == 0 || sameAddress(sender[0], from[0]))
+		if !redundant {
+			if len(rt) > emsd.MaxReplyTo {
+				p.note("Reply-To: %d addresses, kept %d", len(rt), emsd.MaxReplyTo)
+				rt = rt[:emsd.MaxReplyTo]
+			}
+			h.ReplyTo = make([]emsd.ORAddress, len(rt))
+			for i, a := range rt {
+				h.ReplyTo[i] = a.or
+			}
+		}
+	}
+	if v := strings.TrimSpace(p.h.Get("In-Reply-To")); v != "" {
+		ids, _ := p.h.MsgIDList("In-Reply-To")
+		id := ""
+		if len(ids) > 0 {
+			id = "<" + ids[0] + ">"
+		} else if isASCII(v) {
+			id = oneLine(v)
+		}
+		if id != "" && len(id) <= emsd.MaxMessageID && isASCII(id) {
+			r := emsd.RFC822ID(id)
+			h.RepliedTo = &r
+		} else {
+			p.note("In-Reply-To: unusable or longer than %d octets, dropped", emsd.MaxMessageID)
+		}
+	}
+	if p.h.Has("Subject") {
+		s, _ := p.h.Subject()
+		s = oneLine(s)
+		h.Subject = cutUTF8(s, emsd.MaxSubject)
+		if h.Subject != s {
+			p.note("Subject: cut from %d to %d octets", len(s), len(h.Subject))
+		}
+	}
+	consumed := p.flags(h)
+	text, transformed := p.body(h, body)
+	h.Extensions = p.extensions(consumed, transformed)
+	ipm := &emsd.IPM{Heading: *h, Body: &emsd.Body{Text: text}}
+	p.fit(ipm)
+	return ipm
+}
+
+// recipients reads To (no flags), Cc (bits 0+5), Bcc (bits 1+5) as §9.8
+// prescribes, adds devices of EnvelopeTo missing from the headers as Bcc,
+// and caps the list at 256 keeping devices first.
+func (p *parser) recipients() []emsd.RecipientData {
+	var all []addr
+	for _, k := range []struct {
+		key   string
+		flags emsd.PerRecipientFlags
+	}{
+		{"To", 0},
+		{"Cc", emsd.RcptCopy | emsd.RcptNonDeliveryReport},
+		{"Bcc", emsd.RcptBlindCopy | emsd.RcptNonDeliveryReport},
+	} {
+		for _, a := range p.addresses(k.key) {
+			a.flags = k.flags
+			all = append(all, a)
+		}
+	}
+	for _, spec := range p.o.EnvelopeTo {
+		n, ok := p.m.lookup(spec)
+		if !ok {
+			continue
+		}
+		a := addr{or: emsd.LocalOR(n, ""), local: true, flags: emsd.RcptBlindCopy | emsd.RcptNonDeliveryReport}
+		found := false
+		for _, b := range all {
+			if sameAddress(a, b) {
+				found = true
+				break
+			}
+		}
+		if !found {
+			all = append(all, a)
+		}
+	}
+	if len(all) > emsd.MaxRecipients {
+		p.note("%d recipients, kept %d (devices first)", len(all), emsd.MaxRecipients)
+		keep := make([]bool, len(all))
+		n := 0
+		for i, a := range all {
+			if a.local && n < emsd.MaxRecipients {
+				keep[i] = true
+				n++
+			}
+		}
+		for i := range all {
+			if !keep[i] && n < emsd.MaxRecipients {
+				keep[i] = true
+				n++
+			}
+		}
+		kept := all[:0]
+		for i, a := range all {
+			if keep[i] {
+				kept = append(kept, a)
+			}
+		}
+		all = kept
+	}
+	out := make([]emsd.RecipientData, len(all))
+	for i, a := range all {
+		out[i] = emsd.RecipientData{Recipient: a.or, Flags: a.flags}
+	}
+	return out
+}
+
+// flags maps priority, importance and auto-forward header fields to the
+// per-message flags (OP 13) and returns the fields it understood.
+func (p *parser) flags(h *emsd.Heading) map[string]bool {
+	consumed := map[string]bool{}
+	var prio, imp emsd.PerMessageFlags
+	prioSet, impSet := false, false
+	for _, key := range []string{"Priority", "X-Priority", "Importance", "X-Importance", "X-Msmail-Priority", "Auto-Forwarded", "X-Auto-Forwarded"} {
+		for _, v := range p.h.Values(key) {
+			v = strings.ToLower(strings.TrimSpace(v))
+			var f emsd.PerMessageFlags
+			ok := true
+			switch key {
+			case "Priority", "X-Priority":
+				switch {
+				case v == "urgent" || v == "high" || v == "highest" || strings.HasPrefix(v, "1") || strings.HasPrefix(v, "2"):
+					f = emsd.MsgPriorityUrgent
+				case v == "non-urgent" || v == "nonurgent" || v == "low" || v == "lowest" || strings.HasPrefix(v, "4") || strings.HasPrefix(v, "5"):
+					f = emsd.MsgPriorityNonUrgent
+				case v == "normal" || strings.HasPrefix(v, "3"):
+				default:
+					ok = false
+				}
+				if ok && !prioSet {
+					prio, prioSet = f, true
+				}
+			case "Importance", "X-Importance", "X-Msmail-Priority":
+				switch v {
+				case "high":
+					f = emsd.MsgImportanceHigh
+				case "low":
+					f = emsd.MsgImportanceLow
+				case "normal":
+				default:
+					ok = false
+				}
+				if ok && !impSet {
+					imp, impSet = f, true
+				}
+			default: // auto-forwarded
+				switch v {
+				case "true", "yes", "1":
+					h.Flags |= emsd.MsgAutoForwarded
+				case "false", "no", "0":
+				default:
+					ok = false
+				}
+			}
+			if ok {
+				consumed[key] = true
+			}
+		}
+	}
+	h.Flags |= prio | imp
+	return consumed
+}
+
+// extensions keeps the remaining header fields, in header order, as
+// extensions (§9.8): not the trace fields, at most 64 (OP 8).
+func (p *parser) extensions(consumed map[string]bool, transformed bool) []emsd.Extension {
+	var out []emsd.Extension
+	dropped, long := 0, 0
+	fields := p.h.Fields()
+	for fields.Next() {
+		key := fields.Key()
+		if consumedFields[key] || consumed[key] || traceFields[key] ||
+			(transformed && strings.HasPrefix(key, "Content-")) {
+			continue
+		}
+		// Keep the label as written, not canonicalised (reference: the
+		// header name as is).
+		label := key
+		if raw, err := fields.Raw(); err == nil {
+			if i := bytes.IndexByte(raw, ':'); i > 0 {
+				label = string(bytes.TrimRight(raw[:i], " \t"))
+			}
+		}
+		if len(label) > maxExtLabel {
+			long++
+			continue
+		}
+		if len(out) == emsd.MaxExtensions {
+			dropped++
+			continue
+		}
+		v := oneLine(decodeWords(fields.Value()))
+		if c := cutUTF8(v, maxExtValue); c != v {
+			p.note("header %s cut to %d octets", label, maxExtValue)
+			v = c
+		}
+		out = append(out, emsd.Extension{Label: label, Value: v})
+	}
+	if dropped > 0 {
+		p.note("%d header fields beyond the %d extensions dropped", dropped, emsd.MaxExtensions)
+	}
+	if long > 0 {
+		p.note("%d header fields with names over %d octets dropped", long, maxExtLabel)
+	}
+	return out
+}
+
+// fit keeps the encoded IPM within the content budget: the heading may use
+// half of it (extensions, then reply-to, then non-device recipients are
+// shed from the end), the body the rest (cut with a visible marker).
+func (p *parser) fit(ipm *emsd.IPM) {
+	h := &ipm.Heading
+	text := ipm.Body.Text
+	ipm.Body.Text = nil
+	shedExt, shedRT, shedRcpt := 0, 0, 0
+	for encodedSize(ipm) > p.o.MaxContent/2 {
+		switch {
+		case len(h.Extensions) > 0:
+			h.Extensions = h.Extensions[:len(h.Extensions)-1]
+			shedExt++
+		case len(h.ReplyTo) > 1:
+			h.ReplyTo = h.ReplyTo[:len(h.ReplyTo)-1]
+			shedRT++
+		default:
+			i := len(h.Recipients) - 1
+			for i >= 0 && h.Recipients[i].Recipient.IsLocal {
+				i--
+			}
+			if i < 0 {
+				// Only devices left: the heading is what it is.
+				goto body
+			}
+			h.Recipients = append(h.Recipients[:i], h.Recipients[i+1:]...)
+			shedRcpt++
+		}
+	}
+body:
+	if shedExt+shedRT+shedRcpt > 0 {
+		p.note("heading over %d octets: dropped %d extensions, %d reply-to and %d recipient addresses",
+			p.o.MaxContent/2, shedExt, shedRT, shedRcpt)
+	}
+	ipm.Body.Text = text
+	over := encodedSize(ipm) - p.o.MaxContent
+	if over <= 0 {
+		return
+	}
+	total := len(text)
+	marker := func(n int) string {
+		return fmt.Sprintf("\n[message truncated: %d of %d octets]\n", n, total)
+	}
+	// Shrinking the body also shrinks its length octets, so this converges
+	// in a few rounds.
+	room := len(text) - over
+	for {
+		n := max(room-len(marker(total)), 0)
+		cut := cutUTF8Bytes(text, n)
+		// End at a line boundary when one is close.
+		if i := bytes.LastIndexByte(cut, '\n'); i >= 0 && len(cut)-i < 200 {
+			cut = cut[:i+1]
+		}
+		ipm.Body.Text = append(append([]byte(nil), cut...), marker(len(cut))...)
+		over = encodedSize(ipm) - p.o.MaxContent
+		if over <= 0 {
+			p.note("body cut from %d to %d octets to fit %d octets of content (32 segments)", total, len(cut), p.o.MaxContent)
+			return
+		}
+		if n == 0 {
+			ipm.Body.Text = nil
+			p.note("body dropped: no room in %d octets of content", p.o.MaxContent)
+			return
+		}
+		room -= over
+	}
+}
+
+// encodedSize is the larger of the 1.1 and 1.0 encodings (the server may
+// deliver either, §4); a content the codec refuses counts as too big.
+func encodedSize(c emsd.Content) int {
+	n := 0
+	for _, v := range []emsd.Version{emsd.V1_1, emsd.V1_0} {
+		b, err := c.Marshal(emsd.Options{Version: v})
+		if err != nil {
+			return 1 << 30
+		}
+		n = max(n, len(b))
+	}
+	return n
+}
+
+// readAll reads at most limit octets of r and drains the rest so that the
+// size is known; errors are reported, what was read is kept.
+func readAll(r io.Reader, limit int) (data []byte, size int64, err error) {
+	var buf bytes.Buffer
+	n, err := io.Copy(&buf, io.LimitReader(r, int64(limit)))
+	size = n
+	if err == nil {
+		var m int64
+		m, err = io.Copy(io.Discard, r)
+		size += m
+	}
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		err = nil
+	}
+	return buf.Bytes(), size, err
+}

@@ -1,0 +1,366 @@
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+)
+
+type delivery struct {
+	from string
+	to   []string
+	msg  []byte
+}
+
+type testReceiver struct {
+	mu         sync.Mutex
+	deliveries []delivery
+	deliverErr error
+	inDeliver  chan struct{} // signalled when Deliver starts, if set
+	block      chan struct{} // Deliver waits for it (or its context), if set
+}
+
+func (r *testReceiver) Recipient(ctx context.Context, a string) error {
+	switch {
+	case strings.HasSuffix(a, "@emsd.example.test") && !strings.HasPrefix(a, "nobody@"):
+		return nil
+	case a == "dberror@example.com":
+		return errors.New("registry unavailable")
+	}
+	return fmt.Errorf("%w: %s", ErrUnknownRecipient, a)
+}
+
+func (r *testReceiver) Deliver(ctx context.Context, from string, to []string, msg []byte) error {
+	if r.inDeliver != nil {
+		r.inDeliver <- struct{}{}
+	}
+	if r.block != nil {
+		select {
+		case <-r.block:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.deliverErr != nil {
+		return r.deliverErr
+	}
+	r.deliveries = append(r.deliveries, delivery{from, append([]string(nil), to...), msg})
+	return nil
+}
+
+func (r *testReceiver) got() []delivery {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]delivery(nil), r.deliveries...)
+}
+
+func startInbound(t *testing.T, r Receiver, o InboundOptions) (*InboundServer, string, chan error) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.Domain == "" {
+		o.Domain = "mx.emsd.example.test"
+	}
+	s := NewInboundServer(r, o)
+	if s.Addr() != nil {
+		t.Error("Addr before Serve")
+	}
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(ln) }()
+	t.Cleanup(func() {
+		s.Close()
+		if err := <-served; !errors.Is(err, ErrServerClosed) {
+			t.Errorf("Serve returned %v", err)
+		}
+	})
+	return s, ln.Addr().String(), served
+}
+
+// send runs one SMTP transaction and returns the error of the first
+// command that fails and how many RCPTs were accepted.
+func send(t *testing.T, addr, from string, to []string, msg []byte, tlsConfig *tls.Config) (int, error) {
+	t.Helper()
+	var c *smtp.Client
+	var err error
+	if tlsConfig != nil {
+		c, err = smtp.DialStartTLS(addr, tlsConfig)
+	} else {
+		c, err = smtp.Dial(addr)
+	}
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	if err := c.Hello("client.example.com"); err != nil {
+		return 0, err
+	}
+	if err := c.Mail(from, &smtp.MailOptions{Size: int64(len(msg))}); err != nil {
+		return 0, err
+	}
+	n := 0
+	var rcptErr error
+	for _, a := range to {
+		if err := c.Rcpt(a, nil); err != nil {
+			rcptErr = err
+			continue
+		}
+		n++
+	}
+	if n == 0 {
+		return 0, rcptErr
+	}
+	w, err := c.Data()
+	if err != nil {
+		return n, err
+	}
+	if _, err := w.Write(msg); err != nil {
+		return n, err
+	}
+	if err := w.Close(); err != nil {
+		return n, err
+	}
+	c.Quit()
+	return n, rcptErr
+}
+
+func smtpCode(err error) string {
+	var se *smtp.SMTPError
+	if errors.As(err, &se) {
+		return fmt.Sprintf("%d %d.%d.%d", se.Code, se.EnhancedCode[0], se.EnhancedCode[1], se.EnhancedCode[2])
+	}
+	if err == nil {
+		return "ok"
+	}
+	return "error: " + err.Error()
+}
+
+var inboundMail = []byte(crlfText("From: alice@example.com\nTo: 198.036@emsd.example.test\nSubject: hi\n\nhello\n"))
+
+func TestInboundServer(t *testing.T) {
+	var loop bytes.Buffer
+	for range MaxHops + 1 {
+		loop.WriteString("Received: from a by b; Thu, 26 Nov 2026 07:00:00 +0000\r\n")
+	}
+	loop.Write(inboundMail)
+	tests := []struct {
+		name       string
+		o          InboundOptions
+		deliverErr error
+		to         []string
+		msg        []byte
+		wantErr    string // smtpCode of the transaction's first error
+		wantRcpts  int
+		delivered  []string // recipients of the single delivery, nil = none
+	}{{
+		name: "accepted, duplicate recipient delivered once",
+		to:   []string{"198.036@emsd.example.test", "198.037@emsd.example.test", "198.036@EMSD.example.test"},
+		msg:  inboundMail, wantErr: "ok", wantRcpts: 3,
+		delivered: []string{"198.036@emsd.example.test", "198.037@emsd.example.test"},
+	}, {
+		name: "unknown recipient 550 at RCPT, the others delivered",
+		to:   []string{"nobody@emsd.example.test", "198.036@emsd.example.test", "bob@elsewhere.example"},
+		msg:  inboundMail, wantErr: "550 5.1.1", wantRcpts: 1,
+		delivered: []string{"198.036@emsd.example.test"},
+	}, {
+		name: "recipient lookup failure is temporary",
+		to:   []string{"dberror@example.com"}, msg: inboundMail, wantErr: "451 4.3.0",
+	}, {
+		name: "too many recipients 452",
+		o:    InboundOptions{MaxRecipients: 2},
+		to:   []string{"1@emsd.example.test", "2@emsd.example.test", "3@emsd.example.test"},
+		msg:  inboundMail, wantErr: "452 4.5.3", wantRcpts: 2,
+		delivered: []string{"1@emsd.example.test", "2@emsd.example.test"},
+	}, {
+		name: "oversize 552 at MAIL (SIZE)",
+		o:    InboundOptions{MaxMessageBytes: 1000},
+		to:   []string{"198.036@emsd.example.test"}, msg: bytes.Repeat([]byte("x"), 5000), wantErr: "552 5.3.4",
+	}, {
+		name:       "Deliver error 451",
+		deliverErr: errors.New("disk full"),
+		to:         []string{"198.036@emsd.example.test"}, msg: inboundMail, wantErr: "451 4.3.0", wantRcpts: 1,
+	}, {
+		name:       "permanent Deliver error 554",
+		deliverErr: &PermanentError{Err: errors.New("no")},
+		to:         []string{"198.036@emsd.example.test"}, msg: inboundMail, wantErr: "554 5.6.0", wantRcpts: 1,
+	}, {
+		name:       "Deliver's own SMTP reply",
+		deliverErr: &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 2, 2}, Message: "mailbox full"},
+		to:         []string{"198.036@emsd.example.test"}, msg: inboundMail, wantErr: "552 5.2.2", wantRcpts: 1,
+	}, {
+		name: "mail loop 554",
+		to:   []string{"198.036@emsd.example.test"}, msg: loop.Bytes(), wantErr: "554 5.4.6", wantRcpts: 1,
+	}}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := &testReceiver{deliverErr: tc.deliverErr}
+			_, addr, _ := startInbound(t, r, tc.o)
+			n, err := send(t, addr, "alice@example.com", tc.to, tc.msg, nil)
+			if smtpCode(err) != tc.wantErr || n != tc.wantRcpts {
+				t.Fatalf("%d recipients, %s; want %d, %s", n, smtpCode(err), tc.wantRcpts, tc.wantErr)
+			}
+			got := r.got()
+			if tc.delivered == nil {
+				if len(got) != 0 {
+					t.Fatalf("delivered %+v", got)
+				}
+				return
+			}
+			if len(got) != 1 || got[0].from != "alice@example.com" || fmt.Sprint(got[0].to) != fmt.Sprint(tc.delivered) {
+				t.Fatalf("delivered %+v", got)
+			}
+			m := string(got[0].msg)
+			if !strings.HasPrefix(m, "Received: from client.example.com ([127.0.0.1])\r\n\tby mx.emsd.example.test (emsdp) with ESMTP") ||
+				!strings.HasSuffix(m, string(tc.msg)) {
+				t.Errorf("message\n%s", m)
+			}
+		})
+	}
+}
+
+// A message over MaxMessageBytes without SIZE is refused after DATA.
+func TestInboundServerOversizeData(t *testing.T) {
+	r := &testReceiver{}
+	_, addr, _ := startInbound(t, r, InboundOptions{MaxMessageBytes: 1000})
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Mail("alice@example.com", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("198.036@emsd.example.test", nil); err != nil {
+		t.Fatal(err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write(bytes.Repeat([]byte("0123456789\r\n"), 1000))
+	if err := w.Close(); smtpCode(err) != "552 5.3.4" {
+		t.Fatalf("close: %s", smtpCode(err))
+	}
+	if len(r.got()) != 0 {
+		t.Fatal("delivered")
+	}
+}
+
+func TestInboundServerSTARTTLS(t *testing.T) {
+	cert, pool := selfSigned(t)
+	r := &testReceiver{}
+	_, addr, _ := startInbound(t, r, InboundOptions{TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}})
+	if _, err := send(t, addr, "alice@example.com", []string{"198.036@emsd.example.test"}, inboundMail,
+		&tls.Config{RootCAs: pool, ServerName: "localhost"}); err != nil {
+		t.Fatal(err)
+	}
+	got := r.got()
+	if len(got) != 1 || !strings.Contains(string(got[0].msg), "with ESMTPS\r\n\tfor <198.036@emsd.example.test>;") {
+		t.Fatalf("%+v", got)
+	}
+}
+
+// Shutdown closes idle connections at once, lets a transaction in DATA
+// finish (the client gets its 250), then returns; Serve then returns
+// ErrServerClosed and no new connection is served.
+func TestInboundServerShutdownDrains(t *testing.T) {
+	r := &testReceiver{inDeliver: make(chan struct{}, 1), block: make(chan struct{})}
+	s, addr, served := startInbound(t, r, InboundOptions{})
+	for deadline := time.Now().Add(10 * time.Second); s.Addr() == nil; { // Serve runs in its own goroutine
+		if time.Now().After(deadline) {
+			t.Fatal("Serve did not start")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if s.Addr().String() != addr {
+		t.Errorf("Addr %v", s.Addr())
+	}
+	idle, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	if err := idle.Hello("idle.example.com"); err != nil {
+		t.Fatal(err)
+	}
+	sent := make(chan error, 1)
+	go func() {
+		_, err := send(t, addr, "alice@example.com", []string{"198.036@emsd.example.test"}, inboundMail, nil)
+		sent <- err
+	}()
+	<-r.inDeliver
+	stopped := make(chan error, 1)
+	go func() { stopped <- s.Shutdown(context.Background()) }()
+	// The idle client is disconnected while the delivery is held.
+	deadline := time.Now().Add(10 * time.Second)
+	for idle.Noop() == nil {
+		if time.Now().After(deadline) {
+			t.Fatal("idle connection still open")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	select {
+	case err := <-stopped:
+		t.Fatalf("Shutdown returned %v with a delivery in progress", err)
+	default:
+	}
+	close(r.block)
+	if err := <-sent; err != nil {
+		t.Fatalf("in-flight message: %v", err)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if err := <-served; !errors.Is(err, ErrServerClosed) {
+		t.Fatalf("Serve: %v", err)
+	}
+	served <- ErrServerClosed // for the cleanup
+	if len(r.got()) != 1 {
+		t.Fatalf("deliveries %d", len(r.got()))
+	}
+	if c, err := net.Dial("tcp", addr); err == nil {
+		c.Close()
+		t.Error("still accepting connections")
+	}
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer ln.Close()
+	if err := s.Serve(ln); !errors.Is(err, ErrServerClosed) {
+		t.Errorf("Serve after Shutdown: %v", err)
+	}
+}
+
+// When the context ends first, Shutdown cuts everything off: the Receiver
+// call is cancelled and the client is not told the message was accepted.
+func TestInboundServerShutdownTimeout(t *testing.T) {
+	r := &testReceiver{inDeliver: make(chan struct{}, 1), block: make(chan struct{})}
+	s, addr, _ := startInbound(t, r, InboundOptions{})
+	sent := make(chan error, 1)
+	go func() {
+		_, err := send(t, addr, "alice@example.com", []string{"198.036@emsd.example.test"}, inboundMail, nil)
+		sent <- err
+	}()
+	<-r.inDeliver
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := s.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if err := <-sent; err == nil {
+		t.Fatal("client told the message was accepted")
+	}
+	if len(r.got()) != 0 {
+		t.Fatal("delivered")
+	}
+}
