@@ -122,9 +122,11 @@ type Config struct {
 	// FAILURE(1) (spec esro.md §6). Zero: 65536.
 	MaxInvocations int
 
-	// MaxPeerInvocations caps the performer invocations held for one peer,
-	// so that a flood from one (possibly spoofed) source cannot take the
-	// whole MaxInvocations budget. Zero: 256.
+	// MaxPeerInvocations caps the performer invocations held for one source
+	// IP address, all ports together, so that a flood from one address
+	// (with forged ports) cannot take the whole MaxInvocations budget. One
+	// port can never hold more than 256 (the reference numbers). Zero:
+	// 4096, room for a NAT gateway standing in for many devices.
 	MaxPeerInvocations int
 
 	// IPOnlyPeers identifies peers by IP address alone, ignoring the UDP
@@ -184,7 +186,7 @@ func (c *Config) resolved() (Config, error) {
 		r.MaxInvocations = 65536
 	}
 	if r.MaxPeerInvocations == 0 {
-		r.MaxPeerInvocations = 256
+		r.MaxPeerInvocations = 4096
 	}
 	if r.MaxInvocations < 0 || r.MaxPeerInvocations < 0 {
 		return r, fmt.Errorf("esro: negative invocation limit")

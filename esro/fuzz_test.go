@@ -81,6 +81,18 @@ func checkInvariants(t *testing.T, m *machine) {
 			t.Fatalf("peer %v counts %d/%d, tables %d/%d", k, p.nheld, p.nperf, held[k], perf[k])
 		}
 	}
+	perIP := map[netip.Addr]int{}
+	for _, inv := range m.performers {
+		perIP[inv.addr.Addr()]++
+	}
+	for a, n := range perIP {
+		if m.perfPerIP[a] != n || n > m.cfg.MaxPeerInvocations {
+			t.Fatalf("address %v: %d performers, counted %d", a, n, m.perfPerIP[a])
+		}
+	}
+	if len(perIP) != len(m.perfPerIP) {
+		t.Fatal("stale per-address counts")
+	}
 	if m.total() > m.cfg.MaxInvocations {
 		t.Fatalf("%d invocations over the cap", m.total())
 	}

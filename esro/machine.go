@@ -66,6 +66,7 @@ type machine struct {
 	invokers   map[invKey]*invocation
 	performers map[invKey]*invocation
 	peers      map[netip.AddrPort]*peer
+	perfPerIP  map[netip.Addr]int // performer invocations by source address
 	idlePeers  int
 	nextRef    uint8
 	timers     timerHeap
@@ -230,6 +231,7 @@ func newMachine(cfg Config, st *counters, ev events) *machine {
 		invokers:   make(map[invKey]*invocation),
 		performers: make(map[invKey]*invocation),
 		peers:      make(map[netip.AddrPort]*peer),
+		perfPerIP:  make(map[netip.Addr]int),
 		drained:    make(chan struct{}),
 	}
 	// A random first number makes re-use of recent numbers after a restart
@@ -462,13 +464,14 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 		m.sendFailure(from, p.Ref, UserNotResponding)
 		return
 	}
-	pr := m.peerFor(key.peer)
-	if m.total() >= m.cfg.MaxInvocations || pr.nperf >= m.cfg.MaxPeerInvocations {
+	if m.total() >= m.cfg.MaxInvocations || m.perfPerIP[from.Addr()] >= m.cfg.MaxPeerInvocations {
 		m.sendFailure(from, p.Ref, LocalResource)
 		return
 	}
+	pr := m.peerFor(key.peer)
 	m.use(pr)
 	pr.nperf++
+	m.perfPerIP[from.Addr()]++
 	inv := &invocation{
 		key: key, addr: from, peer: pr, perf: true, hs: bd.hs, sap: p.SAP, hidx: -1,
 		done: make(chan struct{}),
@@ -677,6 +680,11 @@ func (m *machine) release(inv *invocation) {
 	if inv.perf {
 		delete(m.performers, inv.key)
 		p.nperf--
+		if n := m.perfPerIP[inv.addr.Addr()] - 1; n > 0 {
+			m.perfPerIP[inv.addr.Addr()] = n
+		} else {
+			delete(m.perfPerIP, inv.addr.Addr())
+		}
 		m.st.inflightPerf.Add(-1)
 		if inv.cancel != nil {
 			inv.cancel(ErrInvocationEnded)

@@ -606,9 +606,9 @@ func TestReceiveDemux(t *testing.T) {
 		h := newHarness(t, func(c *Config) { c.MaxInvocations = 3; c.MaxPeerInvocations = 2 })
 		h.bind(13, ThreeWay)
 		h.recv("d0 01 02")
-		h.recv("d0 02 02")
+		h.recvFrom(netip.MustParseAddrPort("192.0.2.7:4000"), "d0 02 02") // same IP, another port
 		h.recv("d0 03 02")
-		h.expect("04 03 01") // per-peer cap
+		h.expect("04 03 01") // per-address cap, all ports together
 		h.recvFrom(netip.MustParseAddrPort("198.51.100.1:9"), "d0 04 02")
 		h.recvFrom(netip.MustParseAddrPort("198.51.100.2:9"), "d0 05 02")
 		h.expect("04 05 01") // total cap
