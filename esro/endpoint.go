@@ -28,6 +28,7 @@ type Endpoint struct {
 
 	st       counters
 	outs     sync.Pool      // of *[]outgoing, recycled between sends
+	sending  sync.WaitGroup // batches taken from the machine and not yet sent
 	loops    sync.WaitGroup // the read loop
 	handlers sync.WaitGroup
 	closed   chan struct{}
@@ -193,6 +194,10 @@ func (e *Endpoint) Close() error {
 		}
 		e.mu.Unlock()
 		close(e.closed)
+		// A caller woken by an indication may close us before the
+		// datagrams queued in the same step (an ACK after a RESULT) are
+		// written: let them go out first.
+		e.sending.Wait()
 		err = e.conn.Close()
 		e.loops.Wait()
 		e.handlers.Wait()
@@ -285,11 +290,15 @@ func (e *Endpoint) onTimer() {
 }
 
 // takeOut hands over the machine's queued datagrams and gives it a
-// recycled buffer for the next ones. Called with mu held.
+// recycled buffer for the next ones. Called with mu held, so the batch is
+// registered with sending in the same critical section that may wake a
+// caller, and Close waits for it.
 func (e *Endpoint) takeOut() *[]outgoing {
-	if len(e.m.out) == 0 {
+	if len(e.m.out) == 0 || e.m.closed {
+		e.m.out = e.m.out[:0]
 		return nil
 	}
+	e.sending.Add(1)
 	out := e.outs.Get().(*[]outgoing)
 	*out, e.m.out = e.m.out, (*out)[:0]
 	return out
@@ -300,6 +309,7 @@ func (e *Endpoint) flush(out *[]outgoing) {
 	if out == nil {
 		return
 	}
+	defer e.sending.Done()
 	for i := range *out {
 		o := &(*out)[i]
 		b := o.payload()

@@ -182,9 +182,6 @@ func esroPerform(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	if mode.kind == "none" {
-		cfg.PerformerTimeout = -1 // never answer, and never give up either
-	}
 	ep, err := esro.Listen("udp", *listen, cfg)
 	if err != nil {
 		return fail(env, listenHint(err, *listen))
