@@ -38,6 +38,9 @@ func commands() []command {
 	return []command{
 		{"esro", "ESRO tools: perform (answer invocations) and invoke", cmdESRO},
 		{"ports", "what is listening on 641 (and 642, 259, 2002), locally and remotely", cmdPorts},
+		{"ua", "device user agent: send, receive (into a Maildir) and verify mail", cmdUA},
+		{"serve", "the EMSD server: devices over ESRO/UDP, Internet mail over SMTP", cmdServe},
+		{"device", "the server's device registry: add, list, show, remove, passwd", cmdDevice},
 	}
 }
 

@@ -1,0 +1,372 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net/mail"
+	"net/netip"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/server"
+	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/sqlite"
+)
+
+// cmdDevice: "emsdp device add|list|show|remove|passwd", the device
+// registry of the server's store. It works beside a running server (the
+// store is SQLite in WAL mode), which notices the change within
+// store.registry_poll or at SIGHUP.
+func cmdDevice(ctx context.Context, env *cmdEnv, args []string) int {
+	if len(args) > 0 {
+		switch args[0] {
+		case "add":
+			return deviceAdd(ctx, env, args[1:])
+		case "list":
+			return deviceList(ctx, env, args[1:])
+		case "show":
+			return deviceShow(ctx, env, args[1:])
+		case "remove":
+			return deviceRemove(ctx, env, args[1:])
+		case "passwd":
+			return devicePasswd(ctx, env, args[1:])
+		}
+	}
+	fmt.Fprintln(env.stderr, "usage: emsdp device add|list|show|remove|passwd [flags]   (emsdp device add -h for flags)")
+	return exitUsage
+}
+
+// deviceStore holds the flags that locate the store.
+type deviceStore struct{ data, config string }
+
+func (d *deviceStore) register(fs *flag.FlagSet) {
+	fs.StringVar(&d.data, "data", "", "data directory of the server (default: data of --config, else ./emsdp-data)")
+	fs.StringVar(&d.config, "config", "", "the server's configuration file, to find its data directory")
+}
+
+func (d *deviceStore) open(ctx context.Context) (*sqlite.DB, error) {
+	dir := d.data
+	if dir == "" {
+		cfg, err := server.LoadConfig(d.config)
+		if err != nil {
+			return nil, err
+		}
+		dir = cfg.Data
+	}
+	return sqlite.OpenDir(ctx, dir, nil)
+}
+
+// aliasList is the repeatable --alias flag; commas separate addresses too.
+type aliasList []string
+
+func (l *aliasList) String() string { return strings.Join(*l, ",") }
+
+func (l *aliasList) Set(s string) error {
+	for _, a := range strings.Split(s, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			*l = append(*l, a)
+		}
+	}
+	return nil
+}
+
+// addressFlag parses --address NNN.NNN; 0 is not a device.
+func addressFlag(s string) (emsd.Address, error) {
+	if s == "" {
+		return 0, usagef("--address NNN.NNN is required")
+	}
+	a, err := emsd.ParseAddress(s)
+	if err != nil || a == 0 {
+		return 0, usagef("--address %q: want an EMSD address NNN.NNN other than 0", s)
+	}
+	return a, nil
+}
+
+func passwordFlag(pw string) (string, error) {
+	if len(pw) > store.MaxPassword {
+		return "", usagef("--password is %d octets, at most %d", len(pw), store.MaxPassword)
+	}
+	return store.HashPassword(pw)
+}
+
+// storeFail reports a store error: 1, or 2 for a value the store refuses.
+func storeFail(env *cmdEnv, a emsd.Address, err error) int {
+	switch {
+	case errors.Is(err, store.ErrInvalid):
+		return fail(env, &usageError{err.Error()})
+	case errors.Is(err, store.ErrNotFound):
+		return fail(env, fmt.Errorf("no device %s", a))
+	}
+	return fail(env, err)
+}
+
+func deviceAdd(ctx context.Context, env *cmdEnv, args []string) int {
+	fs := flag.NewFlagSet("emsdp device add", flag.ContinueOnError)
+	var st deviceStore
+	st.register(fs)
+	address := fs.String("address", "", "EMSD address NNN.NNN (required)")
+	password := fs.String("password", "", `device password, at most 16 octets (required; "" for none)`)
+	ip := fs.String("ip", "", "the device's IP address: it submits from there and deliveries go there (required)")
+	port := fs.Int("port", emsd.DefaultPort, "the device's UDP port")
+	version := fs.String("version", "1.1", "EMSD protocol version of the device: 1.1 or 1.0")
+	mode := fs.String("mode", "complete", "delivery mode: complete (3-way) or efficient (2-way)")
+	var aliases aliasList
+	fs.Var(&aliases, "alias", "mail address delivered to this device (repeatable, comma-separated)")
+	if done, code := parseFlags(fs, env, args); done {
+		return code
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	d, err := deviceFromFlags(*address, *ip, *port, *version, *mode, aliases)
+	if err != nil {
+		return fail(env, err)
+	}
+	if !set["password"] {
+		return fail(env, usagef(`--password is required (--password "" for a device without one)`))
+	}
+	if d.PasswordHash, err = passwordFlag(*password); err != nil {
+		return fail(env, err)
+	}
+	db, err := st.open(ctx)
+	if err != nil {
+		return fail(env, err)
+	}
+	defer db.Close()
+	if err := db.AddDevice(ctx, d); err != nil {
+		if errors.Is(err, store.ErrExists) {
+			return fail(env, fmt.Errorf("device %s not added: %w", emsd.Address(d.Address), err))
+		}
+		return storeFail(env, emsd.Address(d.Address), err)
+	}
+	fmt.Fprintf(env.stdout, "added %s\n", deviceLine(d))
+	return exitOK
+}
+
+func deviceFromFlags(address, ip string, port int, version, mode string, aliases []string) (*store.Device, error) {
+	a, err := addressFlag(address)
+	if err != nil {
+		return nil, err
+	}
+	if ip == "" {
+		return nil, usagef("--ip is required")
+	}
+	addr, err := netip.ParseAddr(ip)
+	if err != nil {
+		return nil, usagef("--ip %q: %v", ip, err)
+	}
+	if port < 1 || port > 65535 {
+		return nil, usagef("--port %d out of range 1..65535", port)
+	}
+	v, err := emsd.ParseVersion(version)
+	if err != nil || (v != emsd.V1_1 && v != emsd.V1_0) {
+		return nil, usagef("--version %q: want 1.1 or 1.0", version)
+	}
+	m := store.Mode(strings.ToLower(mode))
+	if m != store.ModeComplete && m != store.ModeEfficient {
+		return nil, usagef("--mode %q: want complete or efficient", mode)
+	}
+	for _, al := range aliases {
+		pa, err := mail.ParseAddress(al)
+		if err != nil || pa.Name != "" || !strings.Contains(pa.Address, "@") {
+			return nil, usagef("--alias %q: want a mail address such as alice@example.net", al)
+		}
+	}
+	return &store.Device{Address: uint32(a), IP: addr.Unmap(), Port: uint16(port), Version: v.String(), Mode: m,
+		Aliases: aliases}, nil
+}
+
+// deviceLine is the one-line description add and list print.
+func deviceLine(d *store.Device) string {
+	aliases := strings.Join(d.Aliases, ",")
+	if aliases == "" {
+		aliases = "-"
+	}
+	return fmt.Sprintf("device %s ip=%s port=%d version=%s mode=%s password=%s aliases=%s",
+		emsd.Address(d.Address), d.IP, d.Port, d.Version, d.Mode, yesNo(d.PasswordHash != ""), strings.ToLower(aliases))
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+func deviceList(ctx context.Context, env *cmdEnv, args []string) int {
+	fs := flag.NewFlagSet("emsdp device list", flag.ContinueOnError)
+	var st deviceStore
+	st.register(fs)
+	if done, code := parseFlags(fs, env, args); done {
+		return code
+	}
+	db, err := st.open(ctx)
+	if err != nil {
+		return fail(env, err)
+	}
+	defer db.Close()
+	devs, err := db.Devices(ctx)
+	if err != nil {
+		return fail(env, err)
+	}
+	tw := tabwriter.NewWriter(env.stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ADDRESS\tIP\tPORT\tVERSION\tMODE\tPASSWORD\tALIASES")
+	for _, d := range devs {
+		aliases := strings.Join(d.Aliases, ",")
+		if aliases == "" {
+			aliases = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\n", emsd.Address(d.Address), d.IP, d.Port, d.Version, d.Mode,
+			yesNo(d.PasswordHash != ""), aliases)
+	}
+	tw.Flush()
+	return exitOK
+}
+
+// addressOnly parses the commands that name one device: --address NNN.NNN
+// or the address as the only argument (before or after the flags).
+func addressOnly(fs *flag.FlagSet, env *cmdEnv, args []string, more func(*flag.FlagSet)) (*deviceStore, emsd.Address, bool, int) {
+	var st deviceStore
+	st.register(fs)
+	address := fs.String("address", "", "EMSD address NNN.NNN")
+	if more != nil {
+		more(fs)
+	}
+	fs.SetOutput(env.stderr)
+	positional := ""
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		positional, args = args[0], args[1:]
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, 0, true, exitOK
+		}
+		return nil, 0, true, exitUsage
+	}
+	if positional == "" && fs.NArg() == 1 {
+		positional = fs.Arg(0)
+	} else if fs.NArg() > 0 {
+		fmt.Fprintf(env.stderr, "%s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
+		return nil, 0, true, exitUsage
+	}
+	if positional != "" {
+		if *address != "" {
+			fmt.Fprintf(env.stderr, "%s: give the address once\n", fs.Name())
+			return nil, 0, true, exitUsage
+		}
+		*address = positional
+	}
+	a, err := addressFlag(*address)
+	if err != nil {
+		return nil, 0, true, fail(env, err)
+	}
+	return &st, a, false, 0
+}
+
+func deviceShow(ctx context.Context, env *cmdEnv, args []string) int {
+	st, a, done, code := addressOnly(flag.NewFlagSet("emsdp device show", flag.ContinueOnError), env, args, nil)
+	if done {
+		return code
+	}
+	db, err := st.open(ctx)
+	if err != nil {
+		return fail(env, err)
+	}
+	defer db.Close()
+	d, err := db.Device(ctx, uint32(a))
+	if err != nil {
+		return storeFail(env, a, err)
+	}
+	aliases := strings.Join(d.Aliases, ", ")
+	if aliases == "" {
+		aliases = "-"
+	}
+	w := env.stdout
+	fmt.Fprintf(w, "address:   %s\n", emsd.Address(d.Address))
+	fmt.Fprintf(w, "ip:        %s\n", d.IP)
+	fmt.Fprintf(w, "port:      %d\n", d.Port)
+	fmt.Fprintf(w, "version:   %s\n", d.Version)
+	fmt.Fprintf(w, "mode:      %s\n", d.Mode)
+	fmt.Fprintf(w, "password:  %s\n", yesNo(d.PasswordHash != ""))
+	fmt.Fprintf(w, "aliases:   %s\n", aliases)
+	fmt.Fprintf(w, "control:   %s\n", controlText(d.Control))
+	fmt.Fprintf(w, "created:   %s\n", d.Created.UTC().Format("2006-01-02 15:04:05Z"))
+	fmt.Fprintf(w, "updated:   %s\n", d.Updated.UTC().Format("2006-01-02 15:04:05Z"))
+	return exitOK
+}
+
+// controlText shows the limits the device set with delivery control.
+func controlText(c store.DeliveryControl) string {
+	var parts []string
+	if c.Operations != nil {
+		parts = append(parts, fmt.Sprintf("operations=%#x", *c.Operations))
+	}
+	if c.MaxContentLength != nil {
+		parts = append(parts, fmt.Sprintf("max-content-length=%d", *c.MaxContentLength))
+	}
+	if c.LowestPriority != nil {
+		parts = append(parts, fmt.Sprintf("lowest-priority=%d", *c.LowestPriority))
+	}
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, " ")
+}
+
+func deviceRemove(ctx context.Context, env *cmdEnv, args []string) int {
+	st, a, done, code := addressOnly(flag.NewFlagSet("emsdp device remove", flag.ContinueOnError), env, args, nil)
+	if done {
+		return code
+	}
+	db, err := st.open(ctx)
+	if err != nil {
+		return fail(env, err)
+	}
+	defer db.Close()
+	if err := db.RemoveDevice(ctx, uint32(a)); err != nil {
+		return storeFail(env, a, err)
+	}
+	fmt.Fprintf(env.stdout, "removed device %s\n", a)
+	return exitOK
+}
+
+func devicePasswd(ctx context.Context, env *cmdEnv, args []string) int {
+	var password *string
+	fs := flag.NewFlagSet("emsdp device passwd", flag.ContinueOnError)
+	st, a, done, code := addressOnly(fs, env, args, func(fs *flag.FlagSet) {
+		password = fs.String("password", "", `new password, at most 16 octets (required; "" removes it)`)
+	})
+	if done {
+		return code
+	}
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == "password" })
+	if !set {
+		return fail(env, usagef(`--password is required (--password "" removes the password)`))
+	}
+	hash, err := passwordFlag(*password)
+	if err != nil {
+		return fail(env, err)
+	}
+	db, err := st.open(ctx)
+	if err != nil {
+		return fail(env, err)
+	}
+	defer db.Close()
+	d, err := db.Device(ctx, uint32(a))
+	if err != nil {
+		return storeFail(env, a, err)
+	}
+	d.PasswordHash = hash
+	if err := db.UpdateDevice(ctx, d); err != nil {
+		return storeFail(env, a, err)
+	}
+	if hash == "" {
+		fmt.Fprintf(env.stdout, "password removed for device %s\n", a)
+	} else {
+		fmt.Fprintf(env.stdout, "password changed for device %s\n", a)
+	}
+	return exitOK
+}

@@ -1,0 +1,78 @@
+package main
+
+import (
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// The device commands, in order, on one store: outputs and exit codes.
+func TestDeviceCommands(t *testing.T) {
+	data := t.TempDir()
+	d := func(args ...string) []string { return append(args, "--data", data) }
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		code   int
+		stdout string // regexp
+		stderr string // substring
+	}{
+		{"add", d("device", "add", "--address", "198.036", "--password", "secret", "--ip", "192.0.2.7",
+			"--alias", "Alice@Example.net", "--alias", "a2@example.net,a3@example.net"), exitOK,
+			`^added device 198\.036 ip=192\.0\.2\.7 port=641 version=1\.1 mode=complete password=yes aliases=alice@example\.net,a2@example\.net,a3@example\.net\n$`, ""},
+		{"add 1.0 efficient", d("device", "add", "--address", "198037", "--password", "", "--ip", "192.0.2.8",
+			"--port", "2002", "--version", "1.0", "--mode", "efficient"), exitOK,
+			`^added device 198\.037 ip=192\.0\.2\.8 port=2002 version=1\.0 mode=efficient password=no aliases=-\n$`, ""},
+		{"add existing", d("device", "add", "--address", "198.036", "--password", "x", "--ip", "192.0.2.9"), exitFailed, `^$`, "already exists"},
+		{"alias taken", d("device", "add", "--address", "198.038", "--password", "x", "--ip", "192.0.2.9", "--alias", "alice@example.net"),
+			exitFailed, `^$`, "already exists"},
+		{"no password flag", d("device", "add", "--address", "198.039", "--ip", "192.0.2.9"), exitUsage, `^$`, "--password is required"},
+		{"password too long", d("device", "add", "--address", "198.039", "--ip", "192.0.2.9", "--password", "12345678901234567"), exitUsage, `^$`, "at most 16"},
+		{"bad address", d("device", "add", "--address", "1.2.3.4", "--password", "", "--ip", "192.0.2.9"), exitUsage, `^$`, "--address"},
+		{"address 0", d("device", "add", "--address", "0", "--password", "", "--ip", "192.0.2.9"), exitUsage, `^$`, "other than 0"},
+		{"no address", d("device", "add", "--password", "", "--ip", "192.0.2.9"), exitUsage, `^$`, "--address NNN.NNN is required"},
+		{"bad ip", d("device", "add", "--address", "1.2", "--password", "", "--ip", "host"), exitUsage, `^$`, "--ip"},
+		{"no ip", d("device", "add", "--address", "1.2", "--password", ""), exitUsage, `^$`, "--ip is required"},
+		{"bad port", d("device", "add", "--address", "1.2", "--password", "", "--ip", "::1", "--port", "70000"), exitUsage, `^$`, "--port"},
+		{"bad version", d("device", "add", "--address", "1.2", "--password", "", "--ip", "::1", "--version", "2.0"), exitUsage, `^$`, "--version"},
+		{"bad mode", d("device", "add", "--address", "1.2", "--password", "", "--ip", "::1", "--mode", "fast"), exitUsage, `^$`, "--mode"},
+		{"bad alias", d("device", "add", "--address", "1.2", "--password", "", "--ip", "::1", "--alias", "Bob <b@x>"), exitUsage, `^$`, "--alias"},
+		{"list", d("device", "list"), exitOK,
+			`^ADDRESS +IP +PORT +VERSION +MODE +PASSWORD +ALIASES\n198\.036 +192\.0\.2\.7 +641 +1\.1 +complete +yes +a2@example\.net,a3@example\.net,alice@example\.net\n198\.037 +192\.0\.2\.8 +2002 +1\.0 +efficient +no +-\n$`, ""},
+		{"show", d("device", "show", "198.037"), exitOK,
+			`(?s)^address: +198\.037\nip: +192\.0\.2\.8\nport: +2002\nversion: +1\.0\nmode: +efficient\npassword: +no\naliases: +-\ncontrol: +none\ncreated: .*\nupdated: .*\n$`, ""},
+		{"show by flag", d("device", "show", "--address", "198.036"), exitOK, `password: +yes`, ""},
+		{"show unknown", d("device", "show", "1.1"), exitFailed, `^$`, "no device 001.001"},
+		{"passwd", d("device", "passwd", "--address", "198.037", "--password", "new"), exitOK, `^password changed for device 198\.037\n$`, ""},
+		{"passwd shows", d("device", "show", "198.037"), exitOK, `password: +yes`, ""},
+		{"passwd removes", d("device", "passwd", "198.036", "--password", ""), exitOK, `^password removed for device 198\.036\n$`, ""},
+		{"passwd missing", d("device", "passwd", "198.036"), exitUsage, `^$`, "--password is required"},
+		{"passwd unknown", d("device", "passwd", "1.1", "--password", "x"), exitFailed, `^$`, "no device 001.001"},
+		{"remove", d("device", "remove", "198.036"), exitOK, `^removed device 198\.036\n$`, ""},
+		{"remove again", d("device", "remove", "--address", "198.036"), exitFailed, `^$`, "no device 198.036"},
+		{"alias free again", d("device", "add", "--address", "198.038", "--password", "", "--ip", "::1", "--alias", "alice@example.net"),
+			exitOK, `^added device 198\.038 ip=::1`, ""},
+		{"two addresses", d("device", "show", "1.1", "1.2"), exitUsage, `^$`, "unexpected argument"},
+		{"no subcommand", []string{"device"}, exitUsage, `^$`, "usage: emsdp device add|list|show|remove|passwd"},
+		{"unknown subcommand", []string{"device", "rename"}, exitUsage, `^$`, "usage:"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, out, errs := runCmd(t, "", tc.args...)
+			if code != tc.code || !regexp.MustCompile(tc.stdout).MatchString(out) || !strings.Contains(errs, tc.stderr) {
+				t.Errorf("%v: exit %d (want %d)\nstdout %q\nstderr %q", tc.args, code, tc.code, out, errs)
+			}
+		})
+	}
+}
+
+// --config locates the data directory of the server.
+func TestDeviceConfigData(t *testing.T) {
+	data := t.TempDir()
+	cfg := serveConfig(t, `data = "`+data+`"`)
+	if code, _, errs := runCmd(t, "", "device", "add", "--config", cfg, "--address", "1.1", "--password", "", "--ip", "::1"); code != exitOK {
+		t.Fatalf("add: %d %s", code, errs)
+	}
+	if code, out, _ := runCmd(t, "", "device", "list", "--data", data); code != exitOK || !strings.Contains(out, "001.001") {
+		t.Errorf("list: %d %q", code, out)
+	}
+}

@@ -1,0 +1,137 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/server"
+)
+
+// cmdServe: "emsdp serve", the EMSD server (package server). It runs until
+// SIGINT or SIGTERM (then drains and exits 0); SIGHUP reloads the device
+// registry.
+func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
+	fs := flag.NewFlagSet("emsdp serve", flag.ContinueOnError)
+	cfgPath := fs.String("config", "", "TOML configuration file (default: the embedded defaults)")
+	listen := fs.String("listen", "", "UDP address of the EMSD service (default :641)")
+	smtpAddr := fs.String("smtp", "", `inbound SMTP address (default 127.0.0.1:2525; "off" disables)`)
+	admin := fs.String("admin", "", `admin HTTP address for /metrics, /healthz, /debug/pprof (default 127.0.0.1:9641; "off" disables)`)
+	data := fs.String("data", "", "data directory holding the store (default ./emsdp-data)")
+	domain := fs.String("domain", "", "mail domain of the devices, NNN.NNN@domain (default: the host name)")
+	smarthost := fs.String("smarthost", "", "HOST:PORT of the SMTP relay for Internet mail (default none: such mail stays queued)")
+	logLevel := fs.String("log-level", "", "debug, info, warn or error (default info)")
+	check := fs.Bool("check-config", false, "validate the configuration, print it and exit")
+	if done, code := parseFlags(fs, env, args); done {
+		return code
+	}
+	// A file that parses but does not validate is checked again below
+	// with the flags applied: a flag may fix it.
+	cfg, err := server.LoadConfig(*cfgPath)
+	if cfg == nil {
+		var ce *server.ConfigError
+		if errors.As(err, &ce) {
+			fmt.Fprintln(env.stderr, "emsdp serve:", err)
+			return exitUsage
+		}
+		return fail(env, err) // unreadable file
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	off := func(s string) string {
+		if s == "off" {
+			return ""
+		}
+		return s
+	}
+	for name, apply := range map[string]func(){
+		"listen":    func() { cfg.EMSD.Listen = *listen },
+		"smtp":      func() { cfg.SMTP.Listen = off(*smtpAddr) },
+		"admin":     func() { cfg.Admin.Listen = off(*admin) },
+		"data":      func() { cfg.Data = *data },
+		"domain":    func() { cfg.Domain = *domain },
+		"smarthost": func() { cfg.Relay.Smarthost = *smarthost },
+		"log-level": func() { cfg.LogLevel = *logLevel },
+	} {
+		if set[name] {
+			apply()
+		}
+	}
+	if err := cfg.Validate(); err != nil {
+		fmt.Fprintln(env.stderr, "emsdp serve:", err)
+		return exitUsage
+	}
+	if *check {
+		if err := cfg.Write(env.stdout); err != nil {
+			return fail(env, err)
+		}
+		fmt.Fprintln(env.stderr, "emsdp serve: configuration OK")
+		return exitOK
+	}
+	var lv slog.Level
+	lv.UnmarshalText([]byte(cfg.LogLevel))
+	log := slog.New(slog.NewTextHandler(env.stderr, &slog.HandlerOptions{Level: lv}))
+
+	srv, err := server.Start(ctx, cfg, server.Options{Logger: log})
+	if err != nil {
+		var le *server.ListenError
+		if errors.As(err, &le) {
+			hint := "--listen"
+			switch le.Service {
+			case "smtp":
+				hint = "--smtp"
+			case "admin":
+				hint = "--admin"
+			}
+			err = fmt.Errorf("%s %w", le.Service, serveListenHint(le.Err, le.Addr, hint))
+		}
+		return fail(env, err)
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	a := srv.Addrs()
+	fmt.Fprintf(env.stderr, "emsdp serve: listening emsd=%s smtp=%s admin=%s data=%s\n",
+		a.EMSD, addrOrOff(a.SMTP), addrOrOff(a.Admin), cfg.Data)
+	for {
+		select {
+		case <-hup:
+			if err := srv.Reload(ctx); err != nil {
+				log.Error("registry reload", "err", err)
+			} else {
+				log.Info("device registry reloaded (SIGHUP)")
+			}
+			continue
+		case <-ctx.Done():
+		}
+		break
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), time.Duration(cfg.Delivery.DrainTimeout)+30*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		log.Warn("shutdown", "err", err)
+	}
+	return exitOK
+}
+
+// serveListenHint is listenHint naming the flag that changes the address.
+func serveListenHint(err error, addr, flagName string) error {
+	if errors.Is(err, os.ErrPermission) {
+		return fmt.Errorf("%w (ports below 1024 need root or CAP_NET_BIND_SERVICE; choose another with %s)", err, flagName)
+	}
+	return listenHint(err, addr)
+}
+
+func addrOrOff(a interface{ String() string }) string {
+	if a == nil {
+		return "off"
+	}
+	return a.String()
+}

@@ -1,0 +1,314 @@
+package main
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+	"go.uber.org/goleak"
+)
+
+func serveNoLeaks(t *testing.T) {
+	ignore := goleak.IgnoreCurrent()
+	t.Cleanup(func() { goleak.VerifyNone(t, ignore) })
+}
+
+// serveConfig writes a configuration with the test timers of `fast`
+// (esro_test.go), so that the ua commands given `fast` agree with it.
+func serveConfig(t *testing.T, extra string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "emsdp.toml")
+	text := "domain = \"emsd.test\"\n" + extra + "\n[esro]\nroundtrip = \"20ms\"\nretransmit = \"30ms\"\nnsdu_lifetime = \"20ms\"\n" +
+		"ack_delay = \"5ms\"\nretries = 3\n[store]\nregistry_poll = \"50ms\"\n[delivery]\nretry = [\"100ms\"]\ndrain_timeout = \"2s\"\n"
+	if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+type serveAddrs struct{ emsd, smtp, admin string }
+
+// startServe runs "emsdp serve ARGS" until the test ends; it must exit 0.
+func startServe(t *testing.T, args ...string) (serveAddrs, *syncBuffer) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	env, _, errb := testEnv()
+	done := make(chan int, 1)
+	go func() { done <- run(ctx, env, append([]string{"serve"}, args...)) }()
+	t.Cleanup(func() {
+		cancel()
+		if code := <-done; code != exitOK {
+			t.Errorf("serve exited %d: %s", code, errb.String())
+		}
+	})
+	re := regexp.MustCompile(`emsdp serve: listening emsd=(\S+) smtp=(\S+) admin=(\S+)`)
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if m := re.FindStringSubmatch(errb.String()); m != nil {
+			return serveAddrs{m[1], m[2], m[3]}, errb
+		}
+		select {
+		case code := <-done:
+			done <- code
+			t.Fatalf("serve exited %d: %s", code, errb.String())
+		default:
+		}
+	}
+	t.Fatalf("serve did not start: %s", errb.String())
+	return serveAddrs{}, nil
+}
+
+func runCmd(t *testing.T, stdin string, args ...string) (int, string, string) {
+	t.Helper()
+	env, out, errb := testEnv()
+	env.stdin = strings.NewReader(stdin)
+	code := run(t.Context(), env, args)
+	return code, out.String(), errb.String()
+}
+
+func serveFreeUDP(t *testing.T) string {
+	t.Helper()
+	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return c.LocalAddr().String()
+}
+
+func smtpSend(addr, from, to, msg string) error {
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := c.Hello("client.test"); err != nil {
+		return err
+	}
+	if err := c.Mail(from, nil); err != nil {
+		return err
+	}
+	if err := c.Rcpt(to, nil); err != nil {
+		return err
+	}
+	w, err := c.Data()
+	if err != nil {
+		return err
+	}
+	if _, err := io.WriteString(w, msg); err != nil {
+		return err
+	}
+	if err := w.Close(); err != nil {
+		return err
+	}
+	return c.Quit()
+}
+
+// waitFor polls cond for up to 10 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+func maildirCount(dir string) int {
+	es, _ := os.ReadDir(filepath.Join(dir, "new"))
+	return len(es)
+}
+
+// The README quick start: start the server, add devices while it runs,
+// send a mail from one device to another with the device client, receive
+// one through SMTP inbound, see the metrics, stop with a signal (exit 0).
+func TestServeQuickStart(t *testing.T) {
+	serveNoLeaks(t)
+	data := filepath.Join(t.TempDir(), "data")
+	a, _ := startServe(t, "--config", serveConfig(t, ""), "--listen", "127.0.0.1:0", "--smtp", "127.0.0.1:0",
+		"--admin", "127.0.0.1:0", "--data", data)
+	recvAddr := serveFreeUDP(t)
+	_, port, _ := net.SplitHostPort(recvAddr)
+	for _, args := range [][]string{
+		{"device", "add", "--data", data, "--address", "198.036", "--password", "secret", "--ip", "127.0.0.1"},
+		{"device", "add", "--data", data, "--address", "198.037", "--password", "", "--ip", "127.0.0.1",
+			"--port", port, "--mode", "efficient", "--alias", "alice@example.net"},
+	} {
+		if code, _, errs := runCmd(t, "", args...); code != exitOK {
+			t.Fatalf("%v: exit %d: %s", args, code, errs)
+		}
+	}
+	maildir := filepath.Join(t.TempDir(), "mail")
+	rctx, rcancel := context.WithCancel(context.Background())
+	renv, _, rerr := testEnv()
+	rdone := make(chan int, 1)
+	go func() {
+		rdone <- run(rctx, renv, append([]string{"ua", "receive", "--listen", recvAddr, "--maildir", maildir,
+			"--server", a.emsd, "--address", "198.037", "--domain", "emsd.test", "--poll"}, strings.Fields(fast)...))
+	}()
+	defer func() {
+		rcancel()
+		if code := <-rdone; code != exitOK {
+			t.Errorf("ua receive exited %d: %s", code, rerr.String())
+		}
+	}()
+	// The server learns of the devices by polling its store.
+	waitFor(t, "device known to the server", func() bool {
+		code, _, _ := runCmd(t, "Hello from the device.\n", append([]string{"ua", "send", "--server", a.emsd,
+			"--address", "198.036", "--password", "secret", "--to", "198.037", "--subject", "First EMSD mail"},
+			strings.Fields(fast)...)...)
+		return code == exitOK
+	})
+	waitFor(t, "the device's mail in the Maildir", func() bool { return maildirCount(maildir) == 1 })
+	msg := "From: Carol <carol@example.com>\r\nTo: alice@example.net\r\nSubject: Hello device\r\n\r\nHi from the Internet.\r\n"
+	if err := smtpSend(a.smtp, "carol@example.com", "alice@example.net", msg); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the Internet mail in the Maildir", func() bool { return maildirCount(maildir) == 2 })
+	resp, err := http.Get("http://" + a.admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`emsd_submissions_total{result="accepted"} 1`, `emsd_deliveries_total{outcome="delivered"} 2`,
+		`gateway_inbound_total{result="accepted"} 1`, "esro_invokes_received_total"} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+}
+
+// SIGHUP reloads the registry (here the store is not polled in time).
+func TestServeSIGHUP(t *testing.T) {
+	serveNoLeaks(t)
+	data := filepath.Join(t.TempDir(), "data")
+	cfg := serveConfig(t, "")
+	text, _ := os.ReadFile(cfg)
+	os.WriteFile(cfg, []byte(strings.Replace(string(text), `registry_poll = "50ms"`, `registry_poll = "1h"`, 1)), 0o600)
+	a, errb := startServe(t, "--config", cfg, "--listen", "127.0.0.1:0", "--smtp", "off", "--admin", "off", "--data", data, "--log-level", "debug")
+	if code, _, errs := runCmd(t, "", "device", "add", "--data", data, "--address", "198.036", "--password", "",
+		"--ip", "127.0.0.1"); code != exitOK {
+		t.Fatalf("device add: %d %s", code, errs)
+	}
+	send := func() int {
+		code, _, _ := runCmd(t, "x\n", append([]string{"ua", "send", "--server", a.emsd, "--address", "198.036",
+			"--to", "bob@example.com"}, strings.Fields(fast)...)...)
+		return code
+	}
+	if code := send(); code != exitError {
+		t.Fatalf("send before the reload: exit %d, want %d (unknown device)", code, exitError)
+	}
+	if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "reload", func() bool { return strings.Contains(errb.String(), "registry reloaded (SIGHUP)") })
+	if code := send(); code != exitOK {
+		t.Errorf("send after the reload: exit %d\n%s", code, errb.String())
+	}
+}
+
+func TestServeCheckConfig(t *testing.T) {
+	bad := filepath.Join(t.TempDir(), "bad.toml")
+	os.WriteFile(bad, []byte("[emsd]\nlisten = \"nope\"\n"), 0o600)
+	unknown := filepath.Join(t.TempDir(), "unknown.toml")
+	os.WriteFile(unknown, []byte("[emsd]\nlistne = \":1\"\n"), 0o600)
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		code   int
+		stdout string // substring
+		stderr string // substring
+	}{
+		{"defaults", []string{"--check-config"}, exitOK, `listen = ":641"`, "configuration OK"},
+		{"flags", []string{"--check-config", "--listen", "127.0.0.1:2002", "--smtp", "off", "--smarthost", "mx.example.com:25"},
+			exitOK, `smarthost = "mx.example.com:25"`, "configuration OK"},
+		{"invalid file", []string{"--check-config", "--config", bad}, exitUsage, "", "emsd.listen"},
+		{"invalid file, fixed by a flag", []string{"--check-config", "--config", bad, "--listen", ":2002"}, exitOK, `listen = ":2002"`, ""},
+		{"unknown key", []string{"--check-config", "--config", unknown}, exitUsage, "", "unknown keys: emsd.listne"},
+		{"missing file", []string{"--config", filepath.Join(t.TempDir(), "none.toml")}, exitFailed, "", "no such file"},
+		{"bad flag", []string{"--nope"}, exitUsage, "", "flag provided but not defined"},
+		{"bad level", []string{"--check-config", "--log-level", "loud"}, exitUsage, "", "log_level"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, out, errs := runCmd(t, "", append([]string{"serve"}, tc.args...)...)
+			if code != tc.code || !strings.Contains(out, tc.stdout) || !strings.Contains(errs, tc.stderr) {
+				t.Errorf("exit %d, stdout %q, stderr %q", code, out, errs)
+			}
+		})
+	}
+}
+
+// A port in use (or needing privileges) is one clear line, exit 1.
+func TestServeListenErrors(t *testing.T) {
+	serveNoLeaks(t)
+	udp, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer udp.Close()
+	tcp, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tcp.Close()
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"emsd port taken", []string{"--listen", udp.LocalAddr().String(), "--smtp", "off", "--admin", "off"},
+			"emsd listen udp " + udp.LocalAddr().String() + ": bind: address already in use (another program uses"},
+		{"smtp port taken", []string{"--listen", "127.0.0.1:0", "--smtp", tcp.Addr().String(), "--admin", "off"},
+			"smtp listen tcp " + tcp.Addr().String() + ": bind: address already in use (another program uses"},
+		{"admin port taken", []string{"--listen", "127.0.0.1:0", "--smtp", "off", "--admin", tcp.Addr().String()},
+			"admin listen tcp"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, _, errs := runCmd(t, "", append([]string{"serve", "--data", t.TempDir()}, tc.args...)...)
+			if code != exitFailed || !strings.Contains(errs, tc.want) || strings.Contains(errs, "goroutine") {
+				t.Errorf("exit %d, stderr %q", code, errs)
+			}
+			if n := strings.Count(strings.TrimSpace(lastLines(errs)), "\n"); n != 0 {
+				t.Errorf("more than one line of error: %q", errs)
+			}
+		})
+	}
+	if os.Geteuid() != 0 {
+		code, _, errs := runCmd(t, "", "serve", "--data", t.TempDir(), "--listen", "127.0.0.1:641", "--smtp", "off", "--admin", "off")
+		if code != exitFailed || !strings.Contains(errs, "need root or CAP_NET_BIND_SERVICE") {
+			t.Errorf("privileged port: exit %d, %q", code, errs)
+		}
+	}
+}
+
+// lastLines drops the server's log lines, keeping the final error.
+func lastLines(s string) string {
+	var keep []string
+	for _, l := range strings.Split(strings.TrimSpace(s), "\n") {
+		if strings.HasPrefix(l, "emsdp:") {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "\n")
+}
+
+// Two servers never share a data directory.
+func TestServeDataDirLocked(t *testing.T) {
+	serveNoLeaks(t)
+	data := t.TempDir()
+	startServe(t, "--config", serveConfig(t, ""), "--listen", "127.0.0.1:0", "--smtp", "off", "--admin", "off", "--data", data)
+	code, _, errs := runCmd(t, "", "serve", "--listen", "127.0.0.1:0", "--smtp", "off", "--admin", "off", "--data", data)
+	if code != exitFailed || !strings.Contains(errs, "in use by another emsdp serve") {
+		t.Errorf("second server: exit %d, %q", code, errs)
+	}
+}

@@ -1,0 +1,106 @@
+package server
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/sqlite"
+	"github.com/esro-emsdp/emsdp/ua"
+)
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	must(t, err)
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	must(t, err)
+	return resp.StatusCode, string(b)
+}
+
+// The admin listener serves Prometheus metrics from the server's own
+// registry (esro_*, emsd_*, gateway_*), a health check and pprof.
+func TestAdmin(t *testing.T) {
+	db, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "own.db"), nil)
+	must(t, err)
+	c := testConfig(t)
+	s, err := Start(context.Background(), c, Options{Logger: testLogger(t), Store: db})
+	must(t, err)
+	defer s.Close()
+	dev := newDevice(t, s, 198036, deviceOpts{})
+	_, err = dev.ua.Submit(context.Background(), &ua.Message{To: []string{"x@example.com"}, Subject: "m", Body: []byte("b\n")})
+	must(t, err)
+	must(t, sendMail(s, "a@example.com", []string{"198.036@emsd.test"}, inboundMsg("198.036@emsd.test", "in", "b")))
+	dev.next(t)
+	// The device has it; the server records it when the RESULT arrives.
+	eventually(t, "delivery recorded", func() bool { return s.metrics.counter(t, "emsd_deliveries_total", "delivered") == 1 })
+	sendMail(s, "a@example.com", []string{"nobody@emsd.test"}, inboundMsg("nobody@emsd.test", "x", "b"))
+	base := "http://" + s.Addrs().Admin.String()
+	code, body := get(t, base+"/metrics")
+	if code != 200 {
+		t.Fatalf("/metrics: %d", code)
+	}
+	for _, want := range []string{
+		`emsd_submissions_total{result="accepted"} 1`,
+		`emsd_invocations_total{operation="submission"} 1`,
+		`emsd_deliveries_total{outcome="delivered"} 1`,
+		`emsd_devices 1`,
+		`emsd_queue_deliveries{state="delivered"} 1`,
+		`gateway_queue_relays{state="queued"} 1`,
+		`gateway_inbound_total{result="accepted"} 1`,
+		`gateway_inbound_total{result="unknown_recipient"} 1`,
+		`emsd_submissions_pending 0`,
+		`esro_invokes_received_total 1`,
+		`esro_invokes_sent_total 1`,
+		`esro_drops_total{reason=`,
+		`esro_failures_total{direction="local",reason="0"} 0`,
+		`esro_in_flight{role="invoker"}`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+	if strings.Contains(body, "go_goroutines") {
+		t.Error("/metrics serves the global default registry")
+	}
+	if code, body := get(t, base+"/healthz"); code != 200 || body != "ok\n" {
+		t.Errorf("/healthz: %d %q", code, body)
+	}
+	if code, _ := get(t, base+"/debug/pprof/"); code != 200 {
+		t.Errorf("/debug/pprof/: %d", code)
+	}
+	db.Close()
+	if code, body := get(t, base+"/healthz"); code != 503 || !strings.Contains(body, "store") {
+		t.Errorf("/healthz with the store closed: %d %q", code, body)
+	}
+}
+
+// Registry edits made by another process (emsdp device) reach a running
+// server without a signal; removed devices are refused.
+func TestRegistryEditedElsewhere(t *testing.T) {
+	c := testConfig(t)
+	s := startServer(t, c)
+	other, err := sqlite.OpenDir(context.Background(), c.Data, nil)
+	must(t, err)
+	defer other.Close()
+	ep := listenESRO(t, "127.0.0.1")
+	ap := epAddr(ep)
+	must(t, other.AddDevice(context.Background(), &store.Device{Address: 198036, IP: ap.Addr(), Port: ap.Port(),
+		Version: "1.1", Mode: store.ModeComplete}))
+	arg := emsd.PrependInstanceID(0, submitArg(t, nil, emsd.ContentIPM, testIPM("x@example.com"), emsd.Options{}))
+	invoke := func() answer {
+		res, err := ep.Invoke(context.Background(), &esro.Request{To: s.Addrs().EMSD, SAP: 5, Operation: 33,
+			Handshake: esro.ThreeWay, Data: arg})
+		return outcomeOf(res, err)
+	}
+	eventually(t, "device known", func() bool { return invoke().kind == "result" })
+	must(t, other.RemoveDevice(context.Background(), 198036))
+	eventually(t, "device forgotten", func() bool { return invoke() == answer{"error", 4, "020104"} })
+}

@@ -1,0 +1,334 @@
+package server
+
+import (
+	_ "embed"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+
+	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/gateway"
+)
+
+//go:embed default.toml
+var defaultTOML string
+
+// Duration is a time.Duration written as "90s" or "1h30m" in TOML.
+type Duration time.Duration
+
+// UnmarshalText parses a Go duration.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText writes the duration in Go syntax.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// Config is every setting of the server; DefaultConfig holds the embedded
+// defaults (server/default.toml, which documents each key).
+type Config struct {
+	Domain   string         `toml:"domain"`
+	Hostname string         `toml:"hostname"`
+	Data     string         `toml:"data"`
+	LogLevel string         `toml:"log_level"`
+	EMSD     EMSDConfig     `toml:"emsd"`
+	ESRO     ESROConfig     `toml:"esro"`
+	Delivery DeliveryConfig `toml:"delivery"`
+	SMTP     SMTPConfig     `toml:"smtp"`
+	Relay    RelayConfig    `toml:"relay"`
+	Admin    AdminConfig    `toml:"admin"`
+	Store    StoreConfig    `toml:"store"`
+	Compat   CompatConfig   `toml:"compat"`
+}
+
+// EMSDConfig is the EMSD service.
+type EMSDConfig struct {
+	Listen            string   `toml:"listen"`
+	Domains           []string `toml:"domains"`
+	PDUSize           int      `toml:"pdu_size"`
+	ReassemblyTimeout Duration `toml:"reassembly_timeout"`
+	DedupeWindow      Duration `toml:"dedupe_window"`
+}
+
+// ESROConfig is the ESRO engine under it.
+type ESROConfig struct {
+	Retransmit     Duration `toml:"retransmit"`
+	Roundtrip      Duration `toml:"roundtrip"`
+	AckDelay       Duration `toml:"ack_delay"`
+	NSDULifetime   Duration `toml:"nsdu_lifetime"`
+	Retries        int      `toml:"retries"`
+	FixedTimers    bool     `toml:"fixed_timers"`
+	IPOnlyPeers    bool     `toml:"ip_only_peers"`
+	MaxInvocations int      `toml:"max_invocations"`
+}
+
+// DeliveryConfig is delivery to devices.
+type DeliveryConfig struct {
+	Retry        []Duration `toml:"retry"`
+	Expiry       Duration   `toml:"expiry"`
+	Concurrency  int        `toml:"concurrency"`
+	Reports      string     `toml:"reports"`
+	DrainTimeout Duration   `toml:"drain_timeout"`
+}
+
+// SMTPConfig is the inbound SMTP listener.
+type SMTPConfig struct {
+	Listen          string   `toml:"listen"`
+	MaxMessageBytes int64    `toml:"max_message_bytes"`
+	MaxRecipients   int      `toml:"max_recipients"`
+	ReadTimeout     Duration `toml:"read_timeout"`
+	WriteTimeout    Duration `toml:"write_timeout"`
+}
+
+// RelayConfig is outbound mail to the smarthost.
+type RelayConfig struct {
+	Smarthost          string     `toml:"smarthost"`
+	Helo               string     `toml:"helo"`
+	Username           string     `toml:"username"`
+	Password           string     `toml:"password"`
+	TLS                string     `toml:"tls"`
+	InsecureSkipVerify bool       `toml:"insecure_skip_verify"`
+	Timeout            Duration   `toml:"timeout"`
+	Retry              []Duration `toml:"retry"`
+	Expiry             Duration   `toml:"expiry"`
+	Batch              int        `toml:"batch"`
+}
+
+// AdminConfig is the HTTP admin listener.
+type AdminConfig struct {
+	Listen string `toml:"listen"`
+}
+
+// StoreConfig is the store's housekeeping.
+type StoreConfig struct {
+	Retention       Duration `toml:"retention"`
+	StatusRetention Duration `toml:"status_retention"`
+	RegistryPoll    Duration `toml:"registry_poll"`
+	BusyTimeout     Duration `toml:"busy_timeout"`
+}
+
+// CompatConfig switches reference behaviour on where this server differs.
+type CompatConfig struct {
+	IPOnlyIdentification bool   `toml:"ip_only_identification"`
+	ReferenceInstanceIDs bool   `toml:"reference_instance_ids"`
+	DeliveryControlError bool   `toml:"delivery_control_error"`
+	SubmitResultTag25    bool   `toml:"submit_result_tag_25"`
+	ReverseSequenceOf    bool   `toml:"reverse_sequence_of"`
+	VerifyFailure        string `toml:"verify_failure"`
+}
+
+// ConfigError reports an unusable configuration.
+type ConfigError struct{ Msg string }
+
+// Error returns the message.
+func (e *ConfigError) Error() string { return "config: " + e.Msg }
+
+func configErr(format string, a ...any) error { return &ConfigError{fmt.Sprintf(format, a...)} }
+
+// DefaultConfig returns the embedded defaults.
+func DefaultConfig() *Config {
+	c := &Config{}
+	if _, err := toml.Decode(defaultTOML, c); err != nil {
+		panic("server: embedded default.toml: " + err.Error()) // a build defect, caught by every test
+	}
+	return c
+}
+
+// LoadConfig reads a TOML file over the defaults (path "" = defaults only)
+// and validates the result.
+func LoadConfig(path string) (*Config, error) {
+	if path == "" {
+		c := DefaultConfig()
+		return c, c.Validate()
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	c, err := parseConfig(b, path)
+	if err != nil {
+		return nil, err
+	}
+	return c, c.Validate()
+}
+
+// parseConfig decodes a TOML document over the defaults; unknown keys are
+// an error (a misspelt key must not silently keep its default).
+func parseConfig(b []byte, name string) (*Config, error) {
+	c := DefaultConfig()
+	md, err := toml.Decode(string(b), c)
+	if err != nil {
+		return nil, configErr("%s: %v", name, err)
+	}
+	if und := md.Undecoded(); len(und) > 0 {
+		keys := make([]string, len(und))
+		for i, k := range und {
+			keys[i] = k.String()
+		}
+		return nil, configErr("%s: unknown keys: %s", name, strings.Join(keys, ", "))
+	}
+	return c, nil
+}
+
+// Write writes c as TOML, with the relay password masked.
+func (c *Config) Write(w io.Writer) error {
+	cc := *c
+	if cc.Relay.Password != "" {
+		cc.Relay.Password = "********"
+	}
+	return toml.NewEncoder(w).Encode(&cc)
+}
+
+func validListen(name, addr string, optional bool) error {
+	if addr == "" {
+		if optional {
+			return nil
+		}
+		return configErr("%s: address required", name)
+	}
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		return configErr("%s %q: %v", name, addr, err)
+	}
+	return nil
+}
+
+// Validate checks every setting.
+func (c *Config) Validate() error {
+	var errs []error
+	add := func(err error) {
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	add(validListen("emsd.listen", c.EMSD.Listen, false))
+	add(validListen("smtp.listen", c.SMTP.Listen, true))
+	add(validListen("admin.listen", c.Admin.Listen, true))
+	if c.Relay.Smarthost != "" {
+		add(validListen("relay.smarthost", c.Relay.Smarthost, false))
+	}
+	if c.Data == "" {
+		add(configErr("data: directory required"))
+	}
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		add(configErr("log_level %q: want debug, info, warn or error", c.LogLevel))
+	}
+	if _, err := c.ESROConfig(nil); err != nil {
+		add(configErr("esro: %v", err))
+	}
+	if c.EMSD.PDUSize < 256 || c.EMSD.PDUSize > 65000 {
+		add(configErr("emsd.pdu_size %d: want 256..65000", c.EMSD.PDUSize))
+	}
+	for name, d := range map[string]Duration{
+		"emsd.reassembly_timeout": c.EMSD.ReassemblyTimeout, "emsd.dedupe_window": c.EMSD.DedupeWindow,
+		"delivery.expiry": c.Delivery.Expiry, "relay.expiry": c.Relay.Expiry, "relay.timeout": c.Relay.Timeout,
+		"smtp.read_timeout": c.SMTP.ReadTimeout, "smtp.write_timeout": c.SMTP.WriteTimeout,
+		"store.retention": c.Store.Retention, "store.status_retention": c.Store.StatusRetention,
+		"store.registry_poll": c.Store.RegistryPoll, "store.busy_timeout": c.Store.BusyTimeout,
+	} {
+		if d <= 0 {
+			add(configErr("%s must be positive", name))
+		}
+	}
+	if c.Delivery.DrainTimeout < 0 {
+		add(configErr("delivery.drain_timeout must not be negative"))
+	}
+	for name, list := range map[string][]Duration{"delivery.retry": c.Delivery.Retry, "relay.retry": c.Relay.Retry} {
+		if len(list) == 0 {
+			add(configErr("%s: at least one delay", name))
+		}
+		for _, d := range list {
+			if d <= 0 {
+				add(configErr("%s: delays must be positive", name))
+				break
+			}
+		}
+	}
+	if c.Store.Retention < c.EMSD.DedupeWindow {
+		add(configErr("store.retention must be at least emsd.dedupe_window"))
+	}
+	if c.Delivery.Concurrency < 1 {
+		add(configErr("delivery.concurrency must be at least 1"))
+	}
+	if c.Relay.Batch < 1 {
+		add(configErr("relay.batch must be at least 1"))
+	}
+	if c.SMTP.MaxMessageBytes < 1024 || c.SMTP.MaxRecipients < 1 {
+		add(configErr("smtp.max_message_bytes must be at least 1024 and smtp.max_recipients at least 1"))
+	}
+	switch c.Delivery.Reports {
+	case "report", "ipm", "auto":
+	default:
+		add(configErr("delivery.reports %q: want report, ipm or auto", c.Delivery.Reports))
+	}
+	if _, err := gateway.ParseTLSMode(c.Relay.TLS); err != nil {
+		add(configErr("relay.tls: %v", err))
+	}
+	switch c.Compat.VerifyFailure {
+	case "send", "drop":
+	default:
+		add(configErr("compat.verify_failure %q: want send or drop", c.Compat.VerifyFailure))
+	}
+	for _, d := range append([]string{c.Domain}, c.EMSD.Domains...) {
+		if strings.ContainsAny(d, "@ \t<>") {
+			add(configErr("domain %q is not a domain name", d))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ESROConfig returns the endpoint configuration the settings describe.
+func (c *Config) ESROConfig(log *slog.Logger) (*esro.Config, error) {
+	ec := &esro.Config{
+		Timers: esro.Timers{
+			Acknowledgement: time.Duration(c.ESRO.AckDelay),
+			Roundtrip:       time.Duration(c.ESRO.Roundtrip),
+			Retransmit:      time.Duration(c.ESRO.Retransmit),
+			NSDULifetime:    time.Duration(c.ESRO.NSDULifetime),
+			RetransmitCount: c.ESRO.Retries,
+		},
+		FixedTimers:    c.ESRO.FixedTimers,
+		PDUSize:        c.EMSD.PDUSize,
+		IPOnlyPeers:    c.ESRO.IPOnlyPeers,
+		MaxInvocations: c.ESRO.MaxInvocations,
+		Logger:         log,
+	}
+	return ec, ec.Validate()
+}
+
+// domain is the device mail domain, defaulting to the host name.
+func (c *Config) domain() string {
+	if c.Domain != "" {
+		return strings.ToLower(c.Domain)
+	}
+	h, err := os.Hostname()
+	if err != nil || h == "" {
+		return "localhost"
+	}
+	return strings.ToLower(h)
+}
+
+func (c *Config) hostname() string {
+	if c.Hostname != "" {
+		return c.Hostname
+	}
+	return c.domain()
+}
+
+func (c *Config) logLevel() slog.Level {
+	var lv slog.Level
+	lv.UnmarshalText([]byte(c.LogLevel))
+	return lv
+}

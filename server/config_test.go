@@ -1,0 +1,131 @@
+package server
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func writeFile(t *testing.T, text string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "emsdp.toml")
+	must(t, os.WriteFile(p, []byte(text), 0o600))
+	return p
+}
+
+func TestDefaultConfig(t *testing.T) {
+	c, err := LoadConfig("")
+	must(t, err)
+	for name, tc := range map[string]struct{ got, want any }{
+		"emsd.listen":      {c.EMSD.Listen, ":641"},
+		"smtp.listen":      {c.SMTP.Listen, "127.0.0.1:2525"},
+		"admin.listen":     {c.Admin.Listen, "127.0.0.1:9641"},
+		"data":             {c.Data, "./emsdp-data"},
+		"relay.smarthost":  {c.Relay.Smarthost, ""},
+		"delivery.expiry":  {time.Duration(c.Delivery.Expiry), time.Hour},
+		"esro.retransmit":  {time.Duration(c.ESRO.Retransmit), 2 * time.Second},
+		"esro.retries":     {c.ESRO.Retries, 8},
+		"pdu_size":         {c.EMSD.PDUSize, 1500},
+		"reassembly":       {time.Duration(c.EMSD.ReassemblyTimeout), 2 * time.Minute},
+		"verify_failure":   {c.Compat.VerifyFailure, "send"},
+		"tag 25":           {c.Compat.SubmitResultTag25, true},
+		"ip only":          {c.Compat.IPOnlyIdentification, false},
+		"delivery retries": {len(c.Delivery.Retry), 5},
+	} {
+		if tc.got != tc.want {
+			t.Errorf("%s = %v, want %v", name, tc.got, tc.want)
+		}
+	}
+}
+
+func TestLoadConfig(t *testing.T) {
+	for _, tc := range []struct {
+		name, text string
+		check      func(*Config) bool
+		wantErr    string
+	}{
+		{"override", "domain = \"Example.NET\"\n[emsd]\nlisten = \":2002\"\n[delivery]\nretry = [\"1s\"]\nexpiry = \"2h\"\n",
+			func(c *Config) bool {
+				return c.domain() == "example.net" && c.EMSD.Listen == ":2002" && len(c.Delivery.Retry) == 1 &&
+					c.Delivery.Retry[0] == Duration(time.Second) && c.Delivery.Expiry == Duration(2*time.Hour) &&
+					c.SMTP.Listen == "127.0.0.1:2525"
+			}, ""},
+		{"listeners off", "[smtp]\nlisten = \"\"\n[admin]\nlisten = \"\"\n",
+			func(c *Config) bool { return c.SMTP.Listen == "" && c.Admin.Listen == "" }, ""},
+		{"compat", "[compat]\nip_only_identification = true\nverify_failure = \"drop\"\n",
+			func(c *Config) bool { return c.Compat.IPOnlyIdentification && c.Compat.VerifyFailure == "drop" }, ""},
+		{"unknown key", "[emsd]\nlisten = \":1\"\nlistne = \":2\"\n", nil, "unknown keys: emsd.listne"},
+		{"syntax", "[emsd\n", nil, "emsdp.toml"},
+		{"bad duration", "[delivery]\nexpiry = \"soon\"\n", nil, "expiry"},
+		{"negative duration", "[delivery]\nexpiry = \"-1h\"\n", nil, "delivery.expiry must be positive"},
+		{"bad listen", "[emsd]\nlisten = \"641\"\n", nil, "emsd.listen"},
+		{"no emsd listen", "[emsd]\nlisten = \"\"\n", nil, "emsd.listen: address required"},
+		{"bad reports", "[delivery]\nreports = \"x\"\n", nil, "delivery.reports"},
+		{"bad tls", "[relay]\ntls = \"maybe\"\n", nil, "relay.tls"},
+		{"bad verify", "[compat]\nverify_failure = \"ask\"\n", nil, "verify_failure"},
+		{"empty retry", "[relay]\nretry = []\n", nil, "relay.retry"},
+		{"bad timers", "[esro]\nretries = -1\n", nil, "esro"},
+		{"tiny pdu", "[emsd]\npdu_size = 10\n", nil, "pdu_size"},
+		{"bad log level", "log_level = \"loud\"\n", nil, "log_level"},
+		{"bad domain", "domain = \"a@b\"\n", nil, "domain"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := LoadConfig(writeFile(t, tc.text))
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("error %v, want one mentioning %q", err, tc.wantErr)
+				}
+				var ce *ConfigError
+				if !errors.As(err, &ce) {
+					t.Errorf("error %T is not a *ConfigError", err)
+				}
+				return
+			}
+			must(t, err)
+			if !tc.check(c) {
+				t.Errorf("config %+v", c)
+			}
+		})
+	}
+	if _, err := LoadConfig(filepath.Join(t.TempDir(), "missing.toml")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("missing file: %v", err)
+	}
+}
+
+// Write produces a file LoadConfig reads back to the same settings, with
+// the relay password masked.
+func TestWriteConfig(t *testing.T) {
+	c := DefaultConfig()
+	c.Relay.Password = "hunter2"
+	c.Relay.Smarthost = "smtp.example.com:587"
+	var b bytes.Buffer
+	must(t, c.Write(&b))
+	if strings.Contains(b.String(), "hunter2") {
+		t.Error("password written")
+	}
+	back, err := LoadConfig(writeFile(t, b.String()))
+	must(t, err)
+	back.Relay.Password = c.Relay.Password
+	if !reflect.DeepEqual(back, c) {
+		t.Errorf("round trip:\n%+v\n%+v", back, c)
+	}
+}
+
+func FuzzParseConfig(f *testing.F) {
+	f.Add([]byte("[emsd]\nlisten = \":641\"\n"))
+	f.Add([]byte("[delivery]\nretry = [\"1s\", \"2s\"]\n"))
+	f.Add([]byte(defaultTOML))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c, err := parseConfig(b, "fuzz")
+		if err == nil {
+			if err := c.Validate(); err == nil && c.EMSD.Listen == "" {
+				t.Error("validated without an EMSD listener")
+			}
+		}
+	})
+}

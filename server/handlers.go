@@ -1,0 +1,259 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"slices"
+	"strconv"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+func (s *Server) opts(v emsd.Version) emsd.Options {
+	return emsd.Options{Version: v, ReverseSequenceOf: s.cfg.Compat.ReverseSequenceOf}
+}
+
+// serveESRO is the handler of both MTS performer SAPs (5, 3-way; 9,
+// 2-way). It routes each INVOKE to the operation's handler (spec emsd.md
+// §1.4, §9).
+func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
+	peer := netip.AddrPortFrom(inv.Peer.Addr().Unmap(), inv.Peer.Port())
+	// Any INVOKE from a device wakes its queue, before anything else and
+	// even when it is then refused (spec emsd.md §9.4).
+	hint := s.registry().byPeer(peer, s.cfg.Compat.IPOnlyIdentification)
+	if hint != nil {
+		s.wake(hint.addr)
+	}
+	if inv.Encoding != esro.EncodingBER { // spec emsd.md §1.2, captured
+		s.refuse(w, "any", emsd.CodeProtocolViolation, "encoding type")
+		return
+	}
+	v := emsd.V1_1
+	if hint != nil {
+		v = hint.version
+	}
+	op, ok := emsd.ParseOperation(emsd.Operation(inv.Operation), v)
+	sap := emsd.SAP(inv.SAP)
+	switch {
+	case ok && op == emsd.OpSubmission && sap == emsd.SAPMTSPerformer3Way:
+		s.metrics.invokes.WithLabelValues("submission").Inc()
+		s.handleSubmit(ctx, w, inv, peer, v, hint != nil)
+	case ok && op == emsd.OpDeliveryControl && sap == emsd.SAPMTSPerformer2Way:
+		s.metrics.invokes.WithLabelValues("delivery_control").Inc()
+		s.handleDeliveryControl(ctx, w, inv, peer, v, hint != nil)
+	case ok && op == emsd.OpDeliveryVerify && v == emsd.V1_1:
+		// Accepted on either performer SAP (Open Point 12).
+		s.metrics.invokes.WithLabelValues("delivery_verify").Inc()
+		s.handleDeliveryVerify(ctx, w, inv, peer)
+	default:
+		// Wrong SAP, get/set configuration, submission control, unknown
+		// operations: protocol violation (spec emsd.md §1.4, Open Point 20).
+		s.metrics.invokes.WithLabelValues("other").Inc()
+		s.refuse(w, "other", emsd.CodeProtocolViolation, "operation "+op.String()+" on SAP "+strconv.Itoa(int(sap)))
+	}
+}
+
+// refuse answers an EMSD error (spec emsd.md §1.6): value = code, with an
+// ErrorParameter only for security and resource errors, whose parameter
+// tells a device what to do; protocol violations go without one, as the
+// captures show.
+func (s *Server) refuse(w esro.ResponseWriter, op string, code emsd.ErrorCode, why string) {
+	var data []byte
+	if code == emsd.CodeSecurity || code == emsd.CodeResource {
+		data, _ = emsd.ErrorParameter(code).Marshal(emsd.Options{})
+	}
+	s.metrics.errors.WithLabelValues(op, code.String()).Inc()
+	s.log.Debug("emsd error", "op", op, "code", code, "why", why)
+	w.Error(esro.EncodingBER, uint8(code), data)
+}
+
+// refuseIdentity answers an unknown device or a wrong password: ERROR 4
+// with parameter 4 (spec emsd.md §9.3 Recommend), or the reference's
+// ERROR 7 without parameter under compat.ip_only_identification.
+func (s *Server) refuseIdentity(w esro.ResponseWriter, op string, peer netip.AddrPort, err error) {
+	s.log.Info("refused", "op", op, "peer", peer, "why", err)
+	if s.cfg.Compat.IPOnlyIdentification {
+		s.refuse(w, op, emsd.CodeProtocolViolation, err.Error())
+		return
+	}
+	s.refuse(w, op, emsd.CodeSecurity, err.Error())
+}
+
+// handleDeliveryControl performs Delivery control (op 2 on SAP 9, spec
+// emsd.md §9.12 Recommend): it records the device's limits and answers
+// what is held back by them. Its poll side effect (§9.4) already ran.
+func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation, peer netip.AddrPort, v emsd.Version, woken bool) {
+	o := s.opts(v)
+	var a emsd.DeliveryControlArgument
+	if err := a.Unmarshal(inv.Data, o); err != nil {
+		s.refuse(w, "delivery_control", emsd.CodeOf(err), err.Error())
+		return
+	}
+	dev, err := s.identify(peer, a.Security, true)
+	if err != nil {
+		s.refuseIdentity(w, "delivery_control", peer, err)
+		return
+	}
+	if !woken {
+		s.wake(dev.addr)
+	}
+	if s.cfg.Compat.DeliveryControlError {
+		s.refuse(w, "delivery_control", emsd.CodeProtocolViolation, "compat.delivery_control_error")
+		return
+	}
+	ctl := applyRestrict(dev.Control, &a)
+	if !sameCtl(ctl, dev.Control) {
+		if err := s.st.SetDeliveryControl(ctx, uint32(dev.addr), ctl); err != nil {
+			s.log.Error("store delivery control", "device", dev.addr, "err", err)
+			s.refuse(w, "delivery_control", emsd.CodeResource, "store")
+			return
+		}
+		if err := s.Reload(ctx); err != nil {
+			s.log.Warn("registry reload", "err", err)
+		}
+	}
+	queued, err := s.st.QueuedDeliveries(ctx, uint32(dev.addr))
+	if err != nil {
+		s.log.Error("queued deliveries", "device", dev.addr, "err", err)
+		s.refuse(w, "delivery_control", emsd.CodeResource, "store")
+		return
+	}
+	res, err := controlResult(ctl, deliveryOp(dev.version), queued).Marshal(o)
+	if err != nil {
+		s.refuse(w, "delivery_control", emsd.CodeResource, err.Error())
+		return
+	}
+	w.Result(esro.EncodingBER, res)
+	s.unhold(dev.addr)
+	s.kick()
+}
+
+// applyRestrict merges a delivery control argument into the stored limits:
+// restrict update (the default) sets each limit present, remove clears
+// each limit present, or all of them when none is (spec emsd.md §9.12).
+func applyRestrict(c store.DeliveryControl, a *emsd.DeliveryControlArgument) store.DeliveryControl {
+	remove := a.Restrict != nil && *a.Restrict == emsd.RestrictRemove
+	if remove && a.PermissibleOperations == nil && a.PermissibleMaxContentLength == nil && a.PermissibleLowestPriority == nil {
+		return store.DeliveryControl{}
+	}
+	if a.PermissibleOperations != nil {
+		c.Operations = nil
+		if !remove {
+			v := uint64(*a.PermissibleOperations)
+			c.Operations = &v
+		}
+	}
+	if a.PermissibleMaxContentLength != nil {
+		c.MaxContentLength = nil
+		if !remove {
+			v := *a.PermissibleMaxContentLength
+			c.MaxContentLength = &v
+		}
+	}
+	if a.PermissibleLowestPriority != nil {
+		c.LowestPriority = nil
+		if !remove {
+			v := uint8(min(*a.PermissibleLowestPriority, 2))
+			c.LowestPriority = &v
+		}
+	}
+	return c
+}
+
+func sameCtl(a, b store.DeliveryControl) bool {
+	return ptrEq(a.Operations, b.Operations) && ptrEq(a.MaxContentLength, b.MaxContentLength) &&
+		ptrEq(a.LowestPriority, b.LowestPriority)
+}
+
+func ptrEq[T comparable](a, b *T) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return *a == *b
+}
+
+// deliveryOp is the operation value deliveries to a device use.
+func deliveryOp(v emsd.Version) emsd.Operation {
+	op, _ := emsd.OpDelivery.Wire(v)
+	return op
+}
+
+// held reports why a queued delivery is held back by the device's limits.
+func held(c store.DeliveryControl, op emsd.Operation, q store.DeliveryInfo) (hold bool, why emsd.WaitingMessages) {
+	if c.Operations != nil && !emsd.OperationSet(*c.Operations).Has(op) {
+		hold = true
+	}
+	if c.MaxContentLength != nil && uint64(q.Length) > uint64(*c.MaxContentLength) {
+		hold, why = true, why|emsd.WaitingLongContent
+	}
+	if c.LowestPriority != nil && q.Priority < *c.LowestPriority {
+		hold, why = true, why|emsd.WaitingLowPriority
+	}
+	return hold, why
+}
+
+// controlResult is the DeliveryControlResult for the held deliveries
+// (spec emsd.md §9.12 Recommend): waiting-operations carries the delivery
+// operation's bit (Open Point 11), waiting-messages why messages wait, and
+// waiting-content-types their types. Nothing held: 30 02 30 00.
+func controlResult(c store.DeliveryControl, op emsd.Operation, queued []store.DeliveryInfo) *emsd.DeliveryControlResult {
+	r := &emsd.DeliveryControlResult{}
+	var why emsd.WaitingMessages
+	waiting := false
+	for _, q := range queued {
+		h, w := held(c, op, q)
+		if !h {
+			continue
+		}
+		waiting = true
+		why |= w
+		ct := emsd.ContentType(q.ContentType)
+		if !slices.Contains(r.WaitingContentTypes, ct) && len(r.WaitingContentTypes) < emsd.MaxWaitingContentTypes {
+			r.WaitingContentTypes = append(r.WaitingContentTypes, ct)
+		}
+	}
+	if waiting {
+		ops := emsd.Operations(op)
+		r.WaitingOperations = &ops
+		if why != 0 {
+			r.WaitingMessages = &why
+		}
+	}
+	return r
+}
+
+// handleDeliveryVerify performs Delivery verify (op 5, spec emsd.md
+// §9.13 Recommend): the status recorded for the exact message id
+// delivered to this device; 1 (no report sent) when none is.
+func (s *Server) handleDeliveryVerify(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation, peer netip.AddrPort) {
+	o := s.opts(emsd.V1_1)
+	var a emsd.DeliveryVerifyArgument
+	if err := a.Unmarshal(inv.Data, o); err != nil {
+		s.refuse(w, "delivery_verify", emsd.CodeOf(err), err.Error())
+		return
+	}
+	dev, err := s.identify(peer, nil, false)
+	if err != nil {
+		s.refuseIdentity(w, "delivery_verify", peer, err)
+		return
+	}
+	status := emsd.NoReportSent
+	st, err := s.st.DeliveryStatus(ctx, uint32(dev.addr), encodeMsgID(a.MessageID))
+	switch {
+	case err == nil:
+		status = emsd.DeliveryStatus(st)
+	case !errors.Is(err, store.ErrNotFound):
+		s.log.Error("delivery status", "device", dev.addr, "err", err)
+		s.refuse(w, "delivery_verify", emsd.CodeResource, "store")
+		return
+	}
+	res, err := (&emsd.DeliveryVerifyResult{Status: status}).Marshal(o)
+	if err != nil {
+		s.refuse(w, "delivery_verify", emsd.CodeResource, err.Error())
+		return
+	}
+	w.Result(esro.EncodingBER, res)
+}

@@ -1,0 +1,118 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+// receiver is the server's side of inbound SMTP (gateway.Receiver):
+// Internet mail for device addresses becomes queued deliveries (spec
+// emsd.md §9.8).
+type receiver struct{ s *Server }
+
+// Recipient accepts device addresses (number@domain for the EMSD domains,
+// and aliases) and refuses everything else at RCPT time.
+func (r receiver) Recipient(_ context.Context, spec string) error {
+	if _, ok := r.s.resolve(spec); !ok {
+		r.s.metrics.inbound.WithLabelValues("unknown_recipient").Inc()
+		return gateway.ErrUnknownRecipient
+	}
+	return nil
+}
+
+// Deliver converts the message once per device (so that one device's Bcc
+// stays hidden from another) and queues the deliveries in one transaction
+// before the SMTP client hears 250.
+func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []byte) error {
+	s := r.s
+	byDev := map[emsd.Address][]string{}
+	var order []emsd.Address
+	for _, rc := range to {
+		a, ok := s.resolve(rc)
+		if !ok {
+			continue // removed from the registry since RCPT
+		}
+		if byDev[a] == nil {
+			order = append(order, a)
+		}
+		byDev[a] = append(byDev[a], rc)
+	}
+	if len(order) == 0 {
+		s.metrics.inbound.WithLabelValues("rejected").Inc()
+		return &gateway.PermanentError{Err: gateway.ErrUnknownRecipient}
+	}
+	now := time.Now()
+	headers := headerSection(msg)
+	var w store.Work
+	for _, a := range order {
+		in, err := gateway.ParseMessage(msg, s.mapping(), gateway.ParseOptions{Now: now, Domain: s.domain,
+			EnvelopeFrom: from, EnvelopeTo: byDev[a], MaxContent: s.maxContent()})
+		if err != nil {
+			s.metrics.inbound.WithLabelValues("rejected").Inc()
+			return &gateway.PermanentError{Err: err}
+		}
+		var content []byte
+		prio := uint8(1)
+		switch {
+		case in.IPM != nil:
+			content, err = in.IPM.Marshal(emsd.Options{})
+			prio = priorityOf(in.IPM)
+		case in.Report != nil:
+			content, err = in.Report.Marshal(emsd.Options{})
+		default:
+			err = fmt.Errorf("no content")
+		}
+		if err != nil {
+			s.metrics.inbound.WithLabelValues("rejected").Inc()
+			return &gateway.PermanentError{Err: fmt.Errorf("convert: %w", err)}
+		}
+		var st *uint32
+		if in.SubmissionTime != nil {
+			v := uint32(*in.SubmissionTime)
+			st = &v
+		}
+		for _, note := range in.Truncated {
+			s.log.Info("inbound mail shortened", "device", a, "id", in.MessageID, "note", note)
+		}
+		w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(a),
+			MessageID: encodeMsgID(emsd.RFC822ID(in.MessageID)), SubmissionTime: st, ContentType: uint32(in.ContentType),
+			Content: content, Priority: prio, NextAttempt: now, Expires: now.Add(time.Duration(s.cfg.Delivery.Expiry)),
+			Report: store.Report{Mail: from, Recipient: "R:" + byDev[a][0], MessageID: encodeMsgID(emsd.RFC822ID(in.MessageID)),
+				Headers: headers}})
+	}
+	if err := s.st.Enqueue(ctx, w); err != nil {
+		s.log.Error("queue inbound mail", "err", err)
+		return fmt.Errorf("server: queue: %w", err) // transient: 451, the client retries
+	}
+	s.metrics.inbound.WithLabelValues("accepted").Inc()
+	s.log.Info("inbound mail", "from", from, "devices", len(order), "octets", len(msg))
+	s.noteQueued(w)
+	return nil
+}
+
+// maxContent is the content budget of 32 segments at the configured PDU
+// size (spec emsd.md §8); the gateway default is for 1500 octets.
+func (s *Server) maxContent() int {
+	if s.cfg.EMSD.PDUSize == 1500 {
+		return 0
+	}
+	// Largest DeliverArgument envelope: 127-octet message id, both times,
+	// segment info, content type, instance id and length octets: 160.
+	return max(emsd.MaxSegments*(s.cfg.EMSD.PDUSize-160), gateway.MinMaxContent)
+}
+
+// headerSection is the message's header, kept for a DSN.
+func headerSection(msg []byte) []byte {
+	for _, sep := range [][]byte{[]byte("\r\n\r\n"), []byte("\n\n")} {
+		if i := bytes.Index(msg, sep); i >= 0 {
+			return bytes.Clone(msg[:i+len(sep)])
+		}
+	}
+	return bytes.Clone(msg[:min(len(msg), 32<<10)])
+}

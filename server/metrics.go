@@ -1,0 +1,177 @@
+package server
+
+import (
+	"context"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+// metrics are the server's Prometheus metrics, registered in a registry
+// of its own (no global state): emsd_* for the EMSD service, gateway_*
+// for Internet mail, esro_* from the ESRO endpoint's counters.
+type metrics struct {
+	reg         *prometheus.Registry
+	invokes     *prometheus.CounterVec
+	errors      *prometheus.CounterVec
+	submissions *prometheus.CounterVec
+	verifies    *prometheus.CounterVec
+	deliveries  *prometheus.CounterVec
+	reports     *prometheus.CounterVec
+	inbound     *prometheus.CounterVec
+	relay       *prometheus.CounterVec
+	devices     prometheus.Gauge
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		invokes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "emsd_invocations_total",
+			Help: "EMSD operations invoked by devices, by operation."}, []string{"operation"}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "emsd_errors_sent_total",
+			Help: "EMSD errors answered to devices, by operation and code."}, []string{"operation", "code"}),
+		submissions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "emsd_submissions_total",
+			Help: "Completed submissions: accepted, duplicate (re-invoked, same message id), reinvoked (segment answered again)."},
+			[]string{"result"}),
+		verifies: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "emsd_submission_verifies_total",
+			Help: "Submission verify outcomes: send, drop, failure (no answer)."}, []string{"verdict"}),
+		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "emsd_deliveries_total",
+			Help: "Delivery attempts to devices by outcome: delivered, deferred, failed, expired, requeued, rejected (at submission)."},
+			[]string{"outcome"}),
+		reports: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "emsd_reports_total",
+			Help: "Reports generated: emsd (content type 2), notice (IPM), dsn (RFC 3464)."}, []string{"kind"}),
+		inbound: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "gateway_inbound_total",
+			Help: "Inbound SMTP: accepted and rejected messages, unknown recipients."}, []string{"result"}),
+		relay: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "gateway_relay_total",
+			Help: "Outbound relay recipients by outcome: sent, deferred, failed, expired."}, []string{"outcome"}),
+		devices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "emsd_devices", Help: "Devices in the registry."}),
+	}
+	m.reg.MustRegister(m.invokes, m.errors, m.submissions, m.verifies, m.deliveries, m.reports, m.inbound,
+		m.relay, m.devices)
+	return m
+}
+
+// storeCollector reports queue depths at scrape time.
+type storeCollector struct {
+	st         store.Store
+	deliveries *prometheus.Desc
+	relays     *prometheus.Desc
+	pending    *prometheus.Desc
+}
+
+func newStoreCollector(st store.Store) *storeCollector {
+	return &storeCollector{
+		st: st,
+		deliveries: prometheus.NewDesc("emsd_queue_deliveries", "Deliveries to devices in the store, by state.",
+			[]string{"state"}, nil),
+		relays: prometheus.NewDesc("gateway_queue_relays", "Relay recipients in the store, by state.",
+			[]string{"state"}, nil),
+		pending: prometheus.NewDesc("emsd_submissions_pending",
+			"Submissions committed whose RESULT is not yet confirmed.", nil, nil),
+	}
+}
+
+func (c *storeCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.deliveries
+	ch <- c.relays
+	ch <- c.pending
+}
+
+func (c *storeCollector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := c.st.Stats(ctx)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(c.deliveries, err)
+		return
+	}
+	for _, s := range []store.DeliveryState{store.DeliveryQueued, store.DeliveryInFlight, store.DeliveryDelivered, store.DeliveryFailed} {
+		ch <- prometheus.MustNewConstMetric(c.deliveries, prometheus.GaugeValue, float64(st.Deliveries[s]), string(s))
+	}
+	for _, s := range []store.RelayState{store.RelayQueued, store.RelaySending, store.RelaySent, store.RelayFailed} {
+		ch <- prometheus.MustNewConstMetric(c.relays, prometheus.GaugeValue, float64(st.Relays[s]), string(s))
+	}
+	ch <- prometheus.MustNewConstMetric(c.pending, prometheus.GaugeValue, float64(st.SubmissionsPending))
+}
+
+// esroCollector exports esro.Endpoint.Stats as esro_* metrics.
+type esroCollector struct {
+	stats func() esro.Stats
+	descs map[string]*prometheus.Desc
+}
+
+func newESROCollector(stats func() esro.Stats) *esroCollector {
+	c := &esroCollector{stats: stats, descs: map[string]*prometheus.Desc{}}
+	for name, help := range map[string]string{
+		"datagrams_received_total": "Datagrams received.",
+		"datagrams_sent_total":     "Datagrams sent.",
+		"bytes_received_total":     "Octets received.",
+		"bytes_sent_total":         "Octets sent.",
+		"send_errors_total":        "Datagrams the socket refused to send.",
+		"invokes_sent_total":       "Invocations started.",
+		"invokes_received_total":   "Invocations given to handlers.",
+		"results_received_total":   "RESULTs received.",
+		"errors_received_total":    "ERRORs received.",
+		"answers_sent_total":       "RESULTs and ERRORs sent.",
+		"confirms_total":           "Answers confirmed (acknowledged or unchallenged).",
+		"retransmissions_total":    "Timer-driven resends.",
+		"duplicates_total":         "Duplicate PDUs absorbed or re-answered.",
+		"superseded_total":         "Held invocations replaced by a new INVOKE on their number.",
+		"reference_waits_total":    "Invocations that waited for a free reference number.",
+	} {
+		c.descs[name] = prometheus.NewDesc("esro_"+name, help, nil, nil)
+	}
+	c.descs["drops_total"] = prometheus.NewDesc("esro_drops_total", "Datagrams dropped, by reason.", []string{"reason"}, nil)
+	c.descs["failures_total"] = prometheus.NewDesc("esro_failures_total",
+		"Failures by direction (sent, received, local) and reason value.", []string{"direction", "reason"}, nil)
+	c.descs["in_flight"] = prometheus.NewDesc("esro_in_flight", "Invocations held, by role.", []string{"role"}, nil)
+	return c
+}
+
+func (c *esroCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range c.descs {
+		ch <- d
+	}
+}
+
+func (c *esroCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.stats()
+	counter := func(name string, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(c.descs[name], prometheus.CounterValue, float64(v), labels...)
+	}
+	counter("datagrams_received_total", st.DatagramsReceived)
+	counter("datagrams_sent_total", st.DatagramsSent)
+	counter("bytes_received_total", st.BytesReceived)
+	counter("bytes_sent_total", st.BytesSent)
+	counter("send_errors_total", st.SendErrors)
+	counter("invokes_sent_total", st.InvokesSent)
+	counter("invokes_received_total", st.InvokesReceived)
+	counter("results_received_total", st.ResultsReceived)
+	counter("errors_received_total", st.ErrorsReceived)
+	counter("answers_sent_total", st.AnswersSent)
+	counter("confirms_total", st.Confirms)
+	counter("retransmissions_total", st.Retransmissions)
+	counter("duplicates_total", st.DuplicatesIn)
+	counter("superseded_total", st.Superseded)
+	counter("reference_waits_total", st.ReferenceWaits)
+	for i, v := range st.Drops {
+		counter("drops_total", v, esro.DropReason(i).String())
+	}
+	reason := func(i int) string {
+		if i > int(esro.RemoteResource) {
+			return "other"
+		}
+		return strconv.Itoa(i)
+	}
+	for i := range st.FailuresSent {
+		counter("failures_total", st.FailuresSent[i], "sent", reason(i))
+		counter("failures_total", st.FailuresReceived[i], "received", reason(i))
+		counter("failures_total", st.LocalFailures[i], "local", reason(i))
+	}
+	ch <- prometheus.MustNewConstMetric(c.descs["in_flight"], prometheus.GaugeValue, float64(st.InFlightInvoker), "invoker")
+	ch <- prometheus.MustNewConstMetric(c.descs["in_flight"], prometheus.GaugeValue, float64(st.InFlightPerformer), "performer")
+}

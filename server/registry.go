@@ -1,0 +1,194 @@
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"net/netip"
+	"strings"
+	"sync"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+// device is a registry entry with its protocol values decoded.
+type device struct {
+	store.Device
+	addr    emsd.Address
+	version emsd.Version
+	ap      netip.AddrPort // where deliveries go
+}
+
+// registry is an immutable snapshot of the device registry; the server
+// swaps in a new one on reload (SIGHUP, or an edit noticed by polling).
+type registry struct {
+	version int64
+	byAddr  map[emsd.Address]*device
+	byAP    map[netip.AddrPort]*device
+	byIP    map[netip.Addr][]*device
+	byAlias map[string]*device
+}
+
+func newRegistry(version int64, devs []*store.Device) *registry {
+	r := &registry{
+		version: version,
+		byAddr:  make(map[emsd.Address]*device, len(devs)),
+		byAP:    make(map[netip.AddrPort]*device, len(devs)),
+		byIP:    make(map[netip.Addr][]*device, len(devs)),
+		byAlias: map[string]*device{},
+	}
+	for _, sd := range devs {
+		v, err := emsd.ParseVersion(sd.Version)
+		if err != nil {
+			v = emsd.V1_1 // the reference's default for an unknown type (spec emsd.md §9.2)
+		}
+		ip := sd.IP.Unmap()
+		d := &device{Device: *sd, addr: emsd.Address(sd.Address), version: v, ap: netip.AddrPortFrom(ip, sd.Port)}
+		r.byAddr[d.addr] = d
+		r.byAP[d.ap] = d
+		r.byIP[ip] = append(r.byIP[ip], d)
+		for _, a := range sd.Aliases {
+			r.byAlias[strings.ToLower(a)] = d
+		}
+	}
+	return r
+}
+
+// byPeer finds the device an INVOKE came from by its network address:
+// IP and port, then IP alone when only one device has that IP (spec
+// emsd.md §9.2; the reference knows only the IP).
+func (r *registry) byPeer(peer netip.AddrPort, ipOnly bool) *device {
+	if !ipOnly {
+		if d := r.byAP[peer]; d != nil {
+			return d
+		}
+	}
+	if ds := r.byIP[peer.Addr()]; len(ds) == 1 || (ipOnly && len(ds) > 0) {
+		return ds[0]
+	}
+	return nil
+}
+
+// Identification failures; both are answered ERROR 4 with parameter 4
+// (spec emsd.md §9.3 Recommend, Open Point 3).
+var (
+	errUnknownDevice = errors.New("unknown device")
+	errBadPassword   = errors.New("wrong password")
+)
+
+// pwCache remembers, per device, the last password that matched its
+// hash, so that bcrypt (tens of milliseconds by design) runs once per
+// device and password rather than once per operation. At most sem's
+// capacity of bcrypt checks run at once, so that a flood of wrong
+// passwords cannot take every CPU.
+type pwCache struct {
+	mu  sync.Mutex
+	ok  map[emsd.Address][32]byte
+	sem chan struct{}
+}
+
+func (c *pwCache) check(d *device, pw string) bool {
+	if d.PasswordHash == "" {
+		return true
+	}
+	key := sha256.Sum256([]byte(d.PasswordHash + "\x00" + pw))
+	c.mu.Lock()
+	hit := c.ok[d.addr] == key
+	c.mu.Unlock()
+	if hit {
+		return true
+	}
+	c.sem <- struct{}{}
+	match := store.CheckPassword(d.PasswordHash, pw)
+	<-c.sem
+	if !match {
+		return false
+	}
+	c.mu.Lock()
+	if c.ok == nil {
+		c.ok = map[emsd.Address][32]byte{}
+	}
+	c.ok[d.addr] = key
+	c.mu.Unlock()
+	return true
+}
+
+// identify finds and authenticates the device an INVOKE comes from (spec
+// emsd.md §9.3 with its Recommend): credentials naming an emsd-address
+// select that device; otherwise the source address does. The password is
+// verified whenever the device has one and checkPW is set (operations
+// without a security element cannot carry one). A device identified by
+// its credentials alone but without a password must also come from its
+// registered IP address.
+func (s *Server) identify(peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (*device, error) {
+	r := s.registry()
+	if s.cfg.Compat.IPOnlyIdentification {
+		if d := r.byPeer(peer, true); d != nil {
+			return d, nil
+		}
+		return nil, errUnknownDevice
+	}
+	var d *device
+	if sec != nil && sec.Address != nil {
+		d = r.byAddr[sec.Address.Address]
+		if d == nil {
+			return nil, errUnknownDevice
+		}
+		if d.PasswordHash == "" && d.ap.Addr() != peer.Addr() {
+			return nil, errUnknownDevice
+		}
+	} else if d = r.byPeer(peer, false); d == nil {
+		return nil, errUnknownDevice
+	}
+	if checkPW && d.PasswordHash != "" {
+		pw := ""
+		if sec != nil {
+			pw = sec.Password
+		}
+		if !s.pw.check(d, pw) {
+			return nil, errBadPassword
+		}
+	}
+	return d, nil
+}
+
+// resolve maps an Internet address to a device: an alias, or
+// number@domain for one of the EMSD domains (spec emsd.md §6.2).
+func (s *Server) resolve(spec string) (emsd.Address, bool) {
+	r := s.registry()
+	if d := r.byAlias[strings.ToLower(spec)]; d != nil {
+		return d.addr, true
+	}
+	if a, ok := (gateway.Mapping{Domains: s.domains}).Numeric(lowerDomain(spec)); ok && r.byAddr[a] != nil {
+		return a, true
+	}
+	return 0, false
+}
+
+func (s *Server) mapping() gateway.Mapping {
+	return gateway.Mapping{Domains: s.domains, Resolve: s.resolve}
+}
+
+func (s *Server) registry() *registry { return s.reg.Load() }
+
+// Reload re-reads the device registry from the store (SIGHUP).
+func (s *Server) Reload(ctx context.Context) error {
+	v, err := s.st.RegistryVersion(ctx)
+	if err != nil {
+		return err
+	}
+	devs, err := s.st.Devices(ctx)
+	if err != nil {
+		return err
+	}
+	s.reg.Store(newRegistry(v, devs))
+	s.metrics.devices.Set(float64(len(devs)))
+	s.unholdAll()
+	s.kick()
+	return nil
+}
+
+// deviceAddrSpec is a device's Internet address.
+func (s *Server) deviceAddrSpec(a emsd.Address) string { return a.String() + "@" + s.domain }

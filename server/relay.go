@@ -1,0 +1,177 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+// relayer sends one message to the smarthost; *gateway.Relay is the
+// implementation.
+type relayer interface {
+	Send(ctx context.Context, from string, to []string, msg []byte) ([]gateway.RecipientResult, error)
+}
+
+func (s *Server) kickRelay() {
+	select {
+	case s.relayKick <- struct{}{}:
+	default:
+	}
+}
+
+// runRelay hands due relay recipients to the smarthost, one SMTP
+// transaction per message (spec emsd.md §9.7 Recommend), with a retry
+// schedule per recipient. Without a smarthost mail stays queued until it
+// expires.
+func (s *Server) runRelay() {
+	const idle = 30 * time.Second
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.loopCtx.Done():
+			return
+		case <-s.relayKick:
+		case <-t.C:
+		}
+		if s.relay == nil {
+			t.Reset(idle)
+			continue
+		}
+		// One time for the claims and for the next wake-up: an entry that
+		// falls due in between must not be missed by both.
+		now := time.Now()
+		for s.relayRound(now) {
+		}
+		wait := idle
+		if next, ok, err := s.st.NextDue(s.loopCtx, now); err == nil && ok {
+			wait = min(wait, max(time.Until(next), time.Millisecond))
+		}
+		t.Reset(wait)
+	}
+}
+
+// relayRound sends one batch of the relays due at now; it reports
+// whether there may be more.
+func (s *Server) relayRound(now time.Time) bool {
+	s.sched.mu.Lock()
+	stop := s.sched.draining
+	s.sched.mu.Unlock()
+	if stop || s.dctx.Err() != nil {
+		return false
+	}
+	bs, err := s.st.ClaimRelays(s.dctx, now, s.cfg.Relay.Batch)
+	if err != nil {
+		if s.dctx.Err() == nil {
+			s.log.Error("claim relays", "err", err)
+		}
+		return false
+	}
+	n := 0
+	for _, b := range bs {
+		n += len(b.Recipients)
+		s.sendRelay(b)
+	}
+	return n >= s.cfg.Relay.Batch
+}
+
+func (s *Server) sendRelay(b *store.RelayBatch) {
+	to := make([]string, len(b.Recipients))
+	for i, rc := range b.Recipients {
+		to[i] = rc.Addr
+	}
+	results, sendErr := s.relay.Send(s.dctx, b.From, to, b.Message)
+	shutdown := s.dctx.Err() != nil
+	ctx := s.ctx
+	now := time.Now()
+	var rs []store.RelayResult
+	var work store.Work
+	for i, rc := range b.Recipients {
+		rr := gateway.RecipientResult{Addr: rc.Addr, Err: sendErr, Permanent: gateway.IsPermanent(sendErr)}
+		if i < len(results) {
+			rr = results[i]
+		}
+		res := store.RelayResult{ID: rc.ID, From: store.RelaySending}
+		log := s.log.With("from", b.From, "rcpt", rc.Addr, "attempt", rc.Attempts)
+		var o *outcome
+		switch {
+		case rr.Err == nil:
+			res.State = store.RelaySent
+			o = &outcome{delivered: true, at: now}
+			s.metrics.relay.WithLabelValues("sent").Inc()
+			log.Info("relayed")
+		case shutdown && !rr.Permanent:
+			res.State, res.NextAttempt, res.Requeue = store.RelayQueued, now, true
+		case rr.Permanent:
+			res.State, res.Error = store.RelayFailed, rr.Err.Error()
+			reason, diag := gateway.NonDeliveryFor(rr.Err)
+			f := failed(reason, diag, rr.Err.Error())
+			o = &f
+			s.metrics.relay.WithLabelValues("failed").Inc()
+			log.Warn("relay refused", "err", rr.Err)
+		default:
+			res.State, res.Error = store.RelayQueued, rr.Err.Error()
+			res.NextAttempt = now.Add(backoff(s.cfg.Relay.Retry, rc.Attempts))
+			s.metrics.relay.WithLabelValues("deferred").Inc()
+			log.Info("relay deferred", "err", rr.Err, "next", res.NextAttempt.Round(time.Second))
+		}
+		if o != nil {
+			w, err := s.reportWork(ctx, rc.Report, *o)
+			if err != nil {
+				log.Error("reports", "err", err)
+			}
+			work.Deliveries = append(work.Deliveries, w.Deliveries...)
+			work.Relays = append(work.Relays, w.Relays...)
+		}
+		rs = append(rs, res)
+	}
+	if err := s.st.FinishRelays(ctx, rs, work); err != nil {
+		s.log.Error("record relay outcome", "err", err)
+		return
+	}
+	s.noteQueued(work)
+}
+
+// expireRelays fails relay recipients past their expiry.
+func (s *Server) expireRelays(now time.Time) {
+	ctx := s.loopCtx
+	bs, err := s.st.ExpiredRelays(ctx, now, 100)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.log.Error("expired relays", "err", err)
+		}
+		return
+	}
+	for _, b := range bs {
+		var rs []store.RelayResult
+		var work store.Work
+		for _, rc := range b.Recipients {
+			text := "not relayed within " + time.Duration(s.cfg.Relay.Expiry).String()
+			if s.relay == nil {
+				text += " (no smarthost configured)"
+			}
+			if rc.LastError != "" {
+				text += "; last error: " + rc.LastError
+			}
+			rs = append(rs, store.RelayResult{ID: rc.ID, From: store.RelayQueued, State: store.RelayFailed, Error: text})
+			w, err := s.reportWork(ctx, rc.Report, failed(emsd.ReasonUnableToTransfer, emsd.DiagMaximumTimeExpired, text))
+			if err != nil {
+				s.log.Error("reports", "err", err)
+			}
+			work.Deliveries = append(work.Deliveries, w.Deliveries...)
+			work.Relays = append(work.Relays, w.Relays...)
+			s.metrics.relay.WithLabelValues("expired").Inc()
+		}
+		if err := s.st.FinishRelays(ctx, rs, work); err != nil {
+			if !errors.Is(err, store.ErrConflict) {
+				s.log.Error("expire relays", "err", err)
+			}
+			continue
+		}
+		s.noteQueued(work)
+	}
+}

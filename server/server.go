@@ -1,0 +1,407 @@
+// Package server is the EMSD message transfer system (MTS) behind
+// `emsdp serve`: it performs the server side of EMSD over ESRO (spec
+// emsd.md §1.4, §9) for the devices in its registry, relays their mail to
+// the Internet through a smarthost and delivers Internet mail received over
+// SMTP to them. Every message is in the store (store/sqlite by default)
+// before it is acknowledged, so queues survive kill -9; the in-memory
+// scheduler is rebuilt from the store at start.
+//
+// Choices where the specification leaves room are documented where they
+// are made; the main ones: devices are identified by credentials, then IP
+// and port, then IP, and their passwords are checked (ERROR 4 otherwise,
+// Open Point 3); delivery control answers a real result (§9.12); delivery
+// verify answers from statuses keyed by the exact delivered id (§9.13);
+// a submission whose RESULT went unacknowledged and whose verify got no
+// answer is sent (Open Point 25); reports go to devices as EMSD reports
+// and to Internet senders as RFC 3464 DSNs (Open Point 17).
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"net/netip"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/sqlite"
+)
+
+// Options are the parts of a server that are not configuration.
+type Options struct {
+	// Logger receives the server's logs. Nil: slog.Default().
+	Logger *slog.Logger
+	// Store, when set, is used instead of the SQLite store in Config.Data;
+	// it stays the caller's to close.
+	Store store.Store
+	// PacketConn, when set, carries EMSD instead of a socket on
+	// EMSD.Listen (tests use in-memory networks); the server closes it.
+	PacketConn net.PacketConn
+}
+
+// ListenError is a listener that could not be opened.
+type ListenError struct {
+	Service string // "emsd", "smtp" or "admin"
+	Addr    string
+	Err     error
+}
+
+// Error names the service, the address and the cause.
+func (e *ListenError) Error() string {
+	return fmt.Sprintf("%s: listen on %s: %v", e.Service, e.Addr, e.Err)
+}
+
+// Unwrap returns the cause.
+func (e *ListenError) Unwrap() error { return e.Err }
+
+// Server is a running MTS.
+type Server struct {
+	cfg      *Config
+	log      *slog.Logger
+	st       store.Store
+	ownStore bool
+	unlock   func()
+
+	domain   string
+	domains  []string
+	hostname string
+
+	reg     atomic.Pointer[registry]
+	ep      *esro.Endpoint
+	smtp    *gateway.InboundServer
+	smtpLn  net.Listener
+	admin   *http.Server
+	adminLn net.Listener
+	relay   relayer
+
+	reasm *emsd.Reassembler[emsd.Address]
+	seq   emsd.SequenceCounter
+	segs  segCache
+	subs  activeSubs
+	pw    pwCache
+
+	sched     sched
+	relayKick chan struct{}
+	metrics   *metrics
+
+	// ctx lives until Close: handlers and recording outcomes use it.
+	// loopCtx ends the background loops at shutdown; dctx ends deliveries
+	// and relays in flight when the drain time is over.
+	ctx, loopCtx, dctx          context.Context
+	cancel, loopCancel, dcancel context.CancelFunc
+	loops                       sync.WaitGroup
+	smtpUp                      atomic.Bool
+	closeOnce                   sync.Once
+}
+
+// Start opens the store, binds the EMSD, SMTP and admin listeners, rebuilds
+// the queues from the store and starts serving. A listener that cannot be
+// opened is a *ListenError.
+func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	log := o.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Server{
+		cfg:       cfg,
+		log:       log,
+		domain:    cfg.domain(),
+		hostname:  cfg.hostname(),
+		relayKick: make(chan struct{}, 1),
+		metrics:   newMetrics(),
+		reasm: emsd.NewReassembler[emsd.Address](emsd.ReassemblerConfig{
+			Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
+		segs: segCache{ttl: time.Duration(cfg.EMSD.DedupeWindow), max: 4096},
+		pw:   pwCache{sem: make(chan struct{}, max(runtime.GOMAXPROCS(0)-1, 1))},
+	}
+	s.sched = sched{kick: make(chan struct{}, 1), busy: map[emsd.Address]bool{}, held: map[emsd.Address]bool{},
+		again: map[emsd.Address]bool{}}
+	s.domains = []string{s.domain}
+	for _, d := range cfg.EMSD.Domains {
+		s.domains = append(s.domains, strings.ToLower(d))
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.loopCtx, s.loopCancel = context.WithCancel(s.ctx)
+	s.dctx, s.dcancel = context.WithCancel(s.ctx)
+	defer func() {
+		if err != nil {
+			s.Close()
+		}
+	}()
+
+	if o.Store != nil {
+		s.st = o.Store
+	} else {
+		unlock, err := lockDataDir(cfg.Data)
+		if err != nil {
+			return nil, err
+		}
+		s.unlock = unlock
+		db, err := sqlite.OpenDir(ctx, cfg.Data, &sqlite.Options{BusyTimeout: time.Duration(cfg.Store.BusyTimeout)})
+		if err != nil {
+			return nil, fmt.Errorf("store: %w", err)
+		}
+		s.st, s.ownStore = db, true
+	}
+	if err := s.Reload(ctx); err != nil {
+		return nil, fmt.Errorf("store: registry: %w", err)
+	}
+	rec, err := s.st.Recover(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("store: recover: %w", err)
+	}
+	if rec.Deliveries+rec.Relays > 0 {
+		log.Info("re-queued work left in flight", "deliveries", rec.Deliveries, "relays", rec.Relays)
+	}
+	if cfg.Relay.Smarthost != "" {
+		tlsMode, _ := gateway.ParseTLSMode(cfg.Relay.TLS)
+		helo := cfg.Relay.Helo
+		if helo == "" {
+			helo = s.hostname
+		}
+		s.relay = &gateway.Relay{Addr: cfg.Relay.Smarthost, HeloName: helo, Username: cfg.Relay.Username,
+			Password: cfg.Relay.Password, TLS: tlsMode, InsecureSkipVerify: cfg.Relay.InsecureSkipVerify,
+			Timeout: time.Duration(cfg.Relay.Timeout)}
+	} else {
+		log.Warn("no smarthost configured: mail for the Internet stays queued until it expires")
+	}
+
+	// Listeners, all before anything is served, so that a busy port is
+	// reported before the server does anything.
+	ecfg, err := cfg.ESROConfig(log.With("layer", "esro"))
+	if err != nil {
+		return nil, err
+	}
+	pc := o.PacketConn
+	if pc == nil {
+		if pc, err = net.ListenPacket("udp", cfg.EMSD.Listen); err != nil {
+			return nil, &ListenError{"emsd", cfg.EMSD.Listen, err}
+		}
+	}
+	if s.ep, err = esro.NewEndpoint(pc, ecfg); err != nil {
+		pc.Close()
+		return nil, err
+	}
+	if cfg.SMTP.Listen != "" {
+		if s.smtpLn, err = net.Listen("tcp", cfg.SMTP.Listen); err != nil {
+			return nil, &ListenError{"smtp", cfg.SMTP.Listen, err}
+		}
+	}
+	if cfg.Admin.Listen != "" {
+		if s.adminLn, err = net.Listen("tcp", cfg.Admin.Listen); err != nil {
+			return nil, &ListenError{"admin", cfg.Admin.Listen, err}
+		}
+	}
+	s.metrics.reg.MustRegister(newStoreCollector(s.st), newESROCollector(s.ep.Stats))
+
+	if err := s.recoverSubmissions(ctx, time.Now()); err != nil {
+		return nil, fmt.Errorf("store: pending submissions: %w", err)
+	}
+	for _, sap := range []struct {
+		sap emsd.SAP
+		hs  esro.Handshake
+	}{{emsd.SAPMTSPerformer3Way, esro.ThreeWay}, {emsd.SAPMTSPerformer2Way, esro.TwoWay}} {
+		if err := s.ep.HandleFunc(uint8(sap.sap), sap.hs, s.serveESRO); err != nil {
+			return nil, err
+		}
+	}
+	s.loops.Go(s.runScheduler)
+	s.loops.Go(s.runRelay)
+	s.loops.Go(s.pollRegistry)
+	if s.smtpLn != nil {
+		s.smtp = gateway.NewInboundServer(receiver{s}, gateway.InboundOptions{
+			Domain: s.hostname, MaxMessageBytes: cfg.SMTP.MaxMessageBytes, MaxRecipients: cfg.SMTP.MaxRecipients,
+			ReadTimeout: time.Duration(cfg.SMTP.ReadTimeout), WriteTimeout: time.Duration(cfg.SMTP.WriteTimeout),
+			Logger: log.With("layer", "smtp"),
+		})
+		s.smtpUp.Store(true)
+		s.loops.Go(func() {
+			if err := s.smtp.Serve(s.smtpLn); err != nil && !errors.Is(err, gateway.ErrServerClosed) {
+				log.Error("smtp listener", "err", err)
+			}
+			s.smtpUp.Store(false)
+		})
+	}
+	if s.adminLn != nil {
+		s.admin = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+		s.loops.Go(func() {
+			if err := s.admin.Serve(s.adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("admin listener", "err", err)
+			}
+		})
+	}
+	log.Info("serving", "emsd", s.ep.LocalAddr(), "smtp", addrOf(s.smtpLn), "admin", addrOf(s.adminLn),
+		"domain", s.domain, "devices", len(s.registry().byAddr))
+	return s, nil
+}
+
+func addrOf(ln net.Listener) string {
+	if ln == nil {
+		return "off"
+	}
+	return ln.Addr().String()
+}
+
+// Addrs are the addresses a server listens on.
+type Addrs struct {
+	EMSD  netip.AddrPort
+	SMTP  net.Addr // nil when off
+	Admin net.Addr // nil when off
+}
+
+// Addrs returns the listening addresses (with the ports the system chose
+// for ":0").
+func (s *Server) Addrs() Addrs {
+	a := Addrs{}
+	if ua, ok := s.ep.LocalAddr().(*net.UDPAddr); ok {
+		a.EMSD = ua.AddrPort()
+	}
+	if s.smtpLn != nil {
+		a.SMTP = s.smtpLn.Addr()
+	}
+	if s.adminLn != nil {
+		a.Admin = s.adminLn.Addr()
+	}
+	return a
+}
+
+// pollRegistry reloads the registry when another process (emsdp device)
+// changed it.
+func (s *Server) pollRegistry() {
+	t := time.NewTicker(time.Duration(s.cfg.Store.RegistryPoll))
+	defer t.Stop()
+	for {
+		select {
+		case <-s.loopCtx.Done():
+			return
+		case <-t.C:
+		}
+		v, err := s.st.RegistryVersion(s.loopCtx)
+		if err != nil || v == s.registry().version {
+			continue
+		}
+		if err := s.Reload(s.loopCtx); err != nil && s.loopCtx.Err() == nil {
+			s.log.Warn("registry reload", "err", err)
+			continue
+		}
+		s.log.Info("device registry reloaded", "devices", len(s.registry().byAddr))
+	}
+}
+
+// Shutdown drains: no new SMTP sessions or deliveries, SMTP transactions
+// and ESRO invocations in progress finish, deliveries in flight get
+// delivery.drain_timeout (within ctx) and are then cancelled and
+// re-queued. Then everything is closed.
+func (s *Server) Shutdown(ctx context.Context) error {
+	var errs []error
+	if s.smtp != nil {
+		if err := s.smtp.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("smtp: %w", err))
+		}
+	}
+	dctx, cancel := context.WithTimeout(ctx, time.Duration(s.cfg.Delivery.DrainTimeout))
+	s.drainDeliveries(dctx)
+	cancel()
+	s.dcancel()
+	if err := s.ep.Shutdown(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("esro: %w", err))
+	}
+	if s.admin != nil {
+		if err := s.admin.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("admin: %w", err))
+		}
+	}
+	if err := s.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// Close stops everything at once. Work in flight is re-queued at the next
+// start (nothing acknowledged is lost: it is in the store).
+func (s *Server) Close() error {
+	var err error
+	s.closeOnce.Do(func() {
+		s.sched.mu.Lock()
+		s.sched.draining = true
+		s.sched.mu.Unlock()
+		s.dcancel()
+		if s.smtp != nil {
+			s.smtp.Close()
+		} else if s.smtpLn != nil {
+			s.smtpLn.Close()
+		}
+		if s.admin != nil {
+			s.admin.Close()
+		} else if s.adminLn != nil {
+			s.adminLn.Close()
+		}
+		if s.ep != nil {
+			s.ep.Close()
+		}
+		s.loopCancel()
+		s.loops.Wait()
+		s.sched.workers.Wait()
+		s.cancel()
+		if s.ownStore && s.st != nil {
+			err = s.st.Close()
+		}
+		if s.unlock != nil {
+			s.unlock()
+		}
+	})
+	return err
+}
+
+// adminHandler serves /metrics, /healthz and /debug/pprof.
+func (s *Server) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{Registry: s.metrics.reg}))
+	mux.HandleFunc("/healthz", s.healthz)
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
+}
+
+// healthz answers 200 when the store answers and every configured
+// listener serves, 503 with the reasons otherwise.
+func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
+	defer cancel()
+	var bad []string
+	if err := s.st.Ping(ctx); err != nil {
+		bad = append(bad, "store: "+err.Error())
+	}
+	if s.ctx.Err() != nil {
+		bad = append(bad, "emsd: closed")
+	}
+	if s.smtpLn != nil && !s.smtpUp.Load() {
+		bad = append(bad, "smtp: not serving")
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if len(bad) > 0 {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintln(w, strings.Join(bad, "\n"))
+		return
+	}
+	fmt.Fprintln(w, "ok")
+}

@@ -1,0 +1,456 @@
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+// segKey identifies one submission INVOKE independently of its ESRO
+// reference: a device that re-invokes a segment after an ESRO failure uses
+// the same instance id and octets (spec emsd.md §1.5 Recommend).
+type segKey struct {
+	dev emsd.Address
+	id  uint8
+	sum [32]byte
+}
+
+type segEntry struct {
+	answer []byte
+	sub    *store.Submission // set for the segment that completed a message
+	// full is a message the segment completed but that could not be
+	// committed: a re-invocation of the segment retries the commit
+	// instead of failing on the reassembler's forgotten sequence.
+	full *emsd.SubmitArgument
+	at   time.Time
+}
+
+// segCache remembers the answers to recent segment INVOKEs so that a
+// re-invoked segment gets the same answer instead of a duplicate-segment
+// error from the reassembler. Bounded in size and age.
+type segCache struct {
+	mu    sync.Mutex
+	m     map[segKey]*segEntry
+	order []segKey
+	ttl   time.Duration
+	max   int
+}
+
+func (c *segCache) get(k segKey, now time.Time) *segEntry {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e := c.m[k]
+	if e == nil || now.Sub(e.at) > c.ttl {
+		return nil
+	}
+	return e
+}
+
+func (c *segCache) put(k segKey, e *segEntry) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = map[segKey]*segEntry{}
+	}
+	if _, ok := c.m[k]; !ok {
+		c.order = append(c.order, k)
+	}
+	c.m[k] = e
+	for len(c.order) > c.max {
+		delete(c.m, c.order[0])
+		c.order = c.order[1:]
+	}
+}
+
+// activeSubs counts the handlers waiting for the confirmation of each
+// submission's RESULT: a submission re-invoked while the first handler
+// still waits must not be dropped by the first one's verify.
+type activeSubs struct {
+	mu sync.Mutex
+	n  map[int64]int
+}
+
+func (a *activeSubs) add(id int64, d int) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.n == nil {
+		a.n = map[int64]int{}
+	}
+	a.n[id] += d
+	v := a.n[id]
+	if v <= 0 {
+		delete(a.n, id)
+	}
+	return v
+}
+
+// intermediateResult answers a segment that does not complete a message:
+// spec emsd.md §8 recommends zeros (the reference sends leftovers).
+func intermediateResult(o emsd.Options) []byte {
+	b, _ := (&emsd.SubmitResult{}).Marshal(o)
+	return b
+}
+
+func (s *Server) submitResult(rec *store.Submission, o emsd.Options) ([]byte, error) {
+	b, err := (&emsd.SubmitResult{MessageID: emsd.LocalMessageID{SubmissionTime: emsd.Time(rec.LocalTime), Number: rec.Number}}).Marshal(o)
+	if err != nil {
+		return nil, err
+	}
+	// 1.0: the codec writes the reference's inner tag 25 (spec emsd.md §4);
+	// without the quirk switch send the standard 30.
+	if o.Version == emsd.V1_0 && !s.cfg.Compat.SubmitResultTag25 && len(b) > 2 && b[2] == 0x25 {
+		b[2] = 0x30
+	}
+	return b, nil
+}
+
+// handleSubmit performs Submission (op 33, or 0 from a 1.0 device, on SAP
+// 5; spec emsd.md §9.5): decode, identify, reassemble, commit, RESULT, and
+// on confirmation release the message.
+func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation, peer netip.AddrPort, v emsd.Version, woken bool) {
+	iid, arg, err := emsd.StripInstanceID(emsd.Operation(inv.Operation), inv.Data)
+	if err != nil {
+		s.refuse(w, "submit", emsd.CodeProtocolViolation, "no instance id")
+		return
+	}
+	o := s.opts(v)
+	var sa emsd.SubmitArgument
+	if err := sa.Unmarshal(arg, o); err != nil {
+		s.refuse(w, "submit", emsd.CodeOf(err), err.Error())
+		return
+	}
+	dev, err := s.identify(peer, sa.Security, true)
+	if err != nil {
+		s.refuseIdentity(w, "submit", peer, err)
+		return
+	}
+	if dev.version != v {
+		s.refuse(w, "submit", emsd.CodeProtocolViolation, "credentials name a device of another protocol version")
+		return
+	}
+	if !woken {
+		s.wake(dev.addr)
+	}
+	now := time.Now()
+	var key segKey
+	var e *segEntry
+	if sa.Segment != nil {
+		key = segKey{dev: dev.addr, id: iid, sum: sha256.Sum256(arg)}
+		e = s.segs.get(key, now)
+	}
+	if e != nil && e.full == nil {
+		s.metrics.submissions.WithLabelValues("reinvoked").Inc()
+		if err := w.Result(esro.EncodingBER, e.answer); err == nil && e.sub != nil {
+			s.afterResult(w, dev, e.sub)
+		}
+		return
+	}
+	var full *emsd.SubmitArgument
+	if e != nil {
+		full = e.full
+	} else if full, err = s.reasm.AddSubmit(now, dev.addr, &sa); err != nil {
+		s.refuse(w, "submit", emsd.CodeOf(err), err.Error())
+		return
+	}
+	if full == nil { // more segments to come (spec emsd.md §8)
+		ans := intermediateResult(o)
+		s.segs.put(key, &segEntry{answer: ans, at: now})
+		w.Result(esro.EncodingBER, ans)
+		return
+	}
+	if full.ContentType != emsd.ContentIPM { // spec emsd.md §9.5 step 3
+		s.refuse(w, "submit", emsd.CodeProtocolViolation, "content type "+full.ContentType.String())
+		return
+	}
+	c, err := emsd.DecodeContents(emsd.ContentIPM, full.Contents, o)
+	if err != nil {
+		s.refuse(w, "submit", emsd.CodeOf(err), err.Error())
+		return
+	}
+	ipm := c.(*emsd.IPM)
+	if len(ipm.Heading.Recipients) == 0 {
+		s.refuse(w, "submit", emsd.CodeProtocolViolation, "no recipients")
+		return
+	}
+	content := full.Contents
+	if o != (emsd.Options{}) { // the store keeps 1.1 in list order
+		if content, err = ipm.Marshal(emsd.Options{}); err != nil {
+			s.refuse(w, "submit", emsd.CodeProtocolViolation, err.Error())
+			return
+		}
+	}
+	sum := sha256.Sum256(content)
+	rec, dup, err := s.st.AddSubmission(ctx, &store.Submission{Device: uint32(dev.addr), InstanceID: iid,
+		ContentHash: sum[:], ContentType: uint32(emsd.ContentIPM), Content: content, Received: now},
+		now.Add(-time.Duration(s.cfg.EMSD.DedupeWindow)))
+	if err != nil {
+		if sa.Segment != nil {
+			s.segs.put(key, &segEntry{full: full, at: now})
+		}
+		s.log.Error("store submission", "device", dev.addr, "err", err)
+		s.refuse(w, "submit", emsd.CodeResource, "store")
+		return
+	}
+	ans, err := s.submitResult(rec, o)
+	if err != nil {
+		s.log.Error("encode SubmitResult", "err", err)
+		s.refuse(w, "submit", emsd.CodeResource, "encode")
+		return
+	}
+	if sa.Segment != nil {
+		s.segs.put(key, &segEntry{answer: ans, sub: rec, at: now})
+	}
+	if dup {
+		s.metrics.submissions.WithLabelValues("duplicate").Inc()
+	} else {
+		s.metrics.submissions.WithLabelValues("accepted").Inc()
+		s.log.Info("submission", "device", dev.addr, "id", emsd.LocalMessageID{SubmissionTime: emsd.Time(rec.LocalTime), Number: rec.Number},
+			"octets", len(content), "recipients", len(ipm.Heading.Recipients))
+	}
+	if err := w.Result(esro.EncodingBER, ans); err != nil {
+		s.log.Debug("submit result", "device", dev.addr, "err", err)
+	}
+	s.afterResult(w, dev, rec)
+}
+
+// afterResult waits for the device's acknowledgement of the RESULT and
+// releases the submission, or runs submission verify when it does not
+// come (spec emsd.md §9.5 steps 7-8).
+func (s *Server) afterResult(w esro.ResponseWriter, dev *device, rec *store.Submission) {
+	if rec.State != store.SubmissionPending {
+		return
+	}
+	s.subs.add(rec.ID, 1)
+	err := w.Confirmed(s.ctx)
+	others := s.subs.add(rec.ID, -1)
+	switch {
+	case err == nil:
+		s.release(rec, "confirmed")
+	case s.ctx.Err() != nil:
+		// Shutting down: the submission stays pending and is released
+		// at the next start.
+	case others > 0:
+		// A re-invocation of the same submission is waiting for its own
+		// confirmation and decides.
+	default:
+		s.verifySubmission(dev, rec)
+	}
+}
+
+// verifySubmission asks the device whether it knows the submission
+// succeeded (op 6, MTS SAP 6 -> UA SAP 7, 2-way). No answer counts as
+// compat.verify_failure says: "send" by default, since a possible
+// duplicate is better than a loss (Open Point 25).
+func (s *Server) verifySubmission(dev *device, rec *store.Submission) {
+	id := emsd.LocalMessageID{SubmissionTime: emsd.Time(rec.LocalTime), Number: rec.Number}
+	verdict := "failure"
+	if dev.version == emsd.V1_1 { // 1.0 has no verify operations (spec emsd.md §1.4)
+		o := s.opts(dev.version)
+		arg, err := (&emsd.SubmissionVerifyArgument{MessageID: emsd.MessageID{IsLocal: true, Local: id}}).Marshal(o)
+		if err == nil {
+			res, err := s.ep.Invoke(s.ctx, &esro.Request{To: dev.ap, SAP: uint8(emsd.SAPUAPerformer2Way),
+				Operation: uint8(emsd.OpSubmissionVerify), Encoding: esro.EncodingBER, Handshake: esro.TwoWay, Data: arg})
+			if s.ctx.Err() != nil || errors.Is(err, esro.ErrClosed) {
+				return // stays pending; released at the next start
+			}
+			var vr emsd.SubmissionVerifyResult
+			if err == nil && vr.Unmarshal(res.Data, o) == nil {
+				switch vr.Status {
+				case emsd.SendMessage:
+					verdict = "send"
+				case emsd.DropMessage:
+					verdict = "drop"
+				}
+			}
+		}
+	}
+	s.metrics.verifies.WithLabelValues(verdict).Inc()
+	lv := slog.LevelInfo
+	if verdict == "failure" {
+		lv = slog.LevelWarn
+	}
+	s.log.Log(s.ctx, lv, "submission verify", "device", dev.addr, "id", id, "verdict", verdict)
+	if verdict == "drop" || (verdict == "failure" && s.cfg.Compat.VerifyFailure == "drop") {
+		if s.subs.add(rec.ID, 0) > 0 {
+			return // re-invoked meanwhile: that invocation decides
+		}
+		if _, err := s.st.DropSubmission(s.ctx, rec.ID, verdict); err != nil {
+			s.log.Error("drop submission", "id", id, "err", err)
+		}
+		return
+	}
+	s.release(rec, verdict)
+}
+
+// release queues the deliveries and relays of a pending submission.
+func (s *Server) release(rec *store.Submission, verify string) {
+	ctx := s.ctx
+	w, err := s.submissionWork(ctx, rec)
+	if err != nil {
+		s.log.Error("release submission", "id", rec.ID, "err", err)
+		return // stays pending: retried at the next start
+	}
+	ok, err := s.st.ReleaseSubmission(ctx, rec.ID, verify, w)
+	if err != nil {
+		s.log.Error("release submission", "id", rec.ID, "err", err)
+		return
+	}
+	if ok {
+		s.noteQueued(w)
+	}
+}
+
+// submissionWork converts a submitted IPM into its deliveries (local
+// recipients, which never leave the server) and one relay (Internet
+// recipients), plus immediate non-delivery reports for recipients that
+// cannot be served (spec emsd.md §9.5-9.7).
+func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (store.Work, error) {
+	var w store.Work
+	var ipm emsd.IPM
+	if err := ipm.Unmarshal(rec.Content, emsd.Options{}); err != nil {
+		return w, err
+	}
+	lid := emsd.LocalMessageID{SubmissionTime: emsd.Time(rec.LocalTime), Number: rec.Number}
+	mid := emsd.MessageID{IsLocal: true, Local: lid}
+	out, err := gateway.FormatIPM(&ipm, gateway.FormatOptions{Domain: s.domain, MessageID: rfc822MessageID(lid, s.domain),
+		Date: lid.SubmissionTime.UTC(), MTS: s.hostname, Mapping: s.mapping()})
+	if err != nil {
+		return w, err
+	}
+	now := time.Now()
+	reg := s.registry()
+	prio := priorityOf(&ipm)
+	var remote []store.RelayRecipient
+	done := map[emsd.Address]bool{}
+	for _, r := range out.Recipients {
+		rep := store.Report{Device: rec.Device, Flags: uint8(r.Flags), MessageID: encodeMsgID(mid),
+			Recipient: encodeOR(emsd.RFC822OR(r.Addr))}
+		var fail *outcome
+		switch {
+		case r.Err != nil:
+			o := failed(emsd.ReasonUnableToTransfer, emsd.DiagUnrecognizedAddress, r.Err.Error())
+			fail = &o
+		case r.Local:
+			rep.Recipient = encodeOR(emsd.LocalOR(r.Device, ""))
+			if reg.byAddr[r.Device] == nil {
+				o := failed(emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown, "no such EMSD address")
+				fail = &o
+				break
+			}
+			if done[r.Device] {
+				break
+			}
+			done[r.Device] = true
+			content, err := s.copyFor(&ipm, rec.Content, r.Device)
+			if err != nil {
+				o := failed(emsd.ReasonUnableToTransfer, emsd.DiagProtocolViolation, err.Error())
+				fail = &o
+				break
+			}
+			st := uint32(lid.SubmissionTime)
+			w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(r.Device), MessageID: encodeMsgID(mid),
+				SubmissionTime: &st, ContentType: uint32(emsd.ContentIPM), Content: content, Priority: prio,
+				NextAttempt: now, Expires: now.Add(time.Duration(s.cfg.Delivery.Expiry)), Report: rep})
+		default:
+			remote = append(remote, store.RelayRecipient{Addr: r.Addr, Report: rep})
+		}
+		if fail != nil {
+			s.metrics.deliveries.WithLabelValues("rejected").Inc()
+			rw, err := s.reportWork(ctx, rep, *fail)
+			if err != nil {
+				return w, err
+			}
+			w.Deliveries = append(w.Deliveries, rw.Deliveries...)
+			w.Relays = append(w.Relays, rw.Relays...)
+		}
+	}
+	if len(remote) > 0 {
+		w.Relays = append(w.Relays, store.NewRelay{From: s.deviceAddrSpec(emsd.Address(rec.Device)), Message: out.Message,
+			Recipients: remote, NextAttempt: now, Expires: now.Add(time.Duration(s.cfg.Relay.Expiry))})
+	}
+	return w, nil
+}
+
+// copyFor returns the IPM as delivered to device to: blind-copy
+// recipients other than to itself are removed (spec emsd.md §11 T0103,
+// "Bcc hiding"). Without Bcc recipients it is the submitted octets.
+func (s *Server) copyFor(ipm *emsd.IPM, orig []byte, to emsd.Address) ([]byte, error) {
+	hasBcc := false
+	for _, r := range ipm.Heading.Recipients {
+		if r.Flags.Has(emsd.RcptBlindCopy) {
+			hasBcc = true
+			break
+		}
+	}
+	if !hasBcc {
+		return orig, nil
+	}
+	c := *ipm
+	c.Heading.Recipients = nil
+	for _, r := range ipm.Heading.Recipients {
+		if !r.Flags.Has(emsd.RcptBlindCopy) || s.designates(r.Recipient, to) {
+			c.Heading.Recipients = append(c.Heading.Recipients, r)
+		}
+	}
+	return c.Marshal(emsd.Options{})
+}
+
+func (s *Server) designates(a emsd.ORAddress, dev emsd.Address) bool {
+	if a.IsLocal {
+		return a.Local == dev
+	}
+	spec, ok := addrSpec(a.RFC822)
+	if !ok {
+		return false
+	}
+	d, ok := s.resolve(spec)
+	return ok && d == dev
+}
+
+// priorityOf maps the IPM's per-message flags to the delivery-control
+// priority scale (spec emsd.md §5): 0 non-urgent, 1 normal, 2 urgent.
+func priorityOf(ipm *emsd.IPM) uint8 {
+	switch f := ipm.Heading.Flags; {
+	case f.Has(emsd.MsgPriorityUrgent):
+		return 2
+	case f.Has(emsd.MsgPriorityNonUrgent):
+		return 0
+	}
+	return 1
+}
+
+// recoverSubmissions releases (or drops, per compat.verify_failure) the
+// submissions received before 'before' and still pending: at start, those
+// of a previous process that stopped between the RESULT and its
+// confirmation; later, any whose release failed (a store error).
+func (s *Server) recoverSubmissions(ctx context.Context, before time.Time) error {
+	pend, err := s.st.PendingSubmissions(ctx, before)
+	if err != nil {
+		return err
+	}
+	for _, rec := range pend {
+		if s.subs.add(rec.ID, 0) > 0 {
+			continue // its handler still waits for the confirmation
+		}
+		if s.cfg.Compat.VerifyFailure == "drop" {
+			if _, err := s.st.DropSubmission(ctx, rec.ID, "restart"); err != nil {
+				return err
+			}
+			continue
+		}
+		s.release(rec, "restart")
+	}
+	if len(pend) > 0 {
+		s.log.Info("resolved submissions left pending", "count", len(pend), "as", s.cfg.Compat.VerifyFailure)
+	}
+	return nil
+}

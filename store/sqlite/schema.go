@@ -1,0 +1,111 @@
+package sqlite
+
+// migrations are applied in order; migrations[i] brings the schema to
+// version i+1. Never edit a released migration: append a new one.
+//
+// Portability: only types and statements PostgreSQL also has (INTEGER ids
+// map to BIGSERIAL/BIGINT, BLOB to BYTEA); times are Unix milliseconds.
+var migrations = []string{
+	// 1: registry and counters.
+	`CREATE TABLE meta (
+		key   TEXT PRIMARY KEY,
+		value INTEGER NOT NULL
+	);
+	INSERT INTO meta (key, value) VALUES ('registry_version', 0), ('msg_day', 0), ('msg_number', 0);
+	CREATE TABLE devices (
+		address             INTEGER PRIMARY KEY,
+		password_hash       TEXT    NOT NULL DEFAULT '',
+		ip                  TEXT    NOT NULL,
+		port                INTEGER NOT NULL,
+		version             TEXT    NOT NULL,
+		mode                TEXT    NOT NULL,
+		ctl_operations      INTEGER,
+		ctl_max_length      INTEGER,
+		ctl_lowest_priority INTEGER,
+		next_instance       INTEGER NOT NULL DEFAULT 0,
+		created             INTEGER NOT NULL,
+		updated             INTEGER NOT NULL
+	);
+	CREATE INDEX devices_ip ON devices (ip, port);
+	CREATE TABLE aliases (
+		alias  TEXT PRIMARY KEY,
+		device INTEGER NOT NULL REFERENCES devices (address) ON DELETE CASCADE
+	);
+	CREATE INDEX aliases_device ON aliases (device);`,
+
+	// 2: submissions, queues and statuses.
+	`CREATE TABLE submissions (
+		id           INTEGER PRIMARY KEY,
+		device       INTEGER NOT NULL,
+		instance_id  INTEGER NOT NULL,
+		content_hash BLOB    NOT NULL,
+		content_type INTEGER NOT NULL,
+		content      BLOB    NOT NULL,
+		received     INTEGER NOT NULL,
+		local_time   INTEGER NOT NULL,
+		local_number INTEGER NOT NULL,
+		state        TEXT    NOT NULL,
+		verify       TEXT    NOT NULL DEFAULT '',
+		updated      INTEGER NOT NULL
+	);
+	CREATE INDEX submissions_dedupe ON submissions (device, instance_id, content_hash, received);
+	CREATE INDEX submissions_state ON submissions (state, received);
+	CREATE TABLE deliveries (
+		id                INTEGER PRIMARY KEY,
+		device            INTEGER NOT NULL,
+		message_id        TEXT    NOT NULL,
+		submission_time   INTEGER,
+		content_type      INTEGER NOT NULL,
+		content           BLOB    NOT NULL,
+		priority          INTEGER NOT NULL,
+		state             TEXT    NOT NULL,
+		attempts          INTEGER NOT NULL DEFAULT 0,
+		next_attempt      INTEGER NOT NULL,
+		expires           INTEGER NOT NULL,
+		created           INTEGER NOT NULL,
+		updated           INTEGER NOT NULL,
+		last_error        TEXT    NOT NULL DEFAULT '',
+		report_device     INTEGER NOT NULL DEFAULT 0,
+		report_mail       TEXT    NOT NULL DEFAULT '',
+		report_flags      INTEGER NOT NULL DEFAULT 0,
+		report_recipient  TEXT    NOT NULL DEFAULT '',
+		report_message_id TEXT    NOT NULL DEFAULT '',
+		report_headers    BLOB
+	);
+	CREATE INDEX deliveries_due ON deliveries (state, device, next_attempt);
+	CREATE INDEX deliveries_expires ON deliveries (state, expires);
+	CREATE TABLE delivery_status (
+		device     INTEGER NOT NULL,
+		message_id TEXT    NOT NULL,
+		status     INTEGER NOT NULL,
+		updated    INTEGER NOT NULL,
+		PRIMARY KEY (device, message_id)
+	);
+	CREATE TABLE relay_messages (
+		id            INTEGER PRIMARY KEY,
+		envelope_from TEXT    NOT NULL,
+		data          BLOB    NOT NULL,
+		created       INTEGER NOT NULL
+	);
+	CREATE TABLE relays (
+		id                INTEGER PRIMARY KEY,
+		message           INTEGER NOT NULL REFERENCES relay_messages (id),
+		rcpt              TEXT    NOT NULL,
+		state             TEXT    NOT NULL,
+		attempts          INTEGER NOT NULL DEFAULT 0,
+		next_attempt      INTEGER NOT NULL,
+		expires           INTEGER NOT NULL,
+		created           INTEGER NOT NULL,
+		updated           INTEGER NOT NULL,
+		last_error        TEXT    NOT NULL DEFAULT '',
+		report_device     INTEGER NOT NULL DEFAULT 0,
+		report_mail       TEXT    NOT NULL DEFAULT '',
+		report_flags      INTEGER NOT NULL DEFAULT 0,
+		report_recipient  TEXT    NOT NULL DEFAULT '',
+		report_message_id TEXT    NOT NULL DEFAULT '',
+		report_headers    BLOB
+	);
+	CREATE INDEX relays_due ON relays (state, next_attempt);
+	CREATE INDEX relays_expires ON relays (state, expires);
+	CREATE INDEX relays_message ON relays (message);`,
+}

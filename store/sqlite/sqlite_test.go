@@ -1,0 +1,327 @@
+package sqlite
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/storetest"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func openTemp(t *testing.T) *DB {
+	t.Helper()
+	db, err := Open(context.Background(), filepath.Join(t.TempDir(), FileName), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return db
+}
+
+func TestConformance(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) store.Store { return openTemp(t) })
+}
+
+func mustT(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+var t0 = time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
+
+func testDevice(addr uint32) *store.Device {
+	return &store.Device{Address: addr, IP: netip.MustParseAddr("127.0.0.1"), Port: uint16(addr % 60000),
+		Version: "1.1", Mode: store.ModeComplete}
+}
+
+// TestReopen: everything written is there after closing and reopening,
+// and the message counter continues instead of restarting.
+func TestReopen(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), FileName)
+	db, err := Open(ctx, path, nil)
+	mustT(t, err)
+	mustT(t, db.AddDevice(ctx, testDevice(198036)))
+	sub, _, err := db.AddSubmission(ctx, &store.Submission{Device: 198036, InstanceID: 3, ContentHash: []byte("h"),
+		ContentType: 32, Content: []byte("ipm"), Received: t0}, t0)
+	mustT(t, err)
+	mustT(t, db.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{{Device: 198036, MessageID: "m",
+		ContentType: 32, Content: []byte("x"), NextAttempt: t0, Expires: t0.Add(time.Hour)}}}))
+	first, err := db.ReserveInstanceIDs(ctx, 198036, 5)
+	mustT(t, err)
+	mustT(t, db.Close())
+
+	db, err = Open(ctx, path, nil)
+	mustT(t, err)
+	defer db.Close()
+	if _, err := db.Device(ctx, 198036); err != nil {
+		t.Fatal(err)
+	}
+	pend, err := db.PendingSubmissions(ctx, t0.Add(time.Second))
+	mustT(t, err)
+	if len(pend) != 1 || pend[0].ID != sub.ID || string(pend[0].Content) != "ipm" {
+		t.Errorf("pending after reopen: %+v", pend)
+	}
+	// The dedupe record survives: a re-invocation after a restart is still
+	// the same submission.
+	again, dup, err := db.AddSubmission(ctx, &store.Submission{Device: 198036, InstanceID: 3, ContentHash: []byte("h"),
+		ContentType: 32, Content: []byte("ipm"), Received: t0.Add(time.Second)}, t0)
+	mustT(t, err)
+	if !dup || again.Number != sub.Number {
+		t.Errorf("dedupe after reopen: dup=%v %+v", dup, again)
+	}
+	n, err := db.NextMessageNumber(ctx, t0)
+	mustT(t, err)
+	if n != sub.Number+1 {
+		t.Errorf("counter after reopen %d, want %d", n, sub.Number+1)
+	}
+	next, err := db.ReserveInstanceIDs(ctx, 198036, 1)
+	mustT(t, err)
+	if next != first+5 {
+		t.Errorf("instance id after reopen %d, want %d", next, first+5)
+	}
+	if d, err := db.ClaimDelivery(ctx, 198036, t0, store.Limits{}); err != nil || d.MessageID != "m" {
+		t.Errorf("delivery after reopen: %v %v", d, err)
+	}
+}
+
+// TestMigrations: a database at schema 1 with data is upgraded in place;
+// a database from a newer program is refused.
+func TestMigrations(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), FileName)
+	db, err := open(ctx, path, nil, 1)
+	mustT(t, err)
+	if v, _ := db.SchemaVersion(ctx); v != 1 {
+		t.Fatalf("version %d, want 1", v)
+	}
+	mustT(t, db.AddDevice(ctx, testDevice(7)))
+	if _, err := db.NextMessageNumber(ctx, t0); err != nil {
+		t.Fatal(err)
+	}
+	// Schema 1 has no queues yet.
+	if err := db.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{{Device: 7, MessageID: "m", Expires: t0}}}); err == nil {
+		t.Error("enqueue on schema 1 succeeded")
+	}
+	mustT(t, db.Close())
+
+	db, err = Open(ctx, path, nil)
+	mustT(t, err)
+	if v, _ := db.SchemaVersion(ctx); v != len(migrations) {
+		t.Errorf("version %d, want %d", v, len(migrations))
+	}
+	if _, err := db.Device(ctx, 7); err != nil {
+		t.Errorf("device lost in migration: %v", err)
+	}
+	if n, _ := db.NextMessageNumber(ctx, t0); n != 2 {
+		t.Errorf("counter after migration %d, want 2", n)
+	}
+	mustT(t, db.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{{Device: 7, MessageID: "m", Expires: t0}}}))
+	// Reopening applies nothing twice.
+	mustT(t, db.Close())
+	db, err = Open(ctx, path, nil)
+	mustT(t, err)
+	var rows int
+	mustT(t, db.sql.QueryRowContext(ctx, `SELECT COUNT(*) FROM schema_version`).Scan(&rows))
+	if rows != len(migrations) {
+		t.Errorf("%d schema_version rows, want %d", rows, len(migrations))
+	}
+	_, err = db.sql.ExecContext(ctx, `INSERT INTO schema_version (version, applied) VALUES (?, 0)`, len(migrations)+1)
+	mustT(t, err)
+	mustT(t, db.Close())
+	if _, err := Open(ctx, path, nil); !errors.Is(err, ErrSchemaTooNew) {
+		t.Errorf("newer schema: %v", err)
+	}
+	if _, err := Open(ctx, filepath.Join(t.TempDir(), "a?b.db"), nil); err == nil {
+		t.Error("path with '?' accepted")
+	}
+}
+
+// TestTwoHandles: two handles on one file (as the server and a device
+// command are) write concurrently without losing or failing anything.
+func TestTwoHandles(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), FileName)
+	a, err := Open(ctx, path, nil)
+	mustT(t, err)
+	defer a.Close()
+	b, err := Open(ctx, path, nil)
+	mustT(t, err)
+	defer b.Close()
+	var wg sync.WaitGroup
+	for i, db := range []*DB{a, b} {
+		wg.Go(func() {
+			for k := range 50 {
+				addr := uint32(1000*(i+1) + k)
+				if err := db.AddDevice(ctx, testDevice(addr)); err != nil {
+					t.Error(err)
+					return
+				}
+				if _, err := db.NextMessageNumber(ctx, t0); err != nil {
+					t.Error(err)
+					return
+				}
+				if err := db.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{{Device: addr, MessageID: "m",
+					Content: []byte{1}, NextAttempt: t0, Expires: t0.Add(time.Hour)}}}); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	devs, err := b.Devices(ctx)
+	mustT(t, err)
+	st, err := a.Stats(ctx)
+	mustT(t, err)
+	if len(devs) != 100 || st.Deliveries[store.DeliveryQueued] != 100 {
+		t.Errorf("%d devices, %d deliveries; want 100 each", len(devs), st.Deliveries[store.DeliveryQueued])
+	}
+	if n, _ := a.NextMessageNumber(ctx, t0); n != 101 {
+		t.Errorf("shared counter at %d, want 101", n)
+	}
+}
+
+// helperEnv names the database a re-executed test binary writes to.
+const helperEnv = "EMSDP_SQLITE_HELPER_DB"
+
+// TestHelperProcess is not a test: run as a subprocess by the tests below,
+// it adds devices and deliveries and prints each committed address.
+func TestHelperProcess(t *testing.T) {
+	path := os.Getenv(helperEnv)
+	if path == "" {
+		t.Skip("helper process only")
+	}
+	ctx := context.Background()
+	db, err := Open(ctx, path, nil)
+	if err != nil {
+		fmt.Println("open:", err)
+		os.Exit(1)
+	}
+	for k := range 100000 {
+		addr := uint32(500000 + k)
+		if err := db.AddDevice(ctx, testDevice(addr)); err != nil {
+			fmt.Println("add:", err)
+			os.Exit(1)
+		}
+		if err := db.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{{Device: addr, MessageID: "m",
+			Content: []byte{1}, NextAttempt: t0, Expires: t0.Add(time.Hour)}}}); err != nil {
+			fmt.Println("enqueue:", err)
+			os.Exit(1)
+		}
+		fmt.Println("committed", addr)
+	}
+	os.Exit(0)
+}
+
+// TestOtherProcessKilled: another process writes while this one does, and
+// is killed with SIGKILL mid-stream; everything it reported committed is
+// there, the database is intact and this process never saw an error.
+func TestOtherProcessKilled(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), FileName)
+	db, err := Open(ctx, path, nil)
+	mustT(t, err)
+	defer db.Close()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperProcess$")
+	cmd.Env = append(os.Environ(), helperEnv+"="+path)
+	out, err := cmd.StdoutPipe()
+	mustT(t, err)
+	mustT(t, cmd.Start())
+	sc := bufio.NewScanner(out)
+	var committed []uint32
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for k := 0; k < 40; k++ {
+			if err := db.AddDevice(ctx, testDevice(uint32(1+k))); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	for sc.Scan() {
+		var addr uint32
+		if _, err := fmt.Sscanf(sc.Text(), "committed %d", &addr); err != nil {
+			t.Fatalf("helper: %s", sc.Text())
+		}
+		committed = append(committed, addr)
+		if len(committed) == 60 {
+			cmd.Process.Kill()
+			break
+		}
+	}
+	cmd.Wait()
+	<-done
+	for _, addr := range committed {
+		if _, err := db.Device(ctx, addr); err != nil {
+			t.Fatalf("device %d reported committed: %v", addr, err)
+		}
+	}
+	var check string
+	mustT(t, db.sql.QueryRowContext(ctx, `PRAGMA integrity_check`).Scan(&check))
+	if check != "ok" {
+		t.Errorf("integrity check: %s", check)
+	}
+	st, err := db.Stats(ctx)
+	mustT(t, err)
+	if st.Devices < 40+len(committed) || st.Deliveries[store.DeliveryQueued] < len(committed) {
+		t.Errorf("stats %+v after %d committed", st, len(committed))
+	}
+}
+
+// TestGroupCommit: concurrent writes share transactions, yet each one
+// succeeds or fails alone: a failing write (a duplicate address) leaves
+// the writes committed with it intact.
+func TestGroupCommit(t *testing.T) {
+	db := openTemp(t)
+	defer db.Close()
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	errs := make([]error, 200)
+	for i := range errs {
+		wg.Go(func() { errs[i] = db.AddDevice(ctx, testDevice(uint32(1+i/2))) })
+	}
+	wg.Wait()
+	exists := 0
+	for _, err := range errs {
+		switch {
+		case errors.Is(err, store.ErrExists):
+			exists++
+		case err != nil:
+			t.Fatal(err)
+		}
+	}
+	devs, err := db.Devices(ctx)
+	mustT(t, err)
+	if exists != 100 || len(devs) != 100 {
+		t.Errorf("%d duplicates refused, %d devices; want 100 each", exists, len(devs))
+	}
+	// A cancelled write is not applied.
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if err := db.AddDevice(cctx, testDevice(9999)); !errors.Is(err, context.Canceled) {
+		t.Errorf("cancelled write: %v", err)
+	}
+	if _, err := db.Device(ctx, 9999); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("cancelled write applied: %v", err)
+	}
+	mustT(t, db.Close())
+	if err := db.AddDevice(ctx, testDevice(10000)); !errors.Is(err, ErrClosed) {
+		t.Errorf("write after close: %v", err)
+	}
+}

@@ -1,0 +1,340 @@
+// Package store is the durable state of the EMSD server: the device
+// registry, submissions, the per-device delivery queue, the outbound relay
+// queue, delivery statuses and the message-id counters. Store is the
+// interface the server uses; store/sqlite is the embedded implementation.
+//
+// The package knows nothing of EMSD encodings: addresses are subscriber
+// numbers, message ids are opaque strings chosen by the server, contents
+// are octets. Every method that writes does so in one transaction, so a
+// caller that got nil back knows the change is on disk (spec emsd.md §9.5:
+// commit before RESULT).
+//
+// Backends must not depend on engine-specific semantics beyond what these
+// methods promise; storetest holds the conformance tests every backend
+// runs.
+package store
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"time"
+)
+
+// Errors returned by Store methods; match with errors.Is.
+var (
+	ErrNotFound = errors.New("store: not found")
+	ErrExists   = errors.New("store: already exists")
+	// ErrConflict: the row is no longer in the state the caller expected
+	// (another actor finished it first).
+	ErrConflict = errors.New("store: state conflict")
+	// ErrBusy: the device already has a delivery in flight (one at a time,
+	// spec emsd.md §9.9).
+	ErrBusy = errors.New("store: device has a delivery in flight")
+	// ErrInvalid: a value the store refuses (e.g. device address 0).
+	ErrInvalid = errors.New("store: invalid value")
+)
+
+// Mode is a device's delivery mode (spec emsd.md §9.2).
+type Mode string
+
+// Delivery modes.
+const (
+	ModeComplete  Mode = "complete"  // 3-way deliveries, SAP 2 -> 3
+	ModeEfficient Mode = "efficient" // 2-way deliveries, SAP 6 -> 7
+)
+
+// Device is one registry entry.
+type Device struct {
+	Address      uint32 // EMSD address (subscriber number), never 0
+	PasswordHash string // HashPassword output; "" = no password
+	IP           netip.Addr
+	Port         uint16
+	Version      string   // "1.1" or "1.0"
+	Mode         Mode     // delivery mode
+	Aliases      []string // lower-case mail addresses, unique over all devices
+	Control      DeliveryControl
+	Created      time.Time
+	Updated      time.Time
+}
+
+// DeliveryControl holds the limits a device set with delivery control
+// (spec emsd.md §9.12); nil fields are unrestricted.
+type DeliveryControl struct {
+	Operations       *uint64 // permissible-operations, bit i = operation value i
+	MaxContentLength *uint32
+	LowestPriority   *uint8 // 0 non-urgent, 1 normal, 2 urgent
+}
+
+// SubmissionState is the life cycle of a submission (spec emsd.md §9.5):
+// pending from commit until the RESULT is confirmed (or verified), then
+// released (its deliveries and relays exist) or dropped.
+type SubmissionState string
+
+// Submission states.
+const (
+	SubmissionPending  SubmissionState = "pending"
+	SubmissionReleased SubmissionState = "released"
+	SubmissionDropped  SubmissionState = "dropped"
+)
+
+// Submission is a message submitted by a device.
+type Submission struct {
+	ID          int64 // assigned by AddSubmission
+	Device      uint32
+	InstanceID  uint8
+	ContentHash []byte // dedupe key with Device and InstanceID
+	ContentType uint32
+	Content     []byte
+	Received    time.Time
+	// LocalTime and Number form the local message id (spec emsd.md §6.3),
+	// assigned by AddSubmission: LocalTime is Received in seconds, Number
+	// comes from a persistent counter, so the pair never repeats.
+	LocalTime uint32
+	Number    uint32
+	State     SubmissionState
+	Verify    string // how a pending submission was resolved: "confirmed", "send", "drop", "failure", "restart"
+}
+
+// Report says what to report about a delivery or relay and to whom. The
+// server builds the reports; the store only keeps these values.
+type Report struct {
+	Device    uint32 // EMSD originator to send an EMSD report to; 0 = none
+	Mail      string // Internet sender to send a DSN to; "" = none
+	Flags     uint8  // per-recipient flags of the recipient (bits 5, 6 ask for reports)
+	Recipient string // the recipient as the reported message names it
+	MessageID string // id of the reported message, as the originator knows it
+	Headers   []byte // original header section, for a DSN
+}
+
+// DeliveryState is the state of a queued delivery to a device.
+type DeliveryState string
+
+// Delivery states. Queued -> in-flight -> delivered | failed | queued
+// (respooled); queued -> failed (expired).
+const (
+	DeliveryQueued    DeliveryState = "queued"
+	DeliveryInFlight  DeliveryState = "inflight"
+	DeliveryDelivered DeliveryState = "delivered"
+	DeliveryFailed    DeliveryState = "failed"
+)
+
+// NewDelivery is a message to queue for one device.
+type NewDelivery struct {
+	Device         uint32
+	MessageID      string  // exact id the DeliverArgument will carry (server's encoding)
+	SubmissionTime *uint32 // EMSD time for the [0] field; nil = absent
+	ContentType    uint32
+	Content        []byte // encoded in protocol 1.1
+	Priority       uint8  // 0 non-urgent, 1 normal, 2 urgent
+	NextAttempt    time.Time
+	Expires        time.Time
+	Report         Report
+}
+
+// Delivery is a queued delivery as stored.
+type Delivery struct {
+	NewDelivery
+	ID        int64
+	State     DeliveryState
+	Attempts  int // attempts started (claims)
+	Created   time.Time
+	Updated   time.Time
+	LastError string
+}
+
+// DeliveryInfo summarises one queued delivery for delivery control.
+type DeliveryInfo struct {
+	ContentType uint32
+	Length      int
+	Priority    uint8
+}
+
+// Limits restrict which deliveries ClaimDelivery may take.
+type Limits struct {
+	MaxContentLength *uint32
+	LowestPriority   *uint8
+}
+
+// DeliveryResult ends an in-flight (or expires a queued) delivery.
+type DeliveryResult struct {
+	State       DeliveryState // queued (respool), delivered or failed
+	NextAttempt time.Time     // for queued
+	Error       string
+	// Status, when non-zero, is recorded for delivery verify under the
+	// delivery's device and message id (spec emsd.md §9.13).
+	Status uint8
+	// Requeue, for State queued: undo the claim's attempt count (the
+	// attempt never reached the device, e.g. on shutdown).
+	Requeue bool
+	Work    Work // reports and the like, created in the same transaction
+}
+
+// RelayState is the state of one outbound recipient.
+type RelayState string
+
+// Relay states: queued -> sending -> sent | failed | queued.
+const (
+	RelayQueued  RelayState = "queued"
+	RelaySending RelayState = "sending"
+	RelaySent    RelayState = "sent"
+	RelayFailed  RelayState = "failed"
+)
+
+// NewRelay is one RFC 5322 message to relay to Internet recipients.
+type NewRelay struct {
+	From        string // envelope sender; "" = null sender (DSNs)
+	Message     []byte
+	Recipients  []RelayRecipient
+	NextAttempt time.Time
+	Expires     time.Time
+}
+
+// RelayRecipient is one envelope recipient of a relay.
+type RelayRecipient struct {
+	ID        int64 // assigned by the store
+	Addr      string
+	Report    Report
+	State     RelayState
+	Attempts  int
+	Expires   time.Time
+	LastError string
+}
+
+// RelayBatch is the due recipients of one relay message.
+type RelayBatch struct {
+	MessageRef int64
+	From       string
+	Message    []byte
+	Recipients []RelayRecipient
+}
+
+// RelayResult ends one recipient of a claimed (sending) or expired (queued)
+// relay.
+type RelayResult struct {
+	ID          int64
+	From        RelayState // expected current state
+	State       RelayState // queued, sent or failed
+	NextAttempt time.Time
+	Error       string
+	Requeue     bool // for queued: undo the claim's attempt count
+}
+
+// Work is new queue entries written atomically with another change.
+type Work struct {
+	Deliveries []NewDelivery
+	Relays     []NewRelay
+}
+
+// Empty reports whether w holds nothing.
+func (w Work) Empty() bool { return len(w.Deliveries) == 0 && len(w.Relays) == 0 }
+
+// Stats are queue sizes by state.
+type Stats struct {
+	Devices            int
+	SubmissionsPending int
+	Deliveries         map[DeliveryState]int
+	Relays             map[RelayState]int
+}
+
+// Recovered counts what Recover put back.
+type Recovered struct {
+	Deliveries int // in-flight deliveries re-queued
+	Relays     int // sending relays re-queued
+}
+
+// Store is the durable state of the server. All methods are safe for
+// concurrent use, also by several processes on one database (the device
+// commands edit the registry while the server runs).
+type Store interface {
+	// AddDevice adds d (ErrExists when the address or an alias is taken).
+	AddDevice(ctx context.Context, d *Device) error
+	// UpdateDevice replaces d's registry fields (password hash, network
+	// address, version, mode, aliases) but not its delivery control.
+	UpdateDevice(ctx context.Context, d *Device) error
+	// RemoveDevice deletes a device and its aliases.
+	RemoveDevice(ctx context.Context, addr uint32) error
+	Device(ctx context.Context, addr uint32) (*Device, error)
+	// Devices lists the registry in address order.
+	Devices(ctx context.Context) ([]*Device, error)
+	// SetDeliveryControl replaces a device's delivery-control limits.
+	SetDeliveryControl(ctx context.Context, addr uint32, c DeliveryControl) error
+	// RegistryVersion changes whenever the registry does, so that a
+	// running server notices edits made by another process.
+	RegistryVersion(ctx context.Context) (int64, error)
+	// ReserveInstanceIDs reserves n consecutive instance ids (mod 256) for
+	// operations towards a device and returns the first. The counter is
+	// persistent, so ids keep advancing across restarts (spec emsd.md §1.5).
+	ReserveInstanceIDs(ctx context.Context, addr uint32, n int) (uint8, error)
+	// NextMessageNumber returns a daily message number for a local message
+	// id with submission time t; (t in seconds, number) never repeats.
+	NextMessageNumber(ctx context.Context, t time.Time) (uint32, error)
+
+	// AddSubmission commits a submission in state pending and assigns its
+	// local message id. If the same device submitted the same instance id
+	// and content hash at or after dedupeSince, it returns that submission
+	// instead and dup = true.
+	AddSubmission(ctx context.Context, s *Submission, dedupeSince time.Time) (rec *Submission, dup bool, err error)
+	// ReleaseSubmission moves a pending submission to released and queues
+	// w in the same transaction. released is false (and nothing is
+	// queued) when it was not pending.
+	ReleaseSubmission(ctx context.Context, id int64, verify string, w Work) (released bool, err error)
+	// DropSubmission moves a pending submission to dropped.
+	DropSubmission(ctx context.Context, id int64, verify string) (dropped bool, err error)
+	// PendingSubmissions lists pending submissions received before
+	// 'before', oldest first.
+	PendingSubmissions(ctx context.Context, before time.Time) ([]*Submission, error)
+
+	// Enqueue writes w atomically.
+	Enqueue(ctx context.Context, w Work) error
+
+	// WakeDevice makes every queued delivery of the device due at now
+	// (spec emsd.md §9.4) and returns how many it moved.
+	WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, error)
+	// DueDevices lists devices with a queued delivery due at now.
+	DueDevices(ctx context.Context, now time.Time) ([]uint32, error)
+	// NextDue is the earliest next attempt or expiry after 'after' of
+	// queued deliveries and relays; ok is false when there is none.
+	// (Entries already due are the caller's business: a delivery held back
+	// by delivery control must not make a scheduler spin.)
+	NextDue(ctx context.Context, after time.Time) (t time.Time, ok bool, err error)
+	// ClaimDelivery takes the device's oldest due queued delivery within
+	// lim, moves it to in-flight and counts an attempt. ErrNotFound: none;
+	// ErrBusy: the device already has one in flight.
+	ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim Limits) (*Delivery, error)
+	// FinishDelivery moves a delivery from state 'from' as r says, records
+	// r.Status and queues r.Work, in one transaction. ErrConflict: the
+	// delivery is not in state 'from'.
+	FinishDelivery(ctx context.Context, id int64, from DeliveryState, r DeliveryResult) error
+	// ExpiredDeliveries lists queued deliveries whose expiry is at or
+	// before now.
+	ExpiredDeliveries(ctx context.Context, now time.Time, limit int) ([]*Delivery, error)
+	// QueuedDeliveries summarises a device's queued deliveries.
+	QueuedDeliveries(ctx context.Context, addr uint32) ([]DeliveryInfo, error)
+	// DeliveryStatus returns the status recorded for a message id
+	// delivered to a device (ErrNotFound: none).
+	DeliveryStatus(ctx context.Context, addr uint32, messageID string) (uint8, error)
+
+	// ClaimRelays moves up to limit due queued relay recipients to
+	// sending, counts an attempt each and returns them grouped by message.
+	ClaimRelays(ctx context.Context, now time.Time, limit int) ([]*RelayBatch, error)
+	// FinishRelays applies rs and queues w in one transaction;
+	// ErrConflict if any recipient is not in its expected state (then
+	// nothing is applied).
+	FinishRelays(ctx context.Context, rs []RelayResult, w Work) error
+	// ExpiredRelays lists queued relay recipients whose expiry is at or
+	// before now, grouped by message.
+	ExpiredRelays(ctx context.Context, now time.Time, limit int) ([]*RelayBatch, error)
+
+	// Recover re-queues deliveries and relays left in flight by a process
+	// that stopped without finishing them. Only the server calls it, at
+	// start.
+	Recover(ctx context.Context) (Recovered, error)
+	// Purge deletes finished deliveries, relays and submissions last
+	// changed before 'before', and statuses older than statusBefore.
+	Purge(ctx context.Context, before, statusBefore time.Time) (int, error)
+	Stats(ctx context.Context) (Stats, error)
+	// Ping checks that the store answers.
+	Ping(ctx context.Context) error
+	Close() error
+}
