@@ -385,9 +385,10 @@ func FuzzSplitAddresses(f *testing.F) {
 }
 
 // uaE2ETimers are the ESRO timers of the end-to-end test, on every end:
-// short, but long enough for the server's password hashing on a busy
-// machine.
-const uaE2ETimers = "--ack-delay=10ms --roundtrip=100ms --retransmit=150ms --nsdu-lifetime=100ms --retries=5"
+// short, but with a performer timeout (T_noresp = 2L + (N+1)(R+RT), 3.8 s)
+// long enough for the server's first bcrypt check of a password under the
+// race detector on a busy machine.
+const uaE2ETimers = "--ack-delay=10ms --roundtrip=100ms --retransmit=300ms --nsdu-lifetime=100ms --retries=8"
 
 // uaBackground runs one emsdp command until the test ends, and waits for
 // ready on its stderr.
@@ -447,7 +448,7 @@ func TestUAWithServer(t *testing.T) {
 	data := filepath.Join(dir, "data")
 	cfg := filepath.Join(dir, "emsdp.toml")
 	timers := strings.Fields(uaE2ETimers)
-	toml := "domain = \"emsd.test\"\n[esro]\nack_delay = \"10ms\"\nroundtrip = \"100ms\"\nretransmit = \"150ms\"\nnsdu_lifetime = \"100ms\"\nretries = 5\n" +
+	toml := "domain = \"emsd.test\"\n[esro]\nack_delay = \"10ms\"\nroundtrip = \"100ms\"\nretransmit = \"300ms\"\nnsdu_lifetime = \"100ms\"\nretries = 8\n" +
 		"[delivery]\nretry = [\"200ms\"]\n[store]\nregistry_poll = \"50ms\"\n"
 	if err := os.WriteFile(cfg, []byte(toml), 0o600); err != nil {
 		t.Fatal(err)
