@@ -126,7 +126,9 @@ type Config struct {
 	// IP address, all ports together, so that a flood from one address
 	// (with forged ports) cannot take the whole MaxInvocations budget. One
 	// port can never hold more than 256 (the reference numbers). Zero:
-	// 4096, room for a NAT gateway standing in for many devices.
+	// 16384 (a quarter of the default MaxInvocations): room for a NAT
+	// gateway or one host standing in for many devices, each on its own
+	// port.
 	MaxPeerInvocations int
 
 	// IPOnlyPeers identifies peers by IP address alone, ignoring the UDP
@@ -186,7 +188,7 @@ func (c *Config) resolved() (Config, error) {
 		r.MaxInvocations = 65536
 	}
 	if r.MaxPeerInvocations == 0 {
-		r.MaxPeerInvocations = 4096
+		r.MaxPeerInvocations = 16384
 	}
 	if r.MaxInvocations < 0 || r.MaxPeerInvocations < 0 {
 		return r, fmt.Errorf("esro: negative invocation limit")

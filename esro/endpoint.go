@@ -16,9 +16,10 @@ import (
 // sends invocations to peers (spec esro.md §7). All methods are safe for
 // concurrent use.
 type Endpoint struct {
-	conn net.PacketConn
-	fast udpAddrPortConn // conn's allocation-free methods, when it has them
-	log  *slog.Logger
+	conn  net.PacketConn
+	fast  udpAddrPortConn // conn's allocation-free methods, when it has them
+	batch batchIO         // batched I/O on a plain UDP socket, where supported
+	log   *slog.Logger
 
 	mu      sync.Mutex
 	m       *machine
@@ -38,6 +39,16 @@ type Endpoint struct {
 type udpAddrPortConn interface {
 	ReadFromUDPAddrPort(b []byte) (int, netip.AddrPort, error)
 	WriteToUDPAddrPort(b []byte, addr netip.AddrPort) (int, error)
+}
+
+// batchIO moves several datagrams per system call (batch_linux.go).
+type batchIO interface {
+	// read waits for one or more datagrams and returns how many arrived.
+	read() (int, error)
+	// datagram returns datagram i of the last read; valid until the next.
+	datagram(i int) ([]byte, netip.AddrPort)
+	// write sends out and counts each datagram as sent or failed.
+	write(out []outgoing, st *counters, log *slog.Logger)
 }
 
 // Listen opens a UDP socket on address ("host:port"; network "udp", "udp4"
@@ -60,7 +71,10 @@ func Listen(network, address string, cfg *Config) (*Endpoint, error) {
 
 // NewEndpoint starts an Endpoint on conn, which it owns from then on: Close
 // closes it. conn may be any net.PacketConn whose addresses are *net.UDPAddr
-// (a UDP socket, or an in-memory network in tests).
+// (a UDP socket, or an in-memory network in tests). On Linux a
+// *net.UDPConn itself is read with recvmmsg and written with sendmmsg, so
+// that datagrams queued at a busy socket cost one system call together;
+// wrapped or other connections are used through their methods.
 func NewEndpoint(conn net.PacketConn, cfg *Config) (*Endpoint, error) {
 	c, err := cfg.resolved()
 	if err != nil {
@@ -68,6 +82,7 @@ func NewEndpoint(conn net.PacketConn, cfg *Config) (*Endpoint, error) {
 	}
 	e := &Endpoint{conn: conn, log: c.Logger, closed: make(chan struct{})}
 	e.fast, _ = conn.(udpAddrPortConn)
+	e.batch = newBatchConn(conn)
 	e.outs.New = func() any { s := make([]outgoing, 0, 4); return &s }
 	e.m = newMachine(c, &e.st, e)
 	e.loops.Add(1)
@@ -156,6 +171,9 @@ func (e *Endpoint) Invoke(ctx context.Context, req *Request) (*Result, error) {
 		e.mu.Unlock()
 		<-inv.done
 	}
+	// The machine sends exactly one token and never touches the channel
+	// after: it can serve another invocation.
+	e.m.recycleToken(inv.done)
 	return inv.res, inv.err
 }
 
@@ -207,14 +225,20 @@ func (e *Endpoint) Close() error {
 
 func (e *Endpoint) readLoop() {
 	defer e.loops.Done()
-	buf := make([]byte, maxDatagram+1)
+	var buf []byte
+	if e.batch == nil {
+		buf = make([]byte, maxDatagram+1)
+	}
 	for {
 		var n int
 		var from netip.AddrPort
 		var err error
-		if e.fast != nil {
+		switch {
+		case e.batch != nil:
+			n, err = e.batch.read()
+		case e.fast != nil:
 			n, from, err = e.fast.ReadFromUDPAddrPort(buf)
-		} else {
+		default:
 			var a net.Addr
 			n, a, err = e.conn.ReadFrom(buf)
 			if ua, ok := a.(*net.UDPAddr); ok {
@@ -240,16 +264,23 @@ func (e *Endpoint) readLoop() {
 			}
 			continue
 		}
-		if !from.IsValid() {
-			continue
-		}
 		now := time.Now()
 		e.mu.Lock()
 		if e.m.closed {
 			e.mu.Unlock()
 			return
 		}
-		e.m.receive(now, buf[:n], from)
+		if e.batch != nil {
+			// Everything that queued up goes through the machine in one
+			// critical section, and the replies out in one flush.
+			for i := range n {
+				if b, from := e.batch.datagram(i); from.IsValid() {
+					e.m.receive(now, b, from)
+				}
+			}
+		} else if from.IsValid() {
+			e.m.receive(now, buf[:n], from)
+		}
 		out := e.takeOut()
 		e.rearm(now)
 		e.mu.Unlock()
@@ -310,28 +341,36 @@ func (e *Endpoint) flush(out *[]outgoing) {
 		return
 	}
 	defer e.sending.Done()
-	for i := range *out {
-		o := &(*out)[i]
-		b := o.payload()
-		var err error
-		if e.fast != nil {
-			_, err = e.fast.WriteToUDPAddrPort(b, o.to)
-		} else {
-			_, err = e.conn.WriteTo(b, net.UDPAddrFromAddrPort(o.to))
+	if e.batch != nil && len(*out) > 1 {
+		e.batch.write(*out, &e.st, e.log)
+	} else {
+		for i := range *out {
+			e.send(&(*out)[i])
 		}
-		if err != nil {
-			// Like any datagram loss: retransmission or the peer's own
-			// timers recover.
-			e.st.sendErrors.Add(1)
-			e.log.Debug("esro: send", "to", o.to, "err", err)
-			continue
-		}
-		e.st.datagramsOut.Add(1)
-		e.st.bytesOut.Add(uint64(len(b)))
 	}
 	clear(*out) // drop references to PDU buffers
 	*out = (*out)[:0]
 	e.outs.Put(out)
+}
+
+// send writes one datagram.
+func (e *Endpoint) send(o *outgoing) {
+	b := o.payload()
+	var err error
+	if e.fast != nil {
+		_, err = e.fast.WriteToUDPAddrPort(b, o.to)
+	} else {
+		_, err = e.conn.WriteTo(b, net.UDPAddrFromAddrPort(o.to))
+	}
+	if err != nil {
+		// Like any datagram loss: retransmission or the peer's own timers
+		// recover.
+		e.st.sendErrors.Add(1)
+		e.log.Debug("esro: send", "to", o.to, "err", err)
+		return
+	}
+	e.st.datagramsOut.Add(1)
+	e.st.bytesOut.Add(uint64(len(b)))
 }
 
 // indicate runs the handler of a new performer invocation in its own
@@ -373,9 +412,20 @@ func (r *responder) Error(enc Encoding, value uint8, data []byte) error {
 }
 
 func (r *responder) Confirmed(ctx context.Context) error {
+	r.e.mu.Lock()
+	if r.inv.finished {
+		err := r.inv.err
+		r.e.mu.Unlock()
+		return err
+	}
+	if r.inv.done == nil {
+		r.inv.done = make(chan struct{})
+	}
+	done := r.inv.done
+	r.e.mu.Unlock()
 	select {
-	case <-r.inv.done:
-		return r.inv.err
+	case <-done:
+		return r.inv.err // written before done was closed
 	case <-ctx.Done():
 		return ctx.Err()
 	}

@@ -99,9 +99,12 @@ func checkInvariants(t *testing.T, m *machine) {
 	if int(m.st.inflightInv.Load()) != len(m.invokers) || int(m.st.inflightPerf.Load()) != len(m.performers) {
 		t.Fatal("in-flight gauges disagree with the tables")
 	}
-	for i, inv := range m.timers {
-		if inv.hidx != i || inv.timer == tNone || inv.st == stReleased {
+	for i, e := range m.timers {
+		if inv := e.inv; inv.hidx != i || inv.timer == tNone || inv.st == stReleased {
 			t.Fatalf("timer heap entry %d: %+v", i, inv)
+		}
+		if p := (i - 1) / 2; i > 0 && m.timers[p].at > e.at {
+			t.Fatalf("timer heap out of order at %d", i)
 		}
 	}
 	active := 0

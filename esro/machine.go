@@ -1,12 +1,12 @@
 package esro
 
 import (
-	"container/heap"
 	"context"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net/netip"
+	"sync"
 	"time"
 )
 
@@ -70,6 +70,8 @@ type machine struct {
 	idlePeers  int
 	nextRef    uint8
 	timers     timerHeap
+	epoch      time.Time // origin of the timer heap's integer deadlines
+	tokens     sync.Pool // of chan struct{}, see invocation.done
 
 	active  int           // invocations in a state that Shutdown waits for
 	drained chan struct{} // closed when closing and active reaches 0
@@ -160,25 +162,30 @@ const (
 
 // invocation is one ESRO invocation in either role.
 type invocation struct {
-	key      invKey
-	addr     netip.AddrPort // where its PDUs go: the full address even in IP-only mode
-	peer     *peer
-	perf     bool
-	hs       Handshake
-	st       state
-	sap      uint8
-	kept     []byte // the PDU retransmitted from a copy
-	k        int    // timer retransmissions done
-	timer    timerKind
-	deadline time.Time
-	hidx     int
-	sentAt   time.Time // when kept was first sent, for RTT samples
-	resent   bool      // kept was sent more than once (Karn: no RTT sample)
+	key    invKey
+	addr   netip.AddrPort // where its PDUs go: the full address even in IP-only mode
+	peer   *peer
+	perf   bool
+	hs     Handshake
+	st     state
+	sap    uint8
+	kept   []byte // the PDU retransmitted from a copy
+	k      int    // timer retransmissions done
+	timer  timerKind
+	hidx   int       // index in machine.timers, -1 when no timer runs
+	sentAt time.Time // when kept was first sent, for RTT samples
+	resent bool      // kept was sent more than once (Karn: no RTT sample)
 
 	// Outcome: invoker result or error; performer confirm error. Written
-	// before done is closed.
-	res  *Result
-	err  error
+	// once, before finished is set and done signalled.
+	res      *Result
+	err      error
+	finished bool
+	// done signals the outcome. An invoker's carries one token, which the
+	// Invoke call waiting for it takes before recycling the channel
+	// (machine.tokens): one allocation less per invocation. A performer's
+	// is closed, and made only when someone waits (Confirmed), as most
+	// handlers do not.
 	done chan struct{}
 	// result holds the invoker's RESULT, so that it needs no allocation
 	// of its own; res points here.
@@ -233,6 +240,7 @@ func newMachine(cfg Config, st *counters, ev events) *machine {
 		peers:      make(map[netip.AddrPort]*peer),
 		perfPerIP:  make(map[netip.Addr]int),
 		drained:    make(chan struct{}),
+		epoch:      time.Now(),
 	}
 	// A random first number makes re-use of recent numbers after a restart
 	// unlikely (spec esro.md §4, Open Point 17).
@@ -324,17 +332,18 @@ func (m *machine) sendAck(inv *invocation) {
 // ---- timers ----
 
 func (m *machine) arm(inv *invocation, k timerKind, at time.Time) {
-	inv.timer, inv.deadline = k, at
+	inv.timer = k
+	d := int64(at.Sub(m.epoch))
 	if inv.hidx >= 0 {
-		heap.Fix(&m.timers, inv.hidx)
+		m.timers.fix(inv.hidx, d)
 	} else {
-		heap.Push(&m.timers, inv)
+		m.timers.push(inv, d)
 	}
 }
 
 func (m *machine) disarm(inv *invocation) {
 	if inv.hidx >= 0 {
-		heap.Remove(&m.timers, inv.hidx)
+		m.timers.remove(inv.hidx)
 	}
 	inv.timer = tNone
 }
@@ -344,13 +353,14 @@ func (m *machine) nextDeadline() (time.Time, bool) {
 	if len(m.timers) == 0 {
 		return time.Time{}, false
 	}
-	return m.timers[0].deadline, true
+	return m.epoch.Add(time.Duration(m.timers[0].at)), true
 }
 
 // advance fires every timer due at now.
 func (m *machine) advance(now time.Time) {
-	for len(m.timers) > 0 && !m.timers[0].deadline.After(now) {
-		inv := heap.Pop(&m.timers).(*invocation)
+	due := int64(now.Sub(m.epoch))
+	for len(m.timers) > 0 && m.timers[0].at <= due {
+		inv := m.timers.pop()
 		k := inv.timer
 		inv.timer = tNone
 		m.expire(now, inv, k)
@@ -474,7 +484,6 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 	m.perfPerIP[from.Addr()]++
 	inv := &invocation{
 		key: key, addr: from, peer: pr, perf: true, hs: bd.hs, sap: p.SAP, hidx: -1,
-		done: make(chan struct{}),
 		call: Invocation{
 			Peer: from, SAP: p.SAP, RemoteSAP: p.SAP - 1, Ref: p.Ref,
 			Operation: p.Operation, Encoding: p.Encoding, Handshake: bd.hs,
@@ -650,25 +659,23 @@ func (m *machine) localFailure(r FailureReason, cause error) *Failure {
 // ---- completion and release ----
 
 func (m *machine) finishInvoker(inv *invocation, res *Result, err error) {
-	select {
-	case <-inv.done:
+	if inv.finished {
 		return
-	default:
 	}
-	inv.res, inv.err = res, err
-	close(inv.done)
+	inv.res, inv.err, inv.finished = res, err, true
+	inv.done <- struct{}{} // never blocks: one slot, one token
 }
 
 // finishPerformer records the end of a performer invocation: nil for a
 // confirm, else the failure. A handler still working is cancelled.
 func (m *machine) finishPerformer(inv *invocation, err error) {
-	select {
-	case <-inv.done:
+	if inv.finished {
 		return
-	default:
 	}
-	inv.err = err
-	close(inv.done)
+	inv.err, inv.finished = err, true
+	if inv.done != nil {
+		close(inv.done)
+	}
 	if inv.cancel != nil && !inv.answered {
 		inv.cancel(err)
 	}
@@ -733,7 +740,7 @@ func (m *machine) invoke(now time.Time, req *Request, to netip.AddrPort) (*invoc
 	}
 	inv := &invocation{
 		key: invKey{pk, ref}, addr: to, peer: p, hs: req.Handshake, hidx: -1,
-		kept: kept, sentAt: now, done: make(chan struct{}),
+		kept: kept, sentAt: now, done: m.token(),
 	}
 	m.invokers[inv.key] = inv
 	m.st.inflightInv.Add(1)
@@ -762,6 +769,17 @@ func (m *machine) allocRef(p *peer) (uint8, bool) {
 	}
 	return 0, false
 }
+
+// token returns a channel for an invoker's outcome: recycled, or new.
+// Invoke gives it back with recycleToken once it has taken the token.
+func (m *machine) token() chan struct{} {
+	if c, ok := m.tokens.Get().(chan struct{}); ok {
+		return c
+	}
+	return make(chan struct{}, 1)
+}
+
+func (m *machine) recycleToken(c chan struct{}) { m.tokens.Put(c) }
 
 func (m *machine) freeRef(p *peer, r uint8) {
 	p.held[r>>6] &^= 1 << (r & 63)
@@ -892,29 +910,4 @@ func (m *machine) close() {
 		p.waiters = nil
 	}
 	m.signalDrained()
-}
-
-// ---- timer heap ----
-
-type timerHeap []*invocation
-
-func (h timerHeap) Len() int           { return len(h) }
-func (h timerHeap) Less(i, j int) bool { return h[i].deadline.Before(h[j].deadline) }
-func (h timerHeap) Swap(i, j int) {
-	h[i], h[j] = h[j], h[i]
-	h[i].hidx, h[j].hidx = i, j
-}
-func (h *timerHeap) Push(x any) {
-	inv := x.(*invocation)
-	inv.hidx = len(*h)
-	*h = append(*h, inv)
-}
-func (h *timerHeap) Pop() any {
-	old := *h
-	n := len(old)
-	inv := old[n-1]
-	old[n-1] = nil
-	inv.hidx = -1
-	*h = old[:n-1]
-	return inv
 }

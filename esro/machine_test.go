@@ -120,14 +120,7 @@ func (m *machine) takeOut() []outgoing {
 	return o
 }
 
-func isDone(inv *invocation) bool {
-	select {
-	case <-inv.done:
-		return true
-	default:
-		return false
-	}
-}
+func isDone(inv *invocation) bool { return inv.finished }
 
 func (h *harness) bind(sap uint8, hs Handshake) {
 	h.t.Helper()
