@@ -257,7 +257,9 @@ type Store interface {
 	Device(ctx context.Context, addr uint32) (*Device, error)
 	// Devices lists the registry in address order.
 	Devices(ctx context.Context) ([]*Device, error)
-	// SetDeliveryControl replaces a device's delivery-control limits.
+	// SetDeliveryControl replaces a device's delivery-control limits. It
+	// changes RegistryVersion, so that every server sharing the store
+	// applies the new limits.
 	SetDeliveryControl(ctx context.Context, addr uint32, c DeliveryControl) error
 	// RegistryVersion changes whenever the registry does, so that a
 	// running server notices edits made by another process.
@@ -267,7 +269,9 @@ type Store interface {
 	// persistent, so ids keep advancing across restarts (spec emsd.md §1.5).
 	ReserveInstanceIDs(ctx context.Context, addr uint32, n int) (uint8, error)
 	// NextMessageNumber returns a daily message number for a local message
-	// id with submission time t; (t in seconds, number) never repeats.
+	// id with submission time t; (t in seconds, number) never repeats,
+	// across restarts and across servers sharing the store. Numbers may
+	// skip.
 	NextMessageNumber(ctx context.Context, t time.Time) (uint32, error)
 
 	// AddSubmission commits a submission in state pending and assigns its
@@ -282,7 +286,9 @@ type Store interface {
 	// DropSubmission moves a pending submission to dropped.
 	DropSubmission(ctx context.Context, id int64, verify string) (dropped bool, err error)
 	// PendingSubmissions lists pending submissions received before
-	// 'before', oldest first.
+	// 'before', oldest first, that this handle or a process that is gone
+	// received; never those a live server sharing the store is still
+	// confirming.
 	PendingSubmissions(ctx context.Context, before time.Time) ([]*Submission, error)
 
 	// Enqueue writes w atomically.
@@ -300,7 +306,8 @@ type Store interface {
 	NextDue(ctx context.Context, after time.Time) (t time.Time, ok bool, err error)
 	// ClaimDelivery takes the device's oldest due queued delivery within
 	// lim, moves it to in-flight and counts an attempt. ErrNotFound: none;
-	// ErrBusy: the device already has one in flight.
+	// ErrBusy: the device already has one in flight (on any server sharing
+	// the store). Only the claiming handle may finish the delivery.
 	ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim Limits) (*Delivery, error)
 	// FinishDelivery moves a delivery from state 'from' as r says, records
 	// r.Status and queues r.Work, in one transaction. ErrConflict: the
@@ -326,9 +333,10 @@ type Store interface {
 	// before now, grouped by message.
 	ExpiredRelays(ctx context.Context, now time.Time, limit int) ([]*RelayBatch, error)
 
-	// Recover re-queues deliveries and relays left in flight by a process
-	// that stopped without finishing them. Only the server calls it, at
-	// start.
+	// Recover re-queues deliveries and relays left in flight by this
+	// handle or by processes that are gone (stopped without finishing
+	// them); never a live server's work. The server calls it at start,
+	// with nothing of its own in flight.
 	Recover(ctx context.Context) (Recovered, error)
 	// Purge deletes finished deliveries, relays and submissions last
 	// changed before 'before', and statuses older than statusBefore.

@@ -420,8 +420,8 @@ func ctlPrio(c store.DeliveryControl) any {
 	return int64(*c.LowestPriority)
 }
 
-// SetDeliveryControl replaces a device's delivery-control limits. It does
-// not change RegistryVersion: only the server sets these and it knows.
+// SetDeliveryControl replaces a device's delivery-control limits and, like
+// every registry edit, changes RegistryVersion.
 func (s *DB) SetDeliveryControl(ctx context.Context, addr uint32, c store.DeliveryControl) error {
 	return s.tx(ctx, func(tx *sql.Tx) error {
 		r, err := tx.ExecContext(ctx, `UPDATE devices SET ctl_operations = ?, ctl_max_length = ?, ctl_lowest_priority = ?
@@ -432,7 +432,7 @@ func (s *DB) SetDeliveryControl(ctx context.Context, addr uint32, c store.Delive
 		if n, _ := r.RowsAffected(); n == 0 {
 			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 		}
-		return nil
+		return bumpRegistry(ctx, tx)
 	})
 }
 

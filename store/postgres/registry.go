@@ -1,0 +1,335 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+func validDevice(d *store.Device) error {
+	switch {
+	case d.Address == 0:
+		return fmt.Errorf("%w: device address 0", store.ErrInvalid)
+	case !d.IP.IsValid():
+		return fmt.Errorf("%w: device IP address missing", store.ErrInvalid)
+	case d.Version == "":
+		return fmt.Errorf("%w: device protocol version missing", store.ErrInvalid)
+	case d.Mode != store.ModeComplete && d.Mode != store.ModeEfficient:
+		return fmt.Errorf("%w: delivery mode %q", store.ErrInvalid, d.Mode)
+	}
+	return nil
+}
+
+func normAliases(a []string) []string {
+	out := make([]string, 0, len(a))
+	for _, s := range a {
+		s = strings.ToLower(strings.TrimSpace(s))
+		if s != "" && !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// bumpRegistry comes first in every registry transaction: the row lock
+// orders registry edits across processes (no lock-order deadlocks with
+// the alias inserts) and the new version commits with the change.
+func bumpRegistry(ctx context.Context, tx pgx.Tx) error {
+	if _, err := tx.Exec(ctx, `UPDATE registry_version SET version = version + 1`); err != nil {
+		return errorf("registry version", err)
+	}
+	return nil
+}
+
+func insertAliases(ctx context.Context, tx pgx.Tx, addr uint32, aliases []string) error {
+	if len(aliases) == 0 {
+		return nil
+	}
+	b := make([][]byte, len(aliases))
+	for i, a := range aliases {
+		b[i] = []byte(a)
+	}
+	// DO NOTHING instead of an error: a concurrent insert of the same
+	// alias is waited for, then counted as taken.
+	t, err := tx.Exec(ctx, `INSERT INTO aliases (alias, device) SELECT a, $2 FROM unnest($1::bytea[]) AS a
+		ON CONFLICT (alias) DO NOTHING`, b, int64(addr))
+	if err != nil {
+		return errorf("alias", err)
+	}
+	if int(t.RowsAffected()) == len(aliases) {
+		return nil
+	}
+	var taken []byte
+	err = tx.QueryRow(ctx, `SELECT alias FROM aliases WHERE alias = ANY($1::bytea[]) AND device <> $2 ORDER BY alias LIMIT 1`,
+		b, int64(addr)).Scan(&taken)
+	if err != nil {
+		return fmt.Errorf("%w: alias", store.ErrExists)
+	}
+	return fmt.Errorf("%w: alias %s", store.ErrExists, taken)
+}
+
+// AddDevice adds a registry entry.
+func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
+	if err := validDevice(d); err != nil {
+		return err
+	}
+	now := ms(time.Now())
+	aliases := normAliases(d.Aliases)
+	return s.tx(ctx, func(tx pgx.Tx) error {
+		if err := bumpRegistry(ctx, tx); err != nil {
+			return err
+		}
+		t, err := tx.Exec(ctx, `INSERT INTO devices (address, password_hash, ip, port, version, mode,
+			ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT (address) DO NOTHING`,
+			int64(d.Address), octets(d.PasswordHash), d.IP.String(), int32(d.Port), octets(d.Version), string(d.Mode),
+			ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now)
+		if err != nil {
+			return errorf("add device", err)
+		}
+		if t.RowsAffected() == 0 {
+			return fmt.Errorf("%w: device %d", store.ErrExists, d.Address)
+		}
+		return insertAliases(ctx, tx, d.Address, aliases)
+	})
+}
+
+// UpdateDevice replaces a device's registry fields.
+func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
+	if err := validDevice(d); err != nil {
+		return err
+	}
+	aliases := normAliases(d.Aliases)
+	return s.tx(ctx, func(tx pgx.Tx) error {
+		if err := bumpRegistry(ctx, tx); err != nil {
+			return err
+		}
+		t, err := tx.Exec(ctx, `UPDATE devices SET password_hash = $1, ip = $2, port = $3, version = $4, mode = $5,
+			updated = $6 WHERE address = $7`,
+			octets(d.PasswordHash), d.IP.String(), int32(d.Port), octets(d.Version), string(d.Mode), ms(time.Now()),
+			int64(d.Address))
+		if err != nil {
+			return errorf("update device", err)
+		}
+		if t.RowsAffected() == 0 {
+			return fmt.Errorf("%w: device %d", store.ErrNotFound, d.Address)
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM aliases WHERE device = $1`, int64(d.Address)); err != nil {
+			return errorf("update device", err)
+		}
+		return insertAliases(ctx, tx, d.Address, aliases)
+	})
+}
+
+// RemoveDevice deletes a device and its aliases.
+func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
+	return s.tx(ctx, func(tx pgx.Tx) error {
+		if err := bumpRegistry(ctx, tx); err != nil {
+			return err
+		}
+		// Aliases go by ON DELETE CASCADE.
+		t, err := tx.Exec(ctx, `DELETE FROM devices WHERE address = $1`, int64(addr))
+		if err != nil {
+			return errorf("remove device", err)
+		}
+		if t.RowsAffected() == 0 {
+			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+		}
+		return nil
+	})
+}
+
+// deviceQuery reads devices with their aliases in one statement, hence
+// one snapshot.
+const deviceQuery = `SELECT d.address, d.password_hash, d.ip, d.port, d.version, d.mode, d.ctl_operations,
+	d.ctl_max_length, d.ctl_lowest_priority, d.created, d.updated,
+	COALESCE(array_agg(a.alias ORDER BY a.alias) FILTER (WHERE a.alias IS NOT NULL), '{}')
+	FROM devices d LEFT JOIN aliases a ON a.device = d.address`
+
+func scanDevice(row pgx.CollectableRow) (*store.Device, error) {
+	var d store.Device
+	var pw, version []byte
+	var ip, mode string
+	var ops, maxLen *int64
+	var prio *int16
+	var created, updated int64
+	var aliases [][]byte
+	if err := row.Scan(&d.Address, &pw, &ip, &d.Port, &version, &mode, &ops, &maxLen, &prio,
+		&created, &updated, &aliases); err != nil {
+		return nil, err
+	}
+	var err error
+	if d.IP, err = netip.ParseAddr(ip); err != nil {
+		return nil, fmt.Errorf("device %d: bad IP %q", d.Address, ip)
+	}
+	d.PasswordHash, d.Version, d.Mode = string(pw), string(version), store.Mode(mode)
+	if ops != nil {
+		v := uint64(*ops) // bit pattern
+		d.Control.Operations = &v
+	}
+	if maxLen != nil {
+		v := uint32(*maxLen)
+		d.Control.MaxContentLength = &v
+	}
+	if prio != nil {
+		v := uint8(*prio)
+		d.Control.LowestPriority = &v
+	}
+	for _, a := range aliases {
+		d.Aliases = append(d.Aliases, string(a))
+	}
+	d.Created, d.Updated = fromMS(created), fromMS(updated)
+	return &d, nil
+}
+
+// Device returns one registry entry.
+func (s *DB) Device(ctx context.Context, addr uint32) (*store.Device, error) {
+	rows, err := s.query(ctx, deviceQuery+` WHERE d.address = $1 GROUP BY d.address`, int64(addr))
+	if err != nil {
+		return nil, errorf("device", err)
+	}
+	d, err := pgx.CollectExactlyOneRow(rows, scanDevice)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+	}
+	if err != nil {
+		return nil, errorf("device", err)
+	}
+	return d, nil
+}
+
+// Devices lists the registry in address order.
+func (s *DB) Devices(ctx context.Context) ([]*store.Device, error) {
+	rows, err := s.query(ctx, deviceQuery+` GROUP BY d.address ORDER BY d.address`)
+	if err != nil {
+		return nil, errorf("devices", err)
+	}
+	out, err := pgx.CollectRows(rows, scanDevice)
+	if err != nil {
+		return nil, errorf("devices", err)
+	}
+	return out, nil
+}
+
+func ctlOps(c store.DeliveryControl) *int64 {
+	if c.Operations == nil {
+		return nil
+	}
+	v := int64(*c.Operations) // bit pattern; SQL integers are signed
+	return &v
+}
+
+func ctlLen(c store.DeliveryControl) *int64 {
+	if c.MaxContentLength == nil {
+		return nil
+	}
+	v := int64(*c.MaxContentLength)
+	return &v
+}
+
+func ctlPrio(c store.DeliveryControl) *int16 {
+	if c.LowestPriority == nil {
+		return nil
+	}
+	v := int16(*c.LowestPriority)
+	return &v
+}
+
+// SetDeliveryControl replaces a device's delivery-control limits. Unlike
+// store/sqlite it changes RegistryVersion: with several servers, the one
+// that took the delivery-control operation is not the only one delivering
+// to the device, and the others learn of the new limits by reloading.
+func (s *DB) SetDeliveryControl(ctx context.Context, addr uint32, c store.DeliveryControl) error {
+	return s.tx(ctx, func(tx pgx.Tx) error {
+		if err := bumpRegistry(ctx, tx); err != nil {
+			return err
+		}
+		t, err := tx.Exec(ctx, `UPDATE devices SET ctl_operations = $1, ctl_max_length = $2, ctl_lowest_priority = $3
+			WHERE address = $4`, ctlOps(c), ctlLen(c), ctlPrio(c), int64(addr))
+		if err != nil {
+			return errorf("delivery control", err)
+		}
+		if t.RowsAffected() == 0 {
+			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+		}
+		return nil
+	})
+}
+
+// RegistryVersion changes with every registry edit.
+func (s *DB) RegistryVersion(ctx context.Context) (int64, error) {
+	var v int64
+	if err := s.queryRow(ctx, `SELECT version FROM registry_version`).Scan(&v); err != nil {
+		return 0, errorf("registry version", err)
+	}
+	return v, nil
+}
+
+// ReserveInstanceIDs reserves n instance ids towards a device. One UPDATE
+// ... RETURNING: the device row's lock orders concurrent reservations.
+func (s *DB) ReserveInstanceIDs(ctx context.Context, addr uint32, n int) (uint8, error) {
+	if n < 1 || n > 256 {
+		return 0, fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+	}
+	var next int
+	err := s.tx(ctx, func(tx pgx.Tx) error {
+		err := tx.QueryRow(ctx, `UPDATE devices SET next_instance = (next_instance + $2) % 256 WHERE address = $1
+			RETURNING next_instance`, int64(addr), n).Scan(&next)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+		}
+		if err != nil {
+			return errorf("instance ids", err)
+		}
+		return nil
+	})
+	return uint8(((next-n)%256 + 256) % 256), err
+}
+
+// drawNumber advances the daily message counter in a transaction of its
+// own. The counter restarts at 1 only when the day moves forward, so a
+// clock stepping back can never repeat a (time, number) pair.
+//
+// With async set, the transaction commits without waiting for its flush,
+// so that the one counter row of the whole system is locked for
+// microseconds instead of a disk flush (see AddSubmission). The number is
+// then durable only after a later synchronous commit of a transaction that
+// writes (its flush covers the WAL up to it, the counter's commit
+// included); the caller must make one before the number leaves the store.
+func (s *DB) drawNumber(ctx context.Context, t time.Time, async bool) (uint32, error) {
+	var n int64
+	err := s.tx(ctx, func(tx pgx.Tx) error {
+		if async {
+			if _, err := tx.Exec(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
+				return errorf("message counter", err)
+			}
+		}
+		err := tx.QueryRow(ctx, `UPDATE message_counter SET day = GREATEST(day, $1),
+			number = CASE WHEN $1 > day THEN 1 ELSE number + 1 END RETURNING number`, t.Unix()/86400).Scan(&n)
+		if err != nil {
+			return errorf("message counter", err)
+		}
+		if n > math.MaxUint32 {
+			return errors.New("postgres: daily message counter exhausted")
+		}
+		return nil
+	})
+	return uint32(n), err
+}
+
+// NextMessageNumber allocates a message number for a local id at time t.
+// The number leaves at once, so its commit is synchronous: callers from
+// all servers queue on the counter row for one flush each. (Only reports
+// draw numbers this way; submissions, the bulk, do not.)
+func (s *DB) NextMessageNumber(ctx context.Context, t time.Time) (uint32, error) {
+	return s.drawNumber(ctx, t, false)
+}
