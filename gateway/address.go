@@ -5,6 +5,8 @@ import (
 	"net/mail"
 	"strings"
 
+	gomail "github.com/emersion/go-message/mail"
+
 	"github.com/esro-emsdp/emsdp/emsd"
 )
 
@@ -53,6 +55,56 @@ func (m Mapping) Numeric(addrSpec string) (emsd.Address, bool) {
 		return 0, false
 	}
 	return a, true
+}
+
+// Device reports the device an ORAddress designates: a local address;
+// rfc822 text in one of the device forms (EMSD<n>, EMSD=<n>, quoted or
+// not, and the reference UA's host-less `"198.036": `, §6.1, OP 23); or
+// a mailbox the Mapping maps (number@EMSD host, aliases; §6.2). These are
+// the addresses FormatIPM treats as local.
+func (m Mapping) Device(a emsd.ORAddress) (emsd.Address, bool) {
+	if a.IsLocal {
+		return a.Local, true
+	}
+	raw := oneLine(a.RFC822)
+	if n, ok := deviceForm(raw); ok {
+		return n, true
+	}
+	p, err := parseMailbox(raw)
+	if err != nil || p.Address == "" {
+		return 0, false
+	}
+	return m.lookup(p.Address)
+}
+
+// deviceForm parses the device forms of an rfc822 ORAddress text.
+func deviceForm(raw string) (emsd.Address, bool) {
+	if n, err := emsd.ParseDeviceAddress(raw); err == nil {
+		return n, true
+	}
+	// A host-less number, as the reference UA renders one: `"198.036": `.
+	bare := strings.Trim(strings.TrimRight(raw, ":; "), `"`)
+	if bare != "" && strings.Trim(bare, "0123456789.") == "" {
+		if n, err := emsd.ParseAddress(bare); err == nil {
+			return n, true
+		}
+	}
+	return 0, false
+}
+
+// parseMailbox parses one RFC 5322 mailbox, salvaging the common
+// `Display, Name <addr>` with an unquoted special.
+func parseMailbox(raw string) (*gomail.Address, error) {
+	p, err := gomail.ParseAddress(raw)
+	if err != nil {
+		if i := strings.LastIndexByte(raw, '<'); i > 0 && strings.HasSuffix(raw, ">") {
+			if q, err2 := gomail.ParseAddress(raw[i:]); err2 == nil {
+				q.Name = strings.Trim(strings.TrimSpace(raw[:i]), `"`)
+				p, err = q, nil
+			}
+		}
+	}
+	return p, err
 }
 
 func (m Mapping) isDomain(d string) bool {

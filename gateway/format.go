@@ -12,8 +12,6 @@ import (
 	"time"
 	"unicode/utf8"
 
-	gomail "github.com/emersion/go-message/mail"
-
 	"github.com/esro-emsdp/emsdp/emsd"
 )
 
@@ -341,26 +339,10 @@ func (f *formatter) address(a emsd.ORAddress) rendered {
 		return f.local(a.Local, a.Name)
 	}
 	raw := oneLine(a.RFC822)
-	if n, err := emsd.ParseDeviceAddress(raw); err == nil {
+	if n, ok := deviceForm(raw); ok {
 		return f.local(n, "")
 	}
-	// A host-less number, as the reference UA renders one: `"198.036": `.
-	bare := strings.Trim(strings.TrimRight(raw, ":; "), `"`)
-	if bare != "" && strings.Trim(bare, "0123456789.") == "" {
-		if n, err := emsd.ParseAddress(bare); err == nil {
-			return f.local(n, "")
-		}
-	}
-	p, err := gomail.ParseAddress(raw)
-	if err != nil {
-		// Salvage `Display, Name <addr>` with an unquoted special.
-		if i := strings.LastIndexByte(raw, '<'); i > 0 && strings.HasSuffix(raw, ">") {
-			if q, err2 := gomail.ParseAddress(raw[i:]); err2 == nil {
-				q.Name = strings.Trim(strings.TrimSpace(raw[:i]), `"`)
-				p, err = q, nil
-			}
-		}
-	}
+	p, err := parseMailbox(raw)
 	if err == nil && p.Address != "" {
 		spec := quoteLocal(p.Address)
 		r := rendered{spec: spec, header: spec}
@@ -375,6 +357,9 @@ func (f *formatter) address(a emsd.ORAddress) rendered {
 		// A bare local part: qualify it with our domain, as sendmail would.
 		return rendered{spec: raw + "@" + f.o.Domain, header: raw + "@" + f.o.Domain}
 	}
+	// Text that is no address: an empty group named after it, like the
+	// reference's `"198.036": ;`.
+	bare := strings.Trim(strings.TrimRight(raw, ":; "), `"`)
 	return rendered{
 		header: encodePhrase(bare) + ":;",
 		raw:    a.RFC822,

@@ -156,7 +156,9 @@ func (r *Relay) Send(ctx context.Context, from string, to []string, msg []byte) 
 	defer c.Close()
 	c.CommandTimeout, c.SubmissionTimeout = timeout, timeout
 	if err := c.Hello(helo); err != nil {
-		return fail(err)
+		// A refused greeting or EHLO is the smarthost's or our
+		// configuration's problem, not the message's: transient.
+		return fail(transient(err))
 	}
 	if r.Username != "" {
 		if !secure && !r.AllowInsecureAuth {
@@ -244,13 +246,17 @@ func transient(err error) error {
 // upgrades the connection with STARTTLS before go-smtp takes over (go-smtp
 // cannot STARTTLS after an EHLO with our name). go-smtp then reads a
 // replayed greeting and says EHLO itself, as RFC 3207 requires after TLS.
+// Without TLS the session stays as it is: go-smtp gets the greeting and
+// our EHLO's reply replayed, and its own EHLO is not sent, since a second
+// EHLO in one session may be refused (RFC 5321 §4.1.4; Python's smtpd
+// answers 503, which failed every relay through such a smarthost).
 func (r *Relay) startTLS(ctx context.Context, conn net.Conn, helo string) (net.Conn, bool, error) {
 	if r.TLS == TLSNone {
 		return conn, false, nil
 	}
 	tp := textproto.NewConn(conn)
 	if _, _, err := tp.ReadResponse(220); err != nil {
-		return nil, false, smtpErr(err)
+		return nil, false, transient(smtpErr(err))
 	}
 	replay := func(c net.Conn) net.Conn {
 		return &replayConn{Conn: c, pre: []byte("220 replayed greeting\r\n")}
@@ -267,7 +273,22 @@ func (r *Relay) startTLS(ctx context.Context, conn net.Conn, helo string) (net.C
 	}
 	_, msg, err := tp.ReadResponse(250)
 	if err != nil {
-		return nil, false, smtpErr(err)
+		return nil, false, transient(smtpErr(err))
+	}
+	// The same session without TLS: go-smtp's EHLO is answered with this
+	// one's reply.
+	plain := func() net.Conn {
+		var b strings.Builder
+		b.WriteString("220 replayed greeting\r\n")
+		lines := strings.Split(msg, "\n")
+		for i, l := range lines {
+			sep := "-"
+			if i == len(lines)-1 {
+				sep = " "
+			}
+			b.WriteString("250" + sep + l + "\r\n")
+		}
+		return &replayConn{Conn: conn, pre: []byte(b.String()), swallow: "EHLO "}
 	}
 	offered := false
 	for i, line := range strings.Split(msg, "\n") {
@@ -279,7 +300,7 @@ func (r *Relay) startTLS(ctx context.Context, conn net.Conn, helo string) (net.C
 		if r.TLS == TLSRequired {
 			return nil, false, ErrTLSUnavailable
 		}
-		return replay(conn), false, unread()
+		return plain(), false, unread()
 	}
 	if err := tp.PrintfLine("STARTTLS"); err != nil {
 		return nil, false, err
@@ -287,7 +308,7 @@ func (r *Relay) startTLS(ctx context.Context, conn net.Conn, helo string) (net.C
 	if _, _, err := tp.ReadResponse(220); err != nil {
 		var te *textproto.Error
 		if r.TLS != TLSRequired && errors.As(err, &te) {
-			return replay(conn), false, unread() // refused: carry on in clear
+			return plain(), false, unread() // refused: carry on in clear
 		}
 		return nil, false, fmt.Errorf("%w: %w", ErrTLSUnavailable, smtpErr(err))
 	}
@@ -356,10 +377,38 @@ func (c *deadlineConn) SetWriteDeadline(t time.Time) error {
 	return c.Conn.SetWriteDeadline(c.clamp(t))
 }
 
-// replayConn serves pre before reading from the connection.
+// replayConn serves pre before reading from the connection. With
+// swallow set, the first command line written is dropped when it starts
+// with swallow (its reply is in pre) and written through otherwise.
 type replayConn struct {
 	net.Conn
-	pre []byte
+	pre     []byte
+	swallow string
+	line    []byte // the first command, until its CRLF
+}
+
+func (c *replayConn) Write(b []byte) (int, error) {
+	if c.swallow == "" {
+		return c.Conn.Write(b)
+	}
+	c.line = append(c.line, b...)
+	i := bytes.Index(c.line, []byte("\r\n"))
+	if i < 0 {
+		return len(b), nil
+	}
+	line, rest := c.line[:i+2], c.line[i+2:]
+	drop := len(line) >= len(c.swallow) && strings.EqualFold(string(line[:len(c.swallow)]), c.swallow)
+	c.swallow, c.line = "", nil
+	out := rest
+	if !drop {
+		out = append(line, rest...)
+	}
+	if len(out) > 0 {
+		if _, err := c.Conn.Write(out); err != nil {
+			return 0, err
+		}
+	}
+	return len(b), nil
 }
 
 func (c *replayConn) Read(b []byte) (int, error) {

@@ -3,7 +3,6 @@ package server
 import (
 	"errors"
 	"fmt"
-	"net/mail"
 	"strconv"
 	"strings"
 
@@ -58,17 +57,9 @@ func decodeOR(s string) emsd.ORAddress {
 // Internet, derived from its local id (Open Point 10), so that a report or
 // a reply can be matched to the submission.
 func rfc822MessageID(id emsd.LocalMessageID, domain string) string {
-	return fmt.Sprintf("<EMSD.%08x.%08x@%s>", id.SubmissionTime, id.Number, domain)
-}
-
-// addrSpec extracts the addr-spec of an rfc822 ORAddress text; ok is false
-// when it is not a mailbox (e.g. the reference shells' `"198.036": `).
-func addrSpec(text string) (string, bool) {
-	a, err := mail.ParseAddress(text)
-	if err != nil {
-		return "", false
-	}
-	return lowerDomain(a.Address), true
+	// emsd.Time is a fmt.Stringer: without the conversion %08x would print
+	// the hex of its RFC 3339 text.
+	return fmt.Sprintf("<EMSD.%08x.%08x@%s>", uint32(id.SubmissionTime), id.Number, domain)
 }
 
 // lowerDomain lower-cases the domain of an addr-spec (local parts are case

@@ -36,7 +36,11 @@ type segEntry struct {
 
 // segCache remembers the answers to recent segment INVOKEs so that a
 // re-invoked segment gets the same answer instead of a duplicate-segment
-// error from the reassembler. Bounded in size and age.
+// error from the reassembler. An entry is forgotten as soon as the device
+// acknowledges its answer: the device then knows the segment arrived and
+// will not re-invoke it, so a later identical segment is a new message (a
+// reference UA restarts its instance ids and sequence ids at every start,
+// spec emsd.md §1.5, §8). Bounded in size and age.
 type segCache struct {
 	mu    sync.Mutex
 	m     map[segKey]*segEntry
@@ -55,6 +59,12 @@ func (c *segCache) get(k segKey, now time.Time) *segEntry {
 	return e
 }
 
+func (c *segCache) del(k segKey) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.m, k) // its place in order goes when it reaches the front
+}
+
 func (c *segCache) put(k segKey, e *segEntry) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -65,7 +75,7 @@ func (c *segCache) put(k segKey, e *segEntry) {
 		c.order = append(c.order, k)
 	}
 	c.m[k] = e
-	for len(c.order) > c.max {
+	for len(c.order) > c.max || (len(c.order) > 0 && c.m[c.order[0]] == nil) {
 		delete(c.m, c.order[0])
 		c.order = c.order[1:]
 	}
@@ -149,8 +159,13 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 	}
 	if e != nil && e.full == nil {
 		s.metrics.submissions.WithLabelValues("reinvoked").Inc()
-		if err := w.Result(esro.EncodingBER, e.answer); err == nil && e.sub != nil {
-			s.afterResult(w, dev, e.sub)
+		if err := w.Result(esro.EncodingBER, e.answer); err != nil {
+			return
+		}
+		if e.sub != nil {
+			s.afterResult(w, dev, e.sub, key)
+		} else {
+			s.forgetWhenConfirmed(w, key)
 		}
 		return
 	}
@@ -164,7 +179,9 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 	if full == nil { // more segments to come (spec emsd.md §8)
 		ans := intermediateResult(o)
 		s.segs.put(key, &segEntry{answer: ans, at: now})
-		w.Result(esro.EncodingBER, ans)
+		if w.Result(esro.EncodingBER, ans) == nil {
+			s.forgetWhenConfirmed(w, key)
+		}
 		return
 	}
 	if full.ContentType != emsd.ContentIPM { // spec emsd.md §9.5 step 3
@@ -189,9 +206,8 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		}
 	}
 	sum := sha256.Sum256(content)
-	rec, dup, err := s.st.AddSubmission(ctx, &store.Submission{Device: uint32(dev.addr), InstanceID: iid,
-		ContentHash: sum[:], ContentType: uint32(emsd.ContentIPM), Content: content, Received: now},
-		now.Add(-time.Duration(s.cfg.EMSD.DedupeWindow)))
+	rec, dup, err := s.addSubmission(ctx, &store.Submission{Device: uint32(dev.addr), InstanceID: iid,
+		ContentHash: sum[:], ContentType: uint32(emsd.ContentIPM), Content: content, Received: now})
 	if err != nil {
 		if sa.Segment != nil {
 			s.segs.put(key, &segEntry{full: full, at: now})
@@ -219,13 +235,56 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 	if err := w.Result(esro.EncodingBER, ans); err != nil {
 		s.log.Debug("submit result", "device", dev.addr, "err", err)
 	}
-	s.afterResult(w, dev, rec)
+	s.afterResult(w, dev, rec, key)
+}
+
+// addSubmission commits a submission, or finds the copy it re-invokes: the
+// same device, instance id and content within the dedupe window, whose
+// RESULT the device may not have got (spec emsd.md §1.5 Recommend: a
+// re-invocation after an ESRO failure reuses the instance id). An earlier
+// copy the device is known to have been told about (its RESULT was
+// acknowledged, or submission verify answered "send") or that was dropped
+// is not re-invoked: instance ids are 8 bits, wrap, and restart at 0 with
+// every start of a device (a reference UA, each run of emsdp ua send), so
+// the same octets are then a new message, which must not be merged into
+// the old one and lost.
+func (s *Server) addSubmission(ctx context.Context, sub *store.Submission) (*store.Submission, bool, error) {
+	since := sub.Received.Add(-time.Duration(s.cfg.EMSD.DedupeWindow))
+	for {
+		rec, dup, err := s.st.AddSubmission(ctx, sub, since)
+		if err != nil || !dup || mayReinvoke(rec) {
+			return rec, dup, err
+		}
+		// Look only past that copy (the store keeps milliseconds).
+		since = rec.Received.Add(time.Millisecond)
+	}
+}
+
+// mayReinvoke reports whether the device may re-invoke submission rec: it
+// may not know that rec succeeded.
+func mayReinvoke(rec *store.Submission) bool {
+	switch rec.State {
+	case store.SubmissionPending:
+		return true
+	case store.SubmissionDropped:
+		return false
+	}
+	return rec.Verify != "confirmed" && rec.Verify != "send"
+}
+
+// forgetWhenConfirmed waits for the acknowledgement of an intermediate
+// segment's RESULT and then forgets its answer (see segCache).
+func (s *Server) forgetWhenConfirmed(w esro.ResponseWriter, key segKey) {
+	if w.Confirmed(s.ctx) == nil {
+		s.segs.del(key)
+	}
 }
 
 // afterResult waits for the device's acknowledgement of the RESULT and
 // releases the submission, or runs submission verify when it does not
-// come (spec emsd.md §9.5 steps 7-8).
-func (s *Server) afterResult(w esro.ResponseWriter, dev *device, rec *store.Submission) {
+// come (spec emsd.md §9.5 steps 7-8). key is the segment cache entry of
+// the last segment of a segmented submission (zero otherwise).
+func (s *Server) afterResult(w esro.ResponseWriter, dev *device, rec *store.Submission, key segKey) {
 	if rec.State != store.SubmissionPending {
 		return
 	}
@@ -234,6 +293,9 @@ func (s *Server) afterResult(w esro.ResponseWriter, dev *device, rec *store.Subm
 	others := s.subs.add(rec.ID, -1)
 	switch {
 	case err == nil:
+		if key != (segKey{}) {
+			s.segs.del(key)
+		}
 		s.release(rec, "confirmed")
 	case s.ctx.Err() != nil:
 		// Shutting down: the submission stays pending and is released
@@ -380,40 +442,58 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 	return w, nil
 }
 
-// copyFor returns the IPM as delivered to device to: blind-copy
-// recipients other than to itself are removed (spec emsd.md §11 T0103,
-// "Bcc hiding"). Without Bcc recipients it is the submitted octets.
+// copyFor returns the IPM as delivered to device to (spec emsd.md §9.5):
+//   - blind-copy recipients other than to itself are removed (§11 T0103,
+//     "Bcc hiding");
+//   - every address that designates a device (EMSD=<n>, `"198.036": `,
+//     number@domain, an alias) is written as a local address, as it would
+//     be had the message gone out as Internet mail and come back (§6.2).
+//     A device finds itself among the local recipients only (§10.3): the
+//     reference UA answers ERROR 7 to a delivery that does not name it so,
+//     although it stores it (seen with the tester scripts' EMSD=<n> and
+//     T0104's number@domain), and the sender would get a false
+//     non-delivery report.
+//
+// When nothing changes it is the submitted octets.
 func (s *Server) copyFor(ipm *emsd.IPM, orig []byte, to emsd.Address) ([]byte, error) {
-	hasBcc := false
-	for _, r := range ipm.Heading.Recipients {
-		if r.Flags.Has(emsd.RcptBlindCopy) {
-			hasBcc = true
-			break
+	m := s.mapping()
+	changed := false
+	local := func(a emsd.ORAddress) emsd.ORAddress {
+		if a.IsLocal {
+			return a
 		}
-	}
-	if !hasBcc {
-		return orig, nil
+		if n, ok := m.Device(a); ok {
+			changed = true
+			return emsd.LocalOR(n, "")
+		}
+		return a
 	}
 	c := *ipm
-	c.Heading.Recipients = nil
+	h := &c.Heading
+	if h.Sender != nil {
+		sender := local(*h.Sender)
+		h.Sender = &sender
+	}
+	h.Originator = local(h.Originator)
+	h.Recipients = nil
 	for _, r := range ipm.Heading.Recipients {
-		if !r.Flags.Has(emsd.RcptBlindCopy) || s.designates(r.Recipient, to) {
-			c.Heading.Recipients = append(c.Heading.Recipients, r)
+		r.Recipient = local(r.Recipient)
+		if r.Flags.Has(emsd.RcptBlindCopy) && !(r.Recipient.IsLocal && r.Recipient.Local == to) {
+			changed = true
+			continue
+		}
+		h.Recipients = append(h.Recipients, r)
+	}
+	if ipm.Heading.ReplyTo != nil { // nil = absent, empty = present
+		h.ReplyTo = make([]emsd.ORAddress, 0, len(ipm.Heading.ReplyTo))
+		for _, a := range ipm.Heading.ReplyTo {
+			h.ReplyTo = append(h.ReplyTo, local(a))
 		}
 	}
+	if !changed {
+		return orig, nil
+	}
 	return c.Marshal(emsd.Options{})
-}
-
-func (s *Server) designates(a emsd.ORAddress, dev emsd.Address) bool {
-	if a.IsLocal {
-		return a.Local == dev
-	}
-	spec, ok := addrSpec(a.RFC822)
-	if !ok {
-		return false
-	}
-	d, ok := s.resolve(spec)
-	return ok && d == dev
 }
 
 // priorityOf maps the IPM's per-message flags to the delivery-control

@@ -45,10 +45,12 @@ type Config struct {
 	// most recent ones.
 	VerifyList VerifyList
 
-	// NoDuplicateWindow turns the delivery duplicate window off, for
-	// reference MTS peers, which send instance id 0 on every INVOKE (§1.5,
-	// Open Point 2). With it on, an op-35 INVOKE whose instance id was seen
-	// recently is answered RESULT and not delivered again.
+	// NoDuplicateWindow turns the delivery duplicate window off, as the
+	// reference UA has it, for reference MTS peers, which send instance id
+	// 0 on every INVOKE (§1.5, Open Point 2). With it on, an op-35 INVOKE
+	// whose instance id was seen recently with the same argument octets
+	// (a re-invocation) is answered RESULT and not delivered again; a new
+	// operation that reuses an id is performed.
 	NoDuplicateWindow bool
 	// ReferenceSecurity sends credentials as the reference UA does: the
 	// password alone, and no security element without a password (§10.2
@@ -89,7 +91,7 @@ type Client struct {
 	// handler see them one at a time, in the order the MTS sends them (it
 	// has at most one in flight per device, §9.9).
 	recvMu sync.Mutex
-	dup    emsd.DuplicateWindow
+	dup    dupWindow
 }
 
 // New creates a Client on ep and binds SAP 3 (3-way) and SAP 7 (2-way) to
@@ -132,7 +134,7 @@ func New(ep *esro.Endpoint, cfg Config) (*Client, error) {
 		reasm:    emsd.NewReassembler[netip.Addr](emsd.ReassemblerConfig{Timeout: cfg.ReassemblyTimeout}),
 		submitMu: make(chan struct{}, 1),
 	}
-	c.dup.Disabled = cfg.NoDuplicateWindow
+	c.dup.disabled = cfg.NoDuplicateWindow
 	if err := ep.HandleFunc(uint8(emsd.SAPUAPerformer3Way), esro.ThreeWay, c.serve); err != nil {
 		return nil, fmt.Errorf("ua: bind SAP 3: %w", err)
 	}

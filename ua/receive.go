@@ -2,6 +2,7 @@ package ua
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"net/netip"
 	"time"
@@ -86,28 +87,53 @@ func (c *Client) deliver(ctx context.Context, w esro.ResponseWriter, inv *esro.I
 	}
 	c.recvMu.Lock()
 	defer c.recvMu.Unlock()
-	// The window is only committed when the INVOKE is answered RESULT: an
-	// INVOKE that got an ERROR must be processed again if the MTS re-sends
-	// it (§1.5).
-	var snapshot []byte
-	if emsd.CarriesInstanceID(emsd.Operation(inv.Operation)) {
-		snapshot, _ = c.dup.MarshalBinary()
-		if c.dup.Observe(id) {
-			// Already performed: confirm again, do nothing else (§1.5).
-			c.log.Debug("ua: duplicate delivery", "peer", inv.Peer, "instance", id)
-			c.result(w, inv)
-			return 0
-		}
+	carries := emsd.CarriesInstanceID(emsd.Operation(inv.Operation))
+	sum := sha256.Sum256(arg)
+	if carries && c.dup.duplicate(id, sum) {
+		// Already performed: confirm again, do nothing else (§1.5).
+		c.log.Debug("ua: duplicate delivery", "peer", inv.Peer, "instance", id)
+		c.result(w, inv)
+		return 0
 	}
 	code := c.deliverArg(ctx, inv, arg, v)
 	if code != 0 {
-		if snapshot != nil {
-			c.dup.UnmarshalBinary(snapshot)
-		}
+		// Not recorded: an INVOKE that got an ERROR must be processed
+		// again if the MTS re-sends it (§1.5).
 		return code
+	}
+	if carries {
+		c.dup.record(id, sum)
 	}
 	c.result(w, inv)
 	return 0
+}
+
+// dupWindow is the delivery duplicate window of §1.5 (an id is set when
+// performed and cleared when the id 128 apart is), which also keeps the
+// digest of the argument each id was performed with: an INVOKE is a
+// duplicate only when its id is set and its argument is the same. A
+// re-invocation after an ESRO failure repeats its segment octet for octet
+// (§9.9), so it is still caught; but an MTS that reuses ids for new
+// operations — the reference MTS sends id 0 on every delivery, every
+// segment and every re-invocation (§1.5, Open Point 2) — no longer gets
+// its deliveries acknowledged and dropped when Config.NoDuplicateWindow
+// was forgotten (seen against the reference MTS: two of three messages
+// lost).
+type dupWindow struct {
+	disabled bool
+	seen     [256]*[sha256.Size]byte // nil: id not set
+}
+
+func (w *dupWindow) duplicate(id uint8, sum [sha256.Size]byte) bool {
+	return !w.disabled && w.seen[id] != nil && *w.seen[id] == sum
+}
+
+func (w *dupWindow) record(id uint8, sum [sha256.Size]byte) {
+	if w.disabled {
+		return
+	}
+	w.seen[id] = &sum
+	w.seen[id+128] = nil
 }
 
 // result answers RESULT with no data (§10.3 step 5, §8: every segment,
