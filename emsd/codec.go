@@ -244,29 +244,27 @@ func decodeTop(b []byte, o Options, pdu string, want byte, f func(d *dec) error)
 
 type enc struct {
 	ber.Encoder
-	t   *tagSet
-	rev bool
+	t        *tagSet
+	rev      bool
+	noLimits bool // Options.noLimits
 }
 
 func encodeTop(b []byte, o Options, pdu string, f func(e *enc) error) ([]byte, error) {
 	if !o.Version.valid() {
 		return b, &EncodeError{PDU: pdu, Err: ErrBadVersion}
 	}
-	e := enc{Encoder: ber.Encoder{Buf: b}, t: o.tags(), rev: o.ReverseSequenceOf}
+	e := enc{Encoder: ber.Encoder{Buf: b}, t: o.tags(), rev: o.ReverseSequenceOf, noLimits: o.noLimits}
 	if err := f(&e); err != nil {
 		return b, topLevel(err, pdu)
 	}
 	return e.Buf, nil
 }
 
-// testNoLimits lets tests build over-limit encodings to check decoders.
-var testNoLimits bool
-
 func encFail(field string, cause error) error { return &EncodeError{Field: field, Err: cause} }
 
 // str writes an OCTET STRING-like element after checking its size.
 func (e *enc) str(tag byte, s string, max int, field string) error {
-	if max >= 0 && len(s) > max && !testNoLimits {
+	if max >= 0 && len(s) > max && !e.noLimits {
 		return encFail(field, ErrTooLong)
 	}
 	e.String(tag, s)
@@ -289,7 +287,7 @@ func (e *enc) flags(tag byte, m uint8) {
 // seqOf writes n elements inside tag, in reverse order if requested
 // (§2.11), after checking n against max.
 func (e *enc) seqOf(tag byte, n, max int, field string, elem func(i int) error) error {
-	if n > max && !testNoLimits {
+	if n > max && !e.noLimits {
 		return encFail(field, ErrTooMany)
 	}
 	s := e.Begin(tag)

@@ -46,6 +46,10 @@ type Options struct {
 	// byte-exact comparison with reference captures; decoding is unaffected
 	// (elements are returned in wire order).
 	ReverseSequenceOf bool
+
+	// noLimits skips the encoder's size checks, so that this package's
+	// tests can build over-limit encodings for the decoders.
+	noLimits bool
 }
 
 // Operation is an ESRO operation value (6 bits on the wire, §1.4). The

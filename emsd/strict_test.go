@@ -331,8 +331,7 @@ func TestLimits(t *testing.T) {
 // marshalUnchecked encodes v without the encoder's size checks.
 func marshalUnchecked(t *testing.T, v pdu, o Options) []byte {
 	t.Helper()
-	testNoLimits = true
-	defer func() { testNoLimits = false }()
+	o.noLimits = true
 	b, err := v.Marshal(o)
 	if err != nil {
 		t.Fatal(err)

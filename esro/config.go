@@ -16,24 +16,28 @@ type Timers struct {
 	RetransmitCount int           // N, "Retransmit Count"
 }
 
-// ShippedTimers are the values of the reference's shipped erop.ini, the
-// defaults of this implementation (spec esro.md §5.1).
-var ShippedTimers = Timers{
-	Acknowledgement: 100 * time.Millisecond,
-	Roundtrip:       1000 * time.Millisecond,
-	Retransmit:      2000 * time.Millisecond,
-	NSDULifetime:    3000 * time.Millisecond,
-	RetransmitCount: 8,
+// ShippedTimers returns the values of the reference's shipped erop.ini,
+// the defaults of this implementation (spec esro.md §5.1).
+func ShippedTimers() Timers {
+	return Timers{
+		Acknowledgement: 100 * time.Millisecond,
+		Roundtrip:       1000 * time.Millisecond,
+		Retransmit:      2000 * time.Millisecond,
+		NSDULifetime:    3000 * time.Millisecond,
+		RetransmitCount: 8,
+	}
 }
 
-// CompiledTimers are the reference engine's compiled-in defaults, used when
-// its ini file lacks a value (spec esro.md §5.1).
-var CompiledTimers = Timers{
-	Acknowledgement: 1000 * time.Millisecond,
-	Roundtrip:       5000 * time.Millisecond,
-	Retransmit:      10000 * time.Millisecond,
-	NSDULifetime:    15000 * time.Millisecond,
-	RetransmitCount: 4,
+// CompiledTimers returns the reference engine's compiled-in defaults, used
+// when its ini file lacks a value (spec esro.md §5.1).
+func CompiledTimers() Timers {
+	return Timers{
+		Acknowledgement: 1000 * time.Millisecond,
+		Roundtrip:       5000 * time.Millisecond,
+		Retransmit:      10000 * time.Millisecond,
+		NSDULifetime:    15000 * time.Millisecond,
+		RetransmitCount: 4,
+	}
 }
 
 // Limits on timer inputs accepted by Validate: beyond an hour per value the
@@ -89,7 +93,7 @@ func (t Timers) NoResponse() time.Duration {
 // Config configures an Endpoint. The zero value is usable: every zero field
 // takes the default named in its comment.
 type Config struct {
-	// Timers are the reference timer inputs. Zero: ShippedTimers.
+	// Timers are the reference timer inputs. Zero: ShippedTimers().
 	Timers Timers
 
 	// FixedTimers disables the adaptive retransmission timer and uses T_retx
@@ -153,7 +157,7 @@ func (c *Config) resolved() (Config, error) {
 		r = *c
 	}
 	if r.Timers == (Timers{}) {
-		r.Timers = ShippedTimers
+		r.Timers = ShippedTimers()
 	}
 	if err := r.Timers.Validate(); err != nil {
 		return r, err

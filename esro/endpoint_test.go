@@ -91,7 +91,7 @@ func TestLossyNetworkExactlyOnce(t *testing.T) {
 						func(c *Config) {
 							// At 51% loss per round trip, 8 retries leave a
 							// 0.2% chance per invocation of giving up.
-							c.Timers = ShippedTimers
+							c.Timers = ShippedTimers()
 							c.Timers.RetransmitCount = 20
 							c.FixedTimers = fixed
 						})

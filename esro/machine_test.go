@@ -141,8 +141,8 @@ func TestTimerFormulas(t *testing.T) {
 		tm                             Timers
 		retx, last, ref, inact, noresp int // ms
 	}{
-		{ShippedTimers, 3000, 4200, 22000, 4000, 33000},
-		{CompiledTimers, 15000, 22000, 70000, 20000, 105000},
+		{ShippedTimers(), 3000, 4200, 22000, 4000, 33000},
+		{CompiledTimers(), 15000, 22000, 70000, 20000, 105000},
 	} {
 		ms := func(d time.Duration) int { return int(d / time.Millisecond) }
 		got := []int{ms(tt.tm.RetransmitInterval()), ms(tt.tm.LastWait()), ms(tt.tm.ReferenceHold()), ms(tt.tm.Inactivity()), ms(tt.tm.NoResponse())}
@@ -778,7 +778,7 @@ func TestConfigValidation(t *testing.T) {
 		}
 	}
 	r, err := (*Config)(nil).resolved()
-	if err != nil || r.Timers != ShippedTimers || r.PDUSize != 1500 || r.MaxRTO != 3*time.Second {
+	if err != nil || r.Timers != ShippedTimers() || r.PDUSize != 1500 || r.MaxRTO != 3*time.Second {
 		t.Fatalf("defaults %+v %v", r, err)
 	}
 }

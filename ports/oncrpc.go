@@ -60,8 +60,26 @@ func rpcNullCall(xid, prog, vers uint32) []byte {
 // rpcXID picks a transaction id whose first octet has its three low bits set.
 // Read as ESRO, such a datagram is PDU type 7, which every ESRO engine drops
 // without answering (spec esro.md §2.7), so the RPC probe never starts an
-// ESRO invocation by accident.
-func rpcXID(r uint32) uint32 { return r | 0x07000000 }
+// ESRO invocation by accident. No octet is a line end (noLineEnd).
+func rpcXID(r uint32) uint32 {
+	r |= 0x07000000
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], r)
+	for i := range b {
+		b[i] = noLineEnd(b[i])
+	}
+	return binary.BigEndian.Uint32(b[:])
+}
+
+// noLineEnd keeps a random octet of a probe off CR and LF, so that no probe
+// datagram holds a line end that a line-oriented service (a printer among
+// them) could act on.
+func noLineEnd(b byte) byte {
+	if b == '\n' || b == '\r' {
+		return b | 0x80
+	}
+	return b
+}
 
 // rpcReplyMsg is a decoded REPLY.
 type rpcReplyMsg struct {

@@ -107,3 +107,24 @@ func FuzzParseRPCReply(f *testing.F) {
 		_ = m.String()
 	})
 }
+
+// Every transaction id and reference number the probes can draw is free of
+// line ends, so TestProbeDatagramsAreBinary holds for every random draw.
+func TestProbeRandomOctetsHaveNoLineEnds(t *testing.T) {
+	for b := range 256 {
+		if c := noLineEnd(byte(b)); c == '\n' || c == '\r' {
+			t.Fatalf("noLineEnd(%#x) = %#x", b, c)
+		}
+	}
+	for _, r := range []uint32{0, 0x0a0a0a0a, 0x0d0d0d0d, 0xffffffff, 0x120a340d} {
+		x := rpcXID(r)
+		for i := range 4 {
+			if c := byte(x >> (8 * i)); c == '\n' || c == '\r' {
+				t.Fatalf("rpcXID(%#x) = %#x", r, x)
+			}
+		}
+		if x>>24&7 != 7 {
+			t.Fatalf("rpcXID(%#x) = %#x: not ESRO type 7", r, x)
+		}
+	}
+}

@@ -59,7 +59,7 @@ func (p *prober) udp(ctx context.Context, port int) PortResult {
 	u := &udpSession{c: c, o: &p.o, res: &res}
 
 	heard := false
-	ref := uint8(rand.IntN(256))
+	ref := noLineEnd(uint8(rand.IntN(256)))
 	st, reply, err := u.esro(ctx, "esro-unbound-sap", &esro.PDU{Type: esro.TypeInvoke, SAP: probeSAP, Ref: ref, Operation: probeOp})
 	if done := u.finish(err); done {
 		return res
@@ -135,7 +135,7 @@ func programList() string {
 // after the port proved to speak ESRO.
 func (u *udpSession) emsd(ctx context.Context, ref uint8) {
 	res := u.res
-	mref := ref + 85
+	mref := noLineEnd(ref + 85)
 	st, reply, err := u.esro(ctx, "emsd-mts-getconf", &esro.PDU{Type: esro.TypeInvoke, SAP: mtsSAP, Ref: mref, Operation: mtsOp, Data: emptySeq()})
 	if err != nil || ctx.Err() != nil {
 		res.Notes = append(res.Notes, "EMSD check interrupted: "+errString(err, ctx))
@@ -159,7 +159,7 @@ func (u *udpSession) emsd(ctx context.Context, ref uint8) {
 		res.Evidence += fmt.Sprintf("; SAP %d answered op %d with %s", mtsSAP, mtsOp, reply)
 		return
 	}
-	uref := ref + 170
+	uref := noLineEnd(ref + 170)
 	_, reply, err = u.esro(ctx, "emsd-ua-subctl", &esro.PDU{Type: esro.TypeInvoke, SAP: uaSAP, Ref: uref, Operation: uaOp, Data: emptySeq()})
 	if err != nil || ctx.Err() != nil {
 		res.Notes = append(res.Notes, "EMSD check interrupted: "+errString(err, ctx))

@@ -182,7 +182,7 @@ func captureDevice(t *testing.T, ua string, cfg Config) (*lossynet.Conn, *device
 	if cfg.Address == 0 {
 		cfg.Address = 198036
 	}
-	return mts, newDevice(t, dc, esro.ShippedTimers, cfg)
+	return mts, newDevice(t, dc, esro.ShippedTimers(), cfg)
 }
 
 // Captured deliveries of the reference MTS, and the hand-made probes, fed

@@ -300,7 +300,7 @@ func TestDeliverLossyExactlyOnce(t *testing.T) {
 				md, err := NewMaildir(t.TempDir(), "emsd.example")
 				must(t, err)
 				rec := &recorder{}
-				m, d := lossyPair(t, n, esro.ShippedTimers, Config{Handler: HandlerFunc(func(ctx context.Context, dl *Delivery) error {
+				m, d := lossyPair(t, n, esro.ShippedTimers(), Config{Handler: HandlerFunc(func(ctx context.Context, dl *Delivery) error {
 					if err := md.Deliver(ctx, dl); err != nil {
 						return err
 					}

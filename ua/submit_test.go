@@ -227,7 +227,7 @@ func TestSubmitRetry(t *testing.T) {
 func TestSubmitLossy(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		n := lossynet.New(lossynet.Config{Loss: 0.2, Duplicate: 0.1, Reorder: 0.1, Delay: 5e6, MaxDelay: 100e6, Seed: 7})
-		timers := esro.ShippedTimers
+		timers := esro.ShippedTimers()
 		timers.RetransmitCount = 12
 		m, d := lossyPair(t, n, timers, Config{Password: "pw"})
 		ok := 0

@@ -73,7 +73,7 @@ type timerFlags struct {
 }
 
 func (tf *timerFlags) register(fs *flag.FlagSet) {
-	tf.t = esro.ShippedTimers
+	tf.t = esro.ShippedTimers()
 	fs.Var(msDuration{&tf.t.Retransmit}, "retransmit", "retransmit interval R (T_retx = R + roundtrip)")
 	fs.Var(msDuration{&tf.t.Roundtrip}, "roundtrip", "round-trip estimate RT")
 	fs.Var(msDuration{&tf.t.Acknowledgement}, "ack-delay", "acknowledgement delay A (enters T_last)")
