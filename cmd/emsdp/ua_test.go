@@ -538,13 +538,10 @@ func TestUAWithServer(t *testing.T) {
 			}
 		}
 	}
-	// Duplicates: the same submission INVOKE (same instance id) twice,
-	// as after a lost RESULT, is one message with one id, delivered once.
-	ep, err := esro.Listen("udp4", "127.0.0.1:0", &esro.Config{Timers: uaParseTimers(t, timers)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ep.Close()
+	// Duplicates: a device whose RESULT was lost (so it never ACKed)
+	// re-invokes the same submission with the same instance id (spec
+	// emsd.md §1.5): one message, one id, delivered once. The first INVOKE
+	// comes from a bare socket that reads the RESULT and never ACKs it.
 	ipm, err := (&ua.Message{To: []string{"198.037"}, Subject: "once", Body: []byte("only once\n")}).IPM(198036)
 	if err != nil {
 		t.Fatal(err)
@@ -552,17 +549,38 @@ func TestUAWithServer(t *testing.T) {
 	content, _ := ipm.Marshal(emsd.Options{})
 	arg, _ := (&emsd.SubmitArgument{Security: &emsd.SecurityElement{Address: &emsd.EMSDAddress{Address: 198036}, Password: "pw-198.036"},
 		ContentType: emsd.ContentIPM, Contents: content}).Marshal(emsd.Options{})
+	subData := emsd.PrependInstanceID(77, arg)
 	to, _ := resolveUDP(srv)
-	var results [2]string
-	for i := range results {
-		res, err := ep.Invoke(t.Context(), &esro.Request{To: to, SAP: 5, Operation: 33, Handshake: esro.ThreeWay, Data: emsd.PrependInstanceID(77, arg)})
-		if err != nil {
-			t.Fatalf("raw submission %d: %v", i, err)
-		}
-		results[i] = fmt.Sprintf("% x", res.Data)
+	raw, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
 	}
-	if results[0] != results[1] {
-		t.Fatalf("re-invoked submission got another id: %s, %s", results[0], results[1])
+	defer raw.Close()
+	invoke, _ := esro.AppendPDU(nil, &esro.PDU{Type: esro.TypeInvoke, SAP: 5, Ref: 9, Operation: 33, Data: subData})
+	if _, err := raw.WriteToUDPAddrPort(invoke, to); err != nil {
+		t.Fatal(err)
+	}
+	raw.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 1500)
+	n, _, err := raw.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := esro.ParsePDU(buf[:n])
+	if err != nil || first.Type != esro.TypeResult || first.Ref != 9 {
+		t.Fatalf("first submission answered %v %v", first, err)
+	}
+	ep, err := esro.Listen("udp4", "127.0.0.1:0", &esro.Config{Timers: uaParseTimers(t, timers)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ep.Close()
+	res, err := ep.Invoke(t.Context(), &esro.Request{To: to, SAP: 5, Operation: 33, Handshake: esro.ThreeWay, Data: subData})
+	if err != nil {
+		t.Fatalf("re-invoked submission: %v", err)
+	}
+	if string(res.Data) != string(first.Data) {
+		t.Fatalf("re-invoked submission got another id: % x, % x", first.Data, res.Data)
 	}
 	waitLine(t, receivers["198.037"], regexp.MustCompile(`subject="once"`))
 	time.Sleep(500 * time.Millisecond) // a second delivery would come now
