@@ -105,7 +105,7 @@ func (s *DB) commitOnce(batch []*writeReq) ([]error, error) {
 		if len(batch) == 1 {
 			errs[i] = r.fn(tx)
 		} else {
-			errs[i] = savepoint(tx, r.fn)
+			errs[i] = s.savepoint(tx, r.fn)
 		}
 		if errs[i] != nil && isBusy(errs[i]) {
 			tx.Rollback()
@@ -125,19 +125,26 @@ func (s *DB) commitOnce(batch []*writeReq) ([]error, error) {
 	return errs, nil
 }
 
+const (
+	qSavepoint         = `SAVEPOINT w`
+	qReleaseSavepoint  = `RELEASE w`
+	qRollbackSavepoint = `ROLLBACK TO w`
+)
+
 // savepoint runs fn so that its failure undoes only its own changes.
-func savepoint(tx *sql.Tx, fn func(*sql.Tx) error) error {
-	if _, err := tx.Exec(`SAVEPOINT w`); err != nil {
+func (s *DB) savepoint(tx *sql.Tx, fn func(*sql.Tx) error) error {
+	ctx := context.Background() // as the transaction's: the batch's requests have their own
+	if _, err := s.exec(ctx, tx, qSavepoint); err != nil {
 		return fmt.Errorf("sqlite: savepoint: %w", err)
 	}
 	if err := fn(tx); err != nil {
-		if _, rerr := tx.Exec(`ROLLBACK TO w`); rerr != nil {
+		if _, rerr := s.exec(ctx, tx, qRollbackSavepoint); rerr != nil {
 			return errors.Join(err, rerr)
 		}
-		tx.Exec(`RELEASE w`)
+		s.exec(ctx, tx, qReleaseSavepoint)
 		return err
 	}
-	if _, err := tx.Exec(`RELEASE w`); err != nil {
+	if _, err := s.exec(ctx, tx, qReleaseSavepoint); err != nil {
 		return fmt.Errorf("sqlite: release savepoint: %w", err)
 	}
 	return nil

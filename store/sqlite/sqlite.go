@@ -39,6 +39,7 @@ type Options struct {
 // DB is a Store on one SQLite file.
 type DB struct {
 	sql    *sql.DB
+	stmts  map[string]*sql.Stmt // hotStatements, prepared at open
 	writes chan *writeReq
 	quit   chan struct{}
 	done   chan struct{}
@@ -94,6 +95,12 @@ func open(ctx context.Context, path string, o *Options, version int) (*DB, error
 		s.Close()
 		return nil, err
 	}
+	if version == len(migrations) { // (tests of old schemas prepare nothing)
+		if err := s.prepare(ctx); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -141,13 +148,18 @@ func (s *DB) Close() error {
 		close(s.quit)
 	}
 	<-s.done
+	for _, st := range s.stmts {
+		st.Close()
+	}
 	return s.sql.Close()
 }
+
+const qPing = `SELECT 1`
 
 // Ping checks the database answers a query.
 func (s *DB) Ping(ctx context.Context) error {
 	var one int
-	return s.sql.QueryRowContext(ctx, `SELECT 1`).Scan(&one)
+	return s.queryRow(ctx, nil, qPing).Scan(&one)
 }
 
 func sqliteCode(err error) int {
@@ -214,14 +226,26 @@ func normAliases(a []string) []string {
 	return out
 }
 
-func bumpRegistry(ctx context.Context, tx *sql.Tx) error {
-	_, err := tx.ExecContext(ctx, `UPDATE meta SET value = value + 1 WHERE key = 'registry_version'`)
+const (
+	qBumpRegistry = `UPDATE meta SET value = value + 1 WHERE key = 'registry_version'`
+	qInsertAlias  = `INSERT INTO aliases (alias, device) VALUES (?, ?)`
+	qAddDevice    = `INSERT INTO devices (address, password_hash, ip, port, version, mode,
+		ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+	qUpdateDevice = `UPDATE devices SET password_hash = ?, ip = ?, port = ?, version = ?, mode = ?, updated = ?
+		WHERE address = ?`
+	qDeleteAliases = `DELETE FROM aliases WHERE device = ?`
+	qDeleteDevice  = `DELETE FROM devices WHERE address = ?`
+)
+
+func (s *DB) bumpRegistry(ctx context.Context, tx *sql.Tx) error {
+	_, err := s.exec(ctx, tx, qBumpRegistry)
 	return err
 }
 
-func insertAliases(ctx context.Context, tx *sql.Tx, addr uint32, aliases []string) error {
+func (s *DB) insertAliases(ctx context.Context, tx *sql.Tx, addr uint32, aliases []string) error {
 	for _, a := range aliases {
-		if _, err := tx.ExecContext(ctx, `INSERT INTO aliases (alias, device) VALUES (?, ?)`, a, addr); err != nil {
+		if _, err := s.exec(ctx, tx, qInsertAlias, a, addr); err != nil {
 			if isConstraint(err) {
 				return fmt.Errorf("%w: alias %s", store.ErrExists, a)
 			}
@@ -238,9 +262,7 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 	}
 	now := time.Now()
 	return s.tx(ctx, func(tx *sql.Tx) error {
-		_, err := tx.ExecContext(ctx, `INSERT INTO devices (address, password_hash, ip, port, version, mode,
-			ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		_, err := s.exec(ctx, tx, qAddDevice,
 			d.Address, d.PasswordHash, d.IP.String(), d.Port, d.Version, string(d.Mode),
 			ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), ms(now), ms(now))
 		if err != nil {
@@ -249,10 +271,10 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 			}
 			return fmt.Errorf("sqlite: add device: %w", err)
 		}
-		if err := insertAliases(ctx, tx, d.Address, normAliases(d.Aliases)); err != nil {
+		if err := s.insertAliases(ctx, tx, d.Address, normAliases(d.Aliases)); err != nil {
 			return err
 		}
-		return bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx)
 	})
 }
 
@@ -262,43 +284,48 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 		return err
 	}
 	return s.tx(ctx, func(tx *sql.Tx) error {
-		r, err := tx.ExecContext(ctx, `UPDATE devices SET password_hash = ?, ip = ?, port = ?, version = ?, mode = ?, updated = ?
-			WHERE address = ?`, d.PasswordHash, d.IP.String(), d.Port, d.Version, string(d.Mode), ms(time.Now()), d.Address)
+		r, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, d.IP.String(), d.Port, d.Version, string(d.Mode), ms(time.Now()), d.Address)
 		if err != nil {
 			return fmt.Errorf("sqlite: update device: %w", err)
 		}
 		if n, _ := r.RowsAffected(); n == 0 {
 			return fmt.Errorf("%w: device %d", store.ErrNotFound, d.Address)
 		}
-		if _, err := tx.ExecContext(ctx, `DELETE FROM aliases WHERE device = ?`, d.Address); err != nil {
+		if _, err := s.exec(ctx, tx, qDeleteAliases, d.Address); err != nil {
 			return fmt.Errorf("sqlite: update device: %w", err)
 		}
-		if err := insertAliases(ctx, tx, d.Address, normAliases(d.Aliases)); err != nil {
+		if err := s.insertAliases(ctx, tx, d.Address, normAliases(d.Aliases)); err != nil {
 			return err
 		}
-		return bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx)
 	})
 }
 
 // RemoveDevice deletes a device and its aliases.
 func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 	return s.tx(ctx, func(tx *sql.Tx) error {
-		if _, err := tx.ExecContext(ctx, `DELETE FROM aliases WHERE device = ?`, addr); err != nil {
+		if _, err := s.exec(ctx, tx, qDeleteAliases, addr); err != nil {
 			return fmt.Errorf("sqlite: remove device: %w", err)
 		}
-		r, err := tx.ExecContext(ctx, `DELETE FROM devices WHERE address = ?`, addr)
+		r, err := s.exec(ctx, tx, qDeleteDevice, addr)
 		if err != nil {
 			return fmt.Errorf("sqlite: remove device: %w", err)
 		}
 		if n, _ := r.RowsAffected(); n == 0 {
 			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 		}
-		return bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx)
 	})
 }
 
-const deviceCols = `address, password_hash, ip, port, version, mode, ctl_operations, ctl_max_length,
+const (
+	deviceCols = `address, password_hash, ip, port, version, mode, ctl_operations, ctl_max_length,
 	ctl_lowest_priority, created, updated`
+	qDevice        = `SELECT ` + deviceCols + ` FROM devices WHERE address = ?`
+	qDeviceAliases = `SELECT alias FROM aliases WHERE device = ? ORDER BY alias`
+	qDevices       = `SELECT ` + deviceCols + ` FROM devices ORDER BY address`
+	qAliases       = `SELECT alias, device FROM aliases ORDER BY alias`
+)
 
 func scanDevice(sc interface{ Scan(...any) error }) (*store.Device, error) {
 	var d store.Device
@@ -332,14 +359,14 @@ func scanDevice(sc interface{ Scan(...any) error }) (*store.Device, error) {
 
 // Device returns one registry entry.
 func (s *DB) Device(ctx context.Context, addr uint32) (*store.Device, error) {
-	d, err := scanDevice(s.sql.QueryRowContext(ctx, `SELECT `+deviceCols+` FROM devices WHERE address = ?`, addr))
+	d, err := scanDevice(s.queryRow(ctx, nil, qDevice, addr))
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: device: %w", err)
 	}
-	rows, err := s.sql.QueryContext(ctx, `SELECT alias FROM aliases WHERE device = ? ORDER BY alias`, addr)
+	rows, err := s.query(ctx, nil, qDeviceAliases, addr)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: aliases: %w", err)
 	}
@@ -362,7 +389,7 @@ func (s *DB) Devices(ctx context.Context) ([]*store.Device, error) {
 		return nil, fmt.Errorf("sqlite: devices: %w", err)
 	}
 	defer tx.Rollback()
-	rows, err := tx.QueryContext(ctx, `SELECT `+deviceCols+` FROM devices ORDER BY address`)
+	rows, err := s.query(ctx, tx, qDevices)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: devices: %w", err)
 	}
@@ -381,7 +408,7 @@ func (s *DB) Devices(ctx context.Context) ([]*store.Device, error) {
 		return nil, fmt.Errorf("sqlite: devices: %w", err)
 	}
 	rows.Close()
-	arows, err := tx.QueryContext(ctx, `SELECT alias, device FROM aliases ORDER BY alias`)
+	arows, err := s.query(ctx, tx, qAliases)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: aliases: %w", err)
 	}
@@ -420,26 +447,36 @@ func ctlPrio(c store.DeliveryControl) any {
 	return int64(*c.LowestPriority)
 }
 
+const (
+	qSetControl = `UPDATE devices SET ctl_operations = ?, ctl_max_length = ?, ctl_lowest_priority = ?
+		WHERE address = ?`
+	qRegistryVersion = `SELECT value FROM meta WHERE key = 'registry_version'`
+	qInstanceNext    = `SELECT next_instance FROM devices WHERE address = ?`
+	qInstanceSet     = `UPDATE devices SET next_instance = ? WHERE address = ?`
+	qCounter         = `SELECT (SELECT value FROM meta WHERE key = 'msg_day'), (SELECT value FROM meta WHERE key = 'msg_number')`
+	qCounterSet      = `UPDATE meta SET value = CASE key WHEN 'msg_day' THEN ?1 ELSE ?2 END
+		WHERE key IN ('msg_day', 'msg_number')`
+)
+
 // SetDeliveryControl replaces a device's delivery-control limits and, like
 // every registry edit, changes RegistryVersion.
 func (s *DB) SetDeliveryControl(ctx context.Context, addr uint32, c store.DeliveryControl) error {
 	return s.tx(ctx, func(tx *sql.Tx) error {
-		r, err := tx.ExecContext(ctx, `UPDATE devices SET ctl_operations = ?, ctl_max_length = ?, ctl_lowest_priority = ?
-			WHERE address = ?`, ctlOps(c), ctlLen(c), ctlPrio(c), addr)
+		r, err := s.exec(ctx, tx, qSetControl, ctlOps(c), ctlLen(c), ctlPrio(c), addr)
 		if err != nil {
 			return fmt.Errorf("sqlite: delivery control: %w", err)
 		}
 		if n, _ := r.RowsAffected(); n == 0 {
 			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 		}
-		return bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx)
 	})
 }
 
 // RegistryVersion changes with every registry edit.
 func (s *DB) RegistryVersion(ctx context.Context) (int64, error) {
 	var v int64
-	err := s.sql.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'registry_version'`).Scan(&v)
+	err := s.queryRow(ctx, nil, qRegistryVersion).Scan(&v)
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: registry version: %w", err)
 	}
@@ -453,14 +490,14 @@ func (s *DB) ReserveInstanceIDs(ctx context.Context, addr uint32, n int) (uint8,
 	}
 	var first int64
 	err := s.tx(ctx, func(tx *sql.Tx) error {
-		err := tx.QueryRowContext(ctx, `SELECT next_instance FROM devices WHERE address = ?`, addr).Scan(&first)
+		err := s.queryRow(ctx, tx, qInstanceNext, addr).Scan(&first)
 		if errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 		}
 		if err != nil {
 			return fmt.Errorf("sqlite: instance ids: %w", err)
 		}
-		_, err = tx.ExecContext(ctx, `UPDATE devices SET next_instance = ? WHERE address = ?`, (first+int64(n))%256, addr)
+		_, err = s.exec(ctx, tx, qInstanceSet, (first+int64(n))%256, addr)
 		if err != nil {
 			return fmt.Errorf("sqlite: instance ids: %w", err)
 		}
@@ -472,12 +509,9 @@ func (s *DB) ReserveInstanceIDs(ctx context.Context, addr uint32, n int) (uint8,
 // nextNumber advances the daily message counter within tx. The counter
 // restarts at 1 only when the day moves forward, so a clock stepping back
 // can never repeat a (time, number) pair.
-func nextNumber(ctx context.Context, tx *sql.Tx, t time.Time) (uint32, error) {
+func (s *DB) nextNumber(ctx context.Context, tx *sql.Tx, t time.Time) (uint32, error) {
 	var day, n int64
-	if err := tx.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'msg_day'`).Scan(&day); err != nil {
-		return 0, fmt.Errorf("sqlite: message counter: %w", err)
-	}
-	if err := tx.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'msg_number'`).Scan(&n); err != nil {
+	if err := s.queryRow(ctx, tx, qCounter).Scan(&day, &n); err != nil {
 		return 0, fmt.Errorf("sqlite: message counter: %w", err)
 	}
 	if today := t.Unix() / 86400; today > day {
@@ -488,10 +522,7 @@ func nextNumber(ctx context.Context, tx *sql.Tx, t time.Time) (uint32, error) {
 	if n > math.MaxUint32 {
 		return 0, errors.New("sqlite: daily message counter exhausted")
 	}
-	if _, err := tx.ExecContext(ctx, `UPDATE meta SET value = ? WHERE key = 'msg_day'`, day); err != nil {
-		return 0, fmt.Errorf("sqlite: message counter: %w", err)
-	}
-	if _, err := tx.ExecContext(ctx, `UPDATE meta SET value = ? WHERE key = 'msg_number'`, n); err != nil {
+	if _, err := s.exec(ctx, tx, qCounterSet, day, n); err != nil {
 		return 0, fmt.Errorf("sqlite: message counter: %w", err)
 	}
 	return uint32(n), nil
@@ -502,7 +533,7 @@ func (s *DB) NextMessageNumber(ctx context.Context, t time.Time) (uint32, error)
 	var n uint32
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		var err error
-		n, err = nextNumber(ctx, tx, t)
+		n, err = s.nextNumber(ctx, tx, t)
 		return err
 	})
 	return n, err
@@ -510,8 +541,19 @@ func (s *DB) NextMessageNumber(ctx context.Context, t time.Time) (uint32, error)
 
 // ---- submissions ----
 
-const submissionCols = `id, device, instance_id, content_hash, content_type, content, received, local_time,
+const (
+	submissionCols = `id, device, instance_id, content_hash, content_type, content, received, local_time,
 	local_number, state, verify`
+	qDedupe = `SELECT ` + submissionCols + ` FROM submissions
+		WHERE device = ? AND instance_id = ? AND content_hash = ? AND received >= ? ORDER BY id LIMIT 1`
+	qAddSubmission = `INSERT INTO submissions (device, instance_id, content_hash, content_type,
+		content, received, local_time, local_number, state, verify, updated)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?) RETURNING id`
+	qResolveSubmission  = `UPDATE submissions SET state = ?, verify = ?, updated = ? WHERE id = ? AND state = ?`
+	qSubmissionExists   = `SELECT 1 FROM submissions WHERE id = ?`
+	qPendingSubmissions = `SELECT ` + submissionCols + ` FROM submissions WHERE state = ? AND received < ?
+		ORDER BY received, id`
+)
 
 func scanSubmission(sc interface{ Scan(...any) error }) (*store.Submission, error) {
 	var sub store.Submission
@@ -533,8 +575,7 @@ func (s *DB) AddSubmission(ctx context.Context, sub *store.Submission, dedupeSin
 	var rec *store.Submission
 	dup := false
 	err := s.tx(ctx, func(tx *sql.Tx) error {
-		r, err := scanSubmission(tx.QueryRowContext(ctx, `SELECT `+submissionCols+` FROM submissions
-			WHERE device = ? AND instance_id = ? AND content_hash = ? AND received >= ? ORDER BY id LIMIT 1`,
+		r, err := scanSubmission(s.queryRow(ctx, tx, qDedupe,
 			sub.Device, sub.InstanceID, sub.ContentHash, ms(dedupeSince)))
 		if err == nil {
 			rec, dup = r, true
@@ -543,15 +584,13 @@ func (s *DB) AddSubmission(ctx context.Context, sub *store.Submission, dedupeSin
 		if !errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("sqlite: dedupe: %w", err)
 		}
-		n, err := nextNumber(ctx, tx, sub.Received)
+		n, err := s.nextNumber(ctx, tx, sub.Received)
 		if err != nil {
 			return err
 		}
 		c := *sub
 		c.LocalTime, c.Number, c.State, c.Verify = uint32(sub.Received.Unix()), n, store.SubmissionPending, ""
-		err = tx.QueryRowContext(ctx, `INSERT INTO submissions (device, instance_id, content_hash, content_type,
-			content, received, local_time, local_number, state, verify, updated)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?) RETURNING id`,
+		err = s.queryRow(ctx, tx, qAddSubmission,
 			c.Device, c.InstanceID, nonNil(c.ContentHash), c.ContentType, nonNil(c.Content), ms(c.Received), c.LocalTime, c.Number,
 			string(c.State), ms(time.Now())).Scan(&c.ID)
 		if err != nil {
@@ -570,20 +609,20 @@ func (s *DB) resolveSubmission(ctx context.Context, id int64, to store.Submissio
 	done := false
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		now := time.Now()
-		r, err := tx.ExecContext(ctx, `UPDATE submissions SET state = ?, verify = ?, updated = ? WHERE id = ? AND state = ?`,
+		r, err := s.exec(ctx, tx, qResolveSubmission,
 			string(to), verify, ms(now), id, string(store.SubmissionPending))
 		if err != nil {
 			return fmt.Errorf("sqlite: submission %d: %w", id, err)
 		}
 		if n, _ := r.RowsAffected(); n == 0 {
 			var one int
-			if err := tx.QueryRowContext(ctx, `SELECT 1 FROM submissions WHERE id = ?`, id).Scan(&one); errors.Is(err, sql.ErrNoRows) {
+			if err := s.queryRow(ctx, tx, qSubmissionExists, id).Scan(&one); errors.Is(err, sql.ErrNoRows) {
 				return fmt.Errorf("%w: submission %d", store.ErrNotFound, id)
 			}
 			return nil
 		}
 		done = true
-		return insertWork(ctx, tx, w, now)
+		return s.insertWork(ctx, tx, w, now)
 	})
 	return done, err
 }
@@ -600,8 +639,7 @@ func (s *DB) DropSubmission(ctx context.Context, id int64, verify string) (bool,
 
 // PendingSubmissions lists pending submissions received before 'before'.
 func (s *DB) PendingSubmissions(ctx context.Context, before time.Time) ([]*store.Submission, error) {
-	rows, err := s.sql.QueryContext(ctx, `SELECT `+submissionCols+` FROM submissions WHERE state = ? AND received < ?
-		ORDER BY received, id`, string(store.SubmissionPending), ms(before))
+	rows, err := s.query(ctx, nil, qPendingSubmissions, string(store.SubmissionPending), ms(before))
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: pending submissions: %w", err)
 	}
@@ -633,7 +671,18 @@ func validWork(w store.Work) error {
 	return nil
 }
 
-func insertWork(ctx context.Context, tx *sql.Tx, w store.Work, now time.Time) error {
+const (
+	qInsertDelivery = `INSERT INTO deliveries (device, message_id, submission_time, content_type, content,
+		priority, state, attempts, next_attempt, expires, created, updated, last_error,
+		report_device, report_mail, report_flags, report_recipient, report_message_id, report_headers)
+		VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)`
+	qInsertRelayMessage = `INSERT INTO relay_messages (envelope_from, data, created) VALUES (?, ?, ?) RETURNING id`
+	qInsertRelay        = `INSERT INTO relays (message, rcpt, state, attempts, next_attempt, expires, created,
+		updated, last_error, report_device, report_mail, report_flags, report_recipient, report_message_id,
+		report_headers) VALUES (?, ?, ?, 0, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)`
+)
+
+func (s *DB) insertWork(ctx context.Context, tx *sql.Tx, w store.Work, now time.Time) error {
 	if err := validWork(w); err != nil {
 		return err
 	}
@@ -642,10 +691,7 @@ func insertWork(ctx context.Context, tx *sql.Tx, w store.Work, now time.Time) er
 		if d.SubmissionTime != nil {
 			st = int64(*d.SubmissionTime)
 		}
-		_, err := tx.ExecContext(ctx, `INSERT INTO deliveries (device, message_id, submission_time, content_type, content,
-			priority, state, attempts, next_attempt, expires, created, updated, last_error,
-			report_device, report_mail, report_flags, report_recipient, report_message_id, report_headers)
-			VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)`,
+		_, err := s.exec(ctx, tx, qInsertDelivery,
 			d.Device, d.MessageID, st, d.ContentType, nonNil(d.Content), d.Priority, string(store.DeliveryQueued),
 			ms(d.NextAttempt), ms(d.Expires), ms(now), ms(now),
 			d.Report.Device, d.Report.Mail, d.Report.Flags, d.Report.Recipient, d.Report.MessageID, d.Report.Headers)
@@ -655,15 +701,13 @@ func insertWork(ctx context.Context, tx *sql.Tx, w store.Work, now time.Time) er
 	}
 	for _, r := range w.Relays {
 		var ref int64
-		err := tx.QueryRowContext(ctx, `INSERT INTO relay_messages (envelope_from, data, created) VALUES (?, ?, ?) RETURNING id`,
+		err := s.queryRow(ctx, tx, qInsertRelayMessage,
 			r.From, nonNil(r.Message), ms(now)).Scan(&ref)
 		if err != nil {
 			return fmt.Errorf("sqlite: queue relay: %w", err)
 		}
 		for _, rc := range r.Recipients {
-			_, err := tx.ExecContext(ctx, `INSERT INTO relays (message, rcpt, state, attempts, next_attempt, expires, created,
-				updated, last_error, report_device, report_mail, report_flags, report_recipient, report_message_id,
-				report_headers) VALUES (?, ?, ?, 0, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)`,
+			_, err := s.exec(ctx, tx, qInsertRelay,
 				ref, rc.Addr, string(store.RelayQueued), ms(r.NextAttempt), ms(r.Expires), ms(now), ms(now),
 				rc.Report.Device, rc.Report.Mail, rc.Report.Flags, rc.Report.Recipient, rc.Report.MessageID, rc.Report.Headers)
 			if err != nil {
@@ -682,16 +726,29 @@ func (s *DB) Enqueue(ctx context.Context, w store.Work) error {
 	if err := validWork(w); err != nil {
 		return err
 	}
-	return s.tx(ctx, func(tx *sql.Tx) error { return insertWork(ctx, tx, w, time.Now()) })
+	return s.tx(ctx, func(tx *sql.Tx) error { return s.insertWork(ctx, tx, w, time.Now()) })
 }
+
+const (
+	qWakeWaiting = `SELECT COUNT(*) FROM (SELECT 1 FROM deliveries
+		WHERE device = ? AND state = ? AND next_attempt > ? LIMIT 1) AS w`
+	qWake = `UPDATE deliveries SET next_attempt = ?, updated = ?
+		WHERE device = ? AND state = ? AND next_attempt > ?`
+	qDueDevices = `SELECT DISTINCT device FROM deliveries WHERE state = ? AND next_attempt <= ?
+		ORDER BY device`
+	qNextDue = `SELECT MIN(t) FROM (
+		SELECT MIN(next_attempt) AS t FROM deliveries WHERE state = 'queued' AND next_attempt > ?1
+		UNION ALL SELECT MIN(expires) FROM deliveries WHERE state = 'queued' AND expires > ?1
+		UNION ALL SELECT MIN(next_attempt) FROM relays WHERE state = 'queued' AND next_attempt > ?1
+		UNION ALL SELECT MIN(expires) FROM relays WHERE state = 'queued' AND expires > ?1) AS due`
+)
 
 // WakeDevice makes a device's queued deliveries due now.
 func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, error) {
 	// Every INVOKE wakes its device; usually nothing waits. Look first
 	// without the write lock, which submissions need.
 	var waiting int
-	err := s.sql.QueryRowContext(ctx, `SELECT COUNT(*) FROM (SELECT 1 FROM deliveries
-		WHERE device = ? AND state = ? AND next_attempt > ? LIMIT 1) AS w`,
+	err := s.queryRow(ctx, nil, qWakeWaiting,
 		addr, string(store.DeliveryQueued), ms(now)).Scan(&waiting)
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: wake device: %w", err)
@@ -701,8 +758,7 @@ func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, e
 	}
 	var n int64
 	err = s.tx(ctx, func(tx *sql.Tx) error {
-		r, err := tx.ExecContext(ctx, `UPDATE deliveries SET next_attempt = ?, updated = ?
-			WHERE device = ? AND state = ? AND next_attempt > ?`,
+		r, err := s.exec(ctx, tx, qWake,
 			ms(now), ms(now), addr, string(store.DeliveryQueued), ms(now))
 		if err != nil {
 			return fmt.Errorf("sqlite: wake device: %w", err)
@@ -715,8 +771,7 @@ func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, e
 
 // DueDevices lists devices with a due queued delivery.
 func (s *DB) DueDevices(ctx context.Context, now time.Time) ([]uint32, error) {
-	rows, err := s.sql.QueryContext(ctx, `SELECT DISTINCT device FROM deliveries WHERE state = ? AND next_attempt <= ?
-		ORDER BY device`, string(store.DeliveryQueued), ms(now))
+	rows, err := s.query(ctx, nil, qDueDevices, string(store.DeliveryQueued), ms(now))
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: due devices: %w", err)
 	}
@@ -736,13 +791,7 @@ func (s *DB) DueDevices(ctx context.Context, now time.Time) ([]uint32, error) {
 // queued deliveries and relays.
 func (s *DB) NextDue(ctx context.Context, after time.Time) (time.Time, bool, error) {
 	var v sql.NullInt64
-	a := ms(after)
-	err := s.sql.QueryRowContext(ctx, `SELECT MIN(t) FROM (
-		SELECT MIN(next_attempt) AS t FROM deliveries WHERE state = 'queued' AND next_attempt > ?
-		UNION ALL SELECT MIN(expires) FROM deliveries WHERE state = 'queued' AND expires > ?
-		UNION ALL SELECT MIN(next_attempt) FROM relays WHERE state = 'queued' AND next_attempt > ?
-		UNION ALL SELECT MIN(expires) FROM relays WHERE state = 'queued' AND expires > ?) AS due`,
-		a, a, a, a).Scan(&v)
+	err := s.queryRow(ctx, nil, qNextDue, ms(after)).Scan(&v)
 	if err != nil {
 		return time.Time{}, false, fmt.Errorf("sqlite: next due: %w", err)
 	}
@@ -752,9 +801,26 @@ func (s *DB) NextDue(ctx context.Context, after time.Time) (time.Time, bool, err
 	return fromMS(v.Int64), true, nil
 }
 
-const deliveryCols = `id, device, message_id, submission_time, content_type, content, priority, state, attempts,
+const (
+	deliveryCols = `id, device, message_id, submission_time, content_type, content, priority, state, attempts,
 	next_attempt, expires, created, updated, last_error, report_device, report_mail, report_flags,
 	report_recipient, report_message_id, report_headers`
+	qInFlight = `SELECT COUNT(*) FROM deliveries WHERE device = ? AND state = ?`
+	// A limit left NULL does not restrict.
+	qClaimable = `SELECT ` + deliveryCols + ` FROM deliveries WHERE device = ?1 AND state = ?2 AND next_attempt <= ?3
+		AND (?4 IS NULL OR length(content) <= ?4) AND (?5 IS NULL OR priority >= ?5) ORDER BY id LIMIT 1`
+	qClaim          = `UPDATE deliveries SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?`
+	qDeliveryState  = `SELECT device, message_id, state FROM deliveries WHERE id = ?`
+	qFinishDelivery = `UPDATE deliveries SET state = ?, next_attempt = ?, last_error = ?,
+		attempts = MAX(attempts - ?, 0), updated = ? WHERE id = ?`
+	qRecordStatus = `INSERT INTO delivery_status (device, message_id, status, updated) VALUES (?, ?, ?, ?)
+		ON CONFLICT (device, message_id) DO UPDATE SET status = excluded.status, updated = excluded.updated`
+	qExpiredDeliveries = `SELECT ` + deliveryCols + ` FROM deliveries WHERE state = ? AND expires <= ?
+		ORDER BY id LIMIT ?`
+	qQueuedDeliveries = `SELECT content_type, length(content), priority FROM deliveries
+		WHERE device = ? AND state = ? ORDER BY id`
+	qDeliveryStatus = `SELECT status FROM delivery_status WHERE device = ? AND message_id = ?`
+)
 
 func scanDelivery(sc interface{ Scan(...any) error }) (*store.Delivery, error) {
 	var d store.Delivery
@@ -780,33 +846,28 @@ func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim 
 	var out *store.Delivery
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		var busy int
-		err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM deliveries WHERE device = ? AND state = ?`,
-			addr, string(store.DeliveryInFlight)).Scan(&busy)
+		err := s.queryRow(ctx, tx, qInFlight, addr, string(store.DeliveryInFlight)).Scan(&busy)
 		if err != nil {
 			return fmt.Errorf("sqlite: claim: %w", err)
 		}
 		if busy > 0 {
 			return fmt.Errorf("%w: device %d", store.ErrBusy, addr)
 		}
-		q := `SELECT ` + deliveryCols + ` FROM deliveries WHERE device = ? AND state = ? AND next_attempt <= ?`
-		args := []any{addr, string(store.DeliveryQueued), ms(now)}
+		var maxLen, lowest any // NULL: no limit
 		if lim.MaxContentLength != nil {
-			q += ` AND length(content) <= ?`
-			args = append(args, int64(*lim.MaxContentLength))
+			maxLen = int64(*lim.MaxContentLength)
 		}
 		if lim.LowestPriority != nil {
-			q += ` AND priority >= ?`
-			args = append(args, int64(*lim.LowestPriority))
+			lowest = int64(*lim.LowestPriority)
 		}
-		d, err := scanDelivery(tx.QueryRowContext(ctx, q+` ORDER BY id LIMIT 1`, args...))
+		d, err := scanDelivery(s.queryRow(ctx, tx, qClaimable, addr, string(store.DeliveryQueued), ms(now), maxLen, lowest))
 		if errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("%w: no due delivery for device %d", store.ErrNotFound, addr)
 		}
 		if err != nil {
 			return fmt.Errorf("sqlite: claim: %w", err)
 		}
-		if _, err := tx.ExecContext(ctx, `UPDATE deliveries SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?`,
-			string(store.DeliveryInFlight), ms(now), d.ID); err != nil {
+		if _, err := s.exec(ctx, tx, qClaim, string(store.DeliveryInFlight), ms(now), d.ID); err != nil {
 			return fmt.Errorf("sqlite: claim: %w", err)
 		}
 		d.State, d.Attempts, d.Updated = store.DeliveryInFlight, d.Attempts+1, now
@@ -827,7 +888,7 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 		now := time.Now()
 		var dev uint32
 		var msgID, state string
-		err := tx.QueryRowContext(ctx, `SELECT device, message_id, state FROM deliveries WHERE id = ?`, id).Scan(&dev, &msgID, &state)
+		err := s.queryRow(ctx, tx, qDeliveryState, id).Scan(&dev, &msgID, &state)
 		if errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("%w: delivery %d", store.ErrNotFound, id)
 		}
@@ -845,28 +906,24 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 		if r.State != store.DeliveryQueued {
 			next = time.Time{}
 		}
-		_, err = tx.ExecContext(ctx, `UPDATE deliveries SET state = ?, next_attempt = ?, last_error = ?,
-			attempts = MAX(attempts - ?, 0), updated = ? WHERE id = ?`,
+		_, err = s.exec(ctx, tx, qFinishDelivery,
 			string(r.State), ms(next), r.Error, undo, ms(now), id)
 		if err != nil {
 			return fmt.Errorf("sqlite: finish delivery: %w", err)
 		}
 		if r.Status != 0 {
-			_, err = tx.ExecContext(ctx, `INSERT INTO delivery_status (device, message_id, status, updated) VALUES (?, ?, ?, ?)
-				ON CONFLICT (device, message_id) DO UPDATE SET status = excluded.status, updated = excluded.updated`,
-				dev, msgID, r.Status, ms(now))
+			_, err = s.exec(ctx, tx, qRecordStatus, dev, msgID, r.Status, ms(now))
 			if err != nil {
 				return fmt.Errorf("sqlite: delivery status: %w", err)
 			}
 		}
-		return insertWork(ctx, tx, r.Work, now)
+		return s.insertWork(ctx, tx, r.Work, now)
 	})
 }
 
 // ExpiredDeliveries lists queued deliveries past their expiry.
 func (s *DB) ExpiredDeliveries(ctx context.Context, now time.Time, limit int) ([]*store.Delivery, error) {
-	rows, err := s.sql.QueryContext(ctx, `SELECT `+deliveryCols+` FROM deliveries WHERE state = ? AND expires <= ?
-		ORDER BY id LIMIT ?`, string(store.DeliveryQueued), ms(now), limit)
+	rows, err := s.query(ctx, nil, qExpiredDeliveries, string(store.DeliveryQueued), ms(now), limit)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: expired deliveries: %w", err)
 	}
@@ -884,8 +941,7 @@ func (s *DB) ExpiredDeliveries(ctx context.Context, now time.Time, limit int) ([
 
 // QueuedDeliveries summarises a device's queued deliveries.
 func (s *DB) QueuedDeliveries(ctx context.Context, addr uint32) ([]store.DeliveryInfo, error) {
-	rows, err := s.sql.QueryContext(ctx, `SELECT content_type, length(content), priority FROM deliveries
-		WHERE device = ? AND state = ? ORDER BY id`, addr, string(store.DeliveryQueued))
+	rows, err := s.query(ctx, nil, qQueuedDeliveries, addr, string(store.DeliveryQueued))
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: queued deliveries: %w", err)
 	}
@@ -904,8 +960,7 @@ func (s *DB) QueuedDeliveries(ctx context.Context, addr uint32) ([]store.Deliver
 // DeliveryStatus returns the recorded status of a delivered message id.
 func (s *DB) DeliveryStatus(ctx context.Context, addr uint32, messageID string) (uint8, error) {
 	var st uint8
-	err := s.sql.QueryRowContext(ctx, `SELECT status FROM delivery_status WHERE device = ? AND message_id = ?`,
-		addr, messageID).Scan(&st)
+	err := s.queryRow(ctx, nil, qDeliveryStatus, addr, messageID).Scan(&st)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, fmt.Errorf("%w: status of %s", store.ErrNotFound, messageID)
 	}
@@ -917,8 +972,17 @@ func (s *DB) DeliveryStatus(ctx context.Context, addr uint32, messageID string) 
 
 // ---- relays ----
 
-const relayCols = `r.id, r.message, r.rcpt, r.state, r.attempts, r.expires, r.last_error, r.report_device,
+const (
+	relayCols = `r.id, r.message, r.rcpt, r.state, r.attempts, r.expires, r.last_error, r.report_device,
 	r.report_mail, r.report_flags, r.report_recipient, r.report_message_id, r.report_headers, m.envelope_from, m.data`
+	qDueRelays = `SELECT ` + relayCols + ` FROM relays r JOIN relay_messages m ON m.id = r.message
+		WHERE r.state = ? AND r.next_attempt <= ? AND r.expires > ? ORDER BY r.message, r.id LIMIT ?`
+	qClaimRelay  = `UPDATE relays SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?`
+	qFinishRelay = `UPDATE relays SET state = ?, next_attempt = ?, last_error = ?,
+		attempts = MAX(attempts - ?, 0), updated = ? WHERE id = ? AND state = ?`
+	qExpiredRelays = `SELECT ` + relayCols + ` FROM relays r JOIN relay_messages m ON m.id = r.message
+		WHERE r.state = ? AND r.expires <= ? ORDER BY r.message, r.id LIMIT ?`
+)
 
 // relayBatches reads relay rows (joined with their message) into batches.
 func relayBatches(rows *sql.Rows) ([]*store.RelayBatch, error) {
@@ -951,8 +1015,7 @@ func relayBatches(rows *sql.Rows) ([]*store.RelayBatch, error) {
 func (s *DB) ClaimRelays(ctx context.Context, now time.Time, limit int) ([]*store.RelayBatch, error) {
 	var out []*store.RelayBatch
 	err := s.tx(ctx, func(tx *sql.Tx) error {
-		rows, err := tx.QueryContext(ctx, `SELECT `+relayCols+` FROM relays r JOIN relay_messages m ON m.id = r.message
-			WHERE r.state = ? AND r.next_attempt <= ? AND r.expires > ? ORDER BY r.message, r.id LIMIT ?`,
+		rows, err := s.query(ctx, tx, qDueRelays,
 			string(store.RelayQueued), ms(now), ms(now), limit)
 		if err != nil {
 			return fmt.Errorf("sqlite: claim relays: %w", err)
@@ -963,8 +1026,7 @@ func (s *DB) ClaimRelays(ctx context.Context, now time.Time, limit int) ([]*stor
 		for _, b := range out {
 			for i := range b.Recipients {
 				rc := &b.Recipients[i]
-				if _, err := tx.ExecContext(ctx, `UPDATE relays SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?`,
-					string(store.RelaySending), ms(now), rc.ID); err != nil {
+				if _, err := s.exec(ctx, tx, qClaimRelay, string(store.RelaySending), ms(now), rc.ID); err != nil {
 					return fmt.Errorf("sqlite: claim relays: %w", err)
 				}
 				rc.State, rc.Attempts = store.RelaySending, rc.Attempts+1
@@ -995,8 +1057,7 @@ func (s *DB) FinishRelays(ctx context.Context, rs []store.RelayResult, w store.W
 			if r.State != store.RelayQueued {
 				next = time.Time{}
 			}
-			res, err := tx.ExecContext(ctx, `UPDATE relays SET state = ?, next_attempt = ?, last_error = ?,
-				attempts = MAX(attempts - ?, 0), updated = ? WHERE id = ? AND state = ?`,
+			res, err := s.exec(ctx, tx, qFinishRelay,
 				string(r.State), ms(next), r.Error, undo, ms(now), r.ID, string(r.From))
 			if err != nil {
 				return fmt.Errorf("sqlite: finish relay: %w", err)
@@ -1005,15 +1066,13 @@ func (s *DB) FinishRelays(ctx context.Context, rs []store.RelayResult, w store.W
 				return fmt.Errorf("%w: relay %d is not %s", store.ErrConflict, r.ID, r.From)
 			}
 		}
-		return insertWork(ctx, tx, w, now)
+		return s.insertWork(ctx, tx, w, now)
 	})
 }
 
 // ExpiredRelays lists queued relay recipients past their expiry.
 func (s *DB) ExpiredRelays(ctx context.Context, now time.Time, limit int) ([]*store.RelayBatch, error) {
-	rows, err := s.sql.QueryContext(ctx, `SELECT `+relayCols+` FROM relays r JOIN relay_messages m ON m.id = r.message
-		WHERE r.state = ? AND r.expires <= ? ORDER BY r.message, r.id LIMIT ?`,
-		string(store.RelayQueued), ms(now), limit)
+	rows, err := s.query(ctx, nil, qExpiredRelays, string(store.RelayQueued), ms(now), limit)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: expired relays: %w", err)
 	}
