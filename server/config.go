@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	_ "embed"
 	"errors"
 	"fmt"
@@ -12,9 +13,13 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/postgres"
+	"github.com/esro-emsdp/emsdp/store/sqlite"
 )
 
 //go:embed default.toml
@@ -111,13 +116,25 @@ type AdminConfig struct {
 	Listen string `toml:"listen"`
 }
 
-// StoreConfig is the store's housekeeping.
+// StoreConfig is the store (which backend, where) and its housekeeping.
 type StoreConfig struct {
+	// Driver is StoreSQLite (the database in Config.Data, one server) or
+	// StorePostgres (a database several servers share, at DSN).
+	Driver          string   `toml:"driver"`
+	DSN             string   `toml:"dsn,omitempty"`
 	Retention       Duration `toml:"retention"`
 	StatusRetention Duration `toml:"status_retention"`
 	RegistryPoll    Duration `toml:"registry_poll"`
-	BusyTimeout     Duration `toml:"busy_timeout"`
+	// BusyTimeout is SQLite's wait for another process's lock; 0 = 10 s.
+	// The key is for driver sqlite only, hence no default in the file.
+	BusyTimeout Duration `toml:"busy_timeout,omitzero"`
 }
+
+// Store drivers (store.driver).
+const (
+	StoreSQLite   = "sqlite"
+	StorePostgres = "postgres"
+)
 
 // CompatConfig switches reference behaviour on where this server differs.
 type CompatConfig struct {
@@ -182,12 +199,14 @@ func parseConfig(b []byte, name string) (*Config, error) {
 	return c, nil
 }
 
-// Write writes c as TOML, with the relay password masked.
+// Write writes c as TOML, with the relay password and any password in
+// the store DSN masked.
 func (c *Config) Write(w io.Writer) error {
 	cc := *c
 	if cc.Relay.Password != "" {
 		cc.Relay.Password = "********"
 	}
+	cc.Store.DSN = maskDSN(cc.Store.DSN)
 	return toml.NewEncoder(w).Encode(&cc)
 }
 
@@ -218,9 +237,7 @@ func (c *Config) Validate() error {
 	if c.Relay.Smarthost != "" {
 		add(validListen("relay.smarthost", c.Relay.Smarthost, false))
 	}
-	if c.Data == "" {
-		add(configErr("data: directory required"))
-	}
+	add(c.validStore())
 	var lv slog.Level
 	if err := lv.UnmarshalText([]byte(c.LogLevel)); err != nil {
 		add(configErr("log_level %q: want debug, info, warn or error", c.LogLevel))
@@ -236,7 +253,7 @@ func (c *Config) Validate() error {
 		"delivery.expiry": c.Delivery.Expiry, "relay.expiry": c.Relay.Expiry, "relay.timeout": c.Relay.Timeout,
 		"smtp.read_timeout": c.SMTP.ReadTimeout, "smtp.write_timeout": c.SMTP.WriteTimeout,
 		"store.retention": c.Store.Retention, "store.status_retention": c.Store.StatusRetention,
-		"store.registry_poll": c.Store.RegistryPoll, "store.busy_timeout": c.Store.BusyTimeout,
+		"store.registry_poll": c.Store.RegistryPoll,
 	} {
 		if d <= 0 {
 			add(configErr("%s must be positive", name))
@@ -287,6 +304,59 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// validStore checks the [store] keys that depend on the driver: each
+// driver refuses the other's keys rather than ignore them silently.
+func (c *Config) validStore() error {
+	var errs []error
+	switch c.Store.Driver {
+	case StoreSQLite:
+		if c.Data == "" {
+			errs = append(errs, configErr("data: directory required (store.driver = %q)", StoreSQLite))
+		}
+		if c.Store.DSN != "" {
+			errs = append(errs, configErr("store.dsn is for store.driver = %q (the store is %q)", StorePostgres, StoreSQLite))
+		}
+		if c.Store.BusyTimeout < 0 {
+			errs = append(errs, configErr("store.busy_timeout must not be negative"))
+		}
+	case StorePostgres:
+		if c.Store.DSN == "" {
+			errs = append(errs, configErr("store.dsn: a PostgreSQL connection string is required (store.driver = %q)", StorePostgres))
+		} else if _, err := pgxpool.ParseConfig(c.Store.DSN); err != nil {
+			// pgx's message masks the password.
+			errs = append(errs, configErr("store.dsn: %v", err))
+		}
+		if c.Store.BusyTimeout != 0 {
+			errs = append(errs, configErr("store.busy_timeout is for store.driver = %q (the store is %q)", StoreSQLite, StorePostgres))
+		}
+	default:
+		errs = append(errs, configErr("store.driver %q: want %q or %q", c.Store.Driver, StoreSQLite, StorePostgres))
+	}
+	return errors.Join(errs...)
+}
+
+// OpenStore opens the store the configuration names: the SQLite database
+// in Data, or the PostgreSQL database at Store.DSN. Unlike Start it takes
+// no lock on the data directory: the device commands use it beside a
+// running server.
+func (c *Config) OpenStore(ctx context.Context) (store.Store, error) {
+	switch c.Store.Driver {
+	case StoreSQLite:
+		db, err := sqlite.OpenDir(ctx, c.Data, &sqlite.Options{BusyTimeout: time.Duration(c.Store.BusyTimeout)})
+		if err != nil {
+			return nil, fmt.Errorf("store: %w", err)
+		}
+		return db, nil
+	case StorePostgres:
+		db, err := postgres.Open(ctx, c.Store.DSN)
+		if err != nil {
+			return nil, fmt.Errorf("store: %w", err)
+		}
+		return db, nil
+	}
+	return nil, configErr("store.driver %q: want %q or %q", c.Store.Driver, StoreSQLite, StorePostgres)
 }
 
 // ESROConfig returns the endpoint configuration the settings describe.

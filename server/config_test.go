@@ -36,6 +36,9 @@ func TestDefaultConfig(t *testing.T) {
 		"tag 25":           {c.Compat.SubmitResultTag25, true},
 		"ip only":          {c.Compat.IPOnlyIdentification, false},
 		"delivery retries": {len(c.Delivery.Retry), 5},
+		"store.driver":     {c.Store.Driver, StoreSQLite},
+		"store.dsn":        {c.Store.DSN, ""},
+		"busy_timeout":     {c.Store.BusyTimeout, Duration(0)}, // SQLite's 10 s
 	} {
 		if tc.got != tc.want {
 			t.Errorf("%s = %v, want %v", name, tc.got, tc.want)
@@ -73,6 +76,23 @@ func TestLoadConfig(t *testing.T) {
 		{"tiny pdu", "[emsd]\npdu_size = 10\n", nil, "pdu_size"},
 		{"bad log level", "log_level = \"loud\"\n", nil, "log_level"},
 		{"bad domain", "domain = \"a@b\"\n", nil, "domain"},
+		{"postgres", "[store]\ndriver = \"postgres\"\ndsn = \"postgres://u@db/emsdp?pool_max_conns=4\"\n",
+			func(c *Config) bool {
+				return c.Store.Driver == StorePostgres && c.Store.DSN == "postgres://u@db/emsdp?pool_max_conns=4"
+			}, ""},
+		{"postgres needs no data", "data = \"\"\n[store]\ndriver = \"postgres\"\ndsn = \"dbname=emsdp\"\n",
+			func(c *Config) bool { return c.Data == "" }, ""},
+		{"sqlite busy timeout", "[store]\nbusy_timeout = \"3s\"\n",
+			func(c *Config) bool { return c.Store.BusyTimeout == Duration(3*time.Second) }, ""},
+		{"sqlite needs data", "data = \"\"\n", nil, "data: directory required"},
+		{"postgres needs dsn", "[store]\ndriver = \"postgres\"\n", nil, "store.dsn: a PostgreSQL connection string is required"},
+		{"dsn for sqlite", "[store]\ndsn = \"dbname=emsdp\"\n", nil, `store.dsn is for store.driver = "postgres"`},
+		{"busy timeout for postgres", "[store]\ndriver = \"postgres\"\ndsn = \"dbname=emsdp\"\nbusy_timeout = \"1s\"\n", nil,
+			`store.busy_timeout is for store.driver = "sqlite"`},
+		{"negative busy timeout", "[store]\nbusy_timeout = \"-1s\"\n", nil, "store.busy_timeout must not be negative"},
+		{"bad dsn", "[store]\ndriver = \"postgres\"\ndsn = \"host\"\n", nil, "store.dsn: cannot parse"},
+		{"bad pool setting", "[store]\ndriver = \"postgres\"\ndsn = \"dbname=x pool_max_conns=many\"\n", nil, "store.dsn"},
+		{"unknown driver", "[store]\ndriver = \"sqlite3\"\n", nil, `store.driver "sqlite3": want "sqlite" or "postgres"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := LoadConfig(writeFile(t, tc.text))
@@ -98,21 +118,44 @@ func TestLoadConfig(t *testing.T) {
 }
 
 // Write produces a file LoadConfig reads back to the same settings, with
-// the relay password masked.
+// the relay password and the DSN's password masked, and only the keys of
+// the configured store driver.
 func TestWriteConfig(t *testing.T) {
-	c := DefaultConfig()
-	c.Relay.Password = "hunter2"
-	c.Relay.Smarthost = "smtp.example.com:587"
-	var b bytes.Buffer
-	must(t, c.Write(&b))
-	if strings.Contains(b.String(), "hunter2") {
-		t.Error("password written")
-	}
-	back, err := LoadConfig(writeFile(t, b.String()))
-	must(t, err)
-	back.Relay.Password = c.Relay.Password
-	if !reflect.DeepEqual(back, c) {
-		t.Errorf("round trip:\n%+v\n%+v", back, c)
+	sqliteConf := DefaultConfig()
+	sqliteConf.Relay.Password = "hunter2"
+	sqliteConf.Relay.Smarthost = "smtp.example.com:587"
+	sqliteConf.Store.BusyTimeout = Duration(3 * time.Second)
+	pgConf := DefaultConfig()
+	pgConf.Store.Driver, pgConf.Store.DSN = StorePostgres, "host=db.example.net dbname=emsdp user=emsdp password=hunter2"
+	for _, tc := range []struct {
+		name         string
+		c            *Config
+		want, absent []string
+	}{
+		{"sqlite", sqliteConf, []string{`driver = "sqlite"`, `busy_timeout = "3s"`}, []string{"hunter2", "dsn"}},
+		{"postgres", pgConf, []string{`driver = "postgres"`, `dsn = "host=db.example.net dbname=emsdp user=emsdp password=********"`},
+			[]string{"hunter2", "busy_timeout"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var b bytes.Buffer
+			must(t, tc.c.Write(&b))
+			for _, w := range tc.want {
+				if !strings.Contains(b.String(), w) {
+					t.Errorf("written config lacks %s:\n%s", w, b.String())
+				}
+			}
+			for _, a := range tc.absent {
+				if strings.Contains(b.String(), a) {
+					t.Errorf("written config has %s:\n%s", a, b.String())
+				}
+			}
+			back, err := LoadConfig(writeFile(t, b.String()))
+			must(t, err)
+			back.Relay.Password, back.Store.DSN = tc.c.Relay.Password, tc.c.Store.DSN
+			if !reflect.DeepEqual(back, tc.c) {
+				t.Errorf("round trip:\n%+v\n%+v", back, tc.c)
+			}
+		})
 	}
 }
 

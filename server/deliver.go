@@ -85,20 +85,33 @@ func (s *Server) noteQueued(w store.Work) {
 // runScheduler starts a worker for every device with a due delivery,
 // expires what is too old, and sleeps until the next due time or a kick.
 // All state is in the store, so a restart rebuilds it.
+//
+// Held devices are reconsidered (unholdAll) at the planned wake-up: the
+// next due time, or the full rescan at least every s.rescan. The rescan
+// finds what changed without a kick here: work another process re-queued,
+// such as another server sharing the store that stopped (or crashed) while
+// it was delivering to a device this server found busy (store.ErrBusy).
+// The wake-up counts even when kicks come first and keep the timer from
+// firing, as they do on a busy server.
 func (s *Server) runScheduler() {
-	const idle = 30 * time.Second
 	t := time.NewTimer(0)
 	defer t.Stop()
-	purgeAt := time.Now()
+	now := time.Now()
+	purgeAt, rescanAt, wakeAt := now, now.Add(s.rescan), now
 	for {
 		select {
 		case <-s.loopCtx.Done():
 			return
 		case <-s.sched.kick:
 		case <-t.C:
-			s.unholdAll() // periodic full rescan
 		}
-		now := time.Now()
+		now = time.Now()
+		if !now.Before(wakeAt) {
+			s.unholdAll()
+			if !now.Before(rescanAt) {
+				rescanAt = now.Add(s.rescan)
+			}
+		}
 		s.expire(now)
 		if !now.Before(purgeAt) {
 			s.purge(now)
@@ -107,11 +120,11 @@ func (s *Server) runScheduler() {
 		s.startWorkers(now)
 		// NextDue after the same now: whatever fell due since is found by
 		// the next pass, which this wait then starts at once.
-		wait := idle
-		if next, ok, err := s.st.NextDue(s.loopCtx, now); err == nil && ok {
-			wait = min(wait, max(time.Until(next), time.Millisecond))
+		wakeAt = rescanAt
+		if next, ok, err := s.st.NextDue(s.loopCtx, now); err == nil && ok && next.Before(wakeAt) {
+			wakeAt = next
 		}
-		t.Reset(wait)
+		t.Reset(max(time.Until(wakeAt), time.Millisecond))
 	}
 }
 

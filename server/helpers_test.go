@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/internal/pgtest"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/ua"
 )
@@ -27,8 +29,70 @@ func TestMain(m *testing.M) {
 	if os.Getenv(helperEnv) != "" {
 		os.Exit(helperServer())
 	}
-	goleak.VerifyTestMain(m)
+	code := m.Run()
+	if err := testPG.stop(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		code = 1
+	}
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintln(os.Stderr, "goleak:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
 }
+
+// testPG is the PostgreSQL cluster of this test binary: started by the
+// first test that needs it, stopped by TestMain.
+var testPG pgCluster
+
+type pgCluster struct {
+	mu  sync.Mutex
+	srv *pgtest.Server
+	err error
+}
+
+// get returns the running cluster. A machine without PostgreSQL fails the
+// test rather than skipping it: CI installs it, and a backend that is
+// never tested must not look green.
+func (c *pgCluster) get(t testing.TB) *pgtest.Server {
+	t.Helper()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.srv == nil && c.err == nil {
+		c.srv, c.err = pgtest.Start(context.Background(), pgtest.Options{NoFsync: true})
+	}
+	if c.err != nil {
+		t.Fatalf("PostgreSQL server for the tests: %v", c.err)
+	}
+	return c.srv
+}
+
+func (c *pgCluster) stop() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.srv == nil {
+		return nil
+	}
+	return c.srv.Stop()
+}
+
+// pgConfig is testConfig with the store in a fresh PostgreSQL database
+// (dropped when the test ends).
+func pgConfig(t testing.TB) *Config {
+	t.Helper()
+	c := testConfig(t)
+	c.Store.Driver, c.Store.DSN = StorePostgres, testPG.get(t).NewDatabase(t)
+	return c
+}
+
+// storeConfigs are the configurations of the tests that run on both
+// backends.
+var storeConfigs = []struct {
+	driver string
+	config func(testing.TB) *Config
+}{{StoreSQLite, testConfig}, {StorePostgres, pgConfig}}
 
 // fastTimers are short ESRO timers for loopback tests, on both ends.
 var fastTimers = esro.Timers{Acknowledgement: 5 * time.Millisecond, Roundtrip: 20 * time.Millisecond,

@@ -21,7 +21,6 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/store"
-	"github.com/esro-emsdp/emsdp/store/sqlite"
 	"github.com/esro-emsdp/emsdp/ua"
 )
 
@@ -80,10 +79,15 @@ func onlineDevice(t *testing.T, ap, mts netip.AddrPort, addr emsd.Address) chan 
 
 // An in-process server is closed abruptly with deliveries and relays
 // queued and a submission whose RESULT was never acknowledged; the next
-// server on the same data directory delivers everything exactly once.
+// server on the same store delivers everything exactly once.
 func TestRestartInProcess(t *testing.T) {
+	for _, sc := range storeConfigs {
+		t.Run(sc.driver, func(t *testing.T) { testRestartInProcess(t, sc.config(t)) })
+	}
+}
+
+func testRestartInProcess(t *testing.T, c *Config) {
 	hostAddr := freePort(t)
-	c := testConfig(t)
 	c.Relay.Smarthost = hostAddr // nobody listens yet
 	s1, err := Start(context.Background(), c, Options{Logger: testLogger(t)})
 	must(t, err)
@@ -196,15 +200,22 @@ func (c *child) kill() {
 }
 
 // The server process is killed with SIGKILL while mail waits in its
-// queues; a new process on the same data directory delivers and relays
-// everything that was acknowledged, exactly once.
+// queues; a new process on the same store delivers and relays everything
+// that was acknowledged, exactly once. (With PostgreSQL the killed
+// process's session, and with it its node lock, ends with it: its work is
+// no live server's.)
 func TestKillRestart(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs server processes")
 	}
+	for _, sc := range storeConfigs {
+		t.Run(sc.driver, func(t *testing.T) { testKillRestart(t, sc.config(t)) })
+	}
+}
+
+func testKillRestart(t *testing.T, c *Config) {
 	dir := t.TempDir()
 	hostAddr := freePort(t)
-	c := testConfig(t)
 	c.Data = filepath.Join(dir, "data")
 	c.Relay.Smarthost = hostAddr
 	c.Admin.Listen = ""
@@ -218,7 +229,7 @@ func TestKillRestart(t *testing.T) {
 	p1 := startChild(t, cfgPath)
 	// Register the devices through the store, as 'emsdp device add' does
 	// while the server runs; the server notices within registry_poll.
-	db, err := sqlite.OpenDir(context.Background(), c.Data, nil)
+	db, err := c.OpenStore(context.Background())
 	must(t, err)
 	defer db.Close()
 	senderEP := listenESRO(t, "127.0.0.1")

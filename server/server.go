@@ -2,9 +2,12 @@
 // `emsdp serve`: it performs the server side of EMSD over ESRO (spec
 // emsd.md §1.4, §9) for the devices in its registry, relays their mail to
 // the Internet through a smarthost and delivers Internet mail received over
-// SMTP to them. Every message is in the store (store/sqlite by default)
-// before it is acknowledged, so queues survive kill -9; the in-memory
-// scheduler is rebuilt from the store at start.
+// SMTP to them. Every message is in the store before it is acknowledged,
+// so queues survive kill -9; the in-memory scheduler is rebuilt from the
+// store at start. The store is SQLite in the data directory (one server)
+// or a PostgreSQL database that several servers share: each device's
+// deliveries are then made by one server at a time (the store's claims),
+// whichever server received the message.
 //
 // Choices where the specification leaves room are documented where they
 // are made; the main ones: devices are identified by credentials, then IP
@@ -17,6 +20,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -37,19 +41,21 @@ import (
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/store"
-	"github.com/esro-emsdp/emsdp/store/sqlite"
 )
 
 // Options are the parts of a server that are not configuration.
 type Options struct {
 	// Logger receives the server's logs. Nil: slog.Default().
 	Logger *slog.Logger
-	// Store, when set, is used instead of the SQLite store in Config.Data;
-	// it stays the caller's to close.
+	// Store, when set, is used instead of the store the configuration
+	// names; it stays the caller's to close.
 	Store store.Store
 	// PacketConn, when set, carries EMSD instead of a socket on
 	// EMSD.Listen (tests use in-memory networks); the server closes it.
 	PacketConn net.PacketConn
+
+	// rescan replaces the scheduler's full-rescan period (tests).
+	rescan time.Duration
 }
 
 // ListenError is a listener that could not be opened.
@@ -94,6 +100,7 @@ type Server struct {
 	pw    pwCache
 
 	sched     sched
+	rescan    time.Duration // full rescan period of the scheduler
 	relayKick chan struct{}
 	metrics   *metrics
 
@@ -124,6 +131,7 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		domain:    cfg.domain(),
 		hostname:  cfg.hostname(),
 		relayKick: make(chan struct{}, 1),
+		rescan:    cmp.Or(o.rescan, 30*time.Second),
 		metrics:   newMetrics(),
 		reasm: emsd.NewReassembler[emsd.Address](emsd.ReassemblerConfig{
 			Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
@@ -148,14 +156,18 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 	if o.Store != nil {
 		s.st = o.Store
 	} else {
-		unlock, err := lockDataDir(cfg.Data)
+		if cfg.Store.Driver == StoreSQLite {
+			// One server per SQLite store. With PostgreSQL several servers
+			// share the store by design, and the data directory is unused.
+			unlock, err := lockDataDir(cfg.Data)
+			if err != nil {
+				return nil, err
+			}
+			s.unlock = unlock
+		}
+		db, err := cfg.OpenStore(ctx)
 		if err != nil {
 			return nil, err
-		}
-		s.unlock = unlock
-		db, err := sqlite.OpenDir(ctx, cfg.Data, &sqlite.Options{BusyTimeout: time.Duration(cfg.Store.BusyTimeout)})
-		if err != nil {
-			return nil, fmt.Errorf("store: %w", err)
 		}
 		s.st, s.ownStore = db, true
 	}
@@ -247,8 +259,19 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		})
 	}
 	log.Info("serving", "emsd", s.ep.LocalAddr(), "smtp", addrOf(s.smtpLn), "admin", addrOf(s.adminLn),
-		"domain", s.domain, "devices", len(s.registry().byAddr))
+		"domain", s.domain, "devices", len(s.registry().byAddr), "store", storeDesc(cfg, o.Store != nil))
 	return s, nil
+}
+
+// storeDesc names the store for the log, without its password.
+func storeDesc(cfg *Config, given bool) string {
+	switch {
+	case given:
+		return "given"
+	case cfg.Store.Driver == StorePostgres:
+		return "postgres " + maskDSN(cfg.Store.DSN)
+	}
+	return "sqlite " + cfg.Data
 }
 
 func addrOf(ln net.Listener) string {

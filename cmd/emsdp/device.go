@@ -13,13 +13,12 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/server"
 	"github.com/esro-emsdp/emsdp/store"
-	"github.com/esro-emsdp/emsdp/store/sqlite"
 )
 
 // cmdDevice: "emsdp device add|list|show|remove|passwd", the device
-// registry of the server's store. It works beside a running server (the
-// store is SQLite in WAL mode), which notices the change within
-// store.registry_poll or at SIGHUP.
+// registry of the server's store. It works beside running servers (SQLite
+// in WAL mode, or the PostgreSQL database they share), which notice the
+// change within store.registry_poll or at SIGHUP.
 func cmdDevice(ctx context.Context, env *cmdEnv, args []string) int {
 	if len(args) > 0 {
 		switch args[0] {
@@ -39,24 +38,40 @@ func cmdDevice(ctx context.Context, env *cmdEnv, args []string) int {
 	return exitUsage
 }
 
-// deviceStore holds the flags that locate the store.
-type deviceStore struct{ data, config string }
+// deviceStore holds the flags that locate the store: those of emsdp
+// serve, so that a command line names the same store for both.
+type deviceStore struct{ data, dsn, config string }
 
 func (d *deviceStore) register(fs *flag.FlagSet) {
-	fs.StringVar(&d.data, "data", "", "data directory of the server (default: data of --config, else ./emsdp-data)")
-	fs.StringVar(&d.config, "config", "", "the server's configuration file, to find its data directory")
+	fs.StringVar(&d.data, "data", "", "data directory of the server's SQLite store (default: as --config says, else ./emsdp-data)")
+	fs.StringVar(&d.dsn, "dsn", "", "PostgreSQL store of the servers (default: as --config says)")
+	fs.StringVar(&d.config, "config", "", "the server's configuration file, to find its store")
 }
 
-func (d *deviceStore) open(ctx context.Context) (*sqlite.DB, error) {
-	dir := d.data
-	if dir == "" {
-		cfg, err := server.LoadConfig(d.config)
-		if err != nil {
-			return nil, err
-		}
-		dir = cfg.Data
+// open opens the store the server of --config uses, or the one --data or
+// --dsn names instead.
+func (d *deviceStore) open(ctx context.Context) (store.Store, error) {
+	if d.data != "" && d.dsn != "" {
+		return nil, usagef("--data (SQLite) and --dsn (PostgreSQL) name two stores: give one")
 	}
-	return sqlite.OpenDir(ctx, dir, nil)
+	cfg, err := server.LoadConfig(d.config)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case d.dsn != "":
+		cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, d.dsn, 0
+	case d.data != "":
+		if cfg.Store.Driver != server.StoreSQLite {
+			// A new empty SQLite store would be created beside the real one.
+			return nil, usagef("--data names a SQLite store, but the store of %s is %s", d.config, cfg.Store.Driver)
+		}
+		cfg.Data = d.data
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return cfg.OpenStore(ctx)
 }
 
 // aliasList is the repeatable --alias flag; commas separate addresses too.

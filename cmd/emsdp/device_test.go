@@ -1,9 +1,14 @@
 package main
 
 import (
+	"context"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/esro-emsdp/emsdp/internal/pgtest"
 )
 
 // The device commands, in order, on one store: outputs and exit codes.
@@ -74,5 +79,79 @@ func TestDeviceConfigData(t *testing.T) {
 	}
 	if code, out, _ := runCmd(t, "", "device", "list", "--data", data); code != exitOK || !strings.Contains(out, "001.001") {
 		t.Errorf("list: %d %q", code, out)
+	}
+}
+
+// With a PostgreSQL store, two 'emsdp serve' share it (no data-directory
+// lock), 'emsdp device' given the same --config edits the registry both
+// serve, and --dsn names the store directly.
+func TestDevicePostgres(t *testing.T) {
+	serveNoLeaks(t)
+	pg, err := pgtest.Start(context.Background(), pgtest.Options{NoFsync: true})
+	if err != nil {
+		t.Fatalf("PostgreSQL server for the test: %v", err) // CI installs it: fail, do not skip
+	}
+	t.Cleanup(func() {
+		if err := pg.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	dsn := pg.NewDatabase(t)
+	data := filepath.Join(t.TempDir(), "data")
+	cfg := serveConfig(t, `data = "`+data+`"`)
+	text, err := os.ReadFile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text = []byte(strings.Replace(string(text), "[store]\n", "[store]\ndriver = \"postgres\"\ndsn = \""+dsn+"\"\n", 1))
+	if err := os.WriteFile(cfg, text, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a1, _ := startServe(t, "--config", cfg, "--listen", "127.0.0.1:0", "--smtp", "off", "--admin", "off")
+	a2, errb := startServe(t, "--config", cfg, "--listen", "127.0.0.1:0", "--smtp", "off", "--admin", "off")
+	if !strings.Contains(errb.String(), " store=postgres\n") {
+		t.Errorf("listening line: %q", errb.String())
+	}
+
+	if code, out, errs := runCmd(t, "", "device", "add", "--config", cfg, "--address", "198.036", "--password", "pw",
+		"--ip", "127.0.0.1"); code != exitOK || !strings.HasPrefix(out, "added device 198.036") {
+		t.Fatalf("device add: exit %d %q %s", code, out, errs)
+	}
+	send := func(mts string) int {
+		code, _, _ := runCmd(t, "x\n", append([]string{"ua", "send", "--server", mts, "--address", "198.036",
+			"--password", "pw", "--to", "bob@example.com"}, strings.Fields(fast)...)...)
+		return code
+	}
+	for _, mts := range []string{a1.emsd, a2.emsd} {
+		waitFor(t, "the device known to the server at "+mts, func() bool { return send(mts) == exitOK })
+	}
+	if code, out, errs := runCmd(t, "", "device", "list", "--dsn", dsn); code != exitOK ||
+		!regexp.MustCompile(`\n198\.036 +127\.0\.0\.1 +641 `).MatchString(out) {
+		t.Errorf("device list --dsn: exit %d %q %s", code, out, errs)
+	}
+	if code, _, errs := runCmd(t, "", "device", "remove", "--config", cfg, "198.036"); code != exitOK {
+		t.Fatalf("device remove: exit %d %s", code, errs)
+	}
+	for _, mts := range []string{a1.emsd, a2.emsd} {
+		waitFor(t, "the device forgotten by the server at "+mts, func() bool { return send(mts) == exitError })
+	}
+	if _, err := os.Stat(data); !os.IsNotExist(err) {
+		t.Errorf("data directory created with the PostgreSQL store: %v", err)
+	}
+
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		stderr string
+	}{
+		{"data and dsn", []string{"device", "list", "--data", data, "--dsn", dsn}, "give one"},
+		{"data with a postgres config", []string{"device", "list", "--config", cfg, "--data", data}, "the store of " + cfg + " is postgres"},
+		{"serve data with a postgres config", []string{"serve", "--config", cfg, "--data", data, "--check-config"}, "--data is for the SQLite store"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if code, _, errs := runCmd(t, "", tc.args...); code != exitUsage || !strings.Contains(errs, tc.stderr) {
+				t.Errorf("%v: exit %d, stderr %q", tc.args, code, errs)
+			}
+		})
 	}
 }

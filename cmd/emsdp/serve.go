@@ -23,7 +23,8 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	listen := fs.String("listen", "", "UDP address of the EMSD service (default :641)")
 	smtpAddr := fs.String("smtp", "", `inbound SMTP address (default 127.0.0.1:2525; "off" disables)`)
 	admin := fs.String("admin", "", `admin HTTP address for /metrics, /healthz, /debug/pprof (default 127.0.0.1:9641; "off" disables)`)
-	data := fs.String("data", "", "data directory holding the store (default ./emsdp-data)")
+	data := fs.String("data", "", "data directory holding the SQLite store (default ./emsdp-data)")
+	dsn := fs.String("dsn", "", "PostgreSQL store shared by several servers (sets store.driver = \"postgres\"; see store.dsn)")
 	domain := fs.String("domain", "", "mail domain of the devices, NNN.NNN@domain (default: the host name)")
 	smarthost := fs.String("smarthost", "", "HOST:PORT of the SMTP relay for Internet mail (default none: such mail stays queued)")
 	logLevel := fs.String("log-level", "", "debug, info, warn or error (default info)")
@@ -55,6 +56,7 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 		"smtp":      func() { cfg.SMTP.Listen = off(*smtpAddr) },
 		"admin":     func() { cfg.Admin.Listen = off(*admin) },
 		"data":      func() { cfg.Data = *data },
+		"dsn":       func() { cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, *dsn, 0 },
 		"domain":    func() { cfg.Domain = *domain },
 		"smarthost": func() { cfg.Relay.Smarthost = *smarthost },
 		"log-level": func() { cfg.LogLevel = *logLevel },
@@ -62,6 +64,11 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 		if set[name] {
 			apply()
 		}
+	}
+	if set["data"] && cfg.Store.Driver == server.StorePostgres {
+		// The data directory holds only the SQLite store.
+		fmt.Fprintln(env.stderr, "emsdp serve: --data is for the SQLite store; the store is PostgreSQL (--dsn or store.driver)")
+		return exitUsage
 	}
 	if err := cfg.Validate(); err != nil {
 		fmt.Fprintln(env.stderr, "emsdp serve:", err)
@@ -97,8 +104,12 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	a := srv.Addrs()
-	fmt.Fprintf(env.stderr, "emsdp serve: listening emsd=%s smtp=%s admin=%s data=%s\n",
-		a.EMSD, addrOrOff(a.SMTP), addrOrOff(a.Admin), cfg.Data)
+	where := "data=" + cfg.Data
+	if cfg.Store.Driver == server.StorePostgres {
+		where = "store=postgres"
+	}
+	fmt.Fprintf(env.stderr, "emsdp serve: listening emsd=%s smtp=%s admin=%s %s\n",
+		a.EMSD, addrOrOff(a.SMTP), addrOrOff(a.Admin), where)
 	for {
 		select {
 		case <-hup:

@@ -230,6 +230,12 @@ func TestServeCheckConfig(t *testing.T) {
 	os.WriteFile(bad, []byte("[emsd]\nlisten = \"nope\"\n"), 0o600)
 	unknown := filepath.Join(t.TempDir(), "unknown.toml")
 	os.WriteFile(unknown, []byte("[emsd]\nlistne = \":1\"\n"), 0o600)
+	file := func(text string) string {
+		p := filepath.Join(t.TempDir(), "emsdp.toml")
+		os.WriteFile(p, []byte(text), 0o600)
+		return p
+	}
+	pg := file("[store]\ndriver = \"postgres\"\ndsn = \"postgres://emsdp:s3cret@db.example.net/emsdp?sslmode=require\"\n")
 	for _, tc := range []struct {
 		name   string
 		args   []string
@@ -246,11 +252,33 @@ func TestServeCheckConfig(t *testing.T) {
 		{"missing file", []string{"--config", filepath.Join(t.TempDir(), "none.toml")}, exitFailed, "", "no such file"},
 		{"bad flag", []string{"--nope"}, exitUsage, "", "flag provided but not defined"},
 		{"bad level", []string{"--check-config", "--log-level", "loud"}, exitUsage, "", "log_level"},
+		{"sqlite by default", []string{"--check-config"}, exitOK, "[store]\n  driver = \"sqlite\"\n", ""},
+		{"postgres", []string{"--check-config", "--config", pg}, exitOK,
+			"driver = \"postgres\"\n  dsn = \"postgres://emsdp:********@db.example.net/emsdp?sslmode=require\"\n", "configuration OK"},
+		{"dsn flag", []string{"--check-config", "--dsn", "host=/run/postgresql dbname=emsdp password='a b'"}, exitOK,
+			"dsn = \"host=/run/postgresql dbname=emsdp password=********\"", "configuration OK"},
+		{"dsn flag and data", []string{"--check-config", "--dsn", "dbname=emsdp", "--data", "x"}, exitUsage, "", "--data is for the SQLite store"},
+		{"postgres without dsn", []string{"--check-config", "--config", file("[store]\ndriver = \"postgres\"\n")}, exitUsage, "",
+			"store.dsn: a PostgreSQL connection string is required"},
+		{"dsn for sqlite", []string{"--check-config", "--config", file("[store]\ndsn = \"dbname=x\"\n")}, exitUsage, "",
+			"store.dsn is for store.driver = \"postgres\""},
+		{"busy timeout for postgres", []string{"--check-config", "--config",
+			file("[store]\ndriver = \"postgres\"\ndsn = \"dbname=x\"\nbusy_timeout = \"5s\"\n")}, exitUsage, "",
+			"store.busy_timeout is for store.driver = \"sqlite\""},
+		{"busy timeout for sqlite", []string{"--check-config", "--config", file("[store]\nbusy_timeout = \"5s\"\n")}, exitOK,
+			"busy_timeout = \"5s\"", ""},
+		{"unknown driver", []string{"--check-config", "--config", file("[store]\ndriver = \"mysql\"\n")}, exitUsage, "", "store.driver \"mysql\""},
+		{"bad dsn", []string{"--check-config", "--dsn", "host=x password='zq9x"}, exitUsage, "", "store.dsn"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, out, errs := runCmd(t, "", append([]string{"serve"}, tc.args...)...)
 			if code != tc.code || !strings.Contains(out, tc.stdout) || !strings.Contains(errs, tc.stderr) {
 				t.Errorf("exit %d, stdout %q, stderr %q", code, out, errs)
+			}
+			for _, secret := range []string{"s3cret", "a b", "zq9x"} {
+				if strings.Contains(out+errs, secret) {
+					t.Errorf("password %q shown: %s%s", secret, out, errs)
+				}
 			}
 		})
 	}
