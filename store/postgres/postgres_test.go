@@ -98,51 +98,14 @@ func delivery(addr uint32, id string) store.NewDelivery {
 		NextAttempt: t0, Expires: t0.Add(time.Hour)}
 }
 
-// TestReopen: everything written is there after closing and reopening,
-// and the counters continue instead of restarting.
+// TestReopen: also, the submission of a closed handle (a gone node) is
+// listed by the next.
 func TestReopen(t *testing.T) {
-	ctx := context.Background()
-	dsn := cluster.NewDatabase(t)
-	db := openDSN(t, dsn)
-	mustT(t, db.AddDevice(ctx, testDevice(198036)))
-	sub, _, err := db.AddSubmission(ctx, &store.Submission{Device: 198036, InstanceID: 3, ContentHash: []byte("h"),
-		ContentType: 32, Content: []byte("ipm"), Received: t0}, t0)
-	mustT(t, err)
-	mustT(t, db.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{delivery(198036, "m")}}))
-	first, err := db.ReserveInstanceIDs(ctx, 198036, 5)
-	mustT(t, err)
-	mustT(t, db.Close())
-
-	db = openDSN(t, dsn)
-	defer db.Close()
-	if _, err := db.Device(ctx, 198036); err != nil {
-		t.Fatal(err)
-	}
-	// The submission of the closed handle (a gone node) is listed.
-	pend, err := db.PendingSubmissions(ctx, t0.Add(time.Second))
-	mustT(t, err)
-	if len(pend) != 1 || pend[0].ID != sub.ID || string(pend[0].Content) != "ipm" {
-		t.Errorf("pending after reopen: %+v", pend)
-	}
-	again, dup, err := db.AddSubmission(ctx, &store.Submission{Device: 198036, InstanceID: 3, ContentHash: []byte("h"),
-		ContentType: 32, Content: []byte("ipm"), Received: t0.Add(time.Second)}, t0)
-	mustT(t, err)
-	if !dup || again.Number != sub.Number {
-		t.Errorf("dedupe after reopen: dup=%v %+v", dup, again)
-	}
-	n, err := db.NextMessageNumber(ctx, t0)
-	mustT(t, err)
-	if n != sub.Number+1 {
-		t.Errorf("counter after reopen %d, want %d", n, sub.Number+1)
-	}
-	next, err := db.ReserveInstanceIDs(ctx, 198036, 1)
-	mustT(t, err)
-	if next != first+5 {
-		t.Errorf("instance id after reopen %d, want %d", next, first+5)
-	}
-	if d, err := db.ClaimDelivery(ctx, 198036, t0, store.Limits{}); err != nil || d.MessageID != "m" {
-		t.Errorf("delivery after reopen: %v %v", d, err)
-	}
+	storetest.Reopen(t, func(t *testing.T) (store.Store, func(*testing.T) store.Store) {
+		dsn := cluster.NewDatabase(t)
+		open := func(t *testing.T) store.Store { return openDSN(t, dsn) }
+		return open(t), open
+	})
 }
 
 // TestMigrations: a database at schema 1 with data is upgraded in place;

@@ -48,55 +48,16 @@ func testDevice(addr uint32) *store.Device {
 		Version: "1.1", Mode: store.ModeComplete}
 }
 
-// TestReopen: everything written is there after closing and reopening,
-// and the message counter continues instead of restarting.
 func TestReopen(t *testing.T) {
-	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), FileName)
-	db, err := Open(ctx, path, nil)
-	mustT(t, err)
-	mustT(t, db.AddDevice(ctx, testDevice(198036)))
-	sub, _, err := db.AddSubmission(ctx, &store.Submission{Device: 198036, InstanceID: 3, ContentHash: []byte("h"),
-		ContentType: 32, Content: []byte("ipm"), Received: t0}, t0)
-	mustT(t, err)
-	mustT(t, db.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{{Device: 198036, MessageID: "m",
-		ContentType: 32, Content: []byte("x"), NextAttempt: t0, Expires: t0.Add(time.Hour)}}}))
-	first, err := db.ReserveInstanceIDs(ctx, 198036, 5)
-	mustT(t, err)
-	mustT(t, db.Close())
-
-	db, err = Open(ctx, path, nil)
-	mustT(t, err)
-	defer db.Close()
-	if _, err := db.Device(ctx, 198036); err != nil {
-		t.Fatal(err)
-	}
-	pend, err := db.PendingSubmissions(ctx, t0.Add(time.Second))
-	mustT(t, err)
-	if len(pend) != 1 || pend[0].ID != sub.ID || string(pend[0].Content) != "ipm" {
-		t.Errorf("pending after reopen: %+v", pend)
-	}
-	// The dedupe record survives: a re-invocation after a restart is still
-	// the same submission.
-	again, dup, err := db.AddSubmission(ctx, &store.Submission{Device: 198036, InstanceID: 3, ContentHash: []byte("h"),
-		ContentType: 32, Content: []byte("ipm"), Received: t0.Add(time.Second)}, t0)
-	mustT(t, err)
-	if !dup || again.Number != sub.Number {
-		t.Errorf("dedupe after reopen: dup=%v %+v", dup, again)
-	}
-	n, err := db.NextMessageNumber(ctx, t0)
-	mustT(t, err)
-	if n != sub.Number+1 {
-		t.Errorf("counter after reopen %d, want %d", n, sub.Number+1)
-	}
-	next, err := db.ReserveInstanceIDs(ctx, 198036, 1)
-	mustT(t, err)
-	if next != first+5 {
-		t.Errorf("instance id after reopen %d, want %d", next, first+5)
-	}
-	if d, err := db.ClaimDelivery(ctx, 198036, t0, store.Limits{}); err != nil || d.MessageID != "m" {
-		t.Errorf("delivery after reopen: %v %v", d, err)
-	}
+	storetest.Reopen(t, func(t *testing.T) (store.Store, func(*testing.T) store.Store) {
+		path := filepath.Join(t.TempDir(), FileName)
+		open := func(t *testing.T) store.Store {
+			db, err := Open(context.Background(), path, nil)
+			mustT(t, err)
+			return db
+		}
+		return open(t), open
+	})
 }
 
 // TestMigrations: a database at schema 1 with data is upgraded in place;
