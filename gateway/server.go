@@ -42,7 +42,13 @@ type InboundOptions struct {
 	WriteTimeout    time.Duration // per reply; 0 = 1 min
 	ReceiverTimeout time.Duration // bound on each Receiver call; 0 = 2 min
 	TLSConfig       *tls.Config   // non-nil: STARTTLS is offered
-	Logger          *slog.Logger  // nil = no logs
+	// RequireTLS refuses MAIL before STARTTLS with 530 5.7.0 (RFC 3207
+	// §4); without TLSConfig that refuses every message.
+	RequireTLS bool
+	// OnTLS, if set, is called once for each connection whose STARTTLS
+	// handshake completed (metrics, logs).
+	OnTLS  func(tls.ConnectionState)
+	Logger *slog.Logger // nil = no logs
 }
 
 // MaxHops is the number of Received: fields beyond which a message is
@@ -221,7 +227,29 @@ func (s *InboundServer) newSession(c *smtp.Conn) (smtp.Session, error) {
 		nc = tc.NetConn()
 	}
 	tc, _ := nc.(*trackedConn)
+	s.noteTLS(tc, c) // a client that sent STARTTLS before any EHLO
 	return &session{s: s, conn: c, tc: tc}, nil
+}
+
+// noteTLS calls OnTLS once per connection that runs TLS. go-smtp has no
+// hook for a completed STARTTLS; it ends the plaintext session (Logout)
+// right after the handshake, and a client that had no session yet is
+// seen at its first EHLO on the TLS connection.
+func (s *InboundServer) noteTLS(tc *trackedConn, c *smtp.Conn) {
+	if s.o.OnTLS == nil || tc == nil {
+		return
+	}
+	st, ok := c.TLSConnectionState()
+	if !ok {
+		return
+	}
+	s.mu.Lock()
+	first := !tc.tlsSeen
+	tc.tlsSeen = true
+	s.mu.Unlock()
+	if first {
+		s.o.OnTLS(st)
+	}
 }
 
 // trackingListener registers every accepted connection, so that Shutdown
@@ -249,8 +277,9 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 
 type trackedConn struct {
 	net.Conn
-	s    *InboundServer
-	busy bool // guarded by s.mu
+	s       *InboundServer
+	busy    bool // guarded by s.mu
+	tlsSeen bool // OnTLS was called; guarded by s.mu
 }
 
 func (c *trackedConn) Close() error {
@@ -290,6 +319,12 @@ func (se *session) Mail(from string, _ *smtp.MailOptions) error {
 	se.s.mu.Unlock()
 	if closing {
 		return &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "Shutting down, try again later"}
+	}
+	if se.s.o.RequireTLS {
+		if _, ok := se.conn.TLSConnectionState(); !ok {
+			se.s.log.Info("smtp: MAIL before STARTTLS refused", "from", from, "remote", se.remote())
+			return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Must issue a STARTTLS command first"}
+		}
 	}
 	se.from, se.to = from, nil
 	se.setBusy(true)
@@ -365,6 +400,7 @@ func (se *session) Reset() {
 
 func (se *session) Logout() error {
 	se.setBusy(false)
+	se.s.noteTLS(se.tc, se.conn) // go-smtp logs a session out right after STARTTLS
 	return nil
 }
 

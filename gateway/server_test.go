@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/textproto"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -270,6 +272,126 @@ func TestInboundServerSTARTTLS(t *testing.T) {
 	if len(got) != 1 || !strings.Contains(string(got[0].msg), "with ESMTPS\r\n\tfor <198.036@emsd.example.test>;") {
 		t.Fatalf("%+v", got)
 	}
+}
+
+// STARTTLS is offered only with a TLS configuration; RequireTLS refuses
+// MAIL on a plaintext connection and takes it after STARTTLS; OnTLS is
+// called once per connection that completed the handshake.
+func TestInboundServerRequireTLS(t *testing.T) {
+	cert, pool := selfSigned(t)
+	serverTLS := &tls.Config{Certificates: []tls.Certificate{cert}}
+	clientTLS := &tls.Config{RootCAs: pool, ServerName: "localhost"}
+	for _, tc := range []struct {
+		name      string
+		tls, req  bool // server: TLSConfig set, RequireTLS
+		startTLS  bool // client
+		offered   bool // STARTTLS in the EHLO reply
+		wantMail  string
+		delivered int
+	}{
+		{"no certificate", false, false, false, false, "ok", 1},
+		{"offered, not used", true, false, false, true, "ok", 1},
+		{"STARTTLS", true, false, true, true, "ok", 1},
+		{"required, plaintext", true, true, false, true, "530 5.7.0", 0},
+		{"required, STARTTLS", true, true, true, true, "ok", 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var handshakes atomic.Int32
+			o := InboundOptions{RequireTLS: tc.req, OnTLS: func(st tls.ConnectionState) {
+				if !st.HandshakeComplete {
+					t.Error("OnTLS before the handshake completed")
+				}
+				handshakes.Add(1)
+			}}
+			if tc.tls {
+				o.TLSConfig = serverTLS
+			}
+			r := &testReceiver{}
+			_, addr, _ := startInbound(t, r, o)
+			dial := smtp.Dial
+			if tc.startTLS { // EHLO, STARTTLS (fails unless offered), handshake
+				dial = func(addr string) (*smtp.Client, error) { return smtp.DialStartTLS(addr, clientTLS) }
+			}
+			c, err := dial(addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if err := c.Hello("client.example.com"); err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := c.TLSConnectionState(); ok != tc.startTLS {
+				t.Fatalf("TLS %v", ok)
+			}
+			if ok, _ := c.Extension("STARTTLS"); ok != (tc.offered && !tc.startTLS) {
+				t.Errorf("STARTTLS offered %v (TLS %v)", ok, tc.startTLS)
+			}
+			if got := smtpCode(c.Mail("alice@example.com", nil)); got != tc.wantMail {
+				t.Fatalf("MAIL: %s, want %s", got, tc.wantMail)
+			}
+			if tc.wantMail == "ok" {
+				if err := c.Rcpt("198.036@emsd.example.test", nil); err != nil {
+					t.Fatal(err)
+				}
+				w, err := c.Data()
+				if err != nil {
+					t.Fatal(err)
+				}
+				w.Write(inboundMail)
+				if err := w.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := len(r.got()); got != tc.delivered {
+				t.Errorf("%d messages delivered, want %d", got, tc.delivered)
+			}
+			want := int32(0)
+			if tc.startTLS {
+				want = 1
+			}
+			if n := handshakes.Load(); n != want {
+				t.Errorf("OnTLS called %d times, want %d", n, want)
+			}
+		})
+	}
+}
+
+// A client may send STARTTLS before any EHLO: the handshake is then
+// seen at the first EHLO on the TLS connection, and counted once however
+// many EHLOs follow.
+func TestInboundServerSTARTTLSBeforeEHLO(t *testing.T) {
+	cert, pool := selfSigned(t)
+	var handshakes atomic.Int32
+	_, addr, _ := startInbound(t, &testReceiver{}, InboundOptions{RequireTLS: true,
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}},
+		OnTLS:     func(tls.ConnectionState) { handshakes.Add(1) }})
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	cmd := func(tp *textproto.Conn, want int, line string) {
+		t.Helper()
+		if line != "" {
+			if err := tp.PrintfLine("%s", line); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, msg, err := tp.ReadResponse(want); err != nil {
+			t.Fatalf("%q: %v %s", line, err, msg)
+		}
+	}
+	plain := textproto.NewConn(conn)
+	cmd(plain, 220, "")
+	cmd(plain, 220, "STARTTLS")
+	tp := textproto.NewConn(tls.Client(conn, &tls.Config{RootCAs: pool, ServerName: "localhost"}))
+	cmd(tp, 250, "EHLO client.example.com")
+	cmd(tp, 250, "EHLO client.example.com")
+	cmd(tp, 250, "MAIL FROM:<alice@example.com>")
+	if n := handshakes.Load(); n != 1 { // before QUIT, whose Logout races with this
+		t.Errorf("OnTLS called %d times, want 1", n)
+	}
+	cmd(tp, 221, "QUIT")
 }
 
 // Shutdown closes idle connections at once, lets a transaction in DATA

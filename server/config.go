@@ -65,6 +65,12 @@ type EMSDConfig struct {
 	PDUSize           int      `toml:"pdu_size"`
 	ReassemblyTimeout Duration `toml:"reassembly_timeout"`
 	DedupeWindow      Duration `toml:"dedupe_window"`
+	// Failed-authentication limits (authlimit.go); rates are per minute.
+	AuthFailuresBurst       int     `toml:"auth_failures_burst"`
+	AuthFailuresRate        float64 `toml:"auth_failures_rate"`
+	DeviceAuthFailuresBurst int     `toml:"device_auth_failures_burst"`
+	DeviceAuthFailuresRate  float64 `toml:"device_auth_failures_rate"`
+	AuthFailuresTracked     int     `toml:"auth_failures_tracked"`
 }
 
 // ESROConfig is the ESRO engine under it.
@@ -95,6 +101,11 @@ type SMTPConfig struct {
 	MaxRecipients   int      `toml:"max_recipients"`
 	ReadTimeout     Duration `toml:"read_timeout"`
 	WriteTimeout    Duration `toml:"write_timeout"`
+	// TLSCert and TLSKey are PEM files (both or neither): with them
+	// STARTTLS is offered, and they are read again on SIGHUP.
+	TLSCert    string `toml:"tls_cert"`
+	TLSKey     string `toml:"tls_key"`
+	RequireTLS bool   `toml:"require_tls"`
 }
 
 // RelayConfig is outbound mail to the smarthost.
@@ -232,7 +243,9 @@ func (c *Config) Validate() error {
 		}
 	}
 	add(validListen("emsd.listen", c.EMSD.Listen, false))
+	add(c.validAuthLimits())
 	add(validListen("smtp.listen", c.SMTP.Listen, true))
+	add(c.validSMTPTLS())
 	add(validListen("admin.listen", c.Admin.Listen, true))
 	if c.Relay.Smarthost != "" {
 		add(validListen("relay.smarthost", c.Relay.Smarthost, false))

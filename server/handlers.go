@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -74,7 +75,11 @@ func (s *Server) refuse(w esro.ResponseWriter, op string, code emsd.ErrorCode, w
 // with parameter 4 (spec emsd.md §9.3 Recommend), or the reference's
 // ERROR 7 without parameter under compat.ip_only_identification.
 func (s *Server) refuseIdentity(w esro.ResponseWriter, op string, peer netip.AddrPort, err error) {
-	s.log.Info("refused", "op", op, "peer", peer, "why", err)
+	lv := slog.LevelInfo
+	if errors.Is(err, errAuthLimited) {
+		lv = slog.LevelDebug // identify warns, at most once a minute: not a line per datagram
+	}
+	s.log.Log(s.ctx, lv, "refused", "op", op, "peer", peer, "why", err)
 	if s.cfg.Compat.IPOnlyIdentification {
 		s.refuse(w, op, emsd.CodeProtocolViolation, err.Error())
 		return
@@ -111,7 +116,7 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 			s.refuse(w, "delivery_control", emsd.CodeResource, "store")
 			return
 		}
-		if err := s.Reload(ctx); err != nil {
+		if err := s.reloadRegistry(ctx); err != nil {
 			s.log.Warn("registry reload", "err", err)
 		}
 	}

@@ -152,7 +152,13 @@ func testConfig(t testing.TB) *Config {
 
 func startServer(t testing.TB, c *Config) *Server {
 	t.Helper()
-	s, err := Start(context.Background(), c, Options{Logger: testLogger(t)})
+	return startServerWith(t, c, Options{Logger: testLogger(t)})
+}
+
+// startServerWith starts a server with options o, shut down at cleanup.
+func startServerWith(t testing.TB, c *Config, o Options) *Server {
+	t.Helper()
+	s, err := Start(context.Background(), c, o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -23,8 +23,10 @@ type metrics struct {
 	deliveries  *prometheus.CounterVec
 	reports     *prometheus.CounterVec
 	inbound     *prometheus.CounterVec
+	starttls    prometheus.Counter
 	relay       *prometheus.CounterVec
 	devices     prometheus.Gauge
+	authLimited *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -46,12 +48,18 @@ func newMetrics() *metrics {
 			Help: "Reports generated: emsd (content type 2), notice (IPM), dsn (RFC 3464)."}, []string{"kind"}),
 		inbound: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "gateway_inbound_total",
 			Help: "Inbound SMTP: accepted and rejected messages, unknown recipients."}, []string{"result"}),
+		starttls: prometheus.NewCounter(prometheus.CounterOpts{Name: "gateway_inbound_starttls_total",
+			Help: "Inbound SMTP connections that completed a STARTTLS handshake."}),
 		relay: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "gateway_relay_total",
 			Help: "Outbound relay recipients by outcome: sent, deferred, failed, expired."}, []string{"outcome"}),
 		devices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "emsd_devices", Help: "Devices in the registry."}),
+		authLimited: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "emsd_auth_limited_total",
+			Help: "Authentications refused unchecked, answered as a wrong password, because the source or the device was over its failed-authentication limit, by limit (source, device)."},
+			[]string{"limit"}),
 	}
 	m.reg.MustRegister(m.invokes, m.errors, m.submissions, m.verifies, m.deliveries, m.reports, m.inbound,
-		m.relay, m.devices)
+		m.starttls, m.relay, m.devices)
+	m.reg.MustRegister(m.authLimited)
 	return m
 }
 

@@ -4,9 +4,11 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"net/netip"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/gateway"
@@ -71,11 +73,15 @@ func (r *registry) byPeer(peer netip.AddrPort, ipOnly bool) *device {
 	return nil
 }
 
-// Identification failures; both are answered ERROR 4 with parameter 4
-// (spec emsd.md §9.3 Recommend, Open Point 3).
+// Identification failures; all are answered ERROR 4 with parameter 4
+// (spec emsd.md §9.3 Recommend, Open Point 3). errAuthLimited is a
+// password not checked because of the failed-authentication limits: it
+// is a wrong password to the device, so that the answer tells a guesser
+// nothing.
 var (
 	errUnknownDevice = errors.New("unknown device")
 	errBadPassword   = errors.New("wrong password")
+	errAuthLimited   = fmt.Errorf("%w (not checked: too many failed authentications)", errBadPassword)
 )
 
 // pwCache remembers, per device, the last password that matched its
@@ -89,15 +95,25 @@ type pwCache struct {
 	sem chan struct{}
 }
 
-func (c *pwCache) check(d *device, pw string) bool {
+func pwKey(d *device, pw string) [32]byte { return sha256.Sum256([]byte(d.PasswordHash + "\x00" + pw)) }
+
+// cached reports whether pw is the password last verified for d, which
+// needs no bcrypt. The two steps are apart so that identify can put the
+// failed-authentication limits between them.
+func (c *pwCache) cached(d *device, pw string) bool {
 	if d.PasswordHash == "" {
 		return true
 	}
-	key := sha256.Sum256([]byte(d.PasswordHash + "\x00" + pw))
+	key := pwKey(d, pw)
 	c.mu.Lock()
-	hit := c.ok[d.addr] == key
-	c.mu.Unlock()
-	if hit {
+	defer c.mu.Unlock()
+	return c.ok[d.addr] == key
+}
+
+// verify checks pw against d's hash with bcrypt, and remembers it when it
+// matches.
+func (c *pwCache) verify(d *device, pw string) bool {
+	if d.PasswordHash == "" {
 		return true
 	}
 	c.sem <- struct{}{}
@@ -110,7 +126,7 @@ func (c *pwCache) check(d *device, pw string) bool {
 	if c.ok == nil {
 		c.ok = map[emsd.Address][32]byte{}
 	}
-	c.ok[d.addr] = key
+	c.ok[d.addr] = pwKey(d, pw)
 	c.mu.Unlock()
 	return true
 }
@@ -121,7 +137,9 @@ func (c *pwCache) check(d *device, pw string) bool {
 // verified whenever the device has one and checkPW is set (operations
 // without a security element cannot carry one). A device identified by
 // its credentials alone but without a password must also come from its
-// registered IP address.
+// registered IP address. Password checks go through s.auth, the
+// failed-authentication limits (see authLimiter for why a limited source
+// is refused even the password pwCache holds).
 func (s *Server) identify(peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (*device, error) {
 	r := s.registry()
 	if s.cfg.Compat.IPOnlyIdentification {
@@ -147,9 +165,28 @@ func (s *Server) identify(peer netip.AddrPort, sec *emsd.SecurityElement, checkP
 		if sec != nil {
 			pw = sec.Password
 		}
-		if !s.pw.check(d, pw) {
+		// The cache answers only for sources and devices within their
+		// limits; bcrypt runs only with a failure charged in advance.
+		byDevice := d.ap.Addr() != peer.Addr()
+		limit := s.auth.over(peer.Addr(), d.addr, byDevice)
+		if limit == "" && s.pw.cached(d, pw) {
+			return d, nil
+		}
+		if limit == "" {
+			limit = s.auth.charge(peer.Addr(), d.addr, byDevice)
+		}
+		if limit != "" {
+			s.metrics.authLimited.WithLabelValues(limit).Inc()
+			if n, warn := s.auth.refused(); warn {
+				s.log.Warn("authentications refused unchecked: too many failed authentications",
+					"limit", limit, "source", sourceOf(peer.Addr()).String(), "device", d.addr, "refused_since_last_warning", n)
+			}
+			return nil, errAuthLimited
+		}
+		if !s.pw.verify(d, pw) {
 			return nil, errBadPassword
 		}
+		s.auth.refund(peer.Addr(), d.addr, byDevice)
 	}
 	return d, nil
 }
@@ -173,8 +210,24 @@ func (s *Server) mapping() gateway.Mapping {
 
 func (s *Server) registry() *registry { return s.reg.Load() }
 
-// Reload re-reads the device registry from the store (SIGHUP).
+// Reload is SIGHUP: it re-reads the device registry from the store and
+// the SMTP certificate files (a renewed certificate takes effect for new
+// STARTTLS handshakes; one that fails to load leaves the old one in use).
 func (s *Server) Reload(ctx context.Context) error {
+	var errs []error
+	if err := s.reloadRegistry(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("registry: %w", err))
+	}
+	if s.tlsCert != nil {
+		if err := s.tlsCert.load(time.Now()); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// reloadRegistry re-reads the device registry from the store.
+func (s *Server) reloadRegistry(ctx context.Context) error {
 	v, err := s.st.RegistryVersion(ctx)
 	if err != nil {
 		return err

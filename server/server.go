@@ -22,6 +22,7 @@ package server
 import (
 	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -56,6 +57,9 @@ type Options struct {
 
 	// rescan replaces the scheduler's full-rescan period (tests).
 	rescan time.Duration
+	// now replaces time.Now as the failed-authentication limiter's clock
+	// (tests).
+	now func() time.Time
 }
 
 // ListenError is a listener that could not be opened.
@@ -89,6 +93,7 @@ type Server struct {
 	ep      *esro.Endpoint
 	smtp    *gateway.InboundServer
 	smtpLn  net.Listener
+	tlsCert *smtpCert // nil: no STARTTLS
 	admin   *http.Server
 	adminLn net.Listener
 	relay   relayer
@@ -98,6 +103,7 @@ type Server struct {
 	segs  segCache
 	subs  activeSubs
 	pw    pwCache
+	auth  *authLimiter
 
 	sched     sched
 	rescan    time.Duration // full rescan period of the scheduler
@@ -125,6 +131,10 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 	if log == nil {
 		log = slog.Default()
 	}
+	now := o.now
+	if now == nil {
+		now = time.Now
+	}
 	s := &Server{
 		cfg:       cfg,
 		log:       log,
@@ -137,7 +147,9 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 			Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
 		segs: segCache{ttl: time.Duration(cfg.EMSD.DedupeWindow), max: 4096},
 		pw:   pwCache{sem: make(chan struct{}, max(runtime.GOMAXPROCS(0)-1, 1))},
+		auth: newAuthLimiter(cfg.EMSD, now),
 	}
+	s.metrics.reg.MustRegister(s.auth.collectors()...)
 	s.sched = sched{kick: make(chan struct{}, 1), busy: map[emsd.Address]bool{}, held: map[emsd.Address]bool{},
 		again: map[emsd.Address]bool{}}
 	s.domains = []string{s.domain}
@@ -171,7 +183,7 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		}
 		s.st, s.ownStore = db, true
 	}
-	if err := s.Reload(ctx); err != nil {
+	if err := s.reloadRegistry(ctx); err != nil {
 		return nil, fmt.Errorf("store: registry: %w", err)
 	}
 	rec, err := s.st.Recover(ctx)
@@ -210,6 +222,12 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		pc.Close()
 		return nil, err
 	}
+	if cfg.SMTP.Listen != "" && cfg.SMTP.TLSCert != "" {
+		s.tlsCert = &smtpCert{certFile: cfg.SMTP.TLSCert, keyFile: cfg.SMTP.TLSKey, log: log.With("layer", "smtp")}
+		if err := s.tlsCert.load(time.Now()); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.SMTP.Listen != "" {
 		if s.smtpLn, err = net.Listen("tcp", cfg.SMTP.Listen); err != nil {
 			return nil, &ListenError{"smtp", cfg.SMTP.Listen, err}
@@ -237,11 +255,16 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 	s.loops.Go(s.runRelay)
 	s.loops.Go(s.pollRegistry)
 	if s.smtpLn != nil {
-		s.smtp = gateway.NewInboundServer(receiver{s}, gateway.InboundOptions{
+		inOpts := gateway.InboundOptions{
 			Domain: s.hostname, MaxMessageBytes: cfg.SMTP.MaxMessageBytes, MaxRecipients: cfg.SMTP.MaxRecipients,
 			ReadTimeout: time.Duration(cfg.SMTP.ReadTimeout), WriteTimeout: time.Duration(cfg.SMTP.WriteTimeout),
 			Logger: log.With("layer", "smtp"),
-		})
+		}
+		if s.tlsCert != nil {
+			inOpts.TLSConfig, inOpts.RequireTLS = s.tlsCert.tlsConfig(), cfg.SMTP.RequireTLS
+			inOpts.OnTLS = func(tls.ConnectionState) { s.metrics.starttls.Inc() }
+		}
+		s.smtp = gateway.NewInboundServer(receiver{s}, inOpts)
 		s.smtpUp.Store(true)
 		s.loops.Go(func() {
 			if err := s.smtp.Serve(s.smtpLn); err != nil && !errors.Is(err, gateway.ErrServerClosed) {
@@ -319,7 +342,7 @@ func (s *Server) pollRegistry() {
 		if err != nil || v == s.registry().version {
 			continue
 		}
-		if err := s.Reload(s.loopCtx); err != nil && s.loopCtx.Err() == nil {
+		if err := s.reloadRegistry(s.loopCtx); err != nil && s.loopCtx.Err() == nil {
 			s.log.Warn("registry reload", "err", err)
 			continue
 		}

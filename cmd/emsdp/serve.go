@@ -16,7 +16,7 @@ import (
 
 // cmdServe: "emsdp serve", the EMSD server (package server). It runs until
 // SIGINT or SIGTERM (then drains and exits 0); SIGHUP reloads the device
-// registry.
+// registry and the SMTP TLS certificate.
 func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	fs := flag.NewFlagSet("emsdp serve", flag.ContinueOnError)
 	cfgPath := fs.String("config", "", "TOML configuration file (default: the embedded defaults)")
@@ -114,7 +114,7 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 		select {
 		case <-hup:
 			if err := srv.Reload(ctx); err != nil {
-				log.Error("registry reload", "err", err)
+				log.Error("reload (SIGHUP)", "err", err)
 			} else {
 				log.Info("device registry reloaded (SIGHUP)")
 			}

@@ -15,6 +15,8 @@ import (
 
 	"github.com/emersion/go-smtp"
 	"go.uber.org/goleak"
+
+	"github.com/esro-emsdp/emsdp/internal/testcert"
 )
 
 func serveNoLeaks(t *testing.T) {
@@ -236,6 +238,8 @@ func TestServeCheckConfig(t *testing.T) {
 		return p
 	}
 	pg := file("[store]\ndriver = \"postgres\"\ndsn = \"postgres://emsdp:s3cret@db.example.net/emsdp?sslmode=require\"\n")
+	certFile, keyFile := writeTestCert(t)
+	missingCert := filepath.Join(t.TempDir(), "missing.pem")
 	for _, tc := range []struct {
 		name   string
 		args   []string
@@ -269,6 +273,16 @@ func TestServeCheckConfig(t *testing.T) {
 			"busy_timeout = \"5s\"", ""},
 		{"unknown driver", []string{"--check-config", "--config", file("[store]\ndriver = \"mysql\"\n")}, exitUsage, "", "store.driver \"mysql\""},
 		{"bad dsn", []string{"--check-config", "--dsn", "host=x password='zq9x"}, exitUsage, "", "store.dsn"},
+		{"smtp without TLS by default", []string{"--check-config"}, exitOK,
+			"tls_cert = \"\"\n  tls_key = \"\"\n  require_tls = false\n", ""},
+		{"smtp TLS", []string{"--check-config", "--config",
+			file("[smtp]\ntls_cert = \"" + certFile + "\"\ntls_key = \"" + keyFile + "\"\nrequire_tls = true\n")}, exitOK,
+			"tls_cert = \"" + certFile + "\"\n  tls_key = \"" + keyFile + "\"\n  require_tls = true\n", "configuration OK"},
+		{"smtp TLS, missing certificate", []string{"--check-config", "--config",
+			file("[smtp]\ntls_cert = \"" + missingCert + "\"\ntls_key = \"" + keyFile + "\"\n")}, exitUsage, "",
+			"smtp.tls_cert \"" + missingCert + "\""},
+		{"require_tls without certificate", []string{"--check-config", "--config", file("[smtp]\nrequire_tls = true\n")},
+			exitUsage, "", "smtp.require_tls needs smtp.tls_cert and smtp.tls_key"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, out, errs := runCmd(t, "", append([]string{"serve"}, tc.args...)...)
@@ -282,6 +296,12 @@ func TestServeCheckConfig(t *testing.T) {
 			}
 		})
 	}
+}
+
+// writeTestCert writes a self-signed certificate for 127.0.0.1 and its
+// key as PEM files.
+func writeTestCert(t *testing.T) (certFile, keyFile string) {
+	return testcert.New(t, "emsdp test").Files(t)
 }
 
 // A port in use (or needing privileges) is one clear line, exit 1.
