@@ -11,6 +11,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -68,6 +69,8 @@ type InboundServer struct {
 	srv    *smtp.Server
 	base   context.Context // cancelled by Close: aborts Receiver calls
 	cancel context.CancelFunc
+	// requireTLS is o.RequireTLS, changeable while serving (SetRequireTLS).
+	requireTLS atomic.Bool
 
 	mu      sync.Mutex
 	closing bool
@@ -104,6 +107,7 @@ func NewInboundServer(r Receiver, o InboundOptions) *InboundServer {
 	}
 	s := &InboundServer{r: r, o: o, log: log, conns: map[*trackedConn]struct{}{}, changed: make(chan struct{}, 1)}
 	s.base, s.cancel = context.WithCancel(context.Background())
+	s.requireTLS.Store(o.RequireTLS)
 	srv := smtp.NewServer(smtp.BackendFunc(s.newSession))
 	srv.Domain = o.Domain
 	srv.MaxMessageBytes = o.MaxMessageBytes
@@ -136,6 +140,10 @@ func (s *InboundServer) Serve(ln net.Listener) error {
 	}
 	return err
 }
+
+// SetRequireTLS changes InboundOptions.RequireTLS while the server runs;
+// it applies from the next MAIL command, in every session.
+func (s *InboundServer) SetRequireTLS(on bool) { s.requireTLS.Store(on) }
 
 // Addr returns the address of the first listener passed to Serve, nil
 // before.
@@ -320,7 +328,7 @@ func (se *session) Mail(from string, _ *smtp.MailOptions) error {
 	if closing {
 		return &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "Shutting down, try again later"}
 	}
-	if se.s.o.RequireTLS {
+	if se.s.requireTLS.Load() {
 		if _, ok := se.conn.TLSConnectionState(); !ok {
 			se.s.log.Info("smtp: MAIL before STARTTLS refused", "from", from, "remote", se.remote())
 			return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Must issue a STARTTLS command first"}

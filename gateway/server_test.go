@@ -356,6 +356,32 @@ func TestInboundServerRequireTLS(t *testing.T) {
 	}
 }
 
+// SetRequireTLS applies from the next MAIL, in sessions already open too.
+func TestInboundServerSetRequireTLS(t *testing.T) {
+	cert, _ := selfSigned(t)
+	srv, addr, _ := startInbound(t, &testReceiver{}, InboundOptions{TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}})
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Hello("client.example.com"); err != nil {
+		t.Fatal(err)
+	}
+	for i, st := range []struct {
+		require bool
+		want    string
+	}{{false, "ok"}, {true, "530 5.7.0"}, {false, "ok"}} {
+		srv.SetRequireTLS(st.require)
+		if got := smtpCode(c.Mail("alice@example.com", nil)); got != st.want {
+			t.Fatalf("step %d (require %v): MAIL: %s, want %s", i, st.require, got, st.want)
+		}
+		if err := c.Reset(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // A client may send STARTTLS before any EHLO: the handshake is then
 // seen at the first EHLO on the TLS connection, and counted once however
 // many EHLOs follow.

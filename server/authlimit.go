@@ -91,6 +91,18 @@ func newAuthLimiter(c EMSDConfig, now func() time.Time) *authLimiter {
 
 func (l *authLimiter) clock() int64 { return int64(l.now().Sub(l.epoch)) }
 
+// setLimits applies changed emsd.*auth_failures* keys (Reconfigure). The
+// failures on record stay: a source's debt carries over as the time until
+// its bucket is full again, now measured against the new burst and rate,
+// so that a reload neither forgives a guesser nor punishes anyone twice.
+func (l *authLimiter) setLimits(c EMSDConfig) {
+	now := l.clock()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.src.setLimits(newFailBuckets[srcKey](c.AuthFailuresBurst, c.AuthFailuresRate, c.AuthFailuresTracked), now)
+	l.dev.setLimits(newFailBuckets[emsd.Address](c.DeviceAuthFailuresBurst, c.DeviceAuthFailuresRate, c.AuthFailuresTracked), now)
+}
+
 // over reports the limit a password check from src for device dev is
 // over: limitSource, limitDevice, or "" when it may go ahead. byDevice is
 // false for a check from the device's registered IP address, which the
@@ -221,6 +233,20 @@ func newFailBuckets[K comparable](burst int, perMinute float64, tracked int) fai
 	}
 	iv := int64(math.Max(1, float64(time.Minute)/perMinute))
 	return failBuckets[K]{interval: iv, tolerance: int64(burst) * iv, max: tracked}
+}
+
+// setLimits takes the limits of n (a new, empty failBuckets) and keeps
+// the keys on record, trimmed to the new bound; a limit turned off
+// forgets them, since it has nothing to count them against.
+func (b *failBuckets[K]) setLimits(n failBuckets[K], now int64) {
+	b.interval, b.tolerance, b.max = n.interval, n.tolerance, n.max
+	if b.interval == 0 {
+		b.tat = nil
+		return
+	}
+	if len(b.tat) > b.max {
+		b.evict(now)
+	}
 }
 
 // over reports whether k has used its burst: one more failure now would

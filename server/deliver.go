@@ -147,7 +147,7 @@ func (s *Server) startWorkers(now time.Time) {
 		if sc.busy[a] || sc.held[a] {
 			continue
 		}
-		if len(sc.busy) >= s.cfg.Delivery.Concurrency {
+		if len(sc.busy) >= s.conf().Delivery.Concurrency {
 			sc.full = true
 			return
 		}
@@ -238,7 +238,7 @@ func (s *Server) deliverOne(dev *device, d *store.Delivery) {
 		log.Warn("not delivered", "why", r.err)
 	case attemptRespool:
 		res.State = store.DeliveryQueued
-		res.NextAttempt = time.Now().Add(backoff(s.cfg.Delivery.Retry, d.Attempts))
+		res.NextAttempt = time.Now().Add(backoff(s.conf().Delivery.Retry, d.Attempts))
 		log.Info("delivery deferred", "why", r.err, "next", res.NextAttempt.Round(time.Second))
 	case attemptRequeue:
 		res.State, res.NextAttempt, res.Requeue = store.DeliveryQueued, time.Now(), true
@@ -306,7 +306,7 @@ func (s *Server) attempt(dev *device, d *store.Delivery) attemptResult {
 		t := emsd.Time(*d.SubmissionTime)
 		env.SubmissionTime = &t
 	}
-	sp := emsd.Splitter{Options: o, MaxUserData: s.cfg.EMSD.PDUSize}
+	sp := emsd.Splitter{Options: o, MaxUserData: s.conf().EMSD.PDUSize}
 	segs, err := sp.SplitDeliver(env, content, s.seq.Next())
 	if err != nil {
 		var sl *emsd.SegmentLimitError
@@ -321,8 +321,9 @@ func (s *Server) attempt(dev *device, d *store.Delivery) attemptResult {
 		sap, hs = emsd.SAPUAPerformer2Way, esro.TwoWay
 	}
 	carries := emsd.CarriesInstanceID(op)
+	refIDs := s.conf().Compat.ReferenceInstanceIDs // once: a reconfiguration must not split an attempt
 	var base uint8
-	if carries && !s.cfg.Compat.ReferenceInstanceIDs {
+	if carries && !refIDs {
 		if base, err = s.st.ReserveInstanceIDs(ctx, uint32(dev.addr), len(segs)); err != nil {
 			if ctx.Err() != nil {
 				return attemptResult{kind: attemptRequeue, err: "shutdown"}
@@ -334,7 +335,7 @@ func (s *Server) attempt(dev *device, d *store.Delivery) attemptResult {
 		data := seg
 		if carries {
 			id := base + uint8(k)
-			if s.cfg.Compat.ReferenceInstanceIDs {
+			if refIDs {
 				id = 0 // the reference MTS (spec emsd.md §1.5)
 			}
 			data = emsd.PrependInstanceID(id, seg)
@@ -409,7 +410,7 @@ func (s *Server) expire(now time.Time) {
 		s.log.Error("expired deliveries", "err", err)
 	}
 	for _, d := range ds {
-		text := "not delivered within " + time.Duration(s.cfg.Delivery.Expiry).String()
+		text := "not delivered within " + time.Duration(s.conf().Delivery.Expiry).String()
 		if d.LastError != "" {
 			text += "; last error: " + d.LastError
 		}
@@ -438,8 +439,8 @@ func (s *Server) purge(now time.Time) {
 	if err := s.recoverSubmissions(s.loopCtx, now.Add(-staleSubmission)); err != nil && s.loopCtx.Err() == nil {
 		s.log.Error("pending submissions", "err", err)
 	}
-	n, err := s.st.Purge(s.loopCtx, now.Add(-time.Duration(s.cfg.Store.Retention)),
-		now.Add(-time.Duration(s.cfg.Store.StatusRetention)))
+	sc := s.conf().Store
+	n, err := s.st.Purge(s.loopCtx, now.Add(-time.Duration(sc.Retention)), now.Add(-time.Duration(sc.StatusRetention)))
 	if err != nil {
 		if s.loopCtx.Err() == nil {
 			s.log.Error("purge", "err", err)

@@ -14,7 +14,7 @@ import (
 )
 
 func (s *Server) opts(v emsd.Version) emsd.Options {
-	return emsd.Options{Version: v, ReverseSequenceOf: s.cfg.Compat.ReverseSequenceOf}
+	return emsd.Options{Version: v, ReverseSequenceOf: s.conf().Compat.ReverseSequenceOf}
 }
 
 // serveESRO is the handler of both MTS performer SAPs (5, 3-way; 9,
@@ -24,7 +24,7 @@ func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro
 	peer := netip.AddrPortFrom(inv.Peer.Addr().Unmap(), inv.Peer.Port())
 	// Any INVOKE from a device wakes its queue, before anything else and
 	// even when it is then refused (spec emsd.md §9.4).
-	hint := s.registry().byPeer(peer, s.cfg.Compat.IPOnlyIdentification)
+	hint := s.registry().byPeer(peer, s.conf().Compat.IPOnlyIdentification)
 	if hint != nil {
 		s.wake(hint.addr)
 	}
@@ -80,7 +80,7 @@ func (s *Server) refuseIdentity(w esro.ResponseWriter, op string, peer netip.Add
 		lv = slog.LevelDebug // identify warns, at most once a minute: not a line per datagram
 	}
 	s.log.Log(s.ctx, lv, "refused", "op", op, "peer", peer, "why", err)
-	if s.cfg.Compat.IPOnlyIdentification {
+	if s.conf().Compat.IPOnlyIdentification {
 		s.refuse(w, op, emsd.CodeProtocolViolation, err.Error())
 		return
 	}
@@ -105,7 +105,7 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 	if !woken {
 		s.wake(dev.addr)
 	}
-	if s.cfg.Compat.DeliveryControlError {
+	if s.conf().Compat.DeliveryControlError {
 		s.refuse(w, "delivery_control", emsd.CodeProtocolViolation, "compat.delivery_control_error")
 		return
 	}

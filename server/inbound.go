@@ -82,7 +82,7 @@ func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []b
 		}
 		w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(a),
 			MessageID: encodeMsgID(emsd.RFC822ID(in.MessageID)), SubmissionTime: st, ContentType: uint32(in.ContentType),
-			Content: content, Priority: prio, NextAttempt: now, Expires: now.Add(time.Duration(s.cfg.Delivery.Expiry)),
+			Content: content, Priority: prio, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry)),
 			Report: store.Report{Mail: from, Recipient: "R:" + byDev[a][0], MessageID: encodeMsgID(emsd.RFC822ID(in.MessageID)),
 				Headers: headers}})
 	}
@@ -99,12 +99,13 @@ func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []b
 // maxContent is the content budget of 32 segments at the configured PDU
 // size (spec emsd.md §8); the gateway default is for 1500 octets.
 func (s *Server) maxContent() int {
-	if s.cfg.EMSD.PDUSize == 1500 {
+	pdu := s.conf().EMSD.PDUSize
+	if pdu == 1500 {
 		return 0
 	}
 	// Largest DeliverArgument envelope: 127-octet message id, both times,
 	// segment info, content type, instance id and length octets: 160.
-	return max(emsd.MaxSegments*(s.cfg.EMSD.PDUSize-160), gateway.MinMaxContent)
+	return max(emsd.MaxSegments*(pdu-160), gateway.MinMaxContent)
 }
 
 // headerSection is the message's header, kept for a DSN.

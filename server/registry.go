@@ -142,7 +142,7 @@ func (c *pwCache) verify(d *device, pw string) bool {
 // is refused even the password pwCache holds).
 func (s *Server) identify(peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (*device, error) {
 	r := s.registry()
-	if s.cfg.Compat.IPOnlyIdentification {
+	if s.conf().Compat.IPOnlyIdentification {
 		if d := r.byPeer(peer, true); d != nil {
 			return d, nil
 		}
@@ -213,6 +213,7 @@ func (s *Server) registry() *registry { return s.reg.Load() }
 // Reload is SIGHUP: it re-reads the device registry from the store and
 // the SMTP certificate files (a renewed certificate takes effect for new
 // STARTTLS handshakes; one that fails to load leaves the old one in use).
+// The configuration file is Reconfigure's.
 func (s *Server) Reload(ctx context.Context) error {
 	var errs []error
 	if err := s.reloadRegistry(ctx); err != nil {

@@ -38,14 +38,14 @@ func (s *Server) runRelay() {
 		case <-s.relayKick:
 		case <-t.C:
 		}
-		if s.relay == nil {
+		if s.live.Load().relay == nil {
 			t.Reset(idle)
 			continue
 		}
 		// One time for the claims and for the next wake-up: an entry that
 		// falls due in between must not be missed by both.
 		now := time.Now()
-		for s.relayRound(now) {
+		for s.relayRound(s.live.Load(), now) {
 		}
 		wait := idle
 		if next, ok, err := s.st.NextDue(s.loopCtx, now); err == nil && ok {
@@ -55,16 +55,17 @@ func (s *Server) runRelay() {
 	}
 }
 
-// relayRound sends one batch of the relays due at now; it reports
-// whether there may be more.
-func (s *Server) relayRound(now time.Time) bool {
+// relayRound sends one batch of the relays due at now with the settings
+// of lc, whatever a reconfiguration changes meanwhile; it reports whether
+// there may be more.
+func (s *Server) relayRound(lc *liveConfig, now time.Time) bool {
 	s.sched.mu.Lock()
 	stop := s.sched.draining
 	s.sched.mu.Unlock()
-	if stop || s.dctx.Err() != nil {
+	if stop || s.dctx.Err() != nil || lc.relay == nil {
 		return false
 	}
-	bs, err := s.st.ClaimRelays(s.dctx, now, s.cfg.Relay.Batch)
+	bs, err := s.st.ClaimRelays(s.dctx, now, lc.cfg.Relay.Batch)
 	if err != nil {
 		if s.dctx.Err() == nil {
 			s.log.Error("claim relays", "err", err)
@@ -74,17 +75,17 @@ func (s *Server) relayRound(now time.Time) bool {
 	n := 0
 	for _, b := range bs {
 		n += len(b.Recipients)
-		s.sendRelay(b)
+		s.sendRelay(lc, b)
 	}
-	return n >= s.cfg.Relay.Batch
+	return n >= lc.cfg.Relay.Batch
 }
 
-func (s *Server) sendRelay(b *store.RelayBatch) {
+func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 	to := make([]string, len(b.Recipients))
 	for i, rc := range b.Recipients {
 		to[i] = rc.Addr
 	}
-	results, sendErr := s.relay.Send(s.dctx, b.From, to, b.Message)
+	results, sendErr := lc.relay.Send(s.dctx, b.From, to, b.Message)
 	shutdown := s.dctx.Err() != nil
 	ctx := s.ctx
 	now := time.Now()
@@ -115,7 +116,7 @@ func (s *Server) sendRelay(b *store.RelayBatch) {
 			log.Warn("relay refused", "err", rr.Err)
 		default:
 			res.State, res.Error = store.RelayQueued, rr.Err.Error()
-			res.NextAttempt = now.Add(backoff(s.cfg.Relay.Retry, rc.Attempts))
+			res.NextAttempt = now.Add(backoff(lc.cfg.Relay.Retry, rc.Attempts))
 			s.metrics.relay.WithLabelValues("deferred").Inc()
 			log.Info("relay deferred", "err", rr.Err, "next", res.NextAttempt.Round(time.Second))
 		}
@@ -146,12 +147,13 @@ func (s *Server) expireRelays(now time.Time) {
 		}
 		return
 	}
+	lc := s.live.Load()
 	for _, b := range bs {
 		var rs []store.RelayResult
 		var work store.Work
 		for _, rc := range b.Recipients {
-			text := "not relayed within " + time.Duration(s.cfg.Relay.Expiry).String()
-			if s.relay == nil {
+			text := "not relayed within " + time.Duration(lc.cfg.Relay.Expiry).String()
+			if lc.relay == nil {
 				text += " (no smarthost configured)"
 			}
 			if rc.LastError != "" {

@@ -81,7 +81,7 @@ func (s *Server) deviceReport(ctx context.Context, r store.Report, o outcome) (s
 		rep.Recipients[0].NonDelivery = &emsd.NonDeliveryReport{Reason: o.reason, Diagnostic: &d,
 			Explanation: clip(o.text, 127)}
 	}
-	if s.cfg.Delivery.Reports == "ipm" {
+	if s.conf().Delivery.Reports == "ipm" {
 		return s.noticeDelivery(ctx, r.Device, rep)
 	}
 	content, err := rep.Marshal(emsd.Options{})
@@ -102,7 +102,7 @@ func (s *Server) deviceReport(ctx context.Context, r store.Report, o outcome) (s
 	}
 	s.metrics.reports.WithLabelValues("emsd").Inc()
 	return store.NewDelivery{Device: r.Device, MessageID: encodeMsgID(id), ContentType: uint32(emsd.ContentDeliveryReport),
-		Content: content, Priority: 1, NextAttempt: now, Expires: now.Add(time.Duration(s.cfg.Delivery.Expiry))}, nil
+		Content: content, Priority: 1, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry))}, nil
 }
 
 // noticeDelivery renders a report as an IPM from the postmaster, for
@@ -121,7 +121,7 @@ func (s *Server) noticeDelivery(ctx context.Context, dev uint32, rep *emsd.Repor
 	}
 	s.metrics.reports.WithLabelValues("notice").Inc()
 	return store.NewDelivery{Device: dev, MessageID: encodeMsgID(id), ContentType: uint32(emsd.ContentIPM),
-		Content: content, Priority: 1, NextAttempt: now, Expires: now.Add(time.Duration(s.cfg.Delivery.Expiry))}, nil
+		Content: content, Priority: 1, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry))}, nil
 }
 
 func (s *Server) noticeIPM(to emsd.Address, rep *emsd.ReportDelivery) *emsd.IPM {
@@ -157,7 +157,7 @@ func (s *Server) noticeIPM(to emsd.Address, rep *emsd.ReportDelivery) *emsd.IPM 
 // noticeFromReport turns a report delivery the device refused into a
 // notice (reports = "auto").
 func (s *Server) noticeFromReport(ctx context.Context, d *store.Delivery) (store.NewDelivery, bool) {
-	if d.ContentType != uint32(emsd.ContentDeliveryReport) || s.cfg.Delivery.Reports != "auto" {
+	if d.ContentType != uint32(emsd.ContentDeliveryReport) || s.conf().Delivery.Reports != "auto" {
 		return store.NewDelivery{}, false
 	}
 	var rep emsd.ReportDelivery
@@ -192,7 +192,7 @@ func (s *Server) dsn(r store.Report, o outcome) (store.NewRelay, error) {
 	now := time.Now()
 	s.metrics.reports.WithLabelValues("dsn").Inc()
 	return store.NewRelay{From: "", Message: msg, Recipients: []store.RelayRecipient{{Addr: r.Mail}},
-		NextAttempt: now, Expires: now.Add(time.Duration(s.cfg.Relay.Expiry))}, nil
+		NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Relay.Expiry))}, nil
 }
 
 func clip(s string, n int) string {

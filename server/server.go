@@ -54,6 +54,10 @@ type Options struct {
 	// PacketConn, when set, carries EMSD instead of a socket on
 	// EMSD.Listen (tests use in-memory networks); the server closes it.
 	PacketConn net.PacketConn
+	// LogLevel, when set, is the level of Logger's handler: Start and
+	// Reconfigure set it to log_level. Without it log_level is left to
+	// the caller, and a changed one needs a restart.
+	LogLevel *slog.LevelVar
 
 	// rescan replaces the scheduler's full-rescan period (tests).
 	rescan time.Duration
@@ -79,7 +83,12 @@ func (e *ListenError) Unwrap() error { return e.Err }
 
 // Server is a running MTS.
 type Server struct {
-	cfg      *Config
+	// live is the running configuration and what is built from it; a
+	// reconfiguration swaps it whole (never edits it), so that readers
+	// need no lock and a relay round sees one consistent version.
+	live     atomic.Pointer[liveConfig]
+	reconfMu sync.Mutex // one Reconfigure at a time
+	level    *slog.LevelVar
 	log      *slog.Logger
 	st       store.Store
 	ownStore bool
@@ -96,7 +105,6 @@ type Server struct {
 	tlsCert *smtpCert // nil: no STARTTLS
 	admin   *http.Server
 	adminLn net.Listener
-	relay   relayer
 
 	reasm *emsd.Reassembler[emsd.Address]
 	seq   emsd.SequenceCounter
@@ -108,6 +116,7 @@ type Server struct {
 	sched     sched
 	rescan    time.Duration // full rescan period of the scheduler
 	relayKick chan struct{}
+	pollReset chan struct{} // store.registry_poll changed
 	metrics   *metrics
 
 	// ctx lives until Close: handlers and recording outcomes use it.
@@ -127,6 +136,7 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	cfg = cfg.clone() // the caller's stays the caller's
 	log := o.Logger
 	if log == nil {
 		log = slog.Default()
@@ -136,11 +146,12 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		now = time.Now
 	}
 	s := &Server{
-		cfg:       cfg,
+		level:     o.LogLevel,
 		log:       log,
 		domain:    cfg.domain(),
 		hostname:  cfg.hostname(),
 		relayKick: make(chan struct{}, 1),
+		pollReset: make(chan struct{}, 1),
 		rescan:    cmp.Or(o.rescan, 30*time.Second),
 		metrics:   newMetrics(),
 		reasm: emsd.NewReassembler[emsd.Address](emsd.ReassemblerConfig{
@@ -150,6 +161,10 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		auth: newAuthLimiter(cfg.EMSD, now),
 	}
 	s.metrics.reg.MustRegister(s.auth.collectors()...)
+	if s.level != nil {
+		s.level.Set(cfg.logLevel())
+	}
+	s.live.Store(&liveConfig{cfg: cfg, relay: s.newRelay(cfg)})
 	s.sched = sched{kick: make(chan struct{}, 1), busy: map[emsd.Address]bool{}, held: map[emsd.Address]bool{},
 		again: map[emsd.Address]bool{}}
 	s.domains = []string{s.domain}
@@ -193,16 +208,7 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 	if rec.Deliveries+rec.Relays > 0 {
 		log.Info("re-queued work left in flight", "deliveries", rec.Deliveries, "relays", rec.Relays)
 	}
-	if cfg.Relay.Smarthost != "" {
-		tlsMode, _ := gateway.ParseTLSMode(cfg.Relay.TLS)
-		helo := cfg.Relay.Helo
-		if helo == "" {
-			helo = s.hostname
-		}
-		s.relay = &gateway.Relay{Addr: cfg.Relay.Smarthost, HeloName: helo, Username: cfg.Relay.Username,
-			Password: cfg.Relay.Password, TLS: tlsMode, InsecureSkipVerify: cfg.Relay.InsecureSkipVerify,
-			Timeout: time.Duration(cfg.Relay.Timeout)}
-	} else {
+	if cfg.Relay.Smarthost == "" {
 		log.Warn("no smarthost configured: mail for the Internet stays queued until it expires")
 	}
 
@@ -223,8 +229,8 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		return nil, err
 	}
 	if cfg.SMTP.Listen != "" && cfg.SMTP.TLSCert != "" {
-		s.tlsCert = &smtpCert{certFile: cfg.SMTP.TLSCert, keyFile: cfg.SMTP.TLSKey, log: log.With("layer", "smtp")}
-		if err := s.tlsCert.load(time.Now()); err != nil {
+		s.tlsCert = &smtpCert{log: log.With("layer", "smtp")}
+		if err := s.tlsCert.loadFiles(cfg.SMTP.TLSCert, cfg.SMTP.TLSKey, time.Now()); err != nil {
 			return nil, err
 		}
 	}
@@ -330,12 +336,15 @@ func (s *Server) Addrs() Addrs {
 // pollRegistry reloads the registry when another process (emsdp device)
 // changed it.
 func (s *Server) pollRegistry() {
-	t := time.NewTicker(time.Duration(s.cfg.Store.RegistryPoll))
+	t := time.NewTicker(time.Duration(s.conf().Store.RegistryPoll))
 	defer t.Stop()
 	for {
 		select {
 		case <-s.loopCtx.Done():
 			return
+		case <-s.pollReset:
+			t.Reset(time.Duration(s.conf().Store.RegistryPoll))
+			continue
 		case <-t.C:
 		}
 		v, err := s.st.RegistryVersion(s.loopCtx)
@@ -361,7 +370,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("smtp: %w", err))
 		}
 	}
-	dctx, cancel := context.WithTimeout(ctx, time.Duration(s.cfg.Delivery.DrainTimeout))
+	dctx, cancel := context.WithTimeout(ctx, time.Duration(s.conf().Delivery.DrainTimeout))
 	s.drainDeliveries(dctx)
 	cancel()
 	s.dcancel()

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -33,18 +34,37 @@ func (c *Config) validSMTPTLS() error {
 // reload, so the listener keeps running and each handshake uses one
 // consistent certificate.
 type smtpCert struct {
-	certFile, keyFile string
-	log               *slog.Logger
-	cur               atomic.Pointer[tls.Certificate]
+	log *slog.Logger
+	cur atomic.Pointer[tls.Certificate]
+
+	// mu makes each load one step, so that a Reload re-reading the files
+	// cannot put back the old pair after a Reconfigure switched files.
+	mu                sync.Mutex
+	certFile, keyFile string // the files of cur
 }
 
-// load reads the key pair; on failure the certificate in use stays.
+// load reads the key pair again; on failure the certificate in use stays.
 func (c *smtpCert) load(now time.Time) error {
-	cert, err := tls.LoadX509KeyPair(c.certFile, c.keyFile)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.loadLocked(c.certFile, c.keyFile, now)
+}
+
+// loadFiles switches to another key pair; on failure the certificate
+// (and the files) in use stay.
+func (c *smtpCert) loadFiles(certFile, keyFile string, now time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.loadLocked(certFile, keyFile, now)
+}
+
+func (c *smtpCert) loadLocked(certFile, keyFile string, now time.Time) error {
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
-		return fmt.Errorf("smtp certificate %s: %w", c.certFile, err)
+		return fmt.Errorf("smtp certificate %s: %w", certFile, err)
 	}
 	c.cur.Store(&cert)
+	c.certFile, c.keyFile = certFile, keyFile
 	// LoadX509KeyPair fills Leaf. An expired certificate is still served
 	// (clients decide), but it is worth a warning.
 	if leaf := cert.Leaf; leaf != nil {
@@ -52,7 +72,7 @@ func (c *smtpCert) load(now time.Time) error {
 		if now.After(leaf.NotAfter) || now.Before(leaf.NotBefore) {
 			lv = slog.LevelWarn
 		}
-		c.log.Log(context.Background(), lv, "smtp certificate loaded", "file", c.certFile, "subject", leaf.Subject.String(),
+		c.log.Log(context.Background(), lv, "smtp certificate loaded", "file", certFile, "subject", leaf.Subject.String(),
 			"not_after", leaf.NotAfter.UTC().Format(time.RFC3339))
 	}
 	return nil

@@ -117,7 +117,7 @@ func (s *Server) submitResult(rec *store.Submission, o emsd.Options) ([]byte, er
 	}
 	// 1.0: the codec writes the reference's inner tag 25 (spec emsd.md §4);
 	// without the quirk switch send the standard 30.
-	if o.Version == emsd.V1_0 && !s.cfg.Compat.SubmitResultTag25 && len(b) > 2 && b[2] == 0x25 {
+	if o.Version == emsd.V1_0 && !s.conf().Compat.SubmitResultTag25 && len(b) > 2 && b[2] == 0x25 {
 		b[2] = 0x30
 	}
 	return b, nil
@@ -249,7 +249,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 // the same octets are then a new message, which must not be merged into
 // the old one and lost.
 func (s *Server) addSubmission(ctx context.Context, sub *store.Submission) (*store.Submission, bool, error) {
-	since := sub.Received.Add(-time.Duration(s.cfg.EMSD.DedupeWindow))
+	since := sub.Received.Add(-time.Duration(s.conf().EMSD.DedupeWindow))
 	for {
 		rec, dup, err := s.st.AddSubmission(ctx, sub, since)
 		if err != nil || !dup || mayReinvoke(rec) {
@@ -341,7 +341,7 @@ func (s *Server) verifySubmission(dev *device, rec *store.Submission) {
 		lv = slog.LevelWarn
 	}
 	s.log.Log(s.ctx, lv, "submission verify", "device", dev.addr, "id", id, "verdict", verdict)
-	if verdict == "drop" || (verdict == "failure" && s.cfg.Compat.VerifyFailure == "drop") {
+	if verdict == "drop" || (verdict == "failure" && s.conf().Compat.VerifyFailure == "drop") {
 		if s.subs.add(rec.ID, 0) > 0 {
 			return // re-invoked meanwhile: that invocation decides
 		}
@@ -421,7 +421,7 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 			st := uint32(lid.SubmissionTime)
 			w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(r.Device), MessageID: encodeMsgID(mid),
 				SubmissionTime: &st, ContentType: uint32(emsd.ContentIPM), Content: content, Priority: prio,
-				NextAttempt: now, Expires: now.Add(time.Duration(s.cfg.Delivery.Expiry)), Report: rep})
+				NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry)), Report: rep})
 		default:
 			remote = append(remote, store.RelayRecipient{Addr: r.Addr, Report: rep})
 		}
@@ -437,7 +437,7 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 	}
 	if len(remote) > 0 {
 		w.Relays = append(w.Relays, store.NewRelay{From: s.deviceAddrSpec(emsd.Address(rec.Device)), Message: out.Message,
-			Recipients: remote, NextAttempt: now, Expires: now.Add(time.Duration(s.cfg.Relay.Expiry))})
+			Recipients: remote, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Relay.Expiry))})
 	}
 	return w, nil
 }
@@ -517,11 +517,12 @@ func (s *Server) recoverSubmissions(ctx context.Context, before time.Time) error
 	if err != nil {
 		return err
 	}
+	verdict := s.conf().Compat.VerifyFailure
 	for _, rec := range pend {
 		if s.subs.add(rec.ID, 0) > 0 {
 			continue // its handler still waits for the confirmation
 		}
-		if s.cfg.Compat.VerifyFailure == "drop" {
+		if verdict == "drop" {
 			if _, err := s.st.DropSubmission(ctx, rec.ID, "restart"); err != nil {
 				return err
 			}
@@ -530,7 +531,7 @@ func (s *Server) recoverSubmissions(ctx context.Context, before time.Time) error
 		s.release(rec, "restart")
 	}
 	if len(pend) > 0 {
-		s.log.Info("resolved submissions left pending", "count", len(pend), "as", s.cfg.Compat.VerifyFailure)
+		s.log.Info("resolved submissions left pending", "count", len(pend), "as", verdict)
 	}
 	return nil
 }

@@ -15,11 +15,14 @@ import (
 )
 
 // cmdServe: "emsdp serve", the EMSD server (package server). It runs until
-// SIGINT or SIGTERM (then drains and exits 0); SIGHUP reloads the device
-// registry and the SMTP TLS certificate.
+// SIGINT or SIGTERM (then drains and exits 0). SIGHUP reloads the device
+// registry and the SMTP TLS certificate and, with --config, re-reads the
+// file with the same flags on top and applies what can change while
+// running (server.Reconfigure); an invalid file is logged and changes
+// nothing.
 func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	fs := flag.NewFlagSet("emsdp serve", flag.ContinueOnError)
-	cfgPath := fs.String("config", "", "TOML configuration file (default: the embedded defaults)")
+	cfgPath := fs.String("config", "", "TOML configuration file (default: the embedded defaults); re-read on SIGHUP")
 	listen := fs.String("listen", "", "UDP address of the EMSD service (default :641)")
 	smtpAddr := fs.String("smtp", "", `inbound SMTP address (default 127.0.0.1:2525; "off" disables)`)
 	admin := fs.String("admin", "", `admin HTTP address for /metrics, /healthz, /debug/pprof (default 127.0.0.1:9641; "off" disables)`)
@@ -32,17 +35,6 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	if done, code := parseFlags(fs, env, args); done {
 		return code
 	}
-	// A file that parses but does not validate is checked again below
-	// with the flags applied: a flag may fix it.
-	cfg, err := server.LoadConfig(*cfgPath)
-	if cfg == nil {
-		var ce *server.ConfigError
-		if errors.As(err, &ce) {
-			fmt.Fprintln(env.stderr, "emsdp serve:", err)
-			return exitUsage
-		}
-		return fail(env, err) // unreadable file
-	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	off := func(s string) string {
@@ -51,28 +43,47 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 		}
 		return s
 	}
-	for name, apply := range map[string]func(){
-		"listen":    func() { cfg.EMSD.Listen = *listen },
-		"smtp":      func() { cfg.SMTP.Listen = off(*smtpAddr) },
-		"admin":     func() { cfg.Admin.Listen = off(*admin) },
-		"data":      func() { cfg.Data = *data },
-		"dsn":       func() { cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, *dsn, 0 },
-		"domain":    func() { cfg.Domain = *domain },
-		"smarthost": func() { cfg.Relay.Smarthost = *smarthost },
-		"log-level": func() { cfg.LogLevel = *logLevel },
-	} {
-		if set[name] {
-			apply()
+	// load reads the configuration and applies the flags given, at start
+	// and again on SIGHUP, so that a flag keeps overriding the file.
+	load := func() (*server.Config, error) {
+		// A file that parses but does not validate is checked again below
+		// with the flags applied: a flag may fix it.
+		cfg, err := server.LoadConfig(*cfgPath)
+		if cfg == nil {
+			return nil, err
 		}
+		for name, apply := range map[string]func(){
+			"listen":    func() { cfg.EMSD.Listen = *listen },
+			"smtp":      func() { cfg.SMTP.Listen = off(*smtpAddr) },
+			"admin":     func() { cfg.Admin.Listen = off(*admin) },
+			"data":      func() { cfg.Data = *data },
+			"dsn":       func() { cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, *dsn, 0 },
+			"domain":    func() { cfg.Domain = *domain },
+			"smarthost": func() { cfg.Relay.Smarthost = *smarthost },
+			"log-level": func() { cfg.LogLevel = *logLevel },
+		} {
+			if set[name] {
+				apply()
+			}
+		}
+		if set["data"] && cfg.Store.Driver == server.StorePostgres {
+			// The data directory holds only the SQLite store.
+			return nil, usagef("--data is for the SQLite store; the store is PostgreSQL (--dsn or store.driver)")
+		}
+		if err := cfg.Validate(); err != nil {
+			return nil, err // *server.ConfigError, joined
+		}
+		return cfg, nil
 	}
-	if set["data"] && cfg.Store.Driver == server.StorePostgres {
-		// The data directory holds only the SQLite store.
-		fmt.Fprintln(env.stderr, "emsdp serve: --data is for the SQLite store; the store is PostgreSQL (--dsn or store.driver)")
-		return exitUsage
-	}
-	if err := cfg.Validate(); err != nil {
-		fmt.Fprintln(env.stderr, "emsdp serve:", err)
-		return exitUsage
+	cfg, err := load()
+	if err != nil {
+		var ce *server.ConfigError
+		var ue *usageError
+		if errors.As(err, &ce) || errors.As(err, &ue) {
+			fmt.Fprintln(env.stderr, "emsdp serve:", err)
+			return exitUsage
+		}
+		return fail(env, err) // unreadable file
 	}
 	if *check {
 		if err := cfg.Write(env.stdout); err != nil {
@@ -81,11 +92,11 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 		fmt.Fprintln(env.stderr, "emsdp serve: configuration OK")
 		return exitOK
 	}
-	var lv slog.Level
-	lv.UnmarshalText([]byte(cfg.LogLevel))
-	log := slog.New(slog.NewTextHandler(env.stderr, &slog.HandlerOptions{Level: lv}))
+	// A LevelVar, so that log_level can change on SIGHUP.
+	level := new(slog.LevelVar)
+	log := slog.New(slog.NewTextHandler(env.stderr, &slog.HandlerOptions{Level: level}))
 
-	srv, err := server.Start(ctx, cfg, server.Options{Logger: log})
+	srv, err := server.Start(ctx, cfg, server.Options{Logger: log, LogLevel: level})
 	if err != nil {
 		var le *server.ListenError
 		if errors.As(err, &le) {
@@ -113,6 +124,11 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	for {
 		select {
 		case <-hup:
+			if *cfgPath != "" {
+				// Before Reload, which then reads the certificate files
+				// the new configuration names.
+				reconfigure(srv, load, *cfgPath, log)
+			}
 			if err := srv.Reload(ctx); err != nil {
 				log.Error("reload (SIGHUP)", "err", err)
 			} else {
@@ -124,12 +140,26 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 		break
 	}
 	log.Info("shutting down")
-	sctx, cancel := context.WithTimeout(context.Background(), time.Duration(cfg.Delivery.DrainTimeout)+30*time.Second)
+	drain := time.Duration(srv.Config().Delivery.DrainTimeout) // as reloaded
+	sctx, cancel := context.WithTimeout(context.Background(), drain+30*time.Second)
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("shutdown", "err", err)
 	}
 	return exitOK
+}
+
+// reconfigure is SIGHUP's re-reading of the configuration file: a file
+// that does not load or validate changes nothing, the server goes on with
+// the configuration it runs.
+func reconfigure(srv *server.Server, load func() (*server.Config, error), path string, log *slog.Logger) {
+	cfg, err := load()
+	if err == nil {
+		_, err = srv.Reconfigure(cfg) // logs what changed and what needs a restart
+	}
+	if err != nil {
+		log.Error("configuration not reloaded (SIGHUP); keeping the running one", "file", path, "err", err)
+	}
 }
 
 // serveListenHint is listenHint naming the flag that changes the address.

@@ -227,6 +227,84 @@ func TestServeSIGHUP(t *testing.T) {
 	}
 }
 
+// SIGHUP re-reads --config with the flags on top: log_level applies at
+// once (unless --log-level overrides it), a key that needs a restart is
+// named in a warning, and an invalid file is refused, the server running
+// on as it was.
+func TestServeSIGHUPConfig(t *testing.T) {
+	serveNoLeaks(t)
+	for _, tc := range []struct {
+		name      string
+		flags     []string
+		wantDebug bool // after the reload
+	}{
+		{"file", nil, true},
+		{"--log-level wins", []string{"--log-level", "info"}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := serveConfig(t, `log_level = "info"`)
+			a, errb := startServe(t, append([]string{"--config", cfg, "--listen", "127.0.0.1:0", "--smtp", "off",
+				"--admin", "off", "--data", t.TempDir()}, tc.flags...)...)
+			// An unknown device is refused: "refused" at info, "emsd error"
+			// at debug, both logged before the answer.
+			refused := func() {
+				t.Helper()
+				code, _, errs := runCmd(t, "x\n", append([]string{"ua", "send", "--server", a.emsd, "--address", "198.036",
+					"--to", "bob@example.com"}, strings.Fields(fast)...)...)
+				if code != exitError {
+					t.Fatalf("send from an unknown device: exit %d: %s", code, errs)
+				}
+			}
+			hup := func(wait string, n int) {
+				t.Helper()
+				if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+					t.Fatal(err)
+				}
+				waitFor(t, wait, func() bool { return strings.Count(errb.String(), wait) == n })
+			}
+			edit := func(extra string) {
+				t.Helper()
+				text, err := os.ReadFile(serveConfig(t, extra))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(cfg, text, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			refused()
+			if strings.Contains(errb.String(), "emsd error") {
+				t.Fatalf("debug lines at level info:\n%s", errb.String())
+			}
+
+			edit("log_level = \"debug\"\n[emsd]\npdu_size = 1400")
+			hup("configuration reloaded", 1)
+			refused()
+			if got := strings.Contains(errb.String(), "emsd error"); got != tc.wantDebug {
+				t.Errorf("debug lines after the reload: %v, want %v\n%s", got, tc.wantDebug, errb.String())
+			}
+			if !regexp.MustCompile(`level=WARN msg="configuration keys changed that take effect only after a restart.*" keys=emsd.pdu_size\n`).
+				MatchString(errb.String()) {
+				t.Errorf("no warning naming emsd.pdu_size alone:\n%s", errb.String())
+			}
+
+			edit("log_level = \"debug\"\n[relay]\nbatch = 0")
+			hup("configuration not reloaded", 1)
+			waitFor(t, "the registry reloaded all the same", func() bool {
+				return strings.Count(errb.String(), "device registry reloaded (SIGHUP)") == 2
+			})
+			if !strings.Contains(errb.String(), "relay.batch must be at least 1") {
+				t.Errorf("the error does not name the key:\n%s", errb.String())
+			}
+			before := strings.Count(errb.String(), "emsd error")
+			refused()
+			if got := strings.Count(errb.String(), "emsd error") > before; got != tc.wantDebug {
+				t.Errorf("debug lines after the refused file: %v, want %v (the level as before)", got, tc.wantDebug)
+			}
+		})
+	}
+}
+
 func TestServeCheckConfig(t *testing.T) {
 	bad := filepath.Join(t.TempDir(), "bad.toml")
 	os.WriteFile(bad, []byte("[emsd]\nlisten = \"nope\"\n"), 0o600)
