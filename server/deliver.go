@@ -244,16 +244,16 @@ func (s *Server) deliverOne(dev *device, d *store.Delivery) {
 		res.State, res.NextAttempt, res.Requeue = store.DeliveryQueued, time.Now(), true
 	}
 	if r.kind == attemptDelivered || r.kind == attemptFailed {
-		w, err := s.reportWork(ctx, d.Report, r.o)
+		// One device per delivery: its outcome is known alone, so its
+		// report is about this recipient only.
+		w, err := s.reportWork(ctx, []reportItem{{d.Report, r.o}})
 		if err != nil {
 			log.Error("reports", "err", err)
 		}
 		if r.kind == attemptFailed && r.refused {
 			// A device that refuses a report (the reference UA accepts
 			// only IPMs) gets it as a notice instead (delivery.reports auto).
-			if nd, ok := s.noticeFromReport(ctx, d); ok {
-				w.Deliveries = append(w.Deliveries, nd)
-			}
+			w.Deliveries = append(w.Deliveries, s.noticeFromReport(ctx, d)...)
 		}
 		res.Work = w
 	}
@@ -414,7 +414,9 @@ func (s *Server) expire(now time.Time) {
 		if d.LastError != "" {
 			text += "; last error: " + d.LastError
 		}
-		w, err := s.reportWork(ctx, d.Report, failed(emsd.ReasonUnableToTransfer, emsd.DiagMaximumTimeExpired, text))
+		// Each delivery is finished in a transaction of its own, and its
+		// report must be committed with it: one report per recipient.
+		w, err := s.reportWork(ctx, []reportItem{{d.Report, failed(emsd.ReasonUnableToTransfer, emsd.DiagMaximumTimeExpired, text)}})
 		if err != nil {
 			s.log.Error("reports", "err", err)
 		}

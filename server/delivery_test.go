@@ -191,17 +191,7 @@ func TestReportDelivery(t *testing.T) {
 	}))
 	addDevice(t, s, 198037, epAddr(refuser), deviceOpts{})
 	// The originator takes content type 2 (a raw performer).
-	orig := listenESRO(t, "127.0.0.1")
-	reports := make(chan *emsd.DeliverArgument, 4)
-	must(t, orig.HandleFunc(3, esro.ThreeWay, func(_ context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
-		_, arg, _ := emsd.StripInstanceID(emsd.Operation(inv.Operation), inv.Data)
-		var da emsd.DeliverArgument
-		if err := da.Unmarshal(arg, emsd.Options{}); err == nil {
-			reports <- &da
-		}
-		w.Result(esro.EncodingBER, nil)
-	}))
-	addDevice(t, s, 198036, epAddr(orig), deviceOpts{})
+	orig, reports := reportTaker(t, s, 198036)
 	arg := submitArg(t, nil, emsd.ContentIPM, testIPM("198.037"), emsd.Options{})
 	res, err := orig.Invoke(context.Background(), &esro.Request{To: s.Addrs().EMSD, SAP: 5, Operation: 33,
 		Handshake: esro.ThreeWay, Data: emsd.PrependInstanceID(0, arg)})

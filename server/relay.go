@@ -90,7 +90,7 @@ func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 	ctx := s.ctx
 	now := time.Now()
 	var rs []store.RelayResult
-	var work store.Work
+	var items []reportItem
 	for i, rc := range b.Recipients {
 		rr := gateway.RecipientResult{Addr: rc.Addr, Err: sendErr, Permanent: gateway.IsPermanent(sendErr)}
 		if i < len(results) {
@@ -121,14 +121,16 @@ func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 			log.Info("relay deferred", "err", rr.Err, "next", res.NextAttempt.Round(time.Second))
 		}
 		if o != nil {
-			w, err := s.reportWork(ctx, rc.Report, *o)
-			if err != nil {
-				log.Error("reports", "err", err)
-			}
-			work.Deliveries = append(work.Deliveries, w.Deliveries...)
-			work.Relays = append(work.Relays, w.Relays...)
+			items = append(items, reportItem{rc.Report, *o})
 		}
 		rs = append(rs, res)
+	}
+	// The recipients of this message that this transaction settled are
+	// reported together: one report per originator (reportWork), committed
+	// with the outcomes.
+	work, err := s.reportWork(ctx, items)
+	if err != nil {
+		s.log.Error("reports", "from", b.From, "err", err)
 	}
 	if err := s.st.FinishRelays(ctx, rs, work); err != nil {
 		s.log.Error("record relay outcome", "err", err)
@@ -150,7 +152,7 @@ func (s *Server) expireRelays(now time.Time) {
 	lc := s.live.Load()
 	for _, b := range bs {
 		var rs []store.RelayResult
-		var work store.Work
+		var items []reportItem
 		for _, rc := range b.Recipients {
 			text := "not relayed within " + time.Duration(lc.cfg.Relay.Expiry).String()
 			if lc.relay == nil {
@@ -160,13 +162,14 @@ func (s *Server) expireRelays(now time.Time) {
 				text += "; last error: " + rc.LastError
 			}
 			rs = append(rs, store.RelayResult{ID: rc.ID, From: store.RelayQueued, State: store.RelayFailed, Error: text})
-			w, err := s.reportWork(ctx, rc.Report, failed(emsd.ReasonUnableToTransfer, emsd.DiagMaximumTimeExpired, text))
-			if err != nil {
-				s.log.Error("reports", "err", err)
-			}
-			work.Deliveries = append(work.Deliveries, w.Deliveries...)
-			work.Relays = append(work.Relays, w.Relays...)
+			items = append(items, reportItem{rc.Report, failed(emsd.ReasonUnableToTransfer, emsd.DiagMaximumTimeExpired, text)})
 			s.metrics.relay.WithLabelValues("expired").Inc()
+		}
+		// The recipients of this message that expire in this pass are
+		// reported together, committed with their outcomes.
+		work, err := s.reportWork(ctx, items)
+		if err != nil {
+			s.log.Error("reports", "from", b.From, "err", err)
 		}
 		if err := s.st.FinishRelays(ctx, rs, work); err != nil {
 			if !errors.Is(err, store.ErrConflict) {

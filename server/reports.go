@@ -2,7 +2,9 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"math"
 	"strings"
 	"time"
 
@@ -24,37 +26,99 @@ func failed(reason emsd.NonDeliveryReason, diag emsd.Diagnostic, text string) ou
 	return outcome{reason: reason, diag: diag, text: text}
 }
 
-// reportWork builds the reports r asks for about o (spec emsd.md §9.10
+// reportItem is the outcome of one recipient together with what its
+// report is to say and to whom.
+type reportItem struct {
+	r store.Report
+	o outcome
+}
+
+// reportWork builds the reports the items ask for (spec emsd.md §9.10
 // with Open Point 17): an EMSD report to a device originator when the
 // recipient's flags request it (bit 6 delivery, bit 5 non-delivery), and
 // an RFC 3464 DSN to an Internet sender on failure (an accepted SMTP
 // message must be bounced, RFC 5321 §6.1) or on success when requested.
 // Reports are never reported on: their own Report is empty.
-func (s *Server) reportWork(ctx context.Context, r store.Report, o outcome) (store.Work, error) {
-	var w store.Work
-	flags := emsd.PerRecipientFlags(r.Flags)
-	if o.at.IsZero() {
-		o.at = time.Now()
+//
+// The items are outcomes that became known together (one relay round of a
+// message, one expiry pass, one submission); nothing waits for outcomes
+// still to come. Items about the same message for the same originator
+// make one report listing every recipient: one DSN per (message, Internet
+// sender) with a recipient block each (RFC 3464 §2.3), one ReportDelivery
+// per (message, device), whose per-recipient data is a SEQUENCE OF (§3),
+// split only where the device could not take it whole (packReports). The
+// caller commits the work with the outcomes, in one store transaction.
+//
+// An item that cannot be reported (its entry does not encode) or a report
+// that cannot be built is left out with an error; the rest is returned.
+func (s *Server) reportWork(ctx context.Context, items []reportItem) (store.Work, error) {
+	type devKey struct {
+		dev uint32
+		msg string
 	}
-	want := flags.Has(emsd.RcptNonDeliveryReport)
-	if o.delivered {
-		want = flags.Has(emsd.RcptDeliveryReport)
-	}
-	if r.Device != 0 && want {
-		d, err := s.deviceReport(ctx, r, o)
-		if err != nil {
-			return w, err
+	type mailKey struct{ mail, msg string }
+	var (
+		w        store.Work
+		errs     []error
+		devOrder []devKey
+		devs     = map[devKey][]emsd.PerRecipReportData{}
+		mlOrder  []mailKey
+		mails    = map[mailKey][]reportItem{}
+		now      = time.Now()
+	)
+	for _, it := range items {
+		r := it.r
+		if it.o.at.IsZero() {
+			it.o.at = now
 		}
-		w.Deliveries = append(w.Deliveries, d)
+		flags := emsd.PerRecipientFlags(r.Flags)
+		want := flags.Has(emsd.RcptNonDeliveryReport)
+		if it.o.delivered {
+			want = flags.Has(emsd.RcptDeliveryReport)
+		}
+		if r.Device != 0 && want {
+			k := devKey{r.Device, r.MessageID}
+			if _, ok := devs[k]; !ok {
+				devOrder = append(devOrder, k)
+			}
+			devs[k] = append(devs[k], reportEntry(r, it.o))
+		}
+		if r.Mail != "" && (!it.o.delivered || flags.Has(emsd.RcptDeliveryReport)) {
+			k := mailKey{r.Mail, r.MessageID}
+			if _, ok := mails[k]; !ok {
+				mlOrder = append(mlOrder, k)
+			}
+			mails[k] = append(mails[k], it)
+		}
 	}
-	if r.Mail != "" && (!o.delivered || flags.Has(emsd.RcptDeliveryReport)) {
-		rel, err := s.dsn(r, o)
+	for _, k := range devOrder {
+		ds, err := s.deviceReports(ctx, k.dev, k.msg, devs[k])
 		if err != nil {
-			return w, err
+			errs = append(errs, err)
+		}
+		w.Deliveries = append(w.Deliveries, ds...)
+	}
+	for _, k := range mlOrder {
+		rel, err := s.dsn(mails[k])
+		if err != nil {
+			errs = append(errs, err)
+			continue
 		}
 		w.Relays = append(w.Relays, rel)
 	}
-	return w, nil
+	return w, errors.Join(errs...)
+}
+
+// reportEntry is the per-recipient data of an EMSD report about o.
+func reportEntry(r store.Report, o outcome) emsd.PerRecipReportData {
+	e := emsd.PerRecipReportData{Recipient: decodeOR(r.Recipient)}
+	if o.delivered {
+		e.Delivery = &emsd.DeliveryReport{DeliveryTime: emsd.TimeOf(o.at)}
+	} else {
+		d := o.diag
+		e.NonDelivery = &emsd.NonDeliveryReport{Reason: o.reason, Diagnostic: &d, Explanation: clip(o.text, 127)}
+	}
+	return e
 }
 
 // newLocalID allocates a local message id for a message the server
@@ -67,61 +131,152 @@ func (s *Server) newLocalID(ctx context.Context, now time.Time) (emsd.MessageID,
 	return emsd.LocalID(emsd.TimeOf(now), n), nil
 }
 
-// deviceReport is an EMSD ReportDelivery (content type 2) for the
-// originator device, or a plain-text notice when reports = "ipm".
-func (s *Server) deviceReport(ctx context.Context, r store.Report, o outcome) (store.NewDelivery, error) {
-	rep := &emsd.ReportDelivery{Recipients: []emsd.PerRecipReportData{{Recipient: decodeOR(r.Recipient)}}}
-	if id, err := decodeMsgID(r.MessageID); err == nil {
-		rep.ReportedMessageID = id
-	}
-	if o.delivered {
-		rep.Recipients[0].Delivery = &emsd.DeliveryReport{DeliveryTime: emsd.TimeOf(o.at)}
-	} else {
-		d := o.diag
-		rep.Recipients[0].NonDelivery = &emsd.NonDeliveryReport{Reason: o.reason, Diagnostic: &d,
-			Explanation: clip(o.text, 127)}
-	}
-	if s.conf().Delivery.Reports == "ipm" {
-		return s.noticeDelivery(ctx, r.Device, rep)
-	}
-	content, err := rep.Marshal(emsd.Options{})
-	if err != nil {
-		// An explanation the codec refuses (it is clipped, so unlikely):
-		// send the report without it.
-		if rep.Recipients[0].NonDelivery != nil {
-			rep.Recipients[0].NonDelivery.Explanation = ""
-		}
-		if content, err = rep.Marshal(emsd.Options{}); err != nil {
-			return store.NewDelivery{}, fmt.Errorf("server: encode report: %w", err)
-		}
-	}
-	now := time.Now()
-	id, err := s.newLocalID(ctx, now)
-	if err != nil {
-		return store.NewDelivery{}, err
-	}
-	s.metrics.reports.WithLabelValues("emsd").Inc()
-	return store.NewDelivery{Device: r.Device, MessageID: encodeMsgID(id), ContentType: uint32(emsd.ContentDeliveryReport),
-		Content: content, Priority: 1, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry))}, nil
+// reportForm is how a report reaches a device: as an EMSD ReportDelivery
+// (content type 2) or as a notice IPM (content type 32).
+type reportForm func(rep *emsd.ReportDelivery) emsd.Content
+
+func asReport(rep *emsd.ReportDelivery) emsd.Content { return rep }
+
+// asNotice renders reports as notices to device dev.
+func (s *Server) asNotice(dev uint32) reportForm {
+	return func(rep *emsd.ReportDelivery) emsd.Content { return s.noticeIPM(emsd.Address(dev), rep) }
 }
 
-// noticeDelivery renders a report as an IPM from the postmaster, for
-// devices that accept only content type 32 (the reference UA, spec
-// emsd.md §9.10).
-func (s *Server) noticeDelivery(ctx context.Context, dev uint32, rep *emsd.ReportDelivery) (store.NewDelivery, error) {
-	ipm := s.noticeIPM(emsd.Address(dev), rep)
-	content, err := ipm.Marshal(emsd.Options{})
+// deviceReports are the EMSD reports to device dev about entries, the
+// recipients of its message msgID: ReportDelivery (content type 2), or
+// plain-text notices when reports = "ipm".
+func (s *Server) deviceReports(ctx context.Context, dev uint32, msgID string, entries []emsd.PerRecipReportData) ([]store.NewDelivery, error) {
+	var id emsd.MessageID
+	if v, err := decodeMsgID(msgID); err == nil {
+		id = v
+	}
+	entries, err := encodableEntries(id, entries)
+	form, kind := asReport, "emsd"
+	if s.conf().Delivery.Reports == "ipm" {
+		form, kind = s.asNotice(dev), "notice"
+	}
+	ds, err2 := s.reportDeliveries(ctx, dev, id, entries, form, kind)
+	return ds, errors.Join(err, err2)
+}
+
+// encodableEntries drops what the codec refuses: an explanation (it is
+// clipped, so unlikely), else the entry, so that one bad entry does not
+// cost the others their report.
+func encodableEntries(id emsd.MessageID, entries []emsd.PerRecipReportData) ([]emsd.PerRecipReportData, error) {
+	ok := func(e emsd.PerRecipReportData) error {
+		_, err := (&emsd.ReportDelivery{ReportedMessageID: id, Recipients: []emsd.PerRecipReportData{e}}).Marshal(emsd.Options{})
+		return err
+	}
+	out := entries[:0:0]
+	var errs []error
+	for _, e := range entries {
+		err := ok(e)
+		if err != nil && e.NonDelivery != nil && e.NonDelivery.Explanation != "" {
+			nd := *e.NonDelivery
+			nd.Explanation = ""
+			e.NonDelivery = &nd
+			err = ok(e)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("server: encode report on %s: %w", e.Recipient, err))
+			continue
+		}
+		out = append(out, e)
+	}
+	return out, errors.Join(errs...)
+}
+
+// reportDeliveries queues entries for device dev as reports about message
+// id in the given form, as few as fit (packReports).
+func (s *Server) reportDeliveries(ctx context.Context, dev uint32, id emsd.MessageID, entries []emsd.PerRecipReportData,
+	form reportForm, kind string) ([]store.NewDelivery, error) {
+	if len(entries) == 0 {
+		return nil, nil
+	}
+	contents, ct, err := s.packReports(dev, id, entries, form)
 	if err != nil {
-		return store.NewDelivery{}, fmt.Errorf("server: encode notice: %w", err)
+		return nil, err
 	}
 	now := time.Now()
-	id, err := s.newLocalID(ctx, now)
-	if err != nil {
-		return store.NewDelivery{}, err
+	expires := now.Add(time.Duration(s.conf().Delivery.Expiry))
+	out := make([]store.NewDelivery, 0, len(contents))
+	for _, c := range contents {
+		mid, err := s.newLocalID(ctx, now)
+		if err != nil {
+			return out, err
+		}
+		s.metrics.reports.WithLabelValues(kind).Inc()
+		out = append(out, store.NewDelivery{Device: dev, MessageID: encodeMsgID(mid), ContentType: uint32(ct),
+			Content: c, Priority: 1, NextAttempt: now, Expires: expires})
 	}
-	s.metrics.reports.WithLabelValues("notice").Inc()
-	return store.NewDelivery{Device: dev, MessageID: encodeMsgID(id), ContentType: uint32(emsd.ContentIPM),
-		Content: content, Priority: 1, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry))}, nil
+	return out, nil
+}
+
+// packReports cuts entries, in order, into as few reports as the device
+// takes, each encoded (protocol 1.1, as stored) in the given form:
+//   - at most MaxRecipients entries (per-recipient-data is SIZE (0..256),
+//     §3);
+//   - delivered in one segment at the configured PDU size, as the device's
+//     protocol version encodes it: a report never depends on segment
+//     reassembly (§8), and a lost datagram costs one report only;
+//   - not longer than the device's max-content-length when delivery
+//     control set one (§9.12), so that it is not held back.
+//
+// A single entry that fits none of these goes alone; it is then segmented
+// or held like any other message.
+func (s *Server) packReports(dev uint32, id emsd.MessageID, entries []emsd.PerRecipReportData,
+	form reportForm) ([][]byte, emsd.ContentType, error) {
+	var o emsd.Options
+	var maxLen *uint32
+	if d := s.registry().byAddr[emsd.Address(dev)]; d != nil {
+		o, maxLen = s.opts(d.version), d.Control.MaxContentLength
+	}
+	sp := emsd.Splitter{Options: o, MaxUserData: s.conf().EMSD.PDUSize}
+	// The largest envelope the delivery can have: a server-made local id,
+	// no submission time (deliverOne sends none for reports).
+	env := &emsd.DeliverArgument{MessageID: emsd.LocalID(math.MaxUint32, math.MaxUint32), DeliveryTime: math.MaxUint32}
+	var ct emsd.ContentType
+	encode := func(part []emsd.PerRecipReportData) ([]byte, bool, error) {
+		if len(part) > emsd.MaxRecipients {
+			return nil, false, nil
+		}
+		c := form(&emsd.ReportDelivery{ReportedMessageID: id, Recipients: part})
+		ct = c.ContentType()
+		stored, err := c.Marshal(emsd.Options{})
+		if err != nil {
+			return nil, false, fmt.Errorf("server: encode report: %w", err)
+		}
+		if maxLen != nil && len(stored) > int(*maxLen) {
+			return stored, false, nil
+		}
+		wire := stored
+		if o != (emsd.Options{}) {
+			if wire, err = c.Marshal(o); err != nil {
+				return stored, false, nil // see how it goes at delivery
+			}
+		}
+		env.ContentType = ct
+		segs, err := sp.SplitDeliver(env, wire, 0)
+		return stored, err == nil && len(segs) == 1, nil
+	}
+	var out [][]byte
+	var last []byte // the encoding of entries[start:i]
+	start := 0
+	for i := range entries {
+		c, fits, err := encode(entries[start : i+1])
+		if err != nil {
+			return nil, 0, err
+		}
+		if !fits && i > start {
+			out = append(out, last)
+			start = i
+			if c, _, err = encode(entries[i : i+1]); err != nil {
+				return nil, 0, err
+			}
+		}
+		last = c
+	}
+	return append(out, last), ct, nil
 }
 
 func (s *Server) noticeIPM(to emsd.Address, rep *emsd.ReportDelivery) *emsd.IPM {
@@ -154,44 +309,52 @@ func (s *Server) noticeIPM(to emsd.Address, rep *emsd.ReportDelivery) *emsd.IPM 
 	}
 }
 
-// noticeFromReport turns a report delivery the device refused into a
-// notice (reports = "auto").
-func (s *Server) noticeFromReport(ctx context.Context, d *store.Delivery) (store.NewDelivery, bool) {
+// noticeFromReport turns a report delivery the device refused into
+// notices (reports = "auto"), as many as the device takes
+// (packReports): devices that accept only content type 32, as the
+// reference UA (spec emsd.md §9.10).
+func (s *Server) noticeFromReport(ctx context.Context, d *store.Delivery) []store.NewDelivery {
 	if d.ContentType != uint32(emsd.ContentDeliveryReport) || s.conf().Delivery.Reports != "auto" {
-		return store.NewDelivery{}, false
+		return nil
 	}
 	var rep emsd.ReportDelivery
 	if err := rep.Unmarshal(d.Content, emsd.Options{}); err != nil {
-		return store.NewDelivery{}, false
+		return nil
 	}
-	nd, err := s.noticeDelivery(ctx, d.Device, &rep)
+	nds, err := s.reportDeliveries(ctx, d.Device, rep.ReportedMessageID, rep.Recipients, s.asNotice(d.Device), "notice")
 	if err != nil {
 		s.log.Warn("report notice", "device", emsd.Address(d.Device), "err", err)
-		return store.NewDelivery{}, false
+		return nil
 	}
-	return nd, true
+	return nds
 }
 
-// dsn is an RFC 3464 bounce (or success notice) to an Internet sender,
-// relayed with the null reverse path.
-func (s *Server) dsn(r store.Report, o outcome) (store.NewRelay, error) {
-	rc := gateway.DSNRecipient{Addr: strings.TrimPrefix(r.Recipient, "R:"), Action: gateway.ActionDelivered,
-		LastAttempt: o.at}
-	if !o.delivered {
-		rc.Action = gateway.ActionFailed
-		rc.Status = gateway.StatusFor(o.diag)
-		if o.text != "" {
-			rc.Diagnostic = "x-emsd; " + oneLine(o.text)
+// dsn is an RFC 3464 bounce (or success notice) to an Internet sender
+// about the items, recipients of one message: one recipient block each
+// (§2.3). It is relayed with the null reverse path.
+func (s *Server) dsn(items []reportItem) (store.NewRelay, error) {
+	first := items[0].r
+	rcpts := make([]gateway.DSNRecipient, 0, len(items))
+	for _, it := range items {
+		rc := gateway.DSNRecipient{Addr: strings.TrimPrefix(it.r.Recipient, "R:"), Action: gateway.ActionDelivered,
+			LastAttempt: it.o.at}
+		if !it.o.delivered {
+			rc.Action = gateway.ActionFailed
+			rc.Status = gateway.StatusFor(it.o.diag)
+			if it.o.text != "" {
+				rc.Diagnostic = "x-emsd; " + oneLine(it.o.text)
+			}
 		}
+		rcpts = append(rcpts, rc)
 	}
-	msg, err := gateway.DSN(gateway.DSNOptions{ReportingMTA: s.hostname, To: r.Mail, Date: time.Now(),
-		OriginalHeaders: r.Headers, Recipients: []gateway.DSNRecipient{rc}})
+	msg, err := gateway.DSN(gateway.DSNOptions{ReportingMTA: s.hostname, To: first.Mail, Date: time.Now(),
+		OriginalHeaders: first.Headers, Recipients: rcpts})
 	if err != nil {
 		return store.NewRelay{}, fmt.Errorf("server: DSN: %w", err)
 	}
 	now := time.Now()
 	s.metrics.reports.WithLabelValues("dsn").Inc()
-	return store.NewRelay{From: "", Message: msg, Recipients: []store.RelayRecipient{{Addr: r.Mail}},
+	return store.NewRelay{From: "", Message: msg, Recipients: []store.RelayRecipient{{Addr: first.Mail}},
 		NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Relay.Expiry))}, nil
 }
 

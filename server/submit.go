@@ -392,6 +392,7 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 	reg := s.registry()
 	prio := priorityOf(&ipm)
 	var remote []store.RelayRecipient
+	var fails []reportItem
 	done := map[emsd.Address]bool{}
 	for _, r := range out.Recipients {
 		rep := store.Report{Device: rec.Device, Flags: uint8(r.Flags), MessageID: encodeMsgID(mid),
@@ -427,14 +428,16 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 		}
 		if fail != nil {
 			s.metrics.deliveries.WithLabelValues("rejected").Inc()
-			rw, err := s.reportWork(ctx, rep, *fail)
-			if err != nil {
-				return w, err
-			}
-			w.Deliveries = append(w.Deliveries, rw.Deliveries...)
-			w.Relays = append(w.Relays, rw.Relays...)
+			fails = append(fails, reportItem{rep, *fail})
 		}
 	}
+	// The recipients refused at submission are known together: one report.
+	rw, err := s.reportWork(ctx, fails)
+	if err != nil {
+		return w, err
+	}
+	w.Deliveries = append(w.Deliveries, rw.Deliveries...)
+	w.Relays = append(w.Relays, rw.Relays...)
 	if len(remote) > 0 {
 		w.Relays = append(w.Relays, store.NewRelay{From: s.deviceAddrSpec(emsd.Address(rec.Device)), Message: out.Message,
 			Recipients: remote, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Relay.Expiry))})
