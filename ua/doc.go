@@ -19,5 +19,17 @@
 // sent only afterwards, and a Handler error makes the MTS retry later.
 // Maildir is such a Handler, writing RFC 5322 files.
 //
+// The instance-id window only catches an INVOKE repeated within one
+// attempt. When the MTS crashes or loses the exchange after the device
+// stored a message but before recording it as delivered, it delivers the
+// message again later in a new attempt (new instance ids, delivery time
+// and segmentation, §9.9), possibly to a restarted device. Maildir
+// recognises such a re-delivery across restarts by its Fingerprint (message
+// id, submission time and canonical IPM, not the delivery time), kept in a
+// small index file in the Maildir (DeliveredIndexName), and answers it as
+// done without storing it again; two messages that only share an id are
+// both stored. Other Handlers get every re-delivery, and can use
+// Delivery.Fingerprint to do the same.
+//
 // Comments cite the project spec emsd.md as "§n".
 package ua

@@ -6,9 +6,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -19,18 +21,90 @@ import (
 // (rendered by gateway.FormatIPM) in a Maildir: written to tmp/, synced,
 // renamed into new/ and the directory synced, before Deliver returns, so
 // that a delivery the MTS considers done is on disk.
+//
+// It also recognises a re-delivery of a message it already stored: when
+// the MTS crashes or loses the exchange after the device stored a message
+// but before the MTS recorded it as delivered, it delivers the message
+// again in a new attempt, which the client's instance-id window cannot
+// tell from a new message (§1.5, §9.9). Maildir keeps the Fingerprint of
+// every stored delivery in DeliveredIndexName in the Maildir's root, and
+// answers a delivery with a known fingerprint as done without storing it
+// again. The entry is written and synced after the message file and before
+// Deliver returns, so a crash between the two at worst stores a message
+// twice; an index that cannot be read or written is logged and never fails
+// a delivery. Entries are kept for MaildirConfig.Retention, at most
+// MaildirConfig.MaxDelivered of them. Processes sharing a Maildir see each
+// other's entries (the file is re-read when it changed), so a Maildir
+// shared by several devices stores a message delivered to more than one
+// of them once.
 type Maildir struct {
 	dir    string
 	domain string
 	host   string
+	now    func() time.Time
+	log    *slog.Logger
 	count  atomic.Uint64
+	stored atomic.Uint64
+	dups   atomic.Uint64
+
+	mu  sync.Mutex      // serialises check, store and record
+	idx *deliveredIndex // nil: every delivery is stored
 }
 
-// NewMaildir opens (creating if needed) the Maildir at dir. Local EMSD
-// addresses in the stored messages are written as hhh.lll@domain.
+// MaildirConfig configures OpenMaildir.
+type MaildirConfig struct {
+	// Domain is the mail domain local EMSD addresses get in the stored
+	// messages (hhh.lll@Domain); required.
+	Domain string
+	// KeepDuplicates stores every delivery, re-deliveries included, and
+	// keeps no index.
+	KeepDuplicates bool
+	// Retention is how long a stored delivery is recognised when
+	// delivered again. Zero: DefaultDeliveredRetention (30 days, far
+	// beyond any MTS retry schedule).
+	Retention time.Duration
+	// MaxDelivered bounds the deliveries remembered (the most recent).
+	// Zero: DefaultDeliveredMax.
+	MaxDelivered int
+	// Now is the clock. Nil: time.Now.
+	Now func() time.Time
+	// Logger receives diagnostics. Nil: slog.Default().
+	Logger *slog.Logger
+}
+
+// MaildirStats counts what a Maildir did since it was opened.
+type MaildirStats struct {
+	Stored     uint64 // messages written into new/
+	Duplicates uint64 // re-deliveries recognised and not stored again
+}
+
+// NewMaildir opens (creating if needed) the Maildir at dir with the
+// default configuration. Local EMSD addresses in the stored messages are
+// written as hhh.lll@domain.
 func NewMaildir(dir, domain string) (*Maildir, error) {
-	if domain == "" {
+	return OpenMaildir(dir, MaildirConfig{Domain: domain})
+}
+
+// OpenMaildir opens (creating if needed) the Maildir at dir, and reads its
+// index of stored deliveries (a damaged one is logged, not an error).
+func OpenMaildir(dir string, cfg MaildirConfig) (*Maildir, error) {
+	if cfg.Domain == "" {
 		return nil, errors.New("ua: maildir: no domain for local addresses")
+	}
+	if cfg.Retention < 0 || cfg.MaxDelivered < 0 {
+		return nil, fmt.Errorf("ua: maildir: negative retention %v or maximum %d", cfg.Retention, cfg.MaxDelivered)
+	}
+	if cfg.Retention == 0 {
+		cfg.Retention = DefaultDeliveredRetention
+	}
+	if cfg.MaxDelivered == 0 {
+		cfg.MaxDelivered = DefaultDeliveredMax
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
 	}
 	for _, sub := range []string{"tmp", "new", "cur"} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o700); err != nil {
@@ -43,7 +117,19 @@ func NewMaildir(dir, domain string) (*Maildir, error) {
 	}
 	// Maildir names must not contain '/' or ':' (the info separator).
 	host = strings.NewReplacer("/", `\057`, ":", `\072`).Replace(host)
-	return &Maildir{dir: dir, domain: domain, host: host}, nil
+	m := &Maildir{dir: dir, domain: cfg.Domain, host: host, now: cfg.Now, log: cfg.Logger}
+	if !cfg.KeepDuplicates {
+		m.idx = newDeliveredIndex(dir, cfg.Retention, cfg.MaxDelivered, cfg.Logger)
+		if err := m.idx.load(cfg.Now()); err != nil {
+			m.log.Warn("ua: maildir: reading the delivered-message index", "err", err)
+		}
+	}
+	return m, nil
+}
+
+// Stats returns the counters.
+func (m *Maildir) Stats() MaildirStats {
+	return MaildirStats{Stored: m.stored.Load(), Duplicates: m.dups.Load()}
 }
 
 // Deliver stores d; see Store.
@@ -52,13 +138,49 @@ func (m *Maildir) Deliver(_ context.Context, d *Delivery) error {
 	return err
 }
 
-// Store writes d into new/ and returns the file's path.
+// Store writes d into new/ and returns the file's path, or "" and no
+// error when d is a re-delivery of a message already stored (see
+// Maildir).
 func (m *Maildir) Store(d *Delivery) (string, error) {
+	if m.idx == nil {
+		return m.write(d)
+	}
+	fp, err := d.Fingerprint()
+	if err != nil {
+		// Storing it is better than refusing it for ever.
+		m.log.Warn("ua: maildir: storing a delivery without the re-delivery check", "id", d.MessageID, "err", err)
+		return m.write(d)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := m.now()
+	m.idx.refresh(now)
+	if m.idx.contains(fp) {
+		m.dups.Add(1)
+		m.log.Info("ua: maildir: re-delivery of a message already stored; not stored again",
+			"id", d.MessageID, "fingerprint", fp, "delivery_time", d.DeliveryTime)
+		return "", nil
+	}
+	path, err := m.write(d)
+	if err != nil {
+		return "", err
+	}
+	// The message is safe: failing now would only make the MTS deliver
+	// it again, and store it again.
+	if err := m.idx.add(fp, now); err != nil {
+		m.log.Error("ua: maildir: recording a stored delivery; a re-delivery of it would be stored again",
+			"id", d.MessageID, "err", err)
+	}
+	return path, nil
+}
+
+// write stores d in new/ and returns the file's path.
+func (m *Maildir) write(d *Delivery) (string, error) {
 	msg, err := m.Format(d)
 	if err != nil {
 		return "", err
 	}
-	name := m.uniqueName(time.Now())
+	name := m.uniqueName(m.now())
 	tmp := filepath.Join(m.dir, "tmp", name)
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
@@ -83,6 +205,7 @@ func (m *Maildir) Store(d *Delivery) (string, error) {
 	if err := syncDir(filepath.Join(m.dir, "new")); err != nil {
 		return "", fmt.Errorf("ua: maildir: %w", err)
 	}
+	m.stored.Add(1)
 	return final, nil
 }
 

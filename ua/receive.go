@@ -3,7 +3,11 @@ package ua
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"errors"
+	"fmt"
+	"hash"
 	"net/netip"
 	"time"
 
@@ -26,6 +30,58 @@ type Delivery struct {
 	Version  emsd.Version
 	From     netip.AddrPort // the MTS endpoint that delivered it
 	IPM      *emsd.IPM
+}
+
+// Fingerprint identifies a delivered message across the MTS's delivery
+// attempts; see Delivery.Fingerprint. It is comparable and can key maps.
+type Fingerprint [sha256.Size]byte
+
+// String returns f in lower-case hex.
+func (f Fingerprint) String() string { return hex.EncodeToString(f[:]) }
+
+// Fingerprint returns a digest of what stays the same when the MTS
+// delivers the same message again in a new attempt after a lost exchange
+// or a crash (new instance ids, a new delivery time and new segmentation,
+// §1.5, §8, §9.9): the message id, the submission time when known, the
+// content type (always IPM here) and the IPM in its canonical encoding
+// (EMSD 1.1), so that equal IPMs count as equal whichever protocol version
+// carried them. It leaves out the delivery time, the security element,
+// the version and the MTS endpoint (another server sharing the queue may
+// make the next attempt). Two deliveries with the same id but different
+// contents, as from an Internet sender that reuses a Message-ID, have
+// different fingerprints. It fails only for an IPM that cannot be encoded,
+// which a decoded delivery always can be.
+func (d *Delivery) Fingerprint() (Fingerprint, error) {
+	if d.IPM == nil {
+		return Fingerprint{}, errors.New("ua: fingerprint: delivery without IPM")
+	}
+	content, err := d.IPM.Marshal(emsd.Options{})
+	if err != nil {
+		return Fingerprint{}, fmt.Errorf("ua: fingerprint: %w", err)
+	}
+	h := sha256.New()
+	h.Write([]byte("emsdp delivery fingerprint 1\n"))
+	if d.MessageID.IsLocal {
+		l := d.MessageID.Local
+		fingerprintField(h, 'l', binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(nil, uint32(l.SubmissionTime)), l.Number))
+	} else {
+		fingerprintField(h, 'r', []byte(d.MessageID.RFC822))
+	}
+	if !d.SubmissionTime.IsZero() {
+		fingerprintField(h, 's', binary.BigEndian.AppendUint64(nil, uint64(d.SubmissionTime.Unix())))
+	}
+	fingerprintField(h, 't', binary.BigEndian.AppendUint32(nil, uint32(emsd.ContentIPM)))
+	fingerprintField(h, 'c', content)
+	var f Fingerprint
+	h.Sum(f[:0])
+	return f, nil
+}
+
+// fingerprintField writes a tagged, length-prefixed field, so that no two
+// different sets of fields hash the same octets.
+func fingerprintField(h hash.Hash, tag byte, v []byte) {
+	h.Write(binary.BigEndian.AppendUint32([]byte{tag}, uint32(len(v))))
+	h.Write(v)
 }
 
 // Handler receives deliveries. Deliver must have stored the message

@@ -309,15 +309,22 @@ func uaReceive(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	md, err := ua.NewMaildir(*dir, *domain)
+	md, err := ua.OpenMaildir(*dir, ua.MaildirConfig{Domain: *domain, Logger: cfg.Logger})
 	if err != nil {
 		return fail(env, err)
 	}
 	cfg.Handler = ua.HandlerFunc(func(ctx context.Context, dl *ua.Delivery) error {
-		if err := md.Deliver(ctx, dl); err != nil {
+		path, err := md.Store(dl)
+		if err != nil {
 			return err
 		}
-		fmt.Fprintf(env.stdout, "delivered message-id=%s from=%s subject=%s\n",
+		// A message the server delivers again after losing track of the
+		// first delivery is answered as done, not stored twice.
+		what := "delivered"
+		if path == "" {
+			what = "duplicate"
+		}
+		fmt.Fprintf(env.stdout, "%s message-id=%s from=%s subject=%s\n", what,
 			dl.MessageID, uaShowAddress(dl.IPM.Heading.Originator), strconv.Quote(uaShowText(dl.IPM.Heading.Subject)))
 		return nil
 	})

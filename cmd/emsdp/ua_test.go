@@ -6,13 +6,16 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"mime"
 	"net"
+	"net/http"
 	"net/mail"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -241,6 +244,7 @@ func TestUAReceive(t *testing.T) {
 	}
 
 	big := bytes.Repeat([]byte("a long line of the delivered body\n"), 10<<10/34)
+	submitted := time.Date(2026, 11, 26, 8, 0, 0, 0, time.UTC)
 	for i, tc := range []struct {
 		id     emsd.MessageID
 		from   emsd.ORAddress
@@ -255,10 +259,15 @@ func TestUAReceive(t *testing.T) {
 			`delivered message-id=6b07d9d0.00000007 from=198.037 subject="Grüße"`},
 		{emsd.RFC822ID("<in3@example.com>"), emsd.RFC822OR(`"198.036": `), "=?utf-8?q?caf=C3=A9?=", []byte("x\n"), false,
 			`delivered message-id=<in3@example.com> from="\"198.036\": " subject="café"`},
+		// The first again, in a new attempt (new instance id and delivery
+		// time): answered, not stored again.
+		{emsd.RFC822ID("<in1@example.com>"), emsd.RFC822OR("Alice Example <alice@example.com>"), "Hello \"device\"", []byte("hi\n"), true,
+			`duplicate message-id=<in1@example.com> from=alice@example.com subject="Hello \"device\""`},
 	} {
 		ipm := &emsd.IPM{Heading: emsd.Heading{Originator: tc.from, Subject: tc.subj,
 			Recipients: []emsd.RecipientData{{Recipient: emsd.LocalOR(198036, "")}}}, Body: &emsd.Body{Text: tc.body}}
-		if err := m.Deliver(t.Context(), to, tc.id, ipm, uatest.DeliverOptions{TwoWay: tc.twoWay}); err != nil {
+		o := uatest.DeliverOptions{TwoWay: tc.twoWay, SubmissionTime: submitted, DeliveryTime: submitted.Add(time.Duration(i) * time.Hour)}
+		if err := m.Deliver(t.Context(), to, tc.id, ipm, o); err != nil {
 			t.Fatalf("delivery %d: %v", i, err)
 		}
 		lines := strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n")
@@ -436,13 +445,6 @@ func waitLine(t *testing.T, b *syncBuffer, re *regexp.Regexp) []string {
 // "emsdp serve" with "emsdp ua receive" and "emsdp ua send", small and
 // segmented, then "emsdp ua verify"; a wrong password is refused.
 func TestUAWithServer(t *testing.T) {
-	registered := map[string]bool{}
-	for _, c := range commands() {
-		registered[c.name] = true
-	}
-	if !registered["serve"] || !registered["device"] {
-		t.Skip("emsdp serve and emsdp device are not registered in commands()")
-	}
 	uaNoLeaks(t)
 	dir := t.TempDir()
 	data := filepath.Join(dir, "data")
@@ -603,4 +605,91 @@ func uaParseTimers(t *testing.T, args []string) esro.Timers {
 		t.Fatal(err)
 	}
 	return tf.t
+}
+
+// A device stores a delivery and dies before it answers; the real server
+// delivers the message again in a new attempt to the restarted device
+// ("emsdp ua receive" on the same Maildir), which answers it as done
+// without storing it a second time, and the server counts it delivered.
+func TestUARedeliveryWithServer(t *testing.T) {
+	uaNoLeaks(t)
+	data := filepath.Join(t.TempDir(), "data")
+	a, _ := startServe(t, "--config", serveConfig(t, ""), "--listen", "127.0.0.1:0", "--smtp", "127.0.0.1:0",
+		"--admin", "127.0.0.1:0", "--data", data)
+	recvAddr := serveFreeUDP(t)
+	_, port, _ := net.SplitHostPort(recvAddr)
+	if code, _, errs := runCmd(t, "", "device", "add", "--data", data, "--address", "198.037", "--password", "",
+		"--ip", "127.0.0.1", "--port", port); code != exitOK {
+		t.Fatalf("device add: exit %d: %s", code, errs)
+	}
+	maildir := filepath.Join(t.TempDir(), "Maildir")
+
+	// The first life of the device stores the message, then hangs until
+	// its endpoint is closed, as if killed before its RESULT went out.
+	ep, err := esro.Listen("udp", recvAddr, &esro.Config{Timers: uaFastTimers(), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ep.Close()
+	md, err := ua.OpenMaildir(maildir, ua.MaildirConfig{Domain: "emsd.test", Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored := make(chan struct{})
+	var once sync.Once
+	c, err := ua.New(ep, ua.Config{Logger: slog.New(slog.DiscardHandler), Handler: ua.HandlerFunc(func(ctx context.Context, d *ua.Delivery) error {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if _, err := md.Store(d); err != nil {
+			return err
+		}
+		once.Do(func() { close(stored) })
+		<-ctx.Done()
+		return ctx.Err()
+	})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := "From: Carol <carol@example.com>\r\nTo: 198.037@emsd.test\r\nSubject: Once only\r\nMessage-ID: <once@example.com>\r\n\r\nStore me once.\r\n"
+	// The server learns of the device by polling its store.
+	waitFor(t, "the server to take the mail", func() bool { return smtpSend(a.smtp, "carol@example.com", "198.037@emsd.test", msg) == nil })
+	select {
+	case <-stored:
+	case <-time.After(20 * time.Second):
+		t.Fatal("no delivery")
+	}
+	c.Close()
+	ep.Close()
+	if n := maildirCount(maildir); n != 1 {
+		t.Fatalf("%d messages in the Maildir", n)
+	}
+
+	// The second life.
+	rctx, rcancel := context.WithCancel(context.Background())
+	renv, rout, rerr := testEnv()
+	rdone := make(chan int, 1)
+	go func() {
+		rdone <- run(rctx, renv, append([]string{"ua", "receive", "--listen", recvAddr, "--maildir", maildir, "--domain", "emsd.test"},
+			strings.Fields(fast)...))
+	}()
+	defer func() {
+		rcancel()
+		if code := <-rdone; code != exitOK {
+			t.Errorf("ua receive exited %d: %s", code, rerr.String())
+		}
+	}()
+	waitLine(t, rout, regexp.MustCompile(`duplicate message-id=<once@example.com> from=carol@example.com subject="Once only"\n`))
+	waitFor(t, "the server to count the delivery", func() bool {
+		resp, err := http.Get("http://" + a.admin + "/metrics")
+		if err != nil {
+			return false
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return strings.Contains(string(b), `emsd_deliveries_total{outcome="delivered"} 1`)
+	})
+	if n := maildirCount(maildir); n != 1 || strings.Contains(rout.String(), "delivered message-id") {
+		t.Fatalf("%d messages in the Maildir; receive printed %q", n, rout.String())
+	}
 }

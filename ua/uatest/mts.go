@@ -9,6 +9,7 @@
 package uatest
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"log/slog"
@@ -243,6 +244,10 @@ func (m *MTS) control(_ context.Context, w esro.ResponseWriter, inv *esro.Invoca
 type DeliverOptions struct {
 	TwoWay bool // "Efficient" mode: SAP 6 → 7 (§9.9)
 	Tries  int  // ESRO attempts per segment, same instance id; 0: 2 (§9.9)
+	// SubmissionTime and DeliveryTime go into the DeliverArgument; zero:
+	// now. A new attempt to deliver a message keeps its submission time
+	// and takes a new delivery time (§9.9).
+	SubmissionTime, DeliveryTime time.Time
 }
 
 // Deliver sends ipm to the device at to (§9.9) and returns the EMSD error
@@ -253,8 +258,9 @@ func (m *MTS) Deliver(ctx context.Context, to netip.AddrPort, id emsd.MessageID,
 	if err != nil {
 		return err
 	}
-	now := emsd.TimeOf(time.Now())
-	env := &emsd.DeliverArgument{MessageID: id, DeliveryTime: now, SubmissionTime: &now, ContentType: emsd.ContentIPM}
+	now := time.Now()
+	st, dt := emsd.TimeOf(cmp.Or(o.SubmissionTime, now)), emsd.TimeOf(cmp.Or(o.DeliveryTime, now))
+	env := &emsd.DeliverArgument{MessageID: id, DeliveryTime: dt, SubmissionTime: &st, ContentType: emsd.ContentIPM}
 	segs, err := (&emsd.Splitter{}).SplitDeliver(env, content, m.seq.Next())
 	if err != nil {
 		return err
