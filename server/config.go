@@ -44,18 +44,20 @@ func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d)
 // Config is every setting of the server; DefaultConfig holds the embedded
 // defaults (server/default.toml, which documents each key).
 type Config struct {
-	Domain   string         `toml:"domain"`
-	Hostname string         `toml:"hostname"`
-	Data     string         `toml:"data"`
-	LogLevel string         `toml:"log_level"`
-	EMSD     EMSDConfig     `toml:"emsd"`
-	ESRO     ESROConfig     `toml:"esro"`
-	Delivery DeliveryConfig `toml:"delivery"`
-	SMTP     SMTPConfig     `toml:"smtp"`
-	Relay    RelayConfig    `toml:"relay"`
-	Admin    AdminConfig    `toml:"admin"`
-	Store    StoreConfig    `toml:"store"`
-	Compat   CompatConfig   `toml:"compat"`
+	Domain   string `toml:"domain"`
+	Hostname string `toml:"hostname"`
+	Data     string `toml:"data"`
+	LogLevel string `toml:"log_level"`
+	// LogFormat is how emsdp serve writes its log: LogText or LogJSON.
+	LogFormat string         `toml:"log_format"`
+	EMSD      EMSDConfig     `toml:"emsd"`
+	ESRO      ESROConfig     `toml:"esro"`
+	Delivery  DeliveryConfig `toml:"delivery"`
+	SMTP      SMTPConfig     `toml:"smtp"`
+	Relay     RelayConfig    `toml:"relay"`
+	Admin     AdminConfig    `toml:"admin"`
+	Store     StoreConfig    `toml:"store"`
+	Compat    CompatConfig   `toml:"compat"`
 }
 
 // EMSDConfig is the EMSD service.
@@ -139,6 +141,21 @@ type StoreConfig struct {
 	// BusyTimeout is SQLite's wait for another process's lock; 0 = 10 s.
 	// The key is for driver sqlite only, hence no default in the file.
 	BusyTimeout Duration `toml:"busy_timeout,omitzero"`
+}
+
+// Log formats (log_format): logfmt-style key=value lines for people, or
+// one JSON object per line for log collectors.
+const (
+	LogText = "text"
+	LogJSON = "json"
+)
+
+// NewLogHandler returns the slog handler log_format names, writing to w.
+func (c *Config) NewLogHandler(w io.Writer, opts *slog.HandlerOptions) slog.Handler {
+	if c.LogFormat == LogJSON {
+		return slog.NewJSONHandler(w, opts)
+	}
+	return slog.NewTextHandler(w, opts)
 }
 
 // Store drivers (store.driver).
@@ -254,6 +271,9 @@ func (c *Config) Validate() error {
 	var lv slog.Level
 	if err := lv.UnmarshalText([]byte(c.LogLevel)); err != nil {
 		add(configErr("log_level %q: want debug, info, warn or error", c.LogLevel))
+	}
+	if c.LogFormat != LogText && c.LogFormat != LogJSON {
+		add(configErr("log_format %q: want %q or %q", c.LogFormat, LogText, LogJSON))
 	}
 	if _, err := c.ESROConfig(nil); err != nil {
 		add(configErr("esro: %v", err))

@@ -31,6 +31,7 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	domain := fs.String("domain", "", "mail domain of the devices, NNN.NNN@domain (default: the host name)")
 	smarthost := fs.String("smarthost", "", "HOST:PORT of the SMTP relay for Internet mail (default none: such mail stays queued)")
 	logLevel := fs.String("log-level", "", "debug, info, warn or error (default info)")
+	logFormat := fs.String("log-format", "", `log lines as "text" or "json" (default text)`)
 	check := fs.Bool("check-config", false, "validate the configuration, print it and exit")
 	if done, code := parseFlags(fs, env, args); done {
 		return code
@@ -53,14 +54,15 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 			return nil, err
 		}
 		for name, apply := range map[string]func(){
-			"listen":    func() { cfg.EMSD.Listen = *listen },
-			"smtp":      func() { cfg.SMTP.Listen = off(*smtpAddr) },
-			"admin":     func() { cfg.Admin.Listen = off(*admin) },
-			"data":      func() { cfg.Data = *data },
-			"dsn":       func() { cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, *dsn, 0 },
-			"domain":    func() { cfg.Domain = *domain },
-			"smarthost": func() { cfg.Relay.Smarthost = *smarthost },
-			"log-level": func() { cfg.LogLevel = *logLevel },
+			"listen":     func() { cfg.EMSD.Listen = *listen },
+			"smtp":       func() { cfg.SMTP.Listen = off(*smtpAddr) },
+			"admin":      func() { cfg.Admin.Listen = off(*admin) },
+			"data":       func() { cfg.Data = *data },
+			"dsn":        func() { cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, *dsn, 0 },
+			"domain":     func() { cfg.Domain = *domain },
+			"smarthost":  func() { cfg.Relay.Smarthost = *smarthost },
+			"log-level":  func() { cfg.LogLevel = *logLevel },
+			"log-format": func() { cfg.LogFormat = *logFormat },
 		} {
 			if set[name] {
 				apply()
@@ -94,7 +96,7 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	}
 	// A LevelVar, so that log_level can change on SIGHUP.
 	level := new(slog.LevelVar)
-	log := slog.New(slog.NewTextHandler(env.stderr, &slog.HandlerOptions{Level: level}))
+	log := slog.New(cfg.NewLogHandler(env.stderr, &slog.HandlerOptions{Level: level}))
 
 	srv, err := server.Start(ctx, cfg, server.Options{Logger: log, LogLevel: level})
 	if err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"net"
 	"net/http"
@@ -334,6 +335,8 @@ func TestServeCheckConfig(t *testing.T) {
 		{"missing file", []string{"--config", filepath.Join(t.TempDir(), "none.toml")}, exitFailed, "", "no such file"},
 		{"bad flag", []string{"--nope"}, exitUsage, "", "flag provided but not defined"},
 		{"bad level", []string{"--check-config", "--log-level", "loud"}, exitUsage, "", "log_level"},
+		{"json log", []string{"--check-config", "--log-format", "json"}, exitOK, "log_format = \"json\"\n", "configuration OK"},
+		{"bad log format", []string{"--check-config", "--log-format", "xml"}, exitUsage, "", "log_format \"xml\""},
 		{"sqlite by default", []string{"--check-config"}, exitOK, "[store]\n  driver = \"sqlite\"\n", ""},
 		{"postgres", []string{"--check-config", "--config", pg}, exitOK,
 			"driver = \"postgres\"\n  dsn = \"postgres://emsdp:********@db.example.net/emsdp?sslmode=require\"\n", "configuration OK"},
@@ -444,5 +447,28 @@ func TestServeDataDirLocked(t *testing.T) {
 	code, _, errs := runCmd(t, "", "serve", "--listen", "127.0.0.1:0", "--smtp", "off", "--admin", "off", "--data", data)
 	if code != exitFailed || !strings.Contains(errs, "in use by another emsdp serve") {
 		t.Errorf("second server: exit %d, %q", code, errs)
+	}
+}
+
+// With --log-format json every log line of the server is one JSON object
+// (the "listening" line for people aside).
+func TestServeJSONLog(t *testing.T) {
+	_, errb := startServe(t, "--config", serveConfig(t, ""), "--listen", "127.0.0.1:0", "--smtp", "127.0.0.1:0",
+		"--admin", "off", "--data", filepath.Join(t.TempDir(), "data"), "--log-format", "json")
+	var records int
+	for _, line := range strings.Split(strings.TrimSpace(errb.String()), "\n") {
+		if strings.HasPrefix(line, "emsdp serve: ") {
+			continue
+		}
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("log line is not JSON: %q: %v", line, err)
+		}
+		if rec["msg"] == "serving" && rec["level"] == "INFO" {
+			records++
+		}
+	}
+	if records != 1 {
+		t.Errorf("%d JSON \"serving\" records in:\n%s", records, errb.String())
 	}
 }
