@@ -37,5 +37,7 @@
 // Relay sends one message to a smarthost with go-smtp and reports the outcome
 // per recipient. InboundServer is an MX-like SMTP receiver (no AUTH: it only
 // accepts mail for the recipients its Receiver accepts) that hands complete
-// messages to a Receiver. DSN writes bounce messages.
+// messages to a Receiver; it bounds the sessions open at once, in all and
+// per client, answering a connection over a limit 421 at the greeting.
+// DSN writes bounce messages.
 package gateway

@@ -48,8 +48,19 @@ type InboundOptions struct {
 	RequireTLS bool
 	// OnTLS, if set, is called once for each connection whose STARTTLS
 	// handshake completed (metrics, logs).
-	OnTLS  func(tls.ConnectionState)
-	Logger *slog.Logger // nil = no logs
+	OnTLS func(tls.ConnectionState)
+	// MaxConns bounds the sessions open at once, MaxConnsPerIP those of
+	// one client (an IPv4 address or an IPv6 /64); 0 = no limit (not a
+	// default). A connection over either is answered 421 4.7.0 and
+	// closed without becoming a session. SetConnLimits changes both.
+	MaxConns, MaxConnsPerIP int
+	// RefuseTimeout bounds the write of that 421; 0 = 1 s.
+	RefuseTimeout time.Duration
+	// OnRefused, if set, is called with LimitTotal or LimitIP for each
+	// connection refused (metrics); it runs in the accepting goroutine,
+	// so it must not block.
+	OnRefused func(limit string)
+	Logger    *slog.Logger // nil = no logs
 }
 
 // MaxHops is the number of Received: fields beyond which a message is
@@ -71,10 +82,13 @@ type InboundServer struct {
 	cancel context.CancelFunc
 	// requireTLS is o.RequireTLS, changeable while serving (SetRequireTLS).
 	requireTLS atomic.Bool
+	// lim counts the sessions of every listener against o.MaxConns and
+	// o.MaxConnsPerIP, changeable while serving (SetConnLimits).
+	lim connLimits
 
 	mu      sync.Mutex
 	closing bool
-	lns     []net.Listener
+	lns     []*limitListener
 	conns   map[*trackedConn]struct{}
 	changed chan struct{} // a transaction ended (buffered 1)
 	drained chan error    // result of the go-smtp shutdown, once started
@@ -101,6 +115,9 @@ func NewInboundServer(r Receiver, o InboundOptions) *InboundServer {
 	if o.ReceiverTimeout <= 0 {
 		o.ReceiverTimeout = 2 * time.Minute
 	}
+	if o.RefuseTimeout <= 0 {
+		o.RefuseTimeout = defaultRefuseTimeout
+	}
 	log := o.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -108,6 +125,7 @@ func NewInboundServer(r Receiver, o InboundOptions) *InboundServer {
 	s := &InboundServer{r: r, o: o, log: log, conns: map[*trackedConn]struct{}{}, changed: make(chan struct{}, 1)}
 	s.base, s.cancel = context.WithCancel(context.Background())
 	s.requireTLS.Store(o.RequireTLS)
+	s.lim.set(o.MaxConns, o.MaxConnsPerIP)
 	srv := smtp.NewServer(smtp.BackendFunc(s.newSession))
 	srv.Domain = o.Domain
 	srv.MaxMessageBytes = o.MaxMessageBytes
@@ -129,9 +147,10 @@ func (s *InboundServer) Serve(ln net.Listener) error {
 		s.mu.Unlock()
 		return ErrServerClosed
 	}
-	s.lns = append(s.lns, ln)
+	ll := newLimitListener(ln, &s.lim, s.o.Domain, s.o.RefuseTimeout, s.o.OnRefused, s.log)
+	s.lns = append(s.lns, ll)
 	s.mu.Unlock()
-	err := s.srv.Serve(&trackingListener{Listener: ln, s: s})
+	err := s.srv.Serve(&trackingListener{Listener: ll, s: s})
 	s.mu.Lock()
 	closing := s.closing
 	s.mu.Unlock()
@@ -145,6 +164,15 @@ func (s *InboundServer) Serve(ln net.Listener) error {
 // it applies from the next MAIL command, in every session.
 func (s *InboundServer) SetRequireTLS(on bool) { s.requireTLS.Store(on) }
 
+// SetConnLimits changes InboundOptions.MaxConns and MaxConnsPerIP while
+// the server runs; they apply from the next connection, and sessions
+// already open over a lowered limit stay open.
+func (s *InboundServer) SetConnLimits(total, perIP int) { s.lim.set(total, perIP) }
+
+// Sessions returns the number of connections open (accepted and not
+// yet closed), which InboundOptions.MaxConns bounds.
+func (s *InboundServer) Sessions() int { return s.lim.sessions() }
+
 // Addr returns the address of the first listener passed to Serve, nil
 // before.
 func (s *InboundServer) Addr() net.Addr {
@@ -156,8 +184,9 @@ func (s *InboundServer) Addr() net.Addr {
 	return s.lns[0].Addr()
 }
 
-// stop marks the server closing and closes the listeners; it returns
-// whether this was the first call.
+// stop marks the server closing and closes the listeners (ending the
+// refusals they are writing); it returns whether this was the first
+// call.
 func (s *InboundServer) stop() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/internal/clientaddr"
 )
 
 // Bounds of the emsd.*auth_failures* keys: beyond them a limit means
@@ -197,14 +198,7 @@ func (l *authLimiter) collectors() []prometheus.Collector {
 // a masked /64.
 type srcKey [16]byte
 
-func sourceOf(a netip.Addr) srcKey {
-	a = a.Unmap()
-	k := srcKey(a.As16())
-	if a.Is6() {
-		clear(k[8:])
-	}
-	return k
-}
+func sourceOf(a netip.Addr) srcKey { return srcKey(clientaddr.Group(a).As16()) }
 
 func (k srcKey) String() string {
 	a := netip.AddrFrom16(k)

@@ -103,6 +103,11 @@ type SMTPConfig struct {
 	MaxRecipients   int      `toml:"max_recipients"`
 	ReadTimeout     Duration `toml:"read_timeout"`
 	WriteTimeout    Duration `toml:"write_timeout"`
+	// MaxConnections bounds the sessions open at once, and
+	// MaxConnectionsPerIP those of one client (an IPv4 address or an IPv6
+	// /64); 0 = no limit.
+	MaxConnections      int `toml:"max_connections"`
+	MaxConnectionsPerIP int `toml:"max_connections_per_ip"`
 	// TLSCert and TLSKey are PEM files (both or neither): with them
 	// STARTTLS is offered, and they are read again on SIGHUP.
 	TLSCert    string `toml:"tls_cert"`
@@ -317,6 +322,12 @@ func (c *Config) Validate() error {
 	}
 	if c.SMTP.MaxMessageBytes < 1024 || c.SMTP.MaxRecipients < 1 {
 		add(configErr("smtp.max_message_bytes must be at least 1024 and smtp.max_recipients at least 1"))
+	}
+	if c.SMTP.MaxConnections < 0 {
+		add(configErr("smtp.max_connections must not be negative (0 = no limit)"))
+	}
+	if c.SMTP.MaxConnectionsPerIP < 0 {
+		add(configErr("smtp.max_connections_per_ip must not be negative (0 = no limit)"))
 	}
 	switch c.Delivery.Reports {
 	case "report", "ipm", "auto":

@@ -39,6 +39,8 @@ func TestDefaultConfig(t *testing.T) {
 		"store.driver":     {c.Store.Driver, StoreSQLite},
 		"store.dsn":        {c.Store.DSN, ""},
 		"busy_timeout":     {c.Store.BusyTimeout, Duration(0)}, // SQLite's 10 s
+		"max_connections":  {c.SMTP.MaxConnections, 200},
+		"per ip":           {c.SMTP.MaxConnectionsPerIP, 10},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("%s = %v, want %v", name, tc.got, tc.want)
@@ -93,6 +95,11 @@ func TestLoadConfig(t *testing.T) {
 		{"bad dsn", "[store]\ndriver = \"postgres\"\ndsn = \"host\"\n", nil, "store.dsn: cannot parse"},
 		{"bad pool setting", "[store]\ndriver = \"postgres\"\ndsn = \"dbname=x pool_max_conns=many\"\n", nil, "store.dsn"},
 		{"unknown driver", "[store]\ndriver = \"sqlite3\"\n", nil, `store.driver "sqlite3": want "sqlite" or "postgres"`},
+		{"connection limits off", "[smtp]\nmax_connections = 0\nmax_connections_per_ip = 0\n",
+			func(c *Config) bool { return c.SMTP.MaxConnections == 0 && c.SMTP.MaxConnectionsPerIP == 0 }, ""},
+		{"negative max_connections", "[smtp]\nmax_connections = -1\n", nil, "smtp.max_connections must not be negative"},
+		{"negative max_connections_per_ip", "[smtp]\nmax_connections_per_ip = -5\n", nil,
+			"smtp.max_connections_per_ip must not be negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := LoadConfig(writeFile(t, tc.text))

@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -24,6 +25,7 @@ type metrics struct {
 	reports     *prometheus.CounterVec
 	inbound     *prometheus.CounterVec
 	starttls    prometheus.Counter
+	refused     *prometheus.CounterVec
 	relay       *prometheus.CounterVec
 	devices     prometheus.Gauge
 	authLimited *prometheus.CounterVec
@@ -50,6 +52,9 @@ func newMetrics() *metrics {
 			Help: "Inbound SMTP: accepted and rejected messages, unknown recipients."}, []string{"result"}),
 		starttls: prometheus.NewCounter(prometheus.CounterOpts{Name: "gateway_inbound_starttls_total",
 			Help: "Inbound SMTP connections that completed a STARTTLS handshake."}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "gateway_inbound_refused_total",
+			Help: "Inbound SMTP connections refused with 421 by the connection limit they were over: ip (smtp.max_connections_per_ip) or total (smtp.max_connections)."},
+			[]string{"limit"}),
 		relay: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "gateway_relay_total",
 			Help: "Outbound relay recipients by outcome: sent, deferred, failed, expired."}, []string{"outcome"}),
 		devices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "emsd_devices", Help: "Devices in the registry."}),
@@ -59,7 +64,10 @@ func newMetrics() *metrics {
 	}
 	m.reg.MustRegister(m.invokes, m.errors, m.submissions, m.verifies, m.deliveries, m.reports, m.inbound,
 		m.starttls, m.relay, m.devices)
-	m.reg.MustRegister(m.authLimited)
+	m.reg.MustRegister(m.authLimited, m.refused)
+	for _, l := range []string{gateway.LimitTotal, gateway.LimitIP} {
+		m.refused.WithLabelValues(l) // at 0 from the start, for rate()
+	}
 	return m
 }
 

@@ -60,15 +60,17 @@ func (s *Server) newRelay(c *Config) relayer {
 //   - store.retention, store.status_retention (at the next hourly purge)
 //     and store.registry_poll;
 //   - all of [compat];
+//   - smtp.max_connections and smtp.max_connections_per_ip, for new
+//     connections (sessions open over a lowered limit stay);
 //   - smtp.tls_cert, smtp.tls_key and smtp.require_tls while STARTTLS is
 //     on (turning it on or off needs a restart).
 //
 // Every other key keeps its running value (listeners, data directory and
-// store, domains and host name, the ESRO engine, SMTP limits): the names
-// of those next changes are returned, in file order, and logged in one
-// warning. next is validated first, and the result of keeping those keys
-// too; an invalid configuration changes nothing and is the error. next
-// stays the caller's.
+// store, domains and host name, the ESRO engine, SMTP size limits and
+// timeouts): the names of those next changes are returned, in file order,
+// and logged in one warning. next is validated first, and the result of
+// keeping those keys too; an invalid configuration changes nothing and is
+// the error. next stays the caller's.
 func (s *Server) Reconfigure(next *Config) (restart []string, err error) {
 	if err := next.Validate(); err != nil {
 		return nil, err
@@ -99,6 +101,7 @@ func (s *Server) Reconfigure(next *Config) (restart []string, err error) {
 	}
 	if s.smtp != nil {
 		s.smtp.SetRequireTLS(merged.SMTP.RequireTLS)
+		s.smtp.SetConnLimits(merged.SMTP.MaxConnections, merged.SMTP.MaxConnectionsPerIP)
 	}
 	if merged.Store.RegistryPoll != cur.cfg.Store.RegistryPoll {
 		select {
@@ -144,6 +147,8 @@ func liveFrom(run, next *Config, level, tls bool) *Config {
 	m.Relay = n.Relay
 	m.Store.Retention, m.Store.StatusRetention, m.Store.RegistryPoll = n.Store.Retention, n.Store.StatusRetention, n.Store.RegistryPoll
 	m.Compat = n.Compat
+	// The listener reads its limits at each accept.
+	m.SMTP.MaxConnections, m.SMTP.MaxConnectionsPerIP = n.SMTP.MaxConnections, n.SMTP.MaxConnectionsPerIP
 	if tls {
 		// The listener offers STARTTLS or not from its start; while it
 		// does, the pair can change, and require_tls with it.

@@ -67,6 +67,7 @@ func TestReconfigureKeys(t *testing.T) {
 		"relay.smarthost", "relay.helo", "relay.username", "relay.password", "relay.tls", "relay.insecure_skip_verify",
 		"relay.timeout", "relay.retry", "relay.expiry", "relay.batch",
 		"store.retention", "store.status_retention", "store.registry_poll",
+		"smtp.max_connections", "smtp.max_connections_per_ip",
 		"compat.ip_only_identification", "compat.reference_instance_ids", "compat.delivery_control_error",
 		"compat.submit_result_tag_25", "compat.reverse_sequence_of", "compat.verify_failure",
 	}
@@ -336,6 +337,35 @@ func TestReconfigureSMTPTLS(t *testing.T) {
 	}
 	if _, err := send(false); err != nil {
 		t.Errorf("plaintext with require_tls off: %v", err)
+	}
+}
+
+// The SMTP connection limits change without a restart, for the next
+// connection; sessions open over a lowered limit stay open.
+func TestReconfigureSMTPConnLimits(t *testing.T) {
+	c := testConfig(t)
+	c.SMTP.MaxConnections = 1
+	s := startServer(t, c)
+	a := wantGreeting(t, s, "127.0.0.1", false)
+	wantGreeting(t, s, "127.0.0.2", true)
+	reconfigure(t, s, func(c *Config) { c.SMTP.MaxConnections = 2 })
+	b := wantGreeting(t, s, "127.0.0.2", false)
+	wantGreeting(t, s, "127.0.0.3", true)
+	reconfigure(t, s, func(c *Config) { c.SMTP.MaxConnections, c.SMTP.MaxConnectionsPerIP = 0, 1 })
+	wantGreeting(t, s, "127.0.0.1", true)
+	d := wantGreeting(t, s, "127.0.0.3", false)
+	reconfigure(t, s, func(c *Config) { c.SMTP.MaxConnections, c.SMTP.MaxConnectionsPerIP = 1, 0 })
+	wantGreeting(t, s, "127.0.0.4", true)
+	if got := s.smtp.Sessions(); got != 3 {
+		t.Errorf("%d sessions, want the 3 open before the limit was lowered", got)
+	}
+	for _, c := range []*rawSMTP{a, b, d} {
+		c.quit(t)
+	}
+	wantGreeting(t, s, "127.0.0.4", false).quit(t)
+	if ip, total := s.metrics.counter(t, "gateway_inbound_refused_total", "ip"),
+		s.metrics.counter(t, "gateway_inbound_refused_total", "total"); ip != 1 || total != 3 {
+		t.Errorf("refused ip %v, total %v; want 1, 3", ip, total)
 	}
 }
 

@@ -36,6 +36,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/esro-emsdp/emsdp/emsd"
@@ -264,13 +265,18 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		inOpts := gateway.InboundOptions{
 			Domain: s.hostname, MaxMessageBytes: cfg.SMTP.MaxMessageBytes, MaxRecipients: cfg.SMTP.MaxRecipients,
 			ReadTimeout: time.Duration(cfg.SMTP.ReadTimeout), WriteTimeout: time.Duration(cfg.SMTP.WriteTimeout),
-			Logger: log.With("layer", "smtp"),
+			MaxConns: cfg.SMTP.MaxConnections, MaxConnsPerIP: cfg.SMTP.MaxConnectionsPerIP,
+			OnRefused: func(limit string) { s.metrics.refused.WithLabelValues(limit).Inc() },
+			Logger:    log.With("layer", "smtp"),
 		}
 		if s.tlsCert != nil {
 			inOpts.TLSConfig, inOpts.RequireTLS = s.tlsCert.tlsConfig(), cfg.SMTP.RequireTLS
 			inOpts.OnTLS = func(tls.ConnectionState) { s.metrics.starttls.Inc() }
 		}
 		s.smtp = gateway.NewInboundServer(receiver{s}, inOpts)
+		s.metrics.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "gateway_inbound_sessions",
+			Help: "Inbound SMTP connections open (smtp.max_connections bounds them)."},
+			func() float64 { return float64(s.smtp.Sessions()) }))
 		s.smtpUp.Store(true)
 		s.loops.Go(func() {
 			if err := s.smtp.Serve(s.smtpLn); err != nil && !errors.Is(err, gateway.ErrServerClosed) {

@@ -364,6 +364,17 @@ func TestServeCheckConfig(t *testing.T) {
 			"smtp.tls_cert \"" + missingCert + "\""},
 		{"require_tls without certificate", []string{"--check-config", "--config", file("[smtp]\nrequire_tls = true\n")},
 			exitUsage, "", "smtp.require_tls needs smtp.tls_cert and smtp.tls_key"},
+		{"smtp connection limits by default", []string{"--check-config"}, exitOK,
+			"max_connections = 200\n  max_connections_per_ip = 10\n", "configuration OK"},
+		{"smtp connection limits off", []string{"--check-config", "--config",
+			file("[smtp]\nmax_connections = 0\nmax_connections_per_ip = 0\n")}, exitOK,
+			"max_connections = 0\n  max_connections_per_ip = 0\n", "configuration OK"},
+		{"negative max_connections", []string{"--check-config", "--config", file("[smtp]\nmax_connections = -1\n")},
+			exitUsage, "", "smtp.max_connections must not be negative (0 = no limit)"},
+		{"negative max_connections_per_ip", []string{"--check-config", "--config", file("[smtp]\nmax_connections_per_ip = -1\n")},
+			exitUsage, "", "smtp.max_connections_per_ip must not be negative (0 = no limit)"},
+		{"max_connections not a number", []string{"--check-config", "--config", file("[smtp]\nmax_connections = \"many\"\n")},
+			exitUsage, "", "max_connections"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, out, errs := runCmd(t, "", append([]string{"serve"}, tc.args...)...)
