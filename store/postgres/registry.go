@@ -6,39 +6,12 @@ import (
 	"fmt"
 	"math"
 	"net/netip"
-	"slices"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/esro-emsdp/emsdp/store"
 )
-
-func validDevice(d *store.Device) error {
-	switch {
-	case d.Address == 0:
-		return fmt.Errorf("%w: device address 0", store.ErrInvalid)
-	case !d.IP.IsValid():
-		return fmt.Errorf("%w: device IP address missing", store.ErrInvalid)
-	case d.Version == "":
-		return fmt.Errorf("%w: device protocol version missing", store.ErrInvalid)
-	case d.Mode != store.ModeComplete && d.Mode != store.ModeEfficient:
-		return fmt.Errorf("%w: delivery mode %q", store.ErrInvalid, d.Mode)
-	}
-	return nil
-}
-
-func normAliases(a []string) []string {
-	out := make([]string, 0, len(a))
-	for _, s := range a {
-		s = strings.ToLower(strings.TrimSpace(s))
-		if s != "" && !slices.Contains(out, s) {
-			out = append(out, s)
-		}
-	}
-	return out
-}
 
 // bumpRegistry comes first in every registry transaction: the row lock
 // orders registry edits across processes (no lock-order deadlocks with
@@ -79,11 +52,11 @@ func insertAliases(ctx context.Context, tx pgx.Tx, addr uint32, aliases []string
 
 // AddDevice adds a registry entry.
 func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
-	if err := validDevice(d); err != nil {
+	if err := d.Validate(); err != nil {
 		return err
 	}
 	now := ms(time.Now())
-	aliases := normAliases(d.Aliases)
+	aliases := store.NormalizeAliases(d.Aliases)
 	return s.tx(ctx, func(tx pgx.Tx) error {
 		if err := bumpRegistry(ctx, tx); err != nil {
 			return err
@@ -105,10 +78,10 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 
 // UpdateDevice replaces a device's registry fields.
 func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
-	if err := validDevice(d); err != nil {
+	if err := d.Validate(); err != nil {
 		return err
 	}
-	aliases := normAliases(d.Aliases)
+	aliases := store.NormalizeAliases(d.Aliases)
 	return s.tx(ctx, func(tx pgx.Tx) error {
 		if err := bumpRegistry(ctx, tx); err != nil {
 			return err

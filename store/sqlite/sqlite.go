@@ -14,7 +14,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 
@@ -201,31 +200,6 @@ func fromMS(v int64) time.Time {
 
 // ---- registry ----
 
-func validDevice(d *store.Device) error {
-	switch {
-	case d.Address == 0:
-		return fmt.Errorf("%w: device address 0", store.ErrInvalid)
-	case !d.IP.IsValid():
-		return fmt.Errorf("%w: device IP address missing", store.ErrInvalid)
-	case d.Version == "":
-		return fmt.Errorf("%w: device protocol version missing", store.ErrInvalid)
-	case d.Mode != store.ModeComplete && d.Mode != store.ModeEfficient:
-		return fmt.Errorf("%w: delivery mode %q", store.ErrInvalid, d.Mode)
-	}
-	return nil
-}
-
-func normAliases(a []string) []string {
-	out := make([]string, 0, len(a))
-	for _, s := range a {
-		s = strings.ToLower(strings.TrimSpace(s))
-		if s != "" && !slices.Contains(out, s) {
-			out = append(out, s)
-		}
-	}
-	return out
-}
-
 const (
 	qBumpRegistry = `UPDATE meta SET value = value + 1 WHERE key = 'registry_version'`
 	qInsertAlias  = `INSERT INTO aliases (alias, device) VALUES (?, ?)`
@@ -257,7 +231,7 @@ func (s *DB) insertAliases(ctx context.Context, tx *sql.Tx, addr uint32, aliases
 
 // AddDevice adds a registry entry.
 func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
-	if err := validDevice(d); err != nil {
+	if err := d.Validate(); err != nil {
 		return err
 	}
 	now := time.Now()
@@ -271,7 +245,7 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 			}
 			return fmt.Errorf("sqlite: add device: %w", err)
 		}
-		if err := s.insertAliases(ctx, tx, d.Address, normAliases(d.Aliases)); err != nil {
+		if err := s.insertAliases(ctx, tx, d.Address, store.NormalizeAliases(d.Aliases)); err != nil {
 			return err
 		}
 		return s.bumpRegistry(ctx, tx)
@@ -280,7 +254,7 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 
 // UpdateDevice replaces a device's registry fields.
 func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
-	if err := validDevice(d); err != nil {
+	if err := d.Validate(); err != nil {
 		return err
 	}
 	return s.tx(ctx, func(tx *sql.Tx) error {
@@ -294,7 +268,7 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 		if _, err := s.exec(ctx, tx, qDeleteAliases, d.Address); err != nil {
 			return fmt.Errorf("sqlite: update device: %w", err)
 		}
-		if err := s.insertAliases(ctx, tx, d.Address, normAliases(d.Aliases)); err != nil {
+		if err := s.insertAliases(ctx, tx, d.Address, store.NormalizeAliases(d.Aliases)); err != nil {
 			return err
 		}
 		return s.bumpRegistry(ctx, tx)

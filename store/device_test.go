@@ -1,0 +1,37 @@
+package store
+
+import (
+	"errors"
+	"net/netip"
+	"slices"
+	"testing"
+)
+
+func TestDeviceValidate(t *testing.T) {
+	ok := Device{Address: 198036, IP: netip.MustParseAddr("192.0.2.7"), Version: "1.1", Mode: ModeComplete}
+	for _, tc := range []struct {
+		name  string
+		edit  func(*Device)
+		valid bool
+	}{
+		{"complete", func(*Device) {}, true},
+		{"efficient", func(d *Device) { d.Mode = ModeEfficient }, true},
+		{"address 0", func(d *Device) { d.Address = 0 }, false},
+		{"no IP", func(d *Device) { d.IP = netip.Addr{} }, false},
+		{"no version", func(d *Device) { d.Version = "" }, false},
+		{"bad mode", func(d *Device) { d.Mode = "fast" }, false},
+	} {
+		d := ok
+		tc.edit(&d)
+		if err := d.Validate(); (err == nil) != tc.valid || (err != nil && !errors.Is(err, ErrInvalid)) {
+			t.Errorf("%s: %v", tc.name, err)
+		}
+	}
+}
+
+func TestNormalizeAliases(t *testing.T) {
+	got := NormalizeAliases([]string{" Alice@Example.NET", "", "bob@example.net", "alice@example.net ", "  "})
+	if want := []string{"alice@example.net", "bob@example.net"}; !slices.Equal(got, want) {
+		t.Errorf("got %q, want %q", got, want)
+	}
+}
