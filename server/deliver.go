@@ -29,6 +29,11 @@ type sched struct {
 	workers  sync.WaitGroup
 }
 
+// defaultRescan is the scheduler's full-rescan period (Server.rescan):
+// changes made by other processes without telling this one (emsdp queue
+// retry, a server sharing the store that stopped) are seen within it.
+const defaultRescan = 30 * time.Second
+
 func (s *Server) kick() {
 	select {
 	case s.sched.kick <- struct{}{}:
@@ -423,7 +428,9 @@ func (s *Server) expire(now time.Time) {
 		err = s.st.FinishDelivery(ctx, d.ID, store.DeliveryQueued, store.DeliveryResult{State: store.DeliveryFailed,
 			Status: uint8(emsd.NonDeliveryReportSent), Error: text, Work: w})
 		if err != nil {
-			if !errors.Is(err, store.ErrConflict) {
+			// Conflict: claimed meanwhile; not found: removed meanwhile
+			// (emsdp queue remove).
+			if !errors.Is(err, store.ErrConflict) && !errors.Is(err, store.ErrNotFound) {
 				s.log.Error("expire delivery", "err", err)
 			}
 			continue

@@ -212,13 +212,19 @@ func (s *Server) registry() *registry { return s.reg.Load() }
 
 // Reload is SIGHUP: it re-reads the device registry from the store and
 // the SMTP certificate files (a renewed certificate takes effect for new
-// STARTTLS handshakes; one that fails to load leaves the old one in use).
+// STARTTLS handshakes; one that fails to load leaves the old one in use),
+// and makes the delivery scheduler and the relay worker look at the queues
+// at once, so that entries another process changed (emsdp queue retry)
+// are taken up now rather than at the next rescan (rescan, relayIdle).
 // The configuration file is Reconfigure's.
 func (s *Server) Reload(ctx context.Context) error {
 	var errs []error
 	if err := s.reloadRegistry(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("registry: %w", err))
 	}
+	s.unholdAll()
+	s.kick()
+	s.kickRelay()
 	if s.tlsCert != nil {
 		if err := s.tlsCert.load(time.Now()); err != nil {
 			errs = append(errs, err)

@@ -23,12 +23,16 @@ func (s *Server) kickRelay() {
 	}
 }
 
+// relayIdle is the longest the relay worker sleeps: it then looks for due
+// recipients even if nothing told it of any (entries made due by another
+// process, such as emsdp queue retry without a SIGHUP).
+const relayIdle = 30 * time.Second
+
 // runRelay hands due relay recipients to the smarthost, one SMTP
 // transaction per message (spec emsd.md §9.7 Recommend), with a retry
 // schedule per recipient. Without a smarthost mail stays queued until it
 // expires.
 func (s *Server) runRelay() {
-	const idle = 30 * time.Second
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
@@ -39,7 +43,7 @@ func (s *Server) runRelay() {
 		case <-t.C:
 		}
 		if s.live.Load().relay == nil {
-			t.Reset(idle)
+			t.Reset(relayIdle)
 			continue
 		}
 		// One time for the claims and for the next wake-up: an entry that
@@ -47,7 +51,7 @@ func (s *Server) runRelay() {
 		now := time.Now()
 		for s.relayRound(s.live.Load(), now) {
 		}
-		wait := idle
+		wait := relayIdle
 		if next, ok, err := s.st.NextDue(s.loopCtx, now); err == nil && ok {
 			wait = min(wait, max(time.Until(next), time.Millisecond))
 		}

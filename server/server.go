@@ -153,7 +153,7 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		hostname:  cfg.hostname(),
 		relayKick: make(chan struct{}, 1),
 		pollReset: make(chan struct{}, 1),
-		rescan:    cmp.Or(o.rescan, 30*time.Second),
+		rescan:    cmp.Or(o.rescan, defaultRescan),
 		metrics:   newMetrics(),
 		reasm: emsd.NewReassembler[emsd.Address](emsd.ReassemblerConfig{
 			Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),

@@ -20,22 +20,13 @@ import (
 // in WAL mode, or the PostgreSQL database they share), which notice the
 // change within store.registry_poll or at SIGHUP.
 func cmdDevice(ctx context.Context, env *cmdEnv, args []string) int {
-	if len(args) > 0 {
-		switch args[0] {
-		case "add":
-			return deviceAdd(ctx, env, args[1:])
-		case "list":
-			return deviceList(ctx, env, args[1:])
-		case "show":
-			return deviceShow(ctx, env, args[1:])
-		case "remove":
-			return deviceRemove(ctx, env, args[1:])
-		case "passwd":
-			return devicePasswd(ctx, env, args[1:])
-		}
-	}
-	fmt.Fprintln(env.stderr, "usage: emsdp device add|list|show|remove|passwd [flags]   (emsdp device add -h for flags)")
-	return exitUsage
+	return dispatch(ctx, env, "device", args,
+		subcommand{"add", deviceAdd},
+		subcommand{"list", deviceList},
+		subcommand{"show", deviceShow},
+		subcommand{"remove", deviceRemove},
+		subcommand{"passwd", devicePasswd},
+	)
 }
 
 // deviceStore holds the flags that locate the store: those of emsdp

@@ -22,16 +22,10 @@ import (
 )
 
 func cmdESRO(ctx context.Context, env *cmdEnv, args []string) int {
-	if len(args) > 0 {
-		switch args[0] {
-		case "perform":
-			return esroPerform(ctx, env, args[1:])
-		case "invoke":
-			return esroInvoke(ctx, env, args[1:])
-		}
-	}
-	fmt.Fprintln(env.stderr, "usage: emsdp esro perform|invoke [flags]   (emsdp esro perform -h for flags)")
-	return exitUsage
+	return dispatch(ctx, env, "esro", args,
+		subcommand{"perform", esroPerform},
+		subcommand{"invoke", esroInvoke},
+	)
 }
 
 // usageError marks a bad flag value: exit 2.

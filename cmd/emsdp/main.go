@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 )
 
@@ -41,6 +42,7 @@ func commands() []command {
 		{"ua", "device user agent: send, receive (into a Maildir) and verify mail", cmdUA},
 		{"serve", "the EMSD server: devices over ESRO/UDP, Internet mail over SMTP", cmdServe},
 		{"device", "the server's device registry: add, list, show, remove, passwd", cmdDevice},
+		{"queue", "the server's delivery and relay queues: list, show, retry, remove", cmdQueue},
 	}
 }
 
@@ -76,4 +78,25 @@ func usage(w io.Writer) {
 		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w, "\nRun 'emsdp <command> -h' for a command's flags.")
+}
+
+// subcommand is one verb of a command group ("emsdp device add").
+type subcommand struct {
+	name string
+	run  func(context.Context, *cmdEnv, []string) int
+}
+
+// dispatch runs the verb args[0] names among subs, or prints the group's
+// usage and returns exitUsage.
+func dispatch(ctx context.Context, env *cmdEnv, group string, args []string, subs ...subcommand) int {
+	names := make([]string, len(subs))
+	for i, s := range subs {
+		if len(args) > 0 && args[0] == s.name {
+			return s.run(ctx, env, args[1:])
+		}
+		names[i] = s.name
+	}
+	fmt.Fprintf(env.stderr, "usage: emsdp %s %s [flags]   (emsdp %s %s -h for flags)\n",
+		group, strings.Join(names, "|"), group, names[0])
+	return exitUsage
 }

@@ -130,7 +130,8 @@ func output(env *cmdEnv, name string, v any, asJSON bool, text func(io.Writer) e
 }
 
 // parseArgs parses flags placed before, between or after the want
-// positional arguments ("probe HOST --port 641" reads naturally).
+// positional arguments ("probe HOST --port 641" reads naturally); want < 0
+// takes any number.
 func parseArgs(fs *flag.FlagSet, args []string, want int) (pos []string, code int, ok bool) {
 	for {
 		if err := fs.Parse(args); err != nil {
@@ -146,7 +147,7 @@ func parseArgs(fs *flag.FlagSet, args []string, want int) (pos []string, code in
 		pos = append(pos, args[0])
 		args = args[1:]
 	}
-	if len(pos) != want {
+	if want >= 0 && len(pos) != want {
 		fmt.Fprintf(fs.Output(), "emsdp %s: want %d argument(s), got %q\n", fs.Name(), want, pos)
 		fs.Usage()
 		return nil, exitUsage, false

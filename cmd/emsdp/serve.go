@@ -16,10 +16,10 @@ import (
 
 // cmdServe: "emsdp serve", the EMSD server (package server). It runs until
 // SIGINT or SIGTERM (then drains and exits 0). SIGHUP reloads the device
-// registry and the SMTP TLS certificate and, with --config, re-reads the
-// file with the same flags on top and applies what can change while
-// running (server.Reconfigure); an invalid file is logged and changes
-// nothing.
+// registry and the SMTP TLS certificate, looks at the queues at once
+// (emsdp queue retry) and, with --config, re-reads the file with the same
+// flags on top and applies what can change while running
+// (server.Reconfigure); an invalid file is logged and changes nothing.
 func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	fs := flag.NewFlagSet("emsdp serve", flag.ContinueOnError)
 	cfgPath := fs.String("config", "", "TOML configuration file (default: the embedded defaults); re-read on SIGHUP")

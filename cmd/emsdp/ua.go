@@ -21,18 +21,11 @@ import (
 
 // cmdUA: "emsdp ua send|receive|verify", the device user agent (package ua).
 func cmdUA(ctx context.Context, env *cmdEnv, args []string) int {
-	if len(args) > 0 {
-		switch args[0] {
-		case "send":
-			return uaSend(ctx, env, args[1:])
-		case "receive":
-			return uaReceive(ctx, env, args[1:])
-		case "verify":
-			return uaVerify(ctx, env, args[1:])
-		}
-	}
-	fmt.Fprintln(env.stderr, "usage: emsdp ua send|receive|verify [flags]   (emsdp ua send -h for flags)")
-	return exitUsage
+	return dispatch(ctx, env, "ua", args,
+		subcommand{"send", uaSend},
+		subcommand{"receive", uaReceive},
+		subcommand{"verify", uaVerify},
+	)
 }
 
 // uaMaxBody bounds what is read as a body: 32 segments hold less (§8), so

@@ -791,3 +791,50 @@ func TestDatabaseRestart(t *testing.T) {
 		t.Errorf("%d repeated local message ids", dups)
 	}
 }
+
+// TestQueueBesideServer: the operator's handle (emsdp queue) sees which
+// server has an entry in flight, and its retry and remove leave that
+// server's claims alone: the claimer still finishes them (the owner check
+// of FinishDelivery and FinishRelays passes).
+func TestQueueBesideServer(t *testing.T) {
+	srv, op, _ := twoNodes(t, testConfig)
+	defer srv.Close()
+	defer op.Close()
+	ctx := context.Background()
+	mustT(t, srv.Enqueue(ctx, store.Work{
+		Deliveries: []store.NewDelivery{delivery(1, "m1"), delivery(1, "m2")},
+		Relays: []store.NewRelay{{Message: []byte("m"), NextAttempt: t0, Expires: t0.Add(time.Hour),
+			Recipients: []store.RelayRecipient{{Addr: "a@x"}}}},
+	}))
+	c, err := srv.ClaimDelivery(ctx, 1, t0, store.Limits{})
+	mustT(t, err)
+	bs, err := srv.ClaimRelays(ctx, t0, 10)
+	mustT(t, err)
+	dRef := store.QueueRef{Kind: store.QueueDelivery, ID: c.ID}
+	rRef := store.QueueRef{Kind: store.QueueRelay, ID: bs[0].Recipients[0].ID}
+
+	l, err := op.ListQueue(ctx, store.QueueFilter{States: []string{"inflight", "sending"}})
+	mustT(t, err)
+	if len(l.Entries) != 2 || l.Entries[0].Owner != srv.nodeID() || l.Entries[1].Owner != srv.nodeID() {
+		t.Errorf("in flight as the operator sees it: %+v (server node %d)", l.Entries, srv.nodeID())
+	}
+	if e, err := op.QueueEntry(ctx, dRef); err != nil || e.Owner != srv.nodeID() {
+		t.Errorf("QueueEntry: %+v %v", e, err)
+	}
+	ch, err := op.RetryQueued(ctx, store.QueueSelect{All: true}, t0.Add(time.Minute))
+	mustT(t, err)
+	if ch.Changed != 1 || ch.InFlight != 2 {
+		t.Errorf("retry all: %+v", ch)
+	}
+	ch, err = op.RemoveQueued(ctx, []store.QueueRef{dRef, rRef})
+	mustT(t, err)
+	if ch.Changed != 0 || ch.InFlight != 2 {
+		t.Errorf("remove in flight: %+v", ch)
+	}
+	mustT(t, srv.FinishDelivery(ctx, c.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered}))
+	mustT(t, srv.FinishRelays(ctx, []store.RelayResult{{ID: rRef.ID, From: store.RelaySending, State: store.RelaySent}},
+		store.Work{}))
+	if e, err := op.QueueEntry(ctx, dRef); err != nil || e.State != "delivered" || e.Owner != 0 {
+		t.Errorf("after the finish: %+v %v", e, err)
+	}
+}

@@ -1,6 +1,7 @@
 // Package storetest is the conformance suite every store.Store backend
 // runs: registry, counters, submissions with dedupe, the delivery and relay
-// queue state machines (with a randomised model check) and maintenance.
+// queue state machines (with a randomised model check), the operator's
+// queue methods and maintenance.
 package storetest
 
 import (
@@ -38,6 +39,10 @@ func Run(t *testing.T, open Open) {
 		{"ConcurrentClaims", testConcurrentClaims},
 		{"DeliveryModel", testDeliveryModel},
 		{"RelayModel", testRelayModel},
+		{"QueueList", testQueueList},
+		{"QueueRetry", testQueueRetry},
+		{"QueueRemove", testQueueRemove},
+		{"QueueRemoveRace", testQueueRemoveRace},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := open(t)
