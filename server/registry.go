@@ -140,8 +140,48 @@ func (c *pwCache) verify(d *device, pw string) bool {
 // registered IP address. Password checks go through s.auth, the
 // failed-authentication limits (see authLimiter for why a limited source
 // is refused even the password pwCache holds).
+//
+// A device the registry does not know may have been added a moment ago:
+// the registry is then re-read at once (registryFresh) and tried again,
+// rather than the device being refused until the next registry_poll.
 func (s *Server) identify(peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (*device, error) {
-	r := s.registry()
+	d, err := s.identifyIn(s.registry(), peer, sec, checkPW)
+	if errors.Is(err, errUnknownDevice) && s.registryFresh() {
+		d, err = s.identifyIn(s.registry(), peer, sec, checkPW)
+	}
+	return d, err
+}
+
+// registryRecheck: an unknown device makes the server ask the store
+// whether its registry changed at most this often, so that a flood from
+// unknown or spoofed sources costs at most that many queries.
+const registryRecheck = 250 * time.Millisecond
+
+// registryFresh reloads the registry if the store's version moved since it
+// was loaded, and reports whether it did.
+func (s *Server) registryFresh() bool {
+	s.recheck.Lock()
+	defer s.recheck.Unlock()
+	now := time.Now()
+	if now.Sub(s.recheckAt) < registryRecheck {
+		return false
+	}
+	s.recheckAt = now
+	ctx, cancel := context.WithTimeout(s.loopCtx, time.Second)
+	defer cancel()
+	v, err := s.st.RegistryVersion(ctx)
+	if err != nil || v == s.registry().version {
+		return false
+	}
+	if err := s.reloadRegistry(ctx); err != nil {
+		s.log.Warn("registry reload", "err", err)
+		return false
+	}
+	s.log.Info("device registry reloaded", "devices", len(s.registry().byAddr), "why", "unknown device")
+	return true
+}
+
+func (s *Server) identifyIn(r *registry, peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (*device, error) {
 	if s.conf().Compat.IPOnlyIdentification {
 		if d := r.byPeer(peer, true); d != nil {
 			return d, nil

@@ -112,7 +112,10 @@ type Server struct {
 	segs  segCache
 	subs  activeSubs
 	pw    pwCache
-	auth  *authLimiter
+	// recheck serialises registryFresh; recheckAt is its last look.
+	recheck   sync.Mutex
+	recheckAt time.Time
+	auth      *authLimiter
 
 	sched     sched
 	rescan    time.Duration // full rescan period of the scheduler
