@@ -381,19 +381,9 @@ func TestQueueServe(t *testing.T) {
 	// The device comes up and polls: the message behind the removed one
 	// is delivered, the removed one never.
 	maildir := filepath.Join(t.TempDir(), "mail")
-	rctx, rcancel := context.WithCancel(context.Background())
-	renv, _, rerr := testEnv()
-	rdone := make(chan int, 1)
-	go func() {
-		rdone <- run(rctx, renv, append([]string{"ua", "receive", "--listen", recvAddr, "--maildir", maildir,
-			"--server", a.emsd, "--address", "198.037", "--domain", "emsd.test", "--poll"}, strings.Fields(fast)...))
-	}()
-	defer func() {
-		rcancel()
-		if code := <-rdone; code != exitOK {
-			t.Errorf("ua receive exited %d: %s", code, rerr.String())
-		}
-	}()
+	uaBackground(t, regexp.MustCompile(`listening on`), append([]string{"ua", "receive", "--listen", recvAddr,
+		"--maildir", maildir, "--server", a.emsd, "--address", "198.037", "--domain", "emsd.test", "--poll"},
+		strings.Fields(fast)...)...)
 	waitFor(t, "the remaining delivery done", func() bool {
 		es := queueEntries(t, "--data", data, "--state", "all")
 		return len(es) == 1 && es[0].ID == two.ID && es[0].State == "delivered"

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -151,19 +152,9 @@ func TestServeQuickStart(t *testing.T) {
 		}
 	}
 	maildir := filepath.Join(t.TempDir(), "mail")
-	rctx, rcancel := context.WithCancel(context.Background())
-	renv, _, rerr := testEnv()
-	rdone := make(chan int, 1)
-	go func() {
-		rdone <- run(rctx, renv, append([]string{"ua", "receive", "--listen", recvAddr, "--maildir", maildir,
-			"--server", a.emsd, "--address", "198.037", "--domain", "emsd.test", "--poll"}, strings.Fields(fast)...))
-	}()
-	defer func() {
-		rcancel()
-		if code := <-rdone; code != exitOK {
-			t.Errorf("ua receive exited %d: %s", code, rerr.String())
-		}
-	}()
+	uaBackground(t, regexp.MustCompile(`listening on`), append([]string{"ua", "receive", "--listen", recvAddr,
+		"--maildir", maildir, "--server", a.emsd, "--address", "198.037", "--domain", "emsd.test", "--poll"},
+		strings.Fields(fast)...)...)
 	// The server learns of the devices by polling its store.
 	waitFor(t, "device known to the server", func() bool {
 		code, _, _ := runCmd(t, "Hello from the device.\n", append([]string{"ua", "send", "--server", a.emsd,
@@ -181,17 +172,21 @@ func TestServeQuickStart(t *testing.T) {
 	// can be ahead of the server's counters for a moment.
 	wants := []string{`emsd_submissions_total{result="accepted"} 1`, `emsd_deliveries_total{outcome="delivered"} 2`,
 		`gateway_inbound_total{result="accepted"} 1`, "esro_invokes_received_total"}
-	var body string
-	waitFor(t, "the metrics to count both deliveries", func() bool {
-		resp, err := http.Get("http://" + a.admin + "/metrics")
+	waitMetrics(t, a.admin, wants...)
+}
+
+// waitMetrics waits until the admin listener's /metrics shows every want.
+func waitMetrics(t *testing.T, admin string, wants ...string) {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("/metrics to show %q", wants), func() bool {
+		resp, err := http.Get("http://" + admin + "/metrics")
 		if err != nil {
 			return false
 		}
 		b, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		body = string(b)
 		for _, want := range wants {
-			if !strings.Contains(body, want) {
+			if !strings.Contains(string(b), want) {
 				return false
 			}
 		}

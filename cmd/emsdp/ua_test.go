@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"mime"
 	"net"
-	"net/http"
 	"net/mail"
 	"os"
 	"path/filepath"
@@ -666,29 +665,10 @@ func TestUARedeliveryWithServer(t *testing.T) {
 	}
 
 	// The second life.
-	rctx, rcancel := context.WithCancel(context.Background())
-	renv, rout, rerr := testEnv()
-	rdone := make(chan int, 1)
-	go func() {
-		rdone <- run(rctx, renv, append([]string{"ua", "receive", "--listen", recvAddr, "--maildir", maildir, "--domain", "emsd.test"},
-			strings.Fields(fast)...))
-	}()
-	defer func() {
-		rcancel()
-		if code := <-rdone; code != exitOK {
-			t.Errorf("ua receive exited %d: %s", code, rerr.String())
-		}
-	}()
+	_, rout, _ := uaBackground(t, regexp.MustCompile(`listening on`), append([]string{"ua", "receive", "--listen", recvAddr,
+		"--maildir", maildir, "--domain", "emsd.test"}, strings.Fields(fast)...)...)
 	waitLine(t, rout, regexp.MustCompile(`duplicate message-id=<once@example.com> from=carol@example.com subject="Once only"\n`))
-	waitFor(t, "the server to count the delivery", func() bool {
-		resp, err := http.Get("http://" + a.admin + "/metrics")
-		if err != nil {
-			return false
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		return strings.Contains(string(b), `emsd_deliveries_total{outcome="delivered"} 1`)
-	})
+	waitMetrics(t, a.admin, `emsd_deliveries_total{outcome="delivered"} 1`)
 	if n := maildirCount(maildir); n != 1 || strings.Contains(rout.String(), "delivered message-id") {
 		t.Fatalf("%d messages in the Maildir; receive printed %q", n, rout.String())
 	}
