@@ -169,15 +169,23 @@ func (s *Server) registryFresh() bool {
 	s.recheckAt = now
 	ctx, cancel := context.WithTimeout(s.loopCtx, time.Second)
 	defer cancel()
+	return s.reloadIfChanged(ctx, "unknown device")
+}
+
+// reloadIfChanged reloads the registry if the store's version moved since
+// it was loaded, logging why, and reports whether it did.
+func (s *Server) reloadIfChanged(ctx context.Context, why string) bool {
 	v, err := s.st.RegistryVersion(ctx)
 	if err != nil || v == s.registry().version {
 		return false
 	}
 	if err := s.reloadRegistry(ctx); err != nil {
-		s.log.Warn("registry reload", "err", err)
+		if ctx.Err() == nil {
+			s.log.Warn("registry reload", "err", err)
+		}
 		return false
 	}
-	s.log.Info("device registry reloaded", "devices", len(s.registry().byAddr), "why", "unknown device")
+	s.log.Info("device registry reloaded", "devices", len(s.registry().byAddr), "why", why)
 	return true
 }
 

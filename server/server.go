@@ -356,15 +356,7 @@ func (s *Server) pollRegistry() {
 			continue
 		case <-t.C:
 		}
-		v, err := s.st.RegistryVersion(s.loopCtx)
-		if err != nil || v == s.registry().version {
-			continue
-		}
-		if err := s.reloadRegistry(s.loopCtx); err != nil && s.loopCtx.Err() == nil {
-			s.log.Warn("registry reload", "err", err)
-			continue
-		}
-		s.log.Info("device registry reloaded", "devices", len(s.registry().byAddr))
+		s.reloadIfChanged(s.loopCtx, "registry_poll")
 	}
 }
 
