@@ -36,7 +36,7 @@ import (
 
 // ErrNoPostgres: the PostgreSQL server binaries were not found.
 var ErrNoPostgres = errors.New("pgtest: PostgreSQL server binaries (initdb, pg_ctl, postgres) not found in PATH or " +
-	"/usr/lib/postgresql/*/bin; install them, e.g. `apt-get install -y postgresql`")
+	"/usr/lib/postgresql/*/bin; install them, e.g. `apt-get install -y postgresql`, or run ./test.sh, which installs what the tests need")
 
 // Superuser is the database superuser of the test cluster.
 const Superuser = "postgres"
