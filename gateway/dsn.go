@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"math/rand/v2"
 	"mime/quotedprintable"
 	"strings"
 	"time"
@@ -46,7 +47,9 @@ type DSNOptions struct {
 	ReportingMTA string // this host's name: Reporting-MTA and the From: postmaster@ReportingMTA
 	To           string // the original sender's addr-spec
 	Date         time.Time
-	MessageID    string // "" = derived from the content
+	// MessageID is the DSN's Message-ID; "" = one made of the date and 64
+	// random bits. A server passes one from its message counter.
+	MessageID string
 	// OriginalHeaders is the original message, or just its header
 	// section: its header (at most 32 KiB) is returned as
 	// text/rfc822-headers.
@@ -162,11 +165,7 @@ func DSN(o DSNOptions) ([]byte, error) {
 	}
 	id := msgID(o.MessageID)
 	if id == "" {
-		f := fnv.New64a()
-		f.Write([]byte(to))
-		f.Write(st.Bytes())
-		f.Write(hdr)
-		id = fmt.Sprintf("<DSN.%08x.%016x@%s>", uint32(emsd.TimeOf(o.Date)), f.Sum64(), mta)
+		id = fmt.Sprintf("<DSN.%08x.%016x@%s>", uint32(emsd.TimeOf(o.Date)), rand.Uint64(), mta)
 	}
 	var b bytes.Buffer
 	f := &formatter{}

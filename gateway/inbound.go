@@ -5,8 +5,8 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"io"
+	"math/rand/v2"
 	"mime"
 	"net/mail"
 	"strings"
@@ -50,9 +50,19 @@ type ParseOptions struct {
 	// Domain names the host in invented Message-IDs (§6.3 b); "" = the
 	// first Mapping domain, else "localhost".
 	Domain string
-	// Number is the counter part of an invented Message-ID; 0 = derived
-	// from a hash of the message.
+	// Number is the counter part of an invented Message-ID. A server
+	// passes a number from its store's message counter, which never
+	// repeats for one second of Now, so that no two messages it accepts
+	// get the same invented id. 0 = a random number: two conversions then
+	// collide only by chance (1 in 2^32 within the same second), never
+	// because they have the same octets.
 	Number uint32
+	// KeepMessageID carries the sender's Message-ID header as the first
+	// heading extension, labelled "Message-ID", for a server that delivers
+	// the message under an id of its own (so that two messages reusing
+	// one Message-ID stay two). An invented id is not carried. The device
+	// side (emsdp ua) writes it back as the Message-ID header.
+	KeepMessageID bool
 	// EnvelopeFrom (the SMTP reverse path) is the originator when the mail
 	// has no usable From:, Sender: or Return-Path:.
 	EnvelopeFrom string
@@ -77,6 +87,8 @@ type Inbound struct {
 	// invented <EMSD.%08x.%08x@domain> when it is missing, malformed or
 	// longer than emsd.MaxMessageID; it fits an rfc822 MessageId.
 	MessageID string
+	// InventedID tells that MessageID was invented (ParseOptions.Number).
+	InventedID bool
 	// SubmissionTime is the Date: header in UTC (OP 14); nil when absent
 	// or unparseable.
 	SubmissionTime *emsd.Time
@@ -137,6 +149,7 @@ func ParseMessage(msg []byte, m Mapping, o ParseOptions) (*Inbound, error) {
 	p := &parser{h: gomail.Header{Header: message.Header{Header: h}}, m: m, o: o, msg: msg}
 	in := &Inbound{}
 	in.MessageID = p.messageID()
+	in.InventedID = p.invented
 	if t, err := p.h.Date(); err == nil && !t.IsZero() {
 		st := emsd.TimeOf(t.UTC())
 		in.SubmissionTime = &st
@@ -220,11 +233,13 @@ func validFieldLine(line []byte) bool {
 }
 
 type parser struct {
-	h     gomail.Header
-	m     Mapping
-	o     ParseOptions
-	msg   []byte
-	notes []string
+	h        gomail.Header
+	m        Mapping
+	o        ParseOptions
+	msg      []byte
+	notes    []string
+	id       string // the message's id (messageID)
+	invented bool   // id was invented
 }
 
 func (p *parser) note(format string, args ...any) {
@@ -241,11 +256,25 @@ func decodeWords(s string) string {
 	return s
 }
 
-// messageID returns the Message-ID with brackets or an invented one.
+// messageID returns the Message-ID with brackets or an invented one, and
+// remembers it in p.
 func (p *parser) messageID() string {
+	p.id, p.invented = p.senderID(), false
+	if p.id == "" {
+		why := ""
+		if strings.TrimSpace(p.h.Get("Message-Id")) != "" {
+			why = "Message-ID unusable"
+		}
+		p.id, p.invented = p.inventID(why), true
+	}
+	return p.id
+}
+
+// senderID returns the usable Message-ID of the message, or "".
+func (p *parser) senderID() string {
 	raw := strings.TrimSpace(p.h.Get("Message-Id"))
 	if raw == "" {
-		return p.inventID("")
+		return ""
 	}
 	if id, err := p.h.MessageID(); err == nil && id != "" {
 		if s := "<" + id + ">"; len(s) <= emsd.MaxMessageID && isASCII(s) {
@@ -254,17 +283,15 @@ func (p *parser) messageID() string {
 	} else if len(raw) <= emsd.MaxMessageID && isASCII(raw) && !strings.ContainsAny(raw, " \t") && raw == oneLine(raw) {
 		return raw // odd but usable as an opaque id
 	}
-	return p.inventID("Message-ID unusable")
+	return ""
 }
 
 // inventID writes §6.3 (b): <EMSD.<time>.<counter>@<host>>; why, if set,
 // is noted.
 func (p *parser) inventID(why string) string {
 	n := p.o.Number
-	if n == 0 {
-		f := fnv.New32a()
-		f.Write(p.msg)
-		n = f.Sum32()
+	for n == 0 {
+		n = rand.Uint32()
 	}
 	domain := p.o.Domain
 	if domain == "" && len(p.m.Domains) > 0 {
@@ -462,6 +489,14 @@ func (p *parser) ipm(body []byte) *emsd.IPM {
 	consumed := p.flags(h)
 	text, transformed := p.body(h, body)
 	h.Extensions = p.extensions(consumed, transformed)
+	if p.o.KeepMessageID && !p.invented {
+		// First, so that fit sheds it last; the 64th extension gives way.
+		h.Extensions = append([]emsd.Extension{{Label: MessageIDExtension, Value: p.id}}, h.Extensions...)
+		if len(h.Extensions) > emsd.MaxExtensions {
+			h.Extensions = h.Extensions[:emsd.MaxExtensions]
+			p.note("the last header field dropped for the Message-ID extension")
+		}
+	}
 	ipm := &emsd.IPM{Heading: *h, Body: &emsd.Body{Text: text}}
 	p.fit(ipm)
 	return ipm
@@ -730,4 +765,23 @@ func readAll(r io.Reader, limit int) (data []byte, size int64, err error) {
 		err = nil
 	}
 	return buf.Bytes(), size, err
+}
+
+// MessageIDExtension labels the heading extension that carries an
+// Internet sender's Message-ID when the server delivers the message under
+// an id of its own (ParseOptions.KeepMessageID).
+const MessageIDExtension = "Message-ID"
+
+// SenderMessageID returns the Message-ID an Internet sender gave ipm, as
+// carried in its MessageIDExtension, or "" when it has none usable.
+func SenderMessageID(ipm *emsd.IPM) string {
+	if ipm == nil {
+		return ""
+	}
+	for _, x := range ipm.Heading.Extensions {
+		if strings.EqualFold(x.Label, MessageIDExtension) {
+			return msgID(x.Value)
+		}
+	}
+	return ""
 }
