@@ -304,9 +304,11 @@ func (r *Reassembler[K]) add(now time.Time, from K, seg *SegmentInfo, env any, c
 	if p == nil {
 		return fail(CodeProtocolViolation, ErrUnknownSequence)
 	}
-	// A delivery segment cannot continue a submission, nor the reverse.
-	_, pSubmit := p.env.(*SubmitArgument)
-	if _, submit := env.(*SubmitArgument); submit != pSubmit {
+	// A segment continues a message only if its envelope says it is the
+	// same message (§8: every segment repeats the first one's envelope):
+	// two senders that happen to use one sequence id, or a sender that
+	// restarted its counter, must not have their chunks joined.
+	if !sameMessage(p.env, env) {
 		return fail(CodeProtocolViolation, ErrUnknownSequence)
 	}
 	k := seg.Value
@@ -335,6 +337,22 @@ func (r *Reassembler[K]) add(now time.Time, from K, seg *SegmentInfo, env any, c
 	}
 	r.drop(key, p)
 	return p.env, out, nil
+}
+
+// sameMessage reports whether the envelopes of two segments (Segment and
+// Contents cleared) name the same message: the same kind of argument,
+// content type and, for deliveries, message id and delivery time. The
+// security element is left out: a sender need not repeat it.
+func sameMessage(a, b any) bool {
+	switch a := a.(type) {
+	case *SubmitArgument:
+		b, ok := b.(*SubmitArgument)
+		return ok && a.ContentType == b.ContentType
+	case *DeliverArgument:
+		b, ok := b.(*DeliverArgument)
+		return ok && a.ContentType == b.ContentType && a.MessageID == b.MessageID && a.DeliveryTime == b.DeliveryTime
+	}
+	return false
 }
 
 func (r *Reassembler[K]) drop(key reasmKey[K], p *partial) {

@@ -370,3 +370,42 @@ func TestReassemblerBounds(t *testing.T) {
 		t.Fatalf("aliasing: %q", got.Contents)
 	}
 }
+
+// A continuation segment joins a partial message only when its envelope
+// names the same message: chunks of two deliveries that share a sequence
+// id are never joined.
+func TestReassemblerSameMessage(t *testing.T) {
+	now := time.Unix(5000, 0)
+	dseg := func(first bool, k uint32, id MessageID, dt Time, ct ContentType, chunk string) *DeliverArgument {
+		return &DeliverArgument{MessageID: id, DeliveryTime: dt, ContentType: ct,
+			Segment: &SegmentInfo{First: first, SequenceID: 1, Value: k}, Contents: []byte(chunk)}
+	}
+	a, b := LocalID(100, 1), LocalID(100, 2)
+	tests := []struct {
+		name string
+		next *DeliverArgument
+		ok   bool
+	}{
+		{"same message", dseg(false, 1, a, 7, ContentIPM, "2"), true},
+		{"other message id", dseg(false, 1, b, 7, ContentIPM, "2"), false},
+		{"rfc822 id of the same text", dseg(false, 1, RFC822ID(a.String()), 7, ContentIPM, "2"), false},
+		{"other delivery attempt", dseg(false, 1, a, 8, ContentIPM, "2"), false},
+		{"other content type", dseg(false, 1, a, 7, ContentDeliveryReport, "2"), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := NewReassembler[string](ReassemblerConfig{})
+			if got, err := r.AddDeliver(now, "mts", dseg(true, 2, a, 7, ContentIPM, "1")); got != nil || err != nil {
+				t.Fatal(got, err)
+			}
+			got, err := r.AddDeliver(now, "mts", tt.next)
+			if !tt.ok {
+				wantReasm(t, err, ErrUnknownSequence, CodeProtocolViolation)
+				return
+			}
+			if err != nil || got == nil || string(got.Contents) != "12" {
+				t.Fatalf("%v %+v", err, got)
+			}
+		})
+	}
+}

@@ -81,8 +81,8 @@ type Client struct {
 	log      *slog.Logger
 	verify   VerifyList
 	instance emsd.InstanceCounter
-	reasm    *emsd.Reassembler[netip.Addr]
-	submitMu chan struct{} // one submission at a time, see Submit
+	reasm    *emsd.Reassembler[netip.AddrPort] // by MTS socket: two MTSs on one host never meet
+	submitMu chan struct{}                     // one submission at a time, see Submit
 
 	seqMu sync.Mutex
 	seq   uint32 // last segmentation sequence id used (§8)
@@ -131,7 +131,7 @@ func New(ep *esro.Endpoint, cfg Config) (*Client, error) {
 		opts:     emsd.Options{Version: cfg.Version, ReverseSequenceOf: cfg.ReverseSequenceOf},
 		log:      cfg.Logger,
 		verify:   cfg.VerifyList,
-		reasm:    emsd.NewReassembler[netip.Addr](emsd.ReassemblerConfig{Timeout: cfg.ReassemblyTimeout}),
+		reasm:    emsd.NewReassembler[netip.AddrPort](emsd.ReassemblerConfig{Timeout: cfg.ReassemblyTimeout}),
 		submitMu: make(chan struct{}, 1),
 	}
 	c.dup.disabled = cfg.NoDuplicateWindow

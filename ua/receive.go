@@ -49,7 +49,12 @@ func (f Fingerprint) String() string { return hex.EncodeToString(f[:]) }
 // the version and the MTS endpoint (another server sharing the queue may
 // make the next attempt). Two deliveries with the same id but different
 // contents, as from an Internet sender that reuses a Message-ID, have
-// different fingerprints. It fails only for an IPM that cannot be encoded,
+// different fingerprints. Two different messages with the same contents
+// differ by their id only where the MTS gives each accepted message an id
+// of its own, as emsdp serve does (an Internet sender's Message-ID then
+// rides in a heading extension); under an MTS that delivers Internet mail
+// under the sender's Message-ID, as the reference does, two identical
+// mails reusing one Message-ID cannot be told from a re-delivery. It fails only for an IPM that cannot be encoded,
 // which a decoded delivery always can be.
 func (d *Delivery) Fingerprint() (Fingerprint, error) {
 	if d.IPM == nil {
@@ -214,7 +219,7 @@ func (c *Client) deliverArg(ctx context.Context, inv *esro.Invocation, arg []byt
 		c.log.Info("ua: delivery of unsupported content type", "peer", inv.Peer, "id", a.MessageID, "type", a.ContentType)
 		return emsd.CodeProtocolViolation
 	}
-	full, err := c.reasm.AddDeliver(c.cfg.Now(), inv.Peer.Addr(), &a)
+	full, err := c.reasm.AddDeliver(c.cfg.Now(), inv.Peer, &a)
 	if err != nil {
 		c.log.Info("ua: delivery segment rejected", "peer", inv.Peer, "err", err)
 		return emsd.CodeOf(err)
