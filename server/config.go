@@ -177,6 +177,12 @@ type CompatConfig struct {
 	SubmitResultTag25    bool   `toml:"submit_result_tag_25"`
 	ReverseSequenceOf    bool   `toml:"reverse_sequence_of"`
 	VerifyFailure        string `toml:"verify_failure"`
+	// RFC822DeliveryIDs delivers Internet mail under the sender's
+	// Message-ID (rfc822 MessageId), as the reference MTS does, instead of
+	// a local id the server assigns. A device that drops re-deliveries by
+	// message id and content then merges two identical mails that reuse a
+	// Message-ID.
+	RFC822DeliveryIDs bool `toml:"rfc822_delivery_ids"`
 }
 
 // ConfigError reports an unusable configuration.

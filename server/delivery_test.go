@@ -148,7 +148,14 @@ func TestDeliveryErrors(t *testing.T) {
 
 	// A device that refuses everything with ERROR 7.
 	refuser := listenESRO(t, "127.0.0.1")
-	must(t, refuser.HandleFunc(3, esro.ThreeWay, func(_ context.Context, w esro.ResponseWriter, _ *esro.Invocation) {
+	refusedID := make(chan emsd.MessageID, 10)
+	must(t, refuser.HandleFunc(3, esro.ThreeWay, func(_ context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
+		if _, arg, err := emsd.StripInstanceID(emsd.Operation(inv.Operation), inv.Data); err == nil {
+			var a emsd.DeliverArgument
+			if a.Unmarshal(arg, emsd.Options{}) == nil {
+				refusedID <- a.MessageID
+			}
+		}
 		w.Error(esro.EncodingBER, 7, unhex("020107"))
 	}))
 	addDevice(t, s, 198037, epAddr(refuser), deviceOpts{})
@@ -163,7 +170,13 @@ func TestDeliveryErrors(t *testing.T) {
 		!bytes.Contains(m.data, []byte("198.037@emsd.test")) || !bytes.Contains(m.data, []byte("Subject: refused")) {
 		t.Errorf("DSN:\n%s", m.data)
 	}
-	st, err := s.st.DeliveryStatus(context.Background(), 198037, "R:<refused@example.com>")
+	// The status is kept under the id the delivery carried: the server's
+	// own, not the sender's Message-ID.
+	delivered := <-refusedID
+	if !delivered.IsLocal {
+		t.Errorf("delivered under %s, want a local id", delivered)
+	}
+	st, err := s.st.DeliveryStatus(context.Background(), 198037, encodeMsgID(delivered))
 	must(t, err)
 	if st != uint8(emsd.NonDeliveryReportSent) {
 		t.Errorf("status %d, want 3", st)

@@ -14,6 +14,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/ua"
 )
@@ -144,9 +145,13 @@ func TestInboundSMTP(t *testing.T) {
 	msg := "From: Carol Sender <carol@example.com>\r\nTo: alice@example.net\r\nCc: 198.037@EMSD.test\r\n" +
 		"Subject: Inbound\r\nMessage-ID: <in1@example.com>\r\nDate: Thu, 26 Nov 2026 07:00:00 +0000\r\n\r\nHello device.\r\n"
 	must(t, sendMail(s, "carol@example.com", []string{"alice@example.net", "198.037@emsd.test"}, msg))
+	var ids []emsd.MessageID
 	for _, d := range []*testDevice{dev, other} {
 		del := d.next(t)
-		if del.MessageID != emsd.RFC822ID("<in1@example.com>") || del.IPM.Heading.Subject != "Inbound" ||
+		// Delivered under the server's id for this message; the sender's
+		// Message-ID rides along for the device's mail file.
+		ids = append(ids, del.MessageID)
+		if !del.MessageID.IsLocal || gateway.SenderMessageID(del.IPM) != "<in1@example.com>" || del.IPM.Heading.Subject != "Inbound" ||
 			!strings.Contains(string(del.IPM.Body.Text), "Hello device.") {
 			t.Errorf("%s: %s %q %q", d.addr, del.MessageID, del.IPM.Heading.Subject, del.IPM.Body.Text)
 		}
@@ -156,6 +161,9 @@ func TestInboundSMTP(t *testing.T) {
 		if want := time.Date(2026, 11, 26, 7, 0, 0, 0, time.UTC); !del.SubmissionTime.Equal(want) {
 			t.Errorf("submission time %v", del.SubmissionTime)
 		}
+	}
+	if ids[0] != ids[1] {
+		t.Errorf("one message, two ids: %v", ids)
 	}
 	var se *smtp.SMTPError
 	err := sendMail(s, "carol@example.com", []string{"nobody@emsd.test"}, msg)

@@ -48,10 +48,21 @@ func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []b
 		return &gateway.PermanentError{Err: gateway.ErrUnknownRecipient}
 	}
 	now := time.Now()
+	// Every accepted message gets an id of its own, from the store's
+	// counter: two mails with the same octets, or reusing one Message-ID,
+	// stay two messages at the device (which drops re-deliveries by id).
+	number, err := s.st.NextMessageNumber(ctx, now)
+	if err != nil {
+		s.log.Error("allocate a message id for inbound mail", "err", err)
+		return fmt.Errorf("server: message id: %w", err) // transient: 451, the client retries
+	}
+	local := emsd.LocalID(emsd.TimeOf(now), number)
+	senderIDs := s.conf().Compat.RFC822DeliveryIDs
 	headers := headerSection(msg)
 	var w store.Work
 	for _, a := range order {
 		in, err := gateway.ParseMessage(msg, s.mapping(), gateway.ParseOptions{Now: now, Domain: s.domain,
+			Number: number, KeepMessageID: !senderIDs,
 			EnvelopeFrom: from, EnvelopeTo: byDev[a], MaxContent: s.maxContent()})
 		if err != nil {
 			s.metrics.inbound.WithLabelValues("rejected").Inc()
@@ -78,10 +89,14 @@ func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []b
 			st = &v
 		}
 		for _, note := range in.Truncated {
-			s.log.Info("inbound mail shortened", "device", a, "id", in.MessageID, "note", note)
+			s.log.Info("inbound mail shortened", "device", a, "id", local.Local, "message_id", in.MessageID, "note", note)
+		}
+		delivered := local
+		if senderIDs {
+			delivered = emsd.RFC822ID(in.MessageID)
 		}
 		w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(a),
-			MessageID: encodeMsgID(emsd.RFC822ID(in.MessageID)), SubmissionTime: st, ContentType: uint32(in.ContentType),
+			MessageID: encodeMsgID(delivered), SubmissionTime: st, ContentType: uint32(in.ContentType),
 			Content: content, Priority: prio, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry)),
 			Report: store.Report{Mail: from, Recipient: "R:" + byDev[a][0], MessageID: encodeMsgID(emsd.RFC822ID(in.MessageID)),
 				Headers: headers}})
@@ -91,7 +106,7 @@ func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []b
 		return fmt.Errorf("server: queue: %w", err) // transient: 451, the client retries
 	}
 	s.metrics.inbound.WithLabelValues("accepted").Inc()
-	s.log.Info("inbound mail", "from", from, "devices", len(order), "octets", len(msg))
+	s.log.Info("inbound mail", "id", local.Local, "from", from, "devices", len(order), "octets", len(msg))
 	s.noteQueued(w)
 	return nil
 }

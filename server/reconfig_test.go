@@ -69,7 +69,7 @@ func TestReconfigureKeys(t *testing.T) {
 		"store.retention", "store.status_retention", "store.registry_poll",
 		"smtp.max_connections", "smtp.max_connections_per_ip",
 		"compat.ip_only_identification", "compat.reference_instance_ids", "compat.delivery_control_error",
-		"compat.submit_result_tag_25", "compat.reverse_sequence_of", "compat.verify_failure",
+		"compat.submit_result_tag_25", "compat.reverse_sequence_of", "compat.verify_failure", "compat.rfc822_delivery_ids",
 	}
 	tlsKeys := []string{"smtp.tls_cert", "smtp.tls_key", "smtp.require_tls"}
 	run := runningTLSConfig()

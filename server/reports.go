@@ -99,7 +99,7 @@ func (s *Server) reportWork(ctx context.Context, items []reportItem) (store.Work
 		w.Deliveries = append(w.Deliveries, ds...)
 	}
 	for _, k := range mlOrder {
-		rel, err := s.dsn(mails[k])
+		rel, err := s.dsn(ctx, mails[k])
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -332,7 +332,7 @@ func (s *Server) noticeFromReport(ctx context.Context, d *store.Delivery) []stor
 // dsn is an RFC 3464 bounce (or success notice) to an Internet sender
 // about the items, recipients of one message: one recipient block each
 // (§2.3). It is relayed with the null reverse path.
-func (s *Server) dsn(items []reportItem) (store.NewRelay, error) {
+func (s *Server) dsn(ctx context.Context, items []reportItem) (store.NewRelay, error) {
 	first := items[0].r
 	rcpts := make([]gateway.DSNRecipient, 0, len(items))
 	for _, it := range items {
@@ -347,7 +347,14 @@ func (s *Server) dsn(items []reportItem) (store.NewRelay, error) {
 		}
 		rcpts = append(rcpts, rc)
 	}
+	// An id from the message counter: two DSNs with the same text (the
+	// same mail bounced twice) are still two messages to their reader.
+	id, err := s.newLocalID(ctx, time.Now())
+	if err != nil {
+		return store.NewRelay{}, fmt.Errorf("server: DSN id: %w", err)
+	}
 	msg, err := gateway.DSN(gateway.DSNOptions{ReportingMTA: s.hostname, To: first.Mail, Date: time.Now(),
+		MessageID:       fmt.Sprintf("<DSN.%08x.%08x@%s>", uint32(id.Local.SubmissionTime), id.Local.Number, s.hostname),
 		OriginalHeaders: first.Headers, Recipients: rcpts})
 	if err != nil {
 		return store.NewRelay{}, fmt.Errorf("server: DSN: %w", err)

@@ -107,7 +107,7 @@ type Server struct {
 	admin   *http.Server
 	adminLn net.Listener
 
-	reasm *emsd.Reassembler[emsd.Address]
+	reasm *emsd.Reassembler[submitter]
 	seq   emsd.SequenceCounter
 	segs  segCache
 	subs  activeSubs
@@ -158,7 +158,7 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		pollReset: make(chan struct{}, 1),
 		rescan:    cmp.Or(o.rescan, defaultRescan),
 		metrics:   newMetrics(),
-		reasm: emsd.NewReassembler[emsd.Address](emsd.ReassemblerConfig{
+		reasm: emsd.NewReassembler[submitter](emsd.ReassemblerConfig{
 			Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
 		segs: segCache{ttl: time.Duration(cfg.EMSD.DedupeWindow), max: 4096},
 		pw:   pwCache{sem: make(chan struct{}, max(runtime.GOMAXPROCS(0)-1, 1))},

@@ -17,11 +17,21 @@ import (
 
 // segKey identifies one submission INVOKE independently of its ESRO
 // reference: a device that re-invokes a segment after an ESRO failure uses
-// the same instance id and octets (spec emsd.md §1.5 Recommend).
+// the same socket, instance id and octets (§1.5 Recommend).
 type segKey struct {
-	dev emsd.Address
-	id  uint8
-	sum [32]byte
+	from submitter
+	id   uint8
+	sum  [32]byte
+}
+
+// submitter keys the reassembly of segmented submissions: a device's
+// address and the socket it sends from. Two programs of one device (two
+// runs of emsdp ua send, which both start their sequence ids afresh) then
+// never have their segments joined; a device whose address changes in the
+// middle of a message has it refused and sends it again.
+type submitter struct {
+	dev  emsd.Address
+	peer netip.AddrPort
 }
 
 type segEntry struct {
@@ -81,26 +91,116 @@ func (c *segCache) put(k segKey, e *segEntry) {
 	}
 }
 
-// activeSubs counts the handlers waiting for the confirmation of each
-// submission's RESULT: a submission re-invoked while the first handler
-// still waits must not be dropped by the first one's verify.
+// activeSubs tracks the submissions whose RESULT handlers still wait for
+// the device's confirmation: how many handlers wait (a submission
+// re-invoked while the first handler still waits must not be dropped by
+// the first one's verify), the socket the submission came from, and
+// whether a confirmation has arrived (before the store has heard of it).
 type activeSubs struct {
 	mu sync.Mutex
-	n  map[int64]int
+	m  map[int64]*activeSub
+	// gone lists resolved submissions, oldest first: they stay known (as
+	// not re-invocable) for resolvedGrace, since a concurrent INVOKE may
+	// have read the store before the resolution was committed.
+	gone []goneSub
+	// devices serialises, per device (striped), finding a submission's
+	// earlier copy and registering a new one, so that of two concurrent
+	// submissions the second sees the first with its socket.
+	devices [64]sync.Mutex
 }
 
-func (a *activeSubs) add(id int64, d int) int {
+// lockDevice locks addr's stripe of devices and returns the unlock.
+func (a *activeSubs) lockDevice(addr uint32) func() {
+	m := &a.devices[addr%uint32(len(a.devices))]
+	m.Lock()
+	return m.Unlock
+}
+
+type activeSub struct {
+	waiters   int
+	peer      netip.AddrPort
+	confirmed bool
+	resolved  bool
+}
+
+type goneSub struct {
+	id int64
+	at time.Time
+}
+
+// resolvedGrace is how long a resolved submission stays known: far longer
+// than one store read.
+const resolvedGrace = 30 * time.Second
+
+// wait registers a handler waiting for the confirmation of submission id
+// from peer.
+func (a *activeSubs) wait(id int64, peer netip.AddrPort) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.n == nil {
-		a.n = map[int64]int{}
+	if a.m == nil {
+		a.m = map[int64]*activeSub{}
 	}
-	a.n[id] += d
-	v := a.n[id]
-	if v <= 0 {
-		delete(a.n, id)
+	e := a.m[id]
+	if e == nil {
+		e = &activeSub{peer: peer}
+		a.m[id] = e
 	}
-	return v
+	e.waiters++
+}
+
+// done ends a wait and returns how many handlers still wait. The
+// submission stays known until resolved is called.
+func (a *activeSubs) done(id int64, confirmed bool) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	e := a.m[id]
+	if e == nil {
+		return 0
+	}
+	e.waiters--
+	e.confirmed = e.confirmed || confirmed
+	return max(e.waiters, 0)
+}
+
+// resolved marks a submission released or dropped (or left for the next
+// start): no later INVOKE is its re-invocation. Unless another handler
+// still waits for it, it is forgotten after resolvedGrace.
+func (a *activeSubs) resolved(id int64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	now := time.Now()
+	for len(a.gone) > 0 && now.Sub(a.gone[0].at) > resolvedGrace {
+		if e := a.m[a.gone[0].id]; e != nil && e.resolved && e.waiters <= 0 {
+			delete(a.m, a.gone[0].id)
+		}
+		a.gone = a.gone[1:]
+	}
+	if e := a.m[id]; e != nil && e.waiters <= 0 {
+		e.resolved = true
+		a.gone = append(a.gone, goneSub{id, now})
+	}
+}
+
+// waiting returns how many handlers wait for submission id.
+func (a *activeSubs) waiting(id int64) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if e := a.m[id]; e != nil {
+		return e.waiters
+	}
+	return 0
+}
+
+// mayReinvoke reports whether an INVOKE from peer can be a re-invocation
+// of submission id as far as this process knows: a re-invocation comes
+// from the socket of the first one (§1.5), and not after the device
+// confirmed the RESULT. Unknown here (another process, or before a
+// restart): true, and the stored state decides.
+func (a *activeSubs) mayReinvoke(id int64, peer netip.AddrPort) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	e := a.m[id]
+	return e == nil || (!e.confirmed && !e.resolved && e.peer == peer)
 }
 
 // intermediateResult answers a segment that does not complete a message:
@@ -154,7 +254,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 	var key segKey
 	var e *segEntry
 	if sa.Segment != nil {
-		key = segKey{dev: dev.addr, id: iid, sum: sha256.Sum256(arg)}
+		key = segKey{from: submitter{dev.addr, peer}, id: iid, sum: sha256.Sum256(arg)}
 		e = s.segs.get(key, now)
 	}
 	if e != nil && e.full == nil {
@@ -163,6 +263,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 			return
 		}
 		if e.sub != nil {
+			s.subs.wait(e.sub.ID, peer)
 			s.afterResult(w, dev, e.sub, key)
 		} else {
 			s.forgetWhenConfirmed(w, key)
@@ -172,7 +273,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 	var full *emsd.SubmitArgument
 	if e != nil {
 		full = e.full
-	} else if full, err = s.reasm.AddSubmit(now, dev.addr, &sa); err != nil {
+	} else if full, err = s.reasm.AddSubmit(now, submitter{dev.addr, peer}, &sa); err != nil {
 		s.refuse(w, "submit", emsd.CodeOf(err), err.Error())
 		return
 	}
@@ -206,7 +307,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		}
 	}
 	sum := sha256.Sum256(content)
-	rec, dup, err := s.addSubmission(ctx, &store.Submission{Device: uint32(dev.addr), InstanceID: iid,
+	rec, dup, err := s.addSubmission(ctx, peer, &store.Submission{Device: uint32(dev.addr), InstanceID: iid,
 		ContentHash: sum[:], ContentType: uint32(emsd.ContentIPM), Content: content, Received: now})
 	if err != nil {
 		if sa.Segment != nil {
@@ -218,6 +319,8 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 	}
 	ans, err := s.submitResult(rec, o)
 	if err != nil {
+		s.subs.done(rec.ID, false)
+		s.subs.resolved(rec.ID) // stays pending: released or dropped at the next start
 		s.log.Error("encode SubmitResult", "err", err)
 		s.refuse(w, "submit", emsd.CodeResource, "encode")
 		return
@@ -247,13 +350,25 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 // is not re-invoked: instance ids are 8 bits, wrap, and restart at 0 with
 // every start of a device (a reference UA, each run of emsdp ua send), so
 // the same octets are then a new message, which must not be merged into
-// the old one and lost.
-func (s *Server) addSubmission(ctx context.Context, sub *store.Submission) (*store.Submission, bool, error) {
+// the old one and lost. For the same reason a copy whose handler is still
+// here matches only an INVOKE from the socket it came from and only
+// before its confirmation (activeSubs.mayReinvoke): two programs of one
+// device, each starting at instance id 0, are two senders.
+//
+// On success the caller is registered as waiting for the confirmation of
+// rec (activeSubs.wait) and must end it with activeSubs.done, which
+// afterResult does.
+func (s *Server) addSubmission(ctx context.Context, peer netip.AddrPort, sub *store.Submission) (*store.Submission, bool, error) {
+	defer s.subs.lockDevice(sub.Device)()
 	since := sub.Received.Add(-time.Duration(s.conf().EMSD.DedupeWindow))
 	for {
 		rec, dup, err := s.st.AddSubmission(ctx, sub, since)
-		if err != nil || !dup || mayReinvoke(rec) {
+		if err != nil {
 			return rec, dup, err
+		}
+		if !dup || (mayReinvoke(rec) && s.subs.mayReinvoke(rec.ID, peer)) {
+			s.subs.wait(rec.ID, peer)
+			return rec, dup, nil
 		}
 		// Look only past that copy (the store keeps milliseconds).
 		since = rec.Received.Add(time.Millisecond)
@@ -286,17 +401,19 @@ func (s *Server) forgetWhenConfirmed(w esro.ResponseWriter, key segKey) {
 // the last segment of a segmented submission (zero otherwise).
 func (s *Server) afterResult(w esro.ResponseWriter, dev *device, rec *store.Submission, key segKey) {
 	if rec.State != store.SubmissionPending {
+		s.subs.done(rec.ID, false)
+		s.subs.resolved(rec.ID)
 		return
 	}
-	s.subs.add(rec.ID, 1)
 	err := w.Confirmed(s.ctx)
-	others := s.subs.add(rec.ID, -1)
+	others := s.subs.done(rec.ID, err == nil)
 	switch {
 	case err == nil:
 		if key != (segKey{}) {
 			s.segs.del(key)
 		}
 		s.release(rec, "confirmed")
+		s.subs.resolved(rec.ID)
 	case s.ctx.Err() != nil:
 		// Shutting down: the submission stays pending and is released
 		// at the next start.
@@ -313,6 +430,7 @@ func (s *Server) afterResult(w esro.ResponseWriter, dev *device, rec *store.Subm
 // compat.verify_failure says: "send" by default, since a possible
 // duplicate is better than a loss (Open Point 25).
 func (s *Server) verifySubmission(dev *device, rec *store.Submission) {
+	defer s.subs.resolved(rec.ID)
 	id := emsd.LocalMessageID{SubmissionTime: emsd.Time(rec.LocalTime), Number: rec.Number}
 	verdict := "failure"
 	if dev.version == emsd.V1_1 { // 1.0 has no verify operations (spec emsd.md §1.4)
@@ -342,7 +460,7 @@ func (s *Server) verifySubmission(dev *device, rec *store.Submission) {
 	}
 	s.log.Log(s.ctx, lv, "submission verify", "device", dev.addr, "id", id, "verdict", verdict)
 	if verdict == "drop" || (verdict == "failure" && s.conf().Compat.VerifyFailure == "drop") {
-		if s.subs.add(rec.ID, 0) > 0 {
+		if s.subs.waiting(rec.ID) > 0 {
 			return // re-invoked meanwhile: that invocation decides
 		}
 		if _, err := s.st.DropSubmission(s.ctx, rec.ID, verdict); err != nil {
@@ -522,7 +640,7 @@ func (s *Server) recoverSubmissions(ctx context.Context, before time.Time) error
 	}
 	verdict := s.conf().Compat.VerifyFailure
 	for _, rec := range pend {
-		if s.subs.add(rec.ID, 0) > 0 {
+		if s.subs.waiting(rec.ID) > 0 {
 			continue // its handler still waits for the confirmation
 		}
 		if verdict == "drop" {

@@ -211,16 +211,20 @@ func (m *Maildir) write(d *Delivery) (string, error) {
 
 // Format renders d as the RFC 5322 message Store writes: the IPM through
 // gateway.FormatIPM, dated by its submission time (else its delivery time),
-// with the delivered message id as Message-ID (a local id as
-// <EMSD.%08x.%08x@domain>, Open Point 10).
+// with the Internet sender's Message-ID when the server carried it in a
+// heading extension (gateway.SenderMessageID), else the delivered message
+// id (a local id as <EMSD.%08x.%08x@domain>, Open Point 10).
 func (m *Maildir) Format(d *Delivery) ([]byte, error) {
 	o := gateway.FormatOptions{Domain: m.domain, Date: d.SubmissionTime}
 	if o.Date.IsZero() {
 		o.Date = d.DeliveryTime
 	}
-	if d.MessageID.IsLocal {
+	switch id := gateway.SenderMessageID(d.IPM); {
+	case id != "":
+		o.MessageID = id
+	case d.MessageID.IsLocal:
 		o.MessageID = fmt.Sprintf("<EMSD.%08x.%08x@%s>", uint32(d.MessageID.Local.SubmissionTime), d.MessageID.Local.Number, m.domain)
-	} else {
+	default:
 		o.MessageID = d.MessageID.RFC822
 	}
 	out, err := gateway.FormatIPM(d.IPM, o)
