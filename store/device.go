@@ -2,8 +2,10 @@ package store
 
 import (
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
+	"time"
 )
 
 // Validate checks what every backend requires of a device before it is
@@ -12,8 +14,11 @@ func (d *Device) Validate() error {
 	switch {
 	case d.Address == 0:
 		return fmt.Errorf("%w: device address 0", ErrInvalid)
-	case !d.IP.IsValid():
-		return fmt.Errorf("%w: device IP address missing", ErrInvalid)
+	case !d.IP.IsValid() && d.PasswordHash == "":
+		// Nothing could identify it: no password, no address.
+		return fmt.Errorf("%w: a device without IP address needs a password", ErrInvalid)
+	case !d.IP.IsValid() && d.Port != 0:
+		return fmt.Errorf("%w: device port %d without IP address", ErrInvalid, d.Port)
 	case d.Version == "":
 		return fmt.Errorf("%w: device protocol version missing", ErrInvalid)
 	case d.Mode != ModeComplete && d.Mode != ModeEfficient:
@@ -33,4 +38,29 @@ func NormalizeAliases(a []string) []string {
 		}
 	}
 	return out
+}
+
+// ParseIP reads a registered IP address as backends store it: "" for
+// none.
+func ParseIP(s string) (netip.Addr, error) {
+	if s == "" {
+		return netip.Addr{}, nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("bad IP address %q", s)
+	}
+	return a, nil
+}
+
+// ParseContact reads a contact as backends store it: addr "" for none.
+func ParseContact(addr, via string, at time.Time) (Contact, error) {
+	if addr == "" {
+		return Contact{}, nil
+	}
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return Contact{}, fmt.Errorf("bad contact address %q", addr)
+	}
+	return Contact{Addr: ap, Via: via, At: at}, nil
 }

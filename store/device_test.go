@@ -17,7 +17,9 @@ func TestDeviceValidate(t *testing.T) {
 		{"complete", func(*Device) {}, true},
 		{"efficient", func(d *Device) { d.Mode = ModeEfficient }, true},
 		{"address 0", func(d *Device) { d.Address = 0 }, false},
-		{"no IP", func(d *Device) { d.IP = netip.Addr{} }, false},
+		{"no IP, no password", func(d *Device) { d.IP = netip.Addr{} }, false},
+		{"no IP, password", func(d *Device) { d.IP, d.PasswordHash = netip.Addr{}, "h" }, true},
+		{"port without IP", func(d *Device) { d.IP, d.Port, d.PasswordHash = netip.Addr{}, 641, "h" }, false},
 		{"no version", func(d *Device) { d.Version = "" }, false},
 		{"bad mode", func(d *Device) { d.Mode = "fast" }, false},
 	} {

@@ -48,15 +48,39 @@ const (
 type Device struct {
 	Address      uint32 // EMSD address (subscriber number), never 0
 	PasswordHash string // HashPassword output; "" = no password
-	IP           netip.Addr
-	Port         uint16
-	Version      string   // "1.1" or "1.0"
-	Mode         Mode     // delivery mode
-	Aliases      []string // lower-case mail addresses, unique over all devices
-	Control      DeliveryControl
-	Created      time.Time
-	Updated      time.Time
+	// IP and Port are the registered network address: where a device
+	// without password is identified from, and where deliveries go while
+	// no fresh Contact is known. IP is optional for a device with a
+	// password (the zero netip.Addr, Port 0): it is reached only at the
+	// address it is heard from.
+	IP      netip.Addr
+	Port    uint16
+	Version string   // "1.1" or "1.0"
+	Mode    Mode     // delivery mode
+	Aliases []string // lower-case mail addresses, unique over all devices
+	Control DeliveryControl
+	// Contact is where the device was last heard from (SetContact); it
+	// is not part of the registry: UpdateDevice keeps it, and changing it
+	// does not change RegistryVersion.
+	Contact Contact
+	Created time.Time
+	Updated time.Time
 }
+
+// Contact is the address a device was last heard from in authenticated
+// traffic: behind a NAT or on a changing lease, the only address at which
+// datagrams reach it (RFC 4787: a NAT lets in only what comes over the
+// binding the device opened, from the address the device sent to).
+type Contact struct {
+	Addr netip.AddrPort // the source address and port; invalid = never heard
+	// Via names the server endpoint that heard it (Server.Via): a NAT
+	// with address-dependent filtering passes deliveries from there only.
+	Via string
+	At  time.Time // when it was last heard (milliseconds)
+}
+
+// Known reports whether c holds an address.
+func (c Contact) Known() bool { return c.Addr.IsValid() }
 
 // DeliveryControl holds the limits a device set with delivery control
 // (spec emsd.md §9.12); nil fields are unrestricted.
@@ -366,6 +390,16 @@ type Store interface {
 	// RegistryVersion changes whenever the registry does, so that a
 	// running server notices edits made by another process.
 	RegistryVersion(ctx context.Context) (int64, error)
+	// SetContact records c as the device's contact unless the stored one
+	// is newer (c.At before the stored At: a slower server's write of an
+	// older contact loses). changed reports whether Addr or Via differ
+	// from what was stored; written whether c was recorded. It does not
+	// change RegistryVersion. ErrNotFound: no such device; ErrInvalid:
+	// c.Addr invalid.
+	SetContact(ctx context.Context, addr uint32, c Contact) (changed, written bool, err error)
+	// DeviceContact returns a device's contact (zero when never heard;
+	// ErrNotFound: no such device).
+	DeviceContact(ctx context.Context, addr uint32) (Contact, error)
 	// ReserveInstanceIDs reserves n consecutive instance ids (mod 256) for
 	// operations towards a device and returns the first. The counter is
 	// persistent, so ids keep advancing across restarts (spec emsd.md §1.5).

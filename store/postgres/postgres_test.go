@@ -133,8 +133,16 @@ func TestMigrations(t *testing.T) {
 	if v, _ := db.SchemaVersion(ctx); v != len(migrations) {
 		t.Errorf("version %d, want %d", v, len(migrations))
 	}
-	if _, err := db.Device(ctx, 7); err != nil {
-		t.Errorf("device lost in migration: %v", err)
+	if d, err := db.Device(ctx, 7); err != nil || d.Contact.Known() {
+		t.Errorf("device after migration: %+v, %v", d, err)
+	}
+	// Schema 3 added contacts: a device from before has none, and can get one.
+	c := store.Contact{Addr: netip.MustParseAddrPort("127.0.0.3:27999"), Via: "mts", At: t0}
+	if _, written, err := db.SetContact(ctx, 7, c); err != nil || !written {
+		t.Errorf("contact on a migrated device: %v", err)
+	}
+	if got, err := db.DeviceContact(ctx, 7); err != nil || got.Addr != c.Addr {
+		t.Errorf("contact on a migrated device: %+v %v", got, err)
 	}
 	if n, _ := db.NextMessageNumber(ctx, t0); n != 2 {
 		t.Errorf("counter after migration %d, want 2", n)

@@ -64,7 +64,7 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 		t, err := tx.Exec(ctx, `INSERT INTO devices (address, password_hash, ip, port, version, mode,
 			ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated)
 			VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT (address) DO NOTHING`,
-			int64(d.Address), octets(d.PasswordHash), d.IP.String(), int32(d.Port), octets(d.Version), string(d.Mode),
+			int64(d.Address), octets(d.PasswordHash), ipText(d.IP), int32(d.Port), octets(d.Version), string(d.Mode),
 			ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now)
 		if err != nil {
 			return errorf("add device", err)
@@ -88,7 +88,7 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 		}
 		t, err := tx.Exec(ctx, `UPDATE devices SET password_hash = $1, ip = $2, port = $3, version = $4, mode = $5,
 			updated = $6 WHERE address = $7`,
-			octets(d.PasswordHash), d.IP.String(), int32(d.Port), octets(d.Version), string(d.Mode), ms(time.Now()),
+			octets(d.PasswordHash), ipText(d.IP), int32(d.Port), octets(d.Version), string(d.Mode), ms(time.Now()),
 			int64(d.Address))
 		if err != nil {
 			return errorf("update device", err)
@@ -124,7 +124,7 @@ func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 // deviceQuery reads devices with their aliases in one statement, hence
 // one snapshot.
 const deviceQuery = `SELECT d.address, d.password_hash, d.ip, d.port, d.version, d.mode, d.ctl_operations,
-	d.ctl_max_length, d.ctl_lowest_priority, d.created, d.updated,
+	d.ctl_max_length, d.ctl_lowest_priority, d.created, d.updated, d.contact_addr, d.contact_via, d.contact_at,
 	COALESCE(array_agg(a.alias ORDER BY a.alias) FILTER (WHERE a.alias IS NOT NULL), '{}')
 	FROM devices d LEFT JOIN aliases a ON a.device = d.address`
 
@@ -134,15 +134,20 @@ func scanDevice(row pgx.CollectableRow) (*store.Device, error) {
 	var ip, mode string
 	var ops, maxLen *int64
 	var prio *int16
-	var created, updated int64
+	var created, updated, contactAt int64
+	var contactAddr string
+	var via []byte
 	var aliases [][]byte
 	if err := row.Scan(&d.Address, &pw, &ip, &d.Port, &version, &mode, &ops, &maxLen, &prio,
-		&created, &updated, &aliases); err != nil {
+		&created, &updated, &contactAddr, &via, &contactAt, &aliases); err != nil {
 		return nil, err
 	}
 	var err error
-	if d.IP, err = netip.ParseAddr(ip); err != nil {
-		return nil, fmt.Errorf("device %d: bad IP %q", d.Address, ip)
+	if d.IP, err = store.ParseIP(ip); err != nil {
+		return nil, fmt.Errorf("device %d: %w", d.Address, err)
+	}
+	if d.Contact, err = store.ParseContact(contactAddr, string(via), fromMS(contactAt)); err != nil {
+		return nil, fmt.Errorf("device %d: %w", d.Address, err)
 	}
 	d.PasswordHash, d.Version, d.Mode = string(pw), string(version), store.Mode(mode)
 	if ops != nil {
@@ -191,6 +196,68 @@ func (s *DB) Devices(ctx context.Context) ([]*store.Device, error) {
 		return nil, errorf("devices", err)
 	}
 	return out, nil
+}
+
+// ipText is a registered IP address as stored: "" for none.
+func ipText(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
+}
+
+// SetContact records where a device was heard from, unless a newer
+// contact is stored. The row lock of the UPDATE orders two servers
+// recording contacts of one device at once; the older loses.
+func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (changed, written bool, err error) {
+	if !c.Addr.IsValid() {
+		return false, false, fmt.Errorf("%w: contact address %v", store.ErrInvalid, c.Addr)
+	}
+	a := c.Addr.String()
+	err = s.tx(ctx, func(tx pgx.Tx) error {
+		changed, written = false, false
+		var oldAddr string
+		var oldVia []byte
+		var oldAt int64
+		err := tx.QueryRow(ctx, `SELECT contact_addr, contact_via, contact_at FROM devices WHERE address = $1 FOR UPDATE`,
+			int64(addr)).Scan(&oldAddr, &oldVia, &oldAt)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+		}
+		if err != nil {
+			return errorf("contact", err)
+		}
+		if ms(c.At) < oldAt {
+			return nil
+		}
+		if _, err := tx.Exec(ctx, `UPDATE devices SET contact_addr = $1, contact_via = $2, contact_at = $3 WHERE address = $4`,
+			a, octets(c.Via), ms(c.At), int64(addr)); err != nil {
+			return errorf("contact", err)
+		}
+		changed, written = a != oldAddr || c.Via != string(oldVia), true
+		return nil
+	})
+	return changed, written, err
+}
+
+// DeviceContact returns where a device was last heard from.
+func (s *DB) DeviceContact(ctx context.Context, addr uint32) (store.Contact, error) {
+	var a string
+	var via []byte
+	var at int64
+	err := s.queryRow(ctx, `SELECT contact_addr, contact_via, contact_at FROM devices WHERE address = $1`,
+		int64(addr)).Scan(&a, &via, &at)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return store.Contact{}, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+	}
+	if err != nil {
+		return store.Contact{}, errorf("contact", err)
+	}
+	c, err := store.ParseContact(a, string(via), fromMS(at))
+	if err != nil {
+		return store.Contact{}, fmt.Errorf("postgres: device %d: %w", addr, err)
+	}
+	return c, nil
 }
 
 func ctlOps(c store.DeliveryControl) *int64 {

@@ -136,4 +136,12 @@ var migrations = []string{
 	CREATE INDEX relays_sending ON relays (owner) WHERE state = 'sending';
 	CREATE INDEX relays_message ON relays (message);
 	CREATE INDEX relays_done ON relays (updated) WHERE state IN ('sent', 'failed');`,
+
+	// 3: where each device was last heard from (store.Contact), apart
+	// from the registry fields: changing it changes no registry version.
+	// contact_via names the server endpoint that heard it. A device
+	// registered without IP address has ip ''.
+	`ALTER TABLE devices ADD COLUMN contact_addr TEXT   NOT NULL DEFAULT '';
+	ALTER TABLE devices ADD COLUMN contact_via  BYTEA  NOT NULL DEFAULT '';
+	ALTER TABLE devices ADD COLUMN contact_at   BIGINT NOT NULL DEFAULT 0;`,
 }

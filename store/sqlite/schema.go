@@ -108,4 +108,11 @@ var migrations = []string{
 	CREATE INDEX relays_due ON relays (state, next_attempt);
 	CREATE INDEX relays_expires ON relays (state, expires);
 	CREATE INDEX relays_message ON relays (message);`,
+
+	// 3: where each device was last heard from (store.Contact). Kept
+	// apart from the registry fields: changing it changes no registry
+	// version. A device registered without IP address has ip ''.
+	`ALTER TABLE devices ADD COLUMN contact_addr TEXT NOT NULL DEFAULT '';
+	ALTER TABLE devices ADD COLUMN contact_via TEXT NOT NULL DEFAULT '';
+	ALTER TABLE devices ADD COLUMN contact_at INTEGER NOT NULL DEFAULT 0;`,
 }

@@ -237,7 +237,7 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 	now := time.Now()
 	return s.tx(ctx, func(tx *sql.Tx) error {
 		_, err := s.exec(ctx, tx, qAddDevice,
-			d.Address, d.PasswordHash, d.IP.String(), d.Port, d.Version, string(d.Mode),
+			d.Address, d.PasswordHash, ipText(d.IP), d.Port, d.Version, string(d.Mode),
 			ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), ms(now), ms(now))
 		if err != nil {
 			if isConstraint(err) {
@@ -258,7 +258,7 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 		return err
 	}
 	return s.tx(ctx, func(tx *sql.Tx) error {
-		r, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, d.IP.String(), d.Port, d.Version, string(d.Mode), ms(time.Now()), d.Address)
+		r, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, ipText(d.IP), d.Port, d.Version, string(d.Mode), ms(time.Now()), d.Address)
 		if err != nil {
 			return fmt.Errorf("sqlite: update device: %w", err)
 		}
@@ -294,7 +294,7 @@ func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 
 const (
 	deviceCols = `address, password_hash, ip, port, version, mode, ctl_operations, ctl_max_length,
-	ctl_lowest_priority, created, updated`
+	ctl_lowest_priority, created, updated, contact_addr, contact_via, contact_at`
 	qDevice        = `SELECT ` + deviceCols + ` FROM devices WHERE address = ?`
 	qDeviceAliases = `SELECT alias FROM aliases WHERE device = ? ORDER BY alias`
 	qDevices       = `SELECT ` + deviceCols + ` FROM devices ORDER BY address`
@@ -305,14 +305,18 @@ func scanDevice(sc interface{ Scan(...any) error }) (*store.Device, error) {
 	var d store.Device
 	var ip, mode string
 	var ops, maxLen, prio sql.NullInt64
-	var created, updated int64
+	var created, updated, contactAt int64
+	var contactAddr string
 	if err := sc.Scan(&d.Address, &d.PasswordHash, &ip, &d.Port, &d.Version, &mode, &ops, &maxLen, &prio,
-		&created, &updated); err != nil {
+		&created, &updated, &contactAddr, &d.Contact.Via, &contactAt); err != nil {
 		return nil, err
 	}
 	var err error
-	if d.IP, err = netip.ParseAddr(ip); err != nil {
-		return nil, fmt.Errorf("sqlite: device %d: bad IP %q", d.Address, ip)
+	if d.IP, err = store.ParseIP(ip); err != nil {
+		return nil, fmt.Errorf("sqlite: device %d: %w", d.Address, err)
+	}
+	if d.Contact, err = store.ParseContact(contactAddr, d.Contact.Via, fromMS(contactAt)); err != nil {
+		return nil, fmt.Errorf("sqlite: device %d: %w", d.Address, err)
 	}
 	d.Mode = store.Mode(mode)
 	if ops.Valid {
@@ -419,6 +423,67 @@ func ctlPrio(c store.DeliveryControl) any {
 		return nil
 	}
 	return int64(*c.LowestPriority)
+}
+
+// ipText is a registered IP address as stored: "" for none.
+func ipText(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
+}
+
+const (
+	qContact    = `SELECT contact_addr, contact_via, contact_at FROM devices WHERE address = ?`
+	qSetContact = `UPDATE devices SET contact_addr = ?, contact_via = ?, contact_at = ? WHERE address = ?`
+)
+
+// SetContact records where a device was heard from, unless a newer
+// contact is stored.
+func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (changed, written bool, err error) {
+	if !c.Addr.IsValid() {
+		return false, false, fmt.Errorf("%w: contact address %v", store.ErrInvalid, c.Addr)
+	}
+	err = s.tx(ctx, func(tx *sql.Tx) error {
+		changed, written = false, false
+		var oldAddr, oldVia string
+		var oldAt int64
+		err := s.queryRow(ctx, tx, qContact, addr).Scan(&oldAddr, &oldVia, &oldAt)
+		if errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+		}
+		if err != nil {
+			return fmt.Errorf("sqlite: contact: %w", err)
+		}
+		if ms(c.At) < oldAt {
+			return nil
+		}
+		a := c.Addr.String()
+		if _, err := s.exec(ctx, tx, qSetContact, a, c.Via, ms(c.At), addr); err != nil {
+			return fmt.Errorf("sqlite: contact: %w", err)
+		}
+		changed, written = a != oldAddr || c.Via != oldVia, true
+		return nil
+	})
+	return changed, written, err
+}
+
+// DeviceContact returns where a device was last heard from.
+func (s *DB) DeviceContact(ctx context.Context, addr uint32) (store.Contact, error) {
+	var a, via string
+	var at int64
+	err := s.queryRow(ctx, nil, qContact, addr).Scan(&a, &via, &at)
+	if errors.Is(err, sql.ErrNoRows) {
+		return store.Contact{}, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+	}
+	if err != nil {
+		return store.Contact{}, fmt.Errorf("sqlite: contact: %w", err)
+	}
+	c, err := store.ParseContact(a, via, fromMS(at))
+	if err != nil {
+		return store.Contact{}, fmt.Errorf("sqlite: device %d: %w", addr, err)
+	}
+	return c, nil
 }
 
 const (

@@ -29,6 +29,7 @@ func Run(t *testing.T, open Open) {
 		f    func(*testing.T, store.Store)
 	}{
 		{"Registry", testRegistry},
+		{"Contacts", testContacts},
 		{"InstanceIDs", testInstanceIDs},
 		{"MessageNumbers", testMessageNumbers},
 		{"Submissions", testSubmissions},
@@ -72,6 +73,88 @@ func wantErr(t *testing.T, err, target error) {
 	if !errors.Is(err, target) {
 		t.Fatalf("error %v, want %v", err, target)
 	}
+}
+
+// testContacts: a device's contact is recorded apart from the registry
+// (no registry version change, kept by UpdateDevice), an older contact
+// never overwrites a newer one, and a device may be registered without an
+// IP address when it has a password.
+func testContacts(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	d := dev(198036, "127.0.0.11")
+	d.PasswordHash = "hash"
+	must(t, s.AddDevice(ctx, d))
+	c, err := s.DeviceContact(ctx, 198036)
+	must(t, err)
+	if c.Known() || c != (store.Contact{}) {
+		t.Errorf("contact of a device never heard: %+v", c)
+	}
+	v0, err := s.RegistryVersion(ctx)
+	must(t, err)
+	c1 := store.Contact{Addr: netip.MustParseAddrPort("192.0.2.7:27999"), Via: "mts-a 127.0.0.1:641", At: t0}
+	changed, written, err := s.SetContact(ctx, 198036, c1)
+	must(t, err)
+	if !changed || !written {
+		t.Errorf("first contact: changed %v written %v", changed, written)
+	}
+	if got, err := s.DeviceContact(ctx, 198036); err != nil || got.Addr != c1.Addr || got.Via != c1.Via || !got.At.Equal(t0) {
+		t.Errorf("contact round trip: %+v %v", got, err)
+	}
+	if v, _ := s.RegistryVersion(ctx); v != v0 {
+		t.Error("SetContact changed the registry version")
+	}
+	// The same address later: refreshed, not changed.
+	c1.At = t0.Add(time.Minute)
+	changed, written, err = s.SetContact(ctx, 198036, c1)
+	must(t, err)
+	if changed || !written {
+		t.Errorf("refresh: changed %v written %v", changed, written)
+	}
+	// Another server heard it: changed.
+	c2 := store.Contact{Addr: c1.Addr, Via: "mts-b 127.0.0.1:641", At: t0.Add(2 * time.Minute)}
+	changed, _, err = s.SetContact(ctx, 198036, c2)
+	must(t, err)
+	if !changed {
+		t.Error("a new via is no change")
+	}
+	// An older contact (a slower server's write) loses.
+	old := store.Contact{Addr: netip.MustParseAddrPort("[2001:db8::1]:5"), Via: "mts-a 127.0.0.1:641", At: t0.Add(90 * time.Second)}
+	changed, written, err = s.SetContact(ctx, 198036, old)
+	must(t, err)
+	if changed || written {
+		t.Errorf("older contact: changed %v written %v", changed, written)
+	}
+	// Registry edits keep the contact; Device and Devices show it.
+	up := dev(198036, "127.0.0.12")
+	up.PasswordHash = "hash2"
+	must(t, s.UpdateDevice(ctx, up))
+	got, err := s.Device(ctx, 198036)
+	must(t, err)
+	if got.Contact.Addr != c2.Addr || got.Contact.Via != c2.Via || !got.Contact.At.Equal(c2.At) {
+		t.Errorf("contact after UpdateDevice: %+v", got.Contact)
+	}
+	list, err := s.Devices(ctx)
+	must(t, err)
+	if len(list) != 1 || list[0].Contact.Addr != c2.Addr {
+		t.Errorf("Devices: %+v", list)
+	}
+	_, _, err = s.SetContact(ctx, 5, c2)
+	wantErr(t, err, store.ErrNotFound)
+	_, err = s.DeviceContact(ctx, 5)
+	wantErr(t, err, store.ErrNotFound)
+	_, _, err = s.SetContact(ctx, 198036, store.Contact{At: t0.Add(time.Hour)})
+	wantErr(t, err, store.ErrInvalid)
+
+	// No IP address: allowed with a password, and kept as none.
+	nat := &store.Device{Address: 198037, PasswordHash: "hash", Version: "1.1", Mode: store.ModeComplete}
+	must(t, s.AddDevice(ctx, nat))
+	got, err = s.Device(ctx, 198037)
+	must(t, err)
+	if got.IP.IsValid() || got.Port != 0 || got.Contact.Known() {
+		t.Errorf("device without IP: %+v", got)
+	}
+	nat.PasswordHash = ""
+	wantErr(t, s.UpdateDevice(ctx, nat), store.ErrInvalid)
 }
 
 func testRegistry(t *testing.T, s store.Store) {
