@@ -392,11 +392,15 @@ type Store interface {
 	RegistryVersion(ctx context.Context) (int64, error)
 	// SetContact records c as the device's contact unless the stored one
 	// is newer (c.At before the stored At: a slower server's write of an
-	// older contact loses). changed reports whether Addr or Via differ
-	// from what was stored; written whether c was recorded. It does not
-	// change RegistryVersion. ErrNotFound: no such device; ErrInvalid:
-	// c.Addr invalid.
-	SetContact(ctx context.Context, addr uint32, c Contact) (changed, written bool, err error)
+	// older contact loses). It returns the contact stored before and
+	// whether c was recorded. It does not change RegistryVersion.
+	// ErrNotFound: no such device; ErrInvalid: c.Addr invalid.
+	SetContact(ctx context.Context, addr uint32, c Contact) (prev Contact, written bool, err error)
+	// TouchContact moves the time of the device's contact forward to at,
+	// only if the contact is still c.Addr through c.Via: a sign of life
+	// at a known address never moves the address. It reports whether it
+	// did.
+	TouchContact(ctx context.Context, addr uint32, c Contact, at time.Time) (bool, error)
 	// DeviceContact returns a device's contact (zero when never heard;
 	// ErrNotFound: no such device).
 	DeviceContact(ctx context.Context, addr uint32) (Contact, error)

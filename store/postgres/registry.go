@@ -207,15 +207,14 @@ func ipText(a netip.Addr) string {
 }
 
 // SetContact records where a device was heard from, unless a newer
-// contact is stored. The row lock of the UPDATE orders two servers
+// contact is stored. The row lock (FOR UPDATE) orders two servers
 // recording contacts of one device at once; the older loses.
-func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (changed, written bool, err error) {
+func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (prev store.Contact, written bool, err error) {
 	if !c.Addr.IsValid() {
-		return false, false, fmt.Errorf("%w: contact address %v", store.ErrInvalid, c.Addr)
+		return prev, false, fmt.Errorf("%w: contact address %v", store.ErrInvalid, c.Addr)
 	}
-	a := c.Addr.String()
 	err = s.tx(ctx, func(tx pgx.Tx) error {
-		changed, written = false, false
+		written = false
 		var oldAddr string
 		var oldVia []byte
 		var oldAt int64
@@ -227,17 +226,35 @@ func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (chan
 		if err != nil {
 			return errorf("contact", err)
 		}
+		if prev, err = store.ParseContact(oldAddr, string(oldVia), fromMS(oldAt)); err != nil {
+			prev = store.Contact{} // a bad stored value is replaced
+		}
 		if ms(c.At) < oldAt {
 			return nil
 		}
 		if _, err := tx.Exec(ctx, `UPDATE devices SET contact_addr = $1, contact_via = $2, contact_at = $3 WHERE address = $4`,
-			a, octets(c.Via), ms(c.At), int64(addr)); err != nil {
+			c.Addr.String(), octets(c.Via), ms(c.At), int64(addr)); err != nil {
 			return errorf("contact", err)
 		}
-		changed, written = a != oldAddr || c.Via != string(oldVia), true
+		written = true
 		return nil
 	})
-	return changed, written, err
+	return prev, written, err
+}
+
+// TouchContact moves a contact's time forward if the contact is still c.
+func (s *DB) TouchContact(ctx context.Context, addr uint32, c store.Contact, at time.Time) (bool, error) {
+	var n int64
+	err := s.tx(ctx, func(tx pgx.Tx) error {
+		t, err := tx.Exec(ctx, `UPDATE devices SET contact_at = $1 WHERE address = $2 AND contact_addr = $3
+			AND contact_via = $4 AND contact_at < $1`, ms(at), int64(addr), c.Addr.String(), octets(c.Via))
+		if err != nil {
+			return errorf("contact", err)
+		}
+		n = t.RowsAffected()
+		return nil
+	})
+	return n > 0, err
 }
 
 // DeviceContact returns where a device was last heard from.

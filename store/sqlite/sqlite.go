@@ -440,12 +440,12 @@ const (
 
 // SetContact records where a device was heard from, unless a newer
 // contact is stored.
-func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (changed, written bool, err error) {
+func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (prev store.Contact, written bool, err error) {
 	if !c.Addr.IsValid() {
-		return false, false, fmt.Errorf("%w: contact address %v", store.ErrInvalid, c.Addr)
+		return prev, false, fmt.Errorf("%w: contact address %v", store.ErrInvalid, c.Addr)
 	}
 	err = s.tx(ctx, func(tx *sql.Tx) error {
-		changed, written = false, false
+		written = false
 		var oldAddr, oldVia string
 		var oldAt int64
 		err := s.queryRow(ctx, tx, qContact, addr).Scan(&oldAddr, &oldVia, &oldAt)
@@ -455,17 +455,36 @@ func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (chan
 		if err != nil {
 			return fmt.Errorf("sqlite: contact: %w", err)
 		}
+		if prev, err = store.ParseContact(oldAddr, oldVia, fromMS(oldAt)); err != nil {
+			prev = store.Contact{} // a bad stored value is replaced
+		}
 		if ms(c.At) < oldAt {
 			return nil
 		}
-		a := c.Addr.String()
-		if _, err := s.exec(ctx, tx, qSetContact, a, c.Via, ms(c.At), addr); err != nil {
+		if _, err := s.exec(ctx, tx, qSetContact, c.Addr.String(), c.Via, ms(c.At), addr); err != nil {
 			return fmt.Errorf("sqlite: contact: %w", err)
 		}
-		changed, written = a != oldAddr || c.Via != oldVia, true
+		written = true
 		return nil
 	})
-	return changed, written, err
+	return prev, written, err
+}
+
+const qTouchContact = `UPDATE devices SET contact_at = ? WHERE address = ? AND contact_addr = ? AND contact_via = ?
+	AND contact_at < ?`
+
+// TouchContact moves a contact's time forward if the contact is still c.
+func (s *DB) TouchContact(ctx context.Context, addr uint32, c store.Contact, at time.Time) (bool, error) {
+	var n int64
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		r, err := s.exec(ctx, tx, qTouchContact, ms(at), addr, c.Addr.String(), c.Via, ms(at))
+		if err != nil {
+			return fmt.Errorf("sqlite: contact: %w", err)
+		}
+		n, _ = r.RowsAffected()
+		return nil
+	})
+	return n > 0, err
 }
 
 // DeviceContact returns where a device was last heard from.

@@ -20,7 +20,7 @@ func hotStatements() []string {
 	return []string{
 		qPing, qSavepoint, qReleaseSavepoint, qRollbackSavepoint,
 		qBumpRegistry, qInsertAlias, qAddDevice, qUpdateDevice, qDeleteAliases, qDeleteDevice,
-		qDevice, qDeviceAliases, qDevices, qAliases, qSetControl, qRegistryVersion, qContact, qSetContact,
+		qDevice, qDeviceAliases, qDevices, qAliases, qSetControl, qRegistryVersion, qContact, qSetContact, qTouchContact,
 		qInstanceNext, qInstanceSet, qCounter, qCounterSet,
 		qDedupe, qAddSubmission, qResolveSubmission, qSubmissionExists, qPendingSubmissions,
 		qInsertDelivery, qInsertRelayMessage, qInsertRelay,

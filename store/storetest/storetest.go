@@ -92,10 +92,10 @@ func testContacts(t *testing.T, s store.Store) {
 	v0, err := s.RegistryVersion(ctx)
 	must(t, err)
 	c1 := store.Contact{Addr: netip.MustParseAddrPort("192.0.2.7:27999"), Via: "mts-a 127.0.0.1:641", At: t0}
-	changed, written, err := s.SetContact(ctx, 198036, c1)
+	prev, written, err := s.SetContact(ctx, 198036, c1)
 	must(t, err)
-	if !changed || !written {
-		t.Errorf("first contact: changed %v written %v", changed, written)
+	if prev.Known() || !written {
+		t.Errorf("first contact: prev %+v written %v", prev, written)
 	}
 	if got, err := s.DeviceContact(ctx, 198036); err != nil || got.Addr != c1.Addr || got.Via != c1.Via || !got.At.Equal(t0) {
 		t.Errorf("contact round trip: %+v %v", got, err)
@@ -103,26 +103,39 @@ func testContacts(t *testing.T, s store.Store) {
 	if v, _ := s.RegistryVersion(ctx); v != v0 {
 		t.Error("SetContact changed the registry version")
 	}
-	// The same address later: refreshed, not changed.
+	// The same address later: refreshed; the previous one is returned.
 	c1.At = t0.Add(time.Minute)
-	changed, written, err = s.SetContact(ctx, 198036, c1)
+	prev, written, err = s.SetContact(ctx, 198036, c1)
 	must(t, err)
-	if changed || !written {
-		t.Errorf("refresh: changed %v written %v", changed, written)
+	if prev.Addr != c1.Addr || prev.Via != c1.Via || !prev.At.Equal(t0) || !written {
+		t.Errorf("refresh: prev %+v written %v", prev, written)
 	}
-	// Another server heard it: changed.
+	// A sign of life moves the time of that very contact only.
+	ok, err := s.TouchContact(ctx, 198036, c1, t0.Add(70*time.Second))
+	must(t, err)
+	if !ok {
+		t.Error("TouchContact of the current contact did nothing")
+	}
+	other := store.Contact{Addr: netip.MustParseAddrPort("192.0.2.7:1"), Via: c1.Via}
+	if ok, err := s.TouchContact(ctx, 198036, other, t0.Add(80*time.Second)); err != nil || ok {
+		t.Errorf("TouchContact of another address: %v %v", ok, err)
+	}
+	if ok, err := s.TouchContact(ctx, 198036, c1, t0.Add(10*time.Second)); err != nil || ok {
+		t.Errorf("TouchContact back in time: %v %v", ok, err)
+	}
+	if got, _ := s.DeviceContact(ctx, 198036); !got.At.Equal(t0.Add(70 * time.Second)) {
+		t.Errorf("contact time after touches: %v", got.At)
+	}
+	// Another server heard it.
 	c2 := store.Contact{Addr: c1.Addr, Via: "mts-b 127.0.0.1:641", At: t0.Add(2 * time.Minute)}
-	changed, _, err = s.SetContact(ctx, 198036, c2)
+	_, _, err = s.SetContact(ctx, 198036, c2)
 	must(t, err)
-	if !changed {
-		t.Error("a new via is no change")
-	}
 	// An older contact (a slower server's write) loses.
 	old := store.Contact{Addr: netip.MustParseAddrPort("[2001:db8::1]:5"), Via: "mts-a 127.0.0.1:641", At: t0.Add(90 * time.Second)}
-	changed, written, err = s.SetContact(ctx, 198036, old)
+	prev, written, err = s.SetContact(ctx, 198036, old)
 	must(t, err)
-	if changed || written {
-		t.Errorf("older contact: changed %v written %v", changed, written)
+	if prev.Via != c2.Via || written {
+		t.Errorf("older contact: prev %+v written %v", prev, written)
 	}
 	// Registry edits keep the contact; Device and Devices show it.
 	up := dev(198036, "127.0.0.12")
