@@ -94,6 +94,9 @@ type DeliveryConfig struct {
 	Concurrency  int        `toml:"concurrency"`
 	Reports      string     `toml:"reports"`
 	DrainTimeout Duration   `toml:"drain_timeout"`
+	// ContactLifetime is how long the address a device was last heard
+	// from stays where its deliveries go (contact.go).
+	ContactLifetime Duration `toml:"contact_lifetime"`
 }
 
 // SMTPConfig is the inbound SMTP listener.
@@ -297,7 +300,7 @@ func (c *Config) Validate() error {
 		"delivery.expiry": c.Delivery.Expiry, "relay.expiry": c.Relay.Expiry, "relay.timeout": c.Relay.Timeout,
 		"smtp.read_timeout": c.SMTP.ReadTimeout, "smtp.write_timeout": c.SMTP.WriteTimeout,
 		"store.retention": c.Store.Retention, "store.status_retention": c.Store.StatusRetention,
-		"store.registry_poll": c.Store.RegistryPoll,
+		"store.registry_poll": c.Store.RegistryPoll, "delivery.contact_lifetime": c.Delivery.ContactLifetime,
 	} {
 		if d <= 0 {
 			add(configErr("%s must be positive", name))

@@ -189,7 +189,14 @@ func (s *Server) deliverDevice(a emsd.Address) {
 		}
 		dev := s.registry().byAddr[a]
 		var lim store.Limits
+		var tg target
 		if dev != nil {
+			var why string
+			if tg, why = s.targetOf(dev); why != "" {
+				// Held (see contact.go) until the device is heard.
+				s.log.Debug("delivery waits", "device", a, "why", why)
+				return
+			}
 			c := dev.Control
 			if c.Operations != nil && !emsd.OperationSet(*c.Operations).Has(deliveryOp(dev.version)) {
 				return // delivery not permitted at all (spec emsd.md §9.12)
@@ -204,7 +211,7 @@ func (s *Server) deliverDevice(a emsd.Address) {
 			return
 		}
 		did = true
-		s.deliverOne(dev, d)
+		s.deliverOne(dev, d, tg)
 	}
 }
 
@@ -227,9 +234,9 @@ type attemptResult struct {
 
 // deliverOne runs one delivery attempt and records its outcome, reports
 // and status in one store transaction.
-func (s *Server) deliverOne(dev *device, d *store.Delivery) {
+func (s *Server) deliverOne(dev *device, d *store.Delivery, tg target) {
 	start := time.Now()
-	r := s.attempt(dev, d)
+	r := s.attempt(dev, d, &tg)
 	ctx := s.ctx // the outcome is recorded even when deliveries are being cancelled
 	res := store.DeliveryResult{Error: r.err}
 	log := s.log.With("device", emsd.Address(d.Device), "id", d.MessageID, "attempt", d.Attempts)
@@ -280,8 +287,8 @@ func backoff(schedule []Duration, attempts int) time.Duration {
 // (1.0), 3-way to SAP 3 (Complete mode and 1.0) or 2-way to SAP 7
 // (Efficient), segmented to the PDU size, one ESRO operation per segment
 // with a new instance id, re-invoked once with the same id after an ESRO
-// failure.
-func (s *Server) attempt(dev *device, d *store.Delivery) attemptResult {
+// failure: to tg's contact, then its fallback (contact.go).
+func (s *Server) attempt(dev *device, d *store.Delivery, tg *target) attemptResult {
 	fail := func(reason emsd.NonDeliveryReason, diag emsd.Diagnostic, format string, a ...any) attemptResult {
 		text := fmt.Sprintf(format, a...)
 		return attemptResult{kind: attemptFailed, o: failed(reason, diag, text), err: text}
@@ -345,12 +352,16 @@ func (s *Server) attempt(dev *device, d *store.Delivery) attemptResult {
 			}
 			data = emsd.PrependInstanceID(id, seg)
 		}
-		req := &esro.Request{To: dev.ap, SAP: uint8(sap), Operation: uint8(op), Encoding: esro.EncodingBER,
+		req := &esro.Request{SAP: uint8(sap), Operation: uint8(op), Encoding: esro.EncodingBER,
 			Handshake: hs, Data: data}
 		var err error
 		for try := 0; try < 2; try++ {
+			req.To = tg.tryTo(try)
 			if _, err = s.ep.Invoke(ctx, req); !isFailure(err) {
 				break
+			}
+			if tg.learned && (try == 1 || tg.fallback.IsValid()) {
+				s.contactFailed(dev.addr, req.To)
 			}
 		}
 		if err == nil {
@@ -380,6 +391,9 @@ func (s *Server) attempt(dev *device, d *store.Delivery) attemptResult {
 		default: // ESRO failure twice, or a local resource problem
 			return attemptResult{kind: attemptRespool, err: err.Error()}
 		}
+	}
+	if tg.learned {
+		s.alive(dev.addr, tg.to)
 	}
 	return attemptResult{kind: attemptDelivered}
 }

@@ -22,29 +22,36 @@ func (s *Server) opts(v emsd.Version) emsd.Options {
 // §1.4, §9).
 func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
 	peer := netip.AddrPortFrom(inv.Peer.Addr().Unmap(), inv.Peer.Port())
-	// Any INVOKE from a device wakes its queue, before anything else and
-	// even when it is then refused (spec emsd.md §9.4).
-	hint := s.registry().byPeer(peer, s.conf().Compat.IPOnlyIdentification)
+	ipOnly := s.conf().Compat.IPOnlyIdentification
+	hint := s.registry().byPeer(peer, ipOnly)
+	v := emsd.V1_1
 	if hint != nil {
+		v = hint.version
+	}
+	op, ok := emsd.ParseOperation(emsd.Operation(inv.Operation), v)
+	// Any INVOKE from a device wakes its queue, before anything else and
+	// even when it is then refused (spec emsd.md §9.4). Not so an
+	// operation that carries the password of a device that has one: it
+	// wakes the queue once the password checked out and the source
+	// became the device's contact (contact.go), so that the deliveries it
+	// starts go there, and a wrong password starts nothing.
+	authOp := ok && (op == emsd.OpSubmission || op == emsd.OpDeliveryControl)
+	woken := hint != nil && (!authOp || hint.PasswordHash == "" || ipOnly)
+	if woken {
 		s.wake(hint.addr)
 	}
 	if inv.Encoding != esro.EncodingBER { // spec emsd.md §1.2, captured
 		s.refuse(w, "any", emsd.CodeProtocolViolation, "encoding type")
 		return
 	}
-	v := emsd.V1_1
-	if hint != nil {
-		v = hint.version
-	}
-	op, ok := emsd.ParseOperation(emsd.Operation(inv.Operation), v)
 	sap := emsd.SAP(inv.SAP)
 	switch {
 	case ok && op == emsd.OpSubmission && sap == emsd.SAPMTSPerformer3Way:
 		s.metrics.invokes.WithLabelValues("submission").Inc()
-		s.handleSubmit(ctx, w, inv, peer, v, hint != nil)
+		s.handleSubmit(ctx, w, inv, peer, v, woken)
 	case ok && op == emsd.OpDeliveryControl && sap == emsd.SAPMTSPerformer2Way:
 		s.metrics.invokes.WithLabelValues("delivery_control").Inc()
-		s.handleDeliveryControl(ctx, w, inv, peer, v, hint != nil)
+		s.handleDeliveryControl(ctx, w, inv, peer, v, woken)
 	case ok && op == emsd.OpDeliveryVerify && v == emsd.V1_1:
 		// Accepted on either performer SAP (Open Point 12).
 		s.metrics.invokes.WithLabelValues("delivery_verify").Inc()
@@ -97,10 +104,13 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 		s.refuse(w, "delivery_control", emsd.CodeOf(err), err.Error())
 		return
 	}
-	dev, err := s.identify(peer, a.Security, true)
+	dev, authed, err := s.identify(peer, a.Security, true)
 	if err != nil {
 		s.refuseIdentity(w, "delivery_control", peer, err)
 		return
+	}
+	if authed {
+		s.heard(dev, peer)
 	}
 	if !woken {
 		s.wake(dev.addr)
@@ -240,7 +250,7 @@ func (s *Server) handleDeliveryVerify(ctx context.Context, w esro.ResponseWriter
 		s.refuse(w, "delivery_verify", emsd.CodeOf(err), err.Error())
 		return
 	}
-	dev, err := s.identify(peer, nil, false)
+	dev, _, err := s.identify(peer, nil, false) // no credentials: never a contact
 	if err != nil {
 		s.refuseIdentity(w, "delivery_verify", peer, err)
 		return

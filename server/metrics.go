@@ -29,6 +29,9 @@ type metrics struct {
 	relay       *prometheus.CounterVec
 	devices     prometheus.Gauge
 	authLimited *prometheus.CounterVec
+	// addressChanges counts devices heard from another address (or by
+	// another server) than the one recorded.
+	addressChanges prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -61,10 +64,12 @@ func newMetrics() *metrics {
 		authLimited: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "emsd_auth_limited_total",
 			Help: "Authentications refused unchecked, answered as a wrong password, because the source or the device was over its failed-authentication limit, by limit (source, device)."},
 			[]string{"limit"}),
+		addressChanges: prometheus.NewCounter(prometheus.CounterOpts{Name: "emsd_device_address_changes_total",
+			Help: "Devices heard, with their password, from another address or through another server than the one their deliveries went to (NAT rebinding, a new lease, roaming between servers)."}),
 	}
 	m.reg.MustRegister(m.invokes, m.errors, m.submissions, m.verifies, m.deliveries, m.reports, m.inbound,
 		m.starttls, m.relay, m.devices)
-	m.reg.MustRegister(m.authLimited, m.refused)
+	m.reg.MustRegister(m.authLimited, m.refused, m.addressChanges)
 	for _, l := range []string{gateway.LimitTotal, gateway.LimitIP} {
 		m.refused.WithLabelValues(l) // at 0 from the start, for rate()
 	}

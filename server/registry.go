@@ -20,7 +20,7 @@ type device struct {
 	store.Device
 	addr    emsd.Address
 	version emsd.Version
-	ap      netip.AddrPort // where deliveries go
+	ap      netip.AddrPort // registered address; invalid for a device registered without one
 }
 
 // registry is an immutable snapshot of the device registry; the server
@@ -46,11 +46,13 @@ func newRegistry(version int64, devs []*store.Device) *registry {
 		if err != nil {
 			v = emsd.V1_1 // the reference's default for an unknown type (spec emsd.md §9.2)
 		}
-		ip := sd.IP.Unmap()
-		d := &device{Device: *sd, addr: emsd.Address(sd.Address), version: v, ap: netip.AddrPortFrom(ip, sd.Port)}
+		d := &device{Device: *sd, addr: emsd.Address(sd.Address), version: v}
 		r.byAddr[d.addr] = d
-		r.byAP[d.ap] = d
-		r.byIP[ip] = append(r.byIP[ip], d)
+		if ip := sd.IP.Unmap(); ip.IsValid() {
+			d.ap = netip.AddrPortFrom(ip, sd.Port)
+			r.byAP[d.ap] = d
+			r.byIP[ip] = append(r.byIP[ip], d)
+		}
 		for _, a := range sd.Aliases {
 			r.byAlias[strings.ToLower(a)] = d
 		}
@@ -144,12 +146,15 @@ func (c *pwCache) verify(d *device, pw string) bool {
 // A device the registry does not know may have been added a moment ago:
 // the registry is then re-read at once (registryFresh) and tried again,
 // rather than the device being refused until the next registry_poll.
-func (s *Server) identify(peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (*device, error) {
-	d, err := s.identifyIn(s.registry(), peer, sec, checkPW)
+//
+// authed reports that the device proved itself with its password: only
+// then may its source address become its contact (contact.go).
+func (s *Server) identify(peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (d *device, authed bool, err error) {
+	d, authed, err = s.identifyIn(s.registry(), peer, sec, checkPW)
 	if errors.Is(err, errUnknownDevice) && s.registryFresh() {
-		d, err = s.identifyIn(s.registry(), peer, sec, checkPW)
+		d, authed, err = s.identifyIn(s.registry(), peer, sec, checkPW)
 	}
-	return d, err
+	return d, authed, err
 }
 
 // registryRecheck: an unknown device makes the server ask the store
@@ -189,24 +194,24 @@ func (s *Server) reloadIfChanged(ctx context.Context, why string) bool {
 	return true
 }
 
-func (s *Server) identifyIn(r *registry, peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (*device, error) {
+func (s *Server) identifyIn(r *registry, peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (*device, bool, error) {
 	if s.conf().Compat.IPOnlyIdentification {
 		if d := r.byPeer(peer, true); d != nil {
-			return d, nil
+			return d, false, nil
 		}
-		return nil, errUnknownDevice
+		return nil, false, errUnknownDevice
 	}
 	var d *device
 	if sec != nil && sec.Address != nil {
 		d = r.byAddr[sec.Address.Address]
 		if d == nil {
-			return nil, errUnknownDevice
+			return nil, false, errUnknownDevice
 		}
 		if d.PasswordHash == "" && d.ap.Addr() != peer.Addr() {
-			return nil, errUnknownDevice
+			return nil, false, errUnknownDevice
 		}
 	} else if d = r.byPeer(peer, false); d == nil {
-		return nil, errUnknownDevice
+		return nil, false, errUnknownDevice
 	}
 	if checkPW && d.PasswordHash != "" {
 		pw := ""
@@ -218,7 +223,7 @@ func (s *Server) identifyIn(r *registry, peer netip.AddrPort, sec *emsd.Security
 		byDevice := d.ap.Addr() != peer.Addr()
 		limit := s.auth.over(peer.Addr(), d.addr, byDevice)
 		if limit == "" && s.pw.cached(d, pw) {
-			return d, nil
+			return d, true, nil
 		}
 		if limit == "" {
 			limit = s.auth.charge(peer.Addr(), d.addr, byDevice)
@@ -229,14 +234,15 @@ func (s *Server) identifyIn(r *registry, peer netip.AddrPort, sec *emsd.Security
 				s.log.Warn("authentications refused unchecked: too many failed authentications",
 					"limit", limit, "source", sourceOf(peer.Addr()).String(), "device", d.addr, "refused_since_last_warning", n)
 			}
-			return nil, errAuthLimited
+			return nil, false, errAuthLimited
 		}
 		if !s.pw.verify(d, pw) {
-			return nil, errBadPassword
+			return nil, false, errBadPassword
 		}
 		s.auth.refund(peer.Addr(), d.addr, byDevice)
+		return d, true, nil
 	}
-	return d, nil
+	return d, false, nil
 }
 
 // resolve maps an Internet address to a device: an alias, or

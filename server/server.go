@@ -116,6 +116,10 @@ type Server struct {
 	recheck   sync.Mutex
 	recheckAt time.Time
 	auth      *authLimiter
+	// via names this server's EMSD endpoint in device contacts;
+	// contacts are the ones it wrote (contact.go).
+	via      string
+	contacts contactCache
 
 	sched     sched
 	rescan    time.Duration // full rescan period of the scheduler
@@ -232,6 +236,7 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		pc.Close()
 		return nil, err
 	}
+	s.via = viaName(s.ep.LocalAddr().String())
 	if cfg.SMTP.Listen != "" && cfg.SMTP.TLSCert != "" {
 		s.tlsCert = &smtpCert{log: log.With("layer", "smtp")}
 		if err := s.tlsCert.loadFiles(cfg.SMTP.TLSCert, cfg.SMTP.TLSKey, time.Now()); err != nil {

@@ -238,7 +238,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		s.refuse(w, "submit", emsd.CodeOf(err), err.Error())
 		return
 	}
-	dev, err := s.identify(peer, sa.Security, true)
+	dev, authed, err := s.identify(peer, sa.Security, true)
 	if err != nil {
 		s.refuseIdentity(w, "submit", peer, err)
 		return
@@ -246,6 +246,9 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 	if dev.version != v {
 		s.refuse(w, "submit", emsd.CodeProtocolViolation, "credentials name a device of another protocol version")
 		return
+	}
+	if authed {
+		s.heard(dev, peer)
 	}
 	if !woken {
 		s.wake(dev.addr)
@@ -264,7 +267,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		}
 		if e.sub != nil {
 			s.subs.wait(e.sub.ID, peer)
-			s.afterResult(w, dev, e.sub, key)
+			s.afterResult(w, dev, peer, e.sub, key)
 		} else {
 			s.forgetWhenConfirmed(w, key)
 		}
@@ -338,7 +341,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 	if err := w.Result(esro.EncodingBER, ans); err != nil {
 		s.log.Debug("submit result", "device", dev.addr, "err", err)
 	}
-	s.afterResult(w, dev, rec, key)
+	s.afterResult(w, dev, peer, rec, key)
 }
 
 // addSubmission commits a submission, or finds the copy it re-invokes: the
@@ -398,8 +401,10 @@ func (s *Server) forgetWhenConfirmed(w esro.ResponseWriter, key segKey) {
 // afterResult waits for the device's acknowledgement of the RESULT and
 // releases the submission, or runs submission verify when it does not
 // come (spec emsd.md §9.5 steps 7-8). key is the segment cache entry of
-// the last segment of a segmented submission (zero otherwise).
-func (s *Server) afterResult(w esro.ResponseWriter, dev *device, rec *store.Submission, key segKey) {
+// the last segment of a segmented submission (zero otherwise); peer is
+// where the submission came from, hence where the verify goes: behind a
+// NAT the only address that reaches the device.
+func (s *Server) afterResult(w esro.ResponseWriter, dev *device, peer netip.AddrPort, rec *store.Submission, key segKey) {
 	if rec.State != store.SubmissionPending {
 		s.subs.done(rec.ID, false)
 		s.subs.resolved(rec.ID)
@@ -421,7 +426,7 @@ func (s *Server) afterResult(w esro.ResponseWriter, dev *device, rec *store.Subm
 		// A re-invocation of the same submission is waiting for its own
 		// confirmation and decides.
 	default:
-		s.verifySubmission(dev, rec)
+		s.verifySubmission(dev, peer, rec)
 	}
 }
 
@@ -429,7 +434,7 @@ func (s *Server) afterResult(w esro.ResponseWriter, dev *device, rec *store.Subm
 // succeeded (op 6, MTS SAP 6 -> UA SAP 7, 2-way). No answer counts as
 // compat.verify_failure says: "send" by default, since a possible
 // duplicate is better than a loss (Open Point 25).
-func (s *Server) verifySubmission(dev *device, rec *store.Submission) {
+func (s *Server) verifySubmission(dev *device, peer netip.AddrPort, rec *store.Submission) {
 	defer s.subs.resolved(rec.ID)
 	id := emsd.LocalMessageID{SubmissionTime: emsd.Time(rec.LocalTime), Number: rec.Number}
 	verdict := "failure"
@@ -437,8 +442,23 @@ func (s *Server) verifySubmission(dev *device, rec *store.Submission) {
 		o := s.opts(dev.version)
 		arg, err := (&emsd.SubmissionVerifyArgument{MessageID: emsd.MessageID{IsLocal: true, Local: id}}).Marshal(o)
 		if err == nil {
-			res, err := s.ep.Invoke(s.ctx, &esro.Request{To: dev.ap, SAP: uint8(emsd.SAPUAPerformer2Way),
-				Operation: uint8(emsd.OpSubmissionVerify), Encoding: esro.EncodingBER, Handshake: esro.TwoWay, Data: arg})
+			// First where the submission came from (the device's socket,
+			// the only address that reaches it behind a NAT), then, when
+			// that is gone (emsdp ua send has exited), the registered
+			// address, where its receiver answers from the same verify
+			// list.
+			to := []netip.AddrPort{peer}
+			if dev.ap.IsValid() && dev.ap != peer {
+				to = append(to, dev.ap)
+			}
+			var res *esro.Result
+			for _, ap := range to {
+				res, err = s.ep.Invoke(s.ctx, &esro.Request{To: ap, SAP: uint8(emsd.SAPUAPerformer2Way),
+					Operation: uint8(emsd.OpSubmissionVerify), Encoding: esro.EncodingBER, Handshake: esro.TwoWay, Data: arg})
+				if !isFailure(err) {
+					break
+				}
+			}
 			if s.ctx.Err() != nil || errors.Is(err, esro.ErrClosed) {
 				return // stays pending; released at the next start
 			}
