@@ -3,6 +3,7 @@ package ua
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
@@ -64,4 +65,42 @@ func (c *Client) DeliveryVerify(ctx context.Context, id emsd.MessageID) (emsd.De
 		return 0, fmt.Errorf("%w: delivery verify: %w", ErrBadResult, err)
 	}
 	return r.Status, nil
+}
+
+// DefaultPollInterval is KeepPolling's interval when none is given: below
+// the 30 s within which many home and carrier-grade NATs drop an idle UDP
+// binding (RFC 4787 REQ-5 asks for 2 minutes; many keep 30-60 s), and
+// within the MTS's default contact lifetime, so that a polling device
+// stays reachable.
+const DefaultPollInterval = 25 * time.Second
+
+// KeepPolling sends delivery control at once and then every interval
+// (DefaultPollInterval when zero or less) until ctx ends, and returns
+// ctx's error. Each answered poll tells the MTS where the device is now
+// (its source address: behind a NAT, the binding the poll opened) and
+// makes queued deliveries flow; the deliveries come back over the same
+// socket, the client's endpoint, which the polls keep open in the NAT.
+// report, when not nil, receives each poll's outcome (nil: answered; an
+// *Error answer, as a reference MTS's ERROR 7, is an answer too).
+func (c *Client) KeepPolling(ctx context.Context, interval time.Duration, report func(error)) error {
+	if interval <= 0 {
+		interval = DefaultPollInterval
+	}
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+		_, err := c.DeliveryControl(ctx, nil)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if report != nil {
+			report(err)
+		}
+		t.Reset(interval)
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -389,4 +390,49 @@ func mustListen(t *testing.T) net.PacketConn {
 	c, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	must(t, err)
 	return c
+}
+
+// KeepPolling polls at once and then every interval (a NAT's binding stays
+// open), reports each outcome, and ends with its context.
+func TestKeepPolling(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := lossynet.New(lossynet.Config{Seed: 1})
+		m, d := lossyPair(t, n, fastTimers, Config{Password: "pw"})
+		ctx, cancel := context.WithCancel(t.Context())
+		var mu sync.Mutex
+		var outcomes []error
+		done := make(chan error, 1)
+		start := time.Now()
+		go func() {
+			done <- d.KeepPolling(ctx, 10*time.Second, func(err error) {
+				mu.Lock()
+				outcomes = append(outcomes, err)
+				mu.Unlock()
+			})
+		}()
+		time.Sleep(35 * time.Second) // polls at 0, 10, 20 and 30 s
+		synctest.Wait()
+		if got := len(m.Controls()); got != 4 {
+			t.Errorf("%d polls in %v, want 4", got, time.Since(start))
+		}
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("KeepPolling returned %v", err)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if len(outcomes) != 4 || outcomes[0] != nil {
+			t.Errorf("outcomes %v", outcomes)
+		}
+		// A server that answers ERROR 7 (a reference MTS) was reached too.
+		m.SetReferenceControl(true)
+		var got error
+		ctx, cancel = context.WithCancel(t.Context())
+		go d.KeepPolling(ctx, 0, func(err error) { got = err; cancel() })
+		<-ctx.Done()
+		var e *Error
+		if !errors.As(got, &e) || e.Code != emsd.CodeProtocolViolation {
+			t.Errorf("reference MTS poll: %v", got)
+		}
+	})
 }

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 	"unicode"
 
 	"github.com/esro-emsdp/emsdp/emsd"
@@ -282,15 +283,24 @@ func uaReceive(ctx context.Context, env *cmdEnv, args []string) int {
 	fs := flag.NewFlagSet("emsdp ua receive", flag.ContinueOnError)
 	var d uaDevice
 	d.register(fs, env)
-	fs.StringVar(&d.local, "listen", "", "UDP address deliveries come to (the device's registered IP and port); required")
+	fs.StringVar(&d.local, "listen", "", "UDP address deliveries come to: the device's registered IP and port; with --poll any (default :0)")
 	dir := fs.String("maildir", "", "Maildir to store delivered messages in (created if needed); required")
 	domain := fs.String("domain", "emsd.invalid", "mail domain for local addresses in stored messages (hhh.lll@domain)")
-	poll := fs.Bool("poll", false, "send a delivery control first so that queued mail flows at once")
+	poll := fs.Bool("poll", false, "poll with delivery control from the receiving socket, at once and every --poll-interval: "+
+		"queued mail flows, and the server delivers to the address the polls come from (behind a NAT too)")
+	pollEvery := fs.Duration("poll-interval", ua.DefaultPollInterval, "time between polls with --poll; within the NAT's UDP timeout "+
+		"(often 30s) and the server's delivery.contact_lifetime; 0 = poll once at start")
 	if done, code := parseFlags(fs, env, args); done {
 		return code
 	}
+	if d.local == "" && *poll {
+		d.local = ":0"
+	}
 	if d.local == "" {
-		return fail(env, usagef("--listen ADDR is required"))
+		return fail(env, usagef("--listen ADDR is required (or --poll, which receives wherever it polls from)"))
+	}
+	if *pollEvery < 0 || (*pollEvery > 0 && *pollEvery < 100*time.Millisecond) {
+		return fail(env, usagef("--poll-interval %v: want 0 (once) or at least 100ms", *pollEvery))
 	}
 	if *dir == "" {
 		return fail(env, usagef("--maildir DIR is required"))
@@ -328,20 +338,7 @@ func uaReceive(ctx context.Context, env *cmdEnv, args []string) int {
 	fmt.Fprintf(env.stderr, "emsdp ua receive: listening on %s, storing in %s\n", ep.LocalAddr(), *dir)
 	var wg sync.WaitGroup
 	if *poll {
-		wg.Go(func() {
-			_, err := c.DeliveryControl(ctx, nil)
-			var e *ua.Error
-			switch {
-			case err == nil:
-				fmt.Fprintln(env.stderr, "emsdp ua receive: delivery control answered")
-			case errors.As(err, &e):
-				// A reference MTS always answers ERROR 7 (§9.12): it
-				// answered, and queued deliveries follow all the same.
-				fmt.Fprintf(env.stderr, "emsdp ua receive: delivery control answered with %v\n", e)
-			case ctx.Err() == nil:
-				fmt.Fprintf(env.stderr, "emsdp ua receive: delivery control: %v\n", err)
-			}
-		})
+		wg.Go(func() { uaPoll(ctx, env, c, *pollEvery) })
 	}
 	<-ctx.Done()
 	// Deliveries being stored finish and their answers go out; the poll
@@ -350,6 +347,41 @@ func uaReceive(ctx context.Context, env *cmdEnv, args []string) int {
 	wg.Wait()
 	c.Close()
 	return exitOK
+}
+
+// uaPoll polls the server from the receiving socket: once when every is
+// 0, else until ctx ends. It reports the first answer and every change
+// between answered and not, not each poll.
+func uaPoll(ctx context.Context, env *cmdEnv, c *ua.Client, every time.Duration) {
+	answered := -1 // unknown, no, yes
+	report := func(err error) {
+		var e *ua.Error
+		switch {
+		case err == nil:
+			if answered != 1 {
+				fmt.Fprintln(env.stderr, "emsdp ua receive: delivery control answered")
+			}
+			answered = 1
+		case errors.As(err, &e):
+			// A reference MTS always answers ERROR 7 (§9.12): it
+			// answered, and queued deliveries follow all the same.
+			if answered != 1 {
+				fmt.Fprintf(env.stderr, "emsdp ua receive: delivery control answered with %v\n", e)
+			}
+			answered = 1
+		case ctx.Err() == nil:
+			if answered != 0 {
+				fmt.Fprintf(env.stderr, "emsdp ua receive: delivery control: %v\n", err)
+			}
+			answered = 0
+		}
+	}
+	if every == 0 {
+		_, err := c.DeliveryControl(ctx, nil)
+		report(err)
+		return
+	}
+	c.KeepPolling(ctx, every, report)
 }
 
 // uaShowAddress renders an originator for the one-line report: hhh.lll for
