@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"net/mail"
 	"net/netip"
+	"strconv"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/server"
@@ -31,7 +33,11 @@ func cmdDevice(ctx context.Context, env *cmdEnv, args []string) int {
 
 // deviceStore holds the flags that locate the store: those of emsdp
 // serve, so that a command line names the same store for both.
-type deviceStore struct{ data, dsn, config string }
+type deviceStore struct {
+	data, dsn, config string
+	// lifetime is the servers' delivery.contact_lifetime, set by open.
+	lifetime time.Duration
+}
 
 func (d *deviceStore) register(fs *flag.FlagSet) {
 	fs.StringVar(&d.data, "data", "", "data directory of the server's SQLite store (default: as --config says, else ./emsdp-data)")
@@ -62,6 +68,7 @@ func (d *deviceStore) open(ctx context.Context) (store.Store, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	d.lifetime = time.Duration(cfg.Delivery.ContactLifetime)
 	return cfg.OpenStore(ctx)
 }
 
@@ -115,8 +122,9 @@ func deviceAdd(ctx context.Context, env *cmdEnv, args []string) int {
 	st.register(fs)
 	address := fs.String("address", "", "EMSD address NNN.NNN (required)")
 	password := fs.String("password", "", `device password, at most 16 octets (required; "" for none)`)
-	ip := fs.String("ip", "", "the device's IP address: it submits from there and deliveries go there (required)")
-	port := fs.Int("port", emsd.DefaultPort, "the device's UDP port")
+	ip := fs.String("ip", "", "the device's registered IP address: a device without password is known by it, and deliveries go there "+
+		"while the device has not been heard lately from elsewhere; optional for a device with a password (behind a NAT, on changing addresses)")
+	port := fs.Int("port", emsd.DefaultPort, "the device's registered UDP port (with --ip)")
 	version := fs.String("version", "1.1", "EMSD protocol version of the device: 1.1 or 1.0")
 	mode := fs.String("mode", "complete", "delivery mode: complete (3-way) or efficient (2-way)")
 	var aliases aliasList
@@ -126,12 +134,19 @@ func deviceAdd(ctx context.Context, env *cmdEnv, args []string) int {
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if *ip == "" && set["port"] {
+		return fail(env, usagef("--port needs --ip"))
+	}
 	d, err := deviceFromFlags(*address, *ip, *port, *version, *mode, aliases)
 	if err != nil {
 		return fail(env, err)
 	}
 	if !set["password"] {
 		return fail(env, usagef(`--password is required (--password "" for a device without one)`))
+	}
+	if *ip == "" && *password == "" {
+		return fail(env, usagef("--ip is required for a device without password: nothing else could tell it apart "+
+			"(with a password it may be left out: the server delivers where it hears the device from)"))
 	}
 	if d.PasswordHash, err = passwordFlag(*password); err != nil {
 		return fail(env, err)
@@ -156,15 +171,16 @@ func deviceFromFlags(address, ip string, port int, version, mode string, aliases
 	if err != nil {
 		return nil, err
 	}
-	if ip == "" {
-		return nil, usagef("--ip is required")
-	}
-	addr, err := netip.ParseAddr(ip)
-	if err != nil {
-		return nil, usagef("--ip %q: %v", ip, err)
-	}
-	if port < 1 || port > 65535 {
-		return nil, usagef("--port %d out of range 1..65535", port)
+	var addr netip.Addr
+	if ip != "" {
+		if addr, err = netip.ParseAddr(ip); err != nil {
+			return nil, usagef("--ip %q: %v", ip, err)
+		}
+		if port < 1 || port > 65535 {
+			return nil, usagef("--port %d out of range 1..65535", port)
+		}
+	} else {
+		port = 0
 	}
 	v, err := emsd.ParseVersion(version)
 	if err != nil || (v != emsd.V1_1 && v != emsd.V1_0) {
@@ -190,8 +206,54 @@ func deviceLine(d *store.Device) string {
 	if aliases == "" {
 		aliases = "-"
 	}
-	return fmt.Sprintf("device %s ip=%s port=%d version=%s mode=%s password=%s aliases=%s",
-		emsd.Address(d.Address), d.IP, d.Port, d.Version, d.Mode, yesNo(d.PasswordHash != ""), strings.ToLower(aliases))
+	return fmt.Sprintf("device %s ip=%s port=%s version=%s mode=%s password=%s aliases=%s",
+		emsd.Address(d.Address), ipText(d), portText(d), d.Version, d.Mode, yesNo(d.PasswordHash != ""), strings.ToLower(aliases))
+}
+
+// ipText and portText show the registered address; "-" for none.
+func ipText(d *store.Device) string {
+	if !d.IP.IsValid() {
+		return "-"
+	}
+	return d.IP.String()
+}
+
+func portText(d *store.Device) string {
+	if !d.IP.IsValid() {
+		return "-"
+	}
+	return strconv.Itoa(int(d.Port))
+}
+
+// ageText is how long ago t was, to the second.
+func ageText(now, t time.Time) string {
+	return max(now.Sub(t), 0).Round(time.Second).String()
+}
+
+// heardText describes a device's contact for show: where it was heard
+// from, how long ago, by which server, and whether deliveries go there
+// (within lifetime of it, as the server decides; 0: not known).
+func heardText(d *store.Device, now time.Time, lifetime time.Duration) string {
+	c := d.Contact
+	elsewhere := "deliveries go to the registered address"
+	if !d.IP.IsValid() {
+		elsewhere = "offline: deliveries wait until it is heard again"
+	}
+	if !c.Known() {
+		if lifetime > 0 {
+			return "never (no operation with its password yet); " + elsewhere
+		}
+		return "never (no operation with its password yet)"
+	}
+	s := fmt.Sprintf("%s, %s ago (%s), by %s", c.Addr, ageText(now, c.At), c.At.UTC().Format("2006-01-02 15:04:05Z"), c.Via)
+	if lifetime > 0 {
+		if now.Sub(c.At) < lifetime {
+			s += "; deliveries go there"
+		} else {
+			s += "; longer ago than delivery.contact_lifetime " + lifetime.String() + ": " + elsewhere
+		}
+	}
+	return s
 }
 
 func yesNo(b bool) string {
@@ -218,14 +280,19 @@ func deviceList(ctx context.Context, env *cmdEnv, args []string) int {
 		return fail(env, err)
 	}
 	tw := tabwriter.NewWriter(env.stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "ADDRESS\tIP\tPORT\tVERSION\tMODE\tPASSWORD\tALIASES")
+	fmt.Fprintln(tw, "ADDRESS\tIP\tPORT\tVERSION\tMODE\tPASSWORD\tALIASES\tHEARD-FROM\tHEARD-AGO")
+	now := time.Now()
 	for _, d := range devs {
 		aliases := strings.Join(d.Aliases, ",")
 		if aliases == "" {
 			aliases = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\n", emsd.Address(d.Address), d.IP, d.Port, d.Version, d.Mode,
-			yesNo(d.PasswordHash != ""), aliases)
+		from, ago := "-", "-"
+		if d.Contact.Known() {
+			from, ago = d.Contact.Addr.String(), ageText(now, d.Contact.At)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", emsd.Address(d.Address), ipText(d), portText(d), d.Version, d.Mode,
+			yesNo(d.PasswordHash != ""), aliases, from, ago)
 	}
 	tw.Flush()
 	return exitOK
@@ -291,13 +358,14 @@ func deviceShow(ctx context.Context, env *cmdEnv, args []string) int {
 	}
 	w := env.stdout
 	fmt.Fprintf(w, "address:   %s\n", emsd.Address(d.Address))
-	fmt.Fprintf(w, "ip:        %s\n", d.IP)
-	fmt.Fprintf(w, "port:      %d\n", d.Port)
+	fmt.Fprintf(w, "ip:        %s\n", ipText(d))
+	fmt.Fprintf(w, "port:      %s\n", portText(d))
 	fmt.Fprintf(w, "version:   %s\n", d.Version)
 	fmt.Fprintf(w, "mode:      %s\n", d.Mode)
 	fmt.Fprintf(w, "password:  %s\n", yesNo(d.PasswordHash != ""))
 	fmt.Fprintf(w, "aliases:   %s\n", aliases)
 	fmt.Fprintf(w, "control:   %s\n", controlText(d.Control))
+	fmt.Fprintf(w, "heard:     %s\n", heardText(d, time.Now(), st.lifetime))
 	fmt.Fprintf(w, "created:   %s\n", d.Created.UTC().Format("2006-01-02 15:04:05Z"))
 	fmt.Fprintf(w, "updated:   %s\n", d.Updated.UTC().Format("2006-01-02 15:04:05Z"))
 	return exitOK

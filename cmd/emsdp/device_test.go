@@ -2,13 +2,16 @@ package main
 
 import (
 	"context"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/esro-emsdp/emsdp/internal/pgtest"
+	"github.com/esro-emsdp/emsdp/store"
 )
 
 // The device commands, in order, on one store: outputs and exit codes.
@@ -37,15 +40,16 @@ func TestDeviceCommands(t *testing.T) {
 		{"address 0", d("device", "add", "--address", "0", "--password", "", "--ip", "192.0.2.9"), exitUsage, `^$`, "other than 0"},
 		{"no address", d("device", "add", "--password", "", "--ip", "192.0.2.9"), exitUsage, `^$`, "--address NNN.NNN is required"},
 		{"bad ip", d("device", "add", "--address", "1.2", "--password", "", "--ip", "host"), exitUsage, `^$`, "--ip"},
-		{"no ip", d("device", "add", "--address", "1.2", "--password", ""), exitUsage, `^$`, "--ip is required"},
+		{"no ip, no password", d("device", "add", "--address", "1.2", "--password", ""), exitUsage, `^$`, "--ip is required for a device without password"},
+		{"port without ip", d("device", "add", "--address", "1.2", "--password", "x", "--port", "27102"), exitUsage, `^$`, "--port needs --ip"},
 		{"bad port", d("device", "add", "--address", "1.2", "--password", "", "--ip", "::1", "--port", "70000"), exitUsage, `^$`, "--port"},
 		{"bad version", d("device", "add", "--address", "1.2", "--password", "", "--ip", "::1", "--version", "2.0"), exitUsage, `^$`, "--version"},
 		{"bad mode", d("device", "add", "--address", "1.2", "--password", "", "--ip", "::1", "--mode", "fast"), exitUsage, `^$`, "--mode"},
 		{"bad alias", d("device", "add", "--address", "1.2", "--password", "", "--ip", "::1", "--alias", "Bob <b@x>"), exitUsage, `^$`, "--alias"},
 		{"list", d("device", "list"), exitOK,
-			`^ADDRESS +IP +PORT +VERSION +MODE +PASSWORD +ALIASES\n198\.036 +192\.0\.2\.7 +641 +1\.1 +complete +yes +a2@example\.net,a3@example\.net,alice@example\.net\n198\.037 +192\.0\.2\.8 +2002 +1\.0 +efficient +no +-\n$`, ""},
+			`^ADDRESS +IP +PORT +VERSION +MODE +PASSWORD +ALIASES +HEARD-FROM +HEARD-AGO\n198\.036 +192\.0\.2\.7 +641 +1\.1 +complete +yes +a2@example\.net,a3@example\.net,alice@example\.net +- +-\n198\.037 +192\.0\.2\.8 +2002 +1\.0 +efficient +no +- +- +-\n$`, ""},
 		{"show", d("device", "show", "198.037"), exitOK,
-			`(?s)^address: +198\.037\nip: +192\.0\.2\.8\nport: +2002\nversion: +1\.0\nmode: +efficient\npassword: +no\naliases: +-\ncontrol: +none\ncreated: .*\nupdated: .*\n$`, ""},
+			`(?s)^address: +198\.037\nip: +192\.0\.2\.8\nport: +2002\nversion: +1\.0\nmode: +efficient\npassword: +no\naliases: +-\ncontrol: +none\nheard: +never \(no operation with its password yet\); deliveries go to the registered address\ncreated: .*\nupdated: .*\n$`, ""},
 		{"show by flag", d("device", "show", "--address", "198.036"), exitOK, `password: +yes`, ""},
 		{"show unknown", d("device", "show", "1.1"), exitFailed, `^$`, "no device 001.001"},
 		{"passwd", d("device", "passwd", "--address", "198.037", "--password", "new"), exitOK, `^password changed for device 198\.037\n$`, ""},
@@ -55,6 +59,11 @@ func TestDeviceCommands(t *testing.T) {
 		{"passwd unknown", d("device", "passwd", "1.1", "--password", "x"), exitFailed, `^$`, "no device 001.001"},
 		{"remove", d("device", "remove", "198.036"), exitOK, `^removed device 198\.036\n$`, ""},
 		{"remove again", d("device", "remove", "--address", "198.036"), exitFailed, `^$`, "no device 198.036"},
+		{"add without ip", d("device", "add", "--address", "198.040", "--password", "pw"), exitOK,
+			`^added device 198\.040 ip=- port=- version=1\.1 mode=complete password=yes aliases=-\n$`, ""},
+		{"show without ip", d("device", "show", "198.040"), exitOK,
+			`(?s)ip: +-\nport: +-\n.*heard: +never \(no operation with its password yet\); offline: deliveries wait until it is heard again\n`, ""},
+		{"passwd cannot remove the only way in", d("device", "passwd", "198.040", "--password", ""), exitUsage, `^$`, "without IP address needs a password"},
 		{"alias free again", d("device", "add", "--address", "198.038", "--password", "", "--ip", "::1", "--alias", "alice@example.net"),
 			exitOK, `^added device 198\.038 ip=::1`, ""},
 		{"two addresses", d("device", "show", "1.1", "1.2"), exitUsage, `^$`, "unexpected argument"},
@@ -153,5 +162,34 @@ func TestDevicePostgres(t *testing.T) {
 				t.Errorf("%v: exit %d, stderr %q", tc.args, code, errs)
 			}
 		})
+	}
+}
+
+// show and list say where a device was last heard from, how long ago and
+// by which server, and where its deliveries go therefore.
+func TestDeviceHeard(t *testing.T) {
+	data := t.TempDir()
+	if code, _, errs := runCmd(t, "", "device", "add", "--data", data, "--address", "198.002", "--password", "pw",
+		"--ip", "127.0.0.2", "--port", "27102"); code != exitOK {
+		t.Fatalf("add: %d %s", code, errs)
+	}
+	ds := &deviceStore{data: data}
+	db, err := ds.open(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = db.SetContact(context.Background(), 198002, store.Contact{Addr: netip.MustParseAddrPort("127.0.0.3:27999"),
+		Via: "mts1 127.0.0.1:641", At: time.Now().Add(-5 * time.Second)})
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, out, _ := runCmd(t, "", "device", "show", "198.002", "--data", data)
+	if want := regexp.MustCompile(`\nheard: +127\.0\.0\.3:27999, [56]s ago \(\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ\), by mts1 127\.0\.0\.1:641; deliveries go there\n`); code != exitOK || !want.MatchString(out) {
+		t.Errorf("show: %d %q", code, out)
+	}
+	code, out, _ = runCmd(t, "", "device", "list", "--data", data)
+	if want := regexp.MustCompile(`\n198\.002 +127\.0\.0\.2 +27102 +1\.1 +complete +yes +- +127\.0\.0\.3:27999 +[56]s\n$`); code != exitOK || !want.MatchString(out) {
+		t.Errorf("list: %d %q", code, out)
 	}
 }

@@ -248,6 +248,9 @@ func queueList(ctx context.Context, env *cmdEnv, args []string) int {
 	}
 	tw.Flush()
 	fmt.Fprintln(env.stdout, queueSummary(l))
+	if f.Device != 0 {
+		fmt.Fprintf(env.stdout, "-- device %s heard: %s\n", emsd.Address(f.Device), deviceHeard(ctx, db, f.Device, st.lifetime))
+	}
 	if l.Truncated() {
 		fmt.Fprintf(env.stdout, "-- listing cut at %d of %d entries (--limit)\n", len(l.Entries), l.Matched())
 	}
@@ -384,7 +387,23 @@ func queueShow(ctx context.Context, env *cmdEnv, args []string) int {
 		return queueFail(env, err)
 	}
 	printEntry(env.stdout, e)
+	if e.Ref.Kind == store.QueueDelivery {
+		fmt.Fprintf(env.stdout, "%-18s %s\n", "device-heard:", deviceHeard(ctx, db, e.Device, st.lifetime))
+	}
 	return exitOK
+}
+
+// deviceHeard is where deliveries to a device go now, for queue show and
+// list --device: the device's contact and its age (heardText).
+func deviceHeard(ctx context.Context, db store.Store, addr uint32, lifetime time.Duration) string {
+	d, err := db.Device(ctx, addr)
+	if errors.Is(err, store.ErrNotFound) {
+		return "- (the device is no longer registered)"
+	}
+	if err != nil {
+		return "- (" + err.Error() + ")"
+	}
+	return heardText(d, time.Now(), lifetime)
 }
 
 // printEntry prints every stored field of e but its contents, of which it

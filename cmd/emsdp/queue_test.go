@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -55,6 +56,12 @@ func queueFill(t *testing.T, db store.Store) (ids map[string]string, finish func
 				Expires: now.Add(2 * time.Hour), Recipients: []store.RelayRecipient{{Addr: "carol@example.com"}}},
 		},
 	}))
+	// 198.037 is registered without IP address and was heard 3 minutes
+	// ago (behind a NAT); the others are not registered.
+	must(db.AddDevice(ctx, &store.Device{Address: 198037, PasswordHash: "h", Version: "1.1", Mode: store.ModeComplete}))
+	_, _, err = db.SetContact(ctx, 198037, store.Contact{Addr: netip.MustParseAddrPort("192.0.2.9:40123"), Via: "mts1 127.0.0.1:641",
+		At: now.Add(-3 * time.Minute)})
+	must(err)
 	ids = map[string]string{}
 	claim := func(dev uint32, name string) *store.Delivery {
 		t.Helper()
@@ -146,7 +153,9 @@ func testQueueCommands(t *testing.T, db store.Store, flags []string, ids map[str
 			row(c, "delivery", "failed", "198.039", "L:6b080580.00000003", `\d+`, "1", "-", "device answered ERROR 7 (parameter 2)"),
 			`\n-- 1 entry: delivery failed=1\n$`}, nil, ""},
 		{"list one device", q("list", "--device", "198.037", "--state", "all"), exitOK, []string{`(?m)^` + a + ` `,
-			`\n-- 1 entry: delivery queued=1\n$`}, []string{`(?m)^R`}, ""},
+			`\n-- 1 entry: delivery queued=1\n-- device 198\.037 heard: 192\.0\.2\.9:40123, 3m\d+s ago \(\d{4}-\d\d-\d\d ` +
+				`\d\d:\d\d:\d\dZ\), by mts1 127\.0\.0\.1:641; longer ago than delivery.contact_lifetime 2m0s: offline: deliveries wait until it is heard again\n$`},
+			[]string{`(?m)^R`}, ""},
 		{"list relays", q("list", "--relays"), exitOK, []string{`(?m)^` + x + ` `, `(?m)^` + z + ` `,
 			`\n-- 2 entries: relay queued=2\n$`}, []string{`(?m)^D`}, ""},
 		{"list in flight", q("list", "--deliveries", "--state", "sending"), exitOK, []string{`(?m)^` + b + ` `,
@@ -159,7 +168,8 @@ func testQueueCommands(t *testing.T, db store.Store, flags []string, ids map[str
 				`attempts: +1\nqueued: +` + tm + `\nupdated: +` + tm + `\nnext-attempt: +` + tm + `\nexpires: +` + tm + `\n` +
 				`last-error: +failure reason=2 user not responding\nreport-to: +device 198\.036\nreport-flags: +0x20\n` +
 				`report-recipient: +L:198037\nreport-message-id: +L:6b080580\.00000001\nreport-headers: +-\n` +
-				`subject: +"Lunch"\nfrom: +198\.036\n$`}, nil, ""},
+				`subject: +"Lunch"\nfrom: +198\.036\ndevice-heard: +192\.0\.2\.9:40123, 3m\d+s ago .*\n$`}, nil, ""},
+		{"show unregistered", q("show", c), exitOK, []string{`\ndevice-heard: +- \(the device is no longer registered\)\n$`}, nil, ""},
 		{"show relay", q("show", strings.ToLower(x)), exitOK, []string{`(?m)^recipient: +bob@example\.com$`,
 			`(?m)^envelope-from: +198\.036@emsd\.test$`, `(?m)^message-id: +L:6b080580\.00000002$`,
 			`(?m)^header-message-id: +<EMSD\.6b080580\.00000002@emsd\.test>$`, `(?m)^header-subject: +"Grüße"$`,
