@@ -17,7 +17,8 @@ import (
 // device sent to. So the server learns where a device is from what it
 // sends: each INVOKE whose password checked out (submission, delivery
 // control) records its source address and this server's endpoint (Via)
-// in the store as the device's contact. Nothing else moves it: not
+// in the store as the device's contact (a submission from elsewhere than
+// a fresh poll's address excepted, see heard). Nothing else moves it: not
 // identification by source address (compat.ip_only_identification, a
 // device without password, delivery verify, which carries no
 // credentials), and not a wrong password, so a forged source address
@@ -113,20 +114,37 @@ func viaName(local string) string {
 	return h + " " + local
 }
 
-// heard records that dev, authenticated by its password, sent from peer.
-// It runs before the INVOKE wakes the device's queue, so that the
-// deliveries it starts go to peer.
-func (s *Server) heard(dev *device, peer netip.AddrPort) {
+// heard records that dev, authenticated by its password, sent from peer,
+// in a poll (delivery control) or not (a submission). It runs before the
+// INVOKE wakes the device's queue, so that the deliveries it starts go to
+// peer.
+//
+// A submission does not move a fresh contact heard in a poll from
+// elsewhere: a device that polls from one socket and submits from
+// another (emsdp ua receive --poll beside emsdp ua send, whose socket
+// closes when it has sent) receives where it polls. A single socket
+// behind a NAT, the usual device, polls and submits from one address.
+func (s *Server) heard(dev *device, peer netip.AddrPort, polled bool) {
 	now := time.Now()
 	life := time.Duration(s.conf().Delivery.ContactLifetime)
-	c := store.Contact{Addr: peer, Via: s.via, At: now}
+	c := store.Contact{Addr: peer, Via: s.via, At: now, Polled: polled}
 	if s.contacts.isDead(dev.addr, peer) {
 		s.contacts.setDead(dev.addr, peer, false)
 		s.unhold(dev.addr)
 		s.kick()
 	}
-	if last, ok := s.contacts.get(dev.addr); ok && last.Addr == peer && last.Via == s.via && now.Sub(last.At) < life/4 {
+	last, ok := s.contacts.get(dev.addr)
+	if ok && last.Addr == peer && last.Via == s.via && (last.Polled || !polled) && now.Sub(last.At) < life/4 {
 		return
+	}
+	if !polled {
+		cur, err := s.st.DeviceContact(s.ctx, uint32(dev.addr))
+		if err == nil && cur.Polled && now.Sub(cur.At) < life {
+			if cur.Addr != peer && !s.contacts.isDead(dev.addr, cur.Addr) {
+				return // it receives where it polls from
+			}
+			c.Polled = cur.Addr == peer
+		}
 	}
 	prev, written, err := s.st.SetContact(s.ctx, uint32(dev.addr), c)
 	if err != nil {

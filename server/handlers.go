@@ -110,7 +110,7 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 		return
 	}
 	if authed {
-		s.heard(dev, peer)
+		s.heard(dev, peer, true)
 	}
 	if !woken {
 		s.wake(dev.addr)

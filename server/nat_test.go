@@ -627,3 +627,56 @@ func TestQuietDeviceOffline(t *testing.T) {
 		t.Fatal("not delivered once heard again")
 	}
 }
+
+// A device that polls from one socket and submits from others (emsdp ua
+// receive --poll beside emsdp ua send) keeps receiving where it polls: a
+// submission does not move a fresh poll's contact. A device that only
+// submits is reached where it submits from, and a submission refreshes
+// the contact at the poll's own address.
+func TestSubmitFromAnotherSocket(t *testing.T) {
+	s := startServer(t, testConfig(t))
+	addNATDevice(t, s, 198002, netip.AddrPort{})
+	addNATDevice(t, s, 198003, netip.AddrPort{})
+	recv := startNATDevice(t, "127.0.0.3", s.Addrs().EMSD, 198002, "pw", nil)
+	eventually(t, "the poll heard", func() bool { return contactOf(t, s, 198002).Addr == recv.ap })
+
+	submit := func(a emsd.Address, ep *esro.Endpoint, to string) {
+		t.Helper()
+		c, err := ua.New(ep, ua.Config{Server: s.Addrs().EMSD, Address: a, Password: "pw", Logger: slog.New(slog.DiscardHandler)})
+		must(t, err)
+		defer c.Close()
+		_, err = c.Submit(context.Background(), &ua.Message{To: []string{to}, Subject: "from " + a.String(), Body: []byte("x\n")})
+		must(t, err)
+	}
+	sender := listenESRO(t, "127.0.0.3")
+	submit(198002, sender, "198.003")
+	sender.Close() // emsdp ua send has exited
+	if c := contactOf(t, s, 198002); c.Addr != recv.ap || !c.Polled {
+		t.Errorf("a submission moved the poll's contact to %+v", c)
+	}
+	// 198.003 only submits: it is reached where it submitted from.
+	other := listenESRO(t, "127.0.0.4")
+	got3 := make(chan *ua.Delivery, 10)
+	c3, err := ua.New(other, ua.Config{Server: s.Addrs().EMSD, Address: 198003, Password: "pw", Logger: slog.New(slog.DiscardHandler),
+		Handler: ua.HandlerFunc(func(_ context.Context, d *ua.Delivery) error { got3 <- d; return nil })})
+	must(t, err)
+	defer c3.Close()
+	_, err = c3.Submit(context.Background(), &ua.Message{To: []string{"198.002"}, Subject: "from 198.003", Body: []byte("x\n")})
+	must(t, err)
+	if c := contactOf(t, s, 198003); c.Addr != epAddr(other) || c.Polled {
+		t.Errorf("contact of a device that submitted: %+v", c)
+	}
+	for _, ch := range []chan *ua.Delivery{recv.got, got3} {
+		select {
+		case d := <-ch:
+			if !strings.HasPrefix(d.IPM.Heading.Subject, "from ") {
+				t.Errorf("got %q", d.IPM.Heading.Subject)
+			}
+		case <-time.After(15 * time.Second):
+			t.Fatal("not delivered")
+		}
+	}
+	if n := s.metrics.counter(t, "emsd_deliveries_total", "deferred"); n != 0 {
+		t.Errorf("%v deferred attempts", n)
+	}
+}

@@ -248,7 +248,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		return
 	}
 	if authed {
-		s.heard(dev, peer)
+		s.heard(dev, peer, false)
 	}
 	if !woken {
 		s.wake(dev.addr)

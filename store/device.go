@@ -54,7 +54,7 @@ func ParseIP(s string) (netip.Addr, error) {
 }
 
 // ParseContact reads a contact as backends store it: addr "" for none.
-func ParseContact(addr, via string, at time.Time) (Contact, error) {
+func ParseContact(addr, via string, at time.Time, polled bool) (Contact, error) {
 	if addr == "" {
 		return Contact{}, nil
 	}
@@ -62,5 +62,5 @@ func ParseContact(addr, via string, at time.Time) (Contact, error) {
 	if err != nil {
 		return Contact{}, fmt.Errorf("bad contact address %q", addr)
 	}
-	return Contact{Addr: ap, Via: via, At: at}, nil
+	return Contact{Addr: ap, Via: via, At: at, Polled: polled}, nil
 }

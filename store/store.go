@@ -77,6 +77,10 @@ type Contact struct {
 	// with address-dependent filtering passes deliveries from there only.
 	Via string
 	At  time.Time // when it was last heard (milliseconds)
+	// Polled: heard in a delivery control (a poll), the operation a
+	// device sends from where it receives; else in a submission, which a
+	// device may send from a passing socket.
+	Polled bool
 }
 
 // Known reports whether c holds an address.

@@ -245,7 +245,11 @@ func heardText(d *store.Device, now time.Time, lifetime time.Duration) string {
 		}
 		return "never (no operation with its password yet)"
 	}
-	s := fmt.Sprintf("%s, %s ago (%s), by %s", c.Addr, ageText(now, c.At), c.At.UTC().Format("2006-01-02 15:04:05Z"), c.Via)
+	op := "a submission"
+	if c.Polled {
+		op = "a poll"
+	}
+	s := fmt.Sprintf("%s, %s ago (%s), by %s in %s", c.Addr, ageText(now, c.At), c.At.UTC().Format("2006-01-02 15:04:05Z"), c.Via, op)
 	if lifetime > 0 {
 		if now.Sub(c.At) < lifetime {
 			s += "; deliveries go there"

@@ -185,7 +185,7 @@ func TestDeviceHeard(t *testing.T) {
 		t.Fatal(err)
 	}
 	code, out, _ := runCmd(t, "", "device", "show", "198.002", "--data", data)
-	if want := regexp.MustCompile(`\nheard: +127\.0\.0\.3:27999, [56]s ago \(\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ\), by mts1 127\.0\.0\.1:641; deliveries go there\n`); code != exitOK || !want.MatchString(out) {
+	if want := regexp.MustCompile(`\nheard: +127\.0\.0\.3:27999, [56]s ago \(\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ\), by mts1 127\.0\.0\.1:641 in a submission; deliveries go there\n`); code != exitOK || !want.MatchString(out) {
 		t.Errorf("show: %d %q", code, out)
 	}
 	code, out, _ = runCmd(t, "", "device", "list", "--data", data)

@@ -60,7 +60,7 @@ func queueFill(t *testing.T, db store.Store) (ids map[string]string, finish func
 	// ago (behind a NAT); the others are not registered.
 	must(db.AddDevice(ctx, &store.Device{Address: 198037, PasswordHash: "h", Version: "1.1", Mode: store.ModeComplete}))
 	_, _, err = db.SetContact(ctx, 198037, store.Contact{Addr: netip.MustParseAddrPort("192.0.2.9:40123"), Via: "mts1 127.0.0.1:641",
-		At: now.Add(-3 * time.Minute)})
+		At: now.Add(-3 * time.Minute), Polled: true})
 	must(err)
 	ids = map[string]string{}
 	claim := func(dev uint32, name string) *store.Delivery {
@@ -154,7 +154,7 @@ func testQueueCommands(t *testing.T, db store.Store, flags []string, ids map[str
 			`\n-- 1 entry: delivery failed=1\n$`}, nil, ""},
 		{"list one device", q("list", "--device", "198.037", "--state", "all"), exitOK, []string{`(?m)^` + a + ` `,
 			`\n-- 1 entry: delivery queued=1\n-- device 198\.037 heard: 192\.0\.2\.9:40123, 3m\d+s ago \(\d{4}-\d\d-\d\d ` +
-				`\d\d:\d\d:\d\dZ\), by mts1 127\.0\.0\.1:641; longer ago than delivery.contact_lifetime 2m0s: offline: deliveries wait until it is heard again\n$`},
+				`\d\d:\d\d:\d\dZ\), by mts1 127\.0\.0\.1:641 in a poll; longer ago than delivery.contact_lifetime 2m0s: offline: deliveries wait until it is heard again\n$`},
 			[]string{`(?m)^R`}, ""},
 		{"list relays", q("list", "--relays"), exitOK, []string{`(?m)^` + x + ` `, `(?m)^` + z + ` `,
 			`\n-- 2 entries: relay queued=2\n$`}, []string{`(?m)^D`}, ""},

@@ -678,3 +678,69 @@ func TestUARedeliveryWithServer(t *testing.T) {
 		t.Fatalf("%d messages in the Maildir; receive printed %q", n, rout.String())
 	}
 }
+
+// The report of the NAT issue, through the commands: device 198.002 is
+// registered at 127.0.0.2:27102 and runs "ua receive --poll" from
+// 127.0.0.3 (as a NAT or a new lease would make it), and a device
+// registered without any address polls from wherever it is; mail for them
+// arrives, and "device show" and "queue list --device" say where they were
+// heard. The servers' address-change counter stays 0.
+func TestUAReceiveElsewhere(t *testing.T) {
+	uaNoLeaks(t)
+	for _, ip := range []string{"127.0.0.2", "127.0.0.3"} {
+		if c, err := net.ListenPacket("udp4", ip+":0"); err != nil {
+			t.Skipf("no loopback address %s: %v", ip, err)
+		} else {
+			c.Close()
+		}
+	}
+	dir := t.TempDir()
+	data := filepath.Join(dir, "data")
+	cfg := filepath.Join(dir, "emsdp.toml")
+	timers := strings.Fields(uaE2ETimers)
+	toml := "domain = \"emsd.test\"\n[esro]\nack_delay = \"10ms\"\nroundtrip = \"100ms\"\nretransmit = \"300ms\"\nnsdu_lifetime = \"100ms\"\nretries = 8\n" +
+		"[delivery]\nretry = [\"200ms\"]\n[store]\nregistry_poll = \"50ms\"\n"
+	if err := os.WriteFile(cfg, []byte(toml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m, _, _ := uaBackground(t, regexp.MustCompile(`listening emsd=(\S+) `), "serve", "--config", cfg, "--data", data,
+		"--listen", "127.0.0.1:0", "--smtp", "off", "--admin", "off", "--log-level", "warn")
+	srv := m[1]
+	_, port, _ := strings.Cut(freeUDPAddr(t, "127.0.0.2"), ":") // nobody listens there
+	for _, args := range [][]string{
+		{"--address", "198.002", "--password", "pw2", "--ip", "127.0.0.2", "--port", port},
+		{"--address", "198.003", "--password", "pw3"},
+	} {
+		if code, out, errs := runCmd(t, "", append([]string{"device", "add", "--config", cfg, "--data", data}, args...)...); code != exitOK {
+			t.Fatalf("device add: %d %s %s", code, out, errs)
+		}
+	}
+	recv := map[string]*syncBuffer{}
+	listen := map[string]string{"198.002": freeUDPAddr(t, "127.0.0.3"), "198.003": ""}
+	for dev, pw := range map[string]string{"198.002": "pw2", "198.003": "pw3"} {
+		args := []string{"ua", "receive", "--maildir", filepath.Join(dir, "Maildir-"+dev), "--domain", "emsd.test",
+			"--server", srv, "--address", dev, "--password", pw, "--poll", "--poll-interval", "200ms"}
+		if listen[dev] != "" {
+			args = append(args, "--listen", listen[dev])
+		}
+		_, out, errb := uaBackground(t, regexp.MustCompile(`listening on`), append(args, timers...)...)
+		waitLine(t, errb, regexp.MustCompile(`delivery control answered\n`))
+		recv[dev] = out
+	}
+	for i, to := range []string{"198.002", "198.003", "198.002"} {
+		code, out, errs := runCmd(t, "x\n", append([]string{"ua", "send", "--server", srv, "--address", "198.003", "--password", "pw3",
+			"--to", to, "--subject", fmt.Sprint("m", i)}, timers...)...)
+		if code != exitOK {
+			t.Fatalf("send: %d %q %q", code, out, errs)
+		}
+		waitLine(t, recv[to], regexp.MustCompile(fmt.Sprintf(`delivered message-id=\S+ from=198\.003 subject="m%d"\n`, i)))
+	}
+	code, out, _ := runCmd(t, "", "device", "show", "198.002", "--config", cfg, "--data", data)
+	if want := regexp.MustCompile(`\nheard: +` + regexp.QuoteMeta(listen["198.002"]) + `, \d+s ago .* in a poll; deliveries go there\n`); code != exitOK || !want.MatchString(out) {
+		t.Errorf("device show: %d %q", code, out)
+	}
+	code, out, _ = runCmd(t, "", "queue", "list", "--device", "198.003", "--state", "all", "--config", cfg, "--data", data)
+	if want := regexp.MustCompile(`\n-- device 198\.003 heard: 127\.0\.0\.1:\d+, \d+s ago .* in a poll; deliveries go there\n`); code != exitOK || !want.MatchString(out) {
+		t.Errorf("queue list: %d %q", code, out)
+	}
+}

@@ -124,7 +124,7 @@ func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 // deviceQuery reads devices with their aliases in one statement, hence
 // one snapshot.
 const deviceQuery = `SELECT d.address, d.password_hash, d.ip, d.port, d.version, d.mode, d.ctl_operations,
-	d.ctl_max_length, d.ctl_lowest_priority, d.created, d.updated, d.contact_addr, d.contact_via, d.contact_at,
+	d.ctl_max_length, d.ctl_lowest_priority, d.created, d.updated, d.contact_addr, d.contact_via, d.contact_at, d.contact_polled,
 	COALESCE(array_agg(a.alias ORDER BY a.alias) FILTER (WHERE a.alias IS NOT NULL), '{}')
 	FROM devices d LEFT JOIN aliases a ON a.device = d.address`
 
@@ -137,16 +137,17 @@ func scanDevice(row pgx.CollectableRow) (*store.Device, error) {
 	var created, updated, contactAt int64
 	var contactAddr string
 	var via []byte
+	var polled bool
 	var aliases [][]byte
 	if err := row.Scan(&d.Address, &pw, &ip, &d.Port, &version, &mode, &ops, &maxLen, &prio,
-		&created, &updated, &contactAddr, &via, &contactAt, &aliases); err != nil {
+		&created, &updated, &contactAddr, &via, &contactAt, &polled, &aliases); err != nil {
 		return nil, err
 	}
 	var err error
 	if d.IP, err = store.ParseIP(ip); err != nil {
 		return nil, fmt.Errorf("device %d: %w", d.Address, err)
 	}
-	if d.Contact, err = store.ParseContact(contactAddr, string(via), fromMS(contactAt)); err != nil {
+	if d.Contact, err = store.ParseContact(contactAddr, string(via), fromMS(contactAt), polled); err != nil {
 		return nil, fmt.Errorf("device %d: %w", d.Address, err)
 	}
 	d.PasswordHash, d.Version, d.Mode = string(pw), string(version), store.Mode(mode)
@@ -218,22 +219,23 @@ func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (prev
 		var oldAddr string
 		var oldVia []byte
 		var oldAt int64
-		err := tx.QueryRow(ctx, `SELECT contact_addr, contact_via, contact_at FROM devices WHERE address = $1 FOR UPDATE`,
-			int64(addr)).Scan(&oldAddr, &oldVia, &oldAt)
+		var oldPolled bool
+		err := tx.QueryRow(ctx, `SELECT contact_addr, contact_via, contact_at, contact_polled FROM devices WHERE address = $1 FOR UPDATE`,
+			int64(addr)).Scan(&oldAddr, &oldVia, &oldAt, &oldPolled)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 		}
 		if err != nil {
 			return errorf("contact", err)
 		}
-		if prev, err = store.ParseContact(oldAddr, string(oldVia), fromMS(oldAt)); err != nil {
+		if prev, err = store.ParseContact(oldAddr, string(oldVia), fromMS(oldAt), oldPolled); err != nil {
 			prev = store.Contact{} // a bad stored value is replaced
 		}
 		if ms(c.At) < oldAt {
 			return nil
 		}
-		if _, err := tx.Exec(ctx, `UPDATE devices SET contact_addr = $1, contact_via = $2, contact_at = $3 WHERE address = $4`,
-			c.Addr.String(), octets(c.Via), ms(c.At), int64(addr)); err != nil {
+		if _, err := tx.Exec(ctx, `UPDATE devices SET contact_addr = $1, contact_via = $2, contact_at = $3, contact_polled = $4
+			WHERE address = $5`, c.Addr.String(), octets(c.Via), ms(c.At), c.Polled, int64(addr)); err != nil {
 			return errorf("contact", err)
 		}
 		written = true
@@ -262,15 +264,16 @@ func (s *DB) DeviceContact(ctx context.Context, addr uint32) (store.Contact, err
 	var a string
 	var via []byte
 	var at int64
-	err := s.queryRow(ctx, `SELECT contact_addr, contact_via, contact_at FROM devices WHERE address = $1`,
-		int64(addr)).Scan(&a, &via, &at)
+	var polled bool
+	err := s.queryRow(ctx, `SELECT contact_addr, contact_via, contact_at, contact_polled FROM devices WHERE address = $1`,
+		int64(addr)).Scan(&a, &via, &at, &polled)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return store.Contact{}, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 	}
 	if err != nil {
 		return store.Contact{}, errorf("contact", err)
 	}
-	c, err := store.ParseContact(a, string(via), fromMS(at))
+	c, err := store.ParseContact(a, string(via), fromMS(at), polled)
 	if err != nil {
 		return store.Contact{}, fmt.Errorf("postgres: device %d: %w", addr, err)
 	}

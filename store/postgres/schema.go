@@ -143,5 +143,6 @@ var migrations = []string{
 	// registered without IP address has ip ''.
 	`ALTER TABLE devices ADD COLUMN contact_addr TEXT   NOT NULL DEFAULT '';
 	ALTER TABLE devices ADD COLUMN contact_via  BYTEA  NOT NULL DEFAULT '';
-	ALTER TABLE devices ADD COLUMN contact_at   BIGINT NOT NULL DEFAULT 0;`,
+	ALTER TABLE devices ADD COLUMN contact_at   BIGINT NOT NULL DEFAULT 0;
+	ALTER TABLE devices ADD COLUMN contact_polled BOOLEAN NOT NULL DEFAULT FALSE;`,
 }

@@ -114,5 +114,6 @@ var migrations = []string{
 	// version. A device registered without IP address has ip ''.
 	`ALTER TABLE devices ADD COLUMN contact_addr TEXT NOT NULL DEFAULT '';
 	ALTER TABLE devices ADD COLUMN contact_via TEXT NOT NULL DEFAULT '';
-	ALTER TABLE devices ADD COLUMN contact_at INTEGER NOT NULL DEFAULT 0;`,
+	ALTER TABLE devices ADD COLUMN contact_at INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE devices ADD COLUMN contact_polled INTEGER NOT NULL DEFAULT 0;`,
 }

@@ -294,7 +294,7 @@ func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 
 const (
 	deviceCols = `address, password_hash, ip, port, version, mode, ctl_operations, ctl_max_length,
-	ctl_lowest_priority, created, updated, contact_addr, contact_via, contact_at`
+	ctl_lowest_priority, created, updated, contact_addr, contact_via, contact_at, contact_polled`
 	qDevice        = `SELECT ` + deviceCols + ` FROM devices WHERE address = ?`
 	qDeviceAliases = `SELECT alias FROM aliases WHERE device = ? ORDER BY alias`
 	qDevices       = `SELECT ` + deviceCols + ` FROM devices ORDER BY address`
@@ -307,15 +307,16 @@ func scanDevice(sc interface{ Scan(...any) error }) (*store.Device, error) {
 	var ops, maxLen, prio sql.NullInt64
 	var created, updated, contactAt int64
 	var contactAddr string
+	var polled bool
 	if err := sc.Scan(&d.Address, &d.PasswordHash, &ip, &d.Port, &d.Version, &mode, &ops, &maxLen, &prio,
-		&created, &updated, &contactAddr, &d.Contact.Via, &contactAt); err != nil {
+		&created, &updated, &contactAddr, &d.Contact.Via, &contactAt, &polled); err != nil {
 		return nil, err
 	}
 	var err error
 	if d.IP, err = store.ParseIP(ip); err != nil {
 		return nil, fmt.Errorf("sqlite: device %d: %w", d.Address, err)
 	}
-	if d.Contact, err = store.ParseContact(contactAddr, d.Contact.Via, fromMS(contactAt)); err != nil {
+	if d.Contact, err = store.ParseContact(contactAddr, d.Contact.Via, fromMS(contactAt), polled); err != nil {
 		return nil, fmt.Errorf("sqlite: device %d: %w", d.Address, err)
 	}
 	d.Mode = store.Mode(mode)
@@ -434,8 +435,8 @@ func ipText(a netip.Addr) string {
 }
 
 const (
-	qContact    = `SELECT contact_addr, contact_via, contact_at FROM devices WHERE address = ?`
-	qSetContact = `UPDATE devices SET contact_addr = ?, contact_via = ?, contact_at = ? WHERE address = ?`
+	qContact    = `SELECT contact_addr, contact_via, contact_at, contact_polled FROM devices WHERE address = ?`
+	qSetContact = `UPDATE devices SET contact_addr = ?, contact_via = ?, contact_at = ?, contact_polled = ? WHERE address = ?`
 )
 
 // SetContact records where a device was heard from, unless a newer
@@ -448,20 +449,21 @@ func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (prev
 		written = false
 		var oldAddr, oldVia string
 		var oldAt int64
-		err := s.queryRow(ctx, tx, qContact, addr).Scan(&oldAddr, &oldVia, &oldAt)
+		var oldPolled bool
+		err := s.queryRow(ctx, tx, qContact, addr).Scan(&oldAddr, &oldVia, &oldAt, &oldPolled)
 		if errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 		}
 		if err != nil {
 			return fmt.Errorf("sqlite: contact: %w", err)
 		}
-		if prev, err = store.ParseContact(oldAddr, oldVia, fromMS(oldAt)); err != nil {
+		if prev, err = store.ParseContact(oldAddr, oldVia, fromMS(oldAt), oldPolled); err != nil {
 			prev = store.Contact{} // a bad stored value is replaced
 		}
 		if ms(c.At) < oldAt {
 			return nil
 		}
-		if _, err := s.exec(ctx, tx, qSetContact, c.Addr.String(), c.Via, ms(c.At), addr); err != nil {
+		if _, err := s.exec(ctx, tx, qSetContact, c.Addr.String(), c.Via, ms(c.At), c.Polled, addr); err != nil {
 			return fmt.Errorf("sqlite: contact: %w", err)
 		}
 		written = true
@@ -491,14 +493,15 @@ func (s *DB) TouchContact(ctx context.Context, addr uint32, c store.Contact, at 
 func (s *DB) DeviceContact(ctx context.Context, addr uint32) (store.Contact, error) {
 	var a, via string
 	var at int64
-	err := s.queryRow(ctx, nil, qContact, addr).Scan(&a, &via, &at)
+	var polled bool
+	err := s.queryRow(ctx, nil, qContact, addr).Scan(&a, &via, &at, &polled)
 	if errors.Is(err, sql.ErrNoRows) {
 		return store.Contact{}, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 	}
 	if err != nil {
 		return store.Contact{}, fmt.Errorf("sqlite: contact: %w", err)
 	}
-	c, err := store.ParseContact(a, via, fromMS(at))
+	c, err := store.ParseContact(a, via, fromMS(at), polled)
 	if err != nil {
 		return store.Contact{}, fmt.Errorf("sqlite: device %d: %w", addr, err)
 	}

@@ -91,13 +91,13 @@ func testContacts(t *testing.T, s store.Store) {
 	}
 	v0, err := s.RegistryVersion(ctx)
 	must(t, err)
-	c1 := store.Contact{Addr: netip.MustParseAddrPort("192.0.2.7:27999"), Via: "mts-a 127.0.0.1:641", At: t0}
+	c1 := store.Contact{Addr: netip.MustParseAddrPort("192.0.2.7:27999"), Via: "mts-a 127.0.0.1:641", At: t0, Polled: true}
 	prev, written, err := s.SetContact(ctx, 198036, c1)
 	must(t, err)
 	if prev.Known() || !written {
 		t.Errorf("first contact: prev %+v written %v", prev, written)
 	}
-	if got, err := s.DeviceContact(ctx, 198036); err != nil || got.Addr != c1.Addr || got.Via != c1.Via || !got.At.Equal(t0) {
+	if got, err := s.DeviceContact(ctx, 198036); err != nil || got.Addr != c1.Addr || got.Via != c1.Via || !got.At.Equal(t0) || !got.Polled {
 		t.Errorf("contact round trip: %+v %v", got, err)
 	}
 	if v, _ := s.RegistryVersion(ctx); v != v0 {
@@ -107,7 +107,7 @@ func testContacts(t *testing.T, s store.Store) {
 	c1.At = t0.Add(time.Minute)
 	prev, written, err = s.SetContact(ctx, 198036, c1)
 	must(t, err)
-	if prev.Addr != c1.Addr || prev.Via != c1.Via || !prev.At.Equal(t0) || !written {
+	if prev.Addr != c1.Addr || prev.Via != c1.Via || !prev.At.Equal(t0) || !prev.Polled || !written {
 		t.Errorf("refresh: prev %+v written %v", prev, written)
 	}
 	// A sign of life moves the time of that very contact only.
@@ -143,7 +143,7 @@ func testContacts(t *testing.T, s store.Store) {
 	must(t, s.UpdateDevice(ctx, up))
 	got, err := s.Device(ctx, 198036)
 	must(t, err)
-	if got.Contact.Addr != c2.Addr || got.Contact.Via != c2.Via || !got.Contact.At.Equal(c2.At) {
+	if got.Contact.Addr != c2.Addr || got.Contact.Via != c2.Via || !got.Contact.At.Equal(c2.At) || got.Contact.Polled {
 		t.Errorf("contact after UpdateDevice: %+v", got.Contact)
 	}
 	list, err := s.Devices(ctx)
