@@ -73,3 +73,56 @@ func BenchmarkSubmit(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkPoll measures delivery controls (polls, as emsdp ua receive
+// --poll sends every 25 s) per second through the server from 8 devices
+// with passwords, on SQLite. Each records the device's contact: "cached"
+// writes it only when it moves or every quarter contact_lifetime, as a
+// fleet polling every 25 s would see; "write-every-poll" forces a durable
+// store write per poll (contact_lifetime 1ms), the cost the cache saves.
+func BenchmarkPoll(b *testing.B) {
+	benchTimers := esro.Timers{Acknowledgement: 10 * time.Millisecond, Roundtrip: 100 * time.Millisecond,
+		Retransmit: 200 * time.Millisecond, NSDULifetime: 100 * time.Millisecond, RetransmitCount: 4}
+	for _, tc := range []struct {
+		name     string
+		lifetime time.Duration
+	}{{"cached", 2 * time.Minute}, {"write-every-poll", time.Millisecond}} {
+		b.Run(tc.name, func(b *testing.B) {
+			c := testConfig(b)
+			c.SMTP.Listen, c.Admin.Listen = "", ""
+			c.Delivery.ContactLifetime = Duration(tc.lifetime)
+			setTimers(c, benchTimers)
+			s := startServer(b, c)
+			const devices = 8
+			var devs []*testDevice
+			for i := range devices {
+				d := newDevice(b, s, emsd.Address(198100+i), deviceOpts{password: "pw", timers: benchTimers})
+				if _, err := d.ua.DeliveryControl(context.Background(), nil); err != nil { // bcrypt once
+					b.Fatal(err)
+				}
+				devs = append(devs, d)
+			}
+			work := make(chan struct{}, b.N)
+			for range b.N {
+				work <- struct{}{}
+			}
+			close(work)
+			b.ResetTimer()
+			start := time.Now()
+			var wg sync.WaitGroup
+			for _, d := range devs {
+				wg.Go(func() {
+					for range work {
+						if _, err := d.ua.DeliveryControl(context.Background(), nil); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			b.StopTimer()
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "polls/s")
+		})
+	}
+}

@@ -445,6 +445,7 @@ func TestNATTwoServers(t *testing.T) {
 	// waits: s1 must not send from where the NAT does not let it in, and
 	// s2 does not know of it yet. The device's next poll of s2 brings it.
 	dev.stop()
+	time.Sleep(300 * time.Millisecond) // a poll s2 was still answering has ended
 	send(s1, "via s1")
 	select {
 	case d := <-dev.got:
