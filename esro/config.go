@@ -135,6 +135,39 @@ type Config struct {
 	// port.
 	MaxPeerInvocations int
 
+	// AmplificationFactor bounds what the endpoint sends, as a performer,
+	// toward a source address that has not proven itself: at most this
+	// many times the bytes, and the datagrams, it received from that
+	// address for the invocation (or, for a FAILURE sent without keeping
+	// state, in the datagram that caused it), retransmissions included.
+	// What the limit withholds is counted (Stats.Withheld). A peer that
+	// retransmits its INVOKE earns the replies it missed. A source proves
+	// itself by answering an invocation this endpoint sent it, or when
+	// the handler calls Prove (after checking a password, say). QUIC
+	// allows 3 (RFC 9000 §8.1). Zero: 1. Negative: no limit, as the
+	// reference.
+	AmplificationFactor float64
+
+	// ProvenFor is how long a proven source stays proven after its last
+	// proof. Zero: 10 minutes.
+	ProvenFor time.Duration
+
+	// MaxUnproven caps the performer invocations in flight for sources
+	// that have not proven themselves, so that the rest of MaxInvocations
+	// stays for proven peers whatever arrives from forged addresses.
+	// Beyond it, and beyond MaxUnprovenPerPrefix (per IPv4 /24 or IPv6
+	// /48) and MaxUnprovenPerAddr (per IP address), INVOKEs from unproven
+	// sources are dropped without an answer: a real invoker retransmits
+	// and gets in once a slot frees, while answering would only feed a
+	// reflection. Zero: min(MaxInvocations, 4096), a quarter of that per
+	// prefix, an eighth per address.
+	MaxUnproven, MaxUnprovenPerPrefix, MaxUnprovenPerAddr int
+
+	// MaxTombstones caps the refused invocations remembered for
+	// duplicate detection only (see Refuse). The oldest go first. Zero:
+	// 65536.
+	MaxTombstones int
+
 	// IPOnlyPeers identifies peers by IP address alone, ignoring the UDP
 	// port, as the reference does (spec esro.md §3.1, Open Point 3). The
 	// default keys every table by IP address and port.
@@ -194,7 +227,29 @@ func (c *Config) resolved() (Config, error) {
 	if r.MaxPeerInvocations == 0 {
 		r.MaxPeerInvocations = 16384
 	}
-	if r.MaxInvocations < 0 || r.MaxPeerInvocations < 0 {
+	switch {
+	case r.AmplificationFactor == 0:
+		r.AmplificationFactor = 1
+	case r.AmplificationFactor < 0:
+		r.AmplificationFactor = 0 // no limit
+	}
+	if r.ProvenFor == 0 {
+		r.ProvenFor = 10 * time.Minute
+	}
+	if r.MaxUnproven == 0 {
+		r.MaxUnproven = min(r.MaxInvocations, 4096)
+	}
+	if r.MaxUnprovenPerPrefix == 0 {
+		r.MaxUnprovenPerPrefix = max(r.MaxUnproven/4, 1)
+	}
+	if r.MaxUnprovenPerAddr == 0 {
+		r.MaxUnprovenPerAddr = max(r.MaxUnproven/8, 1)
+	}
+	if r.MaxTombstones == 0 {
+		r.MaxTombstones = 65536
+	}
+	if r.MaxInvocations < 0 || r.MaxPeerInvocations < 0 || r.MaxUnproven < 0 || r.MaxUnprovenPerPrefix < 0 ||
+		r.MaxUnprovenPerAddr < 0 || r.MaxTombstones < 0 || r.ProvenFor < 0 {
 		return r, fmt.Errorf("esro: negative invocation limit")
 	}
 	if r.Logger == nil {

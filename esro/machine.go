@@ -51,6 +51,12 @@ import (
 //   - Requests and answers are validated before any state is created, and
 //     reference-number exhaustion makes Invoke wait for a free number
 //     rather than park a dead invocation (Open Points 6, 14, 18).
+//   - Hostile sources (see hostile.go): as a performer the machine sends an
+//     unproven source no more than Config.AmplificationFactor times what it
+//     received from it, and INVOKEs from unproven sources beyond their
+//     own caps are dropped unanswered. A refused invocation (Refuse), or
+//     one whose handler timed out, from an unproven source is kept only
+//     as a tombstone for duplicate detection.
 //
 // The configuration is fixed for the endpoint's life, so the reference's
 // per-invocation timer snapshots are the endpoint's durations.
@@ -67,6 +73,7 @@ type machine struct {
 	performers map[invKey]*invocation
 	peers      map[netip.AddrPort]*peer
 	perfPerIP  map[netip.Addr]int // performer invocations by source address
+	hostile    hostileState
 	idlePeers  int
 	nextRef    uint8
 	timers     timerHeap
@@ -79,6 +86,9 @@ type machine struct {
 	closed  bool
 
 	out []outgoing
+
+	rx     int            // size of the datagram being received
+	rxFrom netip.AddrPort // and its source
 }
 
 // events receives what the machine cannot do itself without I/O.
@@ -195,6 +205,8 @@ type invocation struct {
 	gotReply bool
 
 	// performer
+	unproven bool       // counted against the unproven caps
+	budget   budget     // what its source sent and was sent, see reply
 	call     Invocation // what the handler is given
 	resp     responder  // the handler's ResponseWriter, set by the Endpoint
 	answered bool
@@ -242,6 +254,7 @@ func newMachine(cfg Config, st *counters, ev events) *machine {
 		drained:    make(chan struct{}),
 		epoch:      time.Now(),
 	}
+	m.hostile.init()
 	// A random first number makes re-use of recent numbers after a restart
 	// unlikely (spec esro.md §4, Open Point 17).
 	m.nextRef = uint8(m.rng.Uint32())
@@ -320,6 +333,8 @@ func (m *machine) send(to netip.AddrPort, b []byte) {
 	m.out = append(m.out, outgoing{to: to, b: b})
 }
 
+// sendFailure queues a FAILURE PDU; callers check the amplification
+// budget first (replyFailure).
 func (m *machine) sendFailure(to netip.AddrPort, ref uint8, r FailureReason) {
 	m.st.failuresOut[reasonIndex(r)].Add(1)
 	m.out = append(m.out, outgoing{to: to, small: [3]byte{byte(TypeFailure), ref, byte(r)}, n: 3})
@@ -359,6 +374,7 @@ func (m *machine) nextDeadline() (time.Time, bool) {
 // advance fires every timer due at now.
 func (m *machine) advance(now time.Time) {
 	due := int64(now.Sub(m.epoch))
+	m.sweepTombs(due)
 	for len(m.timers) > 0 && m.timers[0].at <= due {
 		inv := m.timers.pop()
 		k := inv.timer
@@ -411,6 +427,7 @@ func (m *machine) sample(inv *invocation, now time.Time) {
 func (m *machine) receive(now time.Time, b []byte, from netip.AddrPort) {
 	m.st.datagramsIn.Add(1)
 	m.st.bytesIn.Add(uint64(len(b)))
+	m.rx = len(b)
 	p, err := ParsePDU(b)
 	if err != nil {
 		switch {
@@ -424,6 +441,7 @@ func (m *machine) receive(now time.Time, b []byte, from netip.AddrPort) {
 		return
 	}
 	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+	m.rxFrom = from
 	key := invKey{m.peerKey(from), p.Ref}
 	switch p.Type {
 	case TypeInvoke:
@@ -433,16 +451,20 @@ func (m *machine) receive(now time.Time, b []byte, from netip.AddrPort) {
 		if inv == nil {
 			// No invocation: the peer's reply is for a released number
 			// (spec esro.md §2.7 step 4).
-			m.sendFailure(from, p.Ref, LocalResource)
+			m.replyFailure(now, from, p.Ref, LocalResource, m.rxBudget())
 			return
 		}
 		m.onReply(now, inv, &p)
 	case TypeAck:
 		inv := m.performers[key]
+		if inv == nil && m.tombAck(key) {
+			return
+		}
 		if inv == nil || !inv.answered {
 			m.drop(DropUnmatchedAck)
 			return
 		}
+		inv.budget.earn(m.rx)
 		m.onAck(now, inv)
 	case TypeFailure:
 		m.onFailurePDU(now, &p, key)
@@ -458,6 +480,7 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 			m.drop(DropSAPMismatch)
 			return
 		case inv.call.Operation == p.Operation && inv.call.Encoding == p.Encoding && string(inv.call.Data) == string(p.Data):
+			inv.budget.earn(m.rx)
 			m.onDuplicateInvoke(now, inv)
 			return
 		}
@@ -465,17 +488,25 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 		m.finishPerformer(inv, &Failure{Reason: Transmission, Err: ErrSuperseded})
 		m.release(inv)
 	}
+	if m.tombInvoke(now, p, key) {
+		return
+	}
 	if m.closing {
 		m.drop(DropClosing)
 		return
 	}
 	bd := m.saps[p.SAP]
 	if bd == nil {
-		m.sendFailure(from, p.Ref, UserNotResponding)
+		m.replyFailure(now, from, p.Ref, UserNotResponding, m.rxBudget())
 		return
 	}
 	if m.total() >= m.cfg.MaxInvocations || m.perfPerIP[from.Addr()] >= m.cfg.MaxPeerInvocations {
-		m.sendFailure(from, p.Ref, LocalResource)
+		m.replyFailure(now, from, p.Ref, LocalResource, m.rxBudget())
+		return
+	}
+	unproven := !m.isProven(now, from)
+	if unproven && !m.admitUnproven(from.Addr()) {
+		m.drop(DropUnprovenLimit)
 		return
 	}
 	pr := m.peerFor(key.peer)
@@ -489,6 +520,10 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 			Operation: p.Operation, Encoding: p.Encoding, Handshake: bd.hs,
 			Data: append([]byte(nil), p.Data...),
 		},
+	}
+	inv.budget.earn(m.rx)
+	if unproven {
+		m.countUnproven(inv, 1)
 	}
 	m.performers[key] = inv
 	m.st.inflightPerf.Add(1)
@@ -506,21 +541,21 @@ func (m *machine) onDuplicateInvoke(now time.Time, inv *invocation) {
 	case stInvokeReceived:
 		// The user is still working: silence (spec esro.md §5.3).
 	case stAckWait:
-		m.send(inv.addr, inv.kept)
+		m.reply(now, inv, inv.kept)
 		inv.resent = true
 		if inv.timer == tRetx {
 			m.arm(inv, tRetx, now.Add(m.rto(inv.peer, inv.k)))
 		}
 	case stResultSent:
-		m.send(inv.addr, inv.kept)
+		m.reply(now, inv, inv.kept)
 		m.arm(inv, tInact, now.Add(m.td.inact))
 	case stPerformerRefWait:
 		if inv.hs == TwoWay && inv.kept != nil {
-			m.send(inv.addr, inv.kept)
+			m.reply(now, inv, inv.kept)
 		}
 		m.arm(inv, tRef, now.Add(m.td.ref))
 	case stFailedRefWait:
-		m.sendFailure(inv.addr, inv.key.ref, UserNotResponding)
+		m.replyFailure(now, inv.addr, inv.key.ref, UserNotResponding, &inv.budget)
 		m.arm(inv, tRef, now.Add(m.td.ref))
 	}
 }
@@ -528,6 +563,7 @@ func (m *machine) onDuplicateInvoke(now time.Time, inv *invocation) {
 func (m *machine) onReply(now time.Time, inv *invocation, p *PDU) {
 	switch inv.st {
 	case stInvokeSent:
+		m.proveReply(now, inv)
 		m.disarm(inv)
 		m.sample(inv, now)
 		inv.kept = nil
@@ -583,6 +619,7 @@ func (m *machine) onAck(now time.Time, inv *invocation) {
 func (m *machine) onFailurePDU(now time.Time, p *PDU, key invKey) {
 	r := FailureReason(p.Value)
 	if inv := m.invokers[key]; inv != nil && inv.st == stInvokeSent {
+		m.proveReply(now, inv)
 		m.st.failuresIn[reasonIndex(r)].Add(1)
 		m.disarm(inv)
 		inv.kept = nil
@@ -592,6 +629,7 @@ func (m *machine) onFailurePDU(now time.Time, p *PDU, key invKey) {
 		return
 	}
 	if inv := m.performers[key]; inv != nil && inv.st == stAckWait {
+		inv.budget.earn(m.rx)
 		// The invoker no longer knows this number (it answers a reply for a
 		// released number with FAILURE): stop retransmitting.
 		m.log.Debug("esro: FAILURE applied to performer", "peer", inv.addr, "ref", key.ref, "reason", r)
@@ -615,7 +653,11 @@ func (m *machine) expire(now time.Time, inv *invocation, k timerKind) {
 			inv.k++
 			inv.resent = true
 			m.st.retransmissions.Add(1)
-			m.send(inv.addr, inv.kept)
+			if inv.perf {
+				m.reply(now, inv, inv.kept)
+			} else {
+				m.send(inv.addr, inv.kept)
+			}
 			m.arm(inv, tRetx, now.Add(m.rto(inv.peer, inv.k)))
 		} else {
 			m.arm(inv, tLast, now.Add(m.td.last))
@@ -642,8 +684,12 @@ func (m *machine) expire(now time.Time, inv *invocation, k timerKind) {
 			m.arm(inv, tRef, now.Add(m.td.hold))
 		}
 	case tNoResp:
-		m.sendFailure(inv.addr, inv.key.ref, UserNotResponding)
+		m.replyFailure(now, inv.addr, inv.key.ref, UserNotResponding, &inv.budget)
 		m.finishPerformer(inv, m.localFailure(LocalResource, ErrNoResponse))
+		if inv.unproven {
+			m.entomb(now, inv, failurePDU(inv.key.ref, UserNotResponding))
+			return
+		}
 		m.setState(inv, stFailedRefWait)
 		m.arm(inv, tRef, now.Add(m.td.ref))
 	case tRef:
@@ -686,6 +732,9 @@ func (m *machine) release(inv *invocation) {
 	p := inv.peer
 	if inv.perf {
 		delete(m.performers, inv.key)
+		if inv.unproven {
+			m.countUnproven(inv, -1)
+		}
 		p.nperf--
 		if n := m.perfPerIP[inv.addr.Addr()] - 1; n > 0 {
 			m.perfPerIP[inv.addr.Addr()] = n
@@ -834,7 +883,7 @@ func (m *machine) answer(now time.Time, inv *invocation, isErr bool, enc Encodin
 	kept, _ := AppendPDU(make([]byte, 0, 3+len(data)), &pdu)
 	inv.kept, inv.answered, inv.sentAt, inv.k = kept, true, now, 0
 	m.st.answers.Add(1)
-	m.send(inv.addr, kept)
+	m.reply(now, inv, kept)
 	if inv.hs == ThreeWay {
 		m.setState(inv, stAckWait)
 		m.arm(inv, tRetx, now.Add(m.rto(inv.peer, 0)))

@@ -40,6 +40,10 @@ func newHarness(t *testing.T, mod func(*Config)) *harness {
 	h.now = h.t0
 	h.m = newMachine(rc, &h.st, h)
 	h.m.nextRef = 0x5d // first invocation gets 0x5e, as in the captures
+	// The peer is proven, as a device its application authenticated: the
+	// §5 transitions are the reference's. hostile_test.go covers the
+	// limits on unproven sources.
+	h.m.prove(h.now, h.peer)
 	return h
 }
 
@@ -596,7 +600,10 @@ func TestReceiveDemux(t *testing.T) {
 		h.expect() // retransmission stopped
 	})
 	t.Run("invocation limits", func(t *testing.T) {
-		h := newHarness(t, func(c *Config) { c.MaxInvocations = 3; c.MaxPeerInvocations = 2 })
+		h := newHarness(t, func(c *Config) {
+			c.MaxInvocations, c.MaxPeerInvocations = 3, 2
+			c.MaxUnprovenPerPrefix, c.MaxUnprovenPerAddr = 3, 3
+		})
 		h.bind(13, ThreeWay)
 		h.recv("d0 01 02")
 		h.recvFrom(netip.MustParseAddrPort("192.0.2.7:4000"), "d0 02 02") // same IP, another port

@@ -15,10 +15,11 @@ const (
 	DropUnmatchedFailure                   // FAILURE for no invocation awaiting a reply
 	DropUnexpected                         // a PDU with no transition in the invocation's state
 	DropClosing                            // INVOKE while shutting down
+	DropUnprovenLimit                      // INVOKE from an unproven source beyond its caps
 	numDropReasons
 )
 
-var dropNames = [numDropReasons]string{"empty", "bad_type", "short", "sap_mismatch", "unmatched_ack", "unmatched_failure", "unexpected", "closing"}
+var dropNames = [numDropReasons]string{"empty", "bad_type", "short", "sap_mismatch", "unmatched_ack", "unmatched_failure", "unexpected", "closing", "unproven_limit"}
 
 func (d DropReason) String() string {
 	if d < numDropReasons {
@@ -64,6 +65,19 @@ type Stats struct {
 	InFlightInvoker   int // invoker invocations held, including reference hold
 	InFlightPerformer int // performer invocations held, including reference hold
 	ReferenceWaits    uint64
+
+	// Withheld counts the datagrams (and WithheldBytes their octets) the
+	// amplification limit kept from unproven sources (hostile.go).
+	Withheld, WithheldBytes uint64
+	// InFlightUnproven are the performer invocations from unproven
+	// sources held; Tombstones the refused ones remembered for duplicate
+	// detection only.
+	InFlightUnproven, Tombstones int
+	// Unreachable counts invocations ended early by an ICMP error.
+	Unreachable uint64
+	// KernelDrops is the socket's count of datagrams the kernel dropped
+	// for want of receive buffer (Linux SO_RXQ_OVFL), as last reported.
+	KernelDrops uint64
 }
 
 // counters are updated under the machine's lock but read without it.
@@ -75,6 +89,8 @@ type counters struct {
 	failuresOut, failuresIn, localFailures                    [numReasons]atomic.Uint64
 	inflightInv, inflightPerf                                 atomic.Int64
 	refWaits                                                  atomic.Uint64
+	withheld, withheldBytes, unreachable, kernelDrops         atomic.Uint64
+	unproven, tombstones                                      atomic.Int64
 }
 
 func (c *counters) snapshot() Stats {
@@ -87,6 +103,9 @@ func (c *counters) snapshot() Stats {
 		Retransmissions: c.retransmissions.Load(), DuplicatesIn: c.duplicates.Load(), Superseded: c.superseded.Load(),
 		InFlightInvoker: int(c.inflightInv.Load()), InFlightPerformer: int(c.inflightPerf.Load()),
 		ReferenceWaits: c.refWaits.Load(),
+		Withheld:       c.withheld.Load(), WithheldBytes: c.withheldBytes.Load(),
+		InFlightUnproven: int(c.unproven.Load()), Tombstones: int(c.tombstones.Load()),
+		Unreachable: c.unreachable.Load(), KernelDrops: c.kernelDrops.Load(),
 	}
 	for i := range s.Drops {
 		s.Drops[i] = c.drops[i].Load()
