@@ -1,9 +1,11 @@
 package server
 
 import (
+	"context"
 	"errors"
 	"math"
 	"net/netip"
+	"runtime"
 	"slices"
 	"sync"
 	"time"
@@ -21,13 +23,17 @@ const (
 	minAuthRate    = 0.01  // failures regained a minute: one per 100 minutes
 	maxAuthRate    = 60000 // 1000 a second
 	maxAuthTracked = 1 << 24
+	maxAuthQueue   = 1 << 20
+	maxAuthWorkers = 1024
 )
 
 // Limits an authentication can be over, the label of
-// emsd_auth_limited_total.
+// emsd_auth_limited_total: limitQueue is a check that found the queue for
+// the bcrypt workers full.
 const (
 	limitSource = "source"
 	limitDevice = "device"
+	limitQueue  = "queue"
 )
 
 // authWarnEvery: at most one warning this often about refused
@@ -35,7 +41,8 @@ const (
 const authWarnEvery = time.Minute
 
 // authLimiter limits failed authentications (wrong passwords), so that
-// passwords cannot be guessed at the rate the bcrypt cap allows:
+// passwords cannot be guessed at the rate the bcrypt cap allows, and
+// schedules the password checks on a bounded pool of bcrypt workers:
 //
 //   - per source, an IPv4 address or an IPv6 /64 (see srcKey): a token
 //     bucket of emsd.auth_failures_burst failures, regained at
@@ -46,25 +53,26 @@ const authWarnEvery = time.Minute
 //     no one elsewhere can lock a device out at home by failing on its
 //     behalf (they can still do so abroad, the price of this limit).
 //
+// A failure is counted only once a check has failed: load never turns a
+// correct password away. Checks wait in a bounded queue, served round
+// robin by source so that one source cannot starve the others, for one
+// of the workers (emsd.auth_workers). A check starts only when its
+// source (and device) could take a failure for it and for every check of
+// theirs still running, so that many attempts at once cannot pass more
+// guesses than the burst; the others wait their turn rather than being
+// refused. Devices behind one NAT address are the normal case.
+//
 // While a source or the device is over its limit, every password check
-// for it is refused without running bcrypt, the correct password
-// included, and answered like a wrong password. That includes a password
-// pwCache holds as correct: the cache costs no bcrypt, so if it still
-// answered for limited sources, a limited source could test guesses
-// against it at any rate and learn (or, spoofing a source, use) the
-// password the device last authenticated with. Within the limits the
-// cache answers as before, at the cost of one map lookup here.
+// for it is answered with a transient resource error, without running
+// bcrypt, the correct password included: the device retries later
+// instead of giving up. That includes a password pwCache holds as
+// correct: the cache costs no bcrypt, so if it still answered for
+// limited sources, a limited source could test guesses against it at any
+// rate and learn (or, spoofing a source, use) the password the device
+// last authenticated with. A full queue gets the same transient answer.
 //
-// A failure is charged before bcrypt runs, in the same step as the
-// check, and given back when the password matches: otherwise many
-// attempts at once from one source (up to ESRO's 256 reference numbers
-// per port) could all pass the check before the first failure counted.
-// A correct password being checked thus holds one failure's room for
-// the time bcrypt takes.
-//
-// A success gives back only its own charge, never earlier failures: a
-// source with a device of its own could otherwise reset its limit between
-// guesses.
+// A success gives back nothing: a source with a device of its own could
+// otherwise reset its limit between guesses.
 //
 // With UDP a source address proves nothing, so whoever can spoof a
 // device's address can keep it over its limit at the cost of rate
@@ -79,20 +87,54 @@ type authLimiter struct {
 	warned   int64 // when the last warning was logged
 	anyWarn  bool  // whether one was
 	unwarned int   // refusals not yet in a warning
+
+	workers, running int
+	maxQueue         int
+	waiting          int
+	queues           map[srcKey][]*authWaiter // waiting checks by source, in order
+	ring             []srcKey                 // sources with waiting checks, served in turn
+	next             int                      // ring position of the next turn
+	runSrc           map[srcKey]int           // checks running by source
+	runDev           map[emsd.Address]int     // and by device (counted ones only)
+}
+
+// authWaiter is one password check waiting for a worker.
+type authWaiter struct {
+	k        srcKey
+	dev      emsd.Address
+	byDevice bool
+	ready    chan struct{} // closed when started or limited
+	started  bool
+	limit    string // the limit it ran into while waiting
 }
 
 func newAuthLimiter(c EMSDConfig, now func() time.Time) *authLimiter {
 	return &authLimiter{
-		now:   now,
-		epoch: now(),
-		src:   newFailBuckets[srcKey](c.AuthFailuresBurst, c.AuthFailuresRate, c.AuthFailuresTracked),
-		dev:   newFailBuckets[emsd.Address](c.DeviceAuthFailuresBurst, c.DeviceAuthFailuresRate, c.AuthFailuresTracked),
+		now:      now,
+		epoch:    now(),
+		src:      newFailBuckets[srcKey](c.AuthFailuresBurst, c.AuthFailuresRate, c.AuthFailuresTracked),
+		dev:      newFailBuckets[emsd.Address](c.DeviceAuthFailuresBurst, c.DeviceAuthFailuresRate, c.AuthFailuresTracked),
+		workers:  authWorkers(c),
+		maxQueue: c.AuthQueue,
+		queues:   map[srcKey][]*authWaiter{},
+		runSrc:   map[srcKey]int{},
+		runDev:   map[emsd.Address]int{},
 	}
+}
+
+// authWorkers is emsd.auth_workers, or for 0 one CPU less than there are
+// (at least one), so that a flood of wrong passwords cannot take every
+// CPU.
+func authWorkers(c EMSDConfig) int {
+	if c.AuthWorkers > 0 {
+		return c.AuthWorkers
+	}
+	return max(runtime.GOMAXPROCS(0)-1, 1)
 }
 
 func (l *authLimiter) clock() int64 { return int64(l.now().Sub(l.epoch)) }
 
-// setLimits applies changed emsd.*auth_failures* keys (Reconfigure). The
+// setLimits applies changed emsd.auth_* keys (Reconfigure). The
 // failures on record stay: a source's debt carries over as the time until
 // its bucket is full again, now measured against the new burst and rate,
 // so that a reload neither forgives a guesser nor punishes anyone twice.
@@ -102,6 +144,8 @@ func (l *authLimiter) setLimits(c EMSDConfig) {
 	defer l.mu.Unlock()
 	l.src.setLimits(newFailBuckets[srcKey](c.AuthFailuresBurst, c.AuthFailuresRate, c.AuthFailuresTracked), now)
 	l.dev.setLimits(newFailBuckets[emsd.Address](c.DeviceAuthFailuresBurst, c.DeviceAuthFailuresRate, c.AuthFailuresTracked), now)
+	l.workers, l.maxQueue = authWorkers(c), c.AuthQueue
+	l.dispatchLocked(now)
 }
 
 // over reports the limit a password check from src for device dev is
@@ -117,41 +161,154 @@ func (l *authLimiter) over(src netip.Addr, dev emsd.Address, byDevice bool) stri
 
 func (l *authLimiter) overLocked(k srcKey, dev emsd.Address, byDevice bool, now int64) string {
 	switch {
-	case l.src.over(k, now):
+	case l.src.over(k, now, 0):
 		return limitSource
-	case byDevice && l.dev.over(dev, now):
+	case byDevice && l.dev.over(dev, now, 0):
 		return limitDevice
 	}
 	return ""
 }
 
-// charge is over, and when neither limit is over it charges a failure to
-// both in the same step, before bcrypt runs; refund gives it back when
-// the password matched.
-func (l *authLimiter) charge(src netip.Addr, dev emsd.Address, byDevice bool) string {
-	now := l.clock()
+// errAuthQueueFull: the check could not even wait for a worker.
+var errAuthQueueFull = errors.New("password checks queue full")
+
+// check runs verify, the password check (bcrypt) of a check from src for
+// dev, on a worker, once its turn comes, and counts a failure when it
+// returns false. It returns the limit the source or device is over
+// without running verify, or an error when the queue is full or ctx
+// ended before the check started.
+func (l *authLimiter) check(ctx context.Context, src netip.Addr, dev emsd.Address, byDevice bool, verify func() bool) (ok bool, limit string, err error) {
 	k := sourceOf(src)
+	now := l.clock()
+	l.mu.Lock()
+	if limit := l.overLocked(k, dev, byDevice, now); limit != "" {
+		l.mu.Unlock()
+		return false, limit, nil
+	}
+	q := l.queues[k]
+	if l.waiting >= l.maxQueue || len(q) >= max(l.maxQueue/4, 1) {
+		l.mu.Unlock()
+		return false, "", errAuthQueueFull
+	}
+	w := &authWaiter{k: k, dev: dev, byDevice: byDevice, ready: make(chan struct{})}
+	if len(q) == 0 {
+		l.ring = append(l.ring, k)
+	}
+	l.queues[k] = append(q, w)
+	l.waiting++
+	l.dispatchLocked(now)
+	l.mu.Unlock()
+
+	select {
+	case <-w.ready:
+	case <-ctx.Done():
+		l.mu.Lock()
+		if !w.started && w.limit == "" {
+			l.removeLocked(w)
+			l.mu.Unlock()
+			return false, "", ctx.Err()
+		}
+		l.mu.Unlock()
+	}
+	if w.limit != "" {
+		return false, w.limit, nil
+	}
+	ok = verify()
+	now = l.clock()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if limit := l.overLocked(k, dev, byDevice, now); limit != "" {
-		return limit
+	l.running--
+	if l.runSrc[k]--; l.runSrc[k] == 0 {
+		delete(l.runSrc, k)
 	}
-	l.src.fail(k, now)
 	if byDevice {
-		l.dev.fail(dev, now)
+		if l.runDev[dev]--; l.runDev[dev] == 0 {
+			delete(l.runDev, dev)
+		}
 	}
-	return ""
+	if !ok {
+		l.src.fail(k, now)
+		if byDevice {
+			l.dev.fail(dev, now)
+		}
+	}
+	l.dispatchLocked(now)
+	return ok, "", nil
 }
 
-// refund gives back what charge took, for a password that matched.
-func (l *authLimiter) refund(src netip.Addr, dev emsd.Address, byDevice bool) {
-	now := l.clock()
+// dispatchLocked starts waiting checks while workers are free, one source
+// at a time in turn. A source whose first check cannot start yet (its
+// running checks could use up its burst) is passed over; one that went
+// over its limit while waiting has its checks answered with the limit.
+func (l *authLimiter) dispatchLocked(now int64) {
+	for l.running < l.workers && len(l.ring) > 0 {
+		started := false
+		for range len(l.ring) {
+			if l.next >= len(l.ring) {
+				l.next = 0
+			}
+			k := l.ring[l.next]
+			w := l.queues[k][0]
+			if limit := l.overLocked(k, w.dev, w.byDevice, now); limit != "" {
+				w.limit = limit
+				l.removeLocked(w)
+				close(w.ready)
+				started = true // the ring changed: look again
+				break
+			}
+			if l.src.over(k, now, l.runSrc[k]) || (w.byDevice && l.dev.over(w.dev, now, l.runDev[w.dev])) {
+				l.next++
+				continue
+			}
+			l.removeLocked(w)
+			w.started = true
+			l.running++
+			l.runSrc[k]++
+			if w.byDevice {
+				l.runDev[w.dev]++
+			}
+			close(w.ready)
+			l.next++
+			started = true
+			break
+		}
+		if !started {
+			return
+		}
+	}
+}
+
+// removeLocked takes w out of its source's queue.
+func (l *authLimiter) removeLocked(w *authWaiter) {
+	q := l.queues[w.k]
+	for i, x := range q {
+		if x == w {
+			q = append(q[:i], q[i+1:]...)
+			break
+		}
+	}
+	l.waiting--
+	if len(q) > 0 {
+		l.queues[w.k] = q
+		return
+	}
+	delete(l.queues, w.k)
+	for i, k := range l.ring {
+		if k == w.k {
+			l.ring = append(l.ring[:i], l.ring[i+1:]...)
+			if l.next > i {
+				l.next--
+			}
+			break
+		}
+	}
+}
+
+// queued returns how many checks wait for a worker.
+func (l *authLimiter) queued() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.src.refund(sourceOf(src), now)
-	if byDevice {
-		l.dev.refund(dev, now)
-	}
+	return l.waiting
 }
 
 // refused counts a refusal and reports whether to log a warning about it
@@ -188,6 +345,9 @@ func (l *authLimiter) collectors() []prometheus.Collector {
 	return []prometheus.Collector{
 		gauge(limitSource, func() float64 { n, _ := l.tracked(); return float64(n) }),
 		gauge(limitDevice, func() float64 { _, n := l.tracked(); return float64(n) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "emsd_auth_queue_waiting",
+			Help: "Password checks waiting for a bcrypt worker (emsd.auth_queue bounds them)."},
+			func() float64 { return float64(l.queued()) }),
 	}
 }
 
@@ -243,11 +403,18 @@ func (b *failBuckets[K]) setLimits(n failBuckets[K], now int64) {
 	}
 }
 
-// over reports whether k has used its burst: one more failure now would
-// run its debt past the tolerance.
-func (b *failBuckets[K]) over(k K, now int64) bool {
+// over reports whether k has used its burst, counting pending failures
+// that may still come (checks running): one more failure now would run
+// its debt past the tolerance.
+func (b *failBuckets[K]) over(k K, now int64, pending int) bool {
+	if b.interval == 0 {
+		return false
+	}
 	t, ok := b.tat[k]
-	return b.interval > 0 && ok && t-now > b.tolerance-b.interval
+	if !ok || t < now {
+		t = now
+	}
+	return t+int64(pending)*b.interval-now > b.tolerance-b.interval
 }
 
 func (b *failBuckets[K]) fail(k K, now int64) {
@@ -262,20 +429,6 @@ func (b *failBuckets[K]) fail(k K, now int64) {
 		b.evict(now)
 	}
 	b.tat[k] = max(t, now) + b.interval
-}
-
-// refund takes one failure off k: the charge for a check that succeeded.
-// A key evicted meanwhile has nothing to give back.
-func (b *failBuckets[K]) refund(k K, now int64) {
-	t, ok := b.tat[k]
-	if !ok {
-		return
-	}
-	if t -= b.interval; t <= now {
-		delete(b.tat, k)
-		return
-	}
-	b.tat[k] = t
 }
 
 // evict makes room for a new key when max keys are tracked. Keys whose
@@ -341,6 +494,12 @@ func (c *Config) validAuthLimits() error {
 		if !(l.rate >= minAuthRate && l.rate <= maxAuthRate) { // NaN too
 			errs = append(errs, configErr("%s_rate %v: want %v to %v failures a minute", l.name, l.rate, minAuthRate, maxAuthRate))
 		}
+	}
+	if n := c.EMSD.AuthQueue; n < 1 || n > maxAuthQueue {
+		errs = append(errs, configErr("emsd.auth_queue %d: want 1 to %d", n, maxAuthQueue))
+	}
+	if n := c.EMSD.AuthWorkers; n < 0 || n > maxAuthWorkers {
+		errs = append(errs, configErr("emsd.auth_workers %d: want 0 (one less than the CPUs) to %d", n, maxAuthWorkers))
 	}
 	if n := c.EMSD.AuthFailuresTracked; n < 1 || n > maxAuthTracked {
 		errs = append(errs, configErr("emsd.auth_failures_tracked %d: want 1 to %d", n, maxAuthTracked))

@@ -3,11 +3,13 @@ package server
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -39,11 +41,13 @@ func (c *fakeClock) Advance(d time.Duration) {
 // source, 20 then 12 a minute per device.
 func authTestConfig() EMSDConfig { return DefaultConfig().EMSD }
 
+func pass() bool { return true }
+func fail() bool { return false }
+
 // limStep is a step of a limiter scenario: the clock moves by after;
-// oks checks from src for dev succeed (charge, then refund); fails
-// checks fail (charge only, each from its own address in 10.0.0.0/8 when
-// spread), of which refused must be refused by charge; then over must
-// say want.
+// oks checks from src for dev succeed; fails checks fail (each from its
+// own address in 10.0.0.0/8 when spread), of which refused must be
+// refused by the limits; then over must say want.
 type limStep struct {
 	after   time.Duration
 	src     string
@@ -70,7 +74,7 @@ func TestAuthLimiter(t *testing.T) {
 			{src: A, dev: 1, fails: 1, want: limitSource},
 			{src: A, dev: 2, want: limitSource}, // whichever device it tries
 		}},
-		{"attempts at once: no more than the burst gets checked", authTestConfig(), []limStep{
+		{"one after another: no more than the burst gets checked", authTestConfig(), []limStep{
 			{src: A, dev: 1, fails: 15, refused: 5, want: limitSource},
 		}},
 		{"successes cost nothing and give back nothing", authTestConfig(), []limStep{
@@ -130,10 +134,9 @@ func TestAuthLimiter(t *testing.T) {
 				clk.Advance(st.after)
 				src := cmp.Or(st.src, "203.0.113.1")
 				for range st.oks {
-					if got := l.charge(netip.MustParseAddr(src), st.dev, !st.home); got != "" {
-						t.Fatalf("step %d (%+v): a check within the limits refused: %q", i, st, got)
+					if _, got, err := l.check(context.Background(), netip.MustParseAddr(src), st.dev, !st.home, pass); got != "" || err != nil {
+						t.Fatalf("step %d (%+v): a check within the limits refused: %q %v", i, st, got, err)
 					}
-					l.refund(netip.MustParseAddr(src), st.dev, !st.home)
 				}
 				refused := 0
 				for range st.fails {
@@ -142,12 +145,12 @@ func TestAuthLimiter(t *testing.T) {
 						n++
 						src = netip.AddrFrom4([4]byte{10, byte(n >> 16), byte(n >> 8), byte(n)}).String()
 					}
-					if l.charge(netip.MustParseAddr(src), st.dev, !st.home) != "" {
+					if _, limit, _ := l.check(context.Background(), netip.MustParseAddr(src), st.dev, !st.home, fail); limit != "" {
 						refused++
 					}
 				}
 				if refused != st.refused {
-					t.Errorf("step %d (%+v): charge refused %d, want %d", i, st, refused, st.refused)
+					t.Errorf("step %d (%+v): check refused %d, want %d", i, st, refused, st.refused)
 				}
 				if got := l.over(netip.MustParseAddr(src), st.dev, !st.home); got != st.want {
 					t.Errorf("step %d (%+v): over = %q, want %q", i, st, got, st.want)
@@ -177,12 +180,12 @@ func TestAuthLimiterFlood(t *testing.T) {
 			l := newAuthLimiter(cfg, clk.Now)
 			attacker := netip.MustParseAddr("192.0.2.66")
 			for range 10 {
-				l.charge(attacker, 1, true)
+				l.check(context.Background(), attacker, 1, true, fail)
 			}
 			peak := 0
 			for i := range 100 * bound {
 				clk.Advance(100 * time.Microsecond)
-				l.charge(tc.source(i), emsd.Address(i), true)
+				l.check(context.Background(), tc.source(i), emsd.Address(i), true, fail)
 				srcs, devs := l.tracked()
 				if srcs > bound || devs > bound {
 					t.Fatalf("after %d spoofed sources: %d sources, %d devices tracked, bound %d", i+1, srcs, devs, bound)
@@ -328,8 +331,8 @@ func deliveryControl(t *testing.T, s *Server, ep *esro.Endpoint, dev emsd.Addres
 }
 
 // The failed-authentication limits through the server: a limited source
-// (or device) gets ERROR 4 with parameter 4, exactly the wrong-password
-// answer, even for the correct password, and the refusals are counted.
+// (or device) gets the transient ERROR 6 with parameter 6, even for the
+// correct password, and the refusals are counted.
 func TestAuthFailureLimit(t *testing.T) {
 	clk := newFakeClock()
 	s := startServerWith(t, testConfig(t), Options{Logger: testLogger(t), now: clk.Now})
@@ -341,6 +344,7 @@ func TestAuthFailureLimit(t *testing.T) {
 		spread = append(spread, listenESRO(t, fmt.Sprintf("127.0.0.%d", 31+i)))
 	}
 	wrong := answer{"error", 4, "020104"}
+	limitedAns := answer{"error", 6, "020106"} // transient: the device retries later
 	ok := answer{kind: "result"}
 	limited := func(limit string) float64 { return s.metrics.counter(t, "emsd_auth_limited_total", limit) }
 
@@ -358,15 +362,15 @@ func TestAuthFailureLimit(t *testing.T) {
 		// limited source either.
 		{what: "the device at home", from: []*esro.Endpoint{home}, pw: "pw", want: ok},
 		{what: "10 wrong passwords, checked", from: slices.Repeat([]*esro.Endpoint{a}, 10), pw: "x", want: wrong},
-		{what: "the 11th, limited", from: []*esro.Endpoint{a}, pw: "x", want: wrong, bySource: 1},
-		{what: "correct password from the limited source", from: []*esro.Endpoint{a}, pw: "pw", want: wrong, bySource: 2},
+		{what: "the 11th, limited", from: []*esro.Endpoint{a}, pw: "x", want: limitedAns, bySource: 1},
+		{what: "correct password from the limited source", from: []*esro.Endpoint{a}, pw: "pw", want: limitedAns, bySource: 2},
 		{what: "another source", from: []*esro.Endpoint{b}, pw: "pw", want: ok, bySource: 2},
 		{what: "the device at home again", from: []*esro.Endpoint{home}, pw: "pw", want: ok, bySource: 2},
 		{what: "a failure regained", after: 10 * time.Second, from: []*esro.Endpoint{a}, pw: "pw", want: ok, bySource: 2},
 		// The device has 10 failures from a, 2 of them regained (12 a minute).
 		{what: "12 more from 12 sources", from: spread, pw: "x", want: wrong, bySource: 2},
-		{what: "device limited", from: []*esro.Endpoint{c}, pw: "pw", want: wrong, bySource: 2, byDevice: 1},
-		{what: "device limited for b too", from: []*esro.Endpoint{b}, pw: "pw", want: wrong, bySource: 2, byDevice: 2},
+		{what: "device limited", from: []*esro.Endpoint{c}, pw: "pw", want: limitedAns, bySource: 2, byDevice: 1},
+		{what: "device limited for b too", from: []*esro.Endpoint{b}, pw: "pw", want: limitedAns, bySource: 2, byDevice: 2},
 		{what: "device at home unaffected", from: []*esro.Endpoint{home}, pw: "pw", want: ok, bySource: 2, byDevice: 2},
 		{what: "device failure regained", after: 5 * time.Second, from: []*esro.Endpoint{c}, pw: "pw", want: ok, bySource: 2, byDevice: 2},
 	} {
@@ -404,5 +408,160 @@ func TestAuthFailureLimitIPOnly(t *testing.T) {
 	}
 	if got := s.metrics.counter(t, "emsd_auth_failures_tracked", limitSource); got != 0 {
 		t.Errorf("sources tracked %v", got)
+	}
+}
+
+// Checks wait for a worker instead of being refused: many correct
+// passwords at once from one source all pass, never more than the
+// workers run at once, and failures count only once they happened.
+func TestAuthQueue(t *testing.T) {
+	cfg := authTestConfig()
+	cfg.AuthWorkers = 2
+	l := newAuthLimiter(cfg, newFakeClock().Now)
+	src := netip.MustParseAddr("192.0.2.1")
+	var mu sync.Mutex
+	running, peak := 0, 0
+	slow := func(ok bool) func() bool {
+		return func() bool {
+			mu.Lock()
+			running++
+			peak = max(peak, running)
+			mu.Unlock()
+			time.Sleep(time.Millisecond)
+			mu.Lock()
+			running--
+			mu.Unlock()
+			return ok
+		}
+	}
+	var wg sync.WaitGroup
+	var refused atomic.Int32
+	for i := range 32 {
+		wg.Go(func() {
+			ok, limit, err := l.check(context.Background(), src, emsd.Address(i), true, slow(true))
+			if !ok || limit != "" || err != nil {
+				refused.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if n := refused.Load(); n != 0 || peak > 2 {
+		t.Fatalf("32 correct passwords: %d refused, %d checks at once", n, peak)
+	}
+	if got := l.over(src, 1, true); got != "" {
+		t.Fatalf("successes counted: over %q", got)
+	}
+
+	// Wrong passwords at once: no more than the burst get checked.
+	checked := atomic.Int32{}
+	for range 40 {
+		wg.Go(func() {
+			l.check(context.Background(), src, 1, false, func() bool { checked.Add(1); return slow(false)() })
+		})
+	}
+	wg.Wait()
+	if n := checked.Load(); n != int32(cfg.AuthFailuresBurst) {
+		t.Fatalf("%d wrong passwords checked, burst %d", n, cfg.AuthFailuresBurst)
+	}
+	if l.queued() != 0 {
+		t.Fatalf("%d left waiting", l.queued())
+	}
+}
+
+// Sources take turns: one with a long queue does not hold up another.
+func TestAuthQueueFair(t *testing.T) {
+	cfg := authTestConfig()
+	cfg.AuthWorkers, cfg.AuthFailuresBurst, cfg.AuthQueue = 1, 0, 400
+	l := newAuthLimiter(cfg, newFakeClock().Now)
+	a, b := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.2")
+	release := make(chan struct{})
+	var order []string
+	var mu sync.Mutex
+	record := func(who string) func() bool {
+		return func() bool {
+			<-release
+			mu.Lock()
+			order = append(order, who)
+			mu.Unlock()
+			return true
+		}
+	}
+	var wg sync.WaitGroup
+	for range 50 {
+		wg.Go(func() { l.check(context.Background(), a, 1, true, record("a")) })
+	}
+	for l.queued() < 49 {
+		time.Sleep(time.Millisecond)
+	}
+	wg.Go(func() { l.check(context.Background(), b, 2, true, record("b")) })
+	for l.queued() < 50 {
+		time.Sleep(time.Millisecond)
+	}
+	close(release)
+	wg.Wait()
+	if i := slices.Index(order, "b"); i < 0 || i > 2 {
+		t.Fatalf("b checked as #%d of %d", i+1, len(order))
+	}
+}
+
+// A full queue, or a source's full share of it, answers at once.
+func TestAuthQueueFull(t *testing.T) {
+	cfg := authTestConfig()
+	cfg.AuthWorkers, cfg.AuthQueue = 1, 8
+	l := newAuthLimiter(cfg, newFakeClock().Now)
+	release := make(chan struct{})
+	block := func() bool { <-release; return true }
+	var wg sync.WaitGroup
+	a := netip.MustParseAddr("192.0.2.1")
+	wg.Go(func() { l.check(context.Background(), a, 1, true, block) }) // running
+	for range 2 {
+		wg.Go(func() { l.check(context.Background(), a, 1, true, block) })
+	}
+	for l.queued() < 2 {
+		time.Sleep(time.Millisecond)
+	}
+	if _, _, err := l.check(context.Background(), a, 1, true, block); !errors.Is(err, errAuthQueueFull) {
+		t.Fatalf("a source's share: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() {
+		_, _, err := l.check(ctx, netip.MustParseAddr("192.0.2.2"), 2, true, block)
+		done <- err
+	}()
+	for l.queued() < 3 {
+		time.Sleep(time.Millisecond)
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled wait: %v", err)
+	}
+	close(release)
+	wg.Wait()
+	if l.queued() != 0 {
+		t.Fatalf("%d left waiting", l.queued())
+	}
+}
+
+// 32 devices behind one address authenticate at once on a server just
+// started (cold password cache): none is refused.
+func TestAuthConcurrentOneAddress(t *testing.T) {
+	s := startServerWith(t, testConfig(t), Options{Logger: testLogger(t)})
+	var eps []*esro.Endpoint
+	for i := range 32 {
+		ep := listenESRO(t, "127.0.0.77")
+		addDevice(t, s, emsd.Address(198100+i), netip.MustParseAddrPort("127.0.0.1:9"), deviceOpts{password: fmt.Sprint("pw", i)})
+		eps = append(eps, ep)
+	}
+	var wg sync.WaitGroup
+	answers := make([]answer, len(eps))
+	for i, ep := range eps {
+		wg.Go(func() { answers[i] = deliveryControl(t, s, ep, emsd.Address(198100+i), fmt.Sprint("pw", i)) })
+	}
+	wg.Wait()
+	for i, a := range answers {
+		if a.kind != "result" {
+			t.Errorf("device %d: %+v", i, a)
+		}
 	}
 }

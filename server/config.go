@@ -73,6 +73,10 @@ type EMSDConfig struct {
 	DeviceAuthFailuresBurst int     `toml:"device_auth_failures_burst"`
 	DeviceAuthFailuresRate  float64 `toml:"device_auth_failures_rate"`
 	AuthFailuresTracked     int     `toml:"auth_failures_tracked"`
+	// Password checks waiting for a bcrypt worker, and the workers (0:
+	// one less than the CPUs).
+	AuthQueue   int `toml:"auth_queue"`
+	AuthWorkers int `toml:"auth_workers"`
 }
 
 // ESROConfig is the ESRO engine under it.

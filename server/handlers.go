@@ -75,7 +75,7 @@ func (s *Server) refuse(w esro.ResponseWriter, op string, code emsd.ErrorCode, w
 	}
 	s.metrics.errors.WithLabelValues(op, code.String()).Inc()
 	s.log.Debug("emsd error", "op", op, "code", code, "why", why)
-	w.Error(esro.EncodingBER, uint8(code), data)
+	esro.Refuse(w, esro.EncodingBER, uint8(code), data)
 }
 
 // refuseIdentity answers an unknown device or a wrong password: ERROR 4
@@ -83,10 +83,15 @@ func (s *Server) refuse(w esro.ResponseWriter, op string, code emsd.ErrorCode, w
 // ERROR 7 without parameter under compat.ip_only_identification.
 func (s *Server) refuseIdentity(w esro.ResponseWriter, op string, peer netip.AddrPort, err error) {
 	lv := slog.LevelInfo
-	if errors.Is(err, errAuthLimited) {
+	busy := errors.Is(err, errAuthLimited) || errors.Is(err, errAuthBusy)
+	if busy {
 		lv = slog.LevelDebug // identify warns, at most once a minute: not a line per datagram
 	}
 	s.log.Log(s.ctx, lv, "refused", "op", op, "peer", peer, "why", err)
+	if busy {
+		s.refuse(w, op, emsd.CodeResource, err.Error())
+		return
+	}
 	if s.conf().Compat.IPOnlyIdentification {
 		s.refuse(w, op, emsd.CodeProtocolViolation, err.Error())
 		return
@@ -104,7 +109,7 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 		s.refuse(w, "delivery_control", emsd.CodeOf(err), err.Error())
 		return
 	}
-	dev, authed, err := s.identify(peer, a.Security, true)
+	dev, authed, err := s.identify(ctx, w, peer, a.Security, true)
 	if err != nil {
 		s.refuseIdentity(w, "delivery_control", peer, err)
 		return
@@ -250,7 +255,7 @@ func (s *Server) handleDeliveryVerify(ctx context.Context, w esro.ResponseWriter
 		s.refuse(w, "delivery_verify", emsd.CodeOf(err), err.Error())
 		return
 	}
-	dev, _, err := s.identify(peer, nil, false) // no credentials: never a contact
+	dev, _, err := s.identify(ctx, w, peer, nil, false) // no credentials: never a contact
 	if err != nil {
 		s.refuseIdentity(w, "delivery_verify", peer, err)
 		return

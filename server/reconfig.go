@@ -143,6 +143,7 @@ func liveFrom(run, next *Config, level, tls bool) *Config {
 	m.EMSD.AuthFailuresBurst, m.EMSD.AuthFailuresRate = n.EMSD.AuthFailuresBurst, n.EMSD.AuthFailuresRate
 	m.EMSD.DeviceAuthFailuresBurst, m.EMSD.DeviceAuthFailuresRate = n.EMSD.DeviceAuthFailuresBurst, n.EMSD.DeviceAuthFailuresRate
 	m.EMSD.AuthFailuresTracked = n.EMSD.AuthFailuresTracked
+	m.EMSD.AuthQueue, m.EMSD.AuthWorkers = n.EMSD.AuthQueue, n.EMSD.AuthWorkers
 	m.Delivery = n.Delivery
 	m.Relay = n.Relay
 	m.Store.Retention, m.Store.StatusRetention, m.Store.RegistryPoll = n.Store.Retention, n.Store.StatusRetention, n.Store.RegistryPoll
@@ -163,7 +164,7 @@ func liveFrom(run, next *Config, level, tls bool) *Config {
 func authLimitsEqual(a, b EMSDConfig) bool {
 	return a.AuthFailuresBurst == b.AuthFailuresBurst && a.AuthFailuresRate == b.AuthFailuresRate &&
 		a.DeviceAuthFailuresBurst == b.DeviceAuthFailuresBurst && a.DeviceAuthFailuresRate == b.DeviceAuthFailuresRate &&
-		a.AuthFailuresTracked == b.AuthFailuresTracked
+		a.AuthFailuresTracked == b.AuthFailuresTracked && a.AuthQueue == b.AuthQueue && a.AuthWorkers == b.AuthWorkers
 }
 
 // diffKeys names the keys ("relay.smarthost") whose values differ between

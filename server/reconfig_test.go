@@ -62,7 +62,7 @@ func change(t *testing.T, v reflect.Value) {
 func TestReconfigureKeys(t *testing.T) {
 	live := []string{
 		"emsd.auth_failures_burst", "emsd.auth_failures_rate", "emsd.device_auth_failures_burst",
-		"emsd.device_auth_failures_rate", "emsd.auth_failures_tracked",
+		"emsd.device_auth_failures_rate", "emsd.auth_failures_tracked", "emsd.auth_queue", "emsd.auth_workers",
 		"delivery.retry", "delivery.expiry", "delivery.concurrency", "delivery.reports", "delivery.drain_timeout",
 		"delivery.contact_lifetime",
 		"relay.smarthost", "relay.helo", "relay.username", "relay.password", "relay.tls", "relay.insecure_skip_verify",
@@ -173,6 +173,7 @@ func TestReconfigureAuthAndCompat(t *testing.T) {
 	addDevice(t, s, 198036, epAddr(home), deviceOpts{password: "pw"})
 	a := listenESRO(t, "127.0.0.21")
 	wrong, ok := answer{"error", 4, "020104"}, answer{kind: "result"}
+	limited := answer{"error", 6, "020106"}
 	for i, st := range []struct {
 		what string
 		edit func(*Config) // nil: none
@@ -182,7 +183,7 @@ func TestReconfigureAuthAndCompat(t *testing.T) {
 	}{
 		{"two failures: within a burst of 3", nil, []int{1, 1}, "x", wrong},
 		{"still room", nil, []int{1}, "pw", ok},
-		{"burst 2: the two failures use it up", func(c *Config) { c.EMSD.AuthFailuresBurst = 2 }, []int{1}, "pw", wrong},
+		{"burst 2: the two failures use it up", func(c *Config) { c.EMSD.AuthFailuresBurst = 2 }, []int{1}, "pw", limited},
 		{"the device at home is not that source", nil, []int{0}, "pw", ok},
 		{"burst 3 again", func(c *Config) { c.EMSD.AuthFailuresBurst = 3 }, []int{1}, "pw", ok},
 		{"limit off", func(c *Config) { c.EMSD.AuthFailuresBurst = 0 }, []int{1, 1, 1, 1, 1}, "x", wrong},
@@ -438,8 +439,8 @@ func TestAuthLimiterSetLimits(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			l := newAuthLimiter(authTestConfig(), newFakeClock().Now)
 			for i := range tc.fails {
-				l.charge(netip.AddrFrom4([4]byte{10, 0, 0, byte(i)}), 1, true)
-				l.charge(src, 1, false)
+				l.check(context.Background(), netip.AddrFrom4([4]byte{10, 0, 0, byte(i)}), 1, true, fail)
+				l.check(context.Background(), src, 1, false, fail)
 			}
 			for _, c := range tc.set {
 				l.setLimits(c)
@@ -454,11 +455,11 @@ func TestAuthLimiterSetLimits(t *testing.T) {
 				return
 			}
 			for i := range tc.then {
-				if got := l.charge(src, 1, false); got != "" {
+				if _, got, _ := l.check(context.Background(), src, 1, false, fail); got != "" {
 					t.Fatalf("failure %d refused: %q", i+1, got)
 				}
 			}
-			if got := l.charge(src, 1, false); got != limitSource {
+			if _, got, _ := l.check(context.Background(), src, 1, false, fail); got != limitSource {
 				t.Errorf("failure %d: %q, want the source limit", tc.then+1, got)
 			}
 		})

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/store"
 )
@@ -75,26 +76,26 @@ func (r *registry) byPeer(peer netip.AddrPort, ipOnly bool) *device {
 	return nil
 }
 
-// Identification failures; all are answered ERROR 4 with parameter 4
-// (spec emsd.md §9.3 Recommend, Open Point 3). errAuthLimited is a
-// password not checked because of the failed-authentication limits: it
-// is a wrong password to the device, so that the answer tells a guesser
-// nothing.
+// Identification failures, answered ERROR 4 with parameter 4 (spec
+// emsd.md §9.3 Recommend, Open Point 3), except errAuthLimited and
+// errAuthBusy, a password not checked because of the failed-
+// authentication limits or a full queue of checks: those get a transient
+// resource error, so that the device tries again later rather than give
+// up on a password that may be right.
 var (
 	errUnknownDevice = errors.New("unknown device")
 	errBadPassword   = errors.New("wrong password")
-	errAuthLimited   = fmt.Errorf("%w (not checked: too many failed authentications)", errBadPassword)
+	errAuthLimited   = errors.New("password not checked: too many failed authentications")
+	errAuthBusy      = errors.New("password not checked: too many checks waiting")
 )
 
 // pwCache remembers, per device, the last password that matched its
 // hash, so that bcrypt (tens of milliseconds by design) runs once per
-// device and password rather than once per operation. At most sem's
-// capacity of bcrypt checks run at once, so that a flood of wrong
-// passwords cannot take every CPU.
+// device and password rather than once per operation. The authLimiter
+// decides when bcrypt may run.
 type pwCache struct {
-	mu  sync.Mutex
-	ok  map[emsd.Address][32]byte
-	sem chan struct{}
+	mu sync.Mutex
+	ok map[emsd.Address][32]byte
 }
 
 func pwKey(d *device, pw string) [32]byte { return sha256.Sum256([]byte(d.PasswordHash + "\x00" + pw)) }
@@ -118,10 +119,7 @@ func (c *pwCache) verify(d *device, pw string) bool {
 	if d.PasswordHash == "" {
 		return true
 	}
-	c.sem <- struct{}{}
-	match := store.CheckPassword(d.PasswordHash, pw)
-	<-c.sem
-	if !match {
+	if !store.CheckPassword(d.PasswordHash, pw) {
 		return false
 	}
 	c.mu.Lock()
@@ -148,11 +146,16 @@ func (c *pwCache) verify(d *device, pw string) bool {
 // rather than the device being refused until the next registry_poll.
 //
 // authed reports that the device proved itself with its password: only
-// then may its source address become its contact (contact.go).
-func (s *Server) identify(peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (d *device, authed bool, err error) {
-	d, authed, err = s.identifyIn(s.registry(), peer, sec, checkPW)
+// then may its source address become its contact (contact.go), and the
+// source is proven to the ESRO endpoint (esro.Prove): the replies to it
+// are no longer limited against reflection.
+func (s *Server) identify(ctx context.Context, w esro.ResponseWriter, peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (d *device, authed bool, err error) {
+	d, authed, err = s.identifyIn(ctx, s.registry(), peer, sec, checkPW)
 	if errors.Is(err, errUnknownDevice) && s.registryFresh() {
-		d, authed, err = s.identifyIn(s.registry(), peer, sec, checkPW)
+		d, authed, err = s.identifyIn(ctx, s.registry(), peer, sec, checkPW)
+	}
+	if authed {
+		esro.Prove(w)
 	}
 	return d, authed, err
 }
@@ -194,7 +197,7 @@ func (s *Server) reloadIfChanged(ctx context.Context, why string) bool {
 	return true
 }
 
-func (s *Server) identifyIn(r *registry, peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (*device, bool, error) {
+func (s *Server) identifyIn(ctx context.Context, r *registry, peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (*device, bool, error) {
 	if s.conf().Compat.IPOnlyIdentification {
 		if d := r.byPeer(peer, true); d != nil {
 			return d, false, nil
@@ -219,27 +222,37 @@ func (s *Server) identifyIn(r *registry, peer netip.AddrPort, sec *emsd.Security
 			pw = sec.Password
 		}
 		// The cache answers only for sources and devices within their
-		// limits; bcrypt runs only with a failure charged in advance.
+		// limits; bcrypt waits for its turn (authLimiter.check), and the
+		// cache is asked again then, as a check of the same password
+		// that ran meanwhile may have filled it.
 		byDevice := d.ap.Addr() != peer.Addr()
 		limit := s.auth.over(peer.Addr(), d.addr, byDevice)
 		if limit == "" && s.pw.cached(d, pw) {
 			return d, true, nil
 		}
+		var ok bool
+		var err error
 		if limit == "" {
-			limit = s.auth.charge(peer.Addr(), d.addr, byDevice)
+			ok, limit, err = s.auth.check(ctx, peer.Addr(), d.addr, byDevice, func() bool {
+				return s.pw.cached(d, pw) || s.pw.verify(d, pw)
+			})
 		}
-		if limit != "" {
+		switch {
+		case limit != "":
 			s.metrics.authLimited.WithLabelValues(limit).Inc()
 			if n, warn := s.auth.refused(); warn {
 				s.log.Warn("authentications refused unchecked: too many failed authentications",
 					"limit", limit, "source", sourceOf(peer.Addr()).String(), "device", d.addr, "refused_since_last_warning", n)
 			}
 			return nil, false, errAuthLimited
-		}
-		if !s.pw.verify(d, pw) {
+		case errors.Is(err, errAuthQueueFull):
+			s.metrics.authLimited.WithLabelValues(limitQueue).Inc()
+			return nil, false, errAuthBusy
+		case err != nil:
+			return nil, false, fmt.Errorf("%w: %w", errAuthBusy, err)
+		case !ok:
 			return nil, false, errBadPassword
 		}
-		s.auth.refund(peer.Addr(), d.addr, byDevice)
 		return d, true, nil
 	}
 	return d, false, nil

@@ -30,7 +30,6 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -165,7 +164,6 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		reasm: emsd.NewReassembler[submitter](emsd.ReassemblerConfig{
 			Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
 		segs: segCache{ttl: time.Duration(cfg.EMSD.DedupeWindow), max: 4096},
-		pw:   pwCache{sem: make(chan struct{}, max(runtime.GOMAXPROCS(0)-1, 1))},
 		auth: newAuthLimiter(cfg.EMSD, now),
 	}
 	s.metrics.reg.MustRegister(s.auth.collectors()...)

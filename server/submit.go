@@ -238,7 +238,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		s.refuse(w, "submit", emsd.CodeOf(err), err.Error())
 		return
 	}
-	dev, authed, err := s.identify(peer, sa.Security, true)
+	dev, authed, err := s.identify(ctx, w, peer, sa.Security, true)
 	if err != nil {
 		s.refuseIdentity(w, "submit", peer, err)
 		return
