@@ -87,14 +87,18 @@ func (m *machine) prove(now time.Time, a netip.AddrPort) {
 				delete(h.proven, k)
 			}
 		}
-		for k := range h.proven {
+		for k, t := range h.proven {
 			if len(h.proven) < maxProven-maxProven/8 {
 				break
 			}
-			delete(h.proven, k)
+			if t != maxClock {
+				delete(h.proven, k)
+			}
 		}
 	}
-	h.proven[a] = m.clock(now) + int64(m.cfg.ProvenFor)
+	if h.proven[a] != maxClock {
+		h.proven[a] = m.clock(now) + int64(m.cfg.ProvenFor)
+	}
 }
 
 // proveReply proves the source of a reply to one of our invocations: it
@@ -362,3 +366,18 @@ func Prove(w ResponseWriter) {
 	r.e.m.proveInvocation(time.Now(), r.inv)
 	r.e.mu.Unlock()
 }
+
+// Trust marks addr as proven for the endpoint's life: a peer the
+// application was configured to talk to (a device's MTS, say), whose
+// invocations it expects before it has sent any of its own.
+func (e *Endpoint) Trust(addr netip.AddrPort) {
+	addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.m.closed {
+		e.m.hostile.proven[addr] = maxClock
+	}
+}
+
+// maxClock never passes: the proof of a trusted peer.
+const maxClock = int64(^uint64(0) >> 1)

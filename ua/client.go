@@ -125,6 +125,11 @@ func New(ep *esro.Endpoint, cfg Config) (*Client, error) {
 	if cfg.VerifyList == nil {
 		cfg.VerifyList = NewVerifyList(DefaultVerifyListSize)
 	}
+	if cfg.Server.IsValid() {
+		// Its MTS may deliver before the client has invoked anything:
+		// answers to it are not limited against reflection.
+		ep.Trust(cfg.Server)
+	}
 	c := &Client{
 		ep:       ep,
 		cfg:      cfg,
