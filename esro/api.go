@@ -60,6 +60,8 @@ func (r FailureReason) String() string {
 		return "user not responding"
 	case RemoteResource:
 		return "out of remote resources"
+	case Unreachable:
+		return "unreachable"
 	}
 	return fmt.Sprintf("failure value %d", uint8(r))
 }

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -40,6 +41,12 @@ type batchConn struct {
 	busy  int // consecutive reads that found a datagram waiting
 	// writes holds *mmsgs for flushes, which run concurrently.
 	writes sync.Pool
+	st     *counters // for the kernel drop count
+
+	// ICMP errors read from the socket's error queue (icmp_linux.go).
+	icmpMu   sync.Mutex
+	icmp     []icmpReport
+	icmpSeen atomic.Bool
 }
 
 // mmsgs are the kernel's argument arrays for one batch, and the state of
@@ -47,9 +54,12 @@ type batchConn struct {
 // closure made per call would escape into syscall.RawConn and cost
 // allocations on every datagram.
 type mmsgs struct {
+	b     *batchConn
 	hdrs  []unix.Mmsghdr
 	iovs  []unix.Iovec
 	names []unix.RawSockaddrInet6 // room for either family
+	oob   []byte                  // reads: one SO_RXQ_OVFL message per slot
+	retry bool                    // sends: the current slot was retried after an ICMP error
 
 	k, done int // slots to move, slots moved
 	calls   int // system calls made
@@ -58,8 +68,8 @@ type mmsgs struct {
 	send    func(fd uintptr) bool
 }
 
-func newMmsgs(n int) *mmsgs {
-	m := &mmsgs{hdrs: make([]unix.Mmsghdr, n), iovs: make([]unix.Iovec, n), names: make([]unix.RawSockaddrInet6, n)}
+func newMmsgs(b *batchConn, n int) *mmsgs {
+	m := &mmsgs{b: b, hdrs: make([]unix.Mmsghdr, n), iovs: make([]unix.Iovec, n), names: make([]unix.RawSockaddrInet6, n)}
 	for i := range m.hdrs {
 		m.hdrs[i].Hdr.Name = (*byte)(unsafe.Pointer(&m.names[i]))
 		m.hdrs[i].Hdr.Iov = &m.iovs[i]
@@ -75,11 +85,17 @@ func (m *mmsgs) doRecv(fd uintptr) bool {
 	for {
 		m.calls++
 		r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&m.hdrs[0])), uintptr(m.k), 0, 0, 0)
-		switch e {
-		case unix.EINTR:
+		switch {
+		case e == unix.EINTR:
 			continue
-		case unix.EAGAIN:
+		case e == unix.EAGAIN:
 			return false
+		case icmpErrno(e):
+			// A pending ICMP error, not a datagram: read the reports,
+			// return none.
+			m.b.drainErrQueue(fd)
+			m.done = 0
+			return true
 		}
 		m.done, m.errno = int(r), e
 		return true
@@ -91,14 +107,23 @@ func (m *mmsgs) doRecv(fd uintptr) bool {
 func (m *mmsgs) doSend(fd uintptr) bool {
 	for m.done < m.k {
 		r, _, e := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&m.hdrs[m.done])), uintptr(m.k-m.done), 0, 0, 0)
-		switch e {
-		case 0:
+		switch {
+		case e == 0:
 			m.done += int(r)
-		case unix.EINTR:
-		case unix.EAGAIN:
+			m.retry = false
+		case e == unix.EINTR:
+		case e == unix.EAGAIN:
 			return false
+		case icmpErrno(e) && !m.retry:
+			// With IP_RECVERR the kernel fails the next send on the
+			// socket with an ICMP error that came for any earlier
+			// datagram; this one was not sent. Read the report and try
+			// it again, once.
+			m.b.drainErrQueue(fd)
+			m.retry = true
 		default:
 			m.errno = e
+			m.retry = false
 			return true
 		}
 	}
@@ -123,12 +148,14 @@ func newBatchConn(conn net.PacketConn) batchIO {
 		if sa, serr = unix.Getsockname(int(fd)); serr == nil {
 			_, b.inet6 = sa.(*unix.SockaddrInet6)
 		}
+		setSocketOptions(int(fd), b.inet6)
 	}); err != nil || serr != nil {
 		return nil
 	}
-	b.r = newMmsgs(batchSlots)
+	b.r = newMmsgs(b, batchSlots)
+	b.r.oob = make([]byte, batchSlots*oobSlot)
 	b.bufs = [][]byte{make([]byte, maxDatagram+1)}
-	b.writes.New = func() any { return newMmsgs(batchSlots) }
+	b.writes.New = func() any { return newMmsgs(b, batchSlots) }
 	return b
 }
 
@@ -142,6 +169,8 @@ func (b *batchConn) read() (int, error) {
 		h.Hdr.Namelen = unix.SizeofSockaddrInet6
 		h.Hdr.Flags = 0
 		h.Len = 0
+		h.Hdr.Control = &m.oob[i*oobSlot]
+		h.Hdr.SetControllen(oobSlot)
 		m.iovs[i].Base = &b.bufs[i][0]
 		m.iovs[i].SetLen(len(b.bufs[i]))
 	}
@@ -150,6 +179,11 @@ func (b *batchConn) read() (int, error) {
 	}
 	if m.errno != 0 {
 		return 0, &net.OpError{Op: "read", Net: "udp", Err: m.errno}
+	}
+	if m.done > 0 {
+		// The drop count is cumulative: the last datagram's is enough.
+		i := m.done - 1
+		b.noteDrops(m.oob[i*oobSlot : i*oobSlot+int(m.hdrs[i].Hdr.Controllen)])
 	}
 	if m.calls == 1 { // a datagram was waiting: the socket is busy
 		b.busy++

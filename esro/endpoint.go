@@ -83,6 +83,7 @@ func NewEndpoint(conn net.PacketConn, cfg *Config) (*Endpoint, error) {
 	e := &Endpoint{conn: conn, log: c.Logger, closed: make(chan struct{})}
 	e.fast, _ = conn.(udpAddrPortConn)
 	e.batch = newBatchConn(conn)
+	e.wireICMP()
 	e.outs.New = func() any { s := make([]outgoing, 0, 4); return &s }
 	e.m = newMachine(c, &e.st, e)
 	e.loops.Add(1)
@@ -281,6 +282,7 @@ func (e *Endpoint) readLoop() {
 		} else if from.IsValid() {
 			e.m.receive(now, buf[:n], from)
 		}
+		e.applyICMPLocked(now)
 		out := e.takeOut()
 		e.rearm(now)
 		e.mu.Unlock()
@@ -351,6 +353,7 @@ func (e *Endpoint) flush(out *[]outgoing) {
 	clear(*out) // drop references to PDU buffers
 	*out = (*out)[:0]
 	e.outs.Put(out)
+	e.applyICMP() // reports a failed send read
 }
 
 // send writes one datagram.
@@ -358,7 +361,9 @@ func (e *Endpoint) send(o *outgoing) {
 	b := o.payload()
 	var err error
 	if e.fast != nil {
-		_, err = e.fast.WriteToUDPAddrPort(b, o.to)
+		if _, err = e.fast.WriteToUDPAddrPort(b, o.to); err != nil && e.retrySend(err) {
+			_, err = e.fast.WriteToUDPAddrPort(b, o.to)
+		}
 	} else {
 		_, err = e.conn.WriteTo(b, net.UDPAddrFromAddrPort(o.to))
 	}
