@@ -4,7 +4,9 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -103,4 +105,22 @@ func TestRegistryEditedElsewhere(t *testing.T) {
 	eventually(t, "device known", func() bool { return invoke().kind == "result" })
 	must(t, other.RemoveDevice(context.Background(), 198036))
 	eventually(t, "device forgotten", func() bool { return invoke() == answer{"error", 4, "020104"} })
+}
+
+// The EMSD socket gets the receive buffer emsd.receive_buffer asks for (as
+// root here, past net.core.rmem_max), and reports what it got.
+func TestReceiveBuffer(t *testing.T) {
+	c := testConfig(t)
+	c.EMSD.ReceiveBuffer = 4 << 20
+	c.Admin.Listen = "127.0.0.1:0"
+	s := startServerWith(t, c, Options{Logger: testLogger(t)})
+	got := s.metrics.counter(t, "emsd_receive_buffer_bytes", "")
+	max, err := os.ReadFile("/proc/sys/net/core/rmem_max")
+	if err != nil {
+		t.Skipf("no /proc/sys/net/core/rmem_max (%v): cannot tell what the system allows", err)
+	}
+	rmemMax, _ := strconv.Atoi(strings.TrimSpace(string(max)))
+	if got != 4<<20 && !(os.Geteuid() != 0 && int(got) >= rmemMax) {
+		t.Errorf("receive buffer %v, want %d (rmem_max %d, euid %d)", got, 4<<20, rmemMax, os.Geteuid())
+	}
 }

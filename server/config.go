@@ -65,6 +65,9 @@ type EMSDConfig struct {
 	Listen            string   `toml:"listen"`
 	Domains           []string `toml:"domains"`
 	PDUSize           int      `toml:"pdu_size"`
+	// ReceiveBuffer is the UDP socket's kernel receive buffer in octets
+	// (0: the system's default).
+	ReceiveBuffer int `toml:"receive_buffer"`
 	ReassemblyTimeout Duration `toml:"reassembly_timeout"`
 	DedupeWindow      Duration `toml:"dedupe_window"`
 	// Failed-authentication limits (authlimit.go); rates are per minute.
@@ -295,6 +298,9 @@ func (c *Config) Validate() error {
 	}
 	if _, err := c.ESROConfig(nil); err != nil {
 		add(configErr("esro: %v", err))
+	}
+	if c.EMSD.ReceiveBuffer < 0 || c.EMSD.ReceiveBuffer > 1<<30 {
+		add(configErr("emsd.receive_buffer %d: want 0 (the system's default) to 1 GiB", c.EMSD.ReceiveBuffer))
 	}
 	if c.EMSD.PDUSize < 256 || c.EMSD.PDUSize > 65000 {
 		add(configErr("emsd.pdu_size %d: want 256..65000", c.EMSD.PDUSize))

@@ -143,13 +143,19 @@ func newESROCollector(stats func() esro.Stats) *esroCollector {
 		"duplicates_total":         "Duplicate PDUs absorbed or re-answered.",
 		"superseded_total":         "Held invocations replaced by a new INVOKE on their number.",
 		"reference_waits_total":    "Invocations that waited for a free reference number.",
+		"withheld_total":           "Datagrams to unproven sources withheld by the amplification limit.",
+		"withheld_bytes_total":     "Octets to unproven sources withheld by the amplification limit.",
+		"unreachable_total":        "Invocations ended at once by an ICMP error (port or host unreachable).",
+		"kernel_drops_total":       "Datagrams the kernel dropped for want of socket receive buffer.",
+		"tombstones":               "Refused invocations of unproven sources remembered for duplicate detection.",
 	} {
 		c.descs[name] = prometheus.NewDesc("esro_"+name, help, nil, nil)
 	}
 	c.descs["drops_total"] = prometheus.NewDesc("esro_drops_total", "Datagrams dropped, by reason.", []string{"reason"}, nil)
 	c.descs["failures_total"] = prometheus.NewDesc("esro_failures_total",
 		"Failures by direction (sent, received, local) and reason value.", []string{"direction", "reason"}, nil)
-	c.descs["in_flight"] = prometheus.NewDesc("esro_in_flight", "Invocations held, by role.", []string{"role"}, nil)
+	c.descs["in_flight"] = prometheus.NewDesc("esro_in_flight",
+		"Invocations held, by role; unproven: performer invocations of unproven sources among them.", []string{"role"}, nil)
 	return c
 }
 
@@ -179,12 +185,18 @@ func (c *esroCollector) Collect(ch chan<- prometheus.Metric) {
 	counter("duplicates_total", st.DuplicatesIn)
 	counter("superseded_total", st.Superseded)
 	counter("reference_waits_total", st.ReferenceWaits)
+	counter("withheld_total", st.Withheld)
+	counter("withheld_bytes_total", st.WithheldBytes)
+	counter("unreachable_total", st.Unreachable)
+	counter("kernel_drops_total", st.KernelDrops)
+	ch <- prometheus.MustNewConstMetric(c.descs["tombstones"], prometheus.GaugeValue, float64(st.Tombstones))
+	ch <- prometheus.MustNewConstMetric(c.descs["in_flight"], prometheus.GaugeValue, float64(st.InFlightUnproven), "unproven")
 	for i, v := range st.Drops {
 		counter("drops_total", v, esro.DropReason(i).String())
 	}
 	reason := func(i int) string {
 		if i > int(esro.RemoteResource) {
-			return "other"
+			return "other" // Unreachable among them
 		}
 		return strconv.Itoa(i)
 	}

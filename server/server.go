@@ -229,6 +229,20 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		if pc, err = net.ListenPacket("udp", cfg.EMSD.Listen); err != nil {
 			return nil, &ListenError{"emsd", cfg.EMSD.Listen, err}
 		}
+		if want := cfg.EMSD.ReceiveBuffer; want > 0 {
+			got, err := esro.SetReceiveBuffer(pc.(*net.UDPConn), want)
+			switch {
+			case err != nil:
+				log.Warn("emsd.receive_buffer not set", "err", err)
+			case got < want:
+				log.Warn("emsd.receive_buffer capped by the system: raise net.core.rmem_max, or grant CAP_NET_ADMIN",
+					"wanted", want, "got", got)
+			}
+			g := prometheus.NewGauge(prometheus.GaugeOpts{Name: "emsd_receive_buffer_bytes",
+				Help: "Kernel receive buffer of the EMSD socket, as granted (emsd.receive_buffer asks)."})
+			g.Set(float64(got))
+			s.metrics.reg.MustRegister(g)
+		}
 	}
 	if s.ep, err = esro.NewEndpoint(pc, ecfg); err != nil {
 		pc.Close()
