@@ -62,12 +62,12 @@ type Config struct {
 
 // EMSDConfig is the EMSD service.
 type EMSDConfig struct {
-	Listen            string   `toml:"listen"`
-	Domains           []string `toml:"domains"`
-	PDUSize           int      `toml:"pdu_size"`
+	Listen  string   `toml:"listen"`
+	Domains []string `toml:"domains"`
+	PDUSize int      `toml:"pdu_size"`
 	// ReceiveBuffer is the UDP socket's kernel receive buffer in octets
 	// (0: the system's default).
-	ReceiveBuffer int `toml:"receive_buffer"`
+	ReceiveBuffer     int      `toml:"receive_buffer"`
 	ReassemblyTimeout Duration `toml:"reassembly_timeout"`
 	DedupeWindow      Duration `toml:"dedupe_window"`
 	// Failed-authentication limits (authlimit.go); rates are per minute.
