@@ -17,10 +17,10 @@ var ErrDataDirLocked = errors.New("data directory in use by another emsdp serve"
 // servers never run one queue (the device commands do not lock: they only
 // edit the registry, which SQLite serialises).
 func lockDataDir(dir string) (func(), error) {
-	if err := os.MkdirAll(dir, 0o750); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("data directory: %w", err)
 	}
-	f, err := os.OpenFile(filepath.Join(dir, "serve.lock"), os.O_CREATE|os.O_RDWR, 0o640)
+	f, err := os.OpenFile(filepath.Join(dir, "serve.lock"), os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("data directory: %w", err)
 	}

@@ -203,6 +203,12 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 			return nil, err
 		}
 		s.st, s.ownStore = db, true
+		if cfg.Store.Driver == StoreSQLite {
+			if loose := looseModes(cfg.Data); len(loose) > 0 {
+				log.Warn("data directory readable by others: it holds the mail and the password hashes; chmod 0700 the directory, 0600 its files",
+					"paths", loose)
+			}
+		}
 	}
 	if err := s.reloadRegistry(ctx); err != nil {
 		return nil, fmt.Errorf("store: registry: %w", err)

@@ -47,9 +47,10 @@ type DB struct {
 var _ store.Store = (*DB)(nil)
 
 // OpenDir opens (creating it and the directory if needed) the store of a
-// data directory.
+// data directory. A directory it creates is 0700: the store holds mail and
+// password hashes.
 func OpenDir(ctx context.Context, dir string, o *Options) (*DB, error) {
-	if err := os.MkdirAll(dir, 0o750); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("sqlite: data directory: %w", err)
 	}
 	return Open(ctx, filepath.Join(dir, FileName), o)
@@ -82,6 +83,14 @@ func open(ctx context.Context, path string, o *Options, version int) (*DB, error
 	// writers queue on the busy timeout instead of failing at upgrade.
 	dsn := fmt.Sprintf("%s?_pragma=busy_timeout(%d)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_pragma=foreign_keys(1)&_txlock=immediate",
 		path, busy.Milliseconds())
+	// Created here rather than by SQLite, which would make it 0644 less
+	// the umask: 0600 whatever the umask, and SQLite gives its -wal and
+	// -shm files the database file's mode.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: open %s: %w", path, err)
+	}
+	f.Close()
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: open %s: %w", path, err)
