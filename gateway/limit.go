@@ -83,6 +83,14 @@ func (l *connLimits) release(ip netip.Addr) {
 	}
 }
 
+// crowded reports whether more than three quarters of the session limit
+// are in use: requests then get InboundOptions.StressReadTimeout.
+func (l *connLimits) crowded() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.maxTotal > 0 && l.n*4 > l.maxTotal*3
+}
+
 func (l *connLimits) sessions() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()

@@ -36,10 +36,25 @@ type Receiver interface {
 
 // InboundOptions configure an InboundServer; zero values take defaults.
 type InboundOptions struct {
-	Domain          string        // greeting and Received: host name; "" = "localhost"
-	MaxMessageBytes int64         // larger messages get 552; 0 = 10 MiB
-	MaxRecipients   int           // more RCPTs get 452; 0 = 100
-	ReadTimeout     time.Duration // idle time per command; 0 = 5 min
+	Domain          string // greeting and Received: host name; "" = "localhost"
+	MaxMessageBytes int64  // larger messages get 552; 0 = 10 MiB
+	MaxRecipients   int    // more RCPTs get 452; 0 = 100
+	// ReadTimeout bounds each request: a command line, a message's
+	// content or a TLS handshake, from its first read on; it is not moved
+	// by each octet (see requestConn). 0 = 5 min, Postfix's
+	// smtpd_timeout.
+	ReadTimeout time.Duration
+	// MinDataRate gives a request one second more for each MinDataRate
+	// octets received, so that large messages at a fair rate complete.
+	// 0 = 500 octets a second (Postfix's smtpd_min_data_rate); negative:
+	// no extension.
+	MinDataRate int
+	// StressReadTimeout replaces ReadTimeout while more than three
+	// quarters of MaxConns sessions are open (Postfix's overload mode).
+	// 0 = 10 s.
+	StressReadTimeout time.Duration
+	// SessionTimeout bounds a whole session. 0 = 30 min; negative: none.
+	SessionTimeout  time.Duration
 	WriteTimeout    time.Duration // per reply; 0 = 1 min
 	ReceiverTimeout time.Duration // bound on each Receiver call; 0 = 2 min
 	TLSConfig       *tls.Config   // non-nil: STARTTLS is offered
@@ -109,6 +124,15 @@ func NewInboundServer(r Receiver, o InboundOptions) *InboundServer {
 	if o.ReadTimeout <= 0 {
 		o.ReadTimeout = 5 * time.Minute
 	}
+	if o.MinDataRate == 0 {
+		o.MinDataRate = 500
+	}
+	if o.StressReadTimeout <= 0 {
+		o.StressReadTimeout = 10 * time.Second
+	}
+	if o.SessionTimeout == 0 {
+		o.SessionTimeout = 30 * time.Minute
+	}
 	if o.WriteTimeout <= 0 {
 		o.WriteTimeout = time.Minute
 	}
@@ -130,8 +154,7 @@ func NewInboundServer(r Receiver, o InboundOptions) *InboundServer {
 	srv.Domain = o.Domain
 	srv.MaxMessageBytes = o.MaxMessageBytes
 	srv.MaxRecipients = o.MaxRecipients
-	srv.ReadTimeout = o.ReadTimeout
-	srv.WriteTimeout = o.WriteTimeout
+	srv.WriteTimeout = o.WriteTimeout // reads: requestConn
 	srv.TLSConfig = o.TLSConfig
 	srv.EnableSMTPUTF8 = true // ParseMessage reads UTF-8 headers (RFC 6532)
 	srv.ErrorLog = slogPrinter{log}
@@ -301,7 +324,7 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	tc := &trackedConn{Conn: c, s: l.s}
+	tc := &trackedConn{Conn: newRequestConn(c, &l.s.o, l.s.lim.crowded), s: l.s}
 	l.s.mu.Lock()
 	l.s.conns[tc] = struct{}{}
 	closing := l.s.closing

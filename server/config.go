@@ -113,6 +113,12 @@ type SMTPConfig struct {
 	MaxRecipients   int      `toml:"max_recipients"`
 	ReadTimeout     Duration `toml:"read_timeout"`
 	WriteTimeout    Duration `toml:"write_timeout"`
+	// Against slow clients holding sessions (gateway.InboundOptions):
+	// octets a second that extend a request (0: none), the read timeout
+	// while the server is crowded, and the bound on a whole session.
+	MinDataRate       int      `toml:"min_data_rate"`
+	StressReadTimeout Duration `toml:"stress_read_timeout"`
+	SessionTimeout    Duration `toml:"session_timeout"`
 	// MaxConnections bounds the sessions open at once, and
 	// MaxConnectionsPerIP those of one client (an IPv4 address or an IPv6
 	// /64); 0 = no limit.
@@ -299,6 +305,9 @@ func (c *Config) Validate() error {
 	if _, err := c.ESROConfig(nil); err != nil {
 		add(configErr("esro: %v", err))
 	}
+	if c.SMTP.MinDataRate < 0 {
+		add(configErr("smtp.min_data_rate %d: want 0 (none) or more octets a second", c.SMTP.MinDataRate))
+	}
 	if c.EMSD.ReceiveBuffer < 0 || c.EMSD.ReceiveBuffer > 1<<30 {
 		add(configErr("emsd.receive_buffer %d: want 0 (the system's default) to 1 GiB", c.EMSD.ReceiveBuffer))
 	}
@@ -309,6 +318,7 @@ func (c *Config) Validate() error {
 		"emsd.reassembly_timeout": c.EMSD.ReassemblyTimeout, "emsd.dedupe_window": c.EMSD.DedupeWindow,
 		"delivery.expiry": c.Delivery.Expiry, "relay.expiry": c.Relay.Expiry, "relay.timeout": c.Relay.Timeout,
 		"smtp.read_timeout": c.SMTP.ReadTimeout, "smtp.write_timeout": c.SMTP.WriteTimeout,
+		"smtp.stress_read_timeout": c.SMTP.StressReadTimeout, "smtp.session_timeout": c.SMTP.SessionTimeout,
 		"store.retention": c.Store.Retention, "store.status_retention": c.Store.StatusRetention,
 		"store.registry_poll": c.Store.RegistryPoll, "delivery.contact_lifetime": c.Delivery.ContactLifetime,
 	} {

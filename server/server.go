@@ -291,7 +291,9 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		inOpts := gateway.InboundOptions{
 			Domain: s.hostname, MaxMessageBytes: cfg.SMTP.MaxMessageBytes, MaxRecipients: cfg.SMTP.MaxRecipients,
 			ReadTimeout: time.Duration(cfg.SMTP.ReadTimeout), WriteTimeout: time.Duration(cfg.SMTP.WriteTimeout),
-			MaxConns: cfg.SMTP.MaxConnections, MaxConnsPerIP: cfg.SMTP.MaxConnectionsPerIP,
+			MinDataRate: cmp.Or(cfg.SMTP.MinDataRate, -1), StressReadTimeout: time.Duration(cfg.SMTP.StressReadTimeout),
+			SessionTimeout: time.Duration(cfg.SMTP.SessionTimeout),
+			MaxConns:       cfg.SMTP.MaxConnections, MaxConnsPerIP: cfg.SMTP.MaxConnectionsPerIP,
 			OnRefused: func(limit string) { s.metrics.refused.WithLabelValues(limit).Inc() },
 			Logger:    log.With("layer", "smtp"),
 		}
