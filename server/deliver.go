@@ -360,8 +360,14 @@ func (s *Server) attempt(dev *device, d *store.Delivery, tg *target) attemptResu
 			if _, err = s.ep.Invoke(ctx, req); !isFailure(err) {
 				break
 			}
-			if tg.learned && (try == 1 || tg.fallback.IsValid()) {
+			unreachable := isUnreachable(err)
+			if tg.learned && (try == 1 || tg.fallback.IsValid() || unreachable) {
 				s.contactFailed(dev.addr, req.To)
+			}
+			// An ICMP error said nothing listens there: the fallback, if
+			// any, is worth its try, the same address is not.
+			if unreachable && !tg.fallback.IsValid() {
+				break
 			}
 		}
 		if err == nil {
@@ -396,6 +402,12 @@ func (s *Server) attempt(dev *device, d *store.Delivery, tg *target) attemptResu
 		s.alive(dev.addr, tg.to)
 	}
 	return attemptResult{kind: attemptDelivered}
+}
+
+// isUnreachable reports the failure of an invocation an ICMP error ended.
+func isUnreachable(err error) bool {
+	var f *esro.Failure
+	return errors.As(err, &f) && f.Reason == esro.Unreachable && !f.Remote
 }
 
 func isFailure(err error) bool {

@@ -278,3 +278,35 @@ func TestRelayOutcomes(t *testing.T) {
 	}
 	dev.none(t, 200*time.Millisecond)
 }
+
+// A delivery to a device whose port is closed fails at once on the ICMP
+// port unreachable, and counts as a failed attempt saying so.
+func TestDeliveryUnreachable(t *testing.T) {
+	c := testConfig(t)
+	c.Delivery.Retry = []Duration{Duration(time.Hour)}
+	s := startServer(t, c)
+	gone := listenESRO(t, "127.0.0.1")
+	ap := epAddr(gone)
+	gone.Close()
+	addDevice(t, s, 198036, ap, deviceOpts{})
+	start := time.Now()
+	must(t, sendMail(s, "carol@example.com", []string{"198.036@emsd.test"}, inboundMsg("198.036@emsd.test", "gone", "x")))
+	var e store.QueueEntry
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		l, err := s.st.ListQueue(context.Background(), store.QueueFilter{Device: 198036})
+		must(t, err)
+		if len(l.Entries) == 1 && l.Entries[0].Attempts > 0 {
+			e = l.Entries[0]
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no failed attempt: %+v", l.Entries)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Far below one retransmission of the test timers times their count.
+	if d := time.Since(start); d > 10*time.Second || e.Attempts != 1 || !strings.Contains(e.LastError, "unreachable") {
+		t.Fatalf("after %v: %d attempts, last error %q", d, e.Attempts, e.LastError)
+	}
+}
