@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"time"
 
@@ -27,7 +28,8 @@ const benchDomain = "emsd.bench"
 // datagrams.
 type emsdHarness struct {
 	srv  *server.Server
-	conn *countingUDPConn // the server's EMSD socket
+	conn *countingUDPConn // the server's EMSD socket; nil with plain
+	addr netip.AddrPort   // its address
 	dir  string
 	devs []*benchDevice
 }
@@ -51,7 +53,12 @@ type deviceSpec struct {
 type harnessOptions struct {
 	timers esro.Timers
 	smtp   bool // also listen for inbound SMTP (to make the server deliver)
-	log    *slog.Logger
+	// plain lets the server open its own socket, as serve does, instead
+	// of one that logs every datagram.
+	plain bool
+	// cost is the bcrypt cost of the passwords; 0: the cheapest.
+	cost int
+	log  *slog.Logger
 }
 
 // startEMSD registers the devices in a fresh store, starts the server and
@@ -81,7 +88,7 @@ func startEMSD(ctx context.Context, specs []deviceSpec, o harnessOptions) (_ *em
 		}
 		h.devs = append(h.devs, d)
 	}
-	if err := register(ctx, dir, specs, h.devs); err != nil {
+	if err := register(ctx, dir, specs, h.devs, o.cost); err != nil {
 		return nil, err
 	}
 	cfg := server.DefaultConfig()
@@ -94,17 +101,25 @@ func startEMSD(ctx context.Context, specs []deviceSpec, o harnessOptions) (_ *em
 	cfg.ESRO.AckDelay, cfg.ESRO.Roundtrip = server.Duration(t.Acknowledgement), server.Duration(t.Roundtrip)
 	cfg.ESRO.Retransmit, cfg.ESRO.NSDULifetime = server.Duration(t.Retransmit), server.Duration(t.NSDULifetime)
 	cfg.ESRO.Retries = t.RetransmitCount
-	if h.conn, err = listenCountingUDP("127.0.0.1:0"); err != nil {
-		return nil, err
-	}
-	if h.srv, err = server.Start(ctx, cfg, server.Options{Logger: o.log, PacketConn: h.conn}); err != nil {
-		// Start closes the socket only on some of its error paths; a
-		// second Close is harmless.
-		h.conn.Close()
-		return nil, fmt.Errorf("server: %w", err)
+	if o.plain {
+		if h.srv, err = server.Start(ctx, cfg, server.Options{Logger: o.log}); err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		h.addr = h.srv.Addrs().EMSD
+	} else {
+		if h.conn, err = listenCountingUDP("127.0.0.1:0"); err != nil {
+			return nil, err
+		}
+		if h.srv, err = server.Start(ctx, cfg, server.Options{Logger: o.log, PacketConn: h.conn}); err != nil {
+			// Start closes the socket only on some of its error paths; a
+			// second Close is harmless.
+			h.conn.Close()
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		h.addr = h.conn.addrPort()
 	}
 	for _, d := range h.devs {
-		uc := ua.Config{Server: h.conn.addrPort(), Address: d.addr, Logger: o.log,
+		uc := ua.Config{Server: h.addr, Address: d.addr, Logger: o.log,
 			Handler: ua.HandlerFunc(func(ctx context.Context, del *ua.Delivery) error {
 				select {
 				case d.got <- del:
@@ -127,7 +142,7 @@ func startEMSD(ctx context.Context, specs []deviceSpec, o harnessOptions) (_ *em
 
 // register writes the devices into the store of dir, as `emsdp device
 // add` does.
-func register(ctx context.Context, dir string, specs []deviceSpec, devs []*benchDevice) error {
+func register(ctx context.Context, dir string, specs []deviceSpec, devs []*benchDevice, cost int) error {
 	db, err := sqlite.OpenDir(ctx, dir, nil)
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
@@ -139,7 +154,7 @@ func register(ctx context.Context, dir string, specs []deviceSpec, devs []*bench
 			// bcrypt's cheapest cost: the server checks a password once
 			// per device and caches the match, and registering many
 			// devices at the default cost would take seconds.
-			b, err := bcrypt.GenerateFromPassword([]byte(s.password), bcrypt.MinCost)
+			b, err := bcrypt.GenerateFromPassword([]byte(s.password), max(cost, bcrypt.MinCost))
 			if err != nil {
 				return fmt.Errorf("device %s: %w", s.addr, err)
 			}

@@ -164,8 +164,9 @@ type Config struct {
 	MaxUnproven, MaxUnprovenPerPrefix, MaxUnprovenPerAddr int
 
 	// MaxTombstones caps the refused invocations remembered for
-	// duplicate detection only (see Refuse). The oldest go first. Zero:
-	// 65536.
+	// duplicate detection only (see Refuse), about 500 octets each. The
+	// oldest go first: a duplicate of a forgotten one is refused again.
+	// Zero: 16384.
 	MaxTombstones int
 
 	// IPOnlyPeers identifies peers by IP address alone, ignoring the UDP
@@ -246,7 +247,7 @@ func (c *Config) resolved() (Config, error) {
 		r.MaxUnprovenPerAddr = max(r.MaxUnproven/8, 1)
 	}
 	if r.MaxTombstones == 0 {
-		r.MaxTombstones = 65536
+		r.MaxTombstones = 16384
 	}
 	if r.MaxInvocations < 0 || r.MaxPeerInvocations < 0 || r.MaxUnproven < 0 || r.MaxUnprovenPerPrefix < 0 ||
 		r.MaxUnprovenPerAddr < 0 || r.MaxTombstones < 0 || r.ProvenFor < 0 {

@@ -31,9 +31,9 @@ import (
 //   - An unproven source's invocation that is refused (Refuse) or whose
 //     handler did not answer in time is released at once and replaced by
 //     a tombstone: its key, a fingerprint of the INVOKE, the answer to
-//     repeat to duplicates and the budget, about 150 bytes, for T_ref
-//     after the last duplicate, at most Config.MaxTombstones of them
-//     (the oldest go first). It keeps duplicates from being performed
+//     repeat to duplicates and the budget, about 500 octets of heap with
+//     the table's own, for T_ref after the last duplicate, at most
+//     Config.MaxTombstones of them (the oldest go first). It keeps duplicates from being performed
 //     twice without holding an in-flight slot or a handler.
 type hostileState struct {
 	proven map[netip.AddrPort]int64 // proven until, machine clock

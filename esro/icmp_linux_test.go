@@ -81,3 +81,36 @@ func TestUnreachableMustQuote(t *testing.T) {
 	h.m.unreachable(h.now, icmpReport{to: h.peer, payload: inv.kept[:3], err: syscall.ECONNREFUSED})
 	h.state(inv, stInvokerRefWait)
 }
+
+// Datagrams the kernel drops for want of receive buffer are counted
+// (SO_RXQ_OVFL).
+func TestKernelDrops(t *testing.T) {
+	c := listenUDP(t, "udp4", "127.0.0.1:0")
+	c.SetReadBuffer(4096) // the kernel's minimum: a few datagrams
+	b := newBatchConn(c).(*batchConn)
+	var st counters
+	b.setCounters(&st)
+	tx := listenUDP(t, "udp4", "127.0.0.1:0")
+	const sent = 200
+	for range sent {
+		tx.WriteToUDPAddrPort(make([]byte, 100), c.LocalAddr().(*net.UDPAddr).AddrPort())
+	}
+	// A datagram carries the count as it was when it was queued: read
+	// what queued before the drops, then one sent after them.
+	to := c.LocalAddr().(*net.UDPAddr).AddrPort()
+	c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	for {
+		if _, err := b.read(); err != nil {
+			break
+		}
+	}
+	c.SetReadDeadline(time.Time{})
+	tx.WriteToUDPAddrPort(make([]byte, 100), to)
+	if _, err := b.read(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d dropped", st.kernelDrops.Load())
+	if d := st.kernelDrops.Load(); d == 0 || d >= sent {
+		t.Fatalf("%d drops of %d", d, sent)
+	}
+}

@@ -344,6 +344,9 @@ func addrOf(ln net.Listener) string {
 	return ln.Addr().String()
 }
 
+// ESROStats returns the counters of the server's ESRO endpoint.
+func (s *Server) ESROStats() esro.Stats { return s.ep.Stats() }
+
 // Addrs are the addresses a server listens on.
 type Addrs struct {
 	EMSD  netip.AddrPort
