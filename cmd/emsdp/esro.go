@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"io"
 	"log/slog"
 	"maps"
@@ -155,10 +156,14 @@ func esroPerform(ctx context.Context, env *cmdEnv, args []string) int {
 	sap := fs.Int("sap", 13, "SAP selector to bind, 1..15")
 	hsv := fs.Int("handshake", 3, "2-way or 3-way handshake")
 	reply := fs.String("reply", "echo", "echo, date, error:V or none")
+	amp := fs.Float64("amplification", 1, "at most this many times the octets an invoker sent go back to it (0: no limit)")
 	var tf timerFlags
 	tf.register(fs)
 	if done, code := parseFlags(fs, env, args); done {
 		return code
+	}
+	if *amp < 0 || math.IsNaN(*amp) {
+		return fail(env, &usageError{fmt.Sprintf("--amplification %v: want 0 (no limit) or more", *amp)})
 	}
 	s, err := uint8Flag("sap", *sap, 1, esro.MaxSAP)
 	if err != nil {
@@ -175,6 +180,10 @@ func esroPerform(ctx context.Context, env *cmdEnv, args []string) int {
 	cfg, err := tf.config(stderrLogger(env))
 	if err != nil {
 		return fail(env, err)
+	}
+	cfg.AmplificationFactor = *amp
+	if *amp == 0 {
+		cfg.AmplificationFactor = -1
 	}
 	ep, err := esro.Listen("udp", *listen, cfg)
 	if err != nil {
