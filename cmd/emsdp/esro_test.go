@@ -65,6 +65,7 @@ func TestESROCommands(t *testing.T) {
 	a2, _ := startPerformer(t, append([]string{"--sap", "7", "--handshake", "2", "--reply", "error:7"}, timers...)...)
 	an, _ := startPerformer(t, append([]string{"--sap", "9", "--handshake", "2", "--reply", "none"}, timers...)...)
 	ad, _ := startPerformer(t, append([]string{"--sap", "13", "--reply", "date"}, timers...)...)
+	af, _ := startPerformer(t, append([]string{"--sap", "13", "--reply", "date", "--amplification", "0"}, timers...)...)
 	for _, tc := range []struct {
 		name string
 		args string
@@ -74,6 +75,7 @@ func TestESROCommands(t *testing.T) {
 		{"3-way result", "--to " + a3 + " --sap 13 --handshake 3 --op 2 --enc 2 --data date", exitOK, `^result enc=2 data="date"\n$`},
 		{"hex argument", "--to " + a3 + " --sap 13 --op 63 --enc 0 --hex 00ff", exitOK, `^result enc=0 data="\\x00\\xff"\n$`},
 		{"date", "--to " + ad + " --sap 13 --op 2 --enc 2 --data date", exitOK, `^result enc=2 data="\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\\n"\n$`},
+		{"date, no amplification limit", "--to " + af + " --sap 13 --op 2 --enc 2 --data date", exitOK, `^result enc=2 data="\w{3} `},
 		{"2-way error", "--to " + a2 + " --sap 7 --handshake 2 --op 1 --data hi", exitError, `^error value=7 data="hi"\n$`},
 		{"unbound SAP", "--to " + a3 + " --sap 14 --data x", exitFailure, `^failure reason=2 user not responding\n$`},
 		{"no answer", "--to " + an + " --sap 9 --handshake 2 --data x", exitFailure, `^failure reason=2 user not responding\n$`},
@@ -109,7 +111,7 @@ func TestESROCommands(t *testing.T) {
 }
 
 func TestPerformUsage(t *testing.T) {
-	for _, args := range []string{"--reply maybe", "--reply error:256", "--sap 0", "--sap 16", "--handshake 1", "--listen 127.0.0.1:0 extra"} {
+	for _, args := range []string{"--reply maybe", "--reply error:256", "--sap 0", "--sap 16", "--handshake 1", "--listen 127.0.0.1:0 extra", "--amplification -1", "--amplification x"} {
 		env, _, _ := testEnv()
 		if code := run(t.Context(), env, append([]string{"esro", "perform"}, strings.Fields(args)...)); code != exitUsage {
 			t.Errorf("%s: exit %d", args, code)
