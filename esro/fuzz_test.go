@@ -22,14 +22,17 @@ func FuzzReceive(f *testing.F) {
 	f.Add([]byte{0, 7, 0xd0, 0x5e, 0x82, 'd', 'a', 't', 'e', 3, 0, 2, 30, 0, 2, 0x03, 0x5e, 2, 255})
 	f.Add([]byte{4, 0, 2, 5, 0, 3, 0x81, 0x01, 'x', 2, 200, 2, 200})
 	f.Fuzz(func(t *testing.T, script []byte) {
-		h := newHarness(&testing.T{}, func(c *Config) { c.MaxInvocations = 64; c.MaxPeerInvocations = 16 })
+		h := newHarness(&testing.T{}, func(c *Config) {
+			c.MaxInvocations, c.MaxPeerInvocations = 64, 16
+			c.MaxUnproven, c.MaxUnprovenPerPrefix, c.MaxUnprovenPerAddr, c.MaxTombstones = 24, 20, 12, 8
+		})
 		h.m.bind(13, ThreeWay, HandlerFunc(nil))
 		h.m.bind(7, TwoWay, HandlerFunc(nil))
 		peers := []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:2002"), netip.MustParseAddrPort("192.0.2.2:2003")}
 		for len(script) >= 2 {
 			op, arg := script[0], script[1]
 			script = script[2:]
-			switch op % 6 {
+			switch op % 8 {
 			case 0, 1: // a datagram of arg octets from peer op%2
 				n := min(int(arg), len(script))
 				h.m.receive(h.now, script[:n], peers[op%2])
@@ -37,10 +40,14 @@ func FuzzReceive(f *testing.F) {
 			case 2: // clock step of arg × 250 ms
 				h.now = h.now.Add(time.Duration(arg) * 250 * time.Millisecond)
 				h.m.advance(h.now)
-			case 3: // answer a performer invocation
+			case 3: // answer or refuse a performer invocation
 				if len(h.started) > 0 {
 					inv := h.started[int(arg)%len(h.started)]
-					h.m.answer(h.now, inv, arg&1 == 1, Encoding(arg>>6), arg, []byte{arg})
+					if arg&2 != 0 {
+						h.m.refuse(h.now, inv, Encoding(arg>>6), arg, []byte{arg})
+					} else {
+						h.m.answer(h.now, inv, arg&1 == 1, Encoding(arg>>6), arg, []byte{arg})
+					}
 				}
 			case 4: // invoke towards a peer
 				hs := TwoWay + Handshake(arg&1)
@@ -48,6 +55,17 @@ func FuzzReceive(f *testing.F) {
 			case 5: // abandon an invoker
 				for _, inv := range h.m.invokers {
 					h.m.abandon(h.now, inv, nil)
+					break
+				}
+			case 6: // the handler proves its invoker
+				if len(h.started) > 0 {
+					h.m.proveInvocation(h.now, h.started[int(arg)%len(h.started)])
+				}
+			case 7: // an ICMP error quoting an INVOKE sent
+				for _, inv := range h.m.invokers {
+					if len(inv.kept) > 0 {
+						h.m.unreachable(h.now, icmpReport{to: inv.addr, payload: inv.kept[:min(int(arg), len(inv.kept))]})
+					}
 					break
 				}
 			}
@@ -92,6 +110,37 @@ func checkInvariants(t *testing.T, m *machine) {
 	}
 	if len(perIP) != len(m.perfPerIP) {
 		t.Fatal("stale per-address counts")
+	}
+	unproven, unIP, unPfx := 0, map[netip.Addr]int{}, map[netip.Prefix]int{}
+	for _, inv := range m.performers {
+		if inv.unproven {
+			unproven++
+			unIP[inv.addr.Addr()]++
+			unPfx[prefixOf(inv.addr.Addr())]++
+		}
+	}
+	hs := &m.hostile
+	if unproven != hs.unproven || len(unIP) != len(hs.unprovenIP) || len(unPfx) != len(hs.unprovenPfx) ||
+		unproven > m.cfg.MaxUnproven || int(m.st.unproven.Load()) != unproven {
+		t.Fatalf("unproven: %d counted %d", unproven, hs.unproven)
+	}
+	for a, n := range unIP {
+		if hs.unprovenIP[a] != n || n > m.cfg.MaxUnprovenPerAddr {
+			t.Fatalf("unproven from %v: %d counted %d", a, n, hs.unprovenIP[a])
+		}
+	}
+	for p, n := range unPfx {
+		if hs.unprovenPfx[p] != n || n > m.cfg.MaxUnprovenPerPrefix {
+			t.Fatalf("unproven from %v: %d counted %d", p, n, hs.unprovenPfx[p])
+		}
+	}
+	if len(hs.tombs) > m.cfg.MaxTombstones || int(m.st.tombstones.Load()) != len(hs.tombs) {
+		t.Fatalf("%d tombstones", len(hs.tombs))
+	}
+	for k, tb := range hs.tombs {
+		if m.performers[k] != nil || tb.dead || tb.key != k || len(tb.kept) < 3 {
+			t.Fatalf("tombstone %+v", tb)
+		}
 	}
 	if m.total() > m.cfg.MaxInvocations {
 		t.Fatalf("%d invocations over the cap", m.total())
