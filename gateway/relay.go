@@ -4,10 +4,11 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
-	"net/textproto"
 	"os"
 	"strings"
 	"time"
@@ -16,14 +17,28 @@ import (
 	"github.com/emersion/go-smtp"
 )
 
-// TLSMode selects STARTTLS use towards the smarthost.
+// TLSMode selects STARTTLS use towards the smarthost. The names follow
+// Postfix's smtp_tls_security_level where they overlap (none, may,
+// verify/secure), so that an operator's expectations carry over.
 type TLSMode uint8
 
 // TLS modes. The zero value is TLSOpportunistic.
 const (
-	TLSOpportunistic TLSMode = iota // STARTTLS when offered (the default)
-	TLSNone                         // never
-	TLSRequired                     // fail (transiently) when not offered
+	// TLSOpportunistic encrypts when STARTTLS is offered, without
+	// verifying the certificate (RFC 7435; Postfix "may"): a smarthost's
+	// self-signed or snakeoil certificate still gets encryption. When
+	// STARTTLS is refused or its handshake fails, the message goes in
+	// clear over a new connection, as Postfix does.
+	TLSOpportunistic TLSMode = iota
+	TLSNone                  // never STARTTLS
+	// TLSVerify encrypts and verifies the certificate (against CAFile, or
+	// the system roots) when STARTTLS is offered; a failed verification
+	// defers the message. A smarthost that offers no STARTTLS gets it in
+	// clear.
+	TLSVerify
+	// TLSRequired is TLSVerify without the clear fallback: no STARTTLS
+	// (or a refused one) defers the message too.
+	TLSRequired
 )
 
 // String returns the name ParseTLSMode accepts.
@@ -33,35 +48,45 @@ func (m TLSMode) String() string {
 		return "opportunistic"
 	case TLSNone:
 		return "none"
+	case TLSVerify:
+		return "verify"
 	case TLSRequired:
 		return "required"
 	}
 	return fmt.Sprintf("TLSMode(%d)", uint8(m))
 }
 
-// ParseTLSMode parses "none", "opportunistic" (or "") and "required".
+// ParseTLSMode parses "none", "opportunistic" (or ""), "verify" and
+// "required".
 func ParseTLSMode(s string) (TLSMode, error) {
 	switch strings.ToLower(strings.TrimSpace(s)) {
 	case "", "opportunistic":
 		return TLSOpportunistic, nil
 	case "none":
 		return TLSNone, nil
+	case "verify":
+		return TLSVerify, nil
 	case "required":
 		return TLSRequired, nil
 	}
-	return 0, fmt.Errorf("gateway: unknown TLS mode %q (none, opportunistic, required)", s)
+	return 0, fmt.Errorf("gateway: unknown TLS mode %q (none, opportunistic, verify, required)", s)
 }
 
 // ErrTLSUnavailable: TLSRequired and the smarthost does not offer STARTTLS
 // (or refuses it).
 var ErrTLSUnavailable = errors.New("gateway: smarthost does not offer STARTTLS")
 
+// ErrTLSVerify wraps a certificate the smarthost presented that TLSVerify
+// or TLSRequired could not verify; the message is deferred.
+var ErrTLSVerify = errors.New("gateway: smarthost certificate not verified")
+
 // DefaultRelayTimeout bounds one Send when Relay.Timeout is zero.
 const DefaultRelayTimeout = 5 * time.Minute
 
 // Relay sends mail to a smarthost over SMTP (§9.7 Recommend: SMTP with
-// proper status handling instead of piping to sendmail). The zero value of
-// each optional field is usable; a Relay may be used concurrently.
+// proper status handling instead of piping to sendmail), with go-smtp's
+// client. The zero value of each optional field is usable; a Relay may be
+// used concurrently.
 type Relay struct {
 	Addr     string // smarthost host:port
 	HeloName string // EHLO name; "" = "localhost"
@@ -70,14 +95,21 @@ type Relay struct {
 	Username, Password string
 	AllowInsecureAuth  bool
 	TLS                TLSMode
+	// CAFile is a PEM file of the certificates TLSVerify and TLSRequired
+	// trust instead of the system roots (a private CA, or the smarthost's
+	// self-signed certificate). It is read at every Send, so a renewed
+	// file needs no restart.
+	CAFile string
 	// TLSConfig is the base for STARTTLS (e.g. RootCAs); ServerName
-	// defaults to the host of Addr.
+	// defaults to the host of Addr. Its verification settings are
+	// overridden by TLS and CAFile.
 	TLSConfig *tls.Config
-	// InsecureSkipVerify accepts any certificate (tests only).
-	InsecureSkipVerify bool
 	// Timeout bounds a whole Send (connect to QUIT), in addition to the
 	// caller's context; 0 = DefaultRelayTimeout.
 	Timeout time.Duration
+	// Log receives a warning when opportunistic TLS falls back to clear
+	// text; nil = none.
+	Log *slog.Logger
 }
 
 // RecipientResult is the outcome for one recipient; Err nil = accepted.
@@ -126,21 +158,6 @@ func (r *Relay) Send(ctx context.Context, from string, to []string, msg []byte) 
 	if len(to) == 0 {
 		return fail(errors.New("no recipients"))
 	}
-	var d net.Dialer
-	raw, err := d.DialContext(ctx, "tcp", r.Addr)
-	if err != nil {
-		return fail(err)
-	}
-	defer raw.Close()
-	// Cancellation closes the connection, which unblocks any I/O; deadlines
-	// come from the context as well (go-smtp's own per-command deadlines
-	// are clamped to it).
-	stop := context.AfterFunc(ctx, func() { raw.Close() })
-	defer stop()
-	deadline, _ := ctx.Deadline()
-	conn := net.Conn(&deadlineConn{Conn: raw, limit: deadline})
-	conn.SetDeadline(time.Time{})
-
 	helo := r.HeloName
 	if helo == "" {
 		helo = "localhost"
@@ -148,18 +165,11 @@ func (r *Relay) Send(ctx context.Context, from string, to []string, msg []byte) 
 	if strings.ContainsAny(helo, "\r\n ") {
 		return fail(fmt.Errorf("invalid HELO name %q", helo))
 	}
-	conn, secure, err := r.startTLS(ctx, conn, helo)
+	c, secure, err := r.connect(ctx, helo, timeout)
 	if err != nil {
 		return fail(err)
 	}
-	c := smtp.NewClient(conn)
 	defer c.Close()
-	c.CommandTimeout, c.SubmissionTimeout = timeout, timeout
-	if err := c.Hello(helo); err != nil {
-		// A refused greeting or EHLO is the smarthost's or our
-		// configuration's problem, not the message's: transient.
-		return fail(transient(err))
-	}
 	if r.Username != "" {
 		if !secure && !r.AllowInsecureAuth {
 			return fail(errors.New("refusing AUTH without TLS (set AllowInsecureAuth to permit it)"))
@@ -242,81 +252,56 @@ func transient(err error) error {
 	return err
 }
 
-// startTLS reads the greeting, says EHLO and, when offered and wanted,
-// upgrades the connection with STARTTLS before go-smtp takes over (go-smtp
-// cannot STARTTLS after an EHLO with our name). go-smtp then reads a
-// replayed greeting and says EHLO itself, as RFC 3207 requires after TLS.
-// Without TLS the session stays as it is: go-smtp gets the greeting and
-// our EHLO's reply replayed, and its own EHLO is not sent, since a second
-// EHLO in one session may be refused (RFC 5321 §4.1.4; Python's smtpd
-// answers 503, which failed every relay through such a smarthost).
-func (r *Relay) startTLS(ctx context.Context, conn net.Conn, helo string) (net.Conn, bool, error) {
+// connect dials the smarthost and says EHLO, with STARTTLS as r.TLS
+// says; secure reports an encrypted session. Opportunistic TLS that fails
+// (STARTTLS refused, or a failed handshake) and verify mode without an
+// offer start again in clear on a new connection, since a failed
+// handshake leaves nothing to continue on (Postfix does the same).
+func (r *Relay) connect(ctx context.Context, helo string, timeout time.Duration) (c *smtp.Client, secure bool, err error) {
 	if r.TLS == TLSNone {
-		return conn, false, nil
+		c, err := r.dial(ctx, helo, timeout, nil)
+		return c, false, err
 	}
-	tp := textproto.NewConn(conn)
-	if _, _, err := tp.ReadResponse(220); err != nil {
-		return nil, false, transient(smtpErr(err))
-	}
-	replay := func(c net.Conn) net.Conn {
-		return &replayConn{Conn: c, pre: []byte("220 replayed greeting\r\n")}
-	}
-	// Our reader must not hold back anything go-smtp should see.
-	unread := func() error {
-		if tp.R.Buffered() > 0 {
-			return errors.New("smarthost sent unsolicited data")
-		}
-		return nil
-	}
-	if err := tp.PrintfLine("EHLO %s", helo); err != nil {
-		return nil, false, err
-	}
-	_, msg, err := tp.ReadResponse(250)
+	cfg, err := r.tlsConfig()
 	if err != nil {
-		return nil, false, transient(smtpErr(err))
-	}
-	// The same session without TLS: go-smtp's EHLO is answered with this
-	// one's reply.
-	plain := func() net.Conn {
-		var b strings.Builder
-		b.WriteString("220 replayed greeting\r\n")
-		lines := strings.Split(msg, "\n")
-		for i, l := range lines {
-			sep := "-"
-			if i == len(lines)-1 {
-				sep = " "
-			}
-			b.WriteString("250" + sep + l + "\r\n")
-		}
-		return &replayConn{Conn: conn, pre: []byte(b.String()), swallow: "EHLO "}
-	}
-	offered := false
-	for i, line := range strings.Split(msg, "\n") {
-		if f := strings.Fields(line); i > 0 && len(f) > 0 && strings.EqualFold(f[0], "STARTTLS") {
-			offered = true
-		}
-	}
-	if !offered {
-		if r.TLS == TLSRequired {
-			return nil, false, ErrTLSUnavailable
-		}
-		return plain(), false, unread()
-	}
-	if err := tp.PrintfLine("STARTTLS"); err != nil {
 		return nil, false, err
 	}
-	if _, _, err := tp.ReadResponse(220); err != nil {
-		var te *textproto.Error
-		if r.TLS != TLSRequired && errors.As(err, &te) {
-			return plain(), false, unread() // refused: carry on in clear
-		}
-		return nil, false, fmt.Errorf("%w: %w", ErrTLSUnavailable, smtpErr(err))
+	c, err = r.dial(ctx, helo, timeout, cfg)
+	if err == nil {
+		return c, true, nil
 	}
-	// Anything the server sent after its 220 would be plaintext injected
-	// into the TLS session (CVE-2011-0411 class).
-	if err := unread(); err != nil {
+	var nost *noStartTLSError
+	switch {
+	case ctx.Err() != nil:
+		return nil, false, err
+	case errors.As(err, &nost) && r.TLS == TLSRequired:
+		return nil, false, fmt.Errorf("%w: %w", ErrTLSUnavailable, nost.err)
+	case errors.As(err, &nost):
+	case errors.Is(err, errHandshake) && r.TLS == TLSOpportunistic:
+	default:
 		return nil, false, err
 	}
+	if r.Log != nil {
+		r.Log.Warn("smarthost: no TLS, sending in clear", "smarthost", r.Addr, "tls", r.TLS.String(), "err", err)
+	}
+	c, err = r.dial(ctx, helo, timeout, nil)
+	return c, false, err
+}
+
+// errHandshake marks a failed TLS handshake after STARTTLS.
+var errHandshake = errors.New("TLS handshake failed")
+
+// noStartTLSError: the smarthost did not offer STARTTLS, refused it, or
+// failed before it could be asked (the clear retry then tells which).
+type noStartTLSError struct{ err error }
+
+func (e *noStartTLSError) Error() string { return "no STARTTLS: " + e.err.Error() }
+func (e *noStartTLSError) Unwrap() error { return e.err }
+
+// tlsConfig is the STARTTLS configuration of r.TLS: no verification for
+// opportunistic TLS, CAFile's roots (else TLSConfig's, else the system's)
+// for verify and required.
+func (r *Relay) tlsConfig() (*tls.Config, error) {
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
 	if r.TLSConfig != nil {
 		cfg = r.TLSConfig.Clone()
@@ -326,24 +311,67 @@ func (r *Relay) startTLS(ctx context.Context, conn net.Conn, helo string) (net.C
 			cfg.ServerName = host
 		}
 	}
-	if r.InsecureSkipVerify {
+	if r.TLS == TLSOpportunistic {
 		cfg.InsecureSkipVerify = true
+		return cfg, nil
 	}
-	tc := tls.Client(conn, cfg)
-	if err := tc.HandshakeContext(ctx); err != nil {
-		return nil, false, fmt.Errorf("TLS handshake: %w", err)
+	cfg.InsecureSkipVerify = false
+	if r.CAFile != "" {
+		pem, err := os.ReadFile(r.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("CA file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("CA file %s: no PEM certificate in it", r.CAFile)
+		}
+		cfg.RootCAs = pool
 	}
-	return replay(tc), true, nil
+	return cfg, nil
 }
 
-// smtpErr turns a net/textproto reply error into go-smtp's type, so that
-// reply codes are handled alike.
-func smtpErr(err error) error {
-	var te *textproto.Error
-	if errors.As(err, &te) {
-		return &smtp.SMTPError{Code: te.Code, Message: te.Msg}
+// dial opens one SMTP session and says EHLO; with cfg it does STARTTLS
+// first. go-smtp's client then says the first EHLO as "localhost" (it has
+// no way to name itself before STARTTLS); the one after the handshake,
+// which is the one that counts (RFC 3207 §4.2), carries helo.
+func (r *Relay) dial(ctx context.Context, helo string, timeout time.Duration, cfg *tls.Config) (*smtp.Client, error) {
+	var d net.Dialer
+	raw, err := d.DialContext(ctx, "tcp", r.Addr)
+	if err != nil {
+		return nil, err
 	}
-	return err
+	// Cancellation closes the connection, which unblocks any I/O;
+	// deadlines come from the context as well (go-smtp's own per-command
+	// deadlines are clamped to it).
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
+	deadline, _ := ctx.Deadline()
+	conn := &deadlineConn{Conn: raw, limit: deadline, stop: stop}
+	conn.SetDeadline(time.Time{})
+	var c *smtp.Client
+	if cfg == nil {
+		c = smtp.NewClient(conn)
+	} else if c, err = smtp.NewClientStartTLS(conn, cfg); err != nil {
+		conn.Close()
+		return nil, &noStartTLSError{transient(err)}
+	}
+	c.CommandTimeout, c.SubmissionTimeout = timeout, timeout
+	if err := c.Hello(helo); err != nil {
+		c.Close()
+		var ve *tls.CertificateVerificationError
+		var se *smtp.SMTPError
+		switch {
+		case errors.As(err, &ve):
+			return nil, fmt.Errorf("%w (set relay.ca_file to the certificate or its CA, or tls = \"opportunistic\"): %w", ErrTLSVerify, err)
+		case cfg != nil && !errors.As(err, &se) && ctx.Err() == nil:
+			if st, _ := c.TLSConnectionState(); !st.HandshakeComplete {
+				return nil, fmt.Errorf("%w: %w", errHandshake, err)
+			}
+		}
+		// A refused greeting or EHLO is the smarthost's or our
+		// configuration's problem, not the message's: transient.
+		return nil, transient(err)
+	}
+	return c, nil
 }
 
 // headerSection returns the header of msg (up to the first empty line).
@@ -362,6 +390,12 @@ func headerSection(msg []byte) []byte {
 type deadlineConn struct {
 	net.Conn
 	limit time.Time
+	stop  func() bool // the context's AfterFunc, released at Close
+}
+
+func (c *deadlineConn) Close() error {
+	c.stop()
+	return c.Conn.Close()
 }
 
 func (c *deadlineConn) clamp(t time.Time) time.Time {
@@ -375,47 +409,4 @@ func (c *deadlineConn) SetDeadline(t time.Time) error     { return c.Conn.SetDea
 func (c *deadlineConn) SetReadDeadline(t time.Time) error { return c.Conn.SetReadDeadline(c.clamp(t)) }
 func (c *deadlineConn) SetWriteDeadline(t time.Time) error {
 	return c.Conn.SetWriteDeadline(c.clamp(t))
-}
-
-// replayConn serves pre before reading from the connection. With
-// swallow set, the first command line written is dropped when it starts
-// with swallow (its reply is in pre) and written through otherwise.
-type replayConn struct {
-	net.Conn
-	pre     []byte
-	swallow string
-	line    []byte // the first command, until its CRLF
-}
-
-func (c *replayConn) Write(b []byte) (int, error) {
-	if c.swallow == "" {
-		return c.Conn.Write(b)
-	}
-	c.line = append(c.line, b...)
-	i := bytes.Index(c.line, []byte("\r\n"))
-	if i < 0 {
-		return len(b), nil
-	}
-	line, rest := c.line[:i+2], c.line[i+2:]
-	drop := len(line) >= len(c.swallow) && strings.EqualFold(string(line[:len(c.swallow)]), c.swallow)
-	c.swallow, c.line = "", nil
-	out := rest
-	if !drop {
-		out = append(line, rest...)
-	}
-	if len(out) > 0 {
-		if _, err := c.Conn.Write(out); err != nil {
-			return 0, err
-		}
-	}
-	return len(b), nil
-}
-
-func (c *replayConn) Read(b []byte) (int, error) {
-	if len(c.pre) > 0 {
-		n := copy(b, c.pre)
-		c.pre = c.pre[n:]
-		return n, nil
-	}
-	return c.Conn.Read(b)
 }

@@ -2,6 +2,9 @@ package gateway
 
 import (
 	"context"
+	"crypto/tls"
+	"os"
+	"path/filepath"
 	"errors"
 	"fmt"
 	"net"
@@ -10,6 +13,8 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+
+	"github.com/esro-emsdp/emsdp/internal/testcert"
 )
 
 func TestRelaySend(t *testing.T) {
@@ -153,8 +158,25 @@ func TestRelaySend(t *testing.T) {
 	}
 }
 
+// TLS towards a smarthost with a self-signed certificate, as Debian's
+// Postfix has out of the box (snakeoil, no IP address in it).
 func TestRelayTLS(t *testing.T) {
-	tlsOn, trust := withTLS(t)
+	cert := testcert.New(t, "smarthost with a self-signed certificate")
+	tlsOn := func(s *smtp.Server) { s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert.TLS}} }
+	// A server that offers STARTTLS but cannot complete a handshake with
+	// us (TLS 1.1 at most).
+	badTLS := func(s *smtp.Server) {
+		s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert.TLS}, MaxVersion: tls.VersionTLS11}
+	}
+	caFile := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(caFile, cert.CertPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(t.TempDir(), "other.pem")
+	if err := os.WriteFile(other, testcert.New(t, "some other CA").CertPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	trust := &tls.Config{RootCAs: testcert.Pool(cert)}
 	tests := []struct {
 		name    string
 		server  func(*smtp.Server)
@@ -162,13 +184,20 @@ func TestRelayTLS(t *testing.T) {
 		wantTLS bool
 		wantErr error // nil: success; errAny: any transient error
 	}{
-		{"required, verified", tlsOn, Relay{TLS: TLSRequired, TLSConfig: trust}, true, nil},
-		{"opportunistic, verified", tlsOn, Relay{TLSConfig: trust}, true, nil},
-		{"opportunistic, insecure skip verify", tlsOn, Relay{InsecureSkipVerify: true}, true, nil},
-		{"opportunistic, untrusted certificate", tlsOn, Relay{}, false, errAny},
+		{"opportunistic, self-signed: encrypted, not verified", tlsOn, Relay{}, true, nil},
+		{"opportunistic, handshake fails: clear", badTLS, Relay{}, false, nil},
+		{"opportunistic, not offered: clear", nil, Relay{}, false, nil},
 		{"none although offered", tlsOn, Relay{TLS: TLSNone}, false, nil},
-		{"opportunistic, not offered", nil, Relay{}, false, nil},
-		{"required, not offered", nil, Relay{TLS: TLSRequired}, false, ErrTLSUnavailable},
+		{"verify, self-signed: deferred", tlsOn, Relay{TLS: TLSVerify}, false, ErrTLSVerify},
+		{"verify, other CA file: deferred", tlsOn, Relay{TLS: TLSVerify, CAFile: other}, false, ErrTLSVerify},
+		{"verify, CA file", tlsOn, Relay{TLS: TLSVerify, CAFile: caFile}, true, nil},
+		{"verify, trusted by TLSConfig", tlsOn, Relay{TLS: TLSVerify, TLSConfig: trust}, true, nil},
+		{"verify, handshake fails: deferred", badTLS, Relay{TLS: TLSVerify, CAFile: caFile}, false, errHandshake},
+		{"verify, not offered: clear", nil, Relay{TLS: TLSVerify, CAFile: caFile}, false, nil},
+		{"verify, CA file missing: deferred", tlsOn, Relay{TLS: TLSVerify, CAFile: caFile + ".gone"}, false, errAny},
+		{"required, CA file", tlsOn, Relay{TLS: TLSRequired, CAFile: caFile}, true, nil},
+		{"required, self-signed: deferred", tlsOn, Relay{TLS: TLSRequired}, false, ErrTLSVerify},
+		{"required, not offered: deferred", nil, Relay{TLS: TLSRequired}, false, ErrTLSUnavailable},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -180,12 +209,15 @@ func TestRelayTLS(t *testing.T) {
 			switch {
 			case tc.wantErr == nil && err != nil:
 				t.Fatalf("err %v", err)
-			case tc.wantErr == errAny && (err == nil || IsPermanent(err) || res[0].Permanent):
+			case tc.wantErr != nil && (err == nil || IsPermanent(err) || res[0].Permanent):
 				t.Fatalf("err %v, want a transient error", err)
 			case tc.wantErr != nil && tc.wantErr != errAny && !errors.Is(err, tc.wantErr):
 				t.Fatalf("err %v, want %v", err, tc.wantErr)
 			}
 			if tc.wantErr != nil {
+				if errors.Is(tc.wantErr, ErrTLSVerify) && !strings.Contains(err.Error(), "relay.ca_file") {
+					t.Errorf("error %q does not say what to do", err)
+				}
 				if len(h.received()) != 0 {
 					t.Error("message delivered")
 				}
@@ -325,7 +357,7 @@ func TestRelayDialFailure(t *testing.T) {
 }
 
 func TestParseTLSMode(t *testing.T) {
-	for s, want := range map[string]TLSMode{"": TLSOpportunistic, "Opportunistic": TLSOpportunistic, "none": TLSNone, "required": TLSRequired} {
+	for s, want := range map[string]TLSMode{"": TLSOpportunistic, "Opportunistic": TLSOpportunistic, "none": TLSNone, "verify": TLSVerify, "required": TLSRequired} {
 		if m, err := ParseTLSMode(s); err != nil || m != want || (s != "" && !strings.EqualFold(m.String(), s)) {
 			t.Errorf("%q: %v %v", s, m, err)
 		}

@@ -141,6 +141,7 @@ func (s *testSmarthost) start(t *testing.T, configure func(*smtp.Server)) string
 			}
 		}
 		srv.Close()
+		ln.Close() // Serve may not have registered it yet
 		<-done
 	})
 	return ln.Addr().String()

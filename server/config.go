@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/x509"
 	_ "embed"
 	"errors"
 	"fmt"
@@ -138,7 +139,7 @@ type RelayConfig struct {
 	Username           string     `toml:"username"`
 	Password           string     `toml:"password"`
 	TLS                string     `toml:"tls"`
-	InsecureSkipVerify bool       `toml:"insecure_skip_verify"`
+	CAFile             string     `toml:"ca_file"`
 	Timeout            Duration   `toml:"timeout"`
 	Retry              []Duration `toml:"retry"`
 	Expiry             Duration   `toml:"expiry"`
@@ -363,8 +364,10 @@ func (c *Config) Validate() error {
 	default:
 		add(configErr("delivery.reports %q: want report, ipm or auto", c.Delivery.Reports))
 	}
-	if _, err := gateway.ParseTLSMode(c.Relay.TLS); err != nil {
+	if m, err := gateway.ParseTLSMode(c.Relay.TLS); err != nil {
 		add(configErr("relay.tls: %v", err))
+	} else if c.Relay.CAFile != "" {
+		add(validCAFile(c.Relay.CAFile, m))
 	}
 	switch c.Compat.VerifyFailure {
 	case "send", "drop":
@@ -377,6 +380,22 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// validCAFile checks that relay.ca_file holds PEM certificates and is
+// used by the TLS mode.
+func validCAFile(path string, m gateway.TLSMode) error {
+	if m != gateway.TLSVerify && m != gateway.TLSRequired {
+		return configErr("relay.ca_file is used by tls = \"verify\" or \"required\" (tls is %q, which does not verify)", m)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return configErr("relay.ca_file: %v", err)
+	}
+	if !x509.NewCertPool().AppendCertsFromPEM(b) {
+		return configErr("relay.ca_file %s: no PEM certificate in it", path)
+	}
+	return nil
 }
 
 // validStore checks the [store] keys that depend on the driver: each

@@ -294,6 +294,9 @@ type hostMsg struct {
 	from string
 	to   []string
 	data []byte
+	tls  bool // over STARTTLS
+	mail smtp.MailOptions
+	rcpt []smtp.RcptOptions
 }
 
 // smarthost is a go-smtp server on loopback recording what it gets;
@@ -308,17 +311,22 @@ type smarthost struct {
 
 type hostSession struct {
 	h *smarthost
+	c *smtp.Conn
 	m hostMsg
 }
 
-func (h *smarthost) NewSession(*smtp.Conn) (smtp.Session, error) { return &hostSession{h: h}, nil }
+func (h *smarthost) NewSession(c *smtp.Conn) (smtp.Session, error) { return &hostSession{h: h, c: c}, nil }
 
-func (s *hostSession) Mail(from string, _ *smtp.MailOptions) error {
-	s.m = hostMsg{from: from}
+func (s *hostSession) Mail(from string, o *smtp.MailOptions) error {
+	_, tls := s.c.TLSConnectionState()
+	s.m = hostMsg{from: from, tls: tls}
+	if o != nil {
+		s.m.mail = *o
+	}
 	return nil
 }
 
-func (s *hostSession) Rcpt(to string, _ *smtp.RcptOptions) error {
+func (s *hostSession) Rcpt(to string, o *smtp.RcptOptions) error {
 	s.h.mu.Lock()
 	err := s.h.rcptErr[to]
 	s.h.mu.Unlock()
@@ -326,6 +334,11 @@ func (s *hostSession) Rcpt(to string, _ *smtp.RcptOptions) error {
 		return err
 	}
 	s.m.to = append(s.m.to, to)
+	var ro smtp.RcptOptions
+	if o != nil {
+		ro = *o
+	}
+	s.m.rcpt = append(s.m.rcpt, ro)
 	return nil
 }
 
@@ -357,6 +370,13 @@ func (h *smarthost) setRcptErr(to string, err error) {
 // startSmarthost serves until the test ends; addr is "" to pick a port.
 func startSmarthost(t testing.TB, addr string) *smarthost {
 	t.Helper()
+	return startSmarthostWith(t, addr, nil)
+}
+
+// startSmarthostWith is startSmarthost with configure applied to the
+// go-smtp server (e.g. a TLS certificate).
+func startSmarthostWith(t testing.TB, addr string, configure func(*smtp.Server)) *smarthost {
+	t.Helper()
 	if addr == "" {
 		addr = "127.0.0.1:0"
 	}
@@ -366,6 +386,9 @@ func startSmarthost(t testing.TB, addr string) *smarthost {
 	srv := smtp.NewServer(h)
 	srv.Domain = "smarthost.test"
 	srv.ErrorLog = log.New(io.Discard, "", 0)
+	if configure != nil {
+		configure(srv)
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -373,6 +396,7 @@ func startSmarthost(t testing.TB, addr string) *smarthost {
 	}()
 	t.Cleanup(func() {
 		srv.Close()
+		ln.Close() // Serve may not have registered it yet
 		<-done
 	})
 	return h

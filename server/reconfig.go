@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/store"
 )
 
 // liveConfig is the running configuration with what is built from it.
@@ -46,8 +47,8 @@ func (s *Server) newRelay(c *Config) relayer {
 		helo = s.hostname
 	}
 	return &gateway.Relay{Addr: c.Relay.Smarthost, HeloName: helo, Username: c.Relay.Username,
-		Password: c.Relay.Password, TLS: tlsMode, InsecureSkipVerify: c.Relay.InsecureSkipVerify,
-		Timeout: time.Duration(c.Relay.Timeout)}
+		Password: c.Relay.Password, TLS: tlsMode, CAFile: c.Relay.CAFile,
+		Timeout: time.Duration(c.Relay.Timeout), Log: s.log}
 }
 
 // Reconfigure applies next to the running server (SIGHUP with --config),
@@ -109,8 +110,17 @@ func (s *Server) Reconfigure(next *Config) (restart []string, err error) {
 		default:
 		}
 	}
-	// A new smarthost takes what is due now, a higher concurrency more
-	// devices.
+	// Deferred relays are tried again at once: a reload is what follows
+	// fixing the smarthost's settings (or the smarthost), and its mail
+	// should not wait out its retry schedule of up to hours. A new
+	// smarthost takes what is due now, a higher concurrency more devices.
+	if merged.Relay.Smarthost != "" {
+		if ch, err := s.st.RetryQueued(s.loopCtx, store.QueueSelect{All: true, Kind: store.QueueRelay}, time.Now()); err != nil {
+			s.log.Error("re-attempt deferred relays", "err", err)
+		} else if ch.Changed > 0 {
+			s.log.Info("deferred relays made due", "recipients", ch.Changed)
+		}
+	}
 	s.kickRelay()
 	s.kick()
 	s.log.Info("configuration reloaded", "changed", keyList(changed))

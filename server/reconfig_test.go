@@ -2,10 +2,13 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -65,7 +68,7 @@ func TestReconfigureKeys(t *testing.T) {
 		"emsd.device_auth_failures_rate", "emsd.auth_failures_tracked", "emsd.auth_queue", "emsd.auth_workers",
 		"delivery.retry", "delivery.expiry", "delivery.concurrency", "delivery.reports", "delivery.drain_timeout",
 		"delivery.contact_lifetime",
-		"relay.smarthost", "relay.helo", "relay.username", "relay.password", "relay.tls", "relay.insecure_skip_verify",
+		"relay.smarthost", "relay.helo", "relay.username", "relay.password", "relay.tls", "relay.ca_file",
 		"relay.timeout", "relay.retry", "relay.expiry", "relay.batch",
 		"store.retention", "store.status_retention", "store.registry_poll",
 		"smtp.max_connections", "smtp.max_connections_per_ip",
@@ -160,6 +163,43 @@ func TestReconfigureSmarthost(t *testing.T) {
 		t.Errorf("first smarthost got %d messages, want 1", n)
 	}
 	eventually(t, "both relays sent", func() bool { return queueStats(t, s).Relays[store.RelaySent] == 2 })
+}
+
+// A smarthost with a self-signed certificate: tls = "verify" defers the
+// mail with an error that says what to do; once relay.ca_file names the
+// certificate, the reload re-attempts the deferred mail at once (its next
+// retry would be an hour away).
+func TestReconfigureRelayTLS(t *testing.T) {
+	cert := testcert.New(t, "smarthost")
+	h := startSmarthostWith(t, "", func(srv *smtp.Server) {
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert.TLS}}
+	})
+	caFile := filepath.Join(t.TempDir(), "smarthost.pem")
+	must(t, os.WriteFile(caFile, cert.CertPEM, 0o644))
+	c := testConfig(t)
+	c.Relay.Smarthost, c.Relay.TLS = h.addr, "verify"
+	c.Relay.Retry = []Duration{Duration(time.Hour)}
+	s := startServer(t, c)
+	dev := newDevice(t, s, 198036, deviceOpts{password: "pw"})
+	submitTo(t, dev, "bob@example.com", "deferred")
+	var lastErr string
+	eventually(t, "the relay deferred", func() bool {
+		l, err := s.st.ListQueue(context.Background(), store.QueueFilter{Kind: store.QueueRelay})
+		must(t, err)
+		if len(l.Entries) == 1 && l.Entries[0].State == string(store.RelayQueued) {
+			lastErr = l.Entries[0].LastError
+		}
+		return lastErr != ""
+	})
+	if !strings.Contains(lastErr, "not verified") || !strings.Contains(lastErr, "relay.ca_file") {
+		t.Errorf("last error %q", lastErr)
+	}
+	h.none(t, 200*time.Millisecond)
+	reconfigure(t, s, func(c *Config) { c.Relay.CAFile = caFile })
+	if m := h.next(t); !m.tls || !slices.Equal(m.to, []string{"bob@example.com"}) {
+		t.Errorf("smarthost got %+v", m)
+	}
+	eventually(t, "the relay sent", func() bool { return queueStats(t, s).Relays[store.RelaySent] == 1 })
 }
 
 // Failed-authentication limits change in place, the failures on record

@@ -58,6 +58,9 @@ func CheckQueueSelect(sel QueueSelect) (QueueSelect, error) {
 	if n != 1 {
 		return sel, fmt.Errorf("%w: select queue entries by refs, all or device (one of them)", ErrInvalid)
 	}
+	if sel.Kind != "" && (!sel.All || (sel.Kind != QueueDelivery && sel.Kind != QueueRelay)) {
+		return sel, fmt.Errorf("%w: queue kind %q with all = %v", ErrInvalid, sel.Kind, sel.All)
+	}
 	var err error
 	sel.Refs, err = CheckQueueRefs(sel.Refs)
 	return sel, err

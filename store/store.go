@@ -356,6 +356,9 @@ type QueueSelect struct {
 	Refs   []QueueRef
 	All    bool
 	Device uint32
+	// Kind, with All, keeps to one queue ("" = both): SIGHUP re-attempts
+	// the deferred relays only.
+	Kind QueueKind
 }
 
 // QueueChange says what RetryQueued or RemoveQueued did.

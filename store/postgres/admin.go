@@ -247,8 +247,7 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 	if err != nil {
 		return ch, err
 	}
-	// LEAST: an entry already due keeps its place.
-	const set = ` SET next_attempt = LEAST(next_attempt, $1), updated = $1 WHERE state = 'queued'`
+	const set = retrySet
 	err = s.tx(ctx, func(tx pgx.Tx) error {
 		ch = store.QueueChange{}
 		if len(sel.Refs) > 0 {
@@ -271,6 +270,9 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 			}
 			return refOutcome(ctx, tx, &ch, sel.Refs, done)
 		}
+		if sel.Kind == store.QueueRelay {
+			return s.retryRelays(ctx, tx, &ch, now)
+		}
 		upd, cnt := `UPDATE deliveries`+set, `SELECT COUNT(*) FROM deliveries WHERE state = 'inflight'`
 		uargs, cargs := []any{ms(now)}, []any(nil)
 		if sel.Device != 0 {
@@ -287,23 +289,34 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 			return err
 		}
 		ch.InFlight += busy
-		if !sel.All {
+		if !sel.All || sel.Kind == store.QueueDelivery {
 			return nil
 		}
-		if t, err = tx.Exec(ctx, `UPDATE relays`+set, ms(now)); err != nil {
-			return err
-		}
-		ch.Changed += int(t.RowsAffected())
-		if err := tx.QueryRow(ctx, `SELECT COUNT(*) FROM relays WHERE state = 'sending'`).Scan(&busy); err != nil {
-			return err
-		}
-		ch.InFlight += busy
-		return nil
+		return s.retryRelays(ctx, tx, &ch, now)
 	})
 	if err != nil {
 		return store.QueueChange{}, errorf("retry queued", err)
 	}
 	return ch, nil
+}
+
+// retrySet makes queued entries due; LEAST: an entry already due keeps
+// its place.
+const retrySet = ` SET next_attempt = LEAST(next_attempt, $1), updated = $1 WHERE state = 'queued'`
+
+// retryRelays makes every queued relay recipient due at now.
+func (s *DB) retryRelays(ctx context.Context, tx pgx.Tx, ch *store.QueueChange, now time.Time) error {
+	t, err := tx.Exec(ctx, `UPDATE relays`+retrySet, ms(now))
+	if err != nil {
+		return err
+	}
+	ch.Changed += int(t.RowsAffected())
+	var busy int
+	if err := tx.QueryRow(ctx, `SELECT COUNT(*) FROM relays WHERE state = 'sending'`).Scan(&busy); err != nil {
+		return err
+	}
+	ch.InFlight += busy
+	return nil
 }
 
 // RemoveQueued deletes the queued entries of refs, and the messages of

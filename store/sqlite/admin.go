@@ -212,8 +212,7 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 	if err != nil {
 		return ch, err
 	}
-	// MIN: an entry already due keeps its place.
-	const set = ` SET next_attempt = MIN(next_attempt, ?), updated = ? WHERE state = 'queued'`
+	const set = retrySet
 	err = s.tx(ctx, func(tx *sql.Tx) error {
 		ch = store.QueueChange{}
 		for _, ref := range sel.Refs {
@@ -232,6 +231,9 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 		if len(sel.Refs) > 0 {
 			return nil
 		}
+		if sel.Kind == store.QueueRelay {
+			return s.retryRelays(ctx, tx, &ch, now)
+		}
 		upd, cnt := `UPDATE deliveries`+set, `SELECT COUNT(*) FROM deliveries WHERE state = 'inflight'`
 		uargs, cargs := []any{ms(now), ms(now)}, []any(nil)
 		if sel.Device != 0 {
@@ -249,24 +251,35 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 			return err
 		}
 		ch.InFlight += busy
-		if !sel.All {
+		if !sel.All || sel.Kind == store.QueueDelivery {
 			return nil
 		}
-		if res, err = tx.ExecContext(ctx, `UPDATE relays`+set, ms(now), ms(now)); err != nil {
-			return err
-		}
-		n, _ = res.RowsAffected()
-		ch.Changed += int(n)
-		if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM relays WHERE state = 'sending'`).Scan(&busy); err != nil {
-			return err
-		}
-		ch.InFlight += busy
-		return nil
+		return s.retryRelays(ctx, tx, &ch, now)
 	})
 	if err != nil {
 		return store.QueueChange{}, fmt.Errorf("sqlite: retry queued: %w", err)
 	}
 	return ch, nil
+}
+
+// retrySet makes queued entries due; MIN: an entry already due keeps its
+// place.
+const retrySet = ` SET next_attempt = MIN(next_attempt, ?), updated = ? WHERE state = 'queued'`
+
+// retryRelays makes every queued relay recipient due at now.
+func (s *DB) retryRelays(ctx context.Context, tx *sql.Tx, ch *store.QueueChange, now time.Time) error {
+	res, err := tx.ExecContext(ctx, `UPDATE relays`+retrySet, ms(now), ms(now))
+	if err != nil {
+		return err
+	}
+	n, _ := res.RowsAffected()
+	ch.Changed += int(n)
+	var busy int
+	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM relays WHERE state = 'sending'`).Scan(&busy); err != nil {
+		return err
+	}
+	ch.InFlight += busy
+	return nil
 }
 
 // RemoveQueued deletes the queued entries of refs, and the message of a

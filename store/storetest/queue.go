@@ -299,6 +299,7 @@ func testQueueRetry(t *testing.T, s store.Store) {
 		{"device with one queued", store.QueueSelect{Device: 11}, 1, 0, []string{"D b", "D e"}},
 		{"device with one in flight", store.QueueSelect{Device: 10}, 1, 1, []string{"D b", "D e"}},
 		{"device without entries", store.QueueSelect{Device: 99}, 0, 0, []string{"D b", "D e"}},
+		{"all relays", store.QueueSelect{All: true, Kind: store.QueueRelay}, 3, 1, []string{"D b", "D e", "R x@x", "R y@x", "R z@x"}},
 		{"all", store.QueueSelect{All: true}, 5, 2, []string{"D b", "D e", "R x@x", "R y@x", "R z@x"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -324,7 +325,8 @@ func testQueueRetry(t *testing.T, s store.Store) {
 		t.Errorf("an entry already due moved to %v", next)
 	}
 	for _, bad := range []store.QueueSelect{{}, {All: true, Device: 10}, {Refs: []store.QueueRef{dref(1)}, All: true},
-		{Refs: []store.QueueRef{{Kind: "bogus", ID: 1}}}, {Refs: []store.QueueRef{dref(0)}}} {
+		{Refs: []store.QueueRef{{Kind: "bogus", ID: 1}}}, {Refs: []store.QueueRef{dref(0)}},
+		{Kind: store.QueueRelay}, {Device: 10, Kind: store.QueueDelivery}, {All: true, Kind: "bogus"}} {
 		if _, err := s.RetryQueued(ctx, bad, now); !errors.Is(err, store.ErrInvalid) {
 			t.Errorf("RetryQueued(%+v): %v, want ErrInvalid", bad, err)
 		}
