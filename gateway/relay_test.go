@@ -3,11 +3,11 @@ package gateway
 import (
 	"context"
 	"crypto/tls"
-	"os"
-	"path/filepath"
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"

@@ -134,16 +134,16 @@ type SMTPConfig struct {
 
 // RelayConfig is outbound mail to the smarthost.
 type RelayConfig struct {
-	Smarthost          string     `toml:"smarthost"`
-	Helo               string     `toml:"helo"`
-	Username           string     `toml:"username"`
-	Password           string     `toml:"password"`
-	TLS                string     `toml:"tls"`
-	CAFile             string     `toml:"ca_file"`
-	Timeout            Duration   `toml:"timeout"`
-	Retry              []Duration `toml:"retry"`
-	Expiry             Duration   `toml:"expiry"`
-	Batch              int        `toml:"batch"`
+	Smarthost string     `toml:"smarthost"`
+	Helo      string     `toml:"helo"`
+	Username  string     `toml:"username"`
+	Password  string     `toml:"password"`
+	TLS       string     `toml:"tls"`
+	CAFile    string     `toml:"ca_file"`
+	Timeout   Duration   `toml:"timeout"`
+	Retry     []Duration `toml:"retry"`
+	Expiry    Duration   `toml:"expiry"`
+	Batch     int        `toml:"batch"`
 }
 
 // AdminConfig is the HTTP admin listener.

@@ -315,7 +315,9 @@ type hostSession struct {
 	m hostMsg
 }
 
-func (h *smarthost) NewSession(c *smtp.Conn) (smtp.Session, error) { return &hostSession{h: h, c: c}, nil }
+func (h *smarthost) NewSession(c *smtp.Conn) (smtp.Session, error) {
+	return &hostSession{h: h, c: c}, nil
+}
 
 func (s *hostSession) Mail(from string, o *smtp.MailOptions) error {
 	_, tls := s.c.TLSConnectionState()
