@@ -11,6 +11,11 @@ import (
 // serve; InboundServer answers 550 5.1.1 at RCPT time.
 var ErrUnknownRecipient = errors.New("gateway: unknown recipient")
 
+// ErrRelayDenied is returned by a Receiver for an address in a domain it
+// does not serve: InboundServer answers 550 5.7.1 (relaying denied), not
+// 5.1.1, so that the sender learns the address went to the wrong server.
+var ErrRelayDenied = errors.New("gateway: relaying denied")
+
 // ErrMalformed reports input that is not a mail message at all.
 var ErrMalformed = errors.New("gateway: malformed message")
 

@@ -95,6 +95,10 @@ type Inbound struct {
 	// Truncated describes, for humans, everything cut, dropped or guessed
 	// to fit the EMSD limits (§5, OP 8).
 	Truncated []string
+	// BodyCut, when not "", says how the body text was cut or dropped to
+	// fit MaxContent: the device would get less than was sent, which the
+	// sender must hear of (refused, or told by a DSN).
+	BodyCut string
 }
 
 // Header fields that become heading components (§9.8) and are therefore
@@ -161,7 +165,7 @@ func ParseMessage(msg []byte, m Mapping, o ParseOptions) (*Inbound, error) {
 		in.ContentType = emsd.ContentIPM
 		in.IPM = p.ipm(body)
 	}
-	in.Truncated = p.notes
+	in.Truncated, in.BodyCut = p.notes, p.bodyCut
 	return in, nil
 }
 
@@ -240,6 +244,7 @@ type parser struct {
 	notes    []string
 	id       string // the message's id (messageID)
 	invented bool   // id was invented
+	bodyCut  string
 }
 
 func (p *parser) note(format string, args ...any) {
@@ -724,12 +729,14 @@ body:
 		ipm.Body.Text = append(append([]byte(nil), cut...), marker(len(cut))...)
 		over = encodedSize(ipm) - p.o.MaxContent
 		if over <= 0 {
-			p.note("body cut from %d to %d octets to fit %d octets of content (32 segments)", total, len(cut), p.o.MaxContent)
+			p.bodyCut = fmt.Sprintf("body cut from %d to %d octets to fit %d octets of content (32 segments)", total, len(cut), p.o.MaxContent)
+			p.note("%s", p.bodyCut)
 			return
 		}
 		if n == 0 {
 			ipm.Body.Text = nil
-			p.note("body dropped: no room in %d octets of content", p.o.MaxContent)
+			p.bodyCut = fmt.Sprintf("body of %d octets dropped: no room in %d octets of content", total, p.o.MaxContent)
+			p.note("%s", p.bodyCut)
 			return
 		}
 		room -= over

@@ -322,8 +322,8 @@ func TestParseMessage(t *testing.T) {
 			if got := string(in.IPM.Body.Text); got != want {
 				t.Errorf("body\n got %q\nwant %q", got, want)
 			}
-			if !hasNote(in, "report.pdf") {
-				t.Errorf("notes %v", in.Truncated)
+			if !hasNote(in, "report.pdf") || in.BodyCut != "" {
+				t.Errorf("notes %v, body cut %q", in.Truncated, in.BodyCut)
 			}
 		},
 	}, {
@@ -333,6 +333,9 @@ func TestParseMessage(t *testing.T) {
 			b := in.IPM.Body.Text
 			if !utf8.Valid(b) || !strings.Contains(string(b), "[message truncated:") || !hasNote(in, "body cut") {
 				t.Errorf("body end %q notes %v", b[max(0, len(b)-80):], in.Truncated)
+			}
+			if !strings.HasPrefix(in.BodyCut, "body cut from 116000 to ") {
+				t.Errorf("BodyCut %q", in.BodyCut)
 			}
 			enc, _ := in.IPM.Marshal(emsd.Options{})
 			if len(enc) < DefaultMaxContent-300 {

@@ -411,6 +411,9 @@ func (se *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 	case errors.Is(err, ErrUnknownRecipient):
 		se.s.log.Info("smtp: unknown recipient", "to", to, "from", se.from, "remote", se.remote())
 		return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "No such user here"}
+	case errors.Is(err, ErrRelayDenied):
+		se.s.log.Info("smtp: relaying denied", "to", to, "from", se.from, "remote", se.remote())
+		return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "Relaying denied: not a domain of this server"}
 	case IsPermanent(err):
 		return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "Recipient refused"}
 	}

@@ -112,6 +112,9 @@ type SMTPConfig struct {
 	Listen          string   `toml:"listen"`
 	MaxMessageBytes int64    `toml:"max_message_bytes"`
 	MaxRecipients   int      `toml:"max_recipients"`
+	// Oversize is what happens to mail whose text is more than a device
+	// can take: OversizeRefuse or OversizeTruncate.
+	Oversize string `toml:"oversize"`
 	ReadTimeout     Duration `toml:"read_timeout"`
 	WriteTimeout    Duration `toml:"write_timeout"`
 	// Against slow clients holding sessions (gateway.InboundOptions):
@@ -179,6 +182,16 @@ func (c *Config) NewLogHandler(w io.Writer, opts *slog.HandlerOptions) slog.Hand
 	}
 	return slog.NewTextHandler(w, opts)
 }
+
+// What smtp.oversize does with mail too big for a device.
+const (
+	// OversizeRefuse answers DATA with 552 5.3.4: the sender's server
+	// bounces it, and nothing is lost silently.
+	OversizeRefuse = "refuse"
+	// OversizeTruncate delivers the text cut to fit and sends the sender a
+	// DSN saying so.
+	OversizeTruncate = "truncate"
+)
 
 // Store drivers (store.driver).
 const (
@@ -358,6 +371,9 @@ func (c *Config) Validate() error {
 	}
 	if c.SMTP.MaxConnectionsPerIP < 0 {
 		add(configErr("smtp.max_connections_per_ip must not be negative (0 = no limit)"))
+	}
+	if c.SMTP.Oversize != OversizeRefuse && c.SMTP.Oversize != OversizeTruncate {
+		add(configErr("smtp.oversize %q: want %q or %q", c.SMTP.Oversize, OversizeRefuse, OversizeTruncate))
 	}
 	switch c.Delivery.Reports {
 	case "report", "ipm", "auto":

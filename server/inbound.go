@@ -4,7 +4,11 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
+
+	"github.com/emersion/go-smtp"
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/gateway"
@@ -17,13 +21,36 @@ import (
 type receiver struct{ s *Server }
 
 // Recipient accepts device addresses (number@domain for the EMSD domains,
-// and aliases) and refuses everything else at RCPT time.
-func (r receiver) Recipient(_ context.Context, spec string) error {
-	if _, ok := r.s.resolve(spec); !ok {
-		r.s.metrics.inbound.WithLabelValues("unknown_recipient").Inc()
-		return gateway.ErrUnknownRecipient
+// and aliases) and refuses everything else at RCPT time: addresses in
+// other domains as relaying denied, the rest as unknown. An address not
+// known yet is looked up again after a registry reload when the store's
+// registry changed (a device added a moment ago, before the next
+// registry_poll), as the ESRO side does for an unknown device.
+func (r receiver) Recipient(ctx context.Context, spec string) error {
+	s := r.s
+	if _, ok := s.resolve(spec); ok {
+		return nil
 	}
-	return nil
+	if s.reloadIfChanged(ctx, "unknown recipient") {
+		if _, ok := s.resolve(spec); ok {
+			return nil
+		}
+	}
+	if !s.localDomain(spec) {
+		s.metrics.inbound.WithLabelValues("relay_denied").Inc()
+		return gateway.ErrRelayDenied
+	}
+	s.metrics.inbound.WithLabelValues("unknown_recipient").Inc()
+	return gateway.ErrUnknownRecipient
+}
+
+// localDomain reports whether addr is in one of the EMSD domains.
+func (s *Server) localDomain(addr string) bool {
+	i := strings.LastIndexByte(addr, '@')
+	if i < 0 {
+		return true // a bare local part ("postmaster") names no other host
+	}
+	return slices.Contains(s.domains, strings.ToLower(addr[i+1:]))
 }
 
 // Deliver converts the message once per device (so that one device's Bcc
@@ -59,7 +86,9 @@ func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []b
 	local := emsd.LocalID(emsd.TimeOf(now), number)
 	senderIDs := s.conf().Compat.RFC822DeliveryIDs
 	headers := headerSection(msg)
+	cfg := s.conf()
 	var w store.Work
+	var cuts []gateway.DSNRecipient // devices that get a shortened copy
 	for _, a := range order {
 		in, err := gateway.ParseMessage(msg, s.mapping(), gateway.ParseOptions{Now: now, Domain: s.domain,
 			Number: number, KeepMessageID: !senderIDs,
@@ -88,6 +117,18 @@ func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []b
 			v := uint32(*in.SubmissionTime)
 			st = &v
 		}
+		if in.BodyCut != "" {
+			if cfg.SMTP.Oversize != OversizeTruncate {
+				s.metrics.inbound.WithLabelValues("too_big").Inc()
+				s.log.Info("inbound mail too big for a device", "from", from, "device", a, "id", in.MessageID, "why", in.BodyCut)
+				return &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4},
+					Message: fmt.Sprintf("Message too big for %s: its text would be cut (%s)", byDev[a][0], in.BodyCut)}
+			}
+			if from != "" {
+				cuts = append(cuts, gateway.DSNRecipient{Addr: byDev[a][0], Action: gateway.ActionDelivered,
+					Status: "2.0.0", Diagnostic: "x-emsd; delivered shortened: " + in.BodyCut})
+			}
+		}
 		for _, note := range in.Truncated {
 			s.log.Info("inbound mail shortened", "device", a, "id", local.Local, "message_id", in.MessageID, "note", note)
 		}
@@ -100,6 +141,21 @@ func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []b
 			Content: content, Priority: prio, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry)),
 			Report: store.Report{Mail: from, Recipient: "R:" + byDev[a][0], MessageID: encodeMsgID(emsd.RFC822ID(in.MessageID)),
 				Headers: headers}})
+	}
+	if len(cuts) > 0 {
+		// smtp.oversize = "truncate": the sender hears that the copy is
+		// shortened, in the same transaction as the deliveries.
+		dsn, err := gateway.DSN(gateway.DSNOptions{ReportingMTA: s.hostname, To: from, Date: now, ArrivalDate: now,
+			OriginalHeaders: headers, Recipients: cuts,
+			Explanation: "Your message was delivered, but shortened: it is more than the recipient's device\r\n" +
+				"can take. Send the rest in a separate, shorter message if it matters.\r\n"})
+		if err != nil {
+			s.log.Warn("DSN for a shortened message", "from", from, "err", err)
+		} else {
+			s.metrics.reports.WithLabelValues("dsn").Inc()
+			w.Relays = append(w.Relays, store.NewRelay{Message: dsn, Recipients: []store.RelayRecipient{{Addr: from}},
+				NextAttempt: now, Expires: now.Add(time.Duration(cfg.Relay.Expiry))})
+		}
 	}
 	if err := s.st.Enqueue(ctx, w); err != nil {
 		s.log.Error("queue inbound mail", "err", err)

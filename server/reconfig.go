@@ -61,6 +61,7 @@ func (s *Server) newRelay(c *Config) relayer {
 //   - store.retention, store.status_retention (at the next hourly purge)
 //     and store.registry_poll;
 //   - all of [compat];
+//   - smtp.oversize, for the next message;
 //   - smtp.max_connections and smtp.max_connections_per_ip, for new
 //     connections (sessions open over a lowered limit stay);
 //   - smtp.tls_cert, smtp.tls_key and smtp.require_tls while STARTTLS is
@@ -158,6 +159,7 @@ func liveFrom(run, next *Config, level, tls bool) *Config {
 	m.Relay = n.Relay
 	m.Store.Retention, m.Store.StatusRetention, m.Store.RegistryPoll = n.Store.Retention, n.Store.StatusRetention, n.Store.RegistryPoll
 	m.Compat = n.Compat
+	m.SMTP.Oversize = n.SMTP.Oversize // read per message
 	// The listener reads its limits at each accept.
 	m.SMTP.MaxConnections, m.SMTP.MaxConnectionsPerIP = n.SMTP.MaxConnections, n.SMTP.MaxConnectionsPerIP
 	if tls {

@@ -71,7 +71,7 @@ func TestReconfigureKeys(t *testing.T) {
 		"relay.smarthost", "relay.helo", "relay.username", "relay.password", "relay.tls", "relay.ca_file",
 		"relay.timeout", "relay.retry", "relay.expiry", "relay.batch",
 		"store.retention", "store.status_retention", "store.registry_poll",
-		"smtp.max_connections", "smtp.max_connections_per_ip",
+		"smtp.oversize", "smtp.max_connections", "smtp.max_connections_per_ip",
 		"compat.ip_only_identification", "compat.reference_instance_ids", "compat.delivery_control_error",
 		"compat.submit_result_tag_25", "compat.reverse_sequence_of", "compat.verify_failure", "compat.rfc822_delivery_ids",
 	}

@@ -1,0 +1,158 @@
+package server
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-message"
+	"github.com/emersion/go-message/textproto"
+	"github.com/emersion/go-smtp"
+
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+// dsnFields is a parsed message/delivery-status (or its RFC 6533 global
+// form): the per-message fields, then one set per recipient.
+type dsnFields struct {
+	contentType string // of the status part
+	message     textproto.Header
+	recipients  []textproto.Header
+	parts       []string // media types of the report's parts
+}
+
+// parseDSN reads a multipart/report DSN with go-message, so that the test
+// checks what a mail reader sees.
+func parseDSN(t *testing.T, msg []byte) dsnFields {
+	t.Helper()
+	e, err := message.Read(bytes.NewReader(msg))
+	if err != nil {
+		t.Fatalf("DSN: %v\n%s", err, msg)
+	}
+	if mt, ps, _ := e.Header.ContentType(); mt != "multipart/report" || ps["report-type"] != "delivery-status" {
+		t.Fatalf("DSN of type %s %v", mt, ps)
+	}
+	var f dsnFields
+	mr := e.MultipartReader()
+	for {
+		p, err := mr.NextPart()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("DSN part: %v", err)
+		}
+		mt, _, _ := p.Header.ContentType()
+		f.parts = append(f.parts, mt)
+		if mt != "message/delivery-status" && mt != "message/global-delivery-status" {
+			continue
+		}
+		f.contentType = mt
+		r := bufio.NewReader(p.Body)
+		for i := 0; ; i++ {
+			h, err := textproto.ReadHeader(r)
+			if err != nil {
+				t.Fatalf("status fields: %v", err)
+			}
+			if h.Len() == 0 {
+				break
+			}
+			if i == 0 {
+				f.message = h
+			} else {
+				f.recipients = append(f.recipients, h)
+			}
+			if _, err := r.Peek(1); err != nil {
+				break
+			}
+		}
+	}
+	return f
+}
+
+// Mail whose text is more than a device can take is never cut silently:
+// refused with 552 5.3.4 (the default), or delivered cut with a DSN to
+// the sender (oversize = "truncate").
+func TestInboundOversize(t *testing.T) {
+	host := startSmarthost(t, "")
+	c := testConfig(t)
+	c.Relay.Smarthost = host.addr
+	s := startServer(t, c)
+	dev := newDevice(t, s, 198036, deviceOpts{})
+	var body strings.Builder
+	for body.Len() < 60<<10 {
+		body.WriteString("A line of a long letter, more than a device can take in 32 segments.\r\n")
+	}
+	msg := "From: carol@example.com\r\nTo: 198.036@emsd.test\r\nSubject: long\r\nMessage-ID: <long@example.com>\r\n\r\n" + body.String()
+
+	err := sendMail(s, "carol@example.com", []string{"198.036@emsd.test"}, msg)
+	var se *smtp.SMTPError
+	if !errors.As(err, &se) || se.Code != 552 || se.EnhancedCode != (smtp.EnhancedCode{5, 3, 4}) ||
+		!strings.Contains(se.Message, "198.036@emsd.test") {
+		t.Fatalf("refuse: %v, want 552 5.3.4 naming the recipient", err)
+	}
+	dev.none(t, 200*time.Millisecond)
+
+	reconfigure(t, s, func(c *Config) { c.SMTP.Oversize = OversizeTruncate })
+	must(t, sendMail(s, "carol@example.com", []string{"198.036@emsd.test"}, msg))
+	del := dev.next(t)
+	if text := string(del.IPM.Body.Text); !strings.Contains(text, "[message truncated:") || len(text) >= body.Len() {
+		t.Errorf("delivered %d octets, ending %q", len(text), text[max(0, len(text)-60):])
+	}
+	m := host.next(t)
+	if m.from != "" || len(m.to) != 1 || m.to[0] != "carol@example.com" {
+		t.Fatalf("DSN from %q to %v", m.from, m.to)
+	}
+	f := parseDSN(t, m.data)
+	if len(f.recipients) != 1 || f.message.Get("Reporting-Mta") != "dns; mts.emsd.test" || f.message.Get("Arrival-Date") == "" {
+		t.Fatalf("DSN fields %+v", f)
+	}
+	r := f.recipients[0]
+	if r.Get("Final-Recipient") != "rfc822; 198.036@emsd.test" || r.Get("Action") != "delivered" ||
+		r.Get("Status") != "2.0.0" || !strings.Contains(r.Get("Diagnostic-Code"), "shortened: body cut from") {
+		t.Errorf("recipient fields %v", r.Map())
+	}
+	if !bytes.Contains(m.data, []byte("Subject: long")) {
+		t.Error("the DSN does not carry the original header")
+	}
+}
+
+// RCPT: an address in another domain is relaying denied (5.7.1), an
+// unknown one in ours 5.1.1; a device or alias another process added a
+// moment ago (long before the next registry poll) is accepted.
+func TestInboundRecipientCheck(t *testing.T) {
+	c := testConfig(t)
+	c.Store.RegistryPoll = Duration(time.Hour)
+	s := startServer(t, c)
+	msg := "From: carol@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
+	for _, tc := range []struct {
+		rcpt string
+		want smtp.EnhancedCode
+	}{
+		{"bob@example.org", smtp.EnhancedCode{5, 7, 1}},
+		{"198.036@emsd.test", smtp.EnhancedCode{5, 1, 1}},
+		{"alice@example.net", smtp.EnhancedCode{5, 7, 1}},
+	} {
+		var se *smtp.SMTPError
+		if err := sendMail(s, "carol@example.com", []string{tc.rcpt}, msg); !errors.As(err, &se) || se.Code != 550 || se.EnhancedCode != tc.want {
+			t.Errorf("%s: %v, want 550 %v", tc.rcpt, err, tc.want)
+		}
+	}
+	// As 'emsdp device add' does from its own process: the store only.
+	must(t, s.st.AddDevice(context.Background(), &store.Device{Address: 198036, IP: netip.MustParseAddr("127.0.0.1"),
+		Port: 9, Version: "1.1", Mode: store.ModeComplete, Aliases: []string{"alice@example.net"}}))
+	for _, rcpt := range []string{"198.036@emsd.test", "alice@example.net"} {
+		if err := sendMail(s, "carol@example.com", []string{rcpt}, msg); err != nil {
+			t.Errorf("%s right after device add: %v", rcpt, err)
+		}
+	}
+	if st := queueStats(t, s); st.Deliveries[store.DeliveryQueued]+st.Deliveries[store.DeliveryInFlight] != 2 {
+		t.Errorf("queue %+v", st.Deliveries)
+	}
+}
