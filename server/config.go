@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -250,6 +251,16 @@ func LoadConfig(path string) (*Config, error) {
 	return c, c.Validate()
 }
 
+// dataRelativeTo makes a relative data directory the file sets relative to
+// the file's directory, so that emsdp serve and the operator's commands
+// given the same --config find the same store from any working
+// directory.
+func (c *Config) dataRelativeTo(path string) {
+	if c.Data != "" && !filepath.IsAbs(c.Data) {
+		c.Data = filepath.Join(filepath.Dir(path), c.Data)
+	}
+}
+
 // parseConfig decodes a TOML document over the defaults; unknown keys are
 // an error (a misspelt key must not silently keep its default).
 func parseConfig(b []byte, name string) (*Config, error) {
@@ -264,6 +275,9 @@ func parseConfig(b []byte, name string) (*Config, error) {
 			keys[i] = k.String()
 		}
 		return nil, configErr("%s: unknown keys: %s", name, strings.Join(keys, ", "))
+	}
+	if md.IsDefined("data") {
+		c.dataRelativeTo(name)
 	}
 	return c, nil
 }
@@ -445,14 +459,52 @@ func (c *Config) validStore() error {
 	return errors.Join(errs...)
 }
 
+// StoreAccess is how OpenStoreAccess opens the store.
+type StoreAccess uint8
+
+// Store accesses.
+const (
+	// StoreCreate opens the store, creating an empty one where there is
+	// none (emsdp serve, emsdp device add).
+	StoreCreate StoreAccess = iota
+	// StoreExisting opens only an existing store (ErrNoStore otherwise).
+	StoreExisting
+	// StoreReadOnly opens only an existing store, for reading (listings):
+	// SQLite in read-only mode. PostgreSQL opens as with StoreExisting.
+	StoreReadOnly
+)
+
+// ErrNoStore: StoreExisting or StoreReadOnly, and there is no store where
+// the configuration says.
+var ErrNoStore = sqlite.ErrNoDatabase
+
+// StoreLocation names the store for people: the SQLite database file
+// (absolute), or the PostgreSQL DSN with its password masked.
+func (c *Config) StoreLocation() string {
+	if c.Store.Driver == StorePostgres {
+		return maskDSN(c.Store.DSN)
+	}
+	p := filepath.Join(c.Data, sqlite.FileName)
+	if abs, err := filepath.Abs(p); err == nil {
+		p = abs
+	}
+	return p
+}
+
 // OpenStore opens the store the configuration names: the SQLite database
 // in Data, or the PostgreSQL database at Store.DSN. Unlike Start it takes
 // no lock on the data directory: the device commands use it beside a
 // running server.
 func (c *Config) OpenStore(ctx context.Context) (store.Store, error) {
+	return c.OpenStoreAccess(ctx, StoreCreate)
+}
+
+// OpenStoreAccess is OpenStore with the access a.
+func (c *Config) OpenStoreAccess(ctx context.Context, a StoreAccess) (store.Store, error) {
 	switch c.Store.Driver {
 	case StoreSQLite:
-		db, err := sqlite.OpenDir(ctx, c.Data, &sqlite.Options{BusyTimeout: time.Duration(c.Store.BusyTimeout)})
+		db, err := sqlite.OpenDir(ctx, c.Data, &sqlite.Options{BusyTimeout: time.Duration(c.Store.BusyTimeout),
+			MustExist: a == StoreExisting, ReadOnly: a == StoreReadOnly})
 		if err != nil {
 			return nil, fmt.Errorf("store: %w", err)
 		}

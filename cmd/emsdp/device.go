@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/mail"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -46,8 +47,10 @@ func (d *deviceStore) register(fs *flag.FlagSet) {
 }
 
 // open opens the store the server of --config uses, or the one --data or
-// --dsn names instead.
-func (d *deviceStore) open(ctx context.Context) (store.Store, error) {
+// --dsn names instead, as a says: only an existing store unless a is
+// server.StoreCreate (which says so when it creates one). From then on
+// every error fail prints names the store.
+func (d *deviceStore) open(ctx context.Context, env *cmdEnv, a server.StoreAccess) (store.Store, error) {
 	if d.data != "" && d.dsn != "" {
 		return nil, usagef("--data (SQLite) and --dsn (PostgreSQL) name two stores: give one")
 	}
@@ -55,21 +58,48 @@ func (d *deviceStore) open(ctx context.Context) (store.Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	from := "the default data directory " + cfg.Data
+	if d.config != "" {
+		from = "data of " + d.config
+	}
 	switch {
 	case d.dsn != "":
 		cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, d.dsn, 0
+		from = "--dsn"
 	case d.data != "":
 		if cfg.Store.Driver != server.StoreSQLite {
 			// A new empty SQLite store would be created beside the real one.
 			return nil, usagef("--data names a SQLite store, but the store of %s is %s", d.config, cfg.Store.Driver)
 		}
 		cfg.Data = d.data
+		from = "--data " + d.data
+	case cfg.Store.Driver == server.StorePostgres:
+		from = "store.dsn of " + d.config
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	d.lifetime = time.Duration(cfg.Delivery.ContactLifetime)
-	return cfg.OpenStore(ctx)
+	where := cfg.StoreLocation()
+	created := false
+	if cfg.Store.Driver == server.StoreSQLite && a == server.StoreCreate {
+		_, err := os.Stat(where)
+		created = errors.Is(err, os.ErrNotExist)
+	}
+	db, err := cfg.OpenStoreAccess(ctx, a)
+	if errors.Is(err, server.ErrNoStore) {
+		return nil, fmt.Errorf("no store at %s (from %s): a server keeps its store there once started with the same --data "+
+			"or --config; give the ones emsdp serve runs with (a new store is made only by emsdp device add)", where, from)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("store %s: %w", where, err)
+	}
+	env.store = where
+	if created {
+		fmt.Fprintf(env.stderr, "emsdp: note: created a new, empty store at %s (from %s); a server uses it only when "+
+			"started with the same --data or --config\n", where, from)
+	}
+	return db, nil
 }
 
 // aliasList is the repeatable --alias flag; commas separate addresses too.
@@ -151,7 +181,7 @@ func deviceAdd(ctx context.Context, env *cmdEnv, args []string) int {
 	if d.PasswordHash, err = passwordFlag(*password); err != nil {
 		return fail(env, err)
 	}
-	db, err := st.open(ctx)
+	db, err := st.open(ctx, env, server.StoreCreate)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -274,7 +304,7 @@ func deviceList(ctx context.Context, env *cmdEnv, args []string) int {
 	if done, code := parseFlags(fs, env, args); done {
 		return code
 	}
-	db, err := st.open(ctx)
+	db, err := st.open(ctx, env, server.StoreReadOnly)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -347,7 +377,7 @@ func deviceShow(ctx context.Context, env *cmdEnv, args []string) int {
 	if done {
 		return code
 	}
-	db, err := st.open(ctx)
+	db, err := st.open(ctx, env, server.StoreReadOnly)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -398,7 +428,7 @@ func deviceRemove(ctx context.Context, env *cmdEnv, args []string) int {
 	if done {
 		return code
 	}
-	db, err := st.open(ctx)
+	db, err := st.open(ctx, env, server.StoreExisting)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -428,7 +458,7 @@ func devicePasswd(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	db, err := st.open(ctx)
+	db, err := st.open(ctx, env, server.StoreExisting)
 	if err != nil {
 		return fail(env, err)
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/internal/pgtest"
+	"github.com/esro-emsdp/emsdp/server"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -76,6 +78,69 @@ func TestDeviceCommands(t *testing.T) {
 				t.Errorf("%v: exit %d (want %d)\nstdout %q\nstderr %q", tc.args, code, tc.code, out, errs)
 			}
 		})
+	}
+}
+
+// The operator's commands in a directory without a store (or with a
+// mistyped --data) create nothing and say where they looked; device add
+// creates a store and says so; listings open it read-only; errors name it.
+func TestAdminCommandsWithoutStore(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	def := filepath.Join(dir, "emsdp-data", "emsdp.db")
+	typo := filepath.Join(dir, "emsdp-dta")
+	for _, args := range [][]string{
+		{"device", "list"}, {"device", "show", "1.1"}, {"device", "remove", "1.1"},
+		{"device", "passwd", "1.1", "--password", "x"}, {"queue", "list"}, {"queue", "show", "D1"},
+		{"queue", "retry", "--all"}, {"queue", "remove", "D1"},
+	} {
+		code, out, errs := runCmd(t, "", args...)
+		if code != exitFailed || out != "" || !strings.Contains(errs, "no store at "+def) {
+			t.Errorf("%v: exit %d, stdout %q, stderr %q", args, code, out, errs)
+		}
+		code, _, errs = runCmd(t, "", append(args, "--data", typo)...)
+		if code != exitFailed || !strings.Contains(errs, "no store at "+filepath.Join(typo, "emsdp.db")+" (from --data") {
+			t.Errorf("%v --data typo: exit %d, stderr %q", args, code, errs)
+		}
+	}
+	for _, p := range []string{filepath.Dir(def), typo} {
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Fatalf("%s was created (%v)", p, err)
+		}
+	}
+	code, out, errs := runCmd(t, "", "device", "add", "--address", "1.1", "--password", "", "--ip", "::1")
+	if code != exitOK || !strings.HasPrefix(out, "added device 001.001") || !strings.Contains(errs, "note: created a new, empty store at "+def) {
+		t.Fatalf("add: exit %d, stdout %q, stderr %q", code, out, errs)
+	}
+	code, _, errs = runCmd(t, "", "device", "add", "--address", "1.2", "--password", "", "--ip", "::1")
+	if code != exitOK || errs != "" {
+		t.Errorf("second add: exit %d, stderr %q", code, errs)
+	}
+	if code, out, _ := runCmd(t, "", "device", "list"); code != exitOK || !strings.Contains(out, "001.002") {
+		t.Errorf("list: exit %d %q", code, out)
+	}
+	if code, _, errs := runCmd(t, "", "device", "show", "9.9"); code != exitFailed || !strings.Contains(errs, "no device 009.009 (store "+def+")") {
+		t.Errorf("show unknown: exit %d, stderr %q", code, errs)
+	}
+}
+
+// A relative data directory in a configuration file is relative to the
+// file, so serve and the operator's commands find the same store from
+// anywhere.
+func TestConfigRelativeData(t *testing.T) {
+	etc := t.TempDir()
+	cfg := filepath.Join(etc, "emsdp.toml")
+	if err := os.WriteFile(cfg, []byte(`data = "store"`+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(t.TempDir())
+	if code, _, errs := runCmd(t, "", "device", "add", "--config", cfg, "--address", "1.1", "--password", "", "--ip", "::1"); code != exitOK ||
+		!strings.Contains(errs, filepath.Join(etc, "store", "emsdp.db")) {
+		t.Fatalf("add: %d %s", code, errs)
+	}
+	t.Chdir(t.TempDir())
+	if code, out, errs := runCmd(t, "", "device", "list", "--config", cfg); code != exitOK || !strings.Contains(out, "001.001") {
+		t.Errorf("list from elsewhere: %d %q %s", code, out, errs)
 	}
 }
 
@@ -174,7 +239,7 @@ func TestDeviceHeard(t *testing.T) {
 		t.Fatalf("add: %d %s", code, errs)
 	}
 	ds := &deviceStore{data: data}
-	db, err := ds.open(context.Background())
+	db, err := ds.open(context.Background(), &cmdEnv{stderr: io.Discard}, server.StoreExisting)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -102,6 +102,11 @@ func parseFlags(fs *flag.FlagSet, env *cmdEnv, args []string) (done bool, code i
 }
 
 func fail(env *cmdEnv, err error) int {
+	if msg := err.Error(); env.store != "" && !strings.Contains(msg, env.store) {
+		// An error of a command working on a store names the store, so
+		// that one given the wrong store says so.
+		err = fmt.Errorf("%w (store %s)", err, env.store)
+	}
 	fmt.Fprintln(env.stderr, "emsdp:", err)
 	var ue *usageError
 	if errors.As(err, &ue) {

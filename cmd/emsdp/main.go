@@ -27,6 +27,7 @@ type cmdEnv struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
 	getenv         func(string) string
+	store          string // the store a command opened, named in its errors
 }
 
 type command struct {

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/server"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -226,7 +227,7 @@ func queueList(ctx context.Context, env *cmdEnv, args []string) int {
 			return fail(env, err)
 		}
 	}
-	db, err := st.open(ctx)
+	db, err := st.open(ctx, env, server.StoreReadOnly)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -374,7 +375,7 @@ func queueShow(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	db, err := st.open(ctx)
+	db, err := st.open(ctx, env, server.StoreReadOnly)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -535,7 +536,7 @@ func queueRetry(ctx context.Context, env *cmdEnv, args []string) int {
 	if _, err := store.CheckQueueSelect(sel); err != nil {
 		return fail(env, usagef("give queue ids (D<number>, R<number>), --all or --device NNN.NNN: one of them"))
 	}
-	db, err := st.open(ctx)
+	db, err := st.open(ctx, env, server.StoreExisting)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -583,7 +584,7 @@ func queueRemove(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	db, err := st.open(ctx)
+	db, err := st.open(ctx, env, server.StoreExisting)
 	if err != nil {
 		return fail(env, err)
 	}

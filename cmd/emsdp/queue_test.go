@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/internal/pgtest"
+	"github.com/esro-emsdp/emsdp/server"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -114,7 +116,7 @@ func TestQueueCommands(t *testing.T) {
 			} else {
 				ds.dsn = flags[1]
 			}
-			db, err := ds.open(context.Background())
+			db, err := ds.open(context.Background(), &cmdEnv{stderr: io.Discard}, server.StoreCreate)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"math"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -33,7 +34,19 @@ type Options struct {
 	BusyTimeout time.Duration
 	// MaxConns caps open connections. Zero: 8.
 	MaxConns int
+	// MustExist opens only an existing database: a missing file (or data
+	// directory) is ErrNoDatabase instead of a new, empty store. The
+	// operator's commands use it so that a mistyped --data cannot create
+	// a store no server reads.
+	MustExist bool
+	// ReadOnly opens the database for reading only (SQLite mode=ro): for
+	// listings, which then work on a store the user may only read, and
+	// never write. It implies MustExist; the schema must be current.
+	ReadOnly bool
 }
+
+// ErrNoDatabase: Options.MustExist and there is no database at the path.
+var ErrNoDatabase = errors.New("sqlite: no database")
 
 // DB is a Store on one SQLite file.
 type DB struct {
@@ -50,6 +63,9 @@ var _ store.Store = (*DB)(nil)
 // data directory. A directory it creates is 0700: the store holds mail and
 // password hashes.
 func OpenDir(ctx context.Context, dir string, o *Options) (*DB, error) {
+	if o != nil && (o.MustExist || o.ReadOnly) {
+		return Open(ctx, filepath.Join(dir, FileName), o)
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("sqlite: data directory: %w", err)
 	}
@@ -77,20 +93,39 @@ func open(ctx context.Context, path string, o *Options, version int) (*DB, error
 	if conns <= 0 {
 		conns = 8
 	}
+	if o.MustExist || o.ReadOnly {
+		if _, err := os.Stat(path); err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("%w at %s", ErrNoDatabase, path)
+			}
+			return nil, fmt.Errorf("sqlite: %w", err)
+		}
+	}
 	// WAL lets readers (and the device commands) work beside the writer;
 	// FULL syncs the WAL at every commit (durability before RESULT, spec
 	// emsd.md §9.5); IMMEDIATE takes the write lock at BEGIN so that two
 	// writers queue on the busy timeout instead of failing at upgrade.
 	dsn := fmt.Sprintf("%s?_pragma=busy_timeout(%d)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_pragma=foreign_keys(1)&_txlock=immediate",
 		path, busy.Milliseconds())
-	// Created here rather than by SQLite, which would make it 0644 less
-	// the umask: 0600 whatever the umask, and SQLite gives its -wal and
-	// -shm files the database file's mode.
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("sqlite: open %s: %w", path, err)
+	if o.ReadOnly {
+		// A URI, so that SQLite itself sees mode=ro; the journal mode is
+		// the database's (setting it would write).
+		abs, err := filepath.Abs(path)
+		if err != nil {
+			return nil, fmt.Errorf("sqlite: %w", err)
+		}
+		dsn = fmt.Sprintf("%s?mode=ro&_pragma=busy_timeout(%d)&_pragma=foreign_keys(1)",
+			(&url.URL{Scheme: "file", Path: abs}).String(), busy.Milliseconds())
+	} else {
+		// Created here rather than by SQLite, which would make it 0644 less
+		// the umask: 0600 whatever the umask, and SQLite gives its -wal and
+		// -shm files the database file's mode.
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("sqlite: open %s: %w", path, err)
+		}
+		f.Close()
 	}
-	f.Close()
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: open %s: %w", path, err)
@@ -99,9 +134,14 @@ func open(ctx context.Context, path string, o *Options, version int) (*DB, error
 	db.SetMaxIdleConns(conns)
 	s := &DB{sql: db, writes: make(chan *writeReq), quit: make(chan struct{}), done: make(chan struct{})}
 	go s.committer()
-	if err := s.migrate(ctx, version); err != nil {
+	if o.ReadOnly {
+		err = s.checkSchema(ctx)
+	} else {
+		err = s.migrate(ctx, version)
+	}
+	if err != nil {
 		s.Close()
-		return nil, err
+		return nil, fmt.Errorf("%w (database %s)", err, path)
 	}
 	if version == len(migrations) { // (tests of old schemas prepare nothing)
 		if err := s.prepare(ctx); err != nil {
@@ -120,6 +160,21 @@ func (s *DB) SchemaVersion(ctx context.Context) (int, error) {
 	var v int
 	err := s.sql.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&v)
 	return v, err
+}
+
+// checkSchema, for a read-only handle, requires the current schema:
+// migrating would write.
+func (s *DB) checkSchema(ctx context.Context) error {
+	v, err := s.SchemaVersion(ctx)
+	switch {
+	case err != nil:
+		return fmt.Errorf("sqlite: schema version: %w", err)
+	case v > len(migrations):
+		return fmt.Errorf("%w (version %d, known %d)", ErrSchemaTooNew, v, len(migrations))
+	case v < len(migrations):
+		return fmt.Errorf("sqlite: database schema %d is older than this program's %d: open it read-write once (emsdp serve) to upgrade it", v, len(migrations))
+	}
+	return nil
 }
 
 func (s *DB) migrate(ctx context.Context, target int) error {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -293,4 +294,43 @@ func TestGroupCommit(t *testing.T) {
 	if err := db.AddDevice(ctx, testDevice(10000)); !errors.Is(err, ErrClosed) {
 		t.Errorf("write after close: %v", err)
 	}
+}
+
+// The operator's commands open only an existing store (a mistyped
+// directory is an error, not a new store), and listings read only.
+func TestOpenExistingAndReadOnly(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "data dir #1") // a URI needs escaping
+	for _, o := range []*Options{{MustExist: true}, {ReadOnly: true}} {
+		if _, err := OpenDir(ctx, dir, o); !errors.Is(err, ErrNoDatabase) || !strings.Contains(err.Error(), dir) {
+			t.Errorf("%+v: %v, want ErrNoDatabase naming the path", o, err)
+		}
+		if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("%+v created %s", o, dir)
+		}
+	}
+	db, err := OpenDir(ctx, dir, nil)
+	mustT(t, err)
+	dev := &store.Device{Address: 198036, IP: netip.MustParseAddr("127.0.0.1"), Port: 641, Version: "1.1", Mode: store.ModeComplete}
+	mustT(t, db.AddDevice(ctx, dev))
+
+	ro, err := OpenDir(ctx, dir, &Options{ReadOnly: true})
+	mustT(t, err)
+	defer ro.Close()
+	// Beside the writer, as emsdp device list beside emsdp serve.
+	dev.Address = 198037
+	mustT(t, db.AddDevice(ctx, dev))
+	ds, err := ro.Devices(ctx)
+	mustT(t, err)
+	if len(ds) != 2 {
+		t.Errorf("read-only handle sees %d devices, want 2", len(ds))
+	}
+	dev.Address = 198038
+	if err := ro.AddDevice(ctx, dev); err == nil {
+		t.Error("a read-only handle wrote")
+	}
+	mustT(t, db.Close())
+	ex, err := OpenDir(ctx, dir, &Options{MustExist: true})
+	mustT(t, err)
+	mustT(t, ex.Close())
 }
