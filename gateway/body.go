@@ -37,6 +37,12 @@ func (pt *part) isText() bool {
 	switch pt.mediaType {
 	case "text/plain", "text/html", "text/enriched", "text/markdown", "text/x-markdown":
 		return true
+	case "message/delivery-status", "message/global-delivery-status", "text/rfc822-headers", "message/global-headers",
+		"message/disposition-notification", "message/global-disposition-notification":
+		// The machine-readable parts of a bounce or receipt (RFC 3464,
+		// 6533, 8098) are text too: a device user needs the status codes
+		// and the original header to know what failed.
+		return true
 	}
 	return false
 }

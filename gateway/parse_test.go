@@ -327,6 +327,31 @@ func TestParseMessage(t *testing.T) {
 			}
 		},
 	}, {
+		name: "a bounce keeps its delivery-status and header parts",
+		msg: "From: MAILER-DAEMON@postfix.test (Mail Delivery System)\nTo: 198.036@emsd.example.test\n" +
+			"Subject: Undelivered Mail Returned to Sender\nMIME-Version: 1.0\n" +
+			"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\n\n" +
+			"--B\nContent-Description: Notification\nContent-Type: text/plain; charset=us-ascii\n\n" +
+			"I'm sorry to have to inform you that your message could not\nbe delivered.\n" +
+			"--B\nContent-Description: Delivery report\nContent-Type: message/delivery-status\n\n" +
+			"Reporting-MTA: dns; postfix.test\n\nFinal-Recipient: rfc822; nobody@example.com\n" +
+			"Action: failed\nStatus: 5.1.1\nDiagnostic-Code: smtp; 550 5.1.1 no such user\n" +
+			"--B\nContent-Description: Undelivered Message Headers\nContent-Type: text/rfc822-headers\n\n" +
+			"From: 198.036@emsd.example.test\nTo: nobody@example.com\nSubject: lunch\n" +
+			"--B--\n",
+		check: func(t *testing.T, in *Inbound) {
+			b := string(in.IPM.Body.Text)
+			for _, want := range []string{"could not\nbe delivered.", "Status: 5.1.1", "Final-Recipient: rfc822; nobody@example.com",
+				"Subject: lunch"} {
+				if !strings.Contains(b, want) {
+					t.Errorf("body lacks %q:\n%s", want, b)
+				}
+			}
+			if strings.Contains(b, "Not delivered") {
+				t.Errorf("parts left out:\n%s", b)
+			}
+		},
+	}, {
 		name: "body cut to the content budget",
 		msg:  "From: a@example.com\nTo: 198.036@emsd.example.test\n\n" + strings.Repeat("0123456789 abcdefghij äöü\n", 4000),
 		check: func(t *testing.T, in *Inbound) {
