@@ -13,6 +13,10 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 )
 
+// maxReturnedRead is what is read of a message returned in a report
+// (message/rfc822), for its header.
+const maxReturnedRead = 64 << 10
+
 // part is one MIME entity read into memory (bounded by maxTextRead per text
 // leaf and maxParts/maxDepth overall).
 type part struct {
@@ -104,8 +108,24 @@ func (p *parser) readPart(e *message.Entity, entErr error, depth int, count *int
 	if !pt.isText() {
 		limit = 0 // only the size matters
 	}
+	returned := depth > 0 && !pt.attachment && (pt.mediaType == "message/rfc822" || pt.mediaType == "message/global")
+	if returned {
+		limit = maxReturnedRead
+	}
 	data, size, err := readAll(e.Body, limit)
 	pt.size = size
+	if returned {
+		// A bounce's returned message: its header says which message
+		// failed; its body is the sender's own, and would only crowd out
+		// the rest of the report on a device.
+		hdr, _, _ := bytes.Cut(toLF(data), []byte("\n\n"))
+		pt.mediaType = "text/rfc822-headers"
+		pt.data, pt.clean = append(hdr, fmt.Sprintf("\n[returned message of %d octets: its body is not included]\n", size)...), true
+		if !utf8.Valid(pt.data) {
+			pt.data, _ = validUTF8(pt.data, false)
+		}
+		return pt
+	}
 	pt.clean = entErr == nil && err == nil
 	if err != nil {
 		p.note("%s: decoding error (%v), kept what was readable", pt.mediaType, err)

@@ -55,7 +55,14 @@ type DSNOptions struct {
 	// text/rfc822-headers.
 	OriginalHeaders []byte
 	ArrivalDate     time.Time // Arrival-Date, zero = none
-	Recipients      []DSNRecipient
+	// EnvelopeID is the sender's ENVID (RFC 3461 §4.4), returned as
+	// Original-Envelope-Id; "" = none.
+	EnvelopeID string
+	// InReplyTo is the Message-ID of the reported message, written as
+	// In-Reply-To and References so that mail readers thread the report
+	// with it; "" = none.
+	InReplyTo  string
+	Recipients []DSNRecipient
 	// Explanation is the human-readable part; "" = generated from the
 	// recipients.
 	Explanation string
@@ -114,6 +121,9 @@ func DSN(o DSNOptions) ([]byte, error) {
 
 	// message/delivery-status (RFC 3464 §2.2, §2.3).
 	var st bytes.Buffer
+	if id := oneLine(o.EnvelopeID); id != "" {
+		fmt.Fprintf(&st, "Original-Envelope-Id: %s\r\n", id)
+	}
 	fmt.Fprintf(&st, "Reporting-MTA: dns; %s\r\n", mta)
 	if !o.ArrivalDate.IsZero() {
 		fmt.Fprintf(&st, "Arrival-Date: %s\r\n", rfc5322Date(o.ArrivalDate))
@@ -152,7 +162,16 @@ func DSN(o DSNOptions) ([]byte, error) {
 	parts := [][]byte{
 		textPart("text/plain; charset=utf-8", []byte(text)),
 		append([]byte("Content-Type: "+statusType+"\r\n\r\n"), st.Bytes()...),
-		textPart("text/rfc822-headers; charset=utf-8", hdr),
+	}
+	switch {
+	case len(hdr) == 0:
+		// Nothing returned (an EMSD report names no header).
+	case isASCII(string(hdr)):
+		parts = append(parts, textPart("text/rfc822-headers; charset=us-ascii", hdr))
+	default:
+		// RFC 6533 §3.4: a header with UTF-8 in it (an SMTPUTF8 message)
+		// is returned as message/global-headers.
+		parts = append(parts, append([]byte("Content-Type: message/global-headers\r\n\r\n"), hdr...))
 	}
 	boundary := dsnBoundary(parts)
 
@@ -174,6 +193,10 @@ func DSN(o DSNOptions) ([]byte, error) {
 	f.field("To", to)
 	f.field("Subject", subject)
 	f.field("Message-ID", id)
+	if r := msgID(o.InReplyTo); r != "" {
+		f.field("In-Reply-To", r)
+		f.field("References", r)
+	}
 	f.field("Auto-Submitted", "auto-replied") // RFC 3834: no replies, no loops
 	f.field("MIME-Version", "1.0")
 	f.field("Content-Type", `multipart/report; report-type=delivery-status; boundary="`+boundary+`"`)

@@ -172,3 +172,49 @@ func TestStatusAndNonDelivery(t *testing.T) {
 		}
 	}
 }
+
+// A DSN to an SMTPUTF8 sender (RFC 6533): UTF-8 addresses are of type
+// utf-8 in message/global-delivery-status, a UTF-8 header comes back as
+// message/global-headers; ENVID and the reported message id are returned.
+func TestDSNGlobal(t *testing.T) {
+	b, err := DSN(DSNOptions{ReportingMTA: "mx.emsd.example.test", To: "jörg@example.de",
+		OriginalHeaders: []byte("From: jörg@example.de\r\nTo: 198.036@emsd.example.test\r\nSubject: Grüße\r\n\r\n"),
+		EnvelopeID:      "QQ314159", InReplyTo: "<m1@example.de>",
+		Recipients: []DSNRecipient{{Addr: "zoë@example.net", Status: "5.1.1"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := message.Read(bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Header.Get("In-Reply-To") != "<m1@example.de>" || e.Header.Get("References") != "<m1@example.de>" {
+		t.Errorf("threading fields %q %q", e.Header.Get("In-Reply-To"), e.Header.Get("References"))
+	}
+	mr := e.MultipartReader()
+	var types []string
+	var status string
+	for {
+		p, err := mr.NextPart()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		mt, _, _ := p.Header.ContentType()
+		types = append(types, mt)
+		if mt == "message/global-delivery-status" {
+			raw, _ := io.ReadAll(p.Body)
+			status = string(raw)
+		}
+	}
+	if fmt.Sprint(types) != "[text/plain message/global-delivery-status message/global-headers]" {
+		t.Errorf("parts %v", types)
+	}
+	for _, want := range []string{"Original-Envelope-Id: QQ314159\r\n", "Final-Recipient: utf-8; zoë@example.net\r\n", "Status: 5.1.1\r\n"} {
+		if !strings.Contains(status, want) {
+			t.Errorf("status lacks %q:\n%s", want, status)
+		}
+	}
+}

@@ -110,14 +110,14 @@ type DeliveryConfig struct {
 
 // SMTPConfig is the inbound SMTP listener.
 type SMTPConfig struct {
-	Listen          string   `toml:"listen"`
-	MaxMessageBytes int64    `toml:"max_message_bytes"`
-	MaxRecipients   int      `toml:"max_recipients"`
+	Listen          string `toml:"listen"`
+	MaxMessageBytes int64  `toml:"max_message_bytes"`
+	MaxRecipients   int    `toml:"max_recipients"`
 	// Oversize is what happens to mail whose text is more than a device
 	// can take: OversizeRefuse or OversizeTruncate.
-	Oversize string `toml:"oversize"`
-	ReadTimeout     Duration `toml:"read_timeout"`
-	WriteTimeout    Duration `toml:"write_timeout"`
+	Oversize     string   `toml:"oversize"`
+	ReadTimeout  Duration `toml:"read_timeout"`
+	WriteTimeout Duration `toml:"write_timeout"`
 	// Against slow clients holding sessions (gateway.InboundOptions):
 	// octets a second that extend a request (0: none), the read timeout
 	// while the server is crowded, and the bound on a whole session.
@@ -283,9 +283,13 @@ func parseConfig(b []byte, name string) (*Config, error) {
 }
 
 // Write writes c as TOML, with the relay password and any password in
-// the store DSN masked.
+// the store DSN masked, and the data directory absolute: a relative one
+// in a file is relative to the file, and the output may be saved anywhere.
 func (c *Config) Write(w io.Writer) error {
 	cc := *c
+	if abs, err := filepath.Abs(cc.Data); err == nil && cc.Data != "" {
+		cc.Data = abs
+	}
 	if cc.Relay.Password != "" {
 		cc.Relay.Password = "********"
 	}

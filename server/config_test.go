@@ -159,6 +159,12 @@ func TestWriteConfig(t *testing.T) {
 			back, err := LoadConfig(writeFile(t, b.String()))
 			must(t, err)
 			back.Relay.Password, back.Store.DSN = tc.c.Relay.Password, tc.c.Store.DSN
+			// Written absolute, so that the file names the same store
+			// wherever it is saved.
+			if abs, _ := filepath.Abs(tc.c.Data); back.Data != abs {
+				t.Errorf("data %q, want %q", back.Data, abs)
+			}
+			back.Data = tc.c.Data
 			if !reflect.DeepEqual(back, tc.c) {
 				t.Errorf("round trip:\n%+v\n%+v", back, tc.c)
 			}

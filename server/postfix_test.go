@@ -8,10 +8,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/emersion/go-smtp"
 
 	"github.com/esro-emsdp/emsdp/internal/testcert"
 	"github.com/esro-emsdp/emsdp/store"
@@ -163,8 +166,27 @@ func TestPostfixSmarthost(t *testing.T) {
 		if !bytes.Contains(hdr, []byte("with ESMTPS")) && !bytes.Contains(hdr, []byte("using TLS")) {
 			t.Errorf("not over TLS:\n%s", hdr)
 		}
-		if !bytes.Contains(hdr, []byte("Subject: through postfix")) {
+		if !bytes.Contains(hdr, []byte("Subject: through postfix")) ||
+			!regexp.MustCompile(`Received: from device 198\.036 \(\[127\.0\.0\.1\]\)\r\n\tby mts\.emsd\.test \(emsdp\) with EMSD id <EMSD\.[0-9a-f]{8}\.[0-9a-f]{8}@emsd\.test>;`).Match(hdr) {
 			t.Errorf("header:\n%s", hdr)
+		}
+	})
+
+	// A recipient the next hop refuses after Postfix took the message:
+	// Postfix's bounce comes back over SMTP to the device, with its
+	// delivery-status and header parts.
+	t.Run("Postfix bounce", func(t *testing.T) {
+		sink.setRcptErr("nobody@example.com", &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"})
+		submitTo(t, dev, "nobody@example.com", "will bounce")
+		del := dev.next(t)
+		if del.IPM == nil {
+			t.Fatalf("delivery %+v", del)
+		}
+		body := string(del.IPM.Body.Text)
+		for _, want := range []string{"Final-Recipient: rfc822; nobody@example.com", "Status: 5.1.1", "Subject: will bounce"} {
+			if !strings.Contains(body, want) {
+				t.Errorf("bounce lacks %q:\n%s", want, body)
+			}
 		}
 	})
 

@@ -285,6 +285,12 @@ func (s *Server) noticeIPM(to emsd.Address, rep *emsd.ReportDelivery) *emsd.IPM 
 	fmt.Fprintf(&b, "Your message %s:\n", rep.ReportedMessageID)
 	for _, e := range rep.Recipients {
 		switch {
+		case e.Delivery != nil && !e.Recipient.IsLocal:
+			// This server delivers only to devices: a positive report on an
+			// Internet address means the smarthost took it (RFC 3464
+			// "relayed"), not that it reached the mailbox.
+			fmt.Fprintf(&b, "  %s: relayed to the Internet at %s (its delivery there is not reported)\n",
+				e.Recipient, e.Delivery.DeliveryTime.UTC().Format(time.RFC1123Z))
 		case e.Delivery != nil:
 			fmt.Fprintf(&b, "  %s: delivered at %s\n", e.Recipient, e.Delivery.DeliveryTime.UTC().Format(time.RFC1123Z))
 		case e.NonDelivery != nil:

@@ -44,6 +44,8 @@ func summarizeWork(t *testing.T, w store.Work) []string {
 			for line := range strings.SplitSeq(string(ipm.Body.Text), "\n") {
 				if a, _, ok := strings.Cut(line, ": delivered at"); ok {
 					sign = append(sign, "+"+strings.TrimSpace(a))
+				} else if a, _, ok := strings.Cut(line, ": relayed to the Internet at"); ok {
+					sign = append(sign, "+"+strings.TrimSpace(a))
 				} else if a, _, ok := strings.Cut(line, ": could not be delivered"); ok {
 					sign = append(sign, "-"+strings.TrimSpace(a))
 				}

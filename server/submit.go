@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"sync"
@@ -577,10 +578,26 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 	w.Deliveries = append(w.Deliveries, rw.Deliveries...)
 	w.Relays = append(w.Relays, rw.Relays...)
 	if len(remote) > 0 {
-		w.Relays = append(w.Relays, store.NewRelay{From: s.deviceAddrSpec(emsd.Address(rec.Device)), Message: out.Message,
+		msg := append(s.receivedEMSD(rec, reg, rfc822MessageID(lid, s.domain)), out.Message...)
+		w.Relays = append(w.Relays, store.NewRelay{From: s.deviceAddrSpec(emsd.Address(rec.Device)), Message: msg,
 			Recipients: remote, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Relay.Expiry))})
 	}
 	return w, nil
+}
+
+// receivedEMSD is the Received: field for the EMSD hop of a submission
+// going out as Internet mail (RFC 5321 §4.4): from the device, at its
+// registered address, by this host, with the message's id.
+func (s *Server) receivedEMSD(rec *store.Submission, reg *registry, id string) []byte {
+	from := "device " + emsd.Address(rec.Device).String()
+	if d := reg.byAddr[emsd.Address(rec.Device)]; d != nil && d.ap.IsValid() {
+		from += " ([" + d.ap.Addr().Unmap().String() + "])"
+	}
+	line := fmt.Sprintf("Received: from %s\r\n\tby %s (emsdp) with EMSD", from, s.hostname)
+	if id != "" {
+		line += " id " + id
+	}
+	return fmt.Appendf(nil, "%s;\r\n\t%s\r\n", line, rec.Received.UTC().Format("Mon, 02 Jan 2006 15:04:05 -0700"))
 }
 
 // copyFor returns the IPM as delivered to device to (spec emsd.md §9.5):

@@ -58,6 +58,11 @@ type Config struct {
 	// and the password (§3 CredentialsSimple), so that the MTS identifies
 	// the device whatever its IP address and port.
 	ReferenceSecurity bool
+	// AcceptReports takes deliveries of delivery and non-delivery reports
+	// (content type 2) as Delivery.Report. Without it they are refused
+	// with ERROR 7, as the reference UA does, and an MTS in the reference's
+	// manner resends them as text notices.
+	AcceptReports bool
 	// ReverseSequenceOf encodes every SEQUENCE OF last element first, as
 	// the reference encoder does (§2.11); meant for byte-exact comparisons.
 	ReverseSequenceOf bool

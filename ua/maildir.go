@@ -1,12 +1,14 @@
 package ua
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/mail"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/gateway"
 )
 
@@ -38,14 +41,15 @@ import (
 // shared by several devices stores a message delivered to more than one
 // of them once.
 type Maildir struct {
-	dir    string
-	domain string
-	host   string
-	now    func() time.Time
-	log    *slog.Logger
-	count  atomic.Uint64
-	stored atomic.Uint64
-	dups   atomic.Uint64
+	dir      string
+	domain   string
+	host     string // for file names
+	hostname string // for Received:
+	now      func() time.Time
+	log      *slog.Logger
+	count    atomic.Uint64
+	stored   atomic.Uint64
+	dups     atomic.Uint64
 
 	mu  sync.Mutex      // serialises check, store and record
 	idx *deliveredIndex // nil: every delivery is stored
@@ -111,13 +115,13 @@ func OpenMaildir(dir string, cfg MaildirConfig) (*Maildir, error) {
 			return nil, fmt.Errorf("ua: maildir: %w", err)
 		}
 	}
-	host, err := os.Hostname()
-	if err != nil || host == "" {
-		host = "localhost"
+	hostname, err := os.Hostname()
+	if err != nil || hostname == "" || strings.ContainsAny(hostname, " \t\r\n;()") {
+		hostname = "localhost"
 	}
 	// Maildir names must not contain '/' or ':' (the info separator).
-	host = strings.NewReplacer("/", `\057`, ":", `\072`).Replace(host)
-	m := &Maildir{dir: dir, domain: cfg.Domain, host: host, now: cfg.Now, log: cfg.Logger}
+	host := strings.NewReplacer("/", `\057`, ":", `\072`).Replace(hostname)
+	m := &Maildir{dir: dir, domain: cfg.Domain, host: host, hostname: hostname, now: cfg.Now, log: cfg.Logger}
 	if !cfg.KeepDuplicates {
 		m.idx = newDeliveredIndex(dir, cfg.Retention, cfg.MaxDelivered, cfg.Logger)
 		if err := m.idx.load(cfg.Now()); err != nil {
@@ -209,29 +213,140 @@ func (m *Maildir) write(d *Delivery) (string, error) {
 	return final, nil
 }
 
-// Format renders d as the RFC 5322 message Store writes: the IPM through
-// gateway.FormatIPM, dated by its submission time (else its delivery time),
-// with the Internet sender's Message-ID when the server carried it in a
-// heading extension (gateway.SenderMessageID), else the delivered message
-// id (a local id as <EMSD.%08x.%08x@domain>, Open Point 10).
+// Format renders d as the message Store writes, with LF line ends as
+// Maildir readers expect, and the trace fields a delivery agent adds:
+// Return-Path (the originator; <> for a report), Delivered-To (the device)
+// and a Received: for the EMSD hop from the MTS. An IPM goes through
+// gateway.FormatIPM, dated by its submission time (else its delivery
+// time), with the Internet sender's Message-ID when the server carried it
+// in a heading extension (gateway.SenderMessageID), else the delivered
+// message id (a local id as <EMSD.%08x.%08x@domain>, Open Point 10). A
+// report (content type 2) becomes a multipart/report (RFC 3464) a mail
+// reader shows as a delivery status notification.
 func (m *Maildir) Format(d *Delivery) ([]byte, error) {
-	o := gateway.FormatOptions{Domain: m.domain, Date: d.SubmissionTime}
-	if o.Date.IsZero() {
-		o.Date = d.DeliveryTime
+	id := d.MessageID.RFC822
+	if d.MessageID.IsLocal {
+		id = m.localID(d.MessageID.Local)
 	}
-	switch id := gateway.SenderMessageID(d.IPM); {
-	case id != "":
-		o.MessageID = id
-	case d.MessageID.IsLocal:
-		o.MessageID = fmt.Sprintf("<EMSD.%08x.%08x@%s>", uint32(d.MessageID.Local.SubmissionTime), d.MessageID.Local.Number, m.domain)
+	var body []byte
+	returnPath := ""
+	switch {
+	case d.IPM != nil:
+		o := gateway.FormatOptions{Domain: m.domain, Date: d.SubmissionTime, MessageID: id}
+		if sid := gateway.SenderMessageID(d.IPM); sid != "" {
+			o.MessageID = sid
+		}
+		if o.Date.IsZero() {
+			o.Date = d.DeliveryTime
+		}
+		out, err := gateway.FormatIPM(d.IPM, o)
+		if err != nil {
+			return nil, fmt.Errorf("ua: maildir: %w", err)
+		}
+		body, returnPath = out.Message, m.addrSpec(d.IPM.Heading.Originator)
+	case d.Report != nil:
+		b, err := m.formatReport(d, id)
+		if err != nil {
+			return nil, err
+		}
+		body = b
 	default:
-		o.MessageID = d.MessageID.RFC822
+		return nil, errors.New("ua: maildir: delivery without content")
 	}
-	out, err := gateway.FormatIPM(d.IPM, o)
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "Return-Path: <%s>\n", returnPath)
+	to := ""
+	if d.Recipient != 0 {
+		to = d.Recipient.String() + "@" + m.domain
+		fmt.Fprintf(&b, "Delivered-To: %s\n", to)
+	}
+	from := "unknown"
+	if d.From.IsValid() {
+		from = "[" + d.From.Addr().Unmap().String() + "]"
+	}
+	when := d.DeliveryTime
+	if when.IsZero() {
+		when = m.now()
+	}
+	fmt.Fprintf(&b, "Received: from %s\n\tby %s (emsdp ua, EMSD %s) with EMSD", from, m.hostname, d.Version)
+	if msgID := strings.Trim(id, "<>"); msgID != "" && !strings.ContainsAny(msgID, " \t\r\n;") {
+		fmt.Fprintf(&b, " id <%s>", msgID)
+	}
+	if to != "" {
+		fmt.Fprintf(&b, "\n\tfor <%s>", to)
+	}
+	fmt.Fprintf(&b, "; %s\n", when.UTC().Format("Mon, 02 Jan 2006 15:04:05 -0700"))
+	b.Write(bytes.ReplaceAll(body, []byte("\r\n"), []byte("\n")))
+	return b.Bytes(), nil
+}
+
+func (m *Maildir) localID(l emsd.LocalMessageID) string {
+	return fmt.Sprintf("<EMSD.%08x.%08x@%s>", uint32(l.SubmissionTime), l.Number, m.domain)
+}
+
+// addrSpec is the addr-spec of an originator, "" when it has none.
+func (m *Maildir) addrSpec(a emsd.ORAddress) string {
+	if a.IsLocal {
+		return a.Local.String() + "@" + m.domain
+	}
+	if p, err := mail.ParseAddress(a.RFC822); err == nil {
+		return p.Address
+	}
+	return ""
+}
+
+// formatReport renders an EMSD report as an RFC 3464 delivery status
+// notification to the device: one recipient block per reported recipient,
+// the EMSD reason and diagnostic in Diagnostic-Code, threaded with the
+// reported message by In-Reply-To.
+func (m *Maildir) formatReport(d *Delivery, id string) ([]byte, error) {
+	rep := d.Report
+	reported := rep.ReportedMessageID.RFC822
+	if rep.ReportedMessageID.IsLocal {
+		reported = m.localID(rep.ReportedMessageID.Local)
+	}
+	var rcpts []gateway.DSNRecipient
+	for _, e := range rep.Recipients {
+		r := gateway.DSNRecipient{Addr: m.addrSpec(e.Recipient)}
+		if r.Addr == "" {
+			r.Addr = strings.Join(strings.Fields(e.Recipient.String()), "")
+		}
+		switch {
+		case e.Delivery != nil && !e.Recipient.IsLocal:
+			// An EMSD MTS delivers to devices only: a positive report on an
+			// Internet address means it handed the message on (RFC 3464
+			// "relayed"), not that it reached the mailbox.
+			r.Action, r.LastAttempt = gateway.ActionRelayed, e.Delivery.DeliveryTime.UTC()
+		case e.Delivery != nil:
+			r.Action, r.LastAttempt = gateway.ActionDelivered, e.Delivery.DeliveryTime.UTC()
+		case e.NonDelivery != nil:
+			nd := e.NonDelivery
+			r.Action = gateway.ActionFailed
+			text := fmt.Sprintf("x-emsd; %s (reason %d)", nd.Reason, nd.Reason)
+			if nd.Diagnostic != nil {
+				r.Status = gateway.StatusFor(*nd.Diagnostic)
+				text += fmt.Sprintf(", %s (diagnostic %d)", *nd.Diagnostic, *nd.Diagnostic)
+			}
+			if nd.Explanation != "" {
+				text += ": " + nd.Explanation
+			}
+			r.Diagnostic = text
+		}
+		rcpts = append(rcpts, r)
+	}
+	if len(rcpts) == 0 {
+		return nil, errors.New("ua: maildir: report without recipients")
+	}
+	to := m.domain
+	if d.Recipient != 0 {
+		to = d.Recipient.String() + "@" + m.domain
+	}
+	out, err := gateway.DSN(gateway.DSNOptions{ReportingMTA: m.domain, To: to, Date: d.DeliveryTime, MessageID: id,
+		InReplyTo: reported, Recipients: rcpts})
 	if err != nil {
-		return nil, fmt.Errorf("ua: maildir: %w", err)
+		return nil, fmt.Errorf("ua: maildir: report: %w", err)
 	}
-	return out.Message, nil
+	return out, nil
 }
 
 // uniqueName follows the Maildir convention time.MusecPpidQn_Rrandom.host.

@@ -29,7 +29,13 @@ type Delivery struct {
 	Security *emsd.SecurityElement
 	Version  emsd.Version
 	From     netip.AddrPort // the MTS endpoint that delivered it
-	IPM      *emsd.IPM
+	// Recipient is the device delivered to (Config.Address).
+	Recipient emsd.Address
+	// Exactly one of IPM and Report is set: Report for a delivery or
+	// non-delivery report (content type 2), which a client takes only with
+	// Config.AcceptReports.
+	IPM    *emsd.IPM
+	Report *emsd.ReportDelivery
 }
 
 // Fingerprint identifies a delivered message across the MTS's delivery
@@ -43,9 +49,9 @@ func (f Fingerprint) String() string { return hex.EncodeToString(f[:]) }
 // delivers the same message again in a new attempt after a lost exchange
 // or a crash (new instance ids, a new delivery time and new segmentation,
 // §1.5, §8, §9.9): the message id, the submission time when known, the
-// content type (always IPM here) and the IPM in its canonical encoding
-// (EMSD 1.1), so that equal IPMs count as equal whichever protocol version
-// carried them. It leaves out the delivery time, the security element,
+// content type and the content (IPM or report) in its canonical encoding
+// (EMSD 1.1), so that equal contents count as equal whichever protocol
+// version carried them. It leaves out the delivery time, the security element,
 // the version and the MTS endpoint (another server sharing the queue may
 // make the next attempt). Two deliveries with the same id but different
 // contents, as from an Internet sender that reuses a Message-ID, have
@@ -57,10 +63,16 @@ func (f Fingerprint) String() string { return hex.EncodeToString(f[:]) }
 // mails reusing one Message-ID cannot be told from a re-delivery. It fails only for an IPM that cannot be encoded,
 // which a decoded delivery always can be.
 func (d *Delivery) Fingerprint() (Fingerprint, error) {
-	if d.IPM == nil {
-		return Fingerprint{}, errors.New("ua: fingerprint: delivery without IPM")
+	var c emsd.Content
+	switch {
+	case d.IPM != nil:
+		c = d.IPM
+	case d.Report != nil:
+		c = d.Report
+	default:
+		return Fingerprint{}, errors.New("ua: fingerprint: delivery without content")
 	}
-	content, err := d.IPM.Marshal(emsd.Options{})
+	content, err := c.Marshal(emsd.Options{})
 	if err != nil {
 		return Fingerprint{}, fmt.Errorf("ua: fingerprint: %w", err)
 	}
@@ -75,7 +87,7 @@ func (d *Delivery) Fingerprint() (Fingerprint, error) {
 	if !d.SubmissionTime.IsZero() {
 		fingerprintField(h, 's', binary.BigEndian.AppendUint64(nil, uint64(d.SubmissionTime.Unix())))
 	}
-	fingerprintField(h, 't', binary.BigEndian.AppendUint32(nil, uint32(emsd.ContentIPM)))
+	fingerprintField(h, 't', binary.BigEndian.AppendUint32(nil, uint32(c.ContentType())))
 	fingerprintField(h, 'c', content)
 	var f Fingerprint
 	h.Sum(f[:0])
@@ -212,10 +224,11 @@ func (c *Client) deliverArg(ctx context.Context, inv *esro.Invocation, arg []byt
 		c.log.Info("ua: undecodable delivery", "peer", inv.Peer, "err", err)
 		return emsd.CodeOf(err)
 	}
-	if a.ContentType != emsd.ContentIPM {
-		// The UA accepts IPMs only (§3 notes, captured TV11). Every
-		// segment repeats the content type, so a segmented report is
-		// refused at its first segment rather than after the last.
+	if a.ContentType != emsd.ContentIPM && (a.ContentType != emsd.ContentDeliveryReport || !c.cfg.AcceptReports) {
+		// The reference UA accepts IPMs only (§3 notes, captured TV11);
+		// this one takes reports too when configured to. Every segment
+		// repeats the content type, so a segmented report is refused at
+		// its first segment rather than after the last.
 		c.log.Info("ua: delivery of unsupported content type", "peer", inv.Peer, "id", a.MessageID, "type", a.ContentType)
 		return emsd.CodeProtocolViolation
 	}
@@ -227,21 +240,31 @@ func (c *Client) deliverArg(ctx context.Context, inv *esro.Invocation, arg []byt
 	if full == nil {
 		return 0 // an intermediate segment: RESULT (§8)
 	}
-	var ipm emsd.IPM
-	if err := ipm.Unmarshal(full.Contents, o); err != nil {
-		c.log.Info("ua: undecodable delivered IPM", "peer", inv.Peer, "id", full.MessageID, "err", err)
-		return emsd.CodeOf(err)
-	}
-	if ipm.Body == nil {
-		ipm.Body = &emsd.Body{} // a missing body is an empty one (Open Point 18)
-	}
 	d := &Delivery{
 		MessageID:    full.MessageID,
 		DeliveryTime: full.DeliveryTime.UTC(),
 		Security:     full.Security,
 		Version:      v,
 		From:         inv.Peer,
-		IPM:          &ipm,
+		Recipient:    c.cfg.Address,
+	}
+	if full.ContentType == emsd.ContentDeliveryReport {
+		var rep emsd.ReportDelivery
+		if err := rep.Unmarshal(full.Contents, o); err != nil {
+			c.log.Info("ua: undecodable delivered report", "peer", inv.Peer, "id", full.MessageID, "err", err)
+			return emsd.CodeOf(err)
+		}
+		d.Report = &rep
+	} else {
+		var ipm emsd.IPM
+		if err := ipm.Unmarshal(full.Contents, o); err != nil {
+			c.log.Info("ua: undecodable delivered IPM", "peer", inv.Peer, "id", full.MessageID, "err", err)
+			return emsd.CodeOf(err)
+		}
+		if ipm.Body == nil {
+			ipm.Body = &emsd.Body{} // a missing body is an empty one (Open Point 18)
+		}
+		d.IPM = &ipm
 	}
 	switch {
 	case full.SubmissionTime != nil:

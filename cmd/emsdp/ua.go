@@ -290,6 +290,8 @@ func uaReceive(ctx context.Context, env *cmdEnv, args []string) int {
 		"queued mail flows, and the server delivers to the address the polls come from (behind a NAT too)")
 	pollEvery := fs.Duration("poll-interval", ua.DefaultPollInterval, "time between polls with --poll; within the NAT's UDP timeout "+
 		"(often 30s) and the server's delivery.contact_lifetime; 0 = poll once at start")
+	refuseReports := fs.Bool("refuse-reports", false,
+		"refuse delivery reports (content type 2) as the reference UA does; the server then sends them as text notices")
 	if done, code := parseFlags(fs, env, args); done {
 		return code
 	}
@@ -312,6 +314,7 @@ func uaReceive(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
+	cfg.AcceptReports = !*refuseReports
 	md, err := ua.OpenMaildir(*dir, ua.MaildirConfig{Domain: *domain, Logger: cfg.Logger})
 	if err != nil {
 		return fail(env, err)
@@ -326,6 +329,11 @@ func uaReceive(ctx context.Context, env *cmdEnv, args []string) int {
 		what := "delivered"
 		if path == "" {
 			what = "duplicate"
+		}
+		if dl.Report != nil {
+			fmt.Fprintf(env.stdout, "%s report message-id=%s reported=%s recipients=%d\n", what,
+				dl.MessageID, dl.Report.ReportedMessageID, len(dl.Report.Recipients))
+			return nil
 		}
 		fmt.Fprintf(env.stdout, "%s message-id=%s from=%s subject=%s\n", what,
 			dl.MessageID, uaShowAddress(dl.IPM.Heading.Originator), strconv.Quote(uaShowText(dl.IPM.Heading.Subject)))
