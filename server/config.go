@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -248,7 +249,10 @@ func LoadConfig(path string) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	return c, c.Validate()
+	if err := c.Validate(); err != nil {
+		return c, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
 }
 
 // dataRelativeTo makes a relative data directory the file sets relative to
@@ -304,8 +308,18 @@ func validListen(name, addr string, optional bool) error {
 		}
 		return configErr("%s: address required", name)
 	}
-	if _, _, err := net.SplitHostPort(addr); err != nil {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
 		return configErr("%s %q: %v", name, addr, err)
+	}
+	if n, err := strconv.ParseUint(port, 10, 64); err == nil {
+		if n > 65535 {
+			return configErr("%s %q: port %d out of range 0..65535", name, addr, n)
+		}
+	} else if _, err := net.LookupPort("udp", port); err != nil {
+		if _, err := net.LookupPort("tcp", port); err != nil {
+			return configErr("%s %q: port %q is neither a number nor a service name", name, addr, port)
+		}
 	}
 	return nil
 }
@@ -334,9 +348,7 @@ func (c *Config) Validate() error {
 	if c.LogFormat != LogText && c.LogFormat != LogJSON {
 		add(configErr("log_format %q: want %q or %q", c.LogFormat, LogText, LogJSON))
 	}
-	if _, err := c.ESROConfig(nil); err != nil {
-		add(configErr("esro: %v", err))
-	}
+	add(c.validESRO())
 	if c.SMTP.MinDataRate < 0 {
 		add(configErr("smtp.min_data_rate %d: want 0 (none) or more octets a second", c.SMTP.MinDataRate))
 	}
@@ -414,6 +426,37 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// validESRO checks the [esro] keys by name, then what the engine makes
+// of them together.
+func (c *Config) validESRO() error {
+	var errs []error
+	for _, v := range []struct {
+		key       string
+		d         Duration
+		zeroValid bool
+	}{
+		{"esro.retransmit", c.ESRO.Retransmit, false}, {"esro.roundtrip", c.ESRO.Roundtrip, false},
+		{"esro.ack_delay", c.ESRO.AckDelay, true}, {"esro.nsdu_lifetime", c.ESRO.NSDULifetime, true},
+	} {
+		if v.d < 0 || (v.d == 0 && !v.zeroValid) {
+			errs = append(errs, configErr("%s %v: must be positive", v.key, time.Duration(v.d)))
+		}
+	}
+	if c.ESRO.Retries < 0 || c.ESRO.Retries > esro.MaxRetransmitCount {
+		errs = append(errs, configErr("esro.retries %d: want 0..%d", c.ESRO.Retries, esro.MaxRetransmitCount))
+	}
+	if c.ESRO.MaxInvocations < 0 {
+		errs = append(errs, configErr("esro.max_invocations %d: must not be negative (0 = the default)", c.ESRO.MaxInvocations))
+	}
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	if _, err := c.ESROConfig(nil); err != nil {
+		return configErr("[esro] and emsd.pdu_size: %s", strings.TrimPrefix(err.Error(), "esro: "))
+	}
+	return nil
 }
 
 // validCAFile checks that relay.ca_file holds PEM certificates and is

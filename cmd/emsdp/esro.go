@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/hex"
 	"errors"
@@ -231,6 +232,10 @@ func listenHint(err error, addr string) error {
 
 // ---- invoke ----
 
+// esroDefaultPDU is the endpoint's user-data size when none is set
+// (esro.Config.PDUSize).
+const esroDefaultPDU = 1500
+
 func esroInvoke(ctx context.Context, env *cmdEnv, args []string) int {
 	fs := flag.NewFlagSet("emsdp esro invoke", flag.ContinueOnError)
 	to := fs.String("to", "", "performer HOST:PORT (required)")
@@ -259,6 +264,11 @@ func esroInvoke(ctx context.Context, env *cmdEnv, args []string) int {
 	cfg, err := tf.config(stderrLogger(env))
 	if err != nil {
 		return fail(env, err)
+	}
+	// An argument no PDU can carry is the command line's mistake (2), not
+	// an outcome of the invocation.
+	if pdu := cmp.Or(cfg.PDUSize, esroDefaultPDU); len(req.Data) > pdu {
+		return fail(env, usagef("the argument is %d octets; an ESRO PDU carries at most %d", len(req.Data), pdu))
 	}
 	ep, err := esro.Listen("udp", *local, cfg)
 	if err != nil {

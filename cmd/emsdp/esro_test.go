@@ -92,6 +92,7 @@ func TestESROCommands(t *testing.T) {
 		{"bad duration", "--to " + a3 + " --sap 13 --retransmit soon", exitUsage, `^$`},
 		{"retries out of range", "--to " + a3 + " --sap 13 --retries 300", exitUsage, `^$`},
 		{"unknown flag", "--to " + a3 + " --sap 13 --frobnicate", exitUsage, `^$`},
+		{"argument larger than a PDU", "--to " + a3 + " --sap 13 --hex " + strings.Repeat("00", 1501), exitUsage, `^$`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env, out, errb := testEnv()
@@ -107,6 +108,31 @@ func TestESROCommands(t *testing.T) {
 	}
 	if !regexp.MustCompile(`(?m)^invoke peer=127\.0\.0\.1:\d+ sap=13 op=2 enc=2 len=4$`).MatchString(out3.String()) {
 		t.Fatalf("performer output %q", out3.String())
+	}
+}
+
+// Help asked for, at the top and for a command group, is printed on
+// stdout with exit 0; a missing or unknown verb is a usage error.
+func TestHelpExitCodes(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		code int
+		out  string // on stdout
+	}{
+		{[]string{"-h"}, exitOK, "usage: emsdp <command>"},
+		{[]string{"help"}, exitOK, "usage: emsdp <command>"},
+		{[]string{}, exitUsage, ""},
+		{[]string{"device", "-h"}, exitOK, "usage: emsdp device add|list|show|remove|passwd"},
+		{[]string{"queue", "--help"}, exitOK, "usage: emsdp queue"},
+		{[]string{"ua", "-h"}, exitOK, "usage: emsdp ua"},
+		{[]string{"esro", "help"}, exitOK, "usage: emsdp esro"},
+		{[]string{"device"}, exitUsage, ""},
+		{[]string{"device", "frob"}, exitUsage, ""},
+	} {
+		code, out, errs := runCmd(t, "", tc.args...)
+		if code != tc.code || (tc.out != "" && !strings.Contains(out, tc.out)) || (tc.out == "" && out != "") {
+			t.Errorf("%v: exit %d (want %d), stdout %q, stderr %q", tc.args, code, tc.code, out, errs)
+		}
 	}
 }
 

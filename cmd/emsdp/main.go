@@ -56,11 +56,12 @@ func main() {
 }
 
 func run(ctx context.Context, env *cmdEnv, args []string) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	if len(args) == 0 {
 		usage(env.stderr)
-		if len(args) == 0 {
-			return exitUsage
-		}
+		return exitUsage
+	}
+	if args[0] == "-h" || args[0] == "-help" || args[0] == "--help" || args[0] == "help" {
+		usage(env.stdout)
 		return exitOK
 	}
 	for _, c := range commands() {
@@ -97,7 +98,12 @@ func dispatch(ctx context.Context, env *cmdEnv, group string, args []string, sub
 		}
 		names[i] = s.name
 	}
-	fmt.Fprintf(env.stderr, "usage: emsdp %s %s [flags]   (emsdp %s %s -h for flags)\n",
+	// Asked for help: the usage on stdout, success.
+	w, code := env.stderr, exitUsage
+	if len(args) > 0 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help" || args[0] == "help") {
+		w, code = env.stdout, exitOK
+	}
+	fmt.Fprintf(w, "usage: emsdp %s %s [flags]   (emsdp %s %s -h for flags)\n",
 		group, strings.Join(names, "|"), group, names[0])
-	return exitUsage
+	return code
 }

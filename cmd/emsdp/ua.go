@@ -463,6 +463,14 @@ func uaVerify(ctx context.Context, env *cmdEnv, args []string) int {
 		return uaOutcome(env, "verify", err)
 	}
 	fmt.Fprintf(env.stdout, "status=%d %s\n", st, uaStatusName(st))
+	if st == emsd.NoReportSent {
+		// The protocol cannot tell an id the server never saw from a
+		// message not reported on yet: say so, and exit 1 so that a
+		// script does not take it for an answer about the message.
+		fmt.Fprintf(env.stderr, "emsdp ua verify: the server has no report on %s for this device: the id is unknown "+
+			"to it (mistyped, another device's, or older than its status_retention), or the message is not delivered yet\n", pos[0])
+		return exitFailed
+	}
 	return exitOK
 }
 

@@ -355,7 +355,7 @@ func TestUAVerify(t *testing.T) {
 	}{
 		{"--server " + srv + " --address 198.036 --password pw <in1@example.com>", exitOK, "status=2 delivery-report-sent\n"},
 		{"6B07D9D0.00000007 --server " + srv, exitOK, "status=3 non-delivery-report-sent\n"},
-		{"--server " + srv + " <other@example.com>", exitOK, "status=1 no-report-sent\n"},
+		{"--server " + srv + " <other@example.com>", exitFailed, "status=1 no-report-sent\n"},
 		{"--server " + closedUDPPort(t) + " <in1@example.com>", exitFailure, "failure reason=255 unreachable\n"},
 		{"--server " + srv, exitUsage, ""},
 		{"--server " + srv + " a b", exitUsage, ""},
