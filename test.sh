@@ -36,6 +36,8 @@ set -euo pipefail
 
 PREREQS='
 initdb|/usr/lib/postgresql/*/bin/initdb   postgresql   store/postgres, server and cmd tests start a throwaway PostgreSQL cluster
+postfix   postfix   server: TestPostfixSmarthost runs a private Postfix on loopback as the smarthost
+swaks     swaks     server: TestPostfixSmarthost sends inbound mail with swaks
 '
 
 cd "$(dirname "$0")"

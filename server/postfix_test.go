@@ -27,7 +27,9 @@ type postfix struct {
 	addr     string // its SMTP listener
 }
 
-// postfixBinary finds Debian's postfix command, or skips the test loudly.
+// postfixBinary finds Debian's postfix command. Missing, it fails the test
+// naming the package (./test.sh installs it); without root, which a
+// private Postfix instance needs, the test is skipped, loudly.
 func postfixBinary(t *testing.T) string {
 	t.Helper()
 	bin, err := exec.LookPath("postfix")
@@ -38,10 +40,11 @@ func postfixBinary(t *testing.T) string {
 	}
 	switch {
 	case err != nil:
-		t.Skip("SKIP: Postfix is not installed, so the relay is not tested against a real Postfix " +
-			"(Debian: apt-get install postfix swaks)")
+		t.Fatal("Postfix is not installed (Debian package postfix; ./test.sh installs it): " +
+			"the relay is tested against a real Postfix")
 	case os.Geteuid() != 0:
-		t.Skip("SKIP: a private Postfix instance needs root (its daemons run as the postfix user)")
+		t.Skip("SKIP: a private Postfix instance needs root (its daemons run as the postfix user); " +
+			"the relay is not tested against a real Postfix")
 	}
 	return bin
 }
@@ -188,6 +191,23 @@ func TestPostfixSmarthost(t *testing.T) {
 				t.Errorf("bounce lacks %q:\n%s", want, body)
 			}
 		}
+	})
+
+	// swaks, as an operator would test inbound mail by hand: a message
+	// whose text is more than a device takes is refused, not cut.
+	t.Run("swaks oversize", func(t *testing.T) {
+		swaks, err := exec.LookPath("swaks")
+		if err != nil {
+			t.Fatal("swaks is not installed (Debian package swaks; ./test.sh installs it)")
+		}
+		body := filepath.Join(t.TempDir(), "body.txt")
+		must(t, os.WriteFile(body, bytes.Repeat([]byte("A line of a long letter for a small device.\n"), 2000), 0o644))
+		out, err := exec.Command(swaks, "--server", s.Addrs().SMTP.String(), "--from", "carol@example.com",
+			"--to", "198.036@emsd.test", "--header", "Subject: too long", "--body", body, "--silent", "2").CombinedOutput()
+		if err == nil || !bytes.Contains(out, []byte("552 5.3.4 Message too big for 198.036@emsd.test")) {
+			t.Errorf("swaks: %v\n%s", err, out)
+		}
+		dev.none(t, 200*time.Millisecond)
 	})
 
 	t.Run("verify, then ca_file", func(t *testing.T) {
