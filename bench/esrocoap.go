@@ -21,7 +21,7 @@ import (
 // clientSockets is how many client sockets the invokers take turns on, for
 // ESRO and CoAP alike: a gateway standing in for many devices. For ESRO it
 // also keeps the 256 reference numbers per peer and hold time from capping
-// the rate (spec esro.md §6).
+// the rate (docs/protocol.md ESRO §6).
 const clientSockets = 64
 
 // loopbackTimers are ESRO timers for loopback: a retry budget of about

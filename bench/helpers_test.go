@@ -130,7 +130,7 @@ func TestMailSection(t *testing.T) {
 		row       string
 		datagrams float64
 	}{
-		// One segment each way and the ACK (spec emsd.md §8, esro.md §5).
+		// One segment each way and the ACK (docs/protocol.md EMSD §8, docs/protocol.md ESRO §5).
 		{"EMSD submit (ESRO 3-way) 200 B", 3},
 		{"EMSD deliver, complete (ESRO 3-way) 200 B", 3},
 		{"EMSD deliver, efficient (ESRO 2-way) 200 B", 2},

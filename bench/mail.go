@@ -307,7 +307,7 @@ func smtpExchange(ctx context.Context, sink *smtpSink, auth sasl.Client, from, t
 }
 
 // rfc5322 renders m, submitted by self, as the Internet message the EMSD
-// server's gateway would send on (spec emsd.md §9.6).
+// server's gateway would send on (docs/protocol.md EMSD §9.6).
 func rfc5322(m *ua.Message, self emsd.Address, msgID string) ([]byte, error) {
 	ipm, err := m.IPM(self)
 	if err != nil {

@@ -23,7 +23,7 @@ import (
 
 // serverTimers are ESRO timers for the throughput runs on both ends.
 // Holds must be short: a device can have 256 reference numbers held
-// towards the server (spec esro.md §4), each for about T_ref + T_last + L
+// towards the server (docs/protocol.md ESRO §4), each for about T_ref + T_last + L
 // after its submission (here 0.35 s), which caps one device at some 700
 // submissions/s; and T_noresp (0.37 s) must cover a durable SQLite commit
 // on a busy machine.
@@ -185,7 +185,7 @@ func memPerformer(ctx context.Context, o *benchOptions) (Result, error) {
 		<-ctx.Done() // Close cancels it
 	})
 	to := ep.LocalAddr().(*net.UDPAddr)
-	// 256 reference numbers per invoker socket (spec esro.md §4).
+	// 256 reference numbers per invoker socket (docs/protocol.md ESRO §4).
 	socks := make([]*net.UDPConn, (inflight+255)/256)
 	for i := range socks {
 		if socks[i], err = net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {

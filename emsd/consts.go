@@ -139,7 +139,7 @@ func (op Operation) String() string {
 	return "op(" + strconv.Itoa(int(op)) + ")"
 }
 
-// SAP is an ESRO service access point selector (§1.2, esro.md App. A).
+// SAP is an ESRO service access point selector (§1.2, docs/protocol.md EMSD §1.2).
 // Invoker selectors are performer − 1.
 type SAP uint8
 

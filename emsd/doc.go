@@ -3,8 +3,8 @@
 // both the server (MTS) and the device (UA). It is independent of the ESRO
 // engine: it works on ESRO user data (the octets after the ESRO header).
 //
-// The source of truth is the project spec emsd.md; comments cite its
-// sections as "§n".
+// Comments cite the EMSD sections of docs/protocol.md as "§n": notes, in
+// this project's words, on RFC 2524 as the reference puts it on the wire.
 //
 // # Encoding
 //

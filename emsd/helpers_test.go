@@ -62,7 +62,7 @@ func section(t testing.TB, name string) []datagram {
 	return d
 }
 
-// esroPDU is a parsed ESRO PDU (esro.md §2): INVOKE header 3 octets,
+// esroPDU is a parsed ESRO PDU (docs/protocol.md ESRO §2): INVOKE header 3 octets,
 // RESULT 2, ERROR 3, ACK 2, FAILURE 3.
 type esroPDU struct {
 	typ   int // 0 INVOKE, 1 RESULT, 2 ERROR, 3 ACK, 4 FAILURE

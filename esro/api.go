@@ -9,7 +9,7 @@ import (
 
 // Handshake is the functional unit of an invocation: 2-way (INVOKE → reply)
 // or 3-way (INVOKE → reply → ACK). It is not carried on the wire; both sides
-// must agree, which EMSD does by SAP numbering (spec esro.md §1.1).
+// must agree, which EMSD does by SAP numbering (docs/protocol.md ESRO §1.1).
 type Handshake uint8
 
 // The two functional units.
@@ -31,7 +31,7 @@ func (h Handshake) String() string {
 }
 
 // FailureReason is the failure value of a FAILURE PDU or FAILURE.indication.
-// The wire and API values are the reference's (spec esro.md §5.6, Open
+// The wire and API values are the reference's (docs/protocol.md ESRO §5.6, Open
 // Point 2); a peer may send any octet and it is passed through.
 type FailureReason uint8
 
@@ -67,7 +67,7 @@ func (r FailureReason) String() string {
 }
 
 // Failure is the error for an invocation that ended without a RESULT or
-// ERROR: the provider's FAILURE.indication (spec esro.md §5.6). Err, when
+// ERROR: the provider's FAILURE.indication (docs/protocol.md ESRO §5.6). Err, when
 // set, is the local cause (e.g. ErrNoReference).
 type Failure struct {
 	Reason FailureReason
@@ -90,7 +90,7 @@ func (f *Failure) Error() string {
 func (f *Failure) Unwrap() error { return f.Err }
 
 // ErrorReply is the performer's ERROR: an application error value with its
-// encoding type and parameter octets (spec esro.md §2.4).
+// encoding type and parameter octets (docs/protocol.md ESRO §2.4).
 type ErrorReply struct {
 	Value    uint8
 	Encoding Encoding
@@ -118,7 +118,7 @@ var (
 	ErrNoResponse = errors.New("esro: handler did not answer in time")
 )
 
-// Request is one INVOKE.request (spec esro.md §1.2).
+// Request is one INVOKE.request (docs/protocol.md ESRO §1.2).
 type Request struct {
 	To        netip.AddrPort
 	SAP       uint8 // destination (performer) SAP selector, 0..15
@@ -158,7 +158,7 @@ type Invocation struct {
 	// SAP is the local SAP the INVOKE was addressed to.
 	SAP uint8
 	// RemoteSAP is the invoker's SAP by the "performer − 1" convention; it
-	// is not on the wire and only a guess (spec esro.md §3.2).
+	// is not on the wire and only a guess (docs/protocol.md ESRO §3.2).
 	RemoteSAP uint8
 	Ref       uint8 // invoke reference number chosen by the peer
 	Operation uint8
@@ -168,7 +168,7 @@ type Invocation struct {
 }
 
 // ResponseWriter answers one invocation. Only the first Result or Error
-// counts; later ones return ErrAnswered (spec esro.md §9 scenario 5001). The
+// counts; later ones return ErrAnswered (docs/protocol.md ESRO §9 scenario 5001). The
 // answer may be given after the handler returns, from any goroutine.
 type ResponseWriter interface {
 	// Result sends a RESULT.
@@ -179,7 +179,7 @@ type ResponseWriter interface {
 	// nil for RESULT/ERROR.confirm or the *Failure that ended the
 	// invocation. A 3-way confirm means the invoker acknowledged; a 2-way
 	// confirm only means no duplicate INVOKE came within T_inact (spec
-	// esro.md Open Point 9).
+	// docs/protocol.md ESRO Open Point 9).
 	Confirmed(ctx context.Context) error
 }
 

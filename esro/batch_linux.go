@@ -30,7 +30,7 @@ const busyReads = 16
 //
 // Reads start with one 64 KiB buffer, like the generic path, and grow to
 // batchSlots buffers of that size once the socket proves busy: every slot
-// must take the largest datagram (spec esro.md §6: accept up to 65507
+// must take the largest datagram (docs/protocol.md ESRO §6: accept up to 65507
 // octets), and a device's endpoint should not carry half a megabyte of
 // buffers it never fills.
 type batchConn struct {

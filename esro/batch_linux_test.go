@@ -14,7 +14,7 @@ import (
 
 // datagramsFor are payloads of the sizes the batch path must carry
 // unchanged: the smallest PDUs, a full default PDU and, once, the largest
-// UDP payload (spec esro.md §6: accept up to 65507 octets), placed where a
+// UDP payload (docs/protocol.md ESRO §6: accept up to 65507 octets), placed where a
 // grown reader takes it into a slot other than the first.
 func datagramsFor(n int) [][]byte {
 	sizes := []int{2, 3, 1503, 100, 7}
@@ -148,7 +148,7 @@ func TestBatchConnBadDestination(t *testing.T) {
 // write in batches: every invocation completes exactly once.
 func TestBatchEndpointsUnderLoad(t *testing.T) {
 	// Holds short enough that 256 reference numbers towards the one peer
-	// do not make the invokers wait (spec esro.md §4).
+	// do not make the invokers wait (docs/protocol.md ESRO §4).
 	cfg := &Config{Timers: Timers{Acknowledgement: time.Millisecond, Roundtrip: 20 * time.Millisecond,
 		Retransmit: 30 * time.Millisecond, NSDULifetime: 5 * time.Millisecond, RetransmitCount: 4},
 		PerformerTimeout: 10 * time.Second, Logger: quiet}

@@ -11,7 +11,7 @@ import (
 )
 
 // benchTimers suit loopback: holds short enough that reference numbers
-// (256 per peer per hold, spec esro.md §6) are not the bottleneck, and a
+// (256 per peer per hold, docs/protocol.md ESRO §6) are not the bottleneck, and a
 // performer timeout long enough for a loaded machine.
 var benchTimers = Timers{Acknowledgement: time.Millisecond, Roundtrip: 2 * time.Millisecond,
 	Retransmit: 50 * time.Millisecond, NSDULifetime: time.Millisecond, RetransmitCount: 5}

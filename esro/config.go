@@ -6,7 +6,7 @@ import (
 	"time"
 )
 
-// Timers are the five timer inputs of the reference engine (spec esro.md §5.1,
+// Timers are the five timer inputs of the reference engine (docs/protocol.md ESRO §5.1,
 // ini section [Timer Values]). Every protocol timer is derived from them.
 type Timers struct {
 	Acknowledgement time.Duration // A, "Acknowledgement"
@@ -17,7 +17,7 @@ type Timers struct {
 }
 
 // ShippedTimers returns the values of the reference's shipped erop.ini,
-// the defaults of this implementation (spec esro.md §5.1).
+// the defaults of this implementation (docs/protocol.md ESRO §5.1).
 func ShippedTimers() Timers {
 	return Timers{
 		Acknowledgement: 100 * time.Millisecond,
@@ -29,7 +29,7 @@ func ShippedTimers() Timers {
 }
 
 // CompiledTimers returns the reference engine's compiled-in defaults, used
-// when its ini file lacks a value (spec esro.md §5.1).
+// when its ini file lacks a value (docs/protocol.md ESRO §5.1).
 func CompiledTimers() Timers {
 	return Timers{
 		Acknowledgement: 1000 * time.Millisecond,
@@ -69,7 +69,7 @@ func (t Timers) Validate() error {
 	return nil
 }
 
-// Durations derived from Timers by the reference formulas (spec esro.md §5.1).
+// Durations derived from Timers by the reference formulas (docs/protocol.md ESRO §5.1).
 
 // RetransmitInterval is T_retx = R + RT.
 func (t Timers) RetransmitInterval() time.Duration { return t.Retransmit + t.Roundtrip }
@@ -113,17 +113,17 @@ type Config struct {
 	// PerformerTimeout is how long a handler may take to answer before the
 	// invocation fails with FAILURE(2) to the invoker. Zero: T_noresp.
 	// Negative: wait forever, as the reference's 3-way performer does (spec
-	// esro.md Open Point 7).
+	// docs/protocol.md ESRO Open Point 7).
 	PerformerTimeout time.Duration
 
 	// PDUSize is the largest user data accepted in a request or answer
-	// (spec esro.md §6). Zero: 1500.
+	// (docs/protocol.md ESRO §6). Zero: 1500.
 	PDUSize int
 
 	// MaxInvocations caps the invocations (both roles, including those only
 	// held for duplicate detection) the endpoint keeps. Beyond it Invoke
 	// fails with a local-resource Failure and incoming INVOKEs are answered
-	// FAILURE(1) (spec esro.md §6). Zero: 65536.
+	// FAILURE(1) (docs/protocol.md ESRO §6). Zero: 65536.
 	MaxInvocations int
 
 	// MaxPeerInvocations caps the performer invocations held for one source
@@ -170,7 +170,7 @@ type Config struct {
 	MaxTombstones int
 
 	// IPOnlyPeers identifies peers by IP address alone, ignoring the UDP
-	// port, as the reference does (spec esro.md §3.1, Open Point 3). The
+	// port, as the reference does (docs/protocol.md ESRO §3.1, Open Point 3). The
 	// default keys every table by IP address and port.
 	IPOnlyPeers bool
 

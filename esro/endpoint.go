@@ -13,7 +13,7 @@ import (
 
 // Endpoint is one ESRO engine on one datagram socket, serving both roles:
 // handlers bound to SAP selectors perform incoming invocations, and Invoke
-// sends invocations to peers (spec esro.md §7). All methods are safe for
+// sends invocations to peers (docs/protocol.md ESRO §7). All methods are safe for
 // concurrent use.
 type Endpoint struct {
 	conn  net.PacketConn
@@ -98,7 +98,7 @@ func (e *Endpoint) LocalAddr() net.Addr { return e.conn.LocalAddr() }
 func (e *Endpoint) Stats() Stats { return e.st.snapshot() }
 
 // Handle binds sap (1..15) with a handshake and a handler (SAP-BIND, spec
-// esro.md §3.3). INVOKEs for an unbound SAP are answered FAILURE(2).
+// docs/protocol.md ESRO §3.3). INVOKEs for an unbound SAP are answered FAILURE(2).
 func (e *Endpoint) Handle(sap uint8, hs Handshake, h Handler) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -122,10 +122,10 @@ func (e *Endpoint) Unbind(sap uint8) error {
 
 // Invoke performs one remote operation and returns its RESULT, or an error
 // that is an *ErrorReply for an ERROR, a *Failure when the provider reports
-// a failure (spec esro.md §5.6), or the context's error.
+// a failure (docs/protocol.md ESRO §5.6), or the context's error.
 //
 // When all 256 reference numbers towards the peer are held (each is held
-// until T_ref after its invocation ends, spec esro.md §4), Invoke waits for
+// until T_ref after its invocation ends, docs/protocol.md ESRO §4), Invoke waits for
 // one to free up, for as long as ctx allows. If ctx ends after the INVOKE
 // was sent, retransmission stops and the number is held for T_ref.
 func (e *Endpoint) Invoke(ctx context.Context, req *Request) (*Result, error) {

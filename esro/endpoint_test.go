@@ -139,7 +139,7 @@ func TestLossyNetworkExactlyOnce(t *testing.T) {
 	}
 }
 
-// Spec esro.md §9, reference scenarios 1xxx–6xxx on two engines.
+// Spec docs/protocol.md ESRO §9, reference scenarios 1xxx–6xxx on two engines.
 func TestReferenceScenarios(t *testing.T) {
 	fixed := func(c *Config) { c.FixedTimers = true }
 	t.Run("1001 result and confirm", func(t *testing.T) {

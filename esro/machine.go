@@ -14,9 +14,9 @@ import (
 // user requests go in with the current time; datagrams to send accumulate in
 // out and indications go to ev. It is not safe for concurrent use; the
 // Endpoint serialises every call with its mutex, as the reference serialises
-// everything through one event loop (spec esro.md §7).
+// everything through one event loop (docs/protocol.md ESRO §7).
 //
-// Choices where the spec leaves room (spec esro.md §10, "Recommend"):
+// Choices where the spec leaves room (docs/protocol.md ESRO §10, "Recommend"):
 //   - Tables are keyed by (peer, reference number) where peer is IP address
 //     and port, or IP only with Config.IPOnlyPeers (Open Point 3).
 //   - Performer invocations live in one table for all SAPs; an INVOKE that
@@ -45,7 +45,7 @@ import (
 //     and an INVOKE re-using it earlier would be swallowed as a duplicate.
 //   - A performer takes an INVOKE for a duplicate only when it repeats the
 //     held invocation's operation, encoding and argument; retransmissions
-//     are byte-identical (spec esro.md §5.2). A different INVOKE on a held
+//     are byte-identical (docs/protocol.md ESRO §5.2). A different INVOKE on a held
 //     number means the invoker has released it: the old invocation is
 //     superseded and the new one performed.
 //   - Requests and answers are validated before any state is created, and
@@ -256,7 +256,7 @@ func newMachine(cfg Config, st *counters, ev events) *machine {
 	}
 	m.hostile.init()
 	// A random first number makes re-use of recent numbers after a restart
-	// unlikely (spec esro.md §4, Open Point 17).
+	// unlikely (docs/protocol.md ESRO §4, Open Point 17).
 	m.nextRef = uint8(m.rng.Uint32())
 	return m
 }
@@ -422,7 +422,7 @@ func (m *machine) sample(inv *invocation, now time.Time) {
 	p.srtt = (7*p.srtt + r) / 8
 }
 
-// ---- receive path (spec esro.md §2.7) ----
+// ---- receive path (docs/protocol.md ESRO §2.7) ----
 
 func (m *machine) receive(now time.Time, b []byte, from netip.AddrPort) {
 	m.st.datagramsIn.Add(1)
@@ -450,7 +450,7 @@ func (m *machine) receive(now time.Time, b []byte, from netip.AddrPort) {
 		inv := m.invokers[key]
 		if inv == nil {
 			// No invocation: the peer's reply is for a released number
-			// (spec esro.md §2.7 step 4).
+			// (docs/protocol.md ESRO §2.7 step 4).
 			m.replyFailure(now, from, p.Ref, LocalResource, m.rxBudget())
 			return
 		}
@@ -539,7 +539,7 @@ func (m *machine) onDuplicateInvoke(now time.Time, inv *invocation) {
 	m.st.duplicates.Add(1)
 	switch inv.st {
 	case stInvokeReceived:
-		// The user is still working: silence (spec esro.md §5.3).
+		// The user is still working: silence (docs/protocol.md ESRO §5.3).
 	case stAckWait:
 		m.reply(now, inv, inv.kept)
 		inv.resent = true
@@ -611,7 +611,7 @@ func (m *machine) onAck(now time.Time, inv *invocation) {
 		m.st.duplicates.Add(1)
 		m.arm(inv, tRef, now.Add(m.td.ref))
 	default:
-		// A 2-way performer ignores ACKs: handshake mismatch (spec esro.md §5.7).
+		// A 2-way performer ignores ACKs: handshake mismatch (docs/protocol.md ESRO §5.7).
 		m.drop(DropUnexpected)
 	}
 }
@@ -644,7 +644,7 @@ func (m *machine) onFailurePDU(now time.Time, p *PDU, key invKey) {
 	m.drop(DropUnmatchedFailure)
 }
 
-// ---- timer expiry (spec esro.md §5.2–§5.5) ----
+// ---- timer expiry (docs/protocol.md ESRO §5.2–§5.5) ----
 
 func (m *machine) expire(now time.Time, inv *invocation, k timerKind) {
 	switch k {
@@ -801,7 +801,7 @@ func (m *machine) invoke(now time.Time, req *Request, to netip.AddrPort) (*invoc
 }
 
 // allocRef takes the next number of the engine-wide rotating counter that
-// is not held towards p (spec esro.md §4).
+// is not held towards p (docs/protocol.md ESRO §4).
 func (m *machine) allocRef(p *peer) (uint8, bool) {
 	if p.nheld >= 256 {
 		return 0, false
@@ -894,7 +894,7 @@ func (m *machine) answer(now time.Time, inv *invocation, isErr bool, enc Encodin
 	return nil
 }
 
-// bind is SAP-BIND.request (spec esro.md §3.3).
+// bind is SAP-BIND.request (docs/protocol.md ESRO §3.3).
 func (m *machine) bind(sap uint8, hs Handshake, h Handler) error {
 	switch {
 	case m.closed:
@@ -914,7 +914,7 @@ func (m *machine) bind(sap uint8, hs Handshake, h Handler) error {
 
 // unbind is SAP-UNBIND.request. Live invocations of the SAP end without
 // further indications, but stay held for T_ref so that stale duplicates
-// are absorbed rather than taken for new invocations (spec esro.md §3.3).
+// are absorbed rather than taken for new invocations (docs/protocol.md ESRO §3.3).
 func (m *machine) unbind(now time.Time, sap uint8) error {
 	if sap > MaxSAP || m.saps[sap] == nil {
 		return ErrSAPNotBound

@@ -49,7 +49,7 @@ func TestUDPLoopback(t *testing.T) {
 
 // A one-shot invoker closes its endpoint as soon as Invoke returns; the ACK
 // queued in the same step as the RESULT indication must still go out (spec
-// esro.md §5.2), or the performer ends in a transmission failure although
+// docs/protocol.md ESRO §5.2), or the performer ends in a transmission failure although
 // the operation succeeded. Found by interop runs against the C reference.
 func TestCloseAfterInvokeStillAcks(t *testing.T) {
 	cfg := &Config{Timers: Timers{Acknowledgement: time.Millisecond, Roundtrip: 20 * time.Millisecond,

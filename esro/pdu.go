@@ -6,7 +6,7 @@ import (
 )
 
 // PDUType is the value of the three low bits of octet 0 of every ESRO PDU
-// (spec esro.md §2.1).
+// (docs/protocol.md ESRO §2.1).
 type PDUType uint8
 
 // The five PDU types. Values 5–7 are invalid and dropped on receipt.
@@ -28,7 +28,7 @@ func (t PDUType) String() string {
 }
 
 // HeaderLen is the header length of a PDU of type t, or 0 for an invalid type
-// (spec esro.md §2.1).
+// (docs/protocol.md ESRO §2.1).
 func (t PDUType) HeaderLen() int {
 	switch t {
 	case TypeInvoke, TypeError, TypeFailure:
@@ -40,7 +40,7 @@ func (t PDUType) HeaderLen() int {
 }
 
 // Encoding is the 2-bit encoding type carried by INVOKE, RESULT and ERROR.
-// ESRO passes it through untouched (spec esro.md §1.3, Open Point 19).
+// ESRO passes it through untouched (docs/protocol.md ESRO §1.3, Open Point 19).
 type Encoding uint8
 
 // Encoding values. The reference tools use EncodingReserved1 (2) for plain
@@ -52,7 +52,7 @@ const (
 	EncodingReserved2 Encoding = 3
 )
 
-// Field limits (spec esro.md §1.3).
+// Field limits (docs/protocol.md ESRO §1.3).
 const (
 	MaxSAP       = 15
 	MaxOperation = 63
@@ -60,7 +60,7 @@ const (
 )
 
 // Errors returned by ParsePDU. Receivers drop such datagrams silently
-// (spec esro.md §2.7, recommendation).
+// (docs/protocol.md ESRO §2.7, recommendation).
 var (
 	ErrEmptyPDU   = errors.New("esro: empty datagram")
 	ErrBadPDUType = errors.New("esro: invalid PDU type")
@@ -85,7 +85,7 @@ type PDU struct {
 	Data      []byte // user data; for ParsePDU it aliases the input
 }
 
-// ParsePDU decodes one datagram payload (spec esro.md §2). Reserved bits are
+// ParsePDU decodes one datagram payload (docs/protocol.md ESRO §2). Reserved bits are
 // ignored, octets after an ACK or FAILURE header are ignored, and Data aliases
 // b. It never panics; datagrams that are empty, of type 5–7 or shorter than
 // their header are rejected with ErrEmptyPDU, ErrBadPDUType or ErrShortPDU.
@@ -123,7 +123,7 @@ func ParsePDU(b []byte) (PDU, error) {
 
 // AppendPDU appends the wire form of p to dst. Out-of-range SAP, operation or
 // encoding values are an error rather than silently corrupting neighbouring
-// bits as the reference does (spec esro.md §1.3, Open Point 14). Data is
+// bits as the reference does (docs/protocol.md ESRO §1.3, Open Point 14). Data is
 // ignored for ACK and FAILURE.
 func AppendPDU(dst []byte, p *PDU) ([]byte, error) {
 	if p.Encoding > MaxEncoding {

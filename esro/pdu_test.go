@@ -19,7 +19,7 @@ func unhex(t testing.TB, s string) []byte {
 	return b
 }
 
-// Spec esro.md §2.8 test vectors.
+// Spec docs/protocol.md ESRO §2.8 test vectors.
 func TestPDUVectors(t *testing.T) {
 	tests := []struct {
 		name string
@@ -88,7 +88,7 @@ func TestPDUCapturesRoundTrip(t *testing.T) {
 	}
 }
 
-// Spec esro.md §2.7 recommendation: short, empty and type 5–7 datagrams are errors.
+// Spec docs/protocol.md ESRO §2.7 recommendation: short, empty and type 5–7 datagrams are errors.
 func TestParsePDURejects(t *testing.T) {
 	tests := []struct {
 		hex  string

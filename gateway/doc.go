@@ -1,8 +1,8 @@
 // Package gateway is the Internet-mail side of EMSD: it converts RFC 5322/MIME
 // mail to EMSD content and back, relays submitted mail to a smarthost over
 // SMTP, receives Internet mail over SMTP and writes RFC 3464 delivery status
-// notifications. The source of truth is the project spec emsd.md; comments
-// cite its sections as "§n" and its open points as "OP n".
+// notifications. Comments cite the EMSD sections of docs/protocol.md as "§n"
+// and its open points (§12) as "OP n".
 //
 // # Inbound: RFC 5322 → EMSD (§9.8, §6.2)
 //

@@ -59,7 +59,7 @@ func rpcNullCall(xid, prog, vers uint32) []byte {
 
 // rpcXID picks a transaction id whose first octet has its three low bits set.
 // Read as ESRO, such a datagram is PDU type 7, which every ESRO engine drops
-// without answering (spec esro.md §2.7), so the RPC probe never starts an
+// without answering (docs/protocol.md ESRO §2.7), so the RPC probe never starts an
 // ESRO invocation by accident. No octet is a line end (noLineEnd).
 func rpcXID(r uint32) uint32 {
 	r |= 0x07000000

@@ -14,19 +14,19 @@ import (
 	"github.com/esro-emsdp/emsdp/esro"
 )
 
-// The ESRO/EMSD probes (spec esro.md §2.7, emsd.md §1.4). Every datagram
+// The ESRO/EMSD probes (docs/protocol.md ESRO §2.7, docs/protocol.md EMSD §1.4). Every datagram
 // starts with a binary header octet (0x00, 0x90 or 0x70) and none carries
 // printable text or a line end: nothing here can come out of a printer as a
 // page of text.
 const (
-	// SAP 0 can never be bound (spec esro.md §1.3), so every ESRO engine,
+	// SAP 0 can never be bound (docs/protocol.md ESRO §1.3), so every ESRO engine,
 	// EMSD or not, answers FAILURE(ref, 2) and no user sees the INVOKE.
 	probeSAP = 0
 	probeOp  = esro.MaxOperation
 
 	// EMSD MTS: SAP 9 is its 2-way performer; get-configuration (op 7, no
 	// instance id, argument 30 00) is answered ERROR 7 without parameter by
-	// the reference (spec emsd.md §1.4, TV16, §12 point 20).
+	// the reference (docs/protocol.md EMSD §1.4, TV16, §12 point 20).
 	mtsSAP = 9
 	mtsOp  = 7
 	// EMSD UA: SAP 7 is its 2-way performer; submission control (op 4) is
@@ -149,7 +149,7 @@ func (u *udpSession) emsd(ctx context.Context, ref uint8) {
 	case reply.Type == esro.TypeError && reply.Value == emsdProtocolViolation:
 		res.Service = ServiceEMSDServer
 		res.Identification = "EMSD server (message transfer system)"
-		res.Evidence = fmt.Sprintf("SAP %d answered get-configuration (op %d) with ERROR 7, protocol violation, as an EMSD MTS does (spec emsd.md §1.4)", mtsSAP, mtsOp)
+		res.Evidence = fmt.Sprintf("SAP %d answered get-configuration (op %d) with ERROR 7, protocol violation, as an EMSD MTS does (docs/protocol.md EMSD §1.4)", mtsSAP, mtsOp)
 		if len(reply.Data) > 0 {
 			res.Evidence += fmt.Sprintf("; it added an error parameter (% x), as the reference does with MTA_FORCE_ERROR_PARM", reply.Data)
 		}
@@ -171,7 +171,7 @@ func (u *udpSession) emsd(ctx context.Context, ref uint8) {
 	case reply.Type == esro.TypeError && reply.Value == emsdProtocolViolation:
 		res.Service = ServiceEMSDDevice
 		res.Identification = "EMSD device (user agent)"
-		res.Evidence = fmt.Sprintf("no EMSD server at SAP %d (FAILURE), but SAP %d answered submission control (op %d) with ERROR 7 (parameter % x) as an EMSD user agent does (spec emsd.md §1.4)", mtsSAP, uaSAP, uaOp, reply.Data)
+		res.Evidence = fmt.Sprintf("no EMSD server at SAP %d (FAILURE), but SAP %d answered submission control (op %d) with ERROR 7 (parameter % x) as an EMSD user agent does (docs/protocol.md EMSD §1.4)", mtsSAP, uaSAP, uaOp, reply.Data)
 	case reply.Type == esro.TypeFailure:
 		res.Identification = "ESRO engine without EMSD (no user at SAPs 9 and 7)"
 		res.Evidence += fmt.Sprintf("; SAPs %d and %d answered FAILURE: nothing bound there", mtsSAP, uaSAP)
@@ -215,7 +215,7 @@ func (u *udpSession) finish(err error) bool {
 // esro sends an INVOKE and waits for a RESULT, ERROR or FAILURE that echoes
 // its reference number. A RESULT or ERROR is acknowledged, since a 3-way
 // performer would otherwise retransmit it; a 2-way performer ignores the ACK
-// (spec esro.md §2.7, ACK matching no performer invocation).
+// (docs/protocol.md ESRO §2.7, ACK matching no performer invocation).
 func (u *udpSession) esro(ctx context.Context, name string, inv *esro.PDU) (*Step, *esro.PDU, error) {
 	payload, err := esro.AppendPDU(nil, inv)
 	if err != nil {

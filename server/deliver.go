@@ -13,7 +13,7 @@ import (
 )
 
 // scheduler state: which devices have a worker (one delivery in flight per
-// device, spec emsd.md §9.9) and which have nothing claimable right now
+// device, docs/protocol.md EMSD §9.9) and which have nothing claimable right now
 // (held back by delivery control, or just emptied), so that the loop does
 // not spin on them.
 type sched struct {
@@ -60,7 +60,7 @@ func (s *Server) unholdAll() {
 }
 
 // wake makes a device's queued deliveries due now: any INVOKE from the
-// device is its poll (spec emsd.md §9.4).
+// device is its poll (docs/protocol.md EMSD §9.4).
 func (s *Server) wake(a emsd.Address) {
 	n, err := s.st.WakeDevice(s.ctx, uint32(a), time.Now())
 	if err != nil {
@@ -199,7 +199,7 @@ func (s *Server) deliverDevice(a emsd.Address) {
 			}
 			c := dev.Control
 			if c.Operations != nil && !emsd.OperationSet(*c.Operations).Has(deliveryOp(dev.version)) {
-				return // delivery not permitted at all (spec emsd.md §9.12)
+				return // delivery not permitted at all (docs/protocol.md EMSD §9.12)
 			}
 			lim = store.Limits{MaxContentLength: c.MaxContentLength, LowestPriority: c.LowestPriority}
 		}
@@ -283,7 +283,7 @@ func backoff(schedule []Duration, attempts int) time.Duration {
 	return time.Duration(schedule[i])
 }
 
-// attempt delivers one message (spec emsd.md §9.9): op 35 (1.1) or op 1
+// attempt delivers one message (docs/protocol.md EMSD §9.9): op 35 (1.1) or op 1
 // (1.0), 3-way to SAP 3 (Complete mode and 1.0) or 2-way to SAP 7
 // (Efficient), segmented to the PDU size, one ESRO operation per segment
 // with a new instance id, re-invoked once with the same id after an ESRO
@@ -348,7 +348,7 @@ func (s *Server) attempt(dev *device, d *store.Delivery, tg *target) attemptResu
 		if carries {
 			id := base + uint8(k)
 			if refIDs {
-				id = 0 // the reference MTS (spec emsd.md §1.5)
+				id = 0 // the reference MTS (docs/protocol.md EMSD §1.5)
 			}
 			data = emsd.PrependInstanceID(id, seg)
 		}
@@ -386,7 +386,7 @@ func (s *Server) attempt(dev *device, d *store.Delivery, tg *target) attemptResu
 			}
 			// Parameter 6 (resource error) is the only transient error;
 			// anything else, no parameter included, is permanent (spec
-			// emsd.md §1.6, the intended rule).
+			// docs/protocol.md EMSD §1.6, the intended rule).
 			if hasParam && p.Code() == emsd.CodeResource {
 				return attemptResult{kind: attemptRespool, err: text}
 			}
@@ -416,7 +416,7 @@ func isFailure(err error) bool {
 }
 
 // refusalDiagnostic maps a device's EMSD error to a non-delivery reason
-// and diagnostic (spec emsd.md §5).
+// and diagnostic (docs/protocol.md EMSD §5).
 func refusalDiagnostic(code emsd.ErrorCode, ct emsd.ContentType) (emsd.NonDeliveryReason, emsd.Diagnostic) {
 	switch code {
 	case emsd.CodeProtocolViolation:
@@ -433,7 +433,7 @@ func refusalDiagnostic(code emsd.ErrorCode, ct emsd.ContentType) (emsd.NonDelive
 }
 
 // expire drops queued deliveries and relays past their expiry with
-// non-delivery reports (spec emsd.md §9.8: 1 hour for deliveries).
+// non-delivery reports (docs/protocol.md EMSD §9.8: 1 hour for deliveries).
 func (s *Server) expire(now time.Time) {
 	ctx := s.loopCtx
 	ds, err := s.st.ExpiredDeliveries(ctx, now, 100)

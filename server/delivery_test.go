@@ -23,7 +23,7 @@ func inboundMsg(to, subject, body string) string {
 		"\r\nMessage-ID: <" + strings.ReplaceAll(subject, " ", "-") + "@example.com>\r\n\r\n" + body + "\r\n"
 }
 
-// Delivery control (spec emsd.md §9.12 Recommend): the limits are honoured
+// Delivery control (docs/protocol.md EMSD §9.12 Recommend): the limits are honoured
 // for later deliveries, the result says what is held back and why, and
 // restrict remove lifts them.
 func TestDeliveryControl(t *testing.T) {
@@ -75,7 +75,7 @@ func TestDeliveryControl(t *testing.T) {
 }
 
 // A device that is off-line gets its delivery when it polls: any INVOKE
-// wakes its queue (spec emsd.md §9.4), long before the retry time.
+// wakes its queue (docs/protocol.md EMSD §9.4), long before the retry time.
 func TestPollWakesQueue(t *testing.T) {
 	c := testConfig(t)
 	c.Delivery.Retry = []Duration{Duration(time.Hour)}
@@ -114,7 +114,7 @@ func TestPollWakesQueue(t *testing.T) {
 	}
 }
 
-// Delivery outcomes (spec emsd.md §9.9): ERROR with parameter 6 is
+// Delivery outcomes (docs/protocol.md EMSD §9.9): ERROR with parameter 6 is
 // retried; any other ERROR is a non-delivery, reported to the Internet
 // sender as a DSN and to a device originator as a report.
 func TestDeliveryErrors(t *testing.T) {
@@ -230,7 +230,7 @@ func TestReportDelivery(t *testing.T) {
 }
 
 // A delivery that cannot be made within delivery.expiry is dropped with
-// a non-delivery report (spec emsd.md §9.8).
+// a non-delivery report (docs/protocol.md EMSD §9.8).
 func TestDeliveryExpiry(t *testing.T) {
 	host := startSmarthost(t, "")
 	c := testConfig(t)

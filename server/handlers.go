@@ -18,7 +18,7 @@ func (s *Server) opts(v emsd.Version) emsd.Options {
 }
 
 // serveESRO is the handler of both MTS performer SAPs (5, 3-way; 9,
-// 2-way). It routes each INVOKE to the operation's handler (spec emsd.md
+// 2-way). It routes each INVOKE to the operation's handler (docs/protocol.md EMSD
 // §1.4, §9).
 func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
 	peer := netip.AddrPortFrom(inv.Peer.Addr().Unmap(), inv.Peer.Port())
@@ -30,7 +30,7 @@ func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro
 	}
 	op, ok := emsd.ParseOperation(emsd.Operation(inv.Operation), v)
 	// Any INVOKE from a device wakes its queue, before anything else and
-	// even when it is then refused (spec emsd.md §9.4). Not so an
+	// even when it is then refused (docs/protocol.md EMSD §9.4). Not so an
 	// operation that carries the password of a device that has one: it
 	// wakes the queue once the password checked out and the source
 	// became the device's contact (contact.go), so that the deliveries it
@@ -40,7 +40,7 @@ func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro
 	if woken {
 		s.wake(hint.addr)
 	}
-	if inv.Encoding != esro.EncodingBER { // spec emsd.md §1.2, captured
+	if inv.Encoding != esro.EncodingBER { // docs/protocol.md EMSD §1.2, captured
 		s.refuse(w, "any", emsd.CodeProtocolViolation, "encoding type")
 		return
 	}
@@ -58,13 +58,13 @@ func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro
 		s.handleDeliveryVerify(ctx, w, inv, peer)
 	default:
 		// Wrong SAP, get/set configuration, submission control, unknown
-		// operations: protocol violation (spec emsd.md §1.4, Open Point 20).
+		// operations: protocol violation (docs/protocol.md EMSD §1.4, Open Point 20).
 		s.metrics.invokes.WithLabelValues("other").Inc()
 		s.refuse(w, "other", emsd.CodeProtocolViolation, "operation "+op.String()+" on SAP "+strconv.Itoa(int(sap)))
 	}
 }
 
-// refuse answers an EMSD error (spec emsd.md §1.6): value = code, with an
+// refuse answers an EMSD error (docs/protocol.md EMSD §1.6): value = code, with an
 // ErrorParameter only for security and resource errors, whose parameter
 // tells a device what to do; protocol violations go without one, as the
 // captures show.
@@ -79,7 +79,7 @@ func (s *Server) refuse(w esro.ResponseWriter, op string, code emsd.ErrorCode, w
 }
 
 // refuseIdentity answers an unknown device or a wrong password: ERROR 4
-// with parameter 4 (spec emsd.md §9.3 Recommend), or the reference's
+// with parameter 4 (docs/protocol.md EMSD §9.3 Recommend), or the reference's
 // ERROR 7 without parameter under compat.ip_only_identification.
 func (s *Server) refuseIdentity(w esro.ResponseWriter, op string, peer netip.AddrPort, err error) {
 	lv := slog.LevelInfo
@@ -100,7 +100,7 @@ func (s *Server) refuseIdentity(w esro.ResponseWriter, op string, peer netip.Add
 }
 
 // handleDeliveryControl performs Delivery control (op 2 on SAP 9, spec
-// emsd.md §9.12 Recommend): it records the device's limits and answers
+// docs/protocol.md EMSD §9.12 Recommend): it records the device's limits and answers
 // what is held back by them. Its poll side effect (§9.4) already ran.
 func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation, peer netip.AddrPort, v emsd.Version, woken bool) {
 	o := s.opts(v)
@@ -153,7 +153,7 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 
 // applyRestrict merges a delivery control argument into the stored limits:
 // restrict update (the default) sets each limit present, remove clears
-// each limit present, or all of them when none is (spec emsd.md §9.12).
+// each limit present, or all of them when none is (docs/protocol.md EMSD §9.12).
 func applyRestrict(c store.DeliveryControl, a *emsd.DeliveryControlArgument) store.DeliveryControl {
 	remove := a.Restrict != nil && *a.Restrict == emsd.RestrictRemove
 	if remove && a.PermissibleOperations == nil && a.PermissibleMaxContentLength == nil && a.PermissibleLowestPriority == nil {
@@ -216,7 +216,7 @@ func held(c store.DeliveryControl, op emsd.Operation, q store.DeliveryInfo) (hol
 }
 
 // controlResult is the DeliveryControlResult for the held deliveries
-// (spec emsd.md §9.12 Recommend): waiting-operations carries the delivery
+// (docs/protocol.md EMSD §9.12 Recommend): waiting-operations carries the delivery
 // operation's bit (Open Point 11), waiting-messages why messages wait, and
 // waiting-content-types their types. Nothing held: 30 02 30 00.
 func controlResult(c store.DeliveryControl, op emsd.Operation, queued []store.DeliveryInfo) *emsd.DeliveryControlResult {
@@ -245,7 +245,7 @@ func controlResult(c store.DeliveryControl, op emsd.Operation, queued []store.De
 	return r
 }
 
-// handleDeliveryVerify performs Delivery verify (op 5, spec emsd.md
+// handleDeliveryVerify performs Delivery verify (op 5, docs/protocol.md EMSD
 // §9.13 Recommend): the status recorded for the exact message id
 // delivered to this device; 1 (no report sent) when none is.
 func (s *Server) handleDeliveryVerify(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation, peer netip.AddrPort) {

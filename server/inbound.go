@@ -17,7 +17,7 @@ import (
 
 // receiver is the server's side of inbound SMTP (gateway.Receiver):
 // Internet mail for device addresses becomes queued deliveries (spec
-// emsd.md §9.8).
+// docs/protocol.md EMSD §9.8).
 type receiver struct{ s *Server }
 
 // Recipient accepts device addresses (number@domain for the EMSD domains,
@@ -168,7 +168,7 @@ func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []b
 }
 
 // maxContent is the content budget of 32 segments at the configured PDU
-// size (spec emsd.md §8); the gateway default is for 1500 octets.
+// size (docs/protocol.md EMSD §8); the gateway default is for 1500 octets.
 func (s *Server) maxContent() int {
 	pdu := s.conf().EMSD.PDUSize
 	if pdu == 1500 {

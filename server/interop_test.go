@@ -15,7 +15,7 @@ import (
 // reference's datagrams come from the captures).
 
 // A reference UA restarts its instance ids (and segmentation sequence ids)
-// at 0 with every start (spec emsd.md §1.5, §8), as does each run of
+// at 0 with every start (docs/protocol.md EMSD §1.5, §8), as does each run of
 // emsdp ua send, and its ids wrap after 256 INVOKEs. The same message sent
 // again after its first copy was acknowledged is therefore a new message,
 // not a re-invocation: it gets its own id and is sent again. (The server
@@ -78,7 +78,7 @@ func TestReinvokedSubmissionDeduplicated(t *testing.T) {
 	}
 }
 
-// refShellDevice plays the reference UA with its Unix shell (spec emsd.md
+// refShellDevice plays the reference UA with its Unix shell (docs/protocol.md EMSD
 // §10.3): it accepts only IPMs (content type 2 gets ERROR 7 with parameter
 // 7, TV11) and stores a message for its user only when the IPM names the
 // device among its local recipients; otherwise it stores it anyway but

@@ -71,7 +71,7 @@ func outcomeOf(res *esro.Result, err error) answer {
 }
 
 // The server's answers to good and bad INVOKEs: ERROR 7 without parameter
-// for protocol violations (as the captures show, spec emsd.md §1.4, §7.3
+// for protocol violations (as the captures show, docs/protocol.md EMSD §1.4, §7.3
 // TV16), ERROR 4 with parameter 4 for unknown devices and wrong passwords
 // (§9.3 Recommend), results for delivery control and verify.
 func TestAnswers(t *testing.T) {
@@ -140,7 +140,7 @@ func TestAnswers(t *testing.T) {
 
 // The reference's behaviour behind compat switches: IP-only
 // identification (no password check, ERROR 7 for unknown devices) and
-// ERROR 7 for delivery control (spec emsd.md §9.3, §9.12, TV9, TV10).
+// ERROR 7 for delivery control (docs/protocol.md EMSD §9.3, §9.12, TV9, TV10).
 func TestReferenceCompat(t *testing.T) {
 	c := testConfig(t)
 	c.Compat.IPOnlyIdentification = true
@@ -260,7 +260,7 @@ func TestReplayCaptures(t *testing.T) {
 
 // Submission and delivery with a device configured for EMSD 1.0: op 0
 // submissions answered with the 1.0 SubmitResult (inner tag 25, spec
-// emsd.md §4), and deliveries as op 1 on SAP 3, 3-way, in 1.0 encodings.
+// docs/protocol.md EMSD §4), and deliveries as op 1 on SAP 3, 3-way, in 1.0 encodings.
 func TestVersion10Device(t *testing.T) {
 	s := startServer(t, testConfig(t))
 	raw := listenESRO(t, "127.0.0.1")
@@ -364,7 +364,7 @@ func (d *rawDevice) recv(t *testing.T, keep func(esro.PDU) bool) esro.PDU {
 }
 
 // A submission whose RESULT the device never acknowledges is verified with
-// op 6 to the device's SAP 7 (spec emsd.md §9.5 step 8): "send" relays it,
+// op 6 to the device's SAP 7 (docs/protocol.md EMSD §9.5 step 8): "send" relays it,
 // "drop" drops it, no answer sends it (Open Point 25).
 func TestSubmissionVerify(t *testing.T) {
 	for _, tc := range []struct {

@@ -45,7 +45,7 @@ func newRegistry(version int64, devs []*store.Device) *registry {
 	for _, sd := range devs {
 		v, err := emsd.ParseVersion(sd.Version)
 		if err != nil {
-			v = emsd.V1_1 // the reference's default for an unknown type (spec emsd.md §9.2)
+			v = emsd.V1_1 // the reference's default for an unknown type (docs/protocol.md EMSD §9.2)
 		}
 		d := &device{Device: *sd, addr: emsd.Address(sd.Address), version: v}
 		r.byAddr[d.addr] = d
@@ -63,7 +63,7 @@ func newRegistry(version int64, devs []*store.Device) *registry {
 
 // byPeer finds the device an INVOKE came from by its network address:
 // IP and port, then IP alone when only one device has that IP (spec
-// emsd.md §9.2; the reference knows only the IP).
+// docs/protocol.md EMSD §9.2; the reference knows only the IP).
 func (r *registry) byPeer(peer netip.AddrPort, ipOnly bool) *device {
 	if !ipOnly {
 		if d := r.byAP[peer]; d != nil {
@@ -77,7 +77,7 @@ func (r *registry) byPeer(peer netip.AddrPort, ipOnly bool) *device {
 }
 
 // Identification failures, answered ERROR 4 with parameter 4 (spec
-// emsd.md §9.3 Recommend, Open Point 3), except errAuthLimited and
+// docs/protocol.md EMSD §9.3 Recommend, Open Point 3), except errAuthLimited and
 // errAuthBusy, a password not checked because of the failed-
 // authentication limits or a full queue of checks: those get a transient
 // resource error, so that the device tries again later rather than give
@@ -132,7 +132,7 @@ func (c *pwCache) verify(d *device, pw string) bool {
 }
 
 // identify finds and authenticates the device an INVOKE comes from (spec
-// emsd.md §9.3 with its Recommend): credentials naming an emsd-address
+// docs/protocol.md EMSD §9.3 with its Recommend): credentials naming an emsd-address
 // select that device; otherwise the source address does. The password is
 // verified whenever the device has one and checkPW is set (operations
 // without a security element cannot carry one). A device identified by
@@ -259,7 +259,7 @@ func (s *Server) identifyIn(ctx context.Context, r *registry, peer netip.AddrPor
 }
 
 // resolve maps an Internet address to a device: an alias, or
-// number@domain for one of the EMSD domains (spec emsd.md §6.2).
+// number@domain for one of the EMSD domains (docs/protocol.md EMSD §6.2).
 func (s *Server) resolve(spec string) (emsd.Address, bool) {
 	r := s.registry()
 	if d := r.byAlias[strings.ToLower(spec)]; d != nil {

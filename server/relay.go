@@ -29,7 +29,7 @@ func (s *Server) kickRelay() {
 const relayIdle = 30 * time.Second
 
 // runRelay hands due relay recipients to the smarthost, one SMTP
-// transaction per message (spec emsd.md §9.7 Recommend), with a retry
+// transaction per message (docs/protocol.md EMSD §9.7 Recommend), with a retry
 // schedule per recipient. Without a smarthost mail stays queued until it
 // expires.
 func (s *Server) runRelay() {

@@ -33,7 +33,7 @@ type reportItem struct {
 	o outcome
 }
 
-// reportWork builds the reports the items ask for (spec emsd.md §9.10
+// reportWork builds the reports the items ask for (docs/protocol.md EMSD §9.10
 // with Open Point 17): an EMSD report to a device originator when the
 // recipient's flags request it (bit 6 delivery, bit 5 non-delivery), and
 // an RFC 3464 DSN to an Internet sender on failure (an accepted SMTP
@@ -318,7 +318,7 @@ func (s *Server) noticeIPM(to emsd.Address, rep *emsd.ReportDelivery) *emsd.IPM 
 // noticeFromReport turns a report delivery the device refused into
 // notices (reports = "auto"), as many as the device takes
 // (packReports): devices that accept only content type 32, as the
-// reference UA (spec emsd.md §9.10).
+// reference UA (docs/protocol.md EMSD §9.10).
 func (s *Server) noticeFromReport(ctx context.Context, d *store.Delivery) []store.NewDelivery {
 	if d.ContentType != uint32(emsd.ContentDeliveryReport) || s.conf().Delivery.Reports != "auto" {
 		return nil

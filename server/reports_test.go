@@ -76,7 +76,7 @@ func summarizeWork(t *testing.T, w store.Work) []string {
 
 // Outcomes known together are reported together: one report per
 // (message, originator), listing the recipients whose flags ask for it
-// (spec emsd.md §9.10, Open Point 17; RFC 3464 §2.3).
+// (docs/protocol.md EMSD §9.10, Open Point 17; RFC 3464 §2.3).
 func TestReportWorkGroups(t *testing.T) {
 	const (
 		ndr  = uint8(emsd.RcptNonDeliveryReport)

@@ -1,6 +1,6 @@
 // Package server is the EMSD message transfer system (MTS) behind
 // `emsdp serve`: it performs the server side of EMSD over ESRO (spec
-// emsd.md §1.4, §9) for the devices in its registry, relays their mail to
+// docs/protocol.md EMSD §1.4, §9) for the devices in its registry, relays their mail to
 // the Internet through a smarthost and delivers Internet mail received over
 // SMTP to them. Every message is in the store before it is acknowledged,
 // so queues survive kill -9; the in-memory scheduler is rebuilt from the

@@ -51,7 +51,7 @@ type segEntry struct {
 // acknowledges its answer: the device then knows the segment arrived and
 // will not re-invoke it, so a later identical segment is a new message (a
 // reference UA restarts its instance ids and sequence ids at every start,
-// spec emsd.md §1.5, §8). Bounded in size and age.
+// docs/protocol.md EMSD §1.5, §8). Bounded in size and age.
 type segCache struct {
 	mu    sync.Mutex
 	m     map[segKey]*segEntry
@@ -205,7 +205,7 @@ func (a *activeSubs) mayReinvoke(id int64, peer netip.AddrPort) bool {
 }
 
 // intermediateResult answers a segment that does not complete a message:
-// spec emsd.md §8 recommends zeros (the reference sends leftovers).
+// docs/protocol.md EMSD §8 recommends zeros (the reference sends leftovers).
 func intermediateResult(o emsd.Options) []byte {
 	b, _ := (&emsd.SubmitResult{}).Marshal(o)
 	return b
@@ -216,7 +216,7 @@ func (s *Server) submitResult(rec *store.Submission, o emsd.Options) ([]byte, er
 	if err != nil {
 		return nil, err
 	}
-	// 1.0: the codec writes the reference's inner tag 25 (spec emsd.md §4);
+	// 1.0: the codec writes the reference's inner tag 25 (docs/protocol.md EMSD §4);
 	// without the quirk switch send the standard 30.
 	if o.Version == emsd.V1_0 && !s.conf().Compat.SubmitResultTag25 && len(b) > 2 && b[2] == 0x25 {
 		b[2] = 0x30
@@ -225,7 +225,7 @@ func (s *Server) submitResult(rec *store.Submission, o emsd.Options) ([]byte, er
 }
 
 // handleSubmit performs Submission (op 33, or 0 from a 1.0 device, on SAP
-// 5; spec emsd.md §9.5): decode, identify, reassemble, commit, RESULT, and
+// 5; docs/protocol.md EMSD §9.5): decode, identify, reassemble, commit, RESULT, and
 // on confirmation release the message.
 func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation, peer netip.AddrPort, v emsd.Version, woken bool) {
 	iid, arg, err := emsd.StripInstanceID(emsd.Operation(inv.Operation), inv.Data)
@@ -281,7 +281,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		s.refuse(w, "submit", emsd.CodeOf(err), err.Error())
 		return
 	}
-	if full == nil { // more segments to come (spec emsd.md §8)
+	if full == nil { // more segments to come (docs/protocol.md EMSD §8)
 		ans := intermediateResult(o)
 		s.segs.put(key, &segEntry{answer: ans, at: now})
 		if w.Result(esro.EncodingBER, ans) == nil {
@@ -289,7 +289,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		}
 		return
 	}
-	if full.ContentType != emsd.ContentIPM { // spec emsd.md §9.5 step 3
+	if full.ContentType != emsd.ContentIPM { // docs/protocol.md EMSD §9.5 step 3
 		s.refuse(w, "submit", emsd.CodeProtocolViolation, "content type "+full.ContentType.String())
 		return
 	}
@@ -347,7 +347,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 
 // addSubmission commits a submission, or finds the copy it re-invokes: the
 // same device, instance id and content within the dedupe window, whose
-// RESULT the device may not have got (spec emsd.md §1.5 Recommend: a
+// RESULT the device may not have got (docs/protocol.md EMSD §1.5 Recommend: a
 // re-invocation after an ESRO failure reuses the instance id). An earlier
 // copy the device is known to have been told about (its RESULT was
 // acknowledged, or submission verify answered "send") or that was dropped
@@ -401,7 +401,7 @@ func (s *Server) forgetWhenConfirmed(w esro.ResponseWriter, key segKey) {
 
 // afterResult waits for the device's acknowledgement of the RESULT and
 // releases the submission, or runs submission verify when it does not
-// come (spec emsd.md §9.5 steps 7-8). key is the segment cache entry of
+// come (docs/protocol.md EMSD §9.5 steps 7-8). key is the segment cache entry of
 // the last segment of a segmented submission (zero otherwise); peer is
 // where the submission came from, hence where the verify goes: behind a
 // NAT the only address that reaches the device.
@@ -439,7 +439,7 @@ func (s *Server) verifySubmission(dev *device, peer netip.AddrPort, rec *store.S
 	defer s.subs.resolved(rec.ID)
 	id := emsd.LocalMessageID{SubmissionTime: emsd.Time(rec.LocalTime), Number: rec.Number}
 	verdict := "failure"
-	if dev.version == emsd.V1_1 { // 1.0 has no verify operations (spec emsd.md §1.4)
+	if dev.version == emsd.V1_1 { // 1.0 has no verify operations (docs/protocol.md EMSD §1.4)
 		o := s.opts(dev.version)
 		arg, err := (&emsd.SubmissionVerifyArgument{MessageID: emsd.MessageID{IsLocal: true, Local: id}}).Marshal(o)
 		if err == nil {
@@ -513,7 +513,7 @@ func (s *Server) release(rec *store.Submission, verify string) {
 // submissionWork converts a submitted IPM into its deliveries (local
 // recipients, which never leave the server) and one relay (Internet
 // recipients), plus immediate non-delivery reports for recipients that
-// cannot be served (spec emsd.md §9.5-9.7).
+// cannot be served (docs/protocol.md EMSD §9.5-9.7).
 func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (store.Work, error) {
 	var w store.Work
 	var ipm emsd.IPM
@@ -600,7 +600,7 @@ func (s *Server) receivedEMSD(rec *store.Submission, reg *registry, id string) [
 	return fmt.Appendf(nil, "%s;\r\n\t%s\r\n", line, rec.Received.UTC().Format("Mon, 02 Jan 2006 15:04:05 -0700"))
 }
 
-// copyFor returns the IPM as delivered to device to (spec emsd.md §9.5):
+// copyFor returns the IPM as delivered to device to (docs/protocol.md EMSD §9.5):
 //   - blind-copy recipients other than to itself are removed (§11 T0103,
 //     "Bcc hiding");
 //   - every address that designates a device (EMSD=<n>, `"198.036": `,
@@ -655,7 +655,7 @@ func (s *Server) copyFor(ipm *emsd.IPM, orig []byte, to emsd.Address) ([]byte, e
 }
 
 // priorityOf maps the IPM's per-message flags to the delivery-control
-// priority scale (spec emsd.md §5): 0 non-urgent, 1 normal, 2 urgent.
+// priority scale (docs/protocol.md EMSD §5): 0 non-urgent, 1 normal, 2 urgent.
 func priorityOf(ipm *emsd.IPM) uint8 {
 	switch f := ipm.Heading.Flags; {
 	case f.Has(emsd.MsgPriorityUrgent):

@@ -7,7 +7,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
-// MaxPassword is the longest EMSD password (spec emsd.md §5).
+// MaxPassword is the longest EMSD password (docs/protocol.md EMSD §5).
 const MaxPassword = 16
 
 // ErrPasswordTooLong: EMSD credentials carry at most MaxPassword octets.

@@ -6,7 +6,7 @@
 // The package knows nothing of EMSD encodings: addresses are subscriber
 // numbers, message ids are opaque strings chosen by the server, contents
 // are octets. Every method that writes does so in one transaction, so a
-// caller that got nil back knows the change is on disk (spec emsd.md §9.5:
+// caller that got nil back knows the change is on disk (docs/protocol.md EMSD §9.5:
 // commit before RESULT).
 //
 // Backends must not depend on engine-specific semantics beyond what these
@@ -29,13 +29,13 @@ var (
 	// (another actor finished it first).
 	ErrConflict = errors.New("store: state conflict")
 	// ErrBusy: the device already has a delivery in flight (one at a time,
-	// spec emsd.md §9.9).
+	// docs/protocol.md EMSD §9.9).
 	ErrBusy = errors.New("store: device has a delivery in flight")
 	// ErrInvalid: a value the store refuses (e.g. device address 0).
 	ErrInvalid = errors.New("store: invalid value")
 )
 
-// Mode is a device's delivery mode (spec emsd.md §9.2).
+// Mode is a device's delivery mode (docs/protocol.md EMSD §9.2).
 type Mode string
 
 // Delivery modes.
@@ -87,14 +87,14 @@ type Contact struct {
 func (c Contact) Known() bool { return c.Addr.IsValid() }
 
 // DeliveryControl holds the limits a device set with delivery control
-// (spec emsd.md §9.12); nil fields are unrestricted.
+// (docs/protocol.md EMSD §9.12); nil fields are unrestricted.
 type DeliveryControl struct {
 	Operations       *uint64 // permissible-operations, bit i = operation value i
 	MaxContentLength *uint32
 	LowestPriority   *uint8 // 0 non-urgent, 1 normal, 2 urgent
 }
 
-// SubmissionState is the life cycle of a submission (spec emsd.md §9.5):
+// SubmissionState is the life cycle of a submission (docs/protocol.md EMSD §9.5):
 // pending from commit until the RESULT is confirmed (or verified), then
 // released (its deliveries and relays exist) or dropped.
 type SubmissionState string
@@ -115,7 +115,7 @@ type Submission struct {
 	ContentType uint32
 	Content     []byte
 	Received    time.Time
-	// LocalTime and Number form the local message id (spec emsd.md §6.3),
+	// LocalTime and Number form the local message id (docs/protocol.md EMSD §6.3),
 	// assigned by AddSubmission: LocalTime is Received in seconds, Number
 	// comes from a persistent counter, so the pair never repeats.
 	LocalTime uint32
@@ -190,7 +190,7 @@ type DeliveryResult struct {
 	NextAttempt time.Time     // for queued
 	Error       string
 	// Status, when non-zero, is recorded for delivery verify under the
-	// delivery's device and message id (spec emsd.md §9.13).
+	// delivery's device and message id (docs/protocol.md EMSD §9.13).
 	Status uint8
 	// Requeue, for State queued: undo the claim's attempt count (the
 	// attempt never reached the device, e.g. on shutdown).
@@ -413,7 +413,7 @@ type Store interface {
 	DeviceContact(ctx context.Context, addr uint32) (Contact, error)
 	// ReserveInstanceIDs reserves n consecutive instance ids (mod 256) for
 	// operations towards a device and returns the first. The counter is
-	// persistent, so ids keep advancing across restarts (spec emsd.md §1.5).
+	// persistent, so ids keep advancing across restarts (docs/protocol.md EMSD §1.5).
 	ReserveInstanceIDs(ctx context.Context, addr uint32, n int) (uint8, error)
 	// NextMessageNumber returns a daily message number for a local message
 	// id with submission time t; (t in seconds, number) never repeats,
@@ -442,7 +442,7 @@ type Store interface {
 	Enqueue(ctx context.Context, w Work) error
 
 	// WakeDevice makes every queued delivery of the device due at now
-	// (spec emsd.md §9.4) and returns how many it moved.
+	// (docs/protocol.md EMSD §9.4) and returns how many it moved.
 	WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, error)
 	// DueDevices lists devices with a queued delivery due at now.
 	DueDevices(ctx context.Context, now time.Time) ([]uint32, error)

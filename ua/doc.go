@@ -3,7 +3,7 @@
 // message transfer system (MTS) and to receive deliveries from it.
 //
 // A Client works over one *esro.Endpoint, one UDP socket used in both ESRO
-// roles (spec emsd.md §1.2):
+// roles (docs/protocol.md EMSD §1.2):
 //
 //   - as invoker it submits messages (op 33, UA SAP 4 → MTS SAP 5, 3-way,
 //     segmented to the ESRO PDU size, §8, §10.2), sends delivery control
@@ -31,5 +31,5 @@
 // both stored. Other Handlers get every re-delivery, and can use
 // Delivery.Fingerprint to do the same.
 //
-// Comments cite the project spec emsd.md as "§n".
+// Comments cite the EMSD sections of docs/protocol.md as "§n".
 package ua

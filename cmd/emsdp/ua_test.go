@@ -461,7 +461,7 @@ func TestUAWithServer(t *testing.T) {
 
 	// Two devices with addresses of their own (both on loopback), as
 	// devices have: delivery verify carries no credentials, so the server
-	// knows the asking device by its IP address (spec emsd.md §9.13).
+	// knows the asking device by its IP address (docs/protocol.md EMSD §9.13).
 	ips := map[string]string{"198.036": "127.0.0.1", "198.037": "127.0.0.2"}
 	if c, err := net.ListenPacket("udp4", "127.0.0.2:0"); err != nil {
 		t.Skipf("no second loopback address: %v", err)
@@ -542,7 +542,7 @@ func TestUAWithServer(t *testing.T) {
 	}
 	// Duplicates: a device whose RESULT was lost (so it never ACKed)
 	// re-invokes the same submission with the same instance id (spec
-	// emsd.md §1.5): one message, one id, delivered once. The first INVOKE
+	// docs/protocol.md EMSD §1.5): one message, one id, delivered once. The first INVOKE
 	// comes from a bare socket that reads the RESULT and never ACKs it.
 	ipm, err := (&ua.Message{To: []string{"198.037"}, Subject: "once", Body: []byte("only once\n")}).IPM(198036)
 	if err != nil {

@@ -1,5 +1,5 @@
 // Package ber implements the subset of the Basic Encoding Rules used by the
-// EMSD reference implementation (spec emsd.md §2): one-octet tags, definite
+// EMSD reference implementation (docs/protocol.md EMSD §2): one-octet tags, definite
 // lengths (minimal long form on output), unsigned 1–4 octet INTEGERs and
 // BIT STRINGs read as bit masks.
 //

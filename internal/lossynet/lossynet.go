@@ -128,7 +128,7 @@ type Conn struct {
 
 // DropNextSent makes the next k datagrams sent from c vanish, and
 // DropNextReceived the next k datagrams that would reach c: the reference
-// tester's "point of control" (spec esro.md §9).
+// tester's "point of control" (docs/protocol.md ESRO §9).
 func (c *Conn) DropNextSent(k int) {
 	c.mu.Lock()
 	c.dropSent += k

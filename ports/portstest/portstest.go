@@ -93,7 +93,7 @@ func NewEchoUDP(t testing.TB) *UDPServer {
 type Handler func(inv esro.PDU) *esro.PDU
 
 // NewESRO starts a minimal ESRO engine with the given SAPs bound. It does
-// the receive processing of spec esro.md §2.7 that a probe can see: short,
+// the receive processing of docs/protocol.md ESRO §2.7 that a probe can see: short,
 // empty and type 5–7 datagrams are dropped; an INVOKE to an unbound SAP gets
 // FAILURE(ref, 2); a RESULT or ERROR matching nothing gets FAILURE(ref, 1);
 // ACK and FAILURE are absorbed. It keeps no invocation state (no
@@ -136,7 +136,7 @@ func errorReply(value uint8, param []byte) Handler {
 
 // NewEMSDServer emulates an EMSD server (MTS) as the reference answers a
 // device it does not know: SAPs 2, 5, 6 and 9 bound, every INVOKE refused
-// with ERROR 7 and no parameter (spec emsd.md §1.4, §1.6, TV16). Replace with
+// with ERROR 7 and no parameter (docs/protocol.md EMSD §1.4, §1.6, TV16). Replace with
 // the real `emsdp serve` once it exists.
 func NewEMSDServer(t testing.TB) *UDPServer {
 	h := errorReply(7, nil)
@@ -145,7 +145,7 @@ func NewEMSDServer(t testing.TB) *UDPServer {
 
 // NewEMSDDevice emulates an EMSD user agent: SAPs 3, 4, 7 and 8 bound;
 // delivery (35) and submission verify (6) accepted with an empty RESULT,
-// everything else ERROR 7 with ErrorParameter 7 (02 01 07), spec emsd.md
+// everything else ERROR 7 with ErrorParameter 7 (02 01 07), docs/protocol.md EMSD
 // §1.4.
 func NewEMSDDevice(t testing.TB) *UDPServer {
 	h := func(inv esro.PDU) *esro.PDU {

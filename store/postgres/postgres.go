@@ -24,7 +24,7 @@
 //
 // Every method that writes runs one READ COMMITTED transaction and returns
 // after COMMIT, which with synchronous_commit=on means the commit record
-// is flushed (spec emsd.md §9.5: commit before RESULT). PostgreSQL flushes
+// is flushed (docs/protocol.md EMSD §9.5: commit before RESULT). PostgreSQL flushes
 // the commits of concurrent sessions together, so there is no group
 // commit of our own as in store/sqlite. Once COMMIT is sent it is awaited
 // (up to a minute) even if ctx ends, so that a nil or non-nil answer is

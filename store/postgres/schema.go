@@ -93,7 +93,7 @@ var migrations = []string{
 	CREATE INDEX deliveries_queue ON deliveries (device, id) WHERE state = 'queued';
 	CREATE INDEX deliveries_due ON deliveries (next_attempt) WHERE state = 'queued';
 	CREATE INDEX deliveries_expires ON deliveries (expires) WHERE state = 'queued';
-	-- One delivery in flight per device (spec emsd.md §9.9), whichever
+	-- One delivery in flight per device (docs/protocol.md EMSD §9.9), whichever
 	-- server claimed it.
 	CREATE UNIQUE INDEX deliveries_one_in_flight ON deliveries (device) WHERE state = 'inflight';
 	CREATE INDEX deliveries_done ON deliveries (updated) WHERE state IN ('delivered', 'failed');

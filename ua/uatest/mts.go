@@ -1,7 +1,7 @@
 // Package uatest provides a small EMSD message transfer system (MTS) for
 // testing device user agents without the real server: built from the esro
 // and emsd packages, it answers submissions with a SubmitResult (checking
-// credentials that carry an address, spec emsd.md §9.3 Recommend), answers
+// credentials that carry an address, docs/protocol.md EMSD §9.3 Recommend), answers
 // delivery control and delivery verify, and sends deliveries and
 // submission verify on request, as the spec recommends an MTS do (§9.9:
 // segmented, a new instance id per segment, reused when a segment is
