@@ -133,6 +133,10 @@ type Report struct {
 	Recipient string // the recipient as the reported message names it
 	MessageID string // id of the reported message, as the originator knows it
 	Headers   []byte // original header section, for a DSN
+	// DSN holds the Internet sender's RFC 3461 parameters for this
+	// recipient (NOTIFY, ORCPT, ENVID, RET) in the server's encoding;
+	// "" = none given.
+	DSN string
 }
 
 // DeliveryState is the state of a queued delivery to a device.

@@ -158,14 +158,14 @@ func (s *DB) QueueEntry(ctx context.Context, ref store.QueueRef) (*store.QueueEn
 			LastError: d.LastError, Owner: owner, Report: d.Report, Content: d.Content}, nil
 	}
 	e := store.QueueEntry{Ref: ref}
-	var rcpt, lastErr, mail, name, msgID, from []byte
+	var rcpt, lastErr, mail, name, msgID, from, dsn []byte
 	var next, exp, created, updated int64
 	err := s.queryRow(ctx, `SELECT r.message, r.rcpt, r.state, r.attempts, r.next_attempt, r.expires, r.created,
 		r.updated, r.last_error, r.owner, r.report_device, r.report_mail, r.report_flags, r.report_recipient,
-		r.report_message_id, r.report_headers, m.envelope_from, m.data
+		r.report_message_id, r.report_headers, r.report_dsn, m.envelope_from, m.data
 		FROM relays r JOIN relay_messages m ON m.id = r.message WHERE r.id = $1`, ref.ID).Scan(&e.MessageRef, &rcpt,
 		&e.State, &e.Attempts, &next, &exp, &created, &updated, &lastErr, &e.Owner, &e.Report.Device, &mail,
-		&e.Report.Flags, &name, &msgID, &e.Report.Headers, &from, &e.Content)
+		&e.Report.Flags, &name, &msgID, &e.Report.Headers, &dsn, &from, &e.Content)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fmt.Errorf("%w: relay %d", store.ErrNotFound, ref.ID)
 	}
@@ -173,6 +173,7 @@ func (s *DB) QueueEntry(ctx context.Context, ref store.QueueRef) (*store.QueueEn
 		return nil, errorf("queue entry", err)
 	}
 	e.Recipient, e.LastError, e.From = string(rcpt), string(lastErr), string(from)
+	e.Report.DSN = string(dsn)
 	e.Report.Mail, e.Report.Recipient, e.Report.MessageID = string(mail), string(name), string(msgID)
 	e.MessageID, e.Size, e.Content = e.Report.MessageID, len(e.Content), nonNil(e.Content)
 	e.NextAttempt, e.Expires, e.Created, e.Updated = fromMS(next), fromMS(exp), fromMS(created), fromMS(updated)

@@ -187,17 +187,18 @@ func validWork(w store.Work) error {
 
 const insertDelivery = `INSERT INTO deliveries (device, message_id, submission_time, content_type, content, priority,
 	state, next_attempt, expires, created, updated, report_device, report_mail, report_flags, report_recipient,
-	report_message_id, report_headers)
-	VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $9, $10, $11, $12, $13, $14, $15)`
+	report_message_id, report_headers, report_dsn)
+	VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $9, $10, $11, $12, $13, $14, $15, $16)`
 
 // insertRelay writes a message and its recipients in one statement; the
 // recipients get their ids in the given order.
 const insertRelay = `WITH m AS (INSERT INTO relay_messages (envelope_from, data, created) VALUES ($1, $2, $3) RETURNING id)
 	INSERT INTO relays (message, rcpt, state, next_attempt, expires, created, updated, report_device, report_mail,
-		report_flags, report_recipient, report_message_id, report_headers)
-	SELECT m.id, r.rcpt, 'queued', $4::bigint, $5::bigint, $3::bigint, $3::bigint, r.dev, r.mail, r.flags, r.rcptname, r.msgid, r.headers
-	FROM m, unnest($6::bytea[], $7::bigint[], $8::bytea[], $9::smallint[], $10::bytea[], $11::bytea[], $12::bytea[])
-		WITH ORDINALITY AS r (rcpt, dev, mail, flags, rcptname, msgid, headers, ord)
+		report_flags, report_recipient, report_message_id, report_headers, report_dsn)
+	SELECT m.id, r.rcpt, 'queued', $4::bigint, $5::bigint, $3::bigint, $3::bigint, r.dev, r.mail, r.flags, r.rcptname, r.msgid,
+		r.headers, r.dsn
+	FROM m, unnest($6::bytea[], $7::bigint[], $8::bytea[], $9::smallint[], $10::bytea[], $11::bytea[], $12::bytea[], $13::bytea[])
+		WITH ORDINALITY AS r (rcpt, dev, mail, flags, rcptname, msgid, headers, dsn, ord)
 	ORDER BY r.ord`
 
 // insertWork queues w within tx, all statements in one round trip.
@@ -217,18 +218,20 @@ func insertWork(ctx context.Context, tx pgx.Tx, w store.Work, now time.Time) err
 		}
 		b.Queue(insertDelivery, int64(d.Device), octets(d.MessageID), st, int64(d.ContentType), nonNil(d.Content),
 			int16(d.Priority), ms(d.NextAttempt), ms(d.Expires), ms(now), int64(d.Report.Device), octets(d.Report.Mail),
-			int16(d.Report.Flags), octets(d.Report.Recipient), octets(d.Report.MessageID), d.Report.Headers)
+			int16(d.Report.Flags), octets(d.Report.Recipient), octets(d.Report.MessageID), d.Report.Headers, octets(d.Report.DSN))
 	}
 	for _, r := range w.Relays {
 		n := len(r.Recipients)
-		rcpt, mail, name, msgid, headers := make([][]byte, n), make([][]byte, n), make([][]byte, n), make([][]byte, n), make([][]byte, n)
+		rcpt, mail, name, msgid, headers, dsn := make([][]byte, n), make([][]byte, n), make([][]byte, n), make([][]byte, n),
+			make([][]byte, n), make([][]byte, n)
 		dev, flags := make([]int64, n), make([]int16, n)
 		for i, rc := range r.Recipients {
 			rcpt[i], dev[i], mail[i], flags[i] = octets(rc.Addr), int64(rc.Report.Device), octets(rc.Report.Mail), int16(rc.Report.Flags)
 			name[i], msgid[i], headers[i] = octets(rc.Report.Recipient), octets(rc.Report.MessageID), rc.Report.Headers
+			dsn[i] = octets(rc.Report.DSN)
 		}
 		b.Queue(insertRelay, octets(r.From), nonNil(r.Message), ms(now), ms(r.NextAttempt), ms(r.Expires),
-			rcpt, dev, mail, flags, name, msgid, headers)
+			rcpt, dev, mail, flags, name, msgid, headers, dsn)
 	}
 	if err := tx.SendBatch(ctx, &b).Close(); err != nil {
 		return errorf("queue", err)
@@ -298,17 +301,17 @@ func (s *DB) NextDue(ctx context.Context, after time.Time) (time.Time, bool, err
 
 const deliveryCols = `id, device, message_id, submission_time, content_type, content, priority, state, attempts,
 	next_attempt, expires, created, updated, last_error, report_device, report_mail, report_flags,
-	report_recipient, report_message_id, report_headers`
+	report_recipient, report_message_id, report_headers, report_dsn`
 
 func scanDelivery(row pgx.CollectableRow) (*store.Delivery, error) {
 	var d store.Delivery
 	var st *int64
 	var state string
-	var msgID, lastErr, mail, rcpt, rmsg []byte
+	var msgID, lastErr, mail, rcpt, rmsg, dsn []byte
 	var next, exp, created, updated int64
 	if err := row.Scan(&d.ID, &d.Device, &msgID, &st, &d.ContentType, &d.Content, &d.Priority, &state,
 		&d.Attempts, &next, &exp, &created, &updated, &lastErr, &d.Report.Device, &mail,
-		&d.Report.Flags, &rcpt, &rmsg, &d.Report.Headers); err != nil {
+		&d.Report.Flags, &rcpt, &rmsg, &d.Report.Headers, &dsn); err != nil {
 		return nil, err
 	}
 	if st != nil {
@@ -316,7 +319,7 @@ func scanDelivery(row pgx.CollectableRow) (*store.Delivery, error) {
 		d.SubmissionTime = &v
 	}
 	d.MessageID, d.LastError, d.Report.Mail = string(msgID), string(lastErr), string(mail)
-	d.Report.Recipient, d.Report.MessageID = string(rcpt), string(rmsg)
+	d.Report.Recipient, d.Report.MessageID, d.Report.DSN = string(rcpt), string(rmsg), string(dsn)
 	d.State = store.DeliveryState(state)
 	d.NextAttempt, d.Expires, d.Created, d.Updated = fromMS(next), fromMS(exp), fromMS(created), fromMS(updated)
 	return &d, nil
@@ -482,7 +485,7 @@ func (s *DB) DeliveryStatus(ctx context.Context, addr uint32, messageID string) 
 // ---- relays ----
 
 const relayCols = `id, message, rcpt, state, attempts, expires, last_error, report_device, report_mail,
-	report_flags, report_recipient, report_message_id, report_headers`
+	report_flags, report_recipient, report_message_id, report_headers, report_dsn`
 
 type relayRow struct {
 	ref int64
@@ -493,11 +496,12 @@ func scanRelay(row pgx.CollectableRow) (relayRow, error) {
 	var r relayRow
 	var exp int64
 	var state string
-	var rcpt, lastErr, mail, name, msgID []byte
+	var rcpt, lastErr, mail, name, msgID, dsn []byte
 	if err := row.Scan(&r.rc.ID, &r.ref, &rcpt, &state, &r.rc.Attempts, &exp, &lastErr, &r.rc.Report.Device,
-		&mail, &r.rc.Report.Flags, &name, &msgID, &r.rc.Report.Headers); err != nil {
+		&mail, &r.rc.Report.Flags, &name, &msgID, &r.rc.Report.Headers, &dsn); err != nil {
 		return r, err
 	}
+	r.rc.Report.DSN = string(dsn)
 	r.rc.Addr, r.rc.LastError, r.rc.Report.Mail = string(rcpt), string(lastErr), string(mail)
 	r.rc.Report.Recipient, r.rc.Report.MessageID = string(name), string(msgID)
 	r.rc.State, r.rc.Expires = store.RelayState(state), fromMS(exp)

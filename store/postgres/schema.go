@@ -145,4 +145,8 @@ var migrations = []string{
 	ALTER TABLE devices ADD COLUMN contact_via  BYTEA  NOT NULL DEFAULT '';
 	ALTER TABLE devices ADD COLUMN contact_at   BIGINT NOT NULL DEFAULT 0;
 	ALTER TABLE devices ADD COLUMN contact_polled BOOLEAN NOT NULL DEFAULT FALSE;`,
+
+	// 4: the Internet sender's DSN parameters (store.Report.DSN).
+	`ALTER TABLE deliveries ADD COLUMN report_dsn BYTEA NOT NULL DEFAULT '';
+	ALTER TABLE relays ADD COLUMN report_dsn BYTEA NOT NULL DEFAULT '';`,
 }

@@ -154,7 +154,8 @@ func (s *DB) ListQueue(ctx context.Context, f store.QueueFilter) (store.QueueLis
 
 const qRelayEntry = `SELECT r.id, r.message, r.rcpt, r.state, r.attempts, r.next_attempt, r.expires, r.created, r.updated,
 	r.last_error, r.report_device, r.report_mail, r.report_flags, r.report_recipient, r.report_message_id,
-	r.report_headers, m.envelope_from, m.data FROM relays r JOIN relay_messages m ON m.id = r.message WHERE r.id = ?`
+	r.report_headers, r.report_dsn, m.envelope_from, m.data FROM relays r JOIN relay_messages m ON m.id = r.message
+	WHERE r.id = ?`
 
 // QueueEntry returns one entry with its report and contents.
 func (s *DB) QueueEntry(ctx context.Context, ref store.QueueRef) (*store.QueueEntry, error) {
@@ -178,7 +179,7 @@ func (s *DB) QueueEntry(ctx context.Context, ref store.QueueRef) (*store.QueueEn
 	var next, exp, created, updated int64
 	err := s.sql.QueryRowContext(ctx, qRelayEntry, ref.ID).Scan(&e.Ref.ID, &e.MessageRef, &e.Recipient, &e.State,
 		&e.Attempts, &next, &exp, &created, &updated, &e.LastError, &e.Report.Device, &e.Report.Mail, &e.Report.Flags,
-		&e.Report.Recipient, &e.Report.MessageID, &e.Report.Headers, &e.From, &e.Content)
+		&e.Report.Recipient, &e.Report.MessageID, &e.Report.Headers, &e.Report.DSN, &e.From, &e.Content)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, fmt.Errorf("%w: relay %d", store.ErrNotFound, ref.ID)
 	}

@@ -116,4 +116,8 @@ var migrations = []string{
 	ALTER TABLE devices ADD COLUMN contact_via TEXT NOT NULL DEFAULT '';
 	ALTER TABLE devices ADD COLUMN contact_at INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE devices ADD COLUMN contact_polled INTEGER NOT NULL DEFAULT 0;`,
+
+	// 4: the Internet sender's DSN parameters (store.Report.DSN).
+	`ALTER TABLE deliveries ADD COLUMN report_dsn TEXT NOT NULL DEFAULT '';
+	ALTER TABLE relays ADD COLUMN report_dsn TEXT NOT NULL DEFAULT '';`,
 }

@@ -799,12 +799,12 @@ func validWork(w store.Work) error {
 const (
 	qInsertDelivery = `INSERT INTO deliveries (device, message_id, submission_time, content_type, content,
 		priority, state, attempts, next_attempt, expires, created, updated, last_error,
-		report_device, report_mail, report_flags, report_recipient, report_message_id, report_headers)
-		VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)`
+		report_device, report_mail, report_flags, report_recipient, report_message_id, report_headers, report_dsn)
+		VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?, ?)`
 	qInsertRelayMessage = `INSERT INTO relay_messages (envelope_from, data, created) VALUES (?, ?, ?) RETURNING id`
 	qInsertRelay        = `INSERT INTO relays (message, rcpt, state, attempts, next_attempt, expires, created,
 		updated, last_error, report_device, report_mail, report_flags, report_recipient, report_message_id,
-		report_headers) VALUES (?, ?, ?, 0, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?)`
+		report_headers, report_dsn) VALUES (?, ?, ?, 0, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?, ?)`
 )
 
 func (s *DB) insertWork(ctx context.Context, tx *sql.Tx, w store.Work, now time.Time) error {
@@ -819,7 +819,8 @@ func (s *DB) insertWork(ctx context.Context, tx *sql.Tx, w store.Work, now time.
 		_, err := s.exec(ctx, tx, qInsertDelivery,
 			d.Device, d.MessageID, st, d.ContentType, nonNil(d.Content), d.Priority, string(store.DeliveryQueued),
 			ms(d.NextAttempt), ms(d.Expires), ms(now), ms(now),
-			d.Report.Device, d.Report.Mail, d.Report.Flags, d.Report.Recipient, d.Report.MessageID, d.Report.Headers)
+			d.Report.Device, d.Report.Mail, d.Report.Flags, d.Report.Recipient, d.Report.MessageID, d.Report.Headers,
+			d.Report.DSN)
 		if err != nil {
 			return fmt.Errorf("sqlite: queue delivery: %w", err)
 		}
@@ -834,7 +835,8 @@ func (s *DB) insertWork(ctx context.Context, tx *sql.Tx, w store.Work, now time.
 		for _, rc := range r.Recipients {
 			_, err := s.exec(ctx, tx, qInsertRelay,
 				ref, rc.Addr, string(store.RelayQueued), ms(r.NextAttempt), ms(r.Expires), ms(now), ms(now),
-				rc.Report.Device, rc.Report.Mail, rc.Report.Flags, rc.Report.Recipient, rc.Report.MessageID, rc.Report.Headers)
+				rc.Report.Device, rc.Report.Mail, rc.Report.Flags, rc.Report.Recipient, rc.Report.MessageID, rc.Report.Headers,
+				rc.Report.DSN)
 			if err != nil {
 				return fmt.Errorf("sqlite: queue relay: %w", err)
 			}
@@ -929,7 +931,7 @@ func (s *DB) NextDue(ctx context.Context, after time.Time) (time.Time, bool, err
 const (
 	deliveryCols = `id, device, message_id, submission_time, content_type, content, priority, state, attempts,
 	next_attempt, expires, created, updated, last_error, report_device, report_mail, report_flags,
-	report_recipient, report_message_id, report_headers`
+	report_recipient, report_message_id, report_headers, report_dsn`
 	qInFlight = `SELECT COUNT(*) FROM deliveries WHERE device = ? AND state = ?`
 	// A limit left NULL does not restrict.
 	qClaimable = `SELECT ` + deliveryCols + ` FROM deliveries WHERE device = ?1 AND state = ?2 AND next_attempt <= ?3
@@ -954,7 +956,7 @@ func scanDelivery(sc interface{ Scan(...any) error }) (*store.Delivery, error) {
 	var next, exp, created, updated int64
 	if err := sc.Scan(&d.ID, &d.Device, &d.MessageID, &st, &d.ContentType, &d.Content, &d.Priority, &state,
 		&d.Attempts, &next, &exp, &created, &updated, &d.LastError, &d.Report.Device, &d.Report.Mail,
-		&d.Report.Flags, &d.Report.Recipient, &d.Report.MessageID, &d.Report.Headers); err != nil {
+		&d.Report.Flags, &d.Report.Recipient, &d.Report.MessageID, &d.Report.Headers, &d.Report.DSN); err != nil {
 		return nil, err
 	}
 	if st.Valid {
@@ -1099,7 +1101,8 @@ func (s *DB) DeliveryStatus(ctx context.Context, addr uint32, messageID string) 
 
 const (
 	relayCols = `r.id, r.message, r.rcpt, r.state, r.attempts, r.expires, r.last_error, r.report_device,
-	r.report_mail, r.report_flags, r.report_recipient, r.report_message_id, r.report_headers, m.envelope_from, m.data`
+	r.report_mail, r.report_flags, r.report_recipient, r.report_message_id, r.report_headers, r.report_dsn,
+	m.envelope_from, m.data`
 	qDueRelays = `SELECT ` + relayCols + ` FROM relays r JOIN relay_messages m ON m.id = r.message
 		WHERE r.state = ? AND r.next_attempt <= ? AND r.expires > ? ORDER BY r.message, r.id LIMIT ?`
 	qClaimRelay  = `UPDATE relays SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?`
@@ -1121,7 +1124,7 @@ func relayBatches(rows *sql.Rows) ([]*store.RelayBatch, error) {
 		var data []byte
 		if err := rows.Scan(&rc.ID, &ref, &rc.Addr, &state, &rc.Attempts, &exp, &rc.LastError, &rc.Report.Device,
 			&rc.Report.Mail, &rc.Report.Flags, &rc.Report.Recipient, &rc.Report.MessageID, &rc.Report.Headers,
-			&from, &data); err != nil {
+			&rc.Report.DSN, &from, &data); err != nil {
 			return nil, err
 		}
 		rc.State, rc.Expires = store.RelayState(state), fromMS(exp)

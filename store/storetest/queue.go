@@ -64,7 +64,7 @@ func newQueueFixture(t *testing.T, s store.Store) *queueFixture {
 	f := &queueFixture{refs: map[string]store.QueueRef{}}
 	a := delivery(10, "a", t0)
 	b := delivery(10, "b", t0.Add(time.Hour))
-	b.Report = store.Report{Device: 20, Mail: "o@x", Flags: 0x20, Recipient: "L:10", MessageID: "L:b", Headers: []byte("H: v\r\n")}
+	b.Report = store.Report{Device: 20, Mail: "o@x", Flags: 0x20, Recipient: "L:10", MessageID: "L:b", Headers: []byte("H: v\r\n"), DSN: "ENVID=e1"}
 	c := delivery(11, "c", t0)
 	e := delivery(11, "e", t0.Add(-time.Hour))
 	d := delivery(13, "d", t0)

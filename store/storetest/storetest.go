@@ -407,7 +407,7 @@ func testDeliveries(t *testing.T, s store.Store) {
 	d1 := delivery(10, "L:a", t0)
 	d1.SubmissionTime = &st
 	d1.Report = store.Report{Device: 20, Mail: "x@y", Flags: 0x20, Recipient: "010.000", MessageID: "L:a",
-		Headers: []byte("Subject: x\r\n")}
+		Headers: []byte("Subject: x\r\n"), DSN: "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a@x"}
 	d2 := delivery(10, "R:<b@x>", t0.Add(time.Minute))
 	d3 := delivery(11, "R:<c@x>", t0)
 	must(t, s.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{d1, d2, d3}}))
