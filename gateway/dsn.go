@@ -40,6 +40,9 @@ type DSNRecipient struct {
 	Diagnostic  string
 	RemoteMTA   string    // Remote-MTA host name, "" = none
 	LastAttempt time.Time // Last-Attempt-Date, zero = none
+	// OriginalRecipient is the sender's ORCPT ("type;address", RFC 3461
+	// §4.2), returned as Original-Recipient; "" = none.
+	OriginalRecipient string
 }
 
 // DSNOptions describe a delivery status notification (spec OP 17).
@@ -133,7 +136,11 @@ func DSN(o DSNOptions) ([]byte, error) {
 		if !isASCII(r.Addr) {
 			typ = "utf-8" // RFC 6533
 		}
-		fmt.Fprintf(&st, "\r\nFinal-Recipient: %s; %s\r\nAction: %s\r\nStatus: %s\r\n", typ, r.Addr, r.Action, r.Status)
+		st.WriteString("\r\n")
+		if t, a, ok := strings.Cut(oneLine(r.OriginalRecipient), ";"); ok && t != "" && a != "" {
+			fmt.Fprintf(&st, "Original-Recipient: %s;%s\r\n", strings.TrimSpace(t), strings.TrimSpace(a))
+		}
+		fmt.Fprintf(&st, "Final-Recipient: %s; %s\r\nAction: %s\r\nStatus: %s\r\n", typ, r.Addr, r.Action, r.Status)
 		if r.RemoteMTA != "" {
 			fmt.Fprintf(&st, "Remote-MTA: dns; %s\r\n", oneLine(r.RemoteMTA))
 		}

@@ -26,12 +26,31 @@ type Receiver interface {
 	// gives 550 5.1.1, a *PermanentError 550 5.7.1, an *smtp.SMTPError its
 	// own reply, anything else 451 4.3.0.
 	Recipient(ctx context.Context, addrSpec string) error
-	// Deliver gets each complete message once, with every accepted
-	// recipient and a Received: field prepended. It must have stored the
-	// message durably before returning nil (the client then gets 250).
-	// A *PermanentError gives 554 5.6.0, an *smtp.SMTPError its own
-	// reply, anything else 451 4.3.0 (the client retries).
-	Deliver(ctx context.Context, from string, to []string, msg []byte) error
+	// Deliver gets each complete message once, with its envelope (every
+	// accepted recipient) and a Received: field prepended. It must have
+	// stored the message durably before returning nil (the client then
+	// gets 250). A *PermanentError gives 554 5.6.0, an *smtp.SMTPError its
+	// own reply, anything else 451 4.3.0 (the client retries).
+	Deliver(ctx context.Context, env *Envelope, msg []byte) error
+}
+
+// Envelope is the SMTP envelope of an inbound message, with the DSN
+// parameters (RFC 3461) the client gave.
+type Envelope struct {
+	From string   // reverse path; "" = null (a bounce)
+	To   []string // accepted recipients, as written, each once
+	// Ret is RET (FULL or HDRS) and EnvID is ENVID, "" when not given.
+	Ret   smtp.DSNReturn
+	EnvID string
+	// Rcpts holds each recipient's DSN parameters, in the order of To.
+	Rcpts []RcptDSN
+}
+
+// RcptDSN is the DSN parameters of one recipient.
+type RcptDSN struct {
+	Notify []smtp.DSNNotify // NOTIFY; nil = not given (failures only, by default)
+	// ORCPT as "type;address" (decoded), "" = not given.
+	ORCPT string
 }
 
 // InboundOptions configure an InboundServer; zero values take defaults.
@@ -157,6 +176,7 @@ func NewInboundServer(r Receiver, o InboundOptions) *InboundServer {
 	srv.WriteTimeout = o.WriteTimeout // reads: requestConn
 	srv.TLSConfig = o.TLSConfig
 	srv.EnableSMTPUTF8 = true // ParseMessage reads UTF-8 headers (RFC 6532)
+	srv.EnableDSN = true      // NOTIFY, RET, ENVID and ORCPT reach the Receiver
 	srv.ErrorLog = slogPrinter{log}
 	s.srv = srv
 	return s
@@ -356,6 +376,7 @@ type session struct {
 	tc   *trackedConn // nil only if go-smtp wrapped the connection unexpectedly
 	from string
 	to   []string
+	env  Envelope // DSN parameters; From and To are filled in at DATA
 }
 
 func (se *session) setBusy(b bool) {
@@ -373,7 +394,7 @@ func (se *session) setBusy(b bool) {
 	}
 }
 
-func (se *session) Mail(from string, _ *smtp.MailOptions) error {
+func (se *session) Mail(from string, opts *smtp.MailOptions) error {
 	se.s.mu.Lock()
 	closing := se.s.closing
 	se.s.mu.Unlock()
@@ -386,12 +407,15 @@ func (se *session) Mail(from string, _ *smtp.MailOptions) error {
 			return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Must issue a STARTTLS command first"}
 		}
 	}
-	se.from, se.to = from, nil
+	se.from, se.to, se.env = from, nil, Envelope{}
+	if opts != nil {
+		se.env.Ret, se.env.EnvID = opts.Return, opts.EnvelopeID
+	}
 	se.setBusy(true)
 	return nil
 }
 
-func (se *session) Rcpt(to string, _ *smtp.RcptOptions) error {
+func (se *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	for _, a := range se.to {
 		if strings.EqualFold(a, to) {
 			return nil // already accepted; deliver once
@@ -402,6 +426,14 @@ func (se *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 	err := se.s.r.Recipient(ctx, to)
 	if err == nil {
 		se.to = append(se.to, to)
+		var d RcptDSN
+		if opts != nil {
+			d.Notify = opts.Notify
+			if opts.OriginalRecipient != "" {
+				d.ORCPT = strings.ToLower(string(opts.OriginalRecipientType)) + ";" + opts.OriginalRecipient
+			}
+		}
+		se.env.Rcpts = append(se.env.Rcpts, d)
 		return nil
 	}
 	var sErr *smtp.SMTPError
@@ -438,7 +470,9 @@ func (se *session) Data(r io.Reader) error {
 	msg = append(se.received(), msg...)
 	ctx, cancel := context.WithTimeout(se.s.base, se.s.o.ReceiverTimeout)
 	defer cancel()
-	if err := se.s.r.Deliver(ctx, se.from, se.to, msg); err != nil {
+	env := se.env
+	env.From, env.To = se.from, se.to
+	if err := se.s.r.Deliver(ctx, &env, msg); err != nil {
 		var sErr *smtp.SMTPError
 		switch {
 		case errors.As(err, &sErr):
@@ -457,7 +491,7 @@ func (se *session) Data(r io.Reader) error {
 // Reset ends a transaction. go-smtp calls it after the reply to DATA has
 // been written, so a closing server may then drop the connection.
 func (se *session) Reset() {
-	se.from, se.to = "", nil
+	se.from, se.to, se.env = "", nil, Envelope{}
 	se.setBusy(false)
 }
 

@@ -21,6 +21,7 @@ type delivery struct {
 	from string
 	to   []string
 	msg  []byte
+	env  Envelope
 }
 
 type testReceiver struct {
@@ -41,7 +42,7 @@ func (r *testReceiver) Recipient(ctx context.Context, a string) error {
 	return fmt.Errorf("%w: %s", ErrUnknownRecipient, a)
 }
 
-func (r *testReceiver) Deliver(ctx context.Context, from string, to []string, msg []byte) error {
+func (r *testReceiver) Deliver(ctx context.Context, env *Envelope, msg []byte) error {
 	if r.inDeliver != nil {
 		r.inDeliver <- struct{}{}
 	}
@@ -57,7 +58,7 @@ func (r *testReceiver) Deliver(ctx context.Context, from string, to []string, ms
 	if r.deliverErr != nil {
 		return r.deliverErr
 	}
-	r.deliveries = append(r.deliveries, delivery{from, append([]string(nil), to...), msg})
+	r.deliveries = append(r.deliveries, delivery{env.From, append([]string(nil), env.To...), msg, *env})
 	return nil
 }
 
@@ -233,6 +234,60 @@ func TestInboundServer(t *testing.T) {
 }
 
 // A message over MaxMessageBytes without SIZE is refused after DATA.
+// The DSN extension (RFC 3461) is offered, and NOTIFY, ORCPT, RET and
+// ENVID reach the Receiver with the envelope, per recipient in order.
+func TestInboundServerDSNParameters(t *testing.T) {
+	r := &testReceiver{}
+	_, addr, _ := startInbound(t, r, InboundOptions{})
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Hello("client.test"); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := c.Extension("DSN"); !ok {
+		t.Fatal("DSN not offered")
+	}
+	if err := c.Mail("alice@example.com", &smtp.MailOptions{Return: smtp.DSNReturnHeaders, EnvelopeID: "QQ314159"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, rc := range []struct {
+		to string
+		o  *smtp.RcptOptions
+	}{
+		{"198.036@emsd.example.test", &smtp.RcptOptions{Notify: []smtp.DSNNotify{smtp.DSNNotifySuccess, smtp.DSNNotifyFailure},
+			OriginalRecipientType: smtp.DSNAddressTypeRFC822, OriginalRecipient: "alice+list@example.net"}},
+		{"198.037@emsd.example.test", &smtp.RcptOptions{Notify: []smtp.DSNNotify{smtp.DSNNotifyNever}}},
+		{"198.038@emsd.example.test", nil},
+	} {
+		if err := c.Rcpt(rc.to, rc.o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte("Subject: x\r\n\r\nhi\r\n"))
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	got := r.got()
+	if len(got) != 1 {
+		t.Fatalf("%d deliveries", len(got))
+	}
+	env := got[0].env
+	want := Envelope{From: "alice@example.com", To: []string{"198.036@emsd.example.test", "198.037@emsd.example.test", "198.038@emsd.example.test"},
+		Ret: smtp.DSNReturnHeaders, EnvID: "QQ314159", Rcpts: []RcptDSN{
+			{Notify: []smtp.DSNNotify{smtp.DSNNotifySuccess, smtp.DSNNotifyFailure}, ORCPT: "rfc822;alice+list@example.net"},
+			{Notify: []smtp.DSNNotify{smtp.DSNNotifyNever}}, {}}}
+	if fmt.Sprintf("%+v", env) != fmt.Sprintf("%+v", want) {
+		t.Errorf("envelope\n got %+v\nwant %+v", env, want)
+	}
+}
+
 func TestInboundServerOversizeData(t *testing.T) {
 	r := &testReceiver{}
 	_, addr, _ := startInbound(t, r, InboundOptions{MaxMessageBytes: 1000})

@@ -56,8 +56,9 @@ func (s *Server) localDomain(addr string) bool {
 // Deliver converts the message once per device (so that one device's Bcc
 // stays hidden from another) and queues the deliveries in one transaction
 // before the SMTP client hears 250.
-func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []byte) error {
+func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte) error {
 	s := r.s
+	from, to := env.From, env.To
 	byDev := map[emsd.Address][]string{}
 	var order []emsd.Address
 	for _, rc := range to {
@@ -124,9 +125,11 @@ func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []b
 				return &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4},
 					Message: fmt.Sprintf("Message too big for %s: its text would be cut (%s)", byDev[a][0], in.BodyCut)}
 			}
-			if from != "" {
+			// Told unless the sender wants no DSN at all: the copy is
+			// delivered but not whole.
+			if p := dsnParamsFor(env, byDev[a][0]); from != "" && !p.never() {
 				cuts = append(cuts, gateway.DSNRecipient{Addr: byDev[a][0], Action: gateway.ActionDelivered,
-					Status: "2.0.0", Diagnostic: "x-emsd; delivered shortened: " + in.BodyCut})
+					Status: "2.0.0", Diagnostic: "x-emsd; delivered shortened: " + in.BodyCut, OriginalRecipient: p.orcpt})
 			}
 		}
 		for _, note := range in.Truncated {
@@ -140,13 +143,13 @@ func (r receiver) Deliver(ctx context.Context, from string, to []string, msg []b
 			MessageID: encodeMsgID(delivered), SubmissionTime: st, ContentType: uint32(in.ContentType),
 			Content: content, Priority: prio, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry)),
 			Report: store.Report{Mail: from, Recipient: "R:" + byDev[a][0], MessageID: encodeMsgID(emsd.RFC822ID(in.MessageID)),
-				Headers: headers}})
+				Headers: headers, DSN: dsnParamsFor(env, byDev[a][0]).encode()}})
 	}
 	if len(cuts) > 0 {
 		// smtp.oversize = "truncate": the sender hears that the copy is
 		// shortened, in the same transaction as the deliveries.
 		dsn, err := gateway.DSN(gateway.DSNOptions{ReportingMTA: s.hostname, To: from, Date: now, ArrivalDate: now,
-			OriginalHeaders: headers, Recipients: cuts,
+			OriginalHeaders: headers, Recipients: cuts, EnvelopeID: env.EnvID,
 			Explanation: "Your message was delivered, but shortened: it is more than the recipient's device\r\n" +
 				"can take. Send the rest in a separate, shorter message if it matters.\r\n"})
 		if err != nil {

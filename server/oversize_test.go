@@ -156,3 +156,63 @@ func TestInboundRecipientCheck(t *testing.T) {
 		t.Errorf("queue %+v", st.Deliveries)
 	}
 }
+
+// sendDSN sends msg with DSN parameters: ret and envID for the message,
+// one RcptOptions per recipient.
+func sendDSN(t *testing.T, s *Server, from string, to []string, opts []*smtp.RcptOptions, envID string, msg string) {
+	t.Helper()
+	c, err := smtp.Dial(s.Addrs().SMTP.String())
+	must(t, err)
+	defer c.Close()
+	must(t, c.Hello("client.test"))
+	must(t, c.Mail(from, &smtp.MailOptions{Return: smtp.DSNReturnHeaders, EnvelopeID: envID}))
+	for i, r := range to {
+		must(t, c.Rcpt(r, opts[i]))
+	}
+	w, err := c.Data()
+	must(t, err)
+	_, err = w.Write([]byte(msg))
+	must(t, err)
+	must(t, w.Close())
+	must(t, c.Quit())
+}
+
+// The DSN extension end to end: NOTIFY=SUCCESS gets a success DSN once the
+// device has the message, with ORCPT and ENVID returned; NOTIFY=NEVER
+// gets nothing when the delivery fails; without NOTIFY a failure is
+// reported.
+func TestInboundDSNExtension(t *testing.T) {
+	host := startSmarthost(t, "")
+	c := testConfig(t)
+	c.Relay.Smarthost = host.addr
+	c.Delivery.Expiry = Duration(time.Second)
+	s := startServer(t, c)
+	dev := newDevice(t, s, 198036, deviceOpts{})
+	addDevice(t, s, 198037, freeUDP(t), deviceOpts{}) // never answers
+
+	sendDSN(t, s, "carol@example.com", []string{"198.036@emsd.test"}, []*smtp.RcptOptions{{
+		Notify: []smtp.DSNNotify{smtp.DSNNotifySuccess}, OriginalRecipientType: smtp.DSNAddressTypeRFC822,
+		OriginalRecipient: "alice@example.net"}}, "ENV-1", "From: carol@example.com\r\nSubject: one\r\n\r\nhello\r\n")
+	dev.next(t)
+	m := host.next(t)
+	f := parseDSN(t, m.data)
+	if len(f.recipients) != 1 || f.message.Get("Original-Envelope-Id") != "ENV-1" {
+		t.Fatalf("success DSN fields %+v", f)
+	}
+	if r := f.recipients[0]; r.Get("Action") != "delivered" || r.Get("Original-Recipient") != "rfc822;alice@example.net" ||
+		r.Get("Final-Recipient") != "rfc822; 198.036@emsd.test" {
+		t.Errorf("recipient fields %v", r.Map())
+	}
+
+	never := []*smtp.RcptOptions{{Notify: []smtp.DSNNotify{smtp.DSNNotifyNever}}}
+	sendDSN(t, s, "carol@example.com", []string{"198.037@emsd.test"}, never, "ENV-2", "From: carol@example.com\r\nSubject: two\r\n\r\nx\r\n")
+	sendDSN(t, s, "carol@example.com", []string{"198.037@emsd.test"}, []*smtp.RcptOptions{nil}, "ENV-3",
+		"From: carol@example.com\r\nSubject: three\r\n\r\nx\r\n")
+	m = host.next(t) // the expiry of "three"
+	f = parseDSN(t, m.data)
+	if f.message.Get("Original-Envelope-Id") != "ENV-3" || len(f.recipients) != 1 || f.recipients[0].Get("Action") != "failed" ||
+		!bytes.Contains(m.data, []byte("Subject: three")) {
+		t.Fatalf("failure DSN %+v\n%s", f, m.data)
+	}
+	host.none(t, 2*time.Second) // and none for "two"
+}

@@ -83,7 +83,7 @@ func (s *Server) reportWork(ctx context.Context, items []reportItem) (store.Work
 			}
 			devs[k] = append(devs[k], reportEntry(r, it.o))
 		}
-		if r.Mail != "" && (!it.o.delivered || flags.Has(emsd.RcptDeliveryReport)) {
+		if r.Mail != "" && parseDSNParams(r.DSN).wants(it.o.delivered, flags.Has(emsd.RcptDeliveryReport)) {
 			k := mailKey{r.Mail, r.MessageID}
 			if _, ok := mails[k]; !ok {
 				mlOrder = append(mlOrder, k)
@@ -343,7 +343,7 @@ func (s *Server) dsn(ctx context.Context, items []reportItem) (store.NewRelay, e
 	rcpts := make([]gateway.DSNRecipient, 0, len(items))
 	for _, it := range items {
 		rc := gateway.DSNRecipient{Addr: strings.TrimPrefix(it.r.Recipient, "R:"), Action: gateway.ActionDelivered,
-			LastAttempt: it.o.at}
+			LastAttempt: it.o.at, OriginalRecipient: parseDSNParams(it.r.DSN).orcpt}
 		if !it.o.delivered {
 			rc.Action = gateway.ActionFailed
 			rc.Status = gateway.StatusFor(it.o.diag)
@@ -359,9 +359,12 @@ func (s *Server) dsn(ctx context.Context, items []reportItem) (store.NewRelay, e
 	if err != nil {
 		return store.NewRelay{}, fmt.Errorf("server: DSN id: %w", err)
 	}
+	// RET=FULL cannot be honoured beyond the header: the message was
+	// converted for the device and only its header kept (RFC 3461 §4.3
+	// lets an MTA return less than asked).
 	msg, err := gateway.DSN(gateway.DSNOptions{ReportingMTA: s.hostname, To: first.Mail, Date: time.Now(),
 		MessageID:       fmt.Sprintf("<DSN.%08x.%08x@%s>", uint32(id.Local.SubmissionTime), id.Local.Number, s.hostname),
-		OriginalHeaders: first.Headers, Recipients: rcpts})
+		OriginalHeaders: first.Headers, Recipients: rcpts, EnvelopeID: parseDSNParams(first.DSN).envID})
 	if err != nil {
 		return store.NewRelay{}, fmt.Errorf("server: DSN: %w", err)
 	}
