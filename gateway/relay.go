@@ -127,6 +127,22 @@ type RecipientResult struct {
 // *PermanentError for a 5xx reply to MAIL or DATA and for messages the
 // smarthost cannot take (SIZE, SMTPUTF8); everything else is transient.
 func (r *Relay) Send(ctx context.Context, from string, to []string, msg []byte) ([]RecipientResult, error) {
+	return r.SendDSN(ctx, from, to, msg, nil)
+}
+
+// DSNRequest asks the smarthost for delivery status notifications (RFC
+// 3461). The parameters are sent only where the smarthost offers DSN.
+type DSNRequest struct {
+	Ret   smtp.DSNReturn // RET; "" = not given
+	EnvID string         // ENVID (printable ASCII); "" = not given
+	// Notify and ORCPT are per recipient, in the order of to; a nil
+	// Notify or an empty ORCPT (an address) is not given.
+	Notify [][]smtp.DSNNotify
+	ORCPT  []string
+}
+
+// SendDSN is Send with DSN parameters (nil = none).
+func (r *Relay) SendDSN(ctx context.Context, from string, to []string, msg []byte, dsn *DSNRequest) ([]RecipientResult, error) {
 	res := make([]RecipientResult, len(to))
 	for i, a := range to {
 		res[i].Addr = a
@@ -193,7 +209,14 @@ func (r *Relay) Send(ctx context.Context, from string, to []string, msg []byte) 
 	if limit, ok := c.MaxMessageSize(); ok && limit > 0 && len(msg) > limit {
 		return fail(&PermanentError{Err: fmt.Errorf("message of %d octets exceeds the smarthost's SIZE %d", len(msg), limit)})
 	}
-	if err := c.Mail(from, &smtp.MailOptions{Size: int64(len(msg)), UTF8: utf8}); err != nil {
+	mo := &smtp.MailOptions{Size: int64(len(msg)), UTF8: utf8}
+	if dsn != nil {
+		mo.Return = dsn.Ret
+		if isASCII(dsn.EnvID) && !strings.ContainsAny(dsn.EnvID, " \t\r\n") {
+			mo.EnvelopeID = dsn.EnvID
+		}
+	}
+	if err := c.Mail(from, mo); err != nil {
 		var se *smtp.SMTPError
 		if r.Username == "" && errors.As(err, &se) && (se.Code == 530 || se.EnhancedCode == smtp.EnhancedCode{5, 7, 0}) {
 			// The smarthost wants AUTH and we have no credentials: a
@@ -204,7 +227,7 @@ func (r *Relay) Send(ctx context.Context, from string, to []string, msg []byte) 
 	}
 	accepted := 0
 	for i, a := range to {
-		err := c.Rcpt(a, nil)
+		err := c.Rcpt(a, dsn.rcpt(i))
 		if err == nil {
 			accepted++
 			continue
@@ -232,6 +255,27 @@ func (r *Relay) Send(ctx context.Context, from string, to []string, msg []byte) 
 	}
 	c.Quit() // the message is accepted; a failing QUIT changes nothing
 	return res, nil
+}
+
+// rcpt is recipient i's RCPT options (nil = none).
+func (d *DSNRequest) rcpt(i int) *smtp.RcptOptions {
+	if d == nil {
+		return nil
+	}
+	o := &smtp.RcptOptions{}
+	if i < len(d.Notify) {
+		o.Notify = d.Notify[i]
+	}
+	if i < len(d.ORCPT) && d.ORCPT[i] != "" {
+		o.OriginalRecipientType, o.OriginalRecipient = smtp.DSNAddressTypeRFC822, d.ORCPT[i]
+		if !isASCII(d.ORCPT[i]) {
+			o.OriginalRecipientType = smtp.DSNAddressTypeUTF8 // RFC 6533 §6
+		}
+	}
+	if o.Notify == nil && o.OriginalRecipient == "" {
+		return nil
+	}
+	return o
 }
 
 // classify makes a 5xx reply a *PermanentError.

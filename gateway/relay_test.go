@@ -233,6 +233,35 @@ func TestRelayTLS(t *testing.T) {
 
 var errAny = errors.New("any error")
 
+// DSN parameters reach a smarthost that offers DSN, per recipient.
+func TestRelayDSN(t *testing.T) {
+	h := &testSmarthost{}
+	r := &Relay{Addr: h.start(t, func(s *smtp.Server) { s.EnableDSN = true }), TLS: TLSNone}
+	_, err := r.SendDSN(context.Background(), "198.036@emsd.example.test", []string{"b@example.com", "c@example.com"}, testMessage,
+		&DSNRequest{Ret: smtp.DSNReturnHeaders, EnvID: "6b080580.00000001",
+			Notify: [][]smtp.DSNNotify{{smtp.DSNNotifySuccess, smtp.DSNNotifyFailure}, {smtp.DSNNotifyNever}},
+			ORCPT:  []string{"b@example.com", ""}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := h.received()[0]
+	if m.mail.Return != smtp.DSNReturnHeaders || m.mail.EnvelopeID != "6b080580.00000001" || len(m.rcpt) != 2 ||
+		fmt.Sprint(m.rcpt[0].Notify) != "[SUCCESS FAILURE]" || m.rcpt[0].OriginalRecipient != "b@example.com" ||
+		fmt.Sprint(m.rcpt[1].Notify) != "[NEVER]" || m.rcpt[1].OriginalRecipient != "" {
+		t.Errorf("mail %+v rcpt %+v", m.mail, m.rcpt)
+	}
+	// Without DSN at the smarthost the parameters are left out.
+	h2 := &testSmarthost{}
+	r2 := &Relay{Addr: h2.start(t, nil), TLS: TLSNone}
+	if _, err := r2.SendDSN(context.Background(), "a@x", []string{"b@example.com"}, testMessage,
+		&DSNRequest{Ret: smtp.DSNReturnHeaders, Notify: [][]smtp.DSNNotify{{smtp.DSNNotifyNever}}}); err != nil {
+		t.Fatal(err)
+	}
+	if m := h2.received()[0]; m.mail.Return != "" || m.rcpt[0].Notify != nil {
+		t.Errorf("parameters sent without DSN: %+v %+v", m.mail, m.rcpt)
+	}
+}
+
 func TestRelayAuth(t *testing.T) {
 	tlsOn, trust := withTLS(t)
 	tests := []struct {

@@ -35,6 +35,8 @@ type testMsg struct {
 	data       []byte
 	tls, utf8  bool
 	user       string
+	mail       smtp.MailOptions
+	rcpt       []smtp.RcptOptions
 }
 
 type testSession struct {
@@ -70,17 +72,22 @@ func (s *testSession) Mail(from string, opts *smtp.MailOptions) error {
 		return s.h.mailErr
 	}
 	_, isTLS := s.conn.TLSConnectionState()
-	s.m = testMsg{from: from, helo: s.conn.Hostname(), tls: isTLS, utf8: opts.UTF8, user: s.m.user}
+	s.m = testMsg{from: from, helo: s.conn.Hostname(), tls: isTLS, utf8: opts.UTF8, user: s.m.user, mail: *opts}
 	return nil
 }
 
-func (s *testSession) Rcpt(to string, _ *smtp.RcptOptions) error {
+func (s *testSession) Rcpt(to string, o *smtp.RcptOptions) error {
 	s.h.mu.Lock()
 	defer s.h.mu.Unlock()
 	if err := s.h.rcptErr[to]; err != nil {
 		return err
 	}
 	s.m.to = append(s.m.to, to)
+	var ro smtp.RcptOptions
+	if o != nil {
+		ro = *o
+	}
+	s.m.rcpt = append(s.m.rcpt, ro)
 	return nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/netip"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/ua"
 )
 
 // dsnFields is a parsed message/delivery-status (or its RFC 6533 global
@@ -215,4 +217,31 @@ func TestInboundDSNExtension(t *testing.T) {
 		t.Fatalf("failure DSN %+v\n%s", f, m.data)
 	}
 	host.none(t, 2*time.Second) // and none for "two"
+}
+
+// Mail a device sends to the Internet asks the smarthost for DSNs as the
+// device's per-recipient flags ask for reports (RFC 3461), with the local
+// message id as ENVID and the headers only.
+func TestRelayAsksForDSNs(t *testing.T) {
+	host := startSmarthostWith(t, "", func(srv *smtp.Server) { srv.EnableDSN = true })
+	c := testConfig(t)
+	c.Relay.Smarthost = host.addr
+	s := startServer(t, c)
+	dev := newDevice(t, s, 198036, deviceOpts{password: "pw"})
+	for _, tc := range []struct {
+		msg  ua.Message
+		want string
+	}{
+		{ua.Message{To: []string{"bob@example.com"}, Subject: "dr", Body: []byte("x\n"), DeliveryReport: true}, "[SUCCESS FAILURE]"},
+		{ua.Message{To: []string{"carol@example.com"}, Subject: "default", Body: []byte("x\n")}, "[FAILURE]"},
+		{ua.Message{To: []string{"dave@example.com"}, Subject: "none", Body: []byte("x\n"), NoNonDeliveryReport: true}, "[NEVER]"},
+	} {
+		id, err := dev.ua.Submit(context.Background(), &tc.msg)
+		must(t, err)
+		m := host.next(t)
+		if len(m.rcpt) != 1 || fmt.Sprint(m.rcpt[0].Notify) != tc.want || m.rcpt[0].OriginalRecipient != tc.msg.To[0] ||
+			m.mail.Return != smtp.DSNReturnHeaders || m.mail.EnvelopeID != id.String() {
+			t.Errorf("%s: mail %+v rcpt %+v (id %s)", tc.msg.Subject, m.mail, m.rcpt, id)
+		}
+	}
 }

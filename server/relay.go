@@ -5,6 +5,8 @@ import (
 	"errors"
 	"time"
 
+	"github.com/emersion/go-smtp"
+
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/store"
@@ -13,7 +15,7 @@ import (
 // relayer sends one message to the smarthost; *gateway.Relay is the
 // implementation.
 type relayer interface {
-	Send(ctx context.Context, from string, to []string, msg []byte) ([]gateway.RecipientResult, error)
+	SendDSN(ctx context.Context, from string, to []string, msg []byte, dsn *gateway.DSNRequest) ([]gateway.RecipientResult, error)
 }
 
 func (s *Server) kickRelay() {
@@ -89,7 +91,7 @@ func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 	for i, rc := range b.Recipients {
 		to[i] = rc.Addr
 	}
-	results, sendErr := lc.relay.Send(s.dctx, b.From, to, b.Message)
+	results, sendErr := lc.relay.SendDSN(s.dctx, b.From, to, b.Message, relayDSN(b))
 	shutdown := s.dctx.Err() != nil
 	ctx := s.ctx
 	now := time.Now()
@@ -141,6 +143,39 @@ func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 		return
 	}
 	s.noteQueued(work)
+}
+
+// relayDSN is what a device's mail asks of the Internet (RFC 3461), from
+// its per-recipient flags: a delivery report (bit 6) NOTIFY=SUCCESS, a
+// non-delivery report (bit 5) FAILURE, neither NEVER; the headers only
+// (a device takes no returned message); its local message id as ENVID;
+// the recipient as written as ORCPT. Bounces (null sender) ask nothing.
+func relayDSN(b *store.RelayBatch) *gateway.DSNRequest {
+	if b.From == "" {
+		return nil
+	}
+	d := &gateway.DSNRequest{Ret: smtp.DSNReturnHeaders}
+	for _, rc := range b.Recipients {
+		if id, err := decodeMsgID(rc.Report.MessageID); err == nil && id.IsLocal && d.EnvID == "" {
+			d.EnvID = id.Local.String()
+		}
+		var n []smtp.DSNNotify
+		f := emsd.PerRecipientFlags(rc.Report.Flags)
+		if rc.Report.Device != 0 {
+			if f.Has(emsd.RcptDeliveryReport) {
+				n = append(n, smtp.DSNNotifySuccess)
+			}
+			if f.Has(emsd.RcptNonDeliveryReport) {
+				n = append(n, smtp.DSNNotifyFailure)
+			}
+			if n == nil {
+				n = []smtp.DSNNotify{smtp.DSNNotifyNever}
+			}
+		}
+		d.Notify = append(d.Notify, n)
+		d.ORCPT = append(d.ORCPT, rc.Addr)
+	}
+	return d
 }
 
 // expireRelays fails relay recipients past their expiry.
