@@ -199,6 +199,12 @@ func printable(name, addr string, max int) (s string, note string) {
 
 // orAddress maps one parsed Internet address to an ORAddress (§6.2): local
 // (number only, no name) when the Mapping says so, else rfc822 printable.
+// isAlias: addrSpec names a device other than by the number@domain form.
+func (m Mapping) isAlias(addrSpec string) bool {
+	_, numeric := m.Numeric(normalizeAddrSpec(addrSpec))
+	return !numeric
+}
+
 func (m Mapping) orAddress(a *mail.Address, notes *[]string) (emsd.ORAddress, bool) {
 	if n, ok := m.lookup(a.Address); ok {
 		return emsd.LocalOR(n, ""), true

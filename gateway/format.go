@@ -25,6 +25,10 @@ type FormatOptions struct {
 	// recipients that resolve to a device as Local (for instance an alias
 	// the device typed as an Internet address).
 	Mapping Mapping
+	// Aliases shows these devices by the address given instead of
+	// hhh.lll@Domain in the header (Aliases of an inbound IPM: how the
+	// sender addressed them); the envelope forms stay numeric.
+	Aliases map[emsd.Address]string
 }
 
 // RecipientKind tells how a recipient was addressed (§9.6).
@@ -376,9 +380,13 @@ func (f *formatter) mapped(spec string) (emsd.Address, bool) {
 
 func (f *formatter) local(n emsd.Address, name string) rendered {
 	spec := n.String() + "@" + f.o.Domain
-	r := rendered{spec: spec, header: spec, local: true, device: n}
+	shown := spec
+	if a := f.o.Aliases[n]; a != "" {
+		shown = a
+	}
+	r := rendered{spec: spec, header: shown, local: true, device: n}
 	if name = oneLine(name); name != "" {
-		r.header = encodePhrase(name) + " <" + spec + ">"
+		r.header = encodePhrase(name) + " <" + shown + ">"
 	}
 	return r
 }

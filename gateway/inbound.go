@@ -109,6 +109,7 @@ var consumedFields = map[string]bool{
 	"Subject": true, "Mime-Version": true, "Content-Type": true,
 	"Content-Id": true, "Content-Description": true,
 	"Content-Transfer-Encoding": true,
+	"X-Emsd-Addressed-As":       true, // ours (AliasExtension), never taken from the mail
 }
 
 // traceFields are transport bookkeeping, not message content: kept out of
@@ -242,8 +243,9 @@ type parser struct {
 	o        ParseOptions
 	msg      []byte
 	notes    []string
-	id       string // the message's id (messageID)
-	invented bool   // id was invented
+	aliases  []string // AliasExtension values
+	id       string   // the message's id (messageID)
+	invented bool     // id was invented
 	bodyCut  string
 }
 
@@ -343,18 +345,23 @@ type addr struct {
 func (p *parser) addresses(key string) []addr {
 	var out []addr
 	for _, v := range p.h.Values(key) {
+		conv := func(a *mail.Address) addr {
+			or, local := p.m.orAddress(a, &p.notes)
+			if local && (key == "To" || key == "Cc") && p.m.isAlias(a.Address) {
+				p.noteAlias(or.Local, a.Address)
+			}
+			return addr{or: or, spec: a.Address, local: local}
+		}
 		list, err := gomail.ParseAddressList(v)
 		if err == nil {
 			for _, a := range list {
-				or, local := p.m.orAddress(a, &p.notes)
-				out = append(out, addr{or: or, spec: a.Address, local: local})
+				out = append(out, conv(a))
 			}
 			continue
 		}
 		for _, chunk := range splitAddressList(v) {
 			if a, err := gomail.ParseAddress(chunk); err == nil {
-				or, local := p.m.orAddress(a, &p.notes)
-				out = append(out, addr{or: or, spec: a.Address, local: local})
+				out = append(out, conv(a))
 				continue
 			}
 			raw := oneLine(decodeWords(chunk))
@@ -502,9 +509,60 @@ func (p *parser) ipm(body []byte) *emsd.IPM {
 			p.note("the last header field dropped for the Message-ID extension")
 		}
 	}
+	for _, al := range p.aliases {
+		if len(h.Extensions) >= emsd.MaxExtensions {
+			p.note("no room for the aliases as addressed")
+			break
+		}
+		h.Extensions = append(h.Extensions, emsd.Extension{Label: AliasExtension, Value: al})
+	}
 	ipm := &emsd.IPM{Heading: *h, Body: &emsd.Body{Text: text}}
 	p.fit(ipm)
 	return ipm
+}
+
+// AliasExtension is the heading extension that records how a device was
+// addressed when To: or Cc: named it by an alias: "hhh.lll addr-spec".
+// The device's recipient entry is its number (a device finds itself among
+// the local recipients only, docs/protocol.md EMSD §10.3); a mail reader's
+// rendering (ua's Maildir) shows the alias instead. A field of this name
+// in the incoming mail is dropped.
+const AliasExtension = "X-EMSD-Addressed-As"
+
+// noteAlias records that device n was addressed as alias (first one
+// wins), for AliasExtension.
+func (p *parser) noteAlias(n emsd.Address, alias string) {
+	v := n.String() + " " + alias
+	if len(v) > maxExtValue || !isASCII(v) {
+		return
+	}
+	for _, a := range p.aliases {
+		if strings.HasPrefix(a, n.String()+" ") {
+			return
+		}
+	}
+	p.aliases = append(p.aliases, v)
+}
+
+// Aliases returns the aliases ipm's AliasExtension fields record, by
+// device, and the heading's other extensions.
+func Aliases(ipm *emsd.IPM) (aliases map[emsd.Address]string, rest []emsd.Extension) {
+	for _, x := range ipm.Heading.Extensions {
+		if !strings.EqualFold(x.Label, AliasExtension) {
+			rest = append(rest, x)
+			continue
+		}
+		num, spec, ok := strings.Cut(strings.TrimSpace(x.Value), " ")
+		n, err := emsd.ParseAddress(num)
+		if !ok || err != nil || spec == "" || strings.ContainsAny(spec, " <>\r\n") {
+			continue
+		}
+		if aliases == nil {
+			aliases = map[emsd.Address]string{}
+		}
+		aliases[n] = spec
+	}
+	return aliases, rest
 }
 
 // recipients reads To (no flags), Cc (bits 0+5), Bcc (bits 1+5) as §9.8

@@ -454,6 +454,29 @@ func TestParseMessage(t *testing.T) {
 			}
 		},
 	}, {
+		name: "an alias in To: is recorded as addressed; a forged record is dropped",
+		msg: "From: carol@example.com\nTo: Alice <Alice@Example.NET>, 198.037@emsd.example.test\nCc: alice@example.net\n" +
+			"X-EMSD-Addressed-As: 198.037 ceo@example.com\n\nx\n",
+		m: Mapping{Domains: []string{testDomain}, Resolve: func(a string) (emsd.Address, bool) {
+			switch a {
+			case "Alice@example.net", "alice@example.net":
+				return 198036, true
+			case "198.037@emsd.example.test":
+				return 198037, true
+			}
+			return 0, false
+		}},
+		check: func(t *testing.T, in *Inbound) {
+			h := in.IPM.Heading
+			if fmt.Sprint(h.Recipients) != "[{198.036 none} {198.037 none} {198.036 copy-recipient|non-delivery-report}]" {
+				t.Errorf("recipients %v", h.Recipients)
+			}
+			al, rest := Aliases(in.IPM)
+			if fmt.Sprint(al) != "map[198.036:Alice@Example.NET]" || len(rest) != 0 {
+				t.Errorf("aliases %v, other extensions %v", al, rest)
+			}
+		},
+	}, {
 		name: "mbox line, malformed header line ends the header",
 		msg:  "From alice@example.com Thu Nov 26 07:00:00 2026\nFrom: alice@example.com\nTo: 198.036@emsd.example.test\nthis is no header\nbody line\n",
 		check: func(t *testing.T, in *Inbound) {

@@ -232,14 +232,20 @@ func (m *Maildir) Format(d *Delivery) ([]byte, error) {
 	returnPath := ""
 	switch {
 	case d.IPM != nil:
+		// Devices addressed by an alias are shown so; the extensions
+		// recording that are not shown themselves.
+		ipm := *d.IPM
+		var rest []emsd.Extension
 		o := gateway.FormatOptions{Domain: m.domain, Date: d.SubmissionTime, MessageID: id}
+		o.Aliases, rest = gateway.Aliases(d.IPM)
+		ipm.Heading.Extensions = rest
 		if sid := gateway.SenderMessageID(d.IPM); sid != "" {
 			o.MessageID = sid
 		}
 		if o.Date.IsZero() {
 			o.Date = d.DeliveryTime
 		}
-		out, err := gateway.FormatIPM(d.IPM, o)
+		out, err := gateway.FormatIPM(&ipm, o)
 		if err != nil {
 			return nil, fmt.Errorf("ua: maildir: %w", err)
 		}

@@ -131,6 +131,27 @@ func TestMaildirBytes(t *testing.T) {
 	}
 }
 
+// A device the sender addressed by an alias is shown by it, as addressed;
+// the extension recording it is not shown.
+func TestMaildirAlias(t *testing.T) {
+	md := openTestMaildir(t, t.TempDir(), MaildirConfig{KeepDuplicates: true})
+	ipm := testIPM("hi", []byte("x\n"))
+	ipm.Heading.Originator = emsd.RFC822OR("carol@example.com")
+	ipm.Heading.Recipients = []emsd.RecipientData{{Recipient: emsd.LocalOR(198036, "")}, {Recipient: emsd.LocalOR(198037, "")}}
+	ipm.Heading.Extensions = []emsd.Extension{{Label: "X-EMSD-Addressed-As", Value: "198.036 Alice@Example.NET"}}
+	d := &Delivery{MessageID: emsd.RFC822ID("<a1@example.com>"), DeliveryTime: t0, Version: emsd.V1_1, Recipient: 198036, IPM: ipm}
+	path, err := md.Store(d)
+	must(t, err)
+	b, err := os.ReadFile(path)
+	must(t, err)
+	m, err := mail.ReadMessage(bytes.NewReader(b))
+	must(t, err)
+	if m.Header.Get("To") != "Alice@Example.NET, 198.037@emsd.example" || m.Header.Get("X-Emsd-Addressed-As") != "" ||
+		m.Header.Get("Delivered-To") != "198.036@emsd.example" {
+		t.Errorf("header %v", m.Header)
+	}
+}
+
 // An EMSD report (content type 2) is stored as a multipart/report a mail
 // reader shows as a delivery status notification.
 func TestMaildirReport(t *testing.T) {
