@@ -178,7 +178,7 @@ type ResponseWriter interface {
 	// Confirmed blocks until the provider confirms the answer, and returns
 	// nil for RESULT/ERROR.confirm or the *Failure that ended the
 	// invocation. A 3-way confirm means the invoker acknowledged; a 2-way
-	// confirm only means no duplicate INVOKE came within T_inact (spec
+	// confirm only means no duplicate INVOKE came within T_inact (see
 	// docs/protocol.md ESRO Open Point 9).
 	Confirmed(ctx context.Context) error
 }

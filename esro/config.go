@@ -112,7 +112,7 @@ type Config struct {
 
 	// PerformerTimeout is how long a handler may take to answer before the
 	// invocation fails with FAILURE(2) to the invoker. Zero: T_noresp.
-	// Negative: wait forever, as the reference's 3-way performer does (spec
+	// Negative: wait forever, as the reference's 3-way performer does (see
 	// docs/protocol.md ESRO Open Point 7).
 	PerformerTimeout time.Duration
 

@@ -97,7 +97,7 @@ func (e *Endpoint) LocalAddr() net.Addr { return e.conn.LocalAddr() }
 // Stats returns a snapshot of the endpoint's counters.
 func (e *Endpoint) Stats() Stats { return e.st.snapshot() }
 
-// Handle binds sap (1..15) with a handshake and a handler (SAP-BIND, spec
+// Handle binds sap (1..15) with a handshake and a handler (SAP-BIND, see
 // docs/protocol.md ESRO §3.3). INVOKEs for an unbound SAP are answered FAILURE(2).
 func (e *Endpoint) Handle(sap uint8, hs Handshake, h Handler) error {
 	e.mu.Lock()

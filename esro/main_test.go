@@ -48,7 +48,7 @@ func TestUDPLoopback(t *testing.T) {
 }
 
 // A one-shot invoker closes its endpoint as soon as Invoke returns; the ACK
-// queued in the same step as the RESULT indication must still go out (spec
+// queued in the same step as the RESULT indication must still go out (see
 // docs/protocol.md ESRO §5.2), or the performer ends in a transmission failure although
 // the operation succeeded. Found by interop runs against the C reference.
 func TestCloseAfterInvokeStillAcks(t *testing.T) {

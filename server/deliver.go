@@ -385,7 +385,7 @@ func (s *Server) attempt(dev *device, d *store.Delivery, tg *target) attemptResu
 				text += fmt.Sprintf(" (parameter %d)", p)
 			}
 			// Parameter 6 (resource error) is the only transient error;
-			// anything else, no parameter included, is permanent (spec
+			// anything else, no parameter included, is permanent (see
 			// docs/protocol.md EMSD §1.6, the intended rule).
 			if hasParam && p.Code() == emsd.CodeResource {
 				return attemptResult{kind: attemptRespool, err: text}

@@ -99,7 +99,7 @@ func (s *Server) refuseIdentity(w esro.ResponseWriter, op string, peer netip.Add
 	s.refuse(w, op, emsd.CodeSecurity, err.Error())
 }
 
-// handleDeliveryControl performs Delivery control (op 2 on SAP 9, spec
+// handleDeliveryControl performs Delivery control (op 2 on SAP 9, see
 // docs/protocol.md EMSD §9.12 Recommend): it records the device's limits and answers
 // what is held back by them. Its poll side effect (§9.4) already ran.
 func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation, peer netip.AddrPort, v emsd.Version, woken bool) {

@@ -16,7 +16,7 @@ import (
 )
 
 // receiver is the server's side of inbound SMTP (gateway.Receiver):
-// Internet mail for device addresses becomes queued deliveries (spec
+// Internet mail for device addresses becomes queued deliveries (see
 // docs/protocol.md EMSD §9.8).
 type receiver struct{ s *Server }
 

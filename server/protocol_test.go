@@ -259,7 +259,7 @@ func TestReplayCaptures(t *testing.T) {
 }
 
 // Submission and delivery with a device configured for EMSD 1.0: op 0
-// submissions answered with the 1.0 SubmitResult (inner tag 25, spec
+// submissions answered with the 1.0 SubmitResult (inner tag 25, see
 // docs/protocol.md EMSD §4), and deliveries as op 1 on SAP 3, 3-way, in 1.0 encodings.
 func TestVersion10Device(t *testing.T) {
 	s := startServer(t, testConfig(t))

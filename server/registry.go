@@ -62,7 +62,7 @@ func newRegistry(version int64, devs []*store.Device) *registry {
 }
 
 // byPeer finds the device an INVOKE came from by its network address:
-// IP and port, then IP alone when only one device has that IP (spec
+// IP and port, then IP alone when only one device has that IP (see
 // docs/protocol.md EMSD §9.2; the reference knows only the IP).
 func (r *registry) byPeer(peer netip.AddrPort, ipOnly bool) *device {
 	if !ipOnly {
@@ -76,7 +76,7 @@ func (r *registry) byPeer(peer netip.AddrPort, ipOnly bool) *device {
 	return nil
 }
 
-// Identification failures, answered ERROR 4 with parameter 4 (spec
+// Identification failures, answered ERROR 4 with parameter 4 (see
 // docs/protocol.md EMSD §9.3 Recommend, Open Point 3), except errAuthLimited and
 // errAuthBusy, a password not checked because of the failed-
 // authentication limits or a full queue of checks: those get a transient
@@ -131,7 +131,7 @@ func (c *pwCache) verify(d *device, pw string) bool {
 	return true
 }
 
-// identify finds and authenticates the device an INVOKE comes from (spec
+// identify finds and authenticates the device an INVOKE comes from (see
 // docs/protocol.md EMSD §9.3 with its Recommend): credentials naming an emsd-address
 // select that device; otherwise the source address does. The password is
 // verified whenever the device has one and checkPW is set (operations

@@ -1,5 +1,5 @@
 // Package server is the EMSD message transfer system (MTS) behind
-// `emsdp serve`: it performs the server side of EMSD over ESRO (spec
+// `emsdp serve`: it performs the server side of EMSD over ESRO (see
 // docs/protocol.md EMSD §1.4, §9) for the devices in its registry, relays their mail to
 // the Internet through a smarthost and delivers Internet mail received over
 // SMTP to them. Every message is in the store before it is acknowledged,

@@ -33,7 +33,7 @@ type Config struct {
 	// and operation values of what the client sends; deliveries are
 	// accepted in both versions (op 35 = 1.1, op 1 on SAP 3 = 1.0).
 	Version emsd.Version
-	// PDUSize is the ESRO user-data size (the endpoint's PDUSize, spec
+	// PDUSize is the ESRO user-data size (the endpoint's PDUSize, see
 	// docs/protocol.md ESRO §6) that segments are sized to (§8). Zero: 1500.
 	PDUSize int
 	// Handler receives complete deliveries. Nil: deliveries are refused

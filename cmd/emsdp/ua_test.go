@@ -541,7 +541,7 @@ func TestUAWithServer(t *testing.T) {
 		}
 	}
 	// Duplicates: a device whose RESULT was lost (so it never ACKed)
-	// re-invokes the same submission with the same instance id (spec
+	// re-invokes the same submission with the same instance id (see
 	// docs/protocol.md EMSD §1.5): one message, one id, delivered once. The first INVOKE
 	// comes from a bare socket that reads the RESULT and never ACKs it.
 	ipm, err := (&ua.Message{To: []string{"198.037"}, Subject: "once", Body: []byte("only once\n")}).IPM(198036)

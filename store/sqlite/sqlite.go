@@ -102,7 +102,7 @@ func open(ctx context.Context, path string, o *Options, version int) (*DB, error
 		}
 	}
 	// WAL lets readers (and the device commands) work beside the writer;
-	// FULL syncs the WAL at every commit (durability before RESULT, spec
+	// FULL syncs the WAL at every commit (durability before RESULT, see
 	// docs/protocol.md EMSD §9.5); IMMEDIATE takes the write lock at BEGIN so that two
 	// writers queue on the busy timeout instead of failing at upgrade.
 	dsn := fmt.Sprintf("%s?_pragma=busy_timeout(%d)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_pragma=foreign_keys(1)&_txlock=immediate",
