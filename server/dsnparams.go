@@ -3,7 +3,9 @@ package server
 import (
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/emersion/go-smtp"
 
@@ -18,11 +20,15 @@ type dsnParams struct {
 	orcpt  string   // ORCPT as "type;address"
 	envID  string   // ENVID
 	ret    string   // RET: FULL or HDRS
+	// arrival is when the message arrived, for Arrival-Date (kept even
+	// when the sender gave no parameters).
+	arrival time.Time
 }
 
-// dsnParamsFor picks recipient rcpt's parameters out of env ("" = none).
-func dsnParamsFor(env *gateway.Envelope, rcpt string) dsnParams {
-	p := dsnParams{envID: env.EnvID, ret: string(env.Ret)}
+// dsnParamsFor picks recipient rcpt's parameters out of env, for a
+// message that arrived at arrival.
+func dsnParamsFor(env *gateway.Envelope, rcpt string, arrival time.Time) dsnParams {
+	p := dsnParams{envID: env.EnvID, ret: string(env.Ret), arrival: arrival}
 	if i := slices.Index(env.To, rcpt); i >= 0 && i < len(env.Rcpts) {
 		r := env.Rcpts[i]
 		p.orcpt = r.ORCPT
@@ -44,6 +50,9 @@ func (p dsnParams) encode() string {
 			v.Set(k, s)
 		}
 	}
+	if !p.arrival.IsZero() {
+		v.Set("arrival", strconv.FormatInt(p.arrival.Unix(), 10))
+	}
 	return v.Encode()
 }
 
@@ -55,6 +64,9 @@ func parseDSNParams(s string) dsnParams {
 		return dsnParams{}
 	}
 	p := dsnParams{orcpt: v.Get("orcpt"), envID: v.Get("envid"), ret: v.Get("ret")}
+	if sec, err := strconv.ParseInt(v.Get("arrival"), 10, 64); err == nil && sec > 0 {
+		p.arrival = time.Unix(sec, 0).UTC()
+	}
 	if v.Has("notify") {
 		p.notify = strings.Split(v.Get("notify"), ",")
 	}

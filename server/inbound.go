@@ -127,7 +127,7 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 			}
 			// Told unless the sender wants no DSN at all: the copy is
 			// delivered but not whole.
-			if p := dsnParamsFor(env, byDev[a][0]); from != "" && !p.never() {
+			if p := dsnParamsFor(env, byDev[a][0], now); from != "" && !p.never() {
 				cuts = append(cuts, gateway.DSNRecipient{Addr: byDev[a][0], Action: gateway.ActionDelivered,
 					Status: "2.0.0", Diagnostic: "x-emsd; delivered shortened: " + in.BodyCut, OriginalRecipient: p.orcpt})
 			}
@@ -143,7 +143,7 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 			MessageID: encodeMsgID(delivered), SubmissionTime: st, ContentType: uint32(in.ContentType),
 			Content: content, Priority: prio, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry)),
 			Report: store.Report{Mail: from, Recipient: "R:" + byDev[a][0], MessageID: encodeMsgID(emsd.RFC822ID(in.MessageID)),
-				Headers: headers, DSN: dsnParamsFor(env, byDev[a][0]).encode()}})
+				Headers: headers, DSN: dsnParamsFor(env, byDev[a][0], now).encode()}})
 	}
 	if len(cuts) > 0 {
 		// smtp.oversize = "truncate": the sender hears that the copy is

@@ -198,7 +198,7 @@ func TestInboundDSNExtension(t *testing.T) {
 	dev.next(t)
 	m := host.next(t)
 	f := parseDSN(t, m.data)
-	if len(f.recipients) != 1 || f.message.Get("Original-Envelope-Id") != "ENV-1" {
+	if len(f.recipients) != 1 || f.message.Get("Original-Envelope-Id") != "ENV-1" || f.message.Get("Arrival-Date") == "" {
 		t.Fatalf("success DSN fields %+v", f)
 	}
 	if r := f.recipients[0]; r.Get("Action") != "delivered" || r.Get("Original-Recipient") != "rfc822;alice@example.net" ||
@@ -212,7 +212,8 @@ func TestInboundDSNExtension(t *testing.T) {
 		"From: carol@example.com\r\nSubject: three\r\n\r\nx\r\n")
 	m = host.next(t) // the expiry of "three"
 	f = parseDSN(t, m.data)
-	if f.message.Get("Original-Envelope-Id") != "ENV-3" || len(f.recipients) != 1 || f.recipients[0].Get("Action") != "failed" ||
+	if f.message.Get("Original-Envelope-Id") != "ENV-3" || f.message.Get("Arrival-Date") == "" || len(f.recipients) != 1 ||
+		f.recipients[0].Get("Action") != "failed" ||
 		!bytes.Contains(m.data, []byte("Subject: three")) {
 		t.Fatalf("failure DSN %+v\n%s", f, m.data)
 	}

@@ -364,7 +364,8 @@ func (s *Server) dsn(ctx context.Context, items []reportItem) (store.NewRelay, e
 	// lets an MTA return less than asked).
 	msg, err := gateway.DSN(gateway.DSNOptions{ReportingMTA: s.hostname, To: first.Mail, Date: time.Now(),
 		MessageID:       fmt.Sprintf("<DSN.%08x.%08x@%s>", uint32(id.Local.SubmissionTime), id.Local.Number, s.hostname),
-		OriginalHeaders: first.Headers, Recipients: rcpts, EnvelopeID: parseDSNParams(first.DSN).envID})
+		OriginalHeaders: first.Headers, Recipients: rcpts, EnvelopeID: parseDSNParams(first.DSN).envID,
+		ArrivalDate: parseDSNParams(first.DSN).arrival})
 	if err != nil {
 		return store.NewRelay{}, fmt.Errorf("server: DSN: %w", err)
 	}
