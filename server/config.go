@@ -517,13 +517,13 @@ const (
 	// StoreExisting opens only an existing store (ErrNoStore otherwise).
 	StoreExisting
 	// StoreReadOnly opens only an existing store, for reading (listings):
-	// SQLite in read-only mode. PostgreSQL opens as with StoreExisting.
+	// SQLite in read-only mode, PostgreSQL with read-only transactions.
 	StoreReadOnly
 )
 
 // ErrNoStore: StoreExisting or StoreReadOnly, and there is no store where
 // the configuration says.
-var ErrNoStore = sqlite.ErrNoDatabase
+var ErrNoStore = errors.New("no store")
 
 // StoreLocation names the store for people: the SQLite database file
 // (absolute), or the PostgreSQL DSN with its password masked.
@@ -552,12 +552,18 @@ func (c *Config) OpenStoreAccess(ctx context.Context, a StoreAccess) (store.Stor
 	case StoreSQLite:
 		db, err := sqlite.OpenDir(ctx, c.Data, &sqlite.Options{BusyTimeout: time.Duration(c.Store.BusyTimeout),
 			MustExist: a == StoreExisting, ReadOnly: a == StoreReadOnly})
+		if errors.Is(err, sqlite.ErrNoDatabase) {
+			return nil, fmt.Errorf("%w: %w", ErrNoStore, err)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("store: %w", err)
 		}
 		return db, nil
 	case StorePostgres:
-		db, err := postgres.Open(ctx, c.Store.DSN)
+		db, err := postgres.OpenWith(ctx, c.Store.DSN, postgres.Options{MustExist: a == StoreExisting, ReadOnly: a == StoreReadOnly})
+		if errors.Is(err, postgres.ErrNoStore) {
+			return nil, fmt.Errorf("%w: %w", ErrNoStore, err)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("store: %w", err)
 		}

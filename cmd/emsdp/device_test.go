@@ -199,6 +199,11 @@ func TestDevicePostgres(t *testing.T) {
 	for _, mts := range []string{a1.emsd, a2.emsd} {
 		waitFor(t, "the device known to the server at "+mts, func() bool { return send(mts) == exitOK })
 	}
+	// A database without a store is not made one by a listing.
+	if code, _, errs := runCmd(t, "", "device", "list", "--dsn", pg.NewDatabase(t)); code != exitFailed ||
+		!strings.Contains(errs, "no store at") {
+		t.Errorf("device list on an empty database: exit %d %s", code, errs)
+	}
 	if code, out, errs := runCmd(t, "", "device", "list", "--dsn", dsn); code != exitOK ||
 		!regexp.MustCompile(`\n198\.036 +127\.0\.0\.1 +641 `).MatchString(out) {
 		t.Errorf("device list --dsn: exit %d %q %s", code, out, errs)

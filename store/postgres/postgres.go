@@ -153,12 +153,32 @@ var _ store.Store = (*DB)(nil)
 type config struct {
 	version   int           // schema version to migrate to
 	keepEvery time.Duration // node lock check and dead-node sweep period
+	Options
 }
+
+// Options tune OpenWith. The zero value is Open's behaviour.
+type Options struct {
+	// MustExist opens only a database that already holds a store (its
+	// schema_version table): ErrNoStore otherwise, and nothing created.
+	MustExist bool
+	// ReadOnly opens for reading only (every transaction read-only, no
+	// migration, no node registration): for listings. It implies
+	// MustExist; the schema must be current.
+	ReadOnly bool
+}
+
+// ErrNoStore: Options.MustExist and the database holds no store.
+var ErrNoStore = errors.New("postgres: no store in this database")
 
 // Open connects to the database named by dsn, brings its schema to the
 // current version and registers this handle as a node.
 func Open(ctx context.Context, dsn string) (*DB, error) {
-	return open(ctx, dsn, config{version: len(migrations), keepEvery: 5 * time.Second})
+	return OpenWith(ctx, dsn, Options{})
+}
+
+// OpenWith is Open with o.
+func OpenWith(ctx context.Context, dsn string, o Options) (*DB, error) {
+	return open(ctx, dsn, config{version: len(migrations), keepEvery: 5 * time.Second, Options: o})
 }
 
 func open(ctx context.Context, dsn string, c config) (*DB, error) {
@@ -180,6 +200,9 @@ func open(ctx context.Context, dsn string, c config) (*DB, error) {
 	if rp["idle_in_transaction_session_timeout"] == "" {
 		rp["idle_in_transaction_session_timeout"] = "60000"
 	}
+	if c.ReadOnly {
+		rp["default_transaction_read_only"] = "on"
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, pc)
 	if err != nil {
 		return nil, fmt.Errorf("postgres: %w", err)
@@ -195,6 +218,29 @@ func open(ctx context.Context, dsn string, c config) (*DB, error) {
 		return nil, errors.New("postgres: no schema of the search_path exists")
 	}
 	s.keys = keysFor(*schema)
+	if c.MustExist || c.ReadOnly {
+		var exists bool
+		if err := pool.QueryRow(ctx, `SELECT to_regclass('schema_version') IS NOT NULL`).Scan(&exists); err != nil {
+			pool.Close()
+			return nil, fmt.Errorf("postgres: connect: %w", err)
+		}
+		if !exists {
+			pool.Close()
+			return nil, fmt.Errorf("%w (schema %s)", ErrNoStore, *schema)
+		}
+	}
+	if c.ReadOnly {
+		v, err := s.SchemaVersion(ctx)
+		switch {
+		case err != nil:
+			pool.Close()
+			return nil, err
+		case v != len(migrations):
+			pool.Close()
+			return nil, fmt.Errorf("postgres: store schema %d, this program's %d: open it read-write once (emsdp serve) first", v, len(migrations))
+		}
+		return s, nil // reads need no node
+	}
 	if err := s.migrate(ctx, c.version); err != nil {
 		pool.Close()
 		return nil, err

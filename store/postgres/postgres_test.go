@@ -108,6 +108,45 @@ func TestReopen(t *testing.T) {
 	})
 }
 
+// The operator's commands: MustExist and ReadOnly create nothing in a
+// database without a store; a read-only handle reads beside a server's
+// and cannot write.
+func TestOpenExistingAndReadOnly(t *testing.T) {
+	ctx := context.Background()
+	dsn := cluster.NewDatabase(t)
+	for _, o := range []Options{{MustExist: true}, {ReadOnly: true}} {
+		if _, err := OpenWith(ctx, dsn, o); !errors.Is(err, ErrNoStore) {
+			t.Fatalf("%+v on an empty database: %v, want ErrNoStore", o, err)
+		}
+	}
+	rw := openDSN(t, dsn)
+	defer rw.Close()
+	if v, err := rw.SchemaVersion(ctx); err != nil || v != len(migrations) {
+		t.Fatalf("schema %d %v", v, err)
+	}
+	dev := &store.Device{Address: 198036, IP: netip.MustParseAddr("127.0.0.1"), Port: 641, Version: "1.1", Mode: store.ModeComplete}
+	if err := rw.AddDevice(ctx, dev); err != nil {
+		t.Fatal(err)
+	}
+	ro, err := OpenWith(ctx, dsn, Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if ds, err := ro.Devices(ctx); err != nil || len(ds) != 1 {
+		t.Fatalf("read-only devices %d %v", len(ds), err)
+	}
+	dev.Address = 198037
+	if err := ro.AddDevice(ctx, dev); err == nil {
+		t.Error("a read-only handle wrote")
+	}
+	ex, err := OpenWith(ctx, dsn, Options{MustExist: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ex.Close()
+}
+
 // TestMigrations: a database at schema 1 with data is upgraded in place;
 // servers opening a fresh database together migrate it once; a database
 // from a newer program is refused.
