@@ -73,7 +73,10 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 			return nil, usagef("--data is for the SQLite store; the store is PostgreSQL (--dsn or store.driver)")
 		}
 		if err := cfg.Validate(); err != nil {
-			return nil, err // *server.ConfigError, joined
+			if *cfgPath != "" {
+				return nil, fmt.Errorf("%s (with the flags given): %w", *cfgPath, err) // *server.ConfigError, joined
+			}
+			return nil, err
 		}
 		return cfg, nil
 	}
