@@ -145,4 +145,7 @@ var migrations = []string{
 	ALTER TABLE devices ADD COLUMN contact_via  BYTEA  NOT NULL DEFAULT '';
 	ALTER TABLE devices ADD COLUMN contact_at   BIGINT NOT NULL DEFAULT 0;
 	ALTER TABLE devices ADD COLUMN contact_polled BOOLEAN NOT NULL DEFAULT FALSE;`,
+
+	// 4: DTLS pre-shared keys, kept with the password hashes.
+	`ALTER TABLE devices ADD COLUMN psk BYTEA, ADD COLUMN require_dtls BOOLEAN NOT NULL DEFAULT false;`,
 }

@@ -116,4 +116,8 @@ var migrations = []string{
 	ALTER TABLE devices ADD COLUMN contact_via TEXT NOT NULL DEFAULT '';
 	ALTER TABLE devices ADD COLUMN contact_at INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE devices ADD COLUMN contact_polled INTEGER NOT NULL DEFAULT 0;`,
+
+	// 4: DTLS pre-shared keys, kept with the password hashes.
+	`ALTER TABLE devices ADD COLUMN psk BLOB;
+	ALTER TABLE devices ADD COLUMN require_dtls INTEGER NOT NULL DEFAULT 0;`,
 }
