@@ -28,6 +28,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/pion/dtls/v3"
 )
 
@@ -719,3 +720,23 @@ func (c *Conn) SetReadDeadline(t time.Time) error { c.rdl.Store(&t); return nil 
 func (c *Conn) SetWriteDeadline(time.Time) error { return nil }
 
 var _ net.PacketConn = (*Conn)(nil)
+
+// EndpointConfig returns a copy of cfg for an esro.Endpoint on a Conn:
+// the engine's defences against reflection from forged source addresses
+// (the amplification limit and the caps on unproven sources) are off,
+// since every peer of a Conn proved its address in the handshake's
+// cookie exchange and holds the key; records from anyone else never reach
+// the engine. Everything else is cfg's.
+func EndpointConfig(cfg *esro.Config) *esro.Config {
+	var c esro.Config
+	if cfg != nil {
+		c = *cfg
+	}
+	c.AmplificationFactor = -1
+	limit := c.MaxInvocations
+	if limit <= 0 {
+		limit = 65536
+	}
+	c.MaxUnproven, c.MaxUnprovenPerPrefix, c.MaxUnprovenPerAddr = limit, limit, limit
+	return &c
+}
