@@ -36,6 +36,7 @@ set -euo pipefail
 
 PREREQS='
 initdb|/usr/lib/postgresql/*/bin/initdb   postgresql   store/postgres, server and cmd tests start a throwaway PostgreSQL cluster
+openssl                                   openssl      cmd tests: the OpenSSL DTLS client and server against esro perform/invoke --dtls
 '
 
 cd "$(dirname "$0")"
