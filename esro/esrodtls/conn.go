@@ -75,10 +75,6 @@ var ErrUnknownIdentity = errors.New("esrodtls: unknown PSK identity")
 // that cannot open one (no Credentials).
 var ErrNoSession = errors.New("esrodtls: no DTLS session with peer")
 
-// ErrHandshakeRefused is returned by the AllowHandshake hook's refusal and
-// counted as "rate_limited".
-var ErrHandshakeRefused = errors.New("esrodtls: handshake refused by rate limit")
-
 // Config configures a Conn. Listen needs PSK; opening sessions to peers
 // (WriteTo an address without a session) needs Credentials.
 type Config struct {
@@ -157,7 +153,7 @@ type packet struct {
 type Conn struct {
 	cfg   Config
 	log   *slog.Logger
-	ln    net.Listener // nil for a client-only Conn
+	dm    *demux // nil for a client-only Conn
 	laddr net.Addr
 
 	in     chan packet
@@ -203,14 +199,18 @@ func Listen(network, address string, cfg Config) (*Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	ln, err := dtls.Listen(network, ua, dc)
+	sock, err := net.ListenUDP(network, ua)
 	if err != nil {
 		return nil, fmt.Errorf("esrodtls: listen: %w", err)
 	}
-	c.ln, c.laddr = ln, ln.Addr()
-	c.wg.Add(2)
-	go c.acceptLoop()
+	c.laddr = sock.LocalAddr()
+	cidLen := cidSize
+	if cfg.NoConnectionID {
+		cidLen = 0
+	}
+	c.wg.Add(1)
 	go c.reapLoop()
+	c.dm = newDemux(sock, cidLen, func(a *assoc) bool { return c.admit(a, dc) })
 	return c, nil
 }
 
@@ -286,15 +286,6 @@ func (c *Conn) dtlsConfig(server bool, identity string, key []byte) (*dtls.Confi
 		if !c.cfg.NoConnectionID {
 			dc.ConnectionIDGenerator = dtls.RandomCIDGenerator(cidSize)
 		}
-		dc.OnConnectionAttempt = func(a net.Addr) error {
-			if c.cfg.AllowHandshake == nil {
-				return nil
-			}
-			if !c.cfg.AllowHandshake(addrPort(a)) {
-				return ErrHandshakeRefused
-			}
-			return nil
-		}
 	} else {
 		dc.PSK = func([]byte) ([]byte, error) { return key, nil }
 		dc.PSKIdentityHint = []byte(identity)
@@ -325,56 +316,57 @@ func addrPort(a net.Addr) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
-func (c *Conn) acceptLoop() {
-	defer c.wg.Done()
-	for {
-		nc, err := c.ln.Accept()
-		if err != nil {
-			select {
-			case <-c.closed:
-				return
-			default:
-			}
-			if errors.Is(err, ErrHandshakeRefused) {
-				c.st.hsFailed[reasonRateLimited].Add(1)
-				continue
-			}
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			// pion's listener returns per-connection errors here too.
-			c.log.Debug("esrodtls: accept", "err", err)
-			continue
-		}
-		dc, ok := nc.(*dtls.Conn)
-		if !ok {
-			nc.Close()
-			continue
-		}
-		select {
-		case c.hsSem <- struct{}{}:
-		default:
-			c.st.hsFailed[reasonBusy].Add(1)
-			dc.Close()
-			continue
-		}
-		c.wg.Add(1)
-		go c.serverHandshake(dc)
+// admit decides on a new association (a ClientHello from a new source,
+// or a new one from a source whose session is established) and starts its
+// handshake.
+func (c *Conn) admit(a *assoc, dc *dtls.Config) bool {
+	select {
+	case <-c.closed:
+		return false
+	default:
 	}
+	if c.cfg.AllowHandshake != nil && !c.cfg.AllowHandshake(a.raddr) {
+		c.st.hsFailed[reasonRateLimited].Add(1)
+		return false
+	}
+	select {
+	case c.hsSem <- struct{}{}:
+	default:
+		c.st.hsFailed[reasonBusy].Add(1)
+		return false
+	}
+	c.wg.Add(1)
+	go c.serverHandshake(a, dc)
+	return true
 }
 
-func (c *Conn) serverHandshake(dc *dtls.Conn) {
+func (c *Conn) serverHandshake(a *assoc, cfg *dtls.Config) {
 	defer c.wg.Done()
-	name := addrPort(dc.RemoteAddr())
+	name := a.raddr
+	dc, err := dtls.Server(a, net.UDPAddrFromAddrPort(name), cfg)
+	if err != nil {
+		<-c.hsSem
+		a.Close()
+		c.countFailure(err)
+		return
+	}
 	ctx, cancel := context.WithTimeout(c.ctx(), c.cfg.HandshakeTimeout)
-	err := dc.HandshakeContext(ctx)
+	err = dc.HandshakeContext(ctx)
 	cancel()
 	<-c.hsSem
 	if err != nil {
-		c.countFailure(err)
+		if a.received.Load() < 2 {
+			// The client never came back with the cookie: a forged
+			// source, or a client gone.
+			c.st.hsFailed[reasonNoCookie].Add(1)
+		} else {
+			c.countFailure(err)
+		}
 		dc.Close()
+		a.Close()
 		return
 	}
+	a.established.Store(true)
 	st, _ := dc.ConnectionState()
 	s := &session{name: name, server: true, identity: string(st.IdentityHint), conn: dc, suite: st.CipherSuiteID.String(), ready: true}
 	s.remote.Store(&name)
@@ -382,10 +374,12 @@ func (c *Conn) serverHandshake(dc *dtls.Conn) {
 	c.st.hsOK.Add(1)
 	if !c.add(s) {
 		dc.Close()
+		a.Close()
 		return
 	}
 	c.log.Debug("esrodtls: session", "peer", name, "identity", s.identity, "suite", s.suite)
 	c.readLoop(s)
+	a.Close()
 }
 
 // ctx is cancelled when the Conn closes.
@@ -687,8 +681,8 @@ func (c *Conn) Close() error {
 	var err error
 	c.once.Do(func() {
 		close(c.closed)
-		if c.ln != nil {
-			err = c.ln.Close()
+		if c.dm != nil {
+			err = c.dm.close()
 		}
 		c.mu.Lock()
 		all := make([]*dtls.Conn, 0, len(c.sessions))

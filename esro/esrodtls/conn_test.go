@@ -457,8 +457,41 @@ func TestHandshakeFlood(t *testing.T) {
 	if st := srv.Stats(); st.HandshakesOK != 1 {
 		t.Fatalf("flood completed handshakes: %+v", st)
 	}
+	// The admitted forged sources never return with the cookie: their
+	// associations go after cookieWait.
+	waitFor(t, "forged associations dropped", func() bool { return srv.Stats().HandshakesFailed["no_cookie"] >= 30 })
 	for _, s := range socks {
 		s.Close()
+	}
+}
+
+// TestRestartSamePort: a client that lost its session (a device restarted)
+// handshakes again from the same address and port; the server starts a new
+// session at once instead of feeding the new handshake to the old one.
+func TestRestartSamePort(t *testing.T) {
+	srv := listen(t, Config{})
+	r := newRelay(t, addrOf(srv)) // the server sees the relay's fixed address
+	first := client(t, devIdent, devKey, Config{})
+	name := established(t, srv, first, r)
+	// The device dies: its close_notify never reaches the server.
+	r.setTamper(func([]byte) [][]byte { return nil })
+	n := r.count()
+	first.Close()
+	waitFor(t, "the close_notify dropped", func() bool { return r.count() > n })
+	r.setTamper(nil)
+	if _, ok := srv.Peer(name); !ok {
+		t.Fatal("the old session is already gone: the test proves nothing")
+	}
+	second := client(t, devIdent, devKey, Config{})
+	if _, err := second.WriteTo([]byte("after restart"), net.UDPAddrFromAddrPort(r.addr())); err != nil {
+		t.Fatal(err)
+	}
+	b, from, err := readOne(t, srv, 15*time.Second)
+	if err != nil || string(b) != "after restart" || from != name {
+		t.Fatalf("after restart got %q from %v (%v)", b, from, err)
+	}
+	if st := srv.Stats(); st.HandshakesOK != 2 || st.Sessions != 1 {
+		t.Fatalf("stats %+v, want 2 handshakes and 1 session", st)
 	}
 }
 

@@ -13,11 +13,12 @@ const (
 	reasonTimeout
 	reasonRateLimited
 	reasonBusy
+	reasonNoCookie
 	numReasons
 )
 
 // FailureReasons names the keys of Stats.HandshakesFailed.
-var FailureReasons = [numReasons]string{"unknown_identity", "bad_key", "timeout", "rate_limited", "busy"}
+var FailureReasons = [numReasons]string{"unknown_identity", "bad_key", "timeout", "rate_limited", "busy", "no_cookie"}
 
 type counters struct {
 	hsOK     atomic.Uint64
