@@ -218,11 +218,19 @@ func dtlsWire(ctx context.Context, o *benchOptions) ([]Result, error) {
 		return nil, err
 	}
 	defer plainRelay.Close()
+	// Fresh sessions come through a relay of their own: all come from its
+	// one address, so each new one replaces the last (as a restarted
+	// device's does), and the established session must not be that.
 	dtlsRelay, err := newUDPRelay(srv.Addrs().DTLS)
 	if err != nil {
 		return nil, err
 	}
 	defer dtlsRelay.Close()
+	freshRelay, err := newUDPRelay(srv.Addrs().DTLS)
+	if err != nil {
+		return nil, err
+	}
+	defer freshRelay.Close()
 
 	ecfg := &esro.Config{Timers: mailTimers, Logger: o.srvLog}
 	plainEP, err := esro.Listen("udp4", "127.0.0.1:0", ecfg)
@@ -235,7 +243,7 @@ func dtlsWire(ctx context.Context, o *benchOptions) ([]Result, error) {
 		return nil, err
 	}
 	defer plainUA.Close()
-	dtlsClient := func() (*esro.Endpoint, *ua.Client, error) {
+	dtlsClient := func(relay *udpRelay) (*esro.Endpoint, *ua.Client, error) {
 		conn, err := esrodtls.NewClient(esrodtls.Config{Logger: o.srvLog,
 			Credentials: func(netip.AddrPort) (string, []byte, error) { return dtlsDevice.String(), dtlsKey, nil }})
 		if err != nil {
@@ -246,14 +254,14 @@ func dtlsWire(ctx context.Context, o *benchOptions) ([]Result, error) {
 			conn.Close()
 			return nil, nil, err
 		}
-		c, err := ua.New(ep, ua.Config{Server: dtlsRelay.addr(), Address: dtlsDevice, Logger: o.srvLog})
+		c, err := ua.New(ep, ua.Config{Server: relay.addr(), Address: dtlsDevice, Logger: o.srvLog})
 		if err != nil {
 			ep.Close()
 			return nil, nil, err
 		}
 		return ep, c, nil
 	}
-	estEP, estUA, err := dtlsClient()
+	estEP, estUA, err := dtlsClient(dtlsRelay)
 	if err != nil {
 		return nil, err
 	}
@@ -280,13 +288,13 @@ func dtlsWire(ctx context.Context, o *benchOptions) ([]Result, error) {
 			return nil, fmt.Errorf("plain submission: %w", err)
 		}
 		fresh, err := minExchange(ctx, func(ctx context.Context) (exchange, error) {
-			ep, c, err := dtlsClient()
+			ep, c, err := dtlsClient(freshRelay)
 			if err != nil {
 				return exchange{}, err
 			}
 			defer ep.Close()
 			defer c.Close()
-			return dtlsRelay.measure(ctx, submit(c))
+			return freshRelay.measure(ctx, submit(c))
 		})
 		if err != nil {
 			return nil, fmt.Errorf("DTLS submission, fresh session: %w", err)

@@ -284,8 +284,8 @@ func (s *Server) dtlsKeysChanged(old, cur *registry) {
 }
 
 type dtlsCollector struct {
-	stats                                     func() esrodtls.Stats
-	ok, failed, sessions, rebinds, sent, recv *prometheus.Desc
+	stats                                               func() esrodtls.Stats
+	ok, failed, sessions, rebinds, reopened, sent, recv *prometheus.Desc
 }
 
 func newDTLSCollector(stats func() esrodtls.Stats) *dtlsCollector {
@@ -295,13 +295,14 @@ func newDTLSCollector(stats func() esrodtls.Stats) *dtlsCollector {
 		failed:   prometheus.NewDesc("dtls_handshakes_failed_total", "DTLS handshakes failed or refused, by reason.", []string{"reason"}, nil),
 		sessions: prometheus.NewDesc("dtls_sessions", "DTLS sessions established.", nil, nil),
 		rebinds:  prometheus.NewDesc("dtls_cid_rebinds_total", "Sessions continued from a new peer address (Connection IDs).", nil, nil),
+		reopened: prometheus.NewDesc("dtls_sessions_reopened_total", "Sessions the server opened to devices and replaced after they fell silent.", nil, nil),
 		sent:     prometheus.NewDesc("dtls_datagrams_sent_total", "ESRO datagrams sent over DTLS.", nil, nil),
 		recv:     prometheus.NewDesc("dtls_datagrams_received_total", "ESRO datagrams received over DTLS.", nil, nil),
 	}
 }
 
 func (c *dtlsCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.ok, c.failed, c.sessions, c.rebinds, c.sent, c.recv} {
+	for _, d := range []*prometheus.Desc{c.ok, c.failed, c.sessions, c.rebinds, c.reopened, c.sent, c.recv} {
 		ch <- d
 	}
 }
@@ -314,6 +315,7 @@ func (c *dtlsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(c.sessions, prometheus.GaugeValue, float64(st.Sessions))
 	ch <- prometheus.MustNewConstMetric(c.rebinds, prometheus.CounterValue, float64(st.Rebinds))
+	ch <- prometheus.MustNewConstMetric(c.reopened, prometheus.CounterValue, float64(st.Reopened))
 	ch <- prometheus.MustNewConstMetric(c.sent, prometheus.CounterValue, float64(st.DatagramsSent))
 	ch <- prometheus.MustNewConstMetric(c.recv, prometheus.CounterValue, float64(st.DatagramsReceived))
 }

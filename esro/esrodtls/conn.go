@@ -97,6 +97,14 @@ type Config struct {
 	// handshake costs several round trips, an established session none.
 	IdleTimeout time.Duration
 
+	// StaleAfter replaces a session this side opened when it has sent for
+	// this long without receiving anything (default 5 s): the server lost
+	// it (a restart, a new session from the same address) without a
+	// close_notify reaching us. ESRO answers every PDU it sends within a
+	// round trip, so silence that long means the session is gone, and the
+	// retransmissions then travel in a new one.
+	StaleAfter time.Duration
+
 	// MaxHandshakes bounds the handshakes in progress at once on the server
 	// side (default 256); further attempts are dropped and counted "busy".
 	MaxHandshakes int
@@ -179,6 +187,9 @@ type session struct {
 	remote   atomic.Pointer[netip.AddrPort]
 	suite    string
 	lastUsed atomic.Int64 // unix nanoseconds
+	// unanswered is when this side started sending without receiving
+	// anything since (unix nanoseconds; 0: all answered).
+	unanswered atomic.Int64
 
 	// Client sessions being opened queue their first datagrams here.
 	ready   bool
@@ -236,6 +247,9 @@ func newConn(cfg Config) *Conn {
 	}
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = time.Hour
+	}
+	if cfg.StaleAfter <= 0 {
+		cfg.StaleAfter = 5 * time.Second
 	}
 	if cfg.MaxHandshakes <= 0 {
 		cfg.MaxHandshakes = 256
@@ -459,6 +473,7 @@ func (c *Conn) readLoop(s *session) {
 			return
 		}
 		s.lastUsed.Store(time.Now().UnixNano())
+		s.unanswered.Store(0)
 		if ra := addrPort(s.conn.RemoteAddr()); ra != *s.remote.Load() {
 			s.remote.Store(&ra)
 			c.st.rebinds.Add(1)
@@ -532,8 +547,18 @@ func (errTimeout) Temporary() bool { return true }
 // that fails.
 func (c *Conn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	to := addrPort(addr)
+	now := time.Now().UnixNano()
 	c.mu.Lock()
 	s, ok := c.sessions[to]
+	if ok && s.ready && !s.server {
+		if u := s.unanswered.Load(); u != 0 && now-u > int64(c.cfg.StaleAfter) {
+			c.dropLocked(s)
+			c.st.stale.Add(1)
+			go s.conn.Close()
+			c.log.Debug("esrodtls: session silent, opening a new one", "peer", to)
+			ok = false
+		}
+	}
 	if ok && !s.ready {
 		if len(s.pending) < maxPending {
 			s.pending = append(s.pending, append([]byte(nil), b...))
@@ -561,7 +586,8 @@ func (c *Conn) WriteTo(b []byte, addr net.Addr) (int, error) {
 		return len(b), nil
 	}
 	c.mu.Unlock()
-	s.lastUsed.Store(time.Now().UnixNano())
+	s.lastUsed.Store(now)
+	s.unanswered.CompareAndSwap(0, now)
 	n, err := s.conn.Write(b)
 	if err != nil {
 		return n, fmt.Errorf("esrodtls: write to %v: %w", to, err)

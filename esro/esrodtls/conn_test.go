@@ -188,6 +188,7 @@ type relay struct {
 	back   *net.UDPConn
 	client *net.UDPAddr
 	tamper func([]byte) [][]byte // client->server datagrams; nil: as is
+	mute   bool                  // drop server->client datagrams
 	seen   [][]byte              // client->server datagrams, as received
 	wg     sync.WaitGroup
 }
@@ -258,9 +259,9 @@ func (r *relay) backward(back *net.UDPConn) {
 			return
 		}
 		r.mu.Lock()
-		c := r.client
+		c, mute := r.client, r.mute
 		r.mu.Unlock()
-		if c != nil {
+		if c != nil && !mute {
 			r.front.WriteToUDP(buf[:n], c)
 		}
 	}
@@ -492,6 +493,48 @@ func TestRestartSamePort(t *testing.T) {
 	}
 	if st := srv.Stats(); st.HandshakesOK != 2 || st.Sessions != 1 {
 		t.Fatalf("stats %+v, want 2 handshakes and 1 session", st)
+	}
+}
+
+// TestSilentSessionReopened: the server dropped the client's session and
+// its close_notify was lost; the client notices the silence and sends its
+// next datagrams in a new session.
+func TestSilentSessionReopened(t *testing.T) {
+	srv := listen(t, Config{})
+	r := newRelay(t, addrOf(srv))
+	cl := client(t, devIdent, devKey, Config{StaleAfter: 300 * time.Millisecond})
+	established(t, srv, cl, r)
+	srv.mu.Lock()
+	var back []*session
+	for _, s := range srv.sessions {
+		back = append(back, s)
+	}
+	srv.mu.Unlock()
+	// The server's close_notify is lost.
+	r.mu.Lock()
+	r.mute = true
+	r.mu.Unlock()
+	srv.CloseIdentity(devIdent)
+	for _, s := range back {
+		waitFor(t, "server session closed", func() bool { _, ok := srv.Peer(s.name); return !ok })
+	}
+	time.Sleep(200 * time.Millisecond) // the close_notify reached the relay
+	r.mu.Lock()
+	r.mute = false
+	r.mu.Unlock()
+	to := net.UDPAddrFromAddrPort(r.addr())
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		cl.WriteTo([]byte("retry"), to) // as ESRO retransmits
+		if b, _, err := readOne(t, srv, 100*time.Millisecond); err == nil && string(b) == "retry" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the client never reopened its session")
+		}
+	}
+	if st := cl.Stats(); st.Reopened != 1 || st.HandshakesOK != 2 {
+		t.Fatalf("client stats %+v", st)
 	}
 }
 

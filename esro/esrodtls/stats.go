@@ -25,6 +25,7 @@ type counters struct {
 	hsFailed [numReasons]atomic.Uint64
 	sessions atomic.Int64
 	rebinds  atomic.Uint64
+	stale    atomic.Uint64
 	sent     atomic.Uint64
 	recv     atomic.Uint64
 }
@@ -43,6 +44,9 @@ type Stats struct {
 	// Rebinds counts sessions whose peer continued from a new address
 	// (Connection IDs, RFC 9146).
 	Rebinds uint64
+	// Reopened counts sessions this side opened and replaced after they
+	// fell silent (Config.StaleAfter).
+	Reopened uint64
 	// DatagramsSent and DatagramsReceived count ESRO PDUs through sessions.
 	DatagramsSent, DatagramsReceived uint64
 }
@@ -54,6 +58,7 @@ func (c *Conn) Stats() Stats {
 		HandshakesFailed:  make(map[string]uint64, numReasons),
 		Sessions:          c.st.sessions.Load(),
 		Rebinds:           c.st.rebinds.Load(),
+		Reopened:          c.st.stale.Load(),
 		DatagramsSent:     c.st.sent.Load(),
 		DatagramsReceived: c.st.recv.Load(),
 	}
