@@ -38,6 +38,7 @@ PREREQS='
 initdb|/usr/lib/postgresql/*/bin/initdb   postgresql   store/postgres, server and cmd tests start a throwaway PostgreSQL cluster
 postfix   postfix   server: TestPostfixSmarthost runs a private Postfix on loopback as the smarthost
 swaks     swaks     server: TestPostfixSmarthost sends inbound mail with swaks
+openssl                                   openssl      cmd tests: the OpenSSL DTLS client and server against esro perform/invoke --dtls
 '
 
 cd "$(dirname "$0")"

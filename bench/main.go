@@ -105,6 +105,7 @@ func sections() []section {
 		{"loss", "1000 invocations through a lossy link: adaptive vs fixed timers", runLoss},
 		{"server", "EMSD server: submissions end to end, memory per invocation", runServer},
 		{"hostile", "Hostile networks: reflection, floods, password checks, unreachable peers", runHostile},
+		{"dtls", "Security: EMSD and ESRO over DTLS", runDTLS},
 	}
 }
 
@@ -131,7 +132,7 @@ type jsonSection struct {
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	which := fs.String("sections", "", "comma-separated sections to run (default all: esro,mail,loss,server,hostile)")
+	which := fs.String("sections", "", "comma-separated sections to run (default all: esro,mail,loss,server,hostile,dtls)")
 	out := fs.String("json", "bench-results.json", "write the results here as JSON ('' = don't)")
 	md := fs.String("md", "", "also write the Markdown (the README's Performance section) to this file")
 	quick := fs.Bool("quick", false, "short runs (a smoke test, not figures to quote)")

@@ -61,6 +61,7 @@ type Config struct {
 	Admin     AdminConfig    `toml:"admin"`
 	Store     StoreConfig    `toml:"store"`
 	Compat    CompatConfig   `toml:"compat"`
+	DTLS      DTLSConfig     `toml:"dtls"`
 }
 
 // EMSDConfig is the EMSD service.
@@ -337,6 +338,7 @@ func (c *Config) Validate() error {
 	add(validListen("smtp.listen", c.SMTP.Listen, true))
 	add(c.validSMTPTLS())
 	add(validListen("admin.listen", c.Admin.Listen, true))
+	add(c.validDTLS())
 	if c.Relay.Smarthost != "" {
 		add(validListen("relay.smarthost", c.Relay.Smarthost, false))
 	}

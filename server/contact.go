@@ -209,6 +209,7 @@ func (s *Server) contactFailed(a emsd.Address, ap netip.AddrPort) {
 type target struct {
 	to, fallback netip.AddrPort
 	learned      bool
+	dtls         bool // through the DTLS endpoint (dtlsTarget)
 }
 
 // Why a device gets no delivery now.
@@ -220,6 +221,9 @@ const (
 // targetOf chooses where deliveries to dev go now (see the top of this
 // file); why is set when they must wait.
 func (s *Server) targetOf(dev *device) (t target, why string) {
+	if t, why, ok := s.dtlsTarget(dev); ok {
+		return t, why
+	}
 	c, err := s.st.DeviceContact(s.dctx, uint32(dev.addr))
 	if err != nil {
 		c = store.Contact{} // the registered address still works

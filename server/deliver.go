@@ -357,7 +357,7 @@ func (s *Server) attempt(dev *device, d *store.Delivery, tg *target) attemptResu
 		var err error
 		for try := 0; try < 2; try++ {
 			req.To = tg.tryTo(try)
-			if _, err = s.ep.Invoke(ctx, req); !isFailure(err) {
+			if _, err = s.endpointOf(tg).Invoke(ctx, req); !isFailure(err) {
 				break
 			}
 			unreachable := isUnreachable(err)

@@ -25,6 +25,9 @@ func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro
 	ipOnly := s.conf().Compat.IPOnlyIdentification
 	hint := s.registry().byPeer(peer, ipOnly)
 	v := emsd.V1_1
+	if a, ok := dtlsDevice(ctx); ok {
+		hint = s.registry().byAddr[a]
+	}
 	if hint != nil {
 		v = hint.version
 	}

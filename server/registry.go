@@ -148,8 +148,14 @@ func (c *pwCache) verify(d *device, pw string) bool {
 // authed reports that the device proved itself with its password: only
 // then may its source address become its contact (contact.go), and the
 // source is proven to the ESRO endpoint (esro.Prove): the replies to it
-// are no longer limited against reflection.
+// are no longer limited against reflection. A device identified by its
+// DTLS session is not authed in that sense: deliveries to it follow its
+// sessions, not contacts (dtls.go).
 func (s *Server) identify(ctx context.Context, w esro.ResponseWriter, peer netip.AddrPort, sec *emsd.SecurityElement, checkPW bool) (d *device, authed bool, err error) {
+	if a, ok := dtlsDevice(ctx); ok {
+		d, err := s.identifyDTLS(a, sec)
+		return d, false, err
+	}
 	d, authed, err = s.identifyIn(ctx, s.registry(), peer, sec, checkPW)
 	if errors.Is(err, errUnknownDevice) && s.registryFresh() {
 		d, authed, err = s.identifyIn(ctx, s.registry(), peer, sec, checkPW)
@@ -157,7 +163,24 @@ func (s *Server) identify(ctx context.Context, w esro.ResponseWriter, peer netip
 	if authed {
 		esro.Prove(w)
 	}
+	if err == nil && d.RequireDTLS {
+		return nil, false, errDTLSRequired
+	}
 	return d, authed, err
+}
+
+// identifyDTLS: the DTLS session's PSK identity is the device, proven by
+// its key, so no password is needed. A security element naming another
+// device is refused: one device cannot act for another.
+func (s *Server) identifyDTLS(a emsd.Address, sec *emsd.SecurityElement) (*device, error) {
+	d := s.registry().byAddr[a]
+	if d == nil || d.PSK == nil {
+		return nil, errUnknownDevice // removed, or its key removed, since the handshake
+	}
+	if sec != nil && sec.Address != nil && sec.Address.Address != a {
+		return nil, fmt.Errorf("%w: DTLS identity %s names device %s", errUnknownDevice, a, sec.Address.Address)
+	}
+	return d, nil
 }
 
 // registryRecheck: an unknown device makes the server ask the store
@@ -310,7 +333,8 @@ func (s *Server) reloadRegistry(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	s.reg.Store(newRegistry(v, devs))
+	old := s.reg.Swap(newRegistry(v, devs))
+	s.dtlsKeysChanged(old, s.registry())
 	s.metrics.devices.Set(float64(len(devs)))
 	s.unholdAll()
 	s.kick()

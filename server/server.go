@@ -99,6 +99,7 @@ type Server struct {
 	hostname string
 
 	reg     atomic.Pointer[registry]
+	dtls    *dtlsService // nil when dtls.listen is off
 	ep      *esro.Endpoint
 	smtp    *gateway.InboundServer
 	smtpLn  net.Listener
@@ -255,6 +256,9 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		return nil, err
 	}
 	s.via = viaName(s.ep.LocalAddr().String())
+	if err := s.startDTLS(cfg, ecfg); err != nil {
+		return nil, err
+	}
 	if cfg.SMTP.Listen != "" && cfg.SMTP.TLSCert != "" {
 		s.tlsCert = &smtpCert{log: log.With("layer", "smtp")}
 		if err := s.tlsCert.loadFiles(cfg.SMTP.TLSCert, cfg.SMTP.TLSKey, time.Now()); err != nil {
@@ -321,7 +325,11 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 			}
 		})
 	}
-	log.Info("serving", "emsd", s.ep.LocalAddr(), "smtp", addrOf(s.smtpLn), "admin", addrOf(s.adminLn),
+	dtlsAddr := "off"
+	if s.dtls != nil {
+		dtlsAddr = s.dtls.conn.LocalAddr().String()
+	}
+	log.Info("serving", "emsd", s.ep.LocalAddr(), "dtls", dtlsAddr, "smtp", addrOf(s.smtpLn), "admin", addrOf(s.adminLn),
 		"domain", s.domain, "devices", len(s.registry().byAddr), "store", storeDesc(cfg, o.Store != nil))
 	return s, nil
 }
@@ -350,8 +358,9 @@ func (s *Server) ESROStats() esro.Stats { return s.ep.Stats() }
 // Addrs are the addresses a server listens on.
 type Addrs struct {
 	EMSD  netip.AddrPort
-	SMTP  net.Addr // nil when off
-	Admin net.Addr // nil when off
+	DTLS  netip.AddrPort // invalid when off
+	SMTP  net.Addr       // nil when off
+	Admin net.Addr       // nil when off
 }
 
 // Addrs returns the listening addresses (with the ports the system chose
@@ -360,6 +369,11 @@ func (s *Server) Addrs() Addrs {
 	a := Addrs{}
 	if ua, ok := s.ep.LocalAddr().(*net.UDPAddr); ok {
 		a.EMSD = ua.AddrPort()
+	}
+	if s.dtls != nil {
+		if ua, ok := s.dtls.conn.LocalAddr().(*net.UDPAddr); ok {
+			a.DTLS = ua.AddrPort()
+		}
 	}
 	if s.smtpLn != nil {
 		a.SMTP = s.smtpLn.Addr()
@@ -406,6 +420,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if err := s.ep.Shutdown(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("esro: %w", err))
 	}
+	if s.dtls != nil {
+		if err := s.dtls.ep.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("esro over dtls: %w", err))
+		}
+	}
 	if s.admin != nil {
 		if err := s.admin.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("admin: %w", err))
@@ -438,6 +457,9 @@ func (s *Server) Close() error {
 		}
 		if s.ep != nil {
 			s.ep.Close()
+		}
+		if s.dtls != nil {
+			s.dtls.ep.Close()
 		}
 		s.loopCancel()
 		s.loops.Wait()

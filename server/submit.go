@@ -452,9 +452,11 @@ func (s *Server) verifySubmission(dev *device, peer netip.AddrPort, rec *store.S
 			if dev.ap.IsValid() && dev.ap != peer {
 				to = append(to, dev.ap)
 			}
+			ep, to := s.verifyRoute(dev, to)
 			var res *esro.Result
+			err = errNoRoute
 			for _, ap := range to {
-				res, err = s.ep.Invoke(s.ctx, &esro.Request{To: ap, SAP: uint8(emsd.SAPUAPerformer2Way),
+				res, err = ep.Invoke(s.ctx, &esro.Request{To: ap, SAP: uint8(emsd.SAPUAPerformer2Way),
 					Operation: uint8(emsd.OpSubmissionVerify), Encoding: esro.EncodingBER, Handshake: esro.TwoWay, Data: arg})
 				if !isFailure(err) {
 					break

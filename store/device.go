@@ -10,6 +10,14 @@ import (
 
 // Validate checks what every backend requires of a device before it is
 // written.
+// Bounds of a device's DTLS key: at least 128 bits (RFC 7925 §4.2), at
+// most what a TLS PSK may be (RFC 4279 §5.3 allows 64 KB; 64 bytes is
+// far beyond any security need).
+const (
+	MinPSKLen = 16
+	MaxPSKLen = 64
+)
+
 func (d *Device) Validate() error {
 	switch {
 	case d.Address == 0:
@@ -23,6 +31,10 @@ func (d *Device) Validate() error {
 		return fmt.Errorf("%w: device protocol version missing", ErrInvalid)
 	case d.Mode != ModeComplete && d.Mode != ModeEfficient:
 		return fmt.Errorf("%w: delivery mode %q", ErrInvalid, d.Mode)
+	case len(d.PSK) != 0 && (len(d.PSK) < MinPSKLen || len(d.PSK) > MaxPSKLen):
+		return fmt.Errorf("%w: DTLS key of %d bytes (%d..%d)", ErrInvalid, len(d.PSK), MinPSKLen, MaxPSKLen)
+	case d.RequireDTLS && len(d.PSK) == 0:
+		return fmt.Errorf("%w: require_dtls without a DTLS key", ErrInvalid)
 	}
 	return nil
 }

@@ -59,6 +59,12 @@ type Device struct {
 	Mode    Mode     // delivery mode
 	Aliases []string // lower-case mail addresses, unique over all devices
 	Control DeliveryControl
+	// PSK is the device's DTLS pre-shared key (its identity is its EMSD
+	// address); nil = none. A secret: kept beside the password hash, and
+	// never logged or shown after it is set.
+	PSK []byte
+	// RequireDTLS refuses the device's operations over plain UDP.
+	RequireDTLS bool
 	// Contact is where the device was last heard from (SetContact); it
 	// is not part of the registry: UpdateDevice keeps it, and changing it
 	// does not change RegistryVersion.

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -18,7 +20,7 @@ import (
 	"github.com/esro-emsdp/emsdp/store"
 )
 
-// cmdDevice: "emsdp device add|list|show|remove|passwd", the device
+// cmdDevice: "emsdp device add|list|show|remove|passwd|psk", the device
 // registry of the server's store. It works beside running servers (SQLite
 // in WAL mode, or the PostgreSQL database they share), which notice the
 // change within store.registry_poll or at SIGHUP.
@@ -29,6 +31,7 @@ func cmdDevice(ctx context.Context, env *cmdEnv, args []string) int {
 		subcommand{"show", deviceShow},
 		subcommand{"remove", deviceRemove},
 		subcommand{"passwd", devicePasswd},
+		subcommand{"psk", devicePSK},
 	)
 }
 
@@ -159,6 +162,8 @@ func deviceAdd(ctx context.Context, env *cmdEnv, args []string) int {
 	mode := fs.String("mode", "complete", "delivery mode: complete (3-way) or efficient (2-way)")
 	var aliases aliasList
 	fs.Var(&aliases, "alias", "mail address delivered to this device (repeatable, comma-separated)")
+	psk := fs.String("psk", "", `DTLS pre-shared key: "generate" (printed once) or 32..128 hex digits; the identity is the address`)
+	requireDTLS := fs.Bool("require-dtls", false, "refuse the device's operations over plain UDP (needs --psk)")
 	if done, code := parseFlags(fs, env, args); done {
 		return code
 	}
@@ -171,11 +176,19 @@ func deviceAdd(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	if !set["password"] {
-		return fail(env, usagef(`--password is required (--password "" for a device without one)`))
+	if !set["password"] && *psk == "" {
+		return fail(env, usagef(`--password is required (--password "" for a device without one), unless --psk is given`))
 	}
-	if *ip == "" && *password == "" {
-		return fail(env, usagef("--ip is required for a device without password: nothing else could tell it apart "+
+	var generated bool
+	if d.PSK, generated, err = pskFlag(*psk); err != nil {
+		return fail(env, err)
+	}
+	d.RequireDTLS = *requireDTLS
+	if d.RequireDTLS && d.PSK == nil {
+		return fail(env, usagef("--require-dtls needs --psk"))
+	}
+	if *ip == "" && *password == "" && *psk == "" {
+		return fail(env, usagef("--ip is required for a device without password or DTLS key: nothing else could tell it apart "+
 			"(with a password it may be left out: the server delivers where it hears the device from)"))
 	}
 	if d.PasswordHash, err = passwordFlag(*password); err != nil {
@@ -193,6 +206,106 @@ func deviceAdd(ctx context.Context, env *cmdEnv, args []string) int {
 		return storeFail(env, emsd.Address(d.Address), err)
 	}
 	fmt.Fprintf(env.stdout, "added %s\n", deviceLine(d))
+	if generated {
+		printPSK(env, d)
+	}
+	return exitOK
+}
+
+// pskFlag parses --psk: "" none, "generate" a fresh random key of 128 bits
+// (RFC 7925's minimum, and a 32-digit string a person can still type into
+// a device), or the key in hex.
+func pskFlag(s string) (key []byte, generated bool, err error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "":
+		return nil, false, nil
+	case "generate":
+		key = make([]byte, 16)
+		rand.Read(key) // never fails (crypto/rand)
+		return key, true, nil
+	}
+	key, err = hex.DecodeString(strings.TrimSpace(s))
+	if err != nil {
+		return nil, false, usagef("--psk: not hex digits (or \"generate\")")
+	}
+	if len(key) < store.MinPSKLen || len(key) > store.MaxPSKLen {
+		return nil, false, usagef("--psk: %d bytes; a key has %d..%d bytes (%d..%d hex digits)", len(key),
+			store.MinPSKLen, store.MaxPSKLen, 2*store.MinPSKLen, 2*store.MaxPSKLen)
+	}
+	return key, false, nil
+}
+
+// printPSK shows a generated key, the only time it is shown.
+func printPSK(env *cmdEnv, d *store.Device) {
+	fmt.Fprintf(env.stdout, "psk-identity: %s\npsk: %s\n", emsd.Address(d.Address), hex.EncodeToString(d.PSK))
+	fmt.Fprintln(env.stderr, "emsdp: this key is shown once; give it to the device (emsdp ua ... --dtls --psk KEY)")
+}
+
+func dtlsText(d *store.Device) string {
+	switch {
+	case d.RequireDTLS:
+		return "required"
+	case d.PSK != nil:
+		return "yes"
+	}
+	return "no"
+}
+
+// devicePSK sets, rotates or removes a device's DTLS key. The server ends
+// the sessions made with the old key when it sees the change.
+func devicePSK(ctx context.Context, env *cmdEnv, args []string) int {
+	var psk *string
+	var require *string
+	fs := flag.NewFlagSet("emsdp device psk", flag.ContinueOnError)
+	st, a, done, code := addressOnly(fs, env, args, func(fs *flag.FlagSet) {
+		psk = fs.String("psk", "generate", `new key: "generate" (printed once), hex digits, or "none" to remove it`)
+		require = fs.String("require-dtls", "", `"yes" refuses the device's plain-UDP operations, "no" allows them (default: unchanged)`)
+	})
+	if done {
+		return code
+	}
+	var key []byte
+	var generated bool
+	var err error
+	if !strings.EqualFold(*psk, "none") {
+		if key, generated, err = pskFlag(*psk); err != nil {
+			return fail(env, err)
+		}
+	}
+	db, err := st.open(ctx, env, server.StoreExisting)
+	if err != nil {
+		return fail(env, err)
+	}
+	defer db.Close()
+	d, err := db.Device(ctx, uint32(a))
+	if err != nil {
+		return storeFail(env, a, err)
+	}
+	d.PSK = key
+	switch strings.ToLower(*require) {
+	case "":
+	case "yes", "true":
+		d.RequireDTLS = true
+	case "no", "false":
+		d.RequireDTLS = false
+	default:
+		return fail(env, usagef("--require-dtls %q: want yes or no", *require))
+	}
+	if key == nil && d.RequireDTLS {
+		return fail(env, usagef("device %s requires DTLS: removing its key needs --require-dtls no", a))
+	}
+	if err := db.UpdateDevice(ctx, d); err != nil {
+		return storeFail(env, a, err)
+	}
+	switch {
+	case key == nil:
+		fmt.Fprintf(env.stdout, "DTLS key removed for device %s\n", a)
+	case generated:
+		fmt.Fprintf(env.stdout, "DTLS key changed for device %s (dtls=%s)\n", a, dtlsText(d))
+		printPSK(env, d)
+	default:
+		fmt.Fprintf(env.stdout, "DTLS key changed for device %s (dtls=%s)\n", a, dtlsText(d))
+	}
 	return exitOK
 }
 
@@ -236,8 +349,12 @@ func deviceLine(d *store.Device) string {
 	if aliases == "" {
 		aliases = "-"
 	}
-	return fmt.Sprintf("device %s ip=%s port=%s version=%s mode=%s password=%s aliases=%s",
+	line := fmt.Sprintf("device %s ip=%s port=%s version=%s mode=%s password=%s aliases=%s",
 		emsd.Address(d.Address), ipText(d), portText(d), d.Version, d.Mode, yesNo(d.PasswordHash != ""), strings.ToLower(aliases))
+	if d.PSK != nil {
+		line += " dtls=" + dtlsText(d)
+	}
+	return line
 }
 
 // ipText and portText show the registered address; "-" for none.
@@ -397,6 +514,9 @@ func deviceShow(ctx context.Context, env *cmdEnv, args []string) int {
 	fmt.Fprintf(w, "version:   %s\n", d.Version)
 	fmt.Fprintf(w, "mode:      %s\n", d.Mode)
 	fmt.Fprintf(w, "password:  %s\n", yesNo(d.PasswordHash != ""))
+	if d.PSK != nil {
+		fmt.Fprintf(w, "dtls:      %s\n", dtlsText(d))
+	}
 	fmt.Fprintf(w, "aliases:   %s\n", aliases)
 	fmt.Fprintf(w, "control:   %s\n", controlText(d.Control))
 	fmt.Fprintf(w, "heard:     %s\n", heardText(d, time.Now(), st.lifetime))

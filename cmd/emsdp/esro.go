@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/esro/esrodtls"
 )
 
 func cmdESRO(ctx context.Context, env *cmdEnv, args []string) int {
@@ -165,11 +166,20 @@ func esroPerform(ctx context.Context, env *cmdEnv, args []string) int {
 	amp := fs.Float64("amplification", 1, "at most this many times the octets an invoker sent go back to it (0: no limit)")
 	var tf timerFlags
 	tf.register(fs)
+	var df dtlsFlags
+	df.register(fs, true)
 	if done, code := parseFlags(fs, env, args); done {
 		return code
 	}
 	if *amp < 0 || math.IsNaN(*amp) {
 		return fail(env, &usageError{fmt.Sprintf("--amplification %v: want 0 (no limit) or more", *amp)})
+	}
+	key, dcfg, err := df.config()
+	if err != nil {
+		return fail(env, err)
+	}
+	if key != nil && df.identity == "" {
+		return fail(env, usagef("--dtls needs --psk-identity: the identity invokers present"))
 	}
 	s, err := uint8Flag("sap", *sap, 1, esro.MaxSAP)
 	if err != nil {
@@ -191,15 +201,21 @@ func esroPerform(ctx context.Context, env *cmdEnv, args []string) int {
 	if *amp == 0 {
 		cfg.AmplificationFactor = -1
 	}
-	ep, err := esro.Listen("udp", *listen, cfg)
+	ep, conn, err := esroEndpoint(key, dcfg, df.identity, true, *listen, cfg)
 	if err != nil {
-		return fail(env, listenHint(err, *listen))
+		return fail(env, err)
 	}
 	defer ep.Close()
 	var outMu sync.Mutex
 	err = ep.HandleFunc(s, hs, func(_ context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
 		outMu.Lock()
-		fmt.Fprintf(env.stdout, "invoke peer=%s sap=%d op=%d enc=%d len=%d\n", inv.Peer, inv.SAP, inv.Operation, inv.Encoding, len(inv.Data))
+		who := ""
+		if conn != nil {
+			if p, ok := conn.Peer(inv.Peer); ok {
+				who = " identity=" + p.Identity + " suite=" + p.CipherSuite
+			}
+		}
+		fmt.Fprintf(env.stdout, "invoke peer=%s sap=%d op=%d enc=%d len=%d%s\n", inv.Peer, inv.SAP, inv.Operation, inv.Encoding, len(inv.Data), who)
 		outMu.Unlock()
 		switch mode.kind {
 		case "echo":
@@ -217,6 +233,29 @@ func esroPerform(ctx context.Context, env *cmdEnv, args []string) int {
 	fmt.Fprintf(env.stderr, "emsdp esro perform: listening on %s, SAP %d, %v, reply %s\n", ep.LocalAddr(), s, hs, *reply)
 	<-ctx.Done()
 	return exitOK
+}
+
+// esroEndpoint opens a plain UDP endpoint on local, or with a key one over
+// DTLS: listening on local (perform) or opening sessions (invoke).
+func esroEndpoint(key []byte, dcfg esrodtls.Config, identity string, listen bool, local string, cfg *esro.Config) (*esro.Endpoint, *esrodtls.Conn, error) {
+	if key == nil {
+		ep, err := esro.Listen("udp", local, cfg)
+		if err != nil {
+			return nil, nil, listenHint(err, local)
+		}
+		return ep, nil, nil
+	}
+	dcfg.Logger = cfg.Logger
+	conn, err := dtlsConn(dcfg, identity, key, listen, local)
+	if err != nil {
+		return nil, nil, err
+	}
+	ep, err := esro.NewEndpoint(conn, esrodtls.EndpointConfig(cfg))
+	if err != nil {
+		conn.Close()
+		return nil, nil, err
+	}
+	return ep, conn, nil
 }
 
 // listenHint explains the usual reasons a UDP bind fails.
@@ -251,8 +290,17 @@ func esroInvoke(ctx context.Context, env *cmdEnv, args []string) int {
 	conc := fs.Int("concurrency", 1, "invocations in flight with --count")
 	var tf timerFlags
 	tf.register(fs)
+	var df dtlsFlags
+	df.register(fs, true)
 	if done, code := parseFlags(fs, env, args); done {
 		return code
+	}
+	key, dcfg, err := df.config()
+	if err != nil {
+		return fail(env, err)
+	}
+	if key != nil && df.identity == "" {
+		return fail(env, usagef("--dtls needs --psk-identity: the identity to present"))
 	}
 	req, err := invokeRequest(fs, *to, *sap, *hsv, *op, *enc, *data, *hexData, *file)
 	if err != nil {
@@ -270,9 +318,9 @@ func esroInvoke(ctx context.Context, env *cmdEnv, args []string) int {
 	if pdu := cmp.Or(cfg.PDUSize, esroDefaultPDU); len(req.Data) > pdu {
 		return fail(env, usagef("the argument is %d octets; an ESRO PDU carries at most %d", len(req.Data), pdu))
 	}
-	ep, err := esro.Listen("udp", *local, cfg)
+	ep, _, err := esroEndpoint(key, dcfg, df.identity, false, *local, cfg)
 	if err != nil {
-		return fail(env, listenHint(err, *local))
+		return fail(env, err)
 	}
 	defer ep.Close()
 	if *count == 0 {

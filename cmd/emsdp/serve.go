@@ -24,6 +24,7 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	fs := flag.NewFlagSet("emsdp serve", flag.ContinueOnError)
 	cfgPath := fs.String("config", "", "TOML configuration file (default: the embedded defaults); re-read on SIGHUP")
 	listen := fs.String("listen", "", "UDP address of the EMSD service (default :641)")
+	dtlsAddr := fs.String("dtls-listen", "", `UDP address of EMSD over DTLS with per-device keys (default off; the documented port is 4641; "off" disables)`)
 	smtpAddr := fs.String("smtp", "", `inbound SMTP address (default 127.0.0.1:2525; "off" disables)`)
 	admin := fs.String("admin", "", `admin HTTP address for /metrics, /healthz, /debug/pprof (default 127.0.0.1:9641; "off" disables)`)
 	data := fs.String("data", "", "data directory holding the SQLite store (default ./emsdp-data)")
@@ -54,15 +55,16 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 			return nil, err
 		}
 		for name, apply := range map[string]func(){
-			"listen":     func() { cfg.EMSD.Listen = *listen },
-			"smtp":       func() { cfg.SMTP.Listen = off(*smtpAddr) },
-			"admin":      func() { cfg.Admin.Listen = off(*admin) },
-			"data":       func() { cfg.Data = *data },
-			"dsn":        func() { cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, *dsn, 0 },
-			"domain":     func() { cfg.Domain = *domain },
-			"smarthost":  func() { cfg.Relay.Smarthost = *smarthost },
-			"log-level":  func() { cfg.LogLevel = *logLevel },
-			"log-format": func() { cfg.LogFormat = *logFormat },
+			"listen":      func() { cfg.EMSD.Listen = *listen },
+			"smtp":        func() { cfg.SMTP.Listen = off(*smtpAddr) },
+			"dtls-listen": func() { cfg.DTLS.Listen = off(*dtlsAddr) },
+			"admin":       func() { cfg.Admin.Listen = off(*admin) },
+			"data":        func() { cfg.Data = *data },
+			"dsn":         func() { cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, *dsn, 0 },
+			"domain":      func() { cfg.Domain = *domain },
+			"smarthost":   func() { cfg.Relay.Smarthost = *smarthost },
+			"log-level":   func() { cfg.LogLevel = *logLevel },
+			"log-format":  func() { cfg.LogFormat = *logFormat },
 		} {
 			if set[name] {
 				apply()
@@ -111,6 +113,8 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 				hint = "--smtp"
 			case "admin":
 				hint = "--admin"
+			case "dtls":
+				hint = "--dtls-listen"
 			}
 			err = fmt.Errorf("%s %w", le.Service, serveListenHint(le.Err, le.Addr, hint))
 		}
@@ -124,8 +128,12 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	if cfg.Store.Driver == server.StorePostgres {
 		where = "store=postgres"
 	}
-	fmt.Fprintf(env.stderr, "emsdp serve: listening emsd=%s smtp=%s admin=%s %s\n",
-		a.EMSD, addrOrOff(a.SMTP), addrOrOff(a.Admin), where)
+	dtlsWhere := ""
+	if a.DTLS.IsValid() {
+		dtlsWhere = " dtls=" + a.DTLS.String()
+	}
+	fmt.Fprintf(env.stderr, "emsdp serve: listening emsd=%s smtp=%s admin=%s %s%s\n",
+		a.EMSD, addrOrOff(a.SMTP), addrOrOff(a.Admin), where, dtlsWhere)
 	for {
 		select {
 		case <-hup:

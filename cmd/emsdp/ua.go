@@ -17,6 +17,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/esro/esrodtls"
 	"github.com/esro-emsdp/emsdp/ua"
 )
 
@@ -41,6 +42,8 @@ type uaDevice struct {
 	reference                        bool
 	verifyList                       string
 	timers                           timerFlags
+	dtls                             dtlsFlags
+	listenDTLS                       bool // receive: sessions come to --listen
 }
 
 func (d *uaDevice) register(fs *flag.FlagSet, env *cmdEnv) {
@@ -52,6 +55,7 @@ func (d *uaDevice) register(fs *flag.FlagSet, env *cmdEnv) {
 	fs.BoolVar(&d.reference, "reference-mts", false, "peer is a reference (C) MTS: no duplicate window, credentials as the reference UA sends them")
 	fs.StringVar(&d.verifyList, "verify-list", "", "file of recent submission ids answering submission verify; give send and receive the same")
 	d.timers.register(fs)
+	d.dtls.register(fs, false)
 }
 
 // config validates the shared flags. needServer and needAddress say
@@ -75,6 +79,8 @@ func (d *uaDevice) config(env *cmdEnv, needServer, needAddress bool) (*esro.Conf
 		}
 	case needAddress:
 		return nil, cfg, usagef("--address NNN.NNN is required")
+	case d.dtls.on:
+		return nil, cfg, usagef("--dtls needs --address NNN.NNN: it is the key's identity")
 	}
 	if len(d.password) > emsd.MaxPassword {
 		return nil, cfg, usagef("--password is %d octets, at most %d", len(d.password), emsd.MaxPassword)
@@ -98,8 +104,23 @@ func (d *uaDevice) config(env *cmdEnv, needServer, needAddress bool) (*esro.Conf
 
 // start opens the endpoint and the client.
 func (d *uaDevice) start(ecfg *esro.Config, cfg ua.Config) (*esro.Endpoint, *ua.Client, error) {
-	ep, err := esro.Listen("udp", d.local, ecfg)
+	key, tcfg, err := d.dtls.config()
 	if err != nil {
+		return nil, nil, err
+	}
+	var ep *esro.Endpoint
+	if key != nil {
+		// The identity is the device's address, as the server shows it.
+		tcfg.Logger = cfg.Logger
+		conn, err := dtlsConn(tcfg, cfg.Address.String(), key, d.listenDTLS, d.local)
+		if err != nil {
+			return nil, nil, err
+		}
+		if ep, err = esro.NewEndpoint(conn, esrodtls.EndpointConfig(ecfg)); err != nil {
+			conn.Close()
+			return nil, nil, err
+		}
+	} else if ep, err = esro.Listen("udp", d.local, ecfg); err != nil {
 		return nil, nil, listenHint(err, d.local)
 	}
 	c, err := ua.New(ep, cfg)
@@ -310,7 +331,8 @@ func uaReceive(ctx context.Context, env *cmdEnv, args []string) int {
 	if *domain == "" {
 		return fail(env, usagef("--domain must not be empty"))
 	}
-	ecfg, cfg, err := d.config(env, *poll, *poll)
+	d.listenDTLS = true
+	ecfg, cfg, err := d.config(env, *poll, *poll || d.dtls.on)
 	if err != nil {
 		return fail(env, err)
 	}

@@ -62,10 +62,10 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 			return err
 		}
 		t, err := tx.Exec(ctx, `INSERT INTO devices (address, password_hash, ip, port, version, mode,
-			ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated)
-			VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT (address) DO NOTHING`,
+			ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated, psk, require_dtls)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12) ON CONFLICT (address) DO NOTHING`,
 			int64(d.Address), octets(d.PasswordHash), ipText(d.IP), int32(d.Port), octets(d.Version), string(d.Mode),
-			ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now)
+			ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now, pskValue(d.PSK), d.RequireDTLS)
 		if err != nil {
 			return errorf("add device", err)
 		}
@@ -87,9 +87,9 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 			return err
 		}
 		t, err := tx.Exec(ctx, `UPDATE devices SET password_hash = $1, ip = $2, port = $3, version = $4, mode = $5,
-			updated = $6 WHERE address = $7`,
+			updated = $6, psk = $8, require_dtls = $9 WHERE address = $7`,
 			octets(d.PasswordHash), ipText(d.IP), int32(d.Port), octets(d.Version), string(d.Mode), ms(time.Now()),
-			int64(d.Address))
+			int64(d.Address), pskValue(d.PSK), d.RequireDTLS)
 		if err != nil {
 			return errorf("update device", err)
 		}
@@ -125,8 +125,17 @@ func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 // one snapshot.
 const deviceQuery = `SELECT d.address, d.password_hash, d.ip, d.port, d.version, d.mode, d.ctl_operations,
 	d.ctl_max_length, d.ctl_lowest_priority, d.created, d.updated, d.contact_addr, d.contact_via, d.contact_at, d.contact_polled,
+	d.psk, d.require_dtls,
 	COALESCE(array_agg(a.alias ORDER BY a.alias) FILTER (WHERE a.alias IS NOT NULL), '{}')
 	FROM devices d LEFT JOIN aliases a ON a.device = d.address`
+
+// pskValue stores no key as NULL.
+func pskValue(k []byte) any {
+	if len(k) == 0 {
+		return nil
+	}
+	return k
+}
 
 func scanDevice(row pgx.CollectableRow) (*store.Device, error) {
 	var d store.Device
@@ -140,7 +149,7 @@ func scanDevice(row pgx.CollectableRow) (*store.Device, error) {
 	var polled bool
 	var aliases [][]byte
 	if err := row.Scan(&d.Address, &pw, &ip, &d.Port, &version, &mode, &ops, &maxLen, &prio,
-		&created, &updated, &contactAddr, &via, &contactAt, &polled, &aliases); err != nil {
+		&created, &updated, &contactAddr, &via, &contactAt, &polled, &d.PSK, &d.RequireDTLS, &aliases); err != nil {
 		return nil, err
 	}
 	var err error
@@ -167,6 +176,9 @@ func scanDevice(row pgx.CollectableRow) (*store.Device, error) {
 		d.Aliases = append(d.Aliases, string(a))
 	}
 	d.Created, d.Updated = fromMS(created), fromMS(updated)
+	if len(d.PSK) == 0 {
+		d.PSK = nil
+	}
 	return &d, nil
 }
 

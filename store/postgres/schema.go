@@ -149,4 +149,7 @@ var migrations = []string{
 	// 4: the Internet sender's DSN parameters (store.Report.DSN).
 	`ALTER TABLE deliveries ADD COLUMN report_dsn BYTEA NOT NULL DEFAULT '';
 	ALTER TABLE relays ADD COLUMN report_dsn BYTEA NOT NULL DEFAULT '';`,
+
+	// 5: DTLS pre-shared keys, kept with the password hashes.
+	`ALTER TABLE devices ADD COLUMN psk BYTEA, ADD COLUMN require_dtls BOOLEAN NOT NULL DEFAULT false;`,
 }

@@ -120,4 +120,8 @@ var migrations = []string{
 	// 4: the Internet sender's DSN parameters (store.Report.DSN).
 	`ALTER TABLE deliveries ADD COLUMN report_dsn TEXT NOT NULL DEFAULT '';
 	ALTER TABLE relays ADD COLUMN report_dsn TEXT NOT NULL DEFAULT '';`,
+
+	// 5: DTLS pre-shared keys, kept with the password hashes.
+	`ALTER TABLE devices ADD COLUMN psk BLOB;
+	ALTER TABLE devices ADD COLUMN require_dtls INTEGER NOT NULL DEFAULT 0;`,
 }

@@ -268,10 +268,10 @@ const (
 	qBumpRegistry = `UPDATE meta SET value = value + 1 WHERE key = 'registry_version'`
 	qInsertAlias  = `INSERT INTO aliases (alias, device) VALUES (?, ?)`
 	qAddDevice    = `INSERT INTO devices (address, password_hash, ip, port, version, mode,
-		ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
-	qUpdateDevice = `UPDATE devices SET password_hash = ?, ip = ?, port = ?, version = ?, mode = ?, updated = ?
-		WHERE address = ?`
+		ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated, psk, require_dtls)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+	qUpdateDevice = `UPDATE devices SET password_hash = ?, ip = ?, port = ?, version = ?, mode = ?, updated = ?,
+		psk = ?, require_dtls = ? WHERE address = ?`
 	qDeleteAliases = `DELETE FROM aliases WHERE device = ?`
 	qDeleteDevice  = `DELETE FROM devices WHERE address = ?`
 )
@@ -302,7 +302,7 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 	return s.tx(ctx, func(tx *sql.Tx) error {
 		_, err := s.exec(ctx, tx, qAddDevice,
 			d.Address, d.PasswordHash, ipText(d.IP), d.Port, d.Version, string(d.Mode),
-			ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), ms(now), ms(now))
+			ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), ms(now), ms(now), pskValue(d.PSK), d.RequireDTLS)
 		if err != nil {
 			if isConstraint(err) {
 				return fmt.Errorf("%w: device %d", store.ErrExists, d.Address)
@@ -322,7 +322,8 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 		return err
 	}
 	return s.tx(ctx, func(tx *sql.Tx) error {
-		r, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, ipText(d.IP), d.Port, d.Version, string(d.Mode), ms(time.Now()), d.Address)
+		r, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, ipText(d.IP), d.Port, d.Version, string(d.Mode), ms(time.Now()),
+			pskValue(d.PSK), d.RequireDTLS, d.Address)
 		if err != nil {
 			return fmt.Errorf("sqlite: update device: %w", err)
 		}
@@ -358,12 +359,21 @@ func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 
 const (
 	deviceCols = `address, password_hash, ip, port, version, mode, ctl_operations, ctl_max_length,
-	ctl_lowest_priority, created, updated, contact_addr, contact_via, contact_at, contact_polled`
+	ctl_lowest_priority, created, updated, contact_addr, contact_via, contact_at, contact_polled,
+	psk, require_dtls`
 	qDevice        = `SELECT ` + deviceCols + ` FROM devices WHERE address = ?`
 	qDeviceAliases = `SELECT alias FROM aliases WHERE device = ? ORDER BY alias`
 	qDevices       = `SELECT ` + deviceCols + ` FROM devices ORDER BY address`
 	qAliases       = `SELECT alias, device FROM aliases ORDER BY alias`
 )
+
+// pskValue stores no key as NULL.
+func pskValue(k []byte) any {
+	if len(k) == 0 {
+		return nil
+	}
+	return k
+}
 
 func scanDevice(sc interface{ Scan(...any) error }) (*store.Device, error) {
 	var d store.Device
@@ -373,8 +383,12 @@ func scanDevice(sc interface{ Scan(...any) error }) (*store.Device, error) {
 	var contactAddr string
 	var polled bool
 	if err := sc.Scan(&d.Address, &d.PasswordHash, &ip, &d.Port, &d.Version, &mode, &ops, &maxLen, &prio,
-		&created, &updated, &contactAddr, &d.Contact.Via, &contactAt, &polled); err != nil {
+		&created, &updated, &contactAddr, &d.Contact.Via, &contactAt, &polled,
+		&d.PSK, &d.RequireDTLS); err != nil {
 		return nil, err
+	}
+	if len(d.PSK) == 0 {
+		d.PSK = nil
 	}
 	var err error
 	if d.IP, err = store.ParseIP(ip); err != nil {

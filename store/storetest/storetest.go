@@ -246,6 +246,35 @@ func testRegistry(t *testing.T, s store.Store) {
 	}
 	wantErr(t, s.SetDeliveryControl(ctx, 7, store.DeliveryControl{}), store.ErrNotFound)
 
+	// DTLS keys: set, rotated, required, cleared; a short key is refused.
+	key := []byte("0123456789abcdef0123")
+	up.PSK, up.RequireDTLS = key, true
+	must(t, s.UpdateDevice(ctx, up))
+	got, _ = s.Device(ctx, 198037)
+	if !slices.Equal(got.PSK, key) || !got.RequireDTLS {
+		t.Errorf("DTLS key round trip: psk %d bytes, require %v", len(got.PSK), got.RequireDTLS)
+	}
+	up.PSK = []byte("fedcba9876543210")
+	must(t, s.UpdateDevice(ctx, up))
+	if got, _ = s.Device(ctx, 198037); !slices.Equal(got.PSK, up.PSK) {
+		t.Error("rotated DTLS key not stored")
+	}
+	up.PSK, up.RequireDTLS = nil, false
+	must(t, s.UpdateDevice(ctx, up))
+	if got, _ = s.Device(ctx, 198037); got.PSK != nil || got.RequireDTLS {
+		t.Errorf("cleared DTLS key: %d bytes, require %v", len(got.PSK), got.RequireDTLS)
+	}
+	short := dev(198039, "127.0.0.14")
+	short.PSK = []byte("short")
+	wantErr(t, s.AddDevice(ctx, short), store.ErrInvalid)
+	withKey := dev(198039, "127.0.0.14")
+	withKey.PSK = key
+	must(t, s.AddDevice(ctx, withKey))
+	if got, _ = s.Device(ctx, 198039); !slices.Equal(got.PSK, key) || got.RequireDTLS {
+		t.Errorf("added DTLS key: %d bytes", len(got.PSK))
+	}
+	must(t, s.RemoveDevice(ctx, 198039))
+
 	must(t, s.RemoveDevice(ctx, 198036))
 	wantErr(t, s.RemoveDevice(ctx, 198036), store.ErrNotFound)
 	_, err = s.Device(ctx, 198036)
