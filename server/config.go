@@ -140,16 +140,22 @@ type SMTPConfig struct {
 
 // RelayConfig is outbound mail to the smarthost.
 type RelayConfig struct {
-	Smarthost string     `toml:"smarthost"`
-	Helo      string     `toml:"helo"`
-	Username  string     `toml:"username"`
-	Password  string     `toml:"password"`
-	TLS       string     `toml:"tls"`
-	CAFile    string     `toml:"ca_file"`
-	Timeout   Duration   `toml:"timeout"`
-	Retry     []Duration `toml:"retry"`
-	Expiry    Duration   `toml:"expiry"`
-	Batch     int        `toml:"batch"`
+	Smarthost string `toml:"smarthost"`
+	Helo      string `toml:"helo"`
+	Username  string `toml:"username"`
+	Password  string `toml:"password"`
+	TLS       string `toml:"tls"`
+	CAFile    string `toml:"ca_file"`
+	// InsecureSkipVerify is the setting of earlier versions, when
+	// "opportunistic" verified certificates; it is accepted so that their
+	// configuration files still load. Opportunistic TLS no longer
+	// verifies, so it changes nothing there; with "verify" or "required"
+	// it is refused, since it would contradict them.
+	InsecureSkipVerify bool       `toml:"insecure_skip_verify,omitempty"`
+	Timeout            Duration   `toml:"timeout"`
+	Retry              []Duration `toml:"retry"`
+	Expiry             Duration   `toml:"expiry"`
+	Batch              int        `toml:"batch"`
 }
 
 // AdminConfig is the HTTP admin listener.
@@ -414,8 +420,13 @@ func (c *Config) Validate() error {
 	}
 	if m, err := gateway.ParseTLSMode(c.Relay.TLS); err != nil {
 		add(configErr("relay.tls: %v", err))
-	} else if c.Relay.CAFile != "" {
-		add(validCAFile(c.Relay.CAFile, m))
+	} else {
+		if c.Relay.CAFile != "" {
+			add(validCAFile(c.Relay.CAFile, m))
+		}
+		if c.Relay.InsecureSkipVerify && (m == gateway.TLSVerify || m == gateway.TLSRequired) {
+			add(configErr("relay.insecure_skip_verify contradicts tls = %q: remove it (tls = \"opportunistic\" encrypts without verifying; for a private CA set ca_file)", c.Relay.TLS))
+		}
 	}
 	switch c.Compat.VerifyFailure {
 	case "send", "drop":
