@@ -44,6 +44,7 @@ func commands() []command {
 		{"serve", "the EMSD server: devices over ESRO/UDP, Internet mail over SMTP", cmdServe},
 		{"device", "the server's device registry: add, list, show, remove, passwd", cmdDevice},
 		{"queue", "the server's delivery and relay queues: list, show, retry, remove", cmdQueue},
+		{"decode", "decode ESRO and EMSD in a pcap/pcapng capture or one datagram", cmdDecode},
 	}
 }
 

@@ -1,0 +1,130 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/internal/captures"
+	"github.com/esro-emsdp/emsdp/internal/pcaprec"
+)
+
+// writePcap records a reference capture section as a pcap, with the
+// performer's port replaced by port.
+func writePcap(t *testing.T, section string, port uint16) (string, []byte) {
+	t.Helper()
+	var buf bytes.Buffer
+	rec, err := pcaprec.New(&buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := func(s string) netip.AddrPort {
+		ap, err := netip.ParseAddrPort(s)
+		if err != nil {
+			ap = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 2003)
+			if s == "2002" {
+				ap = netip.AddrPortFrom(ap.Addr(), 2002)
+			}
+		}
+		if ap.Port() == 2002 && strings.HasSuffix(ap.Addr().String(), ".10") || s == "2002" {
+			ap = netip.AddrPortFrom(ap.Addr(), port)
+		}
+		return ap
+	}
+	t0 := time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC)
+	for _, dg := range captures.Get(section).Datagrams {
+		if err := rec.Write(t0.Add(time.Duration(dg.Offset*float64(time.Second))), addr(dg.From), addr(dg.To), dg.Payload); err != nil {
+			t.Fatal(err)
+		}
+	}
+	path := filepath.Join(t.TempDir(), section+".pcap")
+	if err := os.WriteFile(path, buf.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path, buf.Bytes()
+}
+
+func TestDecodeCommand(t *testing.T) {
+	seg, segBytes := writePcap(t, "emsd-submit-segmented", 2002)
+	code, out, errOut := runCmd(t, "", "decode", seg)
+	if code != exitOK || errOut != "" {
+		t.Fatalf("decode: exit %d, stderr %q", code, errOut)
+	}
+	for _, want := range []string{
+		"#1 2026-12-07T10:00:00.000000Z 127.0.0.11:2002 → 127.0.0.10:2002 INVOKE sap=5 ref=192 op=33 enc=BER",
+		"EMSD submission SubmitArgument (1.1) instance=0",
+		"segment: first of 3, sequence 1",
+		"reassembled: 3 segments",
+		`originator: "198.036"`,
+		"RESULT ref=194 enc=BER len=2+",
+		"ACK ref=194 len=2+0 invoke=#7",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("decode output lacks %q:\n%s", want, out)
+		}
+	}
+
+	// The same from standard input, as JSON: one object per datagram.
+	code, js, _ := runCmd(t, string(segBytes), "decode", "--json", "-")
+	lines := strings.Split(strings.TrimSpace(js), "\n")
+	if code != exitOK || len(lines) != 9 {
+		t.Fatalf("decode --json -: exit %d, %d lines", code, len(lines))
+	}
+	var rec struct {
+		Frame int
+		Src   string
+		ESRO  struct{ Type string }
+		EMSD  struct {
+			Operation  string
+			Reassembly struct{ Complete bool }
+		}
+	}
+	if err := json.Unmarshal([]byte(lines[6]), &rec); err != nil {
+		t.Fatal(err)
+	}
+	if rec.Frame != 7 || rec.ESRO.Type != "INVOKE" || rec.EMSD.Operation != "submission" || !rec.EMSD.Reassembly.Complete {
+		t.Errorf("JSON record 7: %s", lines[6])
+	}
+
+	// Another port: found by the heuristic, or by --port; not with
+	// --no-heuristic.
+	odd, _ := writePcap(t, "emsd-submit-1", 7641)
+	if _, out, _ := runCmd(t, "", "decode", odd); !strings.Contains(out, `subject: "Hello over EMSD"`) || !strings.Contains(out, "RESULT") {
+		t.Errorf("heuristic on port 7641:\n%s", out)
+	}
+	if code, out, errOut := runCmd(t, "", "decode", odd, "--no-heuristic"); code != exitOK || out != "" || !strings.Contains(errOut, "try --port") {
+		t.Errorf("--no-heuristic: exit %d, out %q, err %q", code, out, errOut)
+	}
+	if _, out, _ := runCmd(t, "", "decode", "--no-heuristic", "--port", "7641", odd); strings.Count("\n"+out, "\n#") != 3 {
+		t.Errorf("--port 7641:\n%s", out)
+	}
+
+	// One datagram in hex; the password is masked.
+	_, out, _ = runCmd(t, "", "decode", "--hex", "50:07:21:00:30:16:a0:11:a0:0f:30:05:04:03:19:80:36:80:06:73:65:63:72:65:74:02:01:20")
+	if !strings.Contains(out, "credentials: device 198.036, password ********") || strings.Contains(out, "secret") {
+		t.Errorf("--hex with a password:\n%s", out)
+	}
+
+	for _, c := range []struct {
+		args []string
+		code int
+		err  string
+	}{
+		{[]string{"decode"}, exitUsage, "usage"},
+		{[]string{"decode", "--hex", "zz"}, exitUsage, "--hex"},
+		{[]string{"decode", "--hex", "00", seg}, exitUsage, "exclusive"},
+		{[]string{"decode", "--port", "0", seg}, exitUsage, "bad port"},
+		{[]string{"decode", filepath.Join(t.TempDir(), "none.pcap")}, exitFailed, "no such file"},
+		{[]string{"decode", "decode_test.go"}, exitFailed, "not a pcap"},
+	} {
+		code, _, errOut := runCmd(t, "", c.args...)
+		if code != c.code || !strings.Contains(errOut, c.err) {
+			t.Errorf("%v: exit %d, stderr %q; want %d and %q", c.args, code, errOut, c.code, c.err)
+		}
+	}
+}
