@@ -39,6 +39,7 @@ initdb|/usr/lib/postgresql/*/bin/initdb   postgresql   store/postgres, server an
 postfix   postfix   server: TestPostfixSmarthost runs a private Postfix on loopback as the smarthost
 swaks     swaks     server: TestPostfixSmarthost sends inbound mail with swaks
 openssl                                   openssl      cmd tests: the OpenSSL DTLS client and server against esro perform/invoke --dtls
+tshark                                    tshark       decode tests run the Wireshark dissector (contrib/wireshark) on captures of our server
 '
 
 cd "$(dirname "$0")"

@@ -152,11 +152,11 @@ func TestWiresharkDissector(t *testing.T) {
 	// The display filters an operator would type.
 	for filter, n := range map[string]int{
 		"emsd.op == 33 && esro.type == 0 && !esro.invoke_frame": 6, // short, 4 segments, refused
-		"emsd.recipient == \"carol@example.com\"":                 2,
-		"emsd.subject == \"Short\"":                               3,
-		"emsd.error == 4":                                           1,
-		"esro.retransmission":                                       2,
-		"emsd.reassembled":                                          2,
+		"emsd.recipient == \"carol@example.com\"":               2,
+		"emsd.subject == \"Short\"":                             3,
+		"emsd.error == 4":                                       1,
+		"esro.retransmission":                                   2,
+		"emsd.reassembled":                                      2,
 	} {
 		got := runTshark(t, pcap, "-Y", filter)
 		if len(got) != n {
