@@ -64,12 +64,16 @@ func TestAdmin(t *testing.T) {
 		`esro_drops_total{reason=`,
 		`esro_failures_total{direction="local",reason="0"} 0`,
 		`esro_in_flight{role="invoker"}`,
+		`emsdp_build_info{goversion="go`,
+		`go_goroutines `,
+		`go_memstats_heap_alloc_bytes `,
+		`process_resident_memory_bytes `,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %s", want)
 		}
 	}
-	if strings.Contains(body, "go_goroutines") {
+	if strings.Contains(body, "promhttp_metric_handler_requests_total") {
 		t.Error("/metrics serves the global default registry")
 	}
 	if code, body := get(t, base+"/healthz"); code != 200 || body != "ok\n" {

@@ -6,9 +6,11 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/internal/buildinfo"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -70,6 +72,8 @@ func newMetrics() *metrics {
 	m.reg.MustRegister(m.invokes, m.errors, m.submissions, m.verifies, m.deliveries, m.reports, m.inbound,
 		m.starttls, m.relay, m.devices)
 	m.reg.MustRegister(m.authLimited, m.refused, m.addressChanges)
+	m.reg.MustRegister(buildinfo.Read().Collector(), collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, l := range []string{gateway.LimitTotal, gateway.LimitIP} {
 		m.refused.WithLabelValues(l) // at 0 from the start, for rate()
 	}

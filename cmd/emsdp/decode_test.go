@@ -128,3 +128,24 @@ func TestDecodeCommand(t *testing.T) {
 		}
 	}
 }
+
+func TestVersionCommand(t *testing.T) {
+	code, out, _ := runCmd(t, "", "--version")
+	if code != exitOK || !strings.HasPrefix(out, "emsdp ") || !strings.Contains(out, "go1.") {
+		t.Errorf("--version: exit %d, %q", code, out)
+	}
+	code, out, _ = runCmd(t, "", "version")
+	for _, want := range []string{"module:   github.com/esro-emsdp/emsdp\n", "revision: ", "date:     ", "go:       go1.", "platform: "} {
+		if code != exitOK || !strings.Contains(out, want) {
+			t.Errorf("version: exit %d, lacks %q:\n%s", code, want, out)
+		}
+	}
+	code, out, _ = runCmd(t, "", "version", "--json")
+	var v struct{ Module, Version, Revision, Go string }
+	if err := json.Unmarshal([]byte(out), &v); code != exitOK || err != nil || v.Module != "github.com/esro-emsdp/emsdp" || v.Version == "" || v.Go == "" {
+		t.Errorf("version --json: exit %d, %q (%v)", code, out, err)
+	}
+	if code, _, _ := runCmd(t, "", "version", "extra"); code != exitUsage {
+		t.Errorf("version extra: exit %d", code)
+	}
+}

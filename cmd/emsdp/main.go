@@ -4,12 +4,16 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
+
+	"github.com/esro-emsdp/emsdp/internal/buildinfo"
 )
 
 // Exit codes shared by every subcommand.
@@ -45,6 +49,7 @@ func commands() []command {
 		{"device", "the server's device registry: add, list, show, remove, passwd", cmdDevice},
 		{"queue", "the server's delivery and relay queues: list, show, retry, remove", cmdQueue},
 		{"decode", "decode ESRO and EMSD in a pcap/pcapng capture or one datagram", cmdDecode},
+		{"version", "which build this is: version, VCS revision and date, Go version", cmdVersion},
 	}
 }
 
@@ -65,6 +70,10 @@ func run(ctx context.Context, env *cmdEnv, args []string) int {
 		usage(env.stdout)
 		return exitOK
 	}
+	if args[0] == "--version" || args[0] == "-version" {
+		fmt.Fprintln(env.stdout, buildinfo.Read().Short())
+		return exitOK
+	}
 	for _, c := range commands() {
 		if c.name == args[0] {
 			return c.run(ctx, env, args[1:])
@@ -80,7 +89,7 @@ func usage(w io.Writer) {
 	for _, c := range commands() {
 		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
 	}
-	fmt.Fprintln(w, "\nRun 'emsdp <command> -h' for a command's flags.")
+	fmt.Fprintln(w, "\nRun 'emsdp <command> -h' for a command's flags, 'emsdp --version' for the build.")
 }
 
 // subcommand is one verb of a command group ("emsdp device add").
@@ -107,4 +116,23 @@ func dispatch(ctx context.Context, env *cmdEnv, group string, args []string, sub
 	fmt.Fprintf(w, "usage: emsdp %s %s [flags]   (emsdp %s %s -h for flags)\n",
 		group, strings.Join(names, "|"), group, names[0])
 	return code
+}
+
+func cmdVersion(_ context.Context, env *cmdEnv, args []string) int {
+	fs := flag.NewFlagSet("emsdp version", flag.ContinueOnError)
+	asJSON := fs.Bool("json", false, "as a JSON object")
+	if done, code := parseFlags(fs, env, args); done {
+		return code
+	}
+	i := buildinfo.Read()
+	if *asJSON {
+		b, err := json.Marshal(i)
+		if err != nil {
+			return fail(env, err)
+		}
+		fmt.Fprintf(env.stdout, "%s\n", b)
+		return exitOK
+	}
+	fmt.Fprint(env.stdout, i.Long())
+	return exitOK
 }
