@@ -45,6 +45,7 @@ type invocation struct {
 	replied  bool
 	acked    bool
 	failures int
+	emsd     bool // BER: may be EMSD
 }
 
 type argKey struct {
@@ -88,6 +89,9 @@ func (d *Decoder) hash(b []byte) uint64 {
 // not retained.
 func (d *Decoder) Datagram(ts time.Time, src, dst netip.AddrPort, payload []byte) *Record {
 	d.frame++
+	// A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
+	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	r := &Record{Frame: d.frame, Length: len(payload)}
 	if !ts.IsZero() {
 		t := ts
@@ -201,7 +205,7 @@ func (d *Decoder) invoke(ts time.Time, src, dst netip.AddrPort, p *esro.PDU, r *
 		return
 	}
 	d.prune(ts)
-	d.invs[k] = &invocation{frame: r.Frame, at: ts, op: p.Operation, sap: p.SAP, arg: h}
+	d.invs[k] = &invocation{frame: r.Frame, at: ts, op: p.Operation, sap: p.SAP, arg: h, emsd: p.Encoding == esro.EncodingBER}
 	ak := argKey{src, dst, h ^ uint64(p.Operation)<<56}
 	fresh := true
 	if first, ok := d.args[ak]; ok && emsdOperation(p.Operation) {
@@ -267,6 +271,9 @@ func versions(op uint8) []emsd.Version {
 }
 
 func (d *Decoder) emsdInvoke(ts time.Time, src, dst netip.AddrPort, p *esro.PDU, r *Record, fresh bool) *EMSDInfo {
+	if p.Encoding != esro.EncodingBER {
+		return nil // EMSD is always BER; this is another ESRO user
+	}
 	vs := versions(p.Operation)
 	if len(vs) == 0 {
 		if p.SAP == 0 || p.Encoding != esro.EncodingBER {
@@ -424,6 +431,9 @@ func segCount(s *emsd.SegmentInfo) uint32 {
 
 func (d *Decoder) emsdReply(p *esro.PDU, inv *invocation) *EMSDInfo {
 	if p.Type == esro.TypeError {
+		if (inv != nil && !inv.emsd) || (inv == nil && p.Encoding != esro.EncodingBER) {
+			return nil
+		}
 		e := &EMSDInfo{PDU: "ErrorParameter", Error: &ErrorInfo{Code: p.Value, Name: emsd.ErrorCode(p.Value).String()}}
 		if inv != nil {
 			if vs := versions(inv.op); len(vs) > 0 {
@@ -442,10 +452,13 @@ func (d *Decoder) emsdReply(p *esro.PDU, inv *invocation) *EMSDInfo {
 		return e
 	}
 	if inv == nil {
-		if len(p.Data) == 0 {
+		if len(p.Data) == 0 || p.Encoding != esro.EncodingBER {
 			return nil
 		}
 		return &EMSDInfo{Note: "the INVOKE is not in the capture: operation unknown"}
+	}
+	if !inv.emsd {
+		return nil
 	}
 	vs := versions(inv.op)
 	if len(vs) == 0 {

@@ -3,6 +3,7 @@ package esro
 import (
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"time"
 )
 
@@ -176,6 +177,12 @@ type Config struct {
 
 	// Logger receives protocol diagnostics. Nil: slog.Default().
 	Logger *slog.Logger
+
+	// Trace, when set, sees every datagram: each one received before the
+	// engine does (out false) and each one sent just before it is written
+	// (out true), with the peer's address. pdu must not be retained. It
+	// is called from several goroutines at once. Nil: no tracing.
+	Trace func(out bool, peer netip.AddrPort, pdu []byte)
 }
 
 // Validate reports whether c can configure an Endpoint.

@@ -20,6 +20,7 @@ type Endpoint struct {
 	fast  udpAddrPortConn // conn's allocation-free methods, when it has them
 	batch batchIO         // batched I/O on a plain UDP socket, where supported
 	log   *slog.Logger
+	trace func(out bool, peer netip.AddrPort, pdu []byte)
 
 	mu      sync.Mutex
 	m       *machine
@@ -80,7 +81,7 @@ func NewEndpoint(conn net.PacketConn, cfg *Config) (*Endpoint, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &Endpoint{conn: conn, log: c.Logger, closed: make(chan struct{})}
+	e := &Endpoint{conn: conn, log: c.Logger, trace: c.Trace, closed: make(chan struct{})}
 	e.fast, _ = conn.(udpAddrPortConn)
 	e.batch = newBatchConn(conn)
 	e.wireICMP()
@@ -265,6 +266,9 @@ func (e *Endpoint) readLoop() {
 			}
 			continue
 		}
+		if e.trace != nil {
+			e.traceIn(n, buf, from)
+		}
 		now := time.Now()
 		e.mu.Lock()
 		if e.m.closed {
@@ -287,6 +291,21 @@ func (e *Endpoint) readLoop() {
 		e.rearm(now)
 		e.mu.Unlock()
 		e.flush(out)
+	}
+}
+
+// traceIn shows Config.Trace what the last read returned.
+func (e *Endpoint) traceIn(n int, buf []byte, from netip.AddrPort) {
+	if e.batch == nil {
+		if from.IsValid() {
+			e.trace(false, from, buf[:n])
+		}
+		return
+	}
+	for i := range n {
+		if b, from := e.batch.datagram(i); from.IsValid() {
+			e.trace(false, from, b)
+		}
 	}
 }
 
@@ -343,6 +362,11 @@ func (e *Endpoint) flush(out *[]outgoing) {
 		return
 	}
 	defer e.sending.Done()
+	if e.trace != nil {
+		for i := range *out {
+			e.trace(true, (*out)[i].to, (*out)[i].payload())
+		}
+	}
 	if e.batch != nil && len(*out) > 1 {
 		e.batch.write(*out, &e.st, e.log)
 	} else {

@@ -18,6 +18,7 @@ import (
 	"github.com/BurntSushi/toml"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/esro-emsdp/emsdp/decode"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/store"
@@ -185,7 +186,16 @@ const (
 )
 
 // NewLogHandler returns the slog handler log_format names, writing to w.
+// The trace level (each PDU) is named TRACE.
 func (c *Config) NewLogHandler(w io.Writer, opts *slog.HandlerOptions) slog.Handler {
+	if opts == nil {
+		opts = &slog.HandlerOptions{}
+	}
+	if opts.ReplaceAttr == nil {
+		o := *opts
+		o.ReplaceAttr = decode.ReplaceLevel
+		opts = &o
+	}
 	if c.LogFormat == LogJSON {
 		return slog.NewJSONHandler(w, opts)
 	}
@@ -349,9 +359,8 @@ func (c *Config) Validate() error {
 		add(validListen("relay.smarthost", c.Relay.Smarthost, false))
 	}
 	add(c.validStore())
-	var lv slog.Level
-	if err := lv.UnmarshalText([]byte(c.LogLevel)); err != nil {
-		add(configErr("log_level %q: want debug, info, warn or error", c.LogLevel))
+	if _, err := decode.ParseLevel(c.LogLevel); err != nil {
+		add(configErr("log_level %q: want trace, debug, info, warn or error", c.LogLevel))
 	}
 	if c.LogFormat != LogText && c.LogFormat != LogJSON {
 		add(configErr("log_format %q: want %q or %q", c.LogFormat, LogText, LogJSON))
@@ -600,6 +609,7 @@ func (c *Config) ESROConfig(log *slog.Logger) (*esro.Config, error) {
 		IPOnlyPeers:    c.ESRO.IPOnlyPeers,
 		MaxInvocations: c.ESRO.MaxInvocations,
 		Logger:         log,
+		Trace:          decode.NewTracer(log),
 	}
 	return ec, ec.Validate()
 }
@@ -624,7 +634,6 @@ func (c *Config) hostname() string {
 }
 
 func (c *Config) logLevel() slog.Level {
-	var lv slog.Level
-	lv.UnmarshalText([]byte(c.LogLevel))
+	lv, _ := decode.ParseLevel(c.LogLevel)
 	return lv
 }

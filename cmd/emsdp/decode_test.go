@@ -149,3 +149,39 @@ func TestVersionCommand(t *testing.T) {
 		t.Errorf("version extra: exit %d", code)
 	}
 }
+
+// --trace logs every PDU, decoded, passwords masked: esro invoke and ua send.
+func TestTraceFlag(t *testing.T) {
+	timers := strings.Fields(fast)
+	a3, _ := startPerformer(t, append([]string{"--sap", "13", "--reply", "echo"}, timers...)...)
+	env, out, errb := testEnv()
+	code := run(t.Context(), env, append([]string{"esro", "invoke", "--to", a3, "--sap", "13", "--op", "2", "--enc", "2", "--data", "date", "--trace"}, timers...))
+	if code != exitOK || !strings.Contains(out.String(), "result") {
+		t.Fatalf("esro invoke --trace: exit %d, %q", code, errb.String())
+	}
+	for _, want := range []string{
+		"level=TRACE msg=pdu dir=out peer=" + a3 + ` pdu="INVOKE sap=13 ref=`,
+		"level=TRACE msg=pdu dir=in peer=" + a3 + ` pdu="RESULT ref=`,
+		"level=TRACE msg=pdu dir=out peer=" + a3 + ` pdu="ACK ref=`,
+	} {
+		if !strings.Contains(errb.String(), want) {
+			t.Errorf("esro invoke --trace stderr lacks %q:\n%s", want, errb.String())
+		}
+	}
+
+	uaNoLeaks(t)
+	m := uaMTS(t)
+	code, _, errs := uaRun(t, "", "send", "--server", m.Addr().String(), "--address", "198.036", "--password", "pw",
+		"--to", "bob@example.com", "--subject", "Traced", "--trace")
+	if code != exitOK {
+		t.Fatalf("ua send --trace: exit %d, %s", code, errs)
+	}
+	for _, want := range []string{"dir=out", "EMSD submission SubmitArgument (1.1)", "password ********", `subject: \"Traced\"`, "dir=in", "SubmitResult"} {
+		if !strings.Contains(errs, want) {
+			t.Errorf("ua send --trace stderr lacks %q:\n%s", want, errs)
+		}
+	}
+	if strings.Contains(errs, "password pw") || strings.Contains(errs, `"pw"`) {
+		t.Error("the password is in the trace")
+	}
+}

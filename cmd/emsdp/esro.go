@@ -20,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/esro-emsdp/emsdp/decode"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/esro/esrodtls"
 )
@@ -67,6 +68,7 @@ func (m msDuration) Set(s string) error {
 type timerFlags struct {
 	t     esro.Timers
 	fixed bool
+	trace bool
 }
 
 func (tf *timerFlags) register(fs *flag.FlagSet) {
@@ -77,10 +79,17 @@ func (tf *timerFlags) register(fs *flag.FlagSet) {
 	fs.Var(msDuration{&tf.t.NSDULifetime}, "nsdu-lifetime", "maximum datagram lifetime L (enters T_ref)")
 	fs.IntVar(&tf.t.RetransmitCount, "retries", tf.t.RetransmitCount, "retransmissions N before giving up")
 	fs.BoolVar(&tf.fixed, "fixed-timers", false, "the reference's fixed timers instead of adaptive RTT")
+	fs.BoolVar(&tf.trace, "trace", false, "log every PDU in and out to stderr, decoded, passwords masked")
 }
 
-func (tf *timerFlags) config(log *slog.Logger) (*esro.Config, error) {
+// config builds the endpoint configuration; log gets its diagnostics, and
+// with --trace every PDU goes to env's stderr.
+func (tf *timerFlags) config(env *cmdEnv, log *slog.Logger) (*esro.Config, error) {
 	c := &esro.Config{Timers: tf.t, FixedTimers: tf.fixed, Logger: log}
+	if tf.trace {
+		c.Trace = decode.NewTracer(slog.New(slog.NewTextHandler(env.stderr,
+			&slog.HandlerOptions{Level: decode.LevelTrace, ReplaceAttr: decode.ReplaceLevel})))
+	}
 	if err := c.Validate(); err != nil {
 		return nil, &usageError{err.Error()}
 	}
@@ -193,7 +202,7 @@ func esroPerform(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	cfg, err := tf.config(stderrLogger(env))
+	cfg, err := tf.config(env, stderrLogger(env))
 	if err != nil {
 		return fail(env, err)
 	}
@@ -309,7 +318,7 @@ func esroInvoke(ctx context.Context, env *cmdEnv, args []string) int {
 	if *count < 0 || *conc < 1 || *conc > 65536 {
 		return fail(env, usagef("--count must be >= 0 and --concurrency in 1..65536"))
 	}
-	cfg, err := tf.config(stderrLogger(env))
+	cfg, err := tf.config(env, stderrLogger(env))
 	if err != nil {
 		return fail(env, err)
 	}

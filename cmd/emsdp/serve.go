@@ -31,7 +31,8 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	dsn := fs.String("dsn", "", "PostgreSQL store shared by several servers (sets store.driver = \"postgres\"; see store.dsn)")
 	domain := fs.String("domain", "", "mail domain of the devices, NNN.NNN@domain (default: the host name)")
 	smarthost := fs.String("smarthost", "", "HOST:PORT of the SMTP relay for Internet mail (default none: such mail stays queued)")
-	logLevel := fs.String("log-level", "", "debug, info, warn or error (default info)")
+	logLevel := fs.String("log-level", "", "trace (every PDU, decoded), debug, info, warn or error (default info)")
+	trace := fs.Bool("trace", false, "log every PDU in and out, decoded, passwords masked (--log-level trace)")
 	logFormat := fs.String("log-format", "", `log lines as "text" or "json" (default text)`)
 	check := fs.Bool("check-config", false, "validate the configuration, print it and exit")
 	if done, code := parseFlags(fs, env, args); done {
@@ -64,7 +65,12 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 			"domain":      func() { cfg.Domain = *domain },
 			"smarthost":   func() { cfg.Relay.Smarthost = *smarthost },
 			"log-level":   func() { cfg.LogLevel = *logLevel },
-			"log-format":  func() { cfg.LogFormat = *logFormat },
+			"trace": func() {
+				if *trace {
+					cfg.LogLevel = "trace"
+				}
+			},
+			"log-format": func() { cfg.LogFormat = *logFormat },
 		} {
 			if set[name] {
 				apply()

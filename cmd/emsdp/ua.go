@@ -94,7 +94,7 @@ func (d *uaDevice) config(env *cmdEnv, needServer, needAddress bool) (*esro.Conf
 	if d.verifyList != "" {
 		cfg.VerifyList = ua.NewFileVerifyList(d.verifyList, ua.DefaultVerifyListSize)
 	}
-	ecfg, err := d.timers.config(cfg.Logger)
+	ecfg, err := d.timers.config(env, cfg.Logger)
 	if err != nil {
 		return nil, cfg, err
 	}
