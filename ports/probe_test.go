@@ -470,7 +470,7 @@ func TestProbeErrors(t *testing.T) {
 func TestNmapProbe(t *testing.T) {
 	snippet := ports.NmapProbe()
 	probes := regexp.MustCompile(`(?m)^Probe UDP (\S+) q\|([^|]*)\|$`).FindAllStringSubmatch(snippet, -1)
-	if len(probes) != 2 {
+	if len(probes) != 3 {
 		t.Fatalf("probes = %q in\n%s", probes, snippet)
 	}
 	type match struct{ service, re string }
@@ -487,7 +487,8 @@ func TestNmapProbe(t *testing.T) {
 			want string
 		}{
 			{"engine", portstest.NewESRO(t, nil), "esro-gen"},
-			{"server", portstest.NewEMSDServer(t), map[int]string{0: "esro-gen", 1: "esro-emsdp"}[i]},
+			{"server", portstest.NewEMSDServer(t), map[int]string{0: "esro-gen", 1: "esro-emsdp", 2: "esro-gen"}[i]},
+			{"device", portstest.NewEMSDDevice(t), map[int]string{0: "esro-gen", 1: "esro-gen", 2: "esro-emsdp"}[i]},
 		} {
 			reply := exchange(t, tc.srv.Port(), payload)
 			got := ""
@@ -504,7 +505,7 @@ func TestNmapProbe(t *testing.T) {
 			}
 		}
 	}
-	for _, want := range []string{"rarity 8", "ports 259,641,642,2002", "p/ESRO engine/", "softmatch esro-gen m|^\\x04\\x4e"} {
+	for _, want := range []string{"rarity 7", "ports 259,641,642,2002", "p/ESRO engine/", "p/EMSD device (user agent)/", "softmatch esro-gen m|^\\x04\\x4e"} {
 		if !strings.Contains(snippet, want) {
 			t.Errorf("snippet lacks %q", want)
 		}
@@ -550,4 +551,16 @@ func exchange(t *testing.T, port int, payload []byte) []byte {
 		t.Fatal(err)
 	}
 	return buf[:n]
+}
+
+func TestMergeNmapProbes(t *testing.T) {
+	own := "# nmap's file\nExclude T:9100-9107\n\nProbe TCP NULL q||\nmatch x m|^x|\nProbe UDP DNS q|\\0|\n"
+	got := string(ports.MergeNmapProbes([]byte(own)))
+	ex, ours, null := strings.Index(got, "Exclude T:9100"), strings.Index(got, "Probe UDP ESRO-SAP0"), strings.Index(got, "Probe TCP NULL")
+	if ex < 0 || ours < ex || null < ours || !strings.HasSuffix(got, "Probe UDP DNS q|\\0|\n") {
+		t.Errorf("merged:\n%s", got)
+	}
+	if got := string(ports.MergeNmapProbes([]byte("Probe UDP X q||\n"))); !strings.HasPrefix(got, "\n# ESRO") {
+		t.Errorf("without Exclude:\n%s", got)
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -101,13 +102,25 @@ func portsProbe(ctx context.Context, env *cmdEnv, args []string) int {
 func portsNmap(env *cmdEnv, args []string) int {
 	fs := flag.NewFlagSet("ports nmap-probe", flag.ContinueOnError)
 	fs.SetOutput(env.stderr)
+	merge := fs.String("merge", "", "nmap's own probe file (/usr/share/nmap/nmap-service-probes): print it with ours placed first")
 	fs.Usage = func() {
-		fmt.Fprintln(env.stderr, "usage: emsdp ports nmap-probe\n\nPrints nmap-service-probes entries (probe and match lines) for ESRO and EMSD.")
+		fmt.Fprintln(env.stderr, "usage: emsdp ports nmap-probe [--merge /usr/share/nmap/nmap-service-probes]\n\n"+
+			"Prints nmap-service-probes entries (probe and match lines) for ESRO and EMSD.")
+		fs.PrintDefaults()
 	}
 	if _, code, ok := parseArgs(fs, args, 0); !ok {
 		return code
 	}
-	if _, err := io.WriteString(env.stdout, ports.NmapProbe()); err != nil {
+	out := []byte(ports.NmapProbe())
+	if *merge != "" {
+		own, err := os.ReadFile(*merge)
+		if err != nil {
+			fmt.Fprintln(env.stderr, "emsdp ports nmap-probe:", err)
+			return exitFailed
+		}
+		out = ports.MergeNmapProbes(own)
+	}
+	if _, err := env.stdout.Write(out); err != nil {
 		return exitFailed
 	}
 	return exitOK

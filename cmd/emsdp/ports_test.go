@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -88,6 +89,18 @@ func TestPortsNmapProbe(t *testing.T) {
 	code, out, _ := runPorts(t, "nmap-probe")
 	if code != exitOK || out != ports.NmapProbe() || !strings.Contains(out, "Probe UDP ESRO-SAP0 q|\\x00\\x4e\\x3f|") {
 		t.Fatalf("exit %d:\n%s", code, out)
+	}
+	own := filepath.Join(t.TempDir(), "nmap-service-probes")
+	if err := os.WriteFile(own, []byte("Exclude T:9100-9107\nProbe TCP NULL q||\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out, _ = runPorts(t, "nmap-probe", "--merge", own)
+	if code != exitOK || !strings.HasPrefix(out, "Exclude T:9100-9107\n") || !strings.HasSuffix(out, "Probe TCP NULL q||\n") ||
+		!strings.Contains(out, "Probe UDP EMSD-device") {
+		t.Errorf("--merge: exit %d\n%s", code, out)
+	}
+	if code, _, _ := runPorts(t, "nmap-probe", "--merge", own+".missing"); code != exitFailed {
+		t.Errorf("--merge of a missing file: exit %d", code)
 	}
 }
 
