@@ -3,6 +3,7 @@ package emsd
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 )
@@ -20,6 +21,10 @@ func (a Address) String() string {
 	b = appendPadded(b, uint32(a)%1000)
 	return string(b)
 }
+
+// LogValue logs a as its text form, "198.036", in text and JSON logs alike
+// (JSON would otherwise show the number 198036).
+func (a Address) LogValue() slog.Value { return slog.StringValue(a.String()) }
 
 func appendPadded(b []byte, v uint32) []byte {
 	switch {
@@ -193,6 +198,9 @@ func (id LocalMessageID) String() string {
 	return fmt.Sprintf("%08x.%08x", uint32(id.SubmissionTime), id.Number)
 }
 
+// LogValue logs id in the UA form, as the CLI shows it.
+func (id LocalMessageID) LogValue() slog.Value { return slog.StringValue(id.String()) }
+
 // ParseLocalMessageID parses the UA form: two groups of 1–8 hexadecimal
 // digits separated by a dot, case-insensitive.
 func ParseLocalMessageID(s string) (LocalMessageID, error) {
@@ -231,6 +239,9 @@ func LocalID(t Time, number uint32) MessageID {
 
 // RFC822ID returns an rfc822 MessageID.
 func RFC822ID(s string) MessageID { return MessageID{RFC822: s} }
+
+// LogValue logs m as String does.
+func (m MessageID) LogValue() slog.Value { return slog.StringValue(m.String()) }
 
 // String returns the UA form of a local id or the RFC 822 text.
 func (m MessageID) String() string {

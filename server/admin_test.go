@@ -68,6 +68,16 @@ func TestAdmin(t *testing.T) {
 		`go_goroutines `,
 		`go_memstats_heap_alloc_bytes `,
 		`process_resident_memory_bytes `,
+		// Latencies, and series at zero before their first event.
+		`emsd_submission_duration_seconds_count 1`,
+		`emsd_delivery_duration_seconds_count{outcome="delivered"} 1`,
+		`emsd_delivery_duration_seconds_count{outcome="failed"} 0`,
+		`gateway_relay_duration_seconds_count `,
+		`emsd_errors_sent_total{code="security-error",operation="submit"} 0`,
+		`emsd_reports_total{kind="dsn"} 0`,
+		`gateway_relay_total{outcome="failed"} 0`,
+		`emsd_submission_verifies_total{verdict="drop"} 0`,
+		`emsd_auth_limited_total{limit="device"} 0`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %s", want)
@@ -126,5 +136,25 @@ func TestReceiveBuffer(t *testing.T) {
 	rmemMax, _ := strconv.Atoi(strings.TrimSpace(string(max)))
 	if got != 4<<20 && !(os.Geteuid() != 0 && int(got) >= rmemMax) {
 		t.Errorf("receive buffer %v, want %d (rmem_max %d, euid %d)", got, 4<<20, rmemMax, os.Geteuid())
+	}
+}
+
+// admin.pprof = false keeps /metrics and /healthz and drops the profiler.
+func TestAdminNoPprof(t *testing.T) {
+	c := testConfig(t)
+	c.Admin.PProf = false
+	s := startServer(t, c)
+	base := "http://" + s.Addrs().Admin.String()
+	if code, _ := get(t, base+"/debug/pprof/"); code != 404 {
+		t.Errorf("/debug/pprof/ with pprof off: %d", code)
+	}
+	if code, body := get(t, base+"/metrics"); code != 200 || !strings.Contains(body, "emsdp_build_info") {
+		t.Errorf("/metrics with pprof off: %d", code)
+	}
+	if code, _ := get(t, base+"/healthz"); code != 200 {
+		t.Errorf("/healthz with pprof off: %d", code)
+	}
+	if !DefaultConfig().Admin.PProf {
+		t.Error("pprof is off by default")
 	}
 }

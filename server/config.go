@@ -162,6 +162,10 @@ type RelayConfig struct {
 // AdminConfig is the HTTP admin listener.
 type AdminConfig struct {
 	Listen string `toml:"listen"`
+	// PProf serves /debug/pprof next to /metrics; false leaves only
+	// /metrics and /healthz (profiles show internals an operator may not
+	// want on a shared admin port).
+	PProf bool `toml:"pprof"`
 }
 
 // StoreConfig is the store (which backend, where) and its housekeeping.

@@ -239,7 +239,7 @@ func (s *Server) deliverOne(dev *device, d *store.Delivery, tg target) {
 	r := s.attempt(dev, d, &tg)
 	ctx := s.ctx // the outcome is recorded even when deliveries are being cancelled
 	res := store.DeliveryResult{Error: r.err}
-	log := s.log.With("device", emsd.Address(d.Device), "id", d.MessageID, "attempt", d.Attempts)
+	log := s.log.With("device", emsd.Address(d.Device), "id", idText(d.MessageID), "attempt", d.Attempts)
 	switch r.kind {
 	case attemptDelivered:
 		res.State, res.Status = store.DeliveryDelivered, uint8(emsd.DeliveryReportSent)
@@ -273,8 +273,10 @@ func (s *Server) deliverOne(dev *device, d *store.Delivery, tg target) {
 		log.Error("record delivery outcome", "err", err)
 		return
 	}
-	s.metrics.deliveries.WithLabelValues(map[attemptKind]string{attemptDelivered: "delivered", attemptFailed: "failed",
-		attemptRespool: "deferred", attemptRequeue: "requeued"}[r.kind]).Inc()
+	label := map[attemptKind]string{attemptDelivered: "delivered", attemptFailed: "failed",
+		attemptRespool: "deferred", attemptRequeue: "requeued"}[r.kind]
+	s.metrics.deliveries.WithLabelValues(label).Inc()
+	s.metrics.deliverTime.WithLabelValues(label).Observe(time.Since(start).Seconds())
 	s.noteQueued(res.Work)
 }
 
@@ -461,7 +463,7 @@ func (s *Server) expire(now time.Time) {
 			}
 			continue
 		}
-		s.log.Warn("delivery expired", "device", emsd.Address(d.Device), "id", d.MessageID, "attempts", d.Attempts)
+		s.log.Warn("delivery expired", "device", emsd.Address(d.Device), "id", idText(d.MessageID), "attempts", d.Attempts)
 		s.metrics.deliveries.WithLabelValues("expired").Inc()
 		s.noteQueued(w)
 	}

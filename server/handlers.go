@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
@@ -51,7 +52,9 @@ func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro
 	switch {
 	case ok && op == emsd.OpSubmission && sap == emsd.SAPMTSPerformer3Way:
 		s.metrics.invokes.WithLabelValues("submission").Inc()
+		start := time.Now()
 		s.handleSubmit(ctx, w, inv, peer, v, woken)
+		s.metrics.submitTime.Observe(time.Since(start).Seconds())
 	case ok && op == emsd.OpDeliveryControl && sap == emsd.SAPMTSPerformer2Way:
 		s.metrics.invokes.WithLabelValues("delivery_control").Inc()
 		s.handleDeliveryControl(ctx, w, inv, peer, v, woken)

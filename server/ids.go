@@ -21,6 +21,15 @@ func encodeMsgID(m emsd.MessageID) string {
 	return "R:" + m.RFC822
 }
 
+// idText is a stored id as the CLI and the devices show it
+// ("6b17127c.00000003" or "<a@b>"), for logs.
+func idText(stored string) string {
+	if m, err := decodeMsgID(stored); err == nil {
+		return m.String()
+	}
+	return stored
+}
+
 var errBadStoredID = errors.New("server: malformed stored id")
 
 func decodeMsgID(s string) (emsd.MessageID, error) {

@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/internal/buildinfo"
@@ -34,7 +35,31 @@ type metrics struct {
 	// addressChanges counts devices heard from another address (or by
 	// another server) than the one recorded.
 	addressChanges prometheus.Counter
+
+	// Latencies: a submission INVOKE to its answer (the store commit
+	// included), a delivery attempt to its outcome, an SMTP relay
+	// transaction.
+	submitTime  prometheus.Histogram
+	deliverTime *prometheus.HistogramVec
+	relayTime   prometheus.Histogram
 }
+
+// latencyBuckets span 1 ms (a loopback answer) to a minute (a delivery
+// retransmitted until the device's ESRO timers give up).
+var latencyBuckets = prometheus.ExponentialBucketsRange(0.001, 60, 14)
+
+// Label values of the labelled series, all created at zero at start so
+// that rate() and alerts see them before the first event.
+var (
+	invokeOps       = []string{"submission", "delivery_control", "delivery_verify", "other"}
+	errorOps        = []string{"submit", "delivery_control", "delivery_verify", "other", "any"}
+	submitResults   = []string{"accepted", "duplicate", "reinvoked"}
+	verifyVerdicts  = []string{"send", "drop", "failure"}
+	deliverOutcomes = []string{"delivered", "deferred", "failed", "expired", "requeued", "rejected"}
+	reportKinds     = []string{"emsd", "notice", "dsn"}
+	inboundResults  = []string{"accepted", "rejected", "unknown_recipient"}
+	relayOutcomes   = []string{"sent", "deferred", "failed", "expired"}
+)
 
 func newMetrics() *metrics {
 	m := &metrics{
@@ -72,8 +97,33 @@ func newMetrics() *metrics {
 	m.reg.MustRegister(m.invokes, m.errors, m.submissions, m.verifies, m.deliveries, m.reports, m.inbound,
 		m.starttls, m.relay, m.devices)
 	m.reg.MustRegister(m.authLimited, m.refused, m.addressChanges)
+	m.submitTime = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "emsd_submission_duration_seconds",
+		Help: "Time from a submission INVOKE (one segment) to its answer, the store commit included.", Buckets: latencyBuckets})
+	m.deliverTime = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "emsd_delivery_duration_seconds",
+		Help:    "Time of one delivery attempt to a device, all segments and retransmissions included, by outcome.",
+		Buckets: latencyBuckets}, []string{"outcome"})
+	m.relayTime = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "gateway_relay_duration_seconds",
+		Help: "Time of one SMTP relay transaction (one message, all its recipients).", Buckets: latencyBuckets})
 	m.reg.MustRegister(buildinfo.Read().Collector(), collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), m.submitTime, m.deliverTime, m.relayTime)
+	for _, l := range invokeOps {
+		m.invokes.WithLabelValues(l)
+	}
+	for _, op := range errorOps {
+		for c := emsd.CodeProtocolVersion; c <= emsd.CodeProtocolViolation; c++ {
+			m.errors.WithLabelValues(op, c.String())
+		}
+	}
+	for vec, labels := range map[*prometheus.CounterVec][]string{m.submissions: submitResults, m.verifies: verifyVerdicts,
+		m.deliveries: deliverOutcomes, m.reports: reportKinds, m.inbound: inboundResults, m.relay: relayOutcomes,
+		m.authLimited: {limitSource, limitDevice}} {
+		for _, l := range labels {
+			vec.WithLabelValues(l)
+		}
+	}
+	for _, l := range []string{"delivered", "deferred", "failed", "requeued"} { // outcomes of an attempt
+		m.deliverTime.WithLabelValues(l)
+	}
 	for _, l := range []string{gateway.LimitTotal, gateway.LimitIP} {
 		m.refused.WithLabelValues(l) // at 0 from the start, for rate()
 	}

@@ -91,7 +91,9 @@ func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 	for i, rc := range b.Recipients {
 		to[i] = rc.Addr
 	}
+	start := time.Now()
 	results, sendErr := lc.relay.SendDSN(s.dctx, b.From, to, b.Message, relayDSN(b))
+	s.metrics.relayTime.Observe(time.Since(start).Seconds())
 	shutdown := s.dctx.Err() != nil
 	ctx := s.ctx
 	now := time.Now()

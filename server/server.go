@@ -475,11 +475,15 @@ func (s *Server) Close() error {
 	return err
 }
 
-// adminHandler serves /metrics, /healthz and /debug/pprof.
+// adminHandler serves /metrics, /healthz and, unless admin.pprof is
+// false, /debug/pprof.
 func (s *Server) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{Registry: s.metrics.reg}))
 	mux.HandleFunc("/healthz", s.healthz)
+	if !s.conf().Admin.PProf {
+		return mux
+	}
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)

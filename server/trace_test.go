@@ -1,33 +1,15 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"log/slog"
+	"regexp"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/esro-emsdp/emsdp/ua"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // log_level = "trace" logs every PDU in and out, decoded, with the peer as
 // ip:port and the password masked; the level is named TRACE.
@@ -42,10 +24,20 @@ func TestTraceLog(t *testing.T) {
 	_, err := dev.ua.Submit(context.Background(), &ua.Message{To: []string{"x@example.com"}, Subject: "Traced", Body: []byte("b\n")})
 	must(t, err)
 	peer := epAddr(dev.ep).String()
-	var in, out int
+	var in, out, logged int
 	for _, line := range strings.Split(buf.String(), "\n") {
-		var r struct{ Level, Msg, Dir, Peer, PDU string }
-		if json.Unmarshal([]byte(line), &r) != nil || r.Msg != "pdu" {
+		var r struct{ Level, Msg, Dir, Peer, PDU, Device, ID string }
+		if json.Unmarshal([]byte(line), &r) != nil {
+			continue
+		}
+		if r.Msg == "submission" {
+			// The identifiers of the CLI and emsdp queue, not numbers.
+			if r.Device != "198.036" || !regexp.MustCompile(`^[0-9a-f]{8}\.[0-9a-f]{8}$`).MatchString(r.ID) {
+				t.Errorf("submission log line %s", line)
+			}
+			logged++
+		}
+		if r.Msg != "pdu" {
 			continue
 		}
 		if r.Level != "TRACE" || r.Peer != peer {
@@ -58,6 +50,9 @@ func TestTraceLog(t *testing.T) {
 		case r.Dir == "out" && strings.HasPrefix(r.PDU, "RESULT") && strings.Contains(r.PDU, "SubmitResult"):
 			out++
 		}
+	}
+	if logged != 1 {
+		t.Errorf("%d submission log lines, want 1", logged)
 	}
 	if in != 1 || out != 1 {
 		t.Errorf("traced %d submissions in and %d results out, want 1 and 1:\n%s", in, out, buf.String())

@@ -27,6 +27,7 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	dtlsAddr := fs.String("dtls-listen", "", `UDP address of EMSD over DTLS with per-device keys (default off; the documented port is 4641; "off" disables)`)
 	smtpAddr := fs.String("smtp", "", `inbound SMTP address (default 127.0.0.1:2525; "off" disables)`)
 	admin := fs.String("admin", "", `admin HTTP address for /metrics, /healthz, /debug/pprof (default 127.0.0.1:9641; "off" disables)`)
+	pprofOn := fs.Bool("pprof", true, "serve /debug/pprof on the admin listener (admin.pprof); -pprof=false keeps /metrics and /healthz only")
 	data := fs.String("data", "", "data directory holding the SQLite store (default ./emsdp-data)")
 	dsn := fs.String("dsn", "", "PostgreSQL store shared by several servers (sets store.driver = \"postgres\"; see store.dsn)")
 	domain := fs.String("domain", "", "mail domain of the devices, NNN.NNN@domain (default: the host name)")
@@ -60,6 +61,7 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 			"smtp":        func() { cfg.SMTP.Listen = off(*smtpAddr) },
 			"dtls-listen": func() { cfg.DTLS.Listen = off(*dtlsAddr) },
 			"admin":       func() { cfg.Admin.Listen = off(*admin) },
+			"pprof":       func() { cfg.Admin.PProf = *pprofOn },
 			"data":        func() { cfg.Data = *data },
 			"dsn":         func() { cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, *dsn, 0 },
 			"domain":      func() { cfg.Domain = *domain },

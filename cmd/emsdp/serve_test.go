@@ -325,6 +325,8 @@ func TestServeCheckConfig(t *testing.T) {
 		{"defaults", []string{"--check-config"}, exitOK, `listen = ":641"`, "configuration OK"},
 		{"flags", []string{"--check-config", "--listen", "127.0.0.1:2002", "--smtp", "off", "--smarthost", "mx.example.com:25"},
 			exitOK, `smarthost = "mx.example.com:25"`, "configuration OK"},
+		{"pprof off, trace", []string{"--check-config", "-pprof=false", "--trace"}, exitOK, "pprof = false", "configuration OK"},
+		{"trace level", []string{"--check-config", "--trace"}, exitOK, `log_level = "trace"`, "configuration OK"},
 		{"invalid file", []string{"--check-config", "--config", bad}, exitUsage, "", "emsd.listen"},
 		{"invalid file names the file and the key", []string{"--check-config", "--config",
 			file("[smtp]\nlisten = \"127.0.0.1:99999\"\n[esro]\nretries = -5\n")}, exitUsage, "",
