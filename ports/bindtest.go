@@ -10,12 +10,14 @@ import (
 	"syscall"
 )
 
-// bindTest is the fallback where no procfs exists (macOS, BSD, Windows): it
-// tries to bind each port on the wildcard address and releases it at once.
-// It can tell "free" from "taken" but never who holds a port.
+// bindTest is the fallback where neither procfs nor a native socket table
+// is known (systems other than Linux, macOS, FreeBSD and Windows, or when
+// their tool failed): it tries to bind each port on the wildcard address
+// and releases it at once. It can tell "free" from "taken" but never who
+// holds a port.
 func bindTest(ctx context.Context, ports []int) ([]Socket, []string, error) {
 	limits := []string{
-		fmt.Sprintf("%s has no /proc: process id, executable and command line cannot be known here; try `lsof -nP -i :PORT` (macOS, BSD) or `netstat -ano` (Windows)", runtime.GOOS),
+		fmt.Sprintf("no socket table is known on %s: process id, executable and command line cannot be known here; try `lsof -nP -i :PORT` or `netstat`", runtime.GOOS),
 		"taken ports were found by a bind test (bind, then release at once); it cannot see sockets bound with address-reuse options or to one specific address",
 	}
 	var lc net.ListenConfig

@@ -20,7 +20,9 @@ import (
 // and /etc/services.
 type Inspector struct {
 	// ProcRoot is the procfs mount; "" means /proc on Linux. Elsewhere, ""
-	// selects a bind test that can only say whether a port is taken.
+	// selects the system's own socket table: lsof on macOS, sockstat on
+	// FreeBSD, GetExtendedTcpTable/UdpTable on Windows, and a bind test
+	// (which can only say whether a port is taken) on other systems.
 	ProcRoot string
 	// ServicesFile is the services(5) database; "" means /etc/services and
 	// "-" means none.
@@ -106,7 +108,7 @@ func (in *Inspector) Local(ctx context.Context, ports []int) (*LocalReport, erro
 	case runtime.GOOS == "linux":
 		socks, rep.Limitations, err = procSockets(ctx, os.DirFS("/proc"), ports)
 	default:
-		socks, rep.Limitations, err = bindTest(ctx, ports)
+		socks, rep.Limitations, err = nativeSockets(ctx, ports)
 	}
 	if err != nil {
 		return nil, err
