@@ -18,6 +18,10 @@ const (
 // only on the four listed ones.
 const nmapRarity = 7
 
+// devicePadArg is the device probe's argument: a SEQUENCE holding two zero
+// octets, so that the 9-octet INVOKE outweighs the 6-octet ERROR it draws.
+var devicePadArg = []byte{0x30, 0x04, 0x04, 0x02, 0x00, 0x00}
+
 // NmapProbe returns nmap-service-probes entries for ESRO and EMSD, to append
 // to (a copy of) nmap's probe file. They are the ladder of Probe: an INVOKE
 // to SAP 0 (any ESRO engine answers FAILURE: a softmatch, so nmap goes on),
@@ -27,8 +31,8 @@ const nmapRarity = 7
 //
 // They are safe to send to any UDP port, which is why their rarity lets
 // nmap do so at its default intensity:
-//   - they are tiny (3, 5 and 5 octets) and unsolicited replies are at most
-//     a few octets, so nothing is amplified;
+//   - they are tiny (3, 5 and 9 octets) and every reply is shorter than
+//     the probe that drew it, so nothing is amplified;
 //   - to an ESRO engine each is a 2-way operation that no EMSD
 //     implementation performs (SAP 0 cannot be bound; get-configuration
 //     and submission control are answered ERROR 7 by the reference and by
@@ -66,9 +70,12 @@ func NmapProbe() string {
 	fmt.Fprintf(&b, "softmatch esro-gen m|^\\x04\\x%02x[\\x00-\\x03]$|\n\n", nmapRefEMSD)
 
 	b.WriteString("##############################NEXT PROBE##############################\n")
-	b.WriteString("# INVOKE to SAP 7 (EMSD device, 2-way), op 4 submission control, argument 30 00:\n")
-	b.WriteString("# an EMSD device (user agent) answers ERROR 7; a bare engine FAILURE.\n")
-	fmt.Fprintf(&b, "Probe UDP EMSD-device q|%s|\n", nmapEscape(append([]byte{uaSAP << 4, nmapRefDevice, uaOp}, emptySeq()...)))
+	b.WriteString("# INVOKE to SAP 7 (EMSD device, 2-way), op 4 submission control, argument\n")
+	b.WriteString("# 30 04 04 02 00 00: an EMSD device (user agent) answers ERROR 7 (with its\n")
+	b.WriteString("# 3-octet error parameter); a bare engine FAILURE. The padding makes the probe\n")
+	b.WriteString("# longer than that answer, which a device that limits what it sends to\n")
+	b.WriteString("# unproven sources (no amplification) would otherwise hold back.\n")
+	fmt.Fprintf(&b, "Probe UDP EMSD-device q|%s|\n", nmapEscape(append([]byte{uaSAP << 4, nmapRefDevice, uaOp}, devicePadArg...)))
 	fmt.Fprintf(&b, "rarity %d\nports 259,641,642,2002\n", nmapRarity)
 	fmt.Fprintf(&b, "match esro-emsdp m|^\\x02\\x%02x\\x07| p/EMSD device (user agent)/ i/ERROR 7 for submission control on SAP 7/\n", nmapRefDevice)
 	fmt.Fprintf(&b, "match esro-gen m|^\\x04\\x%02x[\\x00-\\x03]$| p/ESRO engine/ i/no EMSD server or device at SAPs 9 and 7/\n", nmapRefDevice)
