@@ -223,3 +223,33 @@ func FuzzReadCapture(f *testing.F) {
 		})
 	})
 }
+
+// A re-invocation (same EMSD argument, instance id included, new
+// reference number) is a duplicate; a repeated ACK or FAILURE too; the
+// same octets under the same reference are a retransmission.
+func TestMarks(t *testing.T) {
+	d := decode.New()
+	ua, mts := netip.MustParseAddrPort("127.0.0.1:2003"), netip.MustParseAddrPort("127.0.0.1:641")
+	arg := "21 00 30 16 a0 11 a0 0f 30 05 04 03 19 80 36 80 06 73 65 63 72 65 74 02 01 20"
+	steps := []struct {
+		from, to netip.AddrPort
+		hex      string
+		marks    string
+	}{
+		{ua, mts, "50 07 " + arg, ""},
+		{ua, mts, "50 07 " + arg, "retransmission"},
+		{mts, ua, "04 07 01", ""},
+		{mts, ua, "04 07 01", "duplicate"},
+		{ua, mts, "50 08 " + arg, "duplicate of #1"},
+		{mts, ua, "01 08", ""},
+		{ua, mts, "03 08", ""},
+		{ua, mts, "03 08", "duplicate"},
+		{mts, ua, "01 08", "retransmission"},
+	}
+	for i, s := range steps {
+		r := d.Datagram(time.Time{}, s.from, s.to, mustHex(t, s.hex))
+		if got := strings.Join(r.Marks, ","); got != s.marks {
+			t.Errorf("step %d (%s): marks %q, want %q", i+1, s.hex[:5], got, s.marks)
+		}
+	}
+}
