@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/esro-emsdp/emsdp/decode"
 	"github.com/esro-emsdp/emsdp/internal/captures"
 	"github.com/esro-emsdp/emsdp/internal/pcaprec"
 )
@@ -21,7 +22,7 @@ var tsharkFields = []string{"frame.number", "esro.type", "esro.sap", "esro.ref",
 	"esro.error", "esro.invoke_frame", "emsd.op", "emsd.pdu", "emsd.instance", "emsd.device", "emsd.password",
 	"emsd.segment.sequence", "emsd.segment.total", "emsd.segment.number", "emsd.content_type", "emsd.message_id",
 	"emsd.originator", "emsd.recipient", "emsd.subject", "emsd.body_length", "emsd.reassembled_length",
-	"emsd.error", "emsd.status", "_ws.expert.message"}
+	"emsd.error", "emsd.status", "emsd.report.recipient", "emsd.report.outcome", "_ws.expert.message"}
 
 // runTshark runs the real tshark with the dissector on a capture and
 // returns one map of field values per frame.
@@ -214,6 +215,40 @@ func TestWiresharkMalformed(t *testing.T) {
 			!strings.Contains(row["_ws.expert.message"], "offset") && !strings.Contains(row["_ws.expert.message"], "missing") &&
 			!strings.Contains(row["_ws.expert.message"], "SEQUENCE") {
 			t.Errorf("malformed % x: expert %q", bad[i], row["_ws.expert.message"])
+		}
+	}
+	// Reports: what the dissector says of each recipient is what decode says.
+	var outcomes []string
+	dd := decode.New()
+	for _, sec := range captures.All() {
+		for _, dg := range sec.Datagrams {
+			r := dd.Datagram(ts, refAddr(dg.From), refAddr(dg.To), dg.Payload)
+			if r.EMSD != nil && r.EMSD.Body != nil {
+				for _, o := range r.EMSD.Body.Outcomes {
+					w := "delivered " + o.Delivered
+					if o.Delivered == "" {
+						w = "not delivered: " + o.Reason
+						if o.Diagnostic != "" {
+							w += " (" + o.Diagnostic + ")"
+						}
+					}
+					outcomes = append(outcomes, w)
+				}
+			}
+		}
+	}
+	var shown []string
+	for _, row := range rows {
+		if row["emsd.report.outcome"] != "" {
+			shown = append(shown, strings.Split(row["emsd.report.outcome"], ",")...)
+		}
+	}
+	if len(outcomes) == 0 || len(shown) != len(outcomes) {
+		t.Errorf("report outcomes: tshark %q, decode %q", shown, outcomes)
+	}
+	for i := range min(len(shown), len(outcomes)) {
+		if !strings.HasPrefix(shown[i], outcomes[i]) {
+			t.Errorf("report outcome %d: tshark %q, decode %q", i, shown[i], outcomes[i])
 		}
 	}
 	tail := rows[len(rows)-3:]

@@ -38,6 +38,13 @@ local error_codes = { [1] = "protocol-version-not-recognized", [2] = "submission
 local content_types = { [1] = "probe", [2] = "delivery-report", [32] = "ipm95", [33] = "voice-message" }
 local delivery_status = { [1] = "no-report-sent", [2] = "delivery-report-sent", [3] = "non-delivery-report-sent" }
 local submission_status = { [1] = "send-message", [2] = "drop-message" }
+local reasons = { [0] = "transfer-failure", [1] = "unable-to-transfer", [2] = "restricted-delivery" }
+local diagnostics = { [0] = "congestion", [1] = "loop-detected", [2] = "recipient-unavailable",
+	[3] = "maximum-time-expired", [4] = "content-too-long", [5] = "size-constraint-violated",
+	[6] = "protocol-violation", [7] = "content-type-not-supported", [8] = "too-many-recipients",
+	[9] = "line-too-long", [10] = "unrecognized-address", [11] = "recipient-unknown",
+	[12] = "recipient-refused-to-accept", [13] = "unable-to-complete-transfer",
+	[14] = "transfer-attempts-limit-reached" }
 
 local MASK = "********"
 
@@ -351,9 +358,23 @@ local function report(tvb, tree, info)
 				local t = tree:add(f.e_rep_rcpt, range(tvb, p), r)
 				local o = pc[2]
 				if o and o.tag == 0xa0 then
-					t:add(f.e_rep_outcome, range(tvb, o), "delivered")
+					local oc = children(tvb, o)
+					local when = oc[1] and (" " .. emsd_time(uint(tvb, oc[1]))) or ""
+					t:add(f.e_rep_outcome, range(tvb, o), "delivered" .. when)
 				elseif o and o.tag == 0xa1 then
-					t:add(f.e_rep_outcome, range(tvb, o), "not delivered")
+					local oc = children(tvb, o)
+					local s = "not delivered"
+					if oc[1] then
+						s = s .. ": " .. (reasons[uint(tvb, oc[1])] or tostring(uint(tvb, oc[1])))
+					end
+					for k = 2, #oc do
+						if oc[k].tag == 0x80 then
+							s = s .. " (" .. (diagnostics[uint(tvb, oc[k])] or tostring(uint(tvb, oc[k]))) .. ")"
+						elseif oc[k].tag == 0x81 then
+							s = s .. " \"" .. str(tvb, oc[k]) .. "\""
+						end
+					end
+					t:add(f.e_rep_outcome, range(tvb, o), s)
 				end
 			end
 		end
