@@ -136,7 +136,7 @@ func (d *Decoder) Datagram(ts time.Time, src, dst netip.AddrPort, payload []byte
 		}
 	case esro.TypeFailure:
 		info.FailureReason, info.FailureName = ptr(p.Value), failureName(p.Value)
-		// FAILURE carries no direction (spec Open Point 1): it usually
+		// A FAILURE PDU does not say which side it is for: it usually
 		// answers an INVOKE of the receiver, else a reply of the sender.
 		inv := d.invs[invKey{dst, src, p.Ref}]
 		if inv == nil {

@@ -467,7 +467,7 @@ local function argument(tvb, pinfo, tree, op, off, key, frame)
 			local fr = frames[frame]
 			if not pinfo.visited and not fr.retransmission then
 				-- Segments are added in capture order; the last one
-				-- completes the message (§8: first gives the count).
+				-- completes the message (the first one gives the count).
 				local pk = key .. "|" .. (seg.seq or 0)
 				local p = partials[pk]
 				if seg.first then
