@@ -244,7 +244,7 @@ func queueList(ctx context.Context, env *cmdEnv, args []string) int {
 	for i := range l.Entries {
 		e := &l.Entries[i]
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n", refString(e.Ref), e.Ref.Kind, e.State,
-			field(entryTo(e)), field(e.MessageID), e.Size, e.Attempts, queueTime(e.Created), queueTime(nextAttempt(e)),
+			field(entryTo(e)), field(shownID(e.MessageID)), e.Size, e.Attempts, queueTime(e.Created), queueTime(nextAttempt(e)),
 			queueTime(e.Expires), clipError(e.LastError))
 	}
 	tw.Flush()
@@ -330,7 +330,7 @@ func printQueueJSON(env *cmdEnv, l store.QueueList) int {
 	}
 	for i := range l.Entries {
 		e := &l.Entries[i]
-		j := queueEntryJSON{ID: refString(e.Ref), Kind: string(e.Ref.Kind), State: e.State, MessageID: e.MessageID,
+		j := queueEntryJSON{ID: refString(e.Ref), Kind: string(e.Ref.Kind), State: e.State, MessageID: shownID(e.MessageID),
 			Size: e.Size, Attempts: e.Attempts, QueuedAt: e.Created.UTC(), Expires: e.Expires.UTC(),
 			LastError: e.LastError, Node: e.Owner}
 		if e.Ref.Kind == store.QueueDelivery {
@@ -422,7 +422,7 @@ func printEntry(w io.Writer, e *store.QueueEntry) {
 	kv("state", e.State)
 	if e.Ref.Kind == store.QueueDelivery {
 		kv("device", emsd.Address(e.Device).String())
-		kv("message-id", orNone(e.MessageID))
+		kv("message-id", orNone(shownID(e.MessageID)))
 		kv("content-type", fmt.Sprintf("%d (%s)", e.ContentType, emsd.ContentType(e.ContentType)))
 		kv("priority", fmt.Sprintf("%d (%s)", e.Priority, map[uint8]string{0: "non-urgent", 1: "normal", 2: "urgent"}[e.Priority]))
 		if e.SubmissionTime != nil {
@@ -438,7 +438,7 @@ func printEntry(w io.Writer, e *store.QueueEntry) {
 			kv("envelope-from", e.From)
 		}
 		kv("message-ref", fmt.Sprintf("%d (shared by the message's recipients)", e.MessageRef))
-		kv("message-id", orNone(e.MessageID))
+		kv("message-id", orNone(shownID(e.MessageID)))
 	}
 	kv("size", fmt.Sprintf("%d octets", e.Size))
 	kv("attempts", strconv.Itoa(e.Attempts))
@@ -462,8 +462,8 @@ func printEntry(w io.Writer, e *store.QueueEntry) {
 	}
 	kv("report-to", strings.Join(to, ", "))
 	kv("report-flags", fmt.Sprintf("0x%02x", e.Report.Flags))
-	kv("report-recipient", orNone(e.Report.Recipient))
-	kv("report-message-id", orNone(e.Report.MessageID))
+	kv("report-recipient", orNone(shownID(e.Report.Recipient)))
+	kv("report-message-id", orNone(shownID(e.Report.MessageID)))
 	if len(e.Report.Headers) > 0 {
 		kv("report-headers", fmt.Sprintf("%d octets", len(e.Report.Headers)))
 	} else {
@@ -609,4 +609,23 @@ func queueRemove(ctx context.Context, env *cmdEnv, args []string) int {
 		code = exitFailed
 	}
 	return code
+}
+
+// shownID is a stored id or report recipient as the rest of the CLI, the
+// devices and the logs show it: "L:6b17127c.00000003" is
+// 6b17127c.00000003, "L:198037" the device 198.037, "R:<a@b>" <a@b>.
+func shownID(stored string) string {
+	switch {
+	case strings.HasPrefix(stored, "L:"):
+		v := stored[2:]
+		if !strings.Contains(v, ".") {
+			if n, err := strconv.ParseUint(v, 10, 32); err == nil {
+				return emsd.Address(n).String()
+			}
+		}
+		return v
+	case strings.HasPrefix(stored, "R:"):
+		return stored[2:]
+	}
+	return stored
 }

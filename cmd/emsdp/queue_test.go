@@ -146,13 +146,13 @@ func testQueueCommands(t *testing.T, db store.Store, flags []string, ids map[str
 	}{
 		{"list", q("list"), exitOK, []string{
 			`^ID +KIND +STATE +TO +MESSAGE-ID +SIZE +ATTEMPTS +QUEUED +NEXT-ATTEMPT +EXPIRES +LAST-ERROR\n`,
-			row(a, "delivery", "queued", "198.037", "L:6b080580.00000001", `\d+`, "1", tm, "failure reason=2 user not responding"),
-			row(b, "delivery", "inflight", "198.038", "R:<b@example.com>", `\d+`, "1", "-", "-"),
-			row(x, "relay", "queued", "bob@example.com", "L:6b080580.00000002", `\d+`, "0", tm, "-"),
+			row(a, "delivery", "queued", "198.037", "6b080580.00000001", `\d+`, "1", tm, "failure reason=2 user not responding"),
+			row(b, "delivery", "inflight", "198.038", "<b@example.com>", `\d+`, "1", "-", "-"),
+			row(x, "relay", "queued", "bob@example.com", "6b080580.00000002", `\d+`, "0", tm, "-"),
 			row(z, "relay", "queued", "carol@example.com", "-", "41", "0", tm, "-"),
 			`\n-- 4 entries: delivery queued=1 inflight=1, relay queued=2\n$`}, []string{`(?m)^` + c + ` `}, ""},
 		{"list failed", q("list", "--state", "failed"), exitOK, []string{
-			row(c, "delivery", "failed", "198.039", "L:6b080580.00000003", `\d+`, "1", "-", "device answered ERROR 7 (parameter 2)"),
+			row(c, "delivery", "failed", "198.039", "6b080580.00000003", `\d+`, "1", "-", "device answered ERROR 7 (parameter 2)"),
 			`\n-- 1 entry: delivery failed=1\n$`}, nil, ""},
 		{"list one device", q("list", "--device", "198.037", "--state", "all"), exitOK, []string{`(?m)^` + a + ` `,
 			`\n-- 1 entry: delivery queued=1\n-- device 198\.037 heard: 192\.0\.2\.9:40123, 3m\d+s ago \(\d{4}-\d\d-\d\d ` +
@@ -165,15 +165,15 @@ func testQueueCommands(t *testing.T, db store.Store, flags []string, ids map[str
 		{"list cut", q("list", "--limit", "1"), exitOK, []string{`(?m)^` + a + ` `,
 			`\n-- 4 entries: .*\n-- listing cut at 1 of 4 entries \(--limit\)\n$`}, []string{`(?m)^` + b + ` `}, ""},
 		{"show delivery", q("show", a), exitOK, []string{
-			`^id: +` + a + `\nkind: +delivery\nstate: +queued\ndevice: +198\.037\nmessage-id: +L:6b080580\.00000001\n` +
+			`^id: +` + a + `\nkind: +delivery\nstate: +queued\ndevice: +198\.037\nmessage-id: +6b080580\.00000001\n` +
 				`content-type: +32 \(ipm95\)\npriority: +1 \(normal\)\nsubmission-time: +` + tm + `\nsize: +\d+ octets\n` +
 				`attempts: +1\nqueued: +` + tm + `\nupdated: +` + tm + `\nnext-attempt: +` + tm + `\nexpires: +` + tm + `\n` +
 				`last-error: +failure reason=2 user not responding\nreport-to: +device 198\.036\nreport-flags: +0x20\n` +
-				`report-recipient: +L:198037\nreport-message-id: +L:6b080580\.00000001\nreport-headers: +-\n` +
+				`report-recipient: +198\.037\nreport-message-id: +6b080580\.00000001\nreport-headers: +-\n` +
 				`subject: +"Lunch"\nfrom: +198\.036\ndevice-heard: +192\.0\.2\.9:40123, 3m\d+s ago .*\n$`}, nil, ""},
 		{"show unregistered", q("show", c), exitOK, []string{`\ndevice-heard: +- \(the device is no longer registered\)\n$`}, nil, ""},
 		{"show relay", q("show", strings.ToLower(x)), exitOK, []string{`(?m)^recipient: +bob@example\.com$`,
-			`(?m)^envelope-from: +198\.036@emsd\.test$`, `(?m)^message-id: +L:6b080580\.00000002$`,
+			`(?m)^envelope-from: +198\.036@emsd\.test$`, `(?m)^message-id: +6b080580\.00000002$`,
 			`(?m)^header-message-id: +<EMSD\.6b080580\.00000002@emsd\.test>$`, `(?m)^header-subject: +"Grüße"$`,
 			`(?m)^report-to: +device 198\.036$`}, nil, ""},
 		{"show DSN", q("show", z), exitOK, []string{`(?m)^envelope-from: +<> \(null sender: a report\)$`,
@@ -187,7 +187,7 @@ func testQueueCommands(t *testing.T, db store.Store, flags []string, ids map[str
 				`note: a running emsdp serve picks this up within 30 s, or at once on SIGHUP \(systemctl reload\)\n$`}, nil,
 			"emsdp: " + c + " is failed: not retried (finished entries stay finished)\nemsdp: no queue entry D987654\n"},
 		{"retried", q("list", "--device", "198.037"), exitOK, []string{
-			row(a, "delivery", "queued", "198.037", "L:6b080580.00000001", `\d+`, "1", tm, "failure reason=2 user not responding")}, nil, ""},
+			row(a, "delivery", "queued", "198.037", "6b080580.00000001", `\d+`, "1", tm, "failure reason=2 user not responding")}, nil, ""},
 		{"retry busy device", q("retry", "--device", "198.038"), exitOK, []string{
 			`^retried 0 entries: due now\n1 in flight \(a server is attempting them now\): left alone\n$`}, nil, ""},
 		{"retry all", q("retry", "--all"), exitOK, []string{`^retried 3 entries: due now\n1 in flight .*\nnote: `}, nil, ""},
@@ -271,7 +271,7 @@ func testQueueCommands(t *testing.T, db store.Store, flags []string, ids map[str
 				t.Errorf("json of %s: %+v", b, e)
 			}
 		case c:
-			if e.LastError != "device answered ERROR 7 (parameter 2)" || e.MessageID != "L:6b080580.00000003" {
+			if e.LastError != "device answered ERROR 7 (parameter 2)" || e.MessageID != "6b080580.00000003" {
 				t.Errorf("json of %s: %+v", c, e)
 			}
 		case z:
@@ -364,11 +364,11 @@ func TestQueueServe(t *testing.T) {
 			es[1].State == "queued" && es[1].Attempts == 1
 	})
 	one, two := es[0], es[1]
-	if one.Device != "198.037" || !strings.HasPrefix(one.MessageID, "L:") {
+	if one.Device != "198.037" || !regexp.MustCompile(`^[0-9a-f]{8}\.[0-9a-f]{8}$`).MatchString(one.MessageID) {
 		t.Errorf("listed %+v", one)
 	}
 	code, out, _ := runCmd(t, "", "queue", "list", "--data", data)
-	if code != exitOK || !regexp.MustCompile(`(?m)^`+one.ID+` +delivery +queued +198\.037 +L:\S+ +\d+ +1 +\S+ +\S+ +\S+ +\S.*$`).MatchString(out) {
+	if code != exitOK || !regexp.MustCompile(`(?m)^`+one.ID+` +delivery +queued +198\.037 +[0-9a-f]{8}\.[0-9a-f]{8} +\d+ +1 +\S+ +\S+ +\S+ +\S.*$`).MatchString(out) {
 		t.Errorf("queue list: exit %d\n%s", code, out)
 	}
 
