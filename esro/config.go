@@ -175,6 +175,13 @@ type Config struct {
 	// default keys every table by IP address and port.
 	IPOnlyPeers bool
 
+	// NoLinger makes Shutdown close as soon as no answer is owed or
+	// awaited, without staying to re-acknowledge replies that performers
+	// may retransmit because an ACK was lost (see Endpoint.Shutdown). A
+	// performer that commits only on confirmation may then fail an
+	// operation whose result was reported here.
+	NoLinger bool
+
 	// Logger receives protocol diagnostics. Nil: slog.Default().
 	Logger *slog.Logger
 

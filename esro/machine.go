@@ -35,7 +35,8 @@ import (
 //     the reference absorbs every retransmission and the invoker fails
 //     although its operation was performed. Its confirm stays a guess.
 //   - A 3-way invoker that received the reply re-ACKs duplicates in
-//     InvokerRefWait too (Open Point 10).
+//     InvokerRefWait too (Open Point 10), and Shutdown lingers while the
+//     performer may still retransmit it (linger.go).
 //   - A duplicate INVOKE in AckPduWait resends the reply at once but neither
 //     resets the retransmission count nor cancels a running T_last, so the
 //     1 + N bound on transmissions holds (Open Point 11).
@@ -89,6 +90,10 @@ type machine struct {
 
 	rx     int            // size of the datagram being received
 	rxFrom netip.AddrPort // and its source
+
+	// lingerUntil is when no performer is likely to retransmit a reply
+	// this endpoint acknowledged any more (linger.go).
+	lingerUntil time.Time
 }
 
 // events receives what the machine cannot do itself without I/O.
@@ -150,10 +155,11 @@ var stateNames = [...]string{"Released", "InvokePduSent", "AckPduSent", "Invoker
 func (s state) String() string { return stateNames[s] }
 
 // active reports whether Shutdown should wait for an invocation in s: a
-// reply is still owed or expected, or a peer may still need our ACK.
+// reply is still owed or expected. Whether a peer may still need our ACK
+// is the linger's business (linger.go), not the state's.
 func (s state) active() bool {
 	switch s {
-	case stInvokeSent, stAckSent, stInvokeReceived, stAckWait, stResultSent:
+	case stInvokeSent, stInvokeReceived, stAckWait, stResultSent:
 		return true
 	}
 	return false
@@ -185,6 +191,9 @@ type invocation struct {
 	hidx   int       // index in machine.timers, -1 when no timer runs
 	sentAt time.Time // when kept was first sent, for RTT samples
 	resent bool      // kept was sent more than once (Karn: no RTT sample)
+	// lingerEnd bounds an acknowledged invoker's linger: the end of the
+	// performer's retry budget (linger.go).
+	lingerEnd time.Time
 
 	// Outcome: invoker result or error; performer confirm error. Written
 	// once, before finished is set and done signalled.
@@ -222,6 +231,7 @@ type peer struct {
 	rttvar  time.Duration
 	hasRTT  bool
 	waiters []chan struct{} // Invoke calls waiting for a free reference number
+	loss    lossEstimate
 }
 
 func (p *peer) idle() bool { return p.nheld == 0 && p.nperf == 0 && len(p.waiters) == 0 }
@@ -541,12 +551,14 @@ func (m *machine) onDuplicateInvoke(now time.Time, inv *invocation) {
 	case stInvokeReceived:
 		// The user is still working: silence (docs/protocol.md ESRO §5.3).
 	case stAckWait:
+		inv.peer.loss.lost()
 		m.reply(now, inv, inv.kept)
 		inv.resent = true
 		if inv.timer == tRetx {
 			m.arm(inv, tRetx, now.Add(m.rto(inv.peer, inv.k)))
 		}
 	case stResultSent:
+		inv.peer.loss.lost()
 		m.reply(now, inv, inv.kept)
 		m.arm(inv, tInact, now.Add(m.td.inact))
 	case stPerformerRefWait:
@@ -578,6 +590,8 @@ func (m *machine) onReply(now time.Time, inv *invocation, p *PDU) {
 		}
 		if inv.hs == ThreeWay {
 			m.sendAck(inv)
+			inv.peer.loss.sent()
+			m.linger(now, inv)
 			m.setState(inv, stAckSent)
 			m.arm(inv, tInact, now.Add(m.td.inact))
 		} else {
@@ -586,12 +600,16 @@ func (m *machine) onReply(now time.Time, inv *invocation, p *PDU) {
 		}
 	case stAckSent:
 		m.st.duplicates.Add(1)
+		inv.peer.loss.lost()
 		m.sendAck(inv)
+		m.linger(now, inv)
 		m.arm(inv, tInact, now.Add(m.td.inact))
 	case stInvokerRefWait:
 		m.st.duplicates.Add(1)
 		if inv.hs == ThreeWay && inv.gotReply {
+			inv.peer.loss.lost()
 			m.sendAck(inv)
+			m.linger(now, inv)
 		}
 		m.arm(inv, tRef, now.Add(m.td.hold))
 	}
@@ -652,6 +670,7 @@ func (m *machine) expire(now time.Time, inv *invocation, k timerKind) {
 		if inv.k < m.cfg.Timers.RetransmitCount {
 			inv.k++
 			inv.resent = true
+			inv.peer.loss.lost()
 			m.st.retransmissions.Add(1)
 			if inv.perf {
 				m.reply(now, inv, inv.kept)
@@ -795,6 +814,7 @@ func (m *machine) invoke(now time.Time, req *Request, to netip.AddrPort) (*invoc
 	m.st.inflightInv.Add(1)
 	m.st.invokesOut.Add(1)
 	m.setState(inv, stInvokeSent)
+	p.loss.sent()
 	m.send(to, kept)
 	m.arm(inv, tRetx, now.Add(m.rto(p, 0)))
 	return inv, nil, nil
@@ -883,6 +903,7 @@ func (m *machine) answer(now time.Time, inv *invocation, isErr bool, enc Encodin
 	kept, _ := AppendPDU(make([]byte, 0, 3+len(data)), &pdu)
 	inv.kept, inv.answered, inv.sentAt, inv.k = kept, true, now, 0
 	m.st.answers.Add(1)
+	inv.peer.loss.sent()
 	m.reply(now, inv, kept)
 	if inv.hs == ThreeWay {
 		m.setState(inv, stAckWait)

@@ -811,3 +811,115 @@ func TestSupersededInvocation(t *testing.T) {
 		t.Fatal("supersede not accounted")
 	}
 }
+
+// The linger deadline (linger.go) that each ACK sets, on the shipped timers:
+// T_retx 3 s, N 8, RT 1 s.
+func TestLingerDeadline(t *testing.T) {
+	ms := func(n int) time.Duration { return time.Duration(n) * time.Millisecond }
+	until := func(h *harness, want time.Duration) {
+		t.Helper()
+		if got := h.m.lingerUntil.Sub(h.t0); got != want {
+			t.Fatalf("at +%v lingering until +%v, want +%v", h.now.Sub(h.t0), got, want)
+		}
+	}
+	t.Run("clean link: one quiet interval", func(t *testing.T) {
+		h := newHarness(t, nil)
+		h.invoke(ThreeWay, "date")
+		h.sent()
+		h.at(ms(100))
+		h.recv(resultText)
+		h.expect(ack5e)
+		// grace = max(RT 1 s, srtt + 4·rttvar = 100 + 4·50 ms)
+		until(h, ms(100+3000+1000))
+	})
+	t.Run("lost ACK on a fresh link: the performer's whole budget", func(t *testing.T) {
+		h := newHarness(t, nil)
+		h.invoke(ThreeWay, "date")
+		h.sent()
+		h.at(ms(100))
+		h.recv(resultText)
+		h.at(ms(3100))
+		h.recv(resultText) // 1 loss in 3 datagrams: q^(k+1) ≤ 1e-4 needs k ≥ 8 = N
+		h.expect(ack5e, ack5e)
+		until(h, ms(100+8*3000+1000)) // bounded by N·T_retx + grace after the first reply
+		h.at(ms(6100))
+		h.recv(resultText)
+		h.expect(ack5e)
+		until(h, ms(100+8*3000+1000))
+	})
+	t.Run("clean history: each duplicate re-arms one interval", func(t *testing.T) {
+		h := newHarness(t, nil)
+		h.m.peerFor(h.peer).loss = lossEstimate{trials: 1000}
+		h.invoke(ThreeWay, "date")
+		h.sent()
+		h.at(ms(100))
+		h.recv(resultText)
+		until(h, ms(4100))
+		h.at(ms(3100))
+		h.recv(resultText)
+		until(h, ms(7100))
+		h.at(ms(8000)) // T_inact over: InvokerRefWait re-ACKs and lingers too
+		h.recv(resultText)
+		h.expect(ack5e, ack5e, ack5e)
+		until(h, ms(12000))
+	})
+	t.Run("INVOKE retransmitted: a lossy link", func(t *testing.T) {
+		h := newHarness(t, nil)
+		h.invoke(ThreeWay, "date")
+		h.at(3 * time.Second)
+		h.at(ms(3100))
+		h.recv(resultText)
+		h.expect(invokeDate, invokeDate, ack5e)
+		// No RTT sample from a retransmitted INVOKE (Karn): grace = RT.
+		until(h, ms(3100+8*3000+1000))
+	})
+	t.Run("2-way: nothing to linger for", func(t *testing.T) {
+		h := newHarness(t, nil)
+		h.invoke(TwoWay, "date")
+		h.recv(resultText)
+		h.recv(resultText)
+		if !h.m.lingerUntil.IsZero() {
+			t.Fatalf("lingering until %v", h.m.lingerUntil)
+		}
+	})
+	t.Run("no retransmissions configured: only the grace", func(t *testing.T) {
+		h := newHarness(t, func(c *Config) { c.Timers = ShippedTimers(); c.Timers.RetransmitCount = 0 })
+		h.invoke(ThreeWay, "date")
+		h.recv(resultText)
+		until(h, ms(1000))
+	})
+}
+
+func TestQuietIntervals(t *testing.T) {
+	for _, tc := range []struct {
+		trials, losses uint32
+		n, want        int
+	}{
+		{0, 0, 8, 1},
+		{2, 0, 8, 1},
+		{1000, 1, 8, 1},   // q² = 1e-6
+		{100, 2, 8, 2},    // q² = 4e-4, q³ = 8e-6
+		{100, 5, 8, 3},    // 0.05^4 ≈ 6e-6
+		{1000, 200, 8, 5}, // 0.2^6 ≈ 6e-5
+		{1000, 200, 3, 3}, // capped at N
+		{3, 1, 8, 8},
+		{4, 4, 8, 8},
+		{4, 4, 0, 1},
+	} {
+		l := lossEstimate{trials: tc.trials, losses: tc.losses}
+		if got := l.quietIntervals(tc.n); got != tc.want {
+			t.Errorf("%d losses in %d, N %d: %d intervals, want %d", tc.losses, tc.trials, tc.n, got, tc.want)
+		}
+	}
+	var l lossEstimate
+	for i := range 3 * lossWindow {
+		if i%10 == 0 {
+			l.lost()
+		} else {
+			l.sent()
+		}
+	}
+	if q := float64(l.losses) / float64(l.trials); l.trials >= lossWindow || q < 0.08 || q > 0.12 {
+		t.Fatalf("after decay %d losses in %d trials", l.losses, l.trials)
+	}
+}

@@ -123,7 +123,13 @@ type Conn struct {
 	mu           sync.Mutex
 	dropSent     int
 	dropReceived int
+	dropMatching []dropRule
 	deadline     time.Time
+}
+
+type dropRule struct {
+	n     int
+	match func([]byte) bool
 }
 
 // DropNextSent makes the next k datagrams sent from c vanish, and
@@ -140,6 +146,28 @@ func (c *Conn) DropNextReceived(k int) {
 	c.mu.Lock()
 	c.dropReceived += k
 	c.mu.Unlock()
+}
+
+// DropNextReceivedIf makes the next k datagrams that would reach c and
+// satisfy match vanish: "the first two ACKs" rather than "the next two
+// datagrams". match sees the payload and must not keep it.
+func (c *Conn) DropNextReceivedIf(k int, match func(payload []byte) bool) {
+	c.mu.Lock()
+	c.dropMatching = append(c.dropMatching, dropRule{k, match})
+	c.mu.Unlock()
+}
+
+// takeMatching reports whether b is dropped by a DropNextReceivedIf rule.
+func (c *Conn) takeMatching(b []byte) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i := range c.dropMatching {
+		if r := &c.dropMatching[i]; r.n > 0 && r.match(b) {
+			r.n--
+			return true
+		}
+	}
+	return false
 }
 
 func (c *Conn) take(p *int) bool {
@@ -210,7 +238,7 @@ func (n *Network) deliver(from, to netip.AddrPort, b []byte) {
 		return
 	}
 	n.mu.Unlock()
-	if dst.take(&dst.dropReceived) {
+	if dst.take(&dst.dropReceived) || dst.takeMatching(b) {
 		n.count(func(s *Stats) { s.Lost++ })
 		return
 	}
