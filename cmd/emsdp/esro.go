@@ -210,7 +210,7 @@ func esroPerform(ctx context.Context, env *cmdEnv, args []string) int {
 	if *amp == 0 {
 		cfg.AmplificationFactor = -1
 	}
-	ep, conn, err := esroEndpoint(key, dcfg, df.identity, true, *listen, cfg)
+	ep, conn, err := env.esroEndpoint(key, dcfg, df.identity, true, *listen, cfg)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -246,9 +246,9 @@ func esroPerform(ctx context.Context, env *cmdEnv, args []string) int {
 
 // esroEndpoint opens a plain UDP endpoint on local, or with a key one over
 // DTLS: listening on local (perform) or opening sessions (invoke).
-func esroEndpoint(key []byte, dcfg esrodtls.Config, identity string, listen bool, local string, cfg *esro.Config) (*esro.Endpoint, *esrodtls.Conn, error) {
+func (env *cmdEnv) esroEndpoint(key []byte, dcfg esrodtls.Config, identity string, listen bool, local string, cfg *esro.Config) (*esro.Endpoint, *esrodtls.Conn, error) {
 	if key == nil {
-		ep, err := esro.Listen("udp", local, cfg)
+		ep, err := env.listenESRO("udp", local, cfg)
 		if err != nil {
 			return nil, nil, listenHint(err, local)
 		}
@@ -265,6 +265,27 @@ func esroEndpoint(key []byte, dcfg esrodtls.Config, identity string, listen bool
 		return nil, nil, err
 	}
 	return ep, conn, nil
+}
+
+// listenESRO starts an endpoint on a socket from env.listenPacket, or on
+// a UDP socket.
+func (env *cmdEnv) listenESRO(network, address string, cfg *esro.Config) (*esro.Endpoint, error) {
+	if env.listenPacket == nil {
+		return esro.Listen(network, address, cfg)
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	c, err := env.listenPacket(network, address)
+	if err != nil {
+		return nil, err
+	}
+	ep, err := esro.NewEndpoint(c, cfg)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	return ep, nil
 }
 
 // listenHint explains the usual reasons a UDP bind fails.
@@ -301,6 +322,7 @@ func esroInvoke(ctx context.Context, env *cmdEnv, args []string) int {
 	tf.register(fs)
 	var df dtlsFlags
 	df.register(fs, true)
+	noLinger := fs.Bool("no-linger", false, noLingerUsage)
 	if done, code := parseFlags(fs, env, args); done {
 		return code
 	}
@@ -327,16 +349,40 @@ func esroInvoke(ctx context.Context, env *cmdEnv, args []string) int {
 	if pdu := cmp.Or(cfg.PDUSize, esroDefaultPDU); len(req.Data) > pdu {
 		return fail(env, usagef("the argument is %d octets; an ESRO PDU carries at most %d", len(req.Data), pdu))
 	}
-	ep, _, err := esroEndpoint(key, dcfg, df.identity, false, *local, cfg)
+	cfg.NoLinger = *noLinger
+	ep, _, err := env.esroEndpoint(key, dcfg, df.identity, false, *local, cfg)
 	if err != nil {
 		return fail(env, err)
 	}
 	defer ep.Close()
-	if *count == 0 {
+	return invokeOn(ctx, env, ep, req, *count, *conc)
+}
+
+// noLingerUsage is the -h text of --no-linger for every command that
+// invokes 3-way operations and exits.
+const noLingerUsage = "exit as soon as the outcome is printed. By default the command stays " +
+	"until the performer has been quiet for one retransmission interval (T_retx = R + RT, plus RT " +
+	"or the measured round trip) since the last reply it retransmitted, and acknowledges every " +
+	"retransmission meanwhile; more intervals when the link has lost datagrams, never beyond the " +
+	"performer's retry budget N × T_retx. With the default timers: about 4 s on a clean link, up " +
+	"to 25 s on a lossy one. Without it a lost ACK is never repeated, and a performer that acts " +
+	"only on confirmation (the reference MTS with submissions) fails the operation although its " +
+	"result was printed"
+
+// invokeOn runs one invocation (count 0) or count of them on ep, prints
+// the outcome, then shuts ep down: with the endpoint's linger, so that a
+// lost ACK is repeated when the performer retransmits its reply. ctx
+// (the signals) cuts the linger short.
+func invokeOn(ctx context.Context, env *cmdEnv, ep *esro.Endpoint, req *esro.Request, count, conc int) int {
+	var code int
+	if count == 0 {
 		res, err := ep.Invoke(ctx, req)
-		return printOutcome(env.stdout, res, err)
+		code = printOutcome(env.stdout, res, err)
+	} else {
+		code = invokeMany(ctx, env, ep, req, count, conc)
 	}
-	return invokeMany(ctx, env, ep, req, *count, *conc)
+	ep.Shutdown(ctx)
+	return code
 }
 
 func invokeRequest(fs *flag.FlagSet, to string, sap, hsv, op, enc int, data, hexData, file string) (*esro.Request, error) {

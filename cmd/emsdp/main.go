@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"strings"
@@ -26,12 +27,15 @@ const (
 )
 
 // cmdEnv is what a subcommand may touch of the process: its streams and
-// environment. Tests build one over buffers.
+// environment and sockets. Tests build one over buffers.
 type cmdEnv struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
 	getenv         func(string) string
 	store          string // the store a command opened, named in its errors
+	// listenPacket opens the datagram sockets of the ESRO clients (esro
+	// invoke, ua). Nil: net.ListenPacket; tests give an in-memory network.
+	listenPacket func(network, address string) (net.PacketConn, error)
 }
 
 type command struct {

@@ -44,6 +44,7 @@ type uaDevice struct {
 	timers                           timerFlags
 	dtls                             dtlsFlags
 	listenDTLS                       bool // receive: sessions come to --listen
+	noLinger                         bool
 }
 
 func (d *uaDevice) register(fs *flag.FlagSet, env *cmdEnv) {
@@ -99,11 +100,12 @@ func (d *uaDevice) config(env *cmdEnv, needServer, needAddress bool) (*esro.Conf
 		return nil, cfg, err
 	}
 	ecfg.PDUSize = d.pduSize
+	ecfg.NoLinger = d.noLinger
 	return ecfg, cfg, nil
 }
 
 // start opens the endpoint and the client.
-func (d *uaDevice) start(ecfg *esro.Config, cfg ua.Config) (*esro.Endpoint, *ua.Client, error) {
+func (d *uaDevice) start(env *cmdEnv, ecfg *esro.Config, cfg ua.Config) (*esro.Endpoint, *ua.Client, error) {
 	key, tcfg, err := d.dtls.config()
 	if err != nil {
 		return nil, nil, err
@@ -120,7 +122,7 @@ func (d *uaDevice) start(ecfg *esro.Config, cfg ua.Config) (*esro.Endpoint, *ua.
 			conn.Close()
 			return nil, nil, err
 		}
-	} else if ep, err = esro.Listen("udp", d.local, ecfg); err != nil {
+	} else if ep, err = env.listenESRO("udp", d.local, ecfg); err != nil {
 		return nil, nil, listenHint(err, d.local)
 	}
 	c, err := ua.New(ep, cfg)
@@ -131,11 +133,10 @@ func (d *uaDevice) start(ecfg *esro.Config, cfg ua.Config) (*esro.Endpoint, *ua.
 	return ep, c, nil
 }
 
-// stop lets the endpoint finish what the peer may still need (an ACK
-// retransmitted, an answer re-sent), within the ESRO hold times.
-func (d *uaDevice) stop(ep *esro.Endpoint) {
-	ctx, cancel := context.WithTimeout(context.Background(), d.timers.t.LastWait()+d.timers.t.RetransmitInterval())
-	defer cancel()
+// stop lets the endpoint finish what the peer may still need (an answer
+// owed, an ACK repeated for a retransmitted reply: the linger of
+// --no-linger), within the ESRO timers; ctx (the signals) cuts it short.
+func (d *uaDevice) stop(ctx context.Context, ep *esro.Endpoint) {
 	ep.Shutdown(ctx)
 }
 
@@ -217,6 +218,7 @@ func uaSend(ctx context.Context, env *cmdEnv, args []string) int {
 	var d uaDevice
 	d.register(fs, env)
 	fs.StringVar(&d.local, "local", ":0", "local UDP address to send from")
+	fs.BoolVar(&d.noLinger, "no-linger", false, noLingerUsage)
 	var msg ua.Message
 	fs.Var((*addrList)(&msg.To), "to", "recipients: NNN.NNN or Internet addresses, comma-separated or repeated")
 	fs.Var((*addrList)(&msg.Cc), "cc", "copy recipients")
@@ -264,11 +266,11 @@ func uaSend(ctx context.Context, env *cmdEnv, args []string) int {
 	if msg.Body, err = uaReadBody(env, *file); err != nil {
 		return fail(env, err)
 	}
-	ep, c, err := d.start(ecfg, cfg)
+	ep, c, err := d.start(env, ecfg, cfg)
 	if err != nil {
 		return fail(env, err)
 	}
-	defer d.stop(ep)
+	defer d.stop(ctx, ep)
 	defer c.Close()
 	id, err := c.Submit(ctx, &msg)
 	if err != nil {
@@ -361,7 +363,7 @@ func uaReceive(ctx context.Context, env *cmdEnv, args []string) int {
 			dl.MessageID, uaShowAddress(dl.IPM.Heading.Originator), strconv.Quote(uaShowText(dl.IPM.Heading.Subject)))
 		return nil
 	})
-	ep, c, err := d.start(ecfg, cfg)
+	ep, c, err := d.start(env, ecfg, cfg)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -373,7 +375,9 @@ func uaReceive(ctx context.Context, env *cmdEnv, args []string) int {
 	<-ctx.Done()
 	// Deliveries being stored finish and their answers go out; the poll
 	// ends with the endpoint at the latest.
-	d.stop(ep)
+	sctx, cancel := context.WithTimeout(context.Background(), d.timers.t.LastWait()+d.timers.t.RetransmitInterval())
+	d.stop(sctx, ep)
+	cancel()
 	wg.Wait()
 	c.Close()
 	return exitOK
@@ -448,6 +452,7 @@ func uaVerify(ctx context.Context, env *cmdEnv, args []string) int {
 	var d uaDevice
 	d.register(fs, env)
 	fs.StringVar(&d.local, "local", ":0", "local UDP address to send from (the MTS identifies op 5 by IP address and port)")
+	fs.BoolVar(&d.noLinger, "no-linger", false, noLingerUsage)
 	fs.SetOutput(env.stderr)
 	var pos []string
 	for {
@@ -474,11 +479,11 @@ func uaVerify(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	ep, c, err := d.start(ecfg, cfg)
+	ep, c, err := d.start(env, ecfg, cfg)
 	if err != nil {
 		return fail(env, err)
 	}
-	defer d.stop(ep)
+	defer d.stop(ctx, ep)
 	defer c.Close()
 	st, err := c.DeliveryVerify(ctx, id)
 	if err != nil {
