@@ -88,7 +88,11 @@ func startEMSD(ctx context.Context, specs []deviceSpec, o harnessOptions) (_ *em
 		}
 		h.devs = append(h.devs, d)
 	}
-	if err := register(ctx, dir, specs, h.devs, o.cost); err != nil {
+	addrs := make([]netip.AddrPort, len(h.devs))
+	for i, d := range h.devs {
+		addrs[i] = d.conn.addrPort()
+	}
+	if err := register(ctx, dir, specs, addrs, o.cost); err != nil {
 		return nil, err
 	}
 	cfg := server.DefaultConfig()
@@ -140,9 +144,9 @@ func startEMSD(ctx context.Context, specs []deviceSpec, o harnessOptions) (_ *em
 	return h, nil
 }
 
-// register writes the devices into the store of dir, as `emsdp device
-// add` does.
-func register(ctx context.Context, dir string, specs []deviceSpec, devs []*benchDevice, cost int) error {
+// register writes the devices, at addrs, into the store of dir, as
+// `emsdp device add` does.
+func register(ctx context.Context, dir string, specs []deviceSpec, addrs []netip.AddrPort, cost int) error {
 	db, err := sqlite.OpenDir(ctx, dir, nil)
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
@@ -160,7 +164,7 @@ func register(ctx context.Context, dir string, specs []deviceSpec, devs []*bench
 			}
 			hash = string(b)
 		}
-		ap := devs[i].conn.addrPort()
+		ap := addrs[i]
 		mode := s.mode
 		if mode == "" {
 			mode = store.ModeComplete

@@ -190,3 +190,24 @@ func TestServerSection(t *testing.T) {
 		t.Errorf("%d throughput rows, %d memory rows", thr, mem)
 	}
 }
+
+// The linger section on a tenth of the shipped timers (T_retx 300 ms, RT
+// 100 ms): on a clean link `ua send` stays one retransmission interval and
+// the grace, every submission is confirmed, and --no-linger leaves at once.
+func TestLingerSection(t *testing.T) {
+	o := &benchOptions{quick: true, log: slog.New(slog.DiscardHandler), srvLog: slog.New(slog.DiscardHandler)}
+	for _, noLinger := range []bool{false, true} {
+		r, err := lingerRun(t.Context(), o, lossTimers, 5, 0, noLinger)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := r.Metrics
+		if m["submitted"] != 5 || m["unconfirmed"] != 0 {
+			t.Errorf("%s: %v submitted, %v unconfirmed", r.Name, m["submitted"], m["unconfirmed"])
+		}
+		// 300 ms + 100 ms after the RESULT; generous for a loaded machine.
+		if stay := m["p50"]; noLinger && stay >= 0.4 || !noLinger && (stay < 0.4 || stay > 3) {
+			t.Errorf("%s: p50 %v s", r.Name, stay)
+		}
+	}
+}

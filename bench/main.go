@@ -106,6 +106,7 @@ func sections() []section {
 		{"server", "EMSD server: submissions end to end, memory per invocation", runServer},
 		{"hostile", "Hostile networks: reflection, floods, password checks, unreachable peers", runHostile},
 		{"dtls", "Security: EMSD and ESRO over DTLS", runDTLS},
+		{"linger", "ua send through a lossy link: staying to re-acknowledge", runLinger},
 	}
 }
 
@@ -132,7 +133,7 @@ type jsonSection struct {
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	which := fs.String("sections", "", "comma-separated sections to run (default all: esro,mail,loss,server,hostile,dtls)")
+	which := fs.String("sections", "", "comma-separated sections to run (default all: esro,mail,loss,server,hostile,dtls,linger)")
 	out := fs.String("json", "bench-results.json", "write the results here as JSON ('' = don't)")
 	md := fs.String("md", "", "also write the Markdown (the README's Performance section) to this file")
 	quick := fs.Bool("quick", false, "short runs (a smoke test, not figures to quote)")

@@ -49,7 +49,11 @@ import "time"
 // fraction p of datagrams, a one-shot invoker whose exchange went through
 // untouched still misses a lost ACK followed by a lost retransmission, with
 // probability about p² (more quiet intervals would cost every clean-link
-// caller another T_retx each).
+// caller another T_retx each). Unasked-for ACKs sent while lingering would
+// lower that risk without the wait, but the linger only answers replies
+// that came to this socket: a reference performer matches ACKs by IP
+// address alone (Open Point 3), and an ACK sent blind could confirm the
+// invocation of another device behind the same address.
 
 // lingerRisk is the accepted chance, per acknowledged reply and for the
 // loss seen on the link, that the performer is still retransmitting when
