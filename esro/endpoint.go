@@ -186,11 +186,11 @@ func (e *Endpoint) Invoke(ctx context.Context, req *Request) (*Result, error) {
 // lingers while a performer may still retransmit a reply this endpoint
 // acknowledged (its ACK may have been lost), acknowledging every
 // retransmission again: until the performers have been quiet for one
-// retransmission interval T_retx, plus RT or the measured round trip
-// when longer, after the last reply or duplicate; for more intervals when
+// retransmission interval T_retx, plus 2·RT or the measured round-trip
+// timeout when longer, after the last reply or duplicate; for more intervals when
 // the link to the peer has lost datagrams; never beyond a performer's
 // retry budget, N·T_retx after its reply. With the shipped timers that
-// is 4 s on a clean link and at most 25 s on a lossy one. Then Shutdown
+// is 5 s on a clean link and at most 26 s on a lossy one. Then Shutdown
 // closes the endpoint. If ctx ends first, it closes at once and returns
 // ctx's error.
 func (e *Endpoint) Shutdown(ctx context.Context) error {

@@ -22,9 +22,14 @@ import "time"
 //     transmissions of its reply: the reference always waits exactly that,
 //     and this package's adaptive timer is capped at MaxRTO, T_retx by
 //     default.
-//   - grace, max(RT, srtt + 4·rttvar), allows for the network's delay and
-//     its variation and for the reference's one-second timer granularity
-//     (spec esro.md §5.1).
+//   - grace, max(2·RT, srtt + 4·rttvar), allows for the network's delay
+//     and its variation, and for the reference's timer granularity: it
+//     scans its timers once a second, so its first retransmission comes
+//     anywhere from T_retx − 1 s to T_retx + 1 s after its reply (spec
+//     esro.md §5.1; the later ones keep the interval). One RT (1 s with
+//     the shipped timers) would race that second; the 3-way invoker's
+//     T_inact, 4·RT = T_retx + RT with the shipped timers, did, and missed
+//     many a retransmission of a lost ACK's reply.
 //   - k is the number of retransmission intervals the performer must have
 //     been quiet: 1 on a link that has shown no loss, more as it has. With
 //     a loss ratio q seen towards the peer, the performer is still
@@ -39,9 +44,9 @@ import "time"
 //
 // So a performer that stays quiet for k intervals after the last duplicate
 // ends the linger early, and every duplicate extends it. With the shipped
-// timers a clean link lingers 4 s (3 s + 1 s), what the 3-way invoker's
-// T_inact (4·RT) held a shutting-down endpoint before; a lossy one up to
-// 8·3 + 1 = 25 s.
+// timers a clean link lingers 5 s (3 s + 2 s), one more than the 3-way
+// invoker's T_inact held a shutting-down endpoint before; a lossy one up
+// to 8·3 + 2 = 26 s.
 //
 // The loss ratio comes from the peer's own exchanges (INVOKEs and replies
 // retransmitted, duplicates that show an answer of ours lost), so an
@@ -104,7 +109,7 @@ func (l *lossEstimate) quietIntervals(n int) int {
 // lingerGrace is the allowance for delay and timer granularity on top of
 // the peer's retransmission intervals.
 func (m *machine) lingerGrace(p *peer) time.Duration {
-	g := m.cfg.Timers.Roundtrip
+	g := 2 * m.cfg.Timers.Roundtrip
 	if p.hasRTT {
 		g = max(g, p.srtt+4*p.rttvar)
 	}

@@ -98,7 +98,7 @@ func (ln *lingerNet) req(id string) *Request {
 // A one-shot invoker (invoke, then Shutdown) whose first ACKs are lost keeps
 // answering the performer's retransmissions, so that the performer
 // confirms; on a clean link it stays one retransmission interval and a
-// grace. Shipped timers: T_retx 3 s, RT 1 s, N 8.
+// grace of 2·RT. Shipped timers: T_retx 3 s, RT 1 s, N 8.
 func TestShutdownLingers(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
@@ -109,11 +109,11 @@ func TestShutdownLingers(t *testing.T) {
 		wantErr   error
 		confirmed bool
 	}{
-		{name: "clean", wantStay: 4 * time.Second, confirmed: true},
+		{name: "clean", wantStay: 5 * time.Second, confirmed: true},
 		// One lost ACK in three datagrams: lossy, the whole budget
 		// (N·T_retx + grace after the reply).
-		{name: "first ACK lost", acksLost: 1, wantStay: 25 * time.Second, confirmed: true},
-		{name: "first two ACKs lost", acksLost: 2, wantStay: 25 * time.Second, confirmed: true},
+		{name: "first ACK lost", acksLost: 1, wantStay: 26 * time.Second, confirmed: true},
+		{name: "first two ACKs lost", acksLost: 2, wantStay: 26 * time.Second, confirmed: true},
 		{name: "no linger, clean", noLinger: true, confirmed: true},
 		{name: "no linger, first ACK lost", acksLost: 1, noLinger: true},
 		{name: "context ends first", acksLost: 1, timeout: 2 * time.Second, wantStay: 2 * time.Second, wantErr: context.DeadlineExceeded},

@@ -829,8 +829,8 @@ func TestLingerDeadline(t *testing.T) {
 		h.at(ms(100))
 		h.recv(resultText)
 		h.expect(ack5e)
-		// grace = max(RT 1 s, srtt + 4·rttvar = 100 + 4·50 ms)
-		until(h, ms(100+3000+1000))
+		// grace = max(2·RT = 2 s, srtt + 4·rttvar = 100 + 4·50 ms)
+		until(h, ms(100+3000+2000))
 	})
 	t.Run("lost ACK on a fresh link: the performer's whole budget", func(t *testing.T) {
 		h := newHarness(t, nil)
@@ -841,11 +841,11 @@ func TestLingerDeadline(t *testing.T) {
 		h.at(ms(3100))
 		h.recv(resultText) // 1 loss in 3 datagrams: q^(k+1) ≤ 1e-4 needs k ≥ 8 = N
 		h.expect(ack5e, ack5e)
-		until(h, ms(100+8*3000+1000)) // bounded by N·T_retx + grace after the first reply
+		until(h, ms(100+8*3000+2000)) // bounded by N·T_retx + grace after the first reply
 		h.at(ms(6100))
 		h.recv(resultText)
 		h.expect(ack5e)
-		until(h, ms(100+8*3000+1000))
+		until(h, ms(100+8*3000+2000))
 	})
 	t.Run("clean history: each duplicate re-arms one interval", func(t *testing.T) {
 		h := newHarness(t, nil)
@@ -854,14 +854,14 @@ func TestLingerDeadline(t *testing.T) {
 		h.sent()
 		h.at(ms(100))
 		h.recv(resultText)
-		until(h, ms(4100))
+		until(h, ms(5100))
 		h.at(ms(3100))
 		h.recv(resultText)
-		until(h, ms(7100))
+		until(h, ms(8100))
 		h.at(ms(8000)) // T_inact over: InvokerRefWait re-ACKs and lingers too
 		h.recv(resultText)
 		h.expect(ack5e, ack5e, ack5e)
-		until(h, ms(12000))
+		until(h, ms(13000))
 	})
 	t.Run("INVOKE retransmitted: a lossy link", func(t *testing.T) {
 		h := newHarness(t, nil)
@@ -870,8 +870,8 @@ func TestLingerDeadline(t *testing.T) {
 		h.at(ms(3100))
 		h.recv(resultText)
 		h.expect(invokeDate, invokeDate, ack5e)
-		// No RTT sample from a retransmitted INVOKE (Karn): grace = RT.
-		until(h, ms(3100+8*3000+1000))
+		// No RTT sample from a retransmitted INVOKE (Karn): grace = 2·RT.
+		until(h, ms(3100+8*3000+2000))
 	})
 	t.Run("2-way: nothing to linger for", func(t *testing.T) {
 		h := newHarness(t, nil)
@@ -886,7 +886,7 @@ func TestLingerDeadline(t *testing.T) {
 		h := newHarness(t, func(c *Config) { c.Timers = ShippedTimers(); c.Timers.RetransmitCount = 0 })
 		h.invoke(ThreeWay, "date")
 		h.recv(resultText)
-		until(h, ms(1000))
+		until(h, ms(2000))
 	})
 }
 

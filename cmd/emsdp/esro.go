@@ -361,11 +361,11 @@ func esroInvoke(ctx context.Context, env *cmdEnv, args []string) int {
 // noLingerUsage is the -h text of --no-linger for every command that
 // invokes 3-way operations and exits.
 const noLingerUsage = "exit as soon as the outcome is printed. By default the command stays " +
-	"until the performer has been quiet for one retransmission interval (T_retx = R + RT, plus RT " +
-	"or the measured round trip) since the last reply it retransmitted, and acknowledges every " +
+	"until the performer has been quiet for one retransmission interval (T_retx = R + RT, plus 2 × RT " +
+	"or the measured round-trip timeout) since the last reply it retransmitted, and acknowledges every " +
 	"retransmission meanwhile; more intervals when the link has lost datagrams, never beyond the " +
-	"performer's retry budget N × T_retx. With the default timers: about 4 s on a clean link, up " +
-	"to 25 s on a lossy one. Without it a lost ACK is never repeated, and a performer that acts " +
+	"performer's retry budget N × T_retx. With the default timers: about 5 s on a clean link, up " +
+	"to 26 s on a lossy one. Without it a lost ACK is never repeated, and a performer that acts " +
 	"only on confirmation (the reference MTS with submissions) fails the operation although its " +
 	"result was printed"
 

@@ -55,13 +55,13 @@ func TestInvokeLingers(t *testing.T) {
 		stay, upTo time.Duration // how long the command runs: exactly stay, or in stay..upTo
 		committed  int64
 	}{
-		// 4 s = T_retx + RT after the RESULT, which came after 10 ms.
-		{"one-shot", "", 0, `^result enc=0 data="msg"\n$`, 4010 * time.Millisecond, 0, 1},
-		// A lost ACK: the performer's whole budget, N·T_retx + RT.
-		{"one-shot, first ACK lost", "", 1, `^result `, 25010 * time.Millisecond, 0, 1},
-		{"one-shot, first two ACKs lost", "", 2, `^result `, 25010 * time.Millisecond, 0, 1},
-		{"count, first ACK lost", "--count 5", 1, `^summary completed=5 results=5 `, 4 * time.Second, 25010 * time.Millisecond, 5},
-		{"count, first two ACKs lost", "--count 5 --concurrency 2", 2, `^summary completed=5 results=5 `, 4 * time.Second, 25010 * time.Millisecond, 5},
+		// 5 s = T_retx + 2·RT after the RESULT, which came after 10 ms.
+		{"one-shot", "", 0, `^result enc=0 data="msg"\n$`, 5010 * time.Millisecond, 0, 1},
+		// A lost ACK: the performer's whole budget, N·T_retx + 2·RT.
+		{"one-shot, first ACK lost", "", 1, `^result `, 26010 * time.Millisecond, 0, 1},
+		{"one-shot, first two ACKs lost", "", 2, `^result `, 26010 * time.Millisecond, 0, 1},
+		{"count, first ACK lost", "--count 5", 1, `^summary completed=5 results=5 `, 5 * time.Second, 26010 * time.Millisecond, 5},
+		{"count, first two ACKs lost", "--count 5 --concurrency 2", 2, `^summary completed=5 results=5 `, 5 * time.Second, 26010 * time.Millisecond, 5},
 		{"no linger", "--no-linger", 0, `^result `, 10 * time.Millisecond, 0, 1},
 		{"no linger, first ACK lost", "--no-linger", 1, `^result `, 10 * time.Millisecond, 0, 0},
 		{"count, no linger, first two ACKs lost", "--count 5 --no-linger", 2, `^summary completed=5 results=5 `, 50 * time.Millisecond, 0, 3},
