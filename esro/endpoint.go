@@ -187,12 +187,13 @@ func (e *Endpoint) Invoke(ctx context.Context, req *Request) (*Result, error) {
 // acknowledged (its ACK may have been lost), acknowledging every
 // retransmission again: until the performers have been quiet for one
 // retransmission interval T_retx, plus 2·RT or the measured round-trip
-// timeout when longer, after the last reply or duplicate; for more intervals when
-// the link to the peer has lost datagrams; never beyond a performer's
-// retry budget, N·T_retx after its reply. With the shipped timers that
-// is 5 s on a clean link and at most 26 s on a lossy one. Then Shutdown
-// closes the endpoint. If ctx ends first, it closes at once and returns
-// ctx's error.
+// timeout when longer, after the last reply or duplicate; for more
+// intervals when the link to the peer has lost datagrams; never beyond a
+// performer's retry budget, N·T_retx after its reply. With the shipped
+// timers that is 5 s on a clean link and at most 26 s on a lossy one.
+// Then Shutdown closes the endpoint. If ctx ends first, or Close is
+// called, it closes at once; a ctx that ended makes it return ctx's
+// error.
 func (e *Endpoint) Shutdown(ctx context.Context) error {
 	e.mu.Lock()
 	e.m.shutdown()
@@ -214,7 +215,8 @@ func (e *Endpoint) Shutdown(ctx context.Context) error {
 }
 
 // linger waits until the machine's linger deadline, which duplicates
-// arriving meanwhile may push back, or until ctx ends.
+// arriving meanwhile may push back, until ctx ends or until someone
+// closes the endpoint.
 func (e *Endpoint) linger(ctx context.Context) error {
 	var t *time.Timer
 	for {
@@ -234,6 +236,8 @@ func (e *Endpoint) linger(ctx context.Context) error {
 		case <-t.C:
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-e.closed:
+			return nil
 		}
 	}
 }

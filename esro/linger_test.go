@@ -152,6 +152,26 @@ func TestShutdownLingers(t *testing.T) {
 	}
 }
 
+// Close ends a Shutdown that lingers.
+func TestCloseEndsLinger(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ln := newLingerNet(t, lossynet.Config{Delay: 5 * time.Millisecond})
+		ln.perfConn.DropNextReceivedIf(1, isAck)
+		inv := ln.invoker(false)
+		if _, err := inv.Invoke(t.Context(), ln.req("msg")); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		start := time.Now()
+		go func() { done <- inv.Shutdown(t.Context()) }()
+		time.Sleep(4 * time.Second) // the duplicate at 3 s is answered: linger till 26 s
+		inv.Close()
+		if err := <-done; err != nil || time.Since(start) != 4*time.Second {
+			t.Fatalf("Shutdown returned %v after %v", err, time.Since(start))
+		}
+	})
+}
+
 // The acceptance run: 1000 invocations from one endpoint through a
 // link that loses 20% of datagrams each way (5% duplicated, some
 // reordered), then Shutdown: every result the invoker reported is
