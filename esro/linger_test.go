@@ -48,28 +48,34 @@ func (c *committer) outcome(id string) (int, error) {
 // isAck matches ACK PDUs.
 func isAck(b []byte) bool { return len(b) >= 2 && PDUType(b[0]&7) == TypeAck }
 
-// lingerNet is a performer like the reference MTS (fixed timers, commits on
-// confirmation) on an in-memory network, and a way to start invokers on it.
+// lingerNet is a performer like the reference MTS (fixed timers, no limit
+// on what it sends to an invoker that has not proven itself, commits on
+// confirmation) on an in-memory network, and a way to start invokers on
+// it. Within the default amplification limit a performer could not
+// retransmit its RESULT at all to an invoker whose ACK was lost (the
+// invoker sends nothing more to earn it), unless its handler proves the
+// invoker, as the EMSD server does once a device's password checks.
 type lingerNet struct {
 	t        *testing.T
 	net      *lossynet.Network
 	perfConn *lossynet.Conn
 	perf     *committer
+	timers   Timers // both ends'; zero: the shipped ones
 }
 
-func newLingerNet(t *testing.T, ncfg lossynet.Config) *lingerNet {
+func newLingerNet(t *testing.T, ncfg lossynet.Config, timers Timers) *lingerNet {
 	t.Helper()
 	n := lossynet.New(ncfg)
 	pc, err := n.Listen("127.0.0.1:2002")
 	if err != nil {
 		t.Fatal(err)
 	}
-	pe, err := NewEndpoint(pc, &Config{FixedTimers: true, Logger: quiet})
+	pe, err := NewEndpoint(pc, &Config{Timers: timers, FixedTimers: true, AmplificationFactor: -1, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { pe.Close() })
-	ln := &lingerNet{t: t, net: n, perfConn: pc, perf: newCommitter()}
+	ln := &lingerNet{t: t, net: n, perfConn: pc, perf: newCommitter(), timers: timers}
 	if err := pe.Handle(13, ThreeWay, ln.perf); err != nil {
 		t.Fatal(err)
 	}
@@ -83,7 +89,7 @@ func (ln *lingerNet) invoker(noLinger bool) *Endpoint {
 	if err != nil {
 		ln.t.Fatal(err)
 	}
-	e, err := NewEndpoint(c, &Config{NoLinger: noLinger, Logger: quiet})
+	e, err := NewEndpoint(c, &Config{Timers: ln.timers, NoLinger: noLinger, Logger: quiet})
 	if err != nil {
 		ln.t.Fatal(err)
 	}
@@ -120,7 +126,7 @@ func TestShutdownLingers(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				ln := newLingerNet(t, lossynet.Config{Delay: 5 * time.Millisecond})
+				ln := newLingerNet(t, lossynet.Config{Delay: 5 * time.Millisecond}, Timers{})
 				ln.perfConn.DropNextReceivedIf(tc.acksLost, isAck)
 				inv := ln.invoker(tc.noLinger)
 				if r, err := inv.Invoke(t.Context(), ln.req("msg")); err != nil || string(r.Data) != "msg" {
@@ -155,7 +161,7 @@ func TestShutdownLingers(t *testing.T) {
 // Close ends a Shutdown that lingers.
 func TestCloseEndsLinger(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		ln := newLingerNet(t, lossynet.Config{Delay: 5 * time.Millisecond})
+		ln := newLingerNet(t, lossynet.Config{Delay: 5 * time.Millisecond}, Timers{})
 		ln.perfConn.DropNextReceivedIf(1, isAck)
 		inv := ln.invoker(false)
 		if _, err := inv.Invoke(t.Context(), ln.req("msg")); err != nil {
@@ -176,9 +182,16 @@ func TestCloseEndsLinger(t *testing.T) {
 // link that loses 20% of datagrams each way (5% duplicated, some
 // reordered), then Shutdown: every result the invoker reported is
 // committed at a performer that commits only on confirmation.
+//
+// With the shipped 8 retransmissions a performer fails, whatever the
+// invoker does, when each of its 9 transmissions loses either itself or
+// the ACK answering it: about 0.2 × 0.36^8 ≈ 6e-5 per invocation, a
+// failure in one run of 20. 12 retransmissions make that 1e-6.
 func TestLingerLossyEveryResultConfirmed(t *testing.T) {
+	timers := ShippedTimers()
+	timers.RetransmitCount = 12
 	synctest.Test(t, func(t *testing.T) {
-		ln := newLingerNet(t, lossynet.Config{Loss: 0.2, Duplicate: 0.05, Reorder: 0.1, Delay: 5 * time.Millisecond, MaxDelay: 20 * time.Millisecond, Seed: 20})
+		ln := newLingerNet(t, lossynet.Config{Loss: 0.2, Duplicate: 0.05, Reorder: 0.1, Delay: 5 * time.Millisecond, MaxDelay: 20 * time.Millisecond, Seed: 20}, timers)
 		inv := ln.invoker(false)
 		const total, workers = 1000, 50
 		var mu sync.Mutex
@@ -230,7 +243,7 @@ func TestLingerOneShotLossy(t *testing.T) {
 	lost := map[bool]int{}
 	for _, noLinger := range []bool{true, false} {
 		synctest.Test(t, func(t *testing.T) {
-			ln := newLingerNet(t, lossynet.Config{Loss: 0.2, Duplicate: 0.05, Reorder: 0.1, Delay: 5 * time.Millisecond, MaxDelay: 20 * time.Millisecond, Seed: 21})
+			ln := newLingerNet(t, lossynet.Config{Loss: 0.2, Duplicate: 0.05, Reorder: 0.1, Delay: 5 * time.Millisecond, MaxDelay: 20 * time.Millisecond, Seed: 21}, Timers{})
 			const total, workers = 400, 40
 			var mu sync.Mutex
 			var reported []string

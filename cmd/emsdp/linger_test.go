@@ -15,8 +15,10 @@ import (
 )
 
 // confirmingPerformer starts, on n, a 3-way performer on SAP 13 with the
-// reference's fixed shipped timers that, like the reference MTS with
-// submissions, commits an operation only when its RESULT is acknowledged.
+// reference's fixed shipped timers and, as the reference, no limit on what
+// it sends an invoker that has not proven itself; like the reference MTS
+// with submissions, it commits an operation only when its RESULT is
+// acknowledged.
 // The first acksLost ACKs sent to it are lost.
 func confirmingPerformer(t *testing.T, n *lossynet.Network, acksLost int) (addr string, committed, failed *atomic.Int64) {
 	t.Helper()
@@ -25,7 +27,7 @@ func confirmingPerformer(t *testing.T, n *lossynet.Network, acksLost int) (addr 
 		t.Fatal(err)
 	}
 	c.DropNextReceivedIf(acksLost, func(b []byte) bool { return len(b) >= 2 && esro.PDUType(b[0]&7) == esro.TypeAck })
-	ep, err := esro.NewEndpoint(c, &esro.Config{FixedTimers: true, Logger: stderrLogger(&cmdEnv{stderr: t.Output()})})
+	ep, err := esro.NewEndpoint(c, &esro.Config{FixedTimers: true, AmplificationFactor: -1, Logger: stderrLogger(&cmdEnv{stderr: t.Output()})})
 	if err != nil {
 		t.Fatal(err)
 	}
