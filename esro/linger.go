@@ -5,12 +5,13 @@ import "time"
 // The linger. A 3-way invoker that has acknowledged a reply cannot know
 // whether its ACK arrived. A performer that missed it retransmits the reply
 // every T_retx, at most N times, and then ends the operation with a
-// transmission failure (spec esro.md §5.3): a performer that commits only
-// on confirmation, as the reference MTS does with submissions, drops an
-// operation whose result the invoker has already reported. While the
-// endpoint is open, the machine re-ACKs every duplicate reply (in
-// AckPduSent, then in InvokerRefWait); Shutdown carries that on for an
-// invoker about to exit, until machine.lingerUntil.
+// transmission failure (docs/protocol.md ESRO §5.3): a performer that
+// commits only on confirmation, as the reference MTS does with
+// submissions, drops an operation whose result the invoker has already
+// reported. While the endpoint is open, the machine re-ACKs every
+// duplicate reply (in AckPduSent, then in InvokerRefWait); Shutdown
+// carries that on for an invoker about to exit, until
+// machine.lingerUntil.
 //
 // Every ACK sent (for the reply or for a duplicate of it) moves that
 // deadline to at least
@@ -25,11 +26,11 @@ import "time"
 //   - grace, max(2·RT, srtt + 4·rttvar), allows for the network's delay
 //     and its variation, and for the reference's timer granularity: it
 //     scans its timers once a second, so its first retransmission comes
-//     anywhere from T_retx − 1 s to T_retx + 1 s after its reply (spec
-//     esro.md §5.1; the later ones keep the interval). One RT (1 s with
-//     the shipped timers) would race that second; the 3-way invoker's
-//     T_inact, 4·RT = T_retx + RT with the shipped timers, did, and missed
-//     many a retransmission of a lost ACK's reply.
+//     anywhere from T_retx − 1 s to T_retx + 1 s after its reply
+//     (docs/protocol.md ESRO §5.1; the later ones keep the interval). One
+//     RT (1 s with the shipped timers) would race that second, as the
+//     3-way invoker's T_inact, 4·RT = T_retx + RT with the shipped timers,
+//     does.
 //   - k is the number of retransmission intervals the performer must have
 //     been quiet: 1 on a link that has shown no loss, more as it has. With
 //     a loss ratio q seen towards the peer, the performer is still

@@ -98,11 +98,11 @@ func TestInvokeLingers(t *testing.T) {
 // -h names the linger and what --no-linger risks.
 func TestNoLingerHelp(t *testing.T) {
 	for _, cmd := range [][]string{{"esro", "invoke"}, {"ua", "send"}, {"ua", "verify"}} {
-		env, _, errb := testEnv()
+		env, out, errb := testEnv()
 		if code := run(t.Context(), env, append(cmd, "-h")); code != exitOK {
 			t.Fatalf("%v -h: exit %d", cmd, code)
 		}
-		h := strings.Join(strings.Fields(errb.String()), " ")
+		h := strings.Join(strings.Fields(out.String()+errb.String()), " ")
 		for _, want := range []string{"-no-linger", "retransmission interval", "retry budget", "fails the operation"} {
 			if !strings.Contains(h, want) {
 				t.Errorf("%v -h lacks %q: %s", cmd, want, h)
