@@ -296,7 +296,8 @@ func TestDeliveryUnreachable(t *testing.T) {
 	for {
 		l, err := s.st.ListQueue(context.Background(), store.QueueFilter{Device: 198036})
 		must(t, err)
-		if len(l.Entries) == 1 && l.Entries[0].Attempts > 0 {
+		// Attempts counts a claim; the error is recorded when the attempt ends.
+		if len(l.Entries) == 1 && l.Entries[0].Attempts > 0 && l.Entries[0].LastError != "" {
 			e = l.Entries[0]
 			break
 		}
