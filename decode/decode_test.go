@@ -75,8 +75,12 @@ func TestSessionCapture(t *testing.T) {
 		return r.EMSD != nil && r.EMSD.Body != nil && r.EMSD.Body.Subject != nil && *r.EMSD.Body.Subject == "Short" &&
 			r.EMSD.PDU == "SubmitArgument"
 	})
-	if len(short) != 2 || len(short[0].Marks) != 0 || !slices.Contains(short[1].Marks, "retransmission") {
-		t.Errorf("short submission: %d INVOKEs, want the original and one marked retransmission", len(short))
+	// (A loaded machine may retransmit more than the lost RESULT asks for.)
+	marked := func(rs []*decode.Record) bool {
+		return !slices.ContainsFunc(rs, func(r *decode.Record) bool { return !slices.Contains(r.Marks, "retransmission") })
+	}
+	if len(short) < 2 || len(short[0].Marks) != 0 || !marked(short[1:]) {
+		t.Errorf("short submission: %d INVOKEs, want the original and marked retransmissions", len(short))
 	}
 	if len(short) > 0 {
 		s := short[0]
@@ -96,9 +100,9 @@ func TestSessionCapture(t *testing.T) {
 		results := find(recs, func(r *decode.Record) bool {
 			return r.ESRO.Type == "RESULT" && r.ESRO.InvokeFrame == s.Frame
 		})
-		if len(results) != 2 || !slices.Contains(results[1].Marks, "retransmission") || results[0].EMSD.MessageID == "" ||
+		if len(results) < 2 || !marked(results[1:]) || results[0].EMSD.MessageID == "" ||
 			results[0].EMSD.PDU != "SubmitResult" {
-			t.Errorf("short submission: results %v, want two, the second marked retransmission, with the message id", results)
+			t.Errorf("short submission: results %v, want two or more, the later ones marked retransmission, with the message id", results)
 		}
 	}
 
