@@ -104,6 +104,9 @@ type DeliveryConfig struct {
 	Retry        []Duration `toml:"retry"`
 	Expiry       Duration   `toml:"expiry"`
 	Concurrency  int        `toml:"concurrency"`
+	Probes       int        `toml:"probes"`
+	Rate         float64    `toml:"rate"`
+	Burst        int        `toml:"burst"`
 	Reports      string     `toml:"reports"`
 	DrainTimeout Duration   `toml:"drain_timeout"`
 	// ContactLifetime is how long the address a device was last heard
@@ -410,6 +413,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Delivery.Concurrency < 1 {
 		add(configErr("delivery.concurrency must be at least 1"))
+	}
+	if c.Delivery.Rate < 0 || c.Delivery.Burst < 0 {
+		add(configErr("delivery.rate and delivery.burst must not be negative (rate 0 = no limit)"))
+	}
+	if c.Delivery.Probes < 0 {
+		add(configErr("delivery.probes must not be negative (0 = a quarter of delivery.concurrency)"))
 	}
 	if c.Relay.Batch < 1 {
 		add(configErr("relay.batch must be at least 1"))

@@ -130,8 +130,7 @@ func (s *Server) heard(dev *device, peer netip.AddrPort, polled bool) {
 	c := store.Contact{Addr: peer, Via: s.via, At: now, Polled: polled}
 	if s.contacts.isDead(dev.addr, peer) {
 		s.contacts.setDead(dev.addr, peer, false)
-		s.unhold(dev.addr)
-		s.kick()
+		s.touch(dev.addr, true)
 	}
 	last, ok := s.contacts.get(dev.addr)
 	if ok && last.Addr == peer && last.Via == s.via && (last.Polled || !polled) && now.Sub(last.At) < life/4 {
@@ -167,8 +166,7 @@ func (s *Server) heard(dev *device, peer netip.AddrPort, polled bool) {
 	if moved || now.Sub(prev.At) >= life {
 		// Deliveries held for an offline device, or waiting for the
 		// server that heard it, can go now.
-		s.unhold(dev.addr)
-		s.kick()
+		s.touch(dev.addr, true)
 	}
 }
 

@@ -1,10 +1,12 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
@@ -12,27 +14,48 @@ import (
 	"github.com/esro-emsdp/emsdp/store"
 )
 
-// scheduler state: which devices have a worker (one delivery in flight per
-// device, docs/protocol.md EMSD §9.9) and which have nothing claimable right now
-// (held back by delivery control, or just emptied), so that the loop does
-// not spin on them.
+// sched is the delivery scheduler's state: the fleet (per-device due
+// times and reachability) and the attempts in flight, under mu.
 type sched struct {
-	kick chan struct{}
-	mu   sync.Mutex
-	busy map[emsd.Address]bool
-	held map[emsd.Address]bool
-	// again marks busy devices that were unheld meanwhile: their worker
-	// may have claimed under old limits, so it must not hold them.
-	again    map[emsd.Address]bool
-	full     bool // a pass found more due devices than free workers
-	draining bool
-	workers  sync.WaitGroup
+	kick     chan struct{}
+	mu       sync.Mutex
+	fleet    *fleet
+	inflight map[emsd.Address]*flight
+	// expireAt is when the scheduler next looks for expired entries; new
+	// work that expires sooner brings it forward.
+	expireAt time.Time
+	// silentAfter is the cut time: how long a device may leave an
+	// invocation unanswered before it counts as silent (see silentAfter).
+	silentAfter time.Duration
+	draining    bool
+	workers     sync.WaitGroup
 }
 
-// defaultRescan is the scheduler's full-rescan period (Server.rescan):
-// changes made by other processes without telling this one (emsdp queue
-// retry, a server sharing the store that stopped) are seen within it.
+// flight is one attempt in flight.
+type flight struct {
+	d      *fdev
+	cancel context.CancelFunc
+	// progress is when the device last answered (UnixNano), or when the
+	// attempt started: shutdown gives up at once on an attempt whose
+	// device has been silent for a retransmission interval.
+	progress atomic.Int64
+	// Under sched.mu: watchdog cuts a live attempt short (cut) when its
+	// device stays silent for the cut time and no probe is free;
+	// abandoned: shutdown cancelled it; done: the attempt is over.
+	watchdog             *time.Timer
+	cut, abandoned, done bool
+}
+
+// defaultRescan is the scheduler's rescan period (Server.rescan): changes
+// made by other processes without telling this one (emsdp queue retry,
+// another server sharing the store queueing mail for a device, or
+// re-queueing the work of a server that stopped) are seen within it.
 const defaultRescan = 30 * time.Second
+
+// rescanOverlap: a rescan asks for the rows changed since the previous
+// one began, less this margin, so that the clocks of servers sharing a
+// PostgreSQL store may differ that much without a change being missed.
+const rescanOverlap = time.Minute
 
 func (s *Server) kick() {
 	select {
@@ -41,68 +64,171 @@ func (s *Server) kick() {
 	}
 }
 
-func (s *Server) unhold(a emsd.Address) {
-	s.sched.mu.Lock()
-	delete(s.sched.held, a)
-	if s.sched.busy[a] {
-		s.sched.again[a] = true
+// probeLimit is how many probes (attempts to devices that did not answer)
+// may run at once: delivery.probes, or a quarter of delivery.concurrency.
+func probeLimit(c DeliveryConfig) int {
+	if c.Probes > 0 {
+		return c.Probes
 	}
-	s.sched.mu.Unlock()
+	return max(c.Concurrency/4, 1)
 }
 
-func (s *Server) unholdAll() {
-	s.sched.mu.Lock()
-	clear(s.sched.held)
-	for a := range s.sched.busy {
-		s.sched.again[a] = true
-	}
-	s.sched.mu.Unlock()
+// firstAttempts is how many attempts to devices not heard from may run at
+// once: sixteen times delivery.concurrency. Most answer within a round
+// trip; one that does not ties up only its own attempt, for the cut time
+// at most. Many at once keep a fleet whose devices are unknown (after a
+// restart, or mail for devices idle until now) from waiting cut time
+// after cut time on switched-off devices before reaching those that
+// answer; the ESRO endpoint's invocation limit is far above it.
+func firstAttempts(c DeliveryConfig) int { return 16 * c.Concurrency }
+
+func deliveryLimits(c DeliveryConfig) fleetLimits {
+	return fleetLimits{kLive: c.Concurrency, kFirst: firstAttempts(c), kProbe: probeLimit(c)}
 }
 
-// wake makes a device's queued deliveries due now: any INVOKE from the
-// device is its poll (docs/protocol.md EMSD §9.4).
-func (s *Server) wake(a emsd.Address) {
-	n, err := s.st.WakeDevice(s.ctx, uint32(a), time.Now())
+// watch is the watchdog of a live or first attempt: when the device has
+// not answered for the cut time, the attempt becomes a probe, or is cut
+// short if every probe is taken.
+func (s *Server) watch(d *fdev, f *flight) {
+	sc := &s.sched
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if f.done || f.cut || f.abandoned {
+		return
+	}
+	quiet, c := time.Since(time.Unix(0, f.progress.Load())), s.silentAfter()
+	if quiet < c {
+		f.watchdog.Reset(c - quiet)
+		return
+	}
+	if sc.fleet.promote(d, probeLimit(s.conf().Delivery)) {
+		s.setInFlight()
+		return
+	}
+	f.cut = true
+	f.cancel()
+}
+
+// unparkAll makes the scheduler try the devices held back by delivery
+// control limits again (the limits or the registry changed).
+func (s *Server) unparkAll() {
+	s.sched.mu.Lock()
+	s.sched.fleet.unparkAll(time.Now())
+	s.sched.mu.Unlock()
+	s.kick()
+}
+
+// wake makes a device's queued deliveries due now and lifts its hold: any
+// INVOKE from the device is its poll (docs/protocol.md EMSD §9.4). authenticated
+// says the device proved who it is, which also makes it count as
+// answering (see fleet.wake).
+func (s *Server) wake(a emsd.Address, authenticated bool) {
+	now := time.Now()
+	n, err := s.st.WakeDevice(s.ctx, uint32(a), now)
 	if err != nil {
 		s.log.Warn("wake device", "device", a, "err", err)
-		return
 	}
 	if n > 0 {
 		s.log.Debug("device poll woke its queue", "device", a, "deliveries", n)
-		s.unhold(a)
-		s.kick()
+		s.sched.mu.Lock()
+		s.sched.fleet.note(a, now, now)
+		s.sched.mu.Unlock()
 	}
+	s.touch(a, authenticated)
+}
+
+// touch lifts the hold of a device whose queue wake already made due (a
+// sign of life, or its delivery control limits or its contact changed);
+// authenticated as for wake. A device the scheduler does not know may
+// have mail another process queued (another server sharing the store):
+// the store is asked, by an indexed look-up.
+func (s *Server) touch(a emsd.Address, authenticated bool) {
+	s.sched.mu.Lock()
+	known := s.sched.fleet.devs[a] != nil
+	s.sched.mu.Unlock()
+	if !known {
+		next, ok, err := s.st.DeviceNextDue(s.ctx, uint32(a))
+		if err != nil {
+			s.log.Warn("device queue", "device", a, "err", err)
+		}
+		if !ok {
+			return
+		}
+		s.sched.mu.Lock()
+		s.sched.fleet.note(a, next, time.Now())
+		s.sched.mu.Unlock()
+	}
+	s.sched.mu.Lock()
+	s.sched.fleet.wake(a, time.Now(), authenticated)
+	s.sched.mu.Unlock()
+	s.kick()
 }
 
 // noteQueued tells the loops about new work.
 func (s *Server) noteQueued(w store.Work) {
+	if w.Empty() {
+		return
+	}
+	now := time.Now()
+	sc := &s.sched
+	sc.mu.Lock()
 	for _, d := range w.Deliveries {
-		s.unhold(emsd.Address(d.Device))
+		sc.fleet.note(emsd.Address(d.Device), cmp.Or(d.NextAttempt, now), now)
+		s.expiresLocked(d.Expires)
 	}
-	if len(w.Deliveries) > 0 {
-		s.kick()
+	for _, r := range w.Relays {
+		s.expiresLocked(r.Expires)
 	}
+	sc.mu.Unlock()
+	s.kick()
 	if len(w.Relays) > 0 {
 		s.kickRelay()
 	}
 }
 
-// runScheduler starts a worker for every device with a due delivery,
-// expires what is too old, and sleeps until the next due time or a kick.
-// All state is in the store, so a restart rebuilds it.
-//
-// Held devices are reconsidered (unholdAll) at the planned wake-up: the
-// next due time, or the full rescan at least every s.rescan. The rescan
-// finds what changed without a kick here: work another process re-queued,
-// such as another server sharing the store that stopped (or crashed) while
-// it was delivering to a device this server found busy (store.ErrBusy).
-// The wake-up counts even when kicks come first and keep the timer from
-// firing, as they do on a busy server.
+// expiresLocked brings the scheduler's next look for expired entries
+// forward to t. sched.mu is held.
+func (s *Server) expiresLocked(t time.Time) {
+	if !t.IsZero() && t.Before(s.sched.expireAt) {
+		s.sched.expireAt = t
+	}
+}
+
+// rescanFleet tells the fleet about the devices with queued deliveries
+// changed since 'since' (all of them with the zero time).
+func (s *Server) rescanFleet(ctx context.Context, since time.Time) error {
+	ds, err := s.st.QueuedDevices(ctx, since)
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	s.sched.mu.Lock()
+	for _, d := range ds {
+		s.sched.fleet.note(emsd.Address(d.Device), d.Next, now)
+	}
+	s.sched.mu.Unlock()
+	return nil
+}
+
+// runScheduler starts an attempt for every due device there is a worker
+// for, expires what is too old, and sleeps until the next due time or a
+// kick. A pass costs O(attempts started): the due times are in memory
+// (fleet), rebuilt from the store at start and brought up to date with
+// what other processes changed at every rescan, which asks the store only
+// for the rows changed since the previous one.
 func (s *Server) runScheduler() {
 	t := time.NewTimer(0)
 	defer t.Stop()
 	now := time.Now()
-	purgeAt, rescanAt, wakeAt := now, now.Add(s.rescan), now
+	lastScan := now
+	if err := s.rescanFleet(s.loopCtx, time.Time{}); err != nil && s.loopCtx.Err() == nil {
+		s.log.Error("delivery queue", "err", err)
+		lastScan = time.Time{} // the next rescan reads everything
+	}
+	purgeAt, rescanAt := now, now.Add(s.rescan)
+	s.sched.mu.Lock()
+	s.sched.expireAt = now
+	s.sched.mu.Unlock()
 	for {
 		select {
 		case <-s.loopCtx.Done():
@@ -111,108 +237,197 @@ func (s *Server) runScheduler() {
 		case <-t.C:
 		}
 		now = time.Now()
-		if !now.Before(wakeAt) {
-			s.unholdAll()
-			if !now.Before(rescanAt) {
-				rescanAt = now.Add(s.rescan)
+		if !now.Before(rescanAt) {
+			since := lastScan
+			if !since.IsZero() {
+				since = since.Add(-rescanOverlap)
 			}
+			if err := s.rescanFleet(s.loopCtx, since); err != nil {
+				if s.loopCtx.Err() == nil {
+					s.log.Error("delivery queue rescan", "err", err)
+				}
+			} else {
+				lastScan = now
+			}
+			rescanAt = now.Add(s.rescan)
 		}
-		s.expire(now)
+		s.sched.mu.Lock()
+		expireAt := s.sched.expireAt
+		s.sched.mu.Unlock()
+		if !now.Before(expireAt) {
+			s.expire(now)
+			// The next expiry (or due time, which NextDue also gives: a
+			// look too many costs an indexed query), at most once a second.
+			expireAt = rescanAt
+			if next, ok, err := s.st.NextDue(s.loopCtx, now); err == nil && ok && next.Before(expireAt) {
+				expireAt = next
+				if floor := now.Add(time.Second); expireAt.Before(floor) {
+					expireAt = floor
+				}
+			}
+			s.sched.mu.Lock()
+			if expireAt.Before(s.sched.expireAt) || !s.sched.expireAt.After(now) {
+				s.sched.expireAt = expireAt
+			}
+			s.sched.mu.Unlock()
+		}
 		if !now.Before(purgeAt) {
 			s.purge(now)
 			purgeAt = now.Add(time.Hour)
 		}
 		s.startWorkers(now)
-		// NextDue after the same now: whatever fell due since is found by
-		// the next pass, which this wait then starts at once.
-		wakeAt = rescanAt
-		if next, ok, err := s.st.NextDue(s.loopCtx, now); err == nil && ok && next.Before(wakeAt) {
+		wakeAt := rescanAt
+		s.sched.mu.Lock()
+		if s.sched.expireAt.Before(wakeAt) {
+			wakeAt = s.sched.expireAt
+		}
+		if next, ok := s.sched.fleet.next(); ok && next.Before(wakeAt) {
 			wakeAt = next
 		}
+		s.sched.mu.Unlock()
 		t.Reset(max(time.Until(wakeAt), time.Millisecond))
 	}
 }
 
 func (s *Server) startWorkers(now time.Time) {
-	devs, err := s.st.DueDevices(s.loopCtx, now)
-	if err != nil {
-		if s.loopCtx.Err() == nil {
-			s.log.Error("due devices", "err", err)
-		}
-		return
-	}
 	sc := &s.sched
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if sc.draining {
 		return
 	}
-	for _, d := range devs {
-		a := emsd.Address(d)
-		if sc.busy[a] || sc.held[a] {
-			continue
+	for _, d := range sc.fleet.take(now, deliveryLimits(s.conf().Delivery)) {
+		ctx, cancel := context.WithCancel(s.dctx)
+		f := &flight{d: d, cancel: cancel}
+		f.progress.Store(now.UnixNano())
+		if d.kind != kProbe {
+			f.watchdog = time.AfterFunc(s.silentAfter(), func() { s.watch(d, f) })
 		}
-		if len(sc.busy) >= s.conf().Delivery.Concurrency {
-			sc.full = true
-			return
-		}
-		sc.busy[a] = true
-		sc.workers.Go(func() { s.deliverDevice(a) })
+		sc.inflight[d.addr] = f
+		sc.workers.Go(func() {
+			defer cancel()
+			s.attemptDevice(ctx, d, f)
+		})
+	}
+	s.setInFlight()
+}
+
+// setInFlight updates the in-flight gauges. sched.mu is held.
+func (s *Server) setInFlight() {
+	for k, name := range [kinds]string{kLive: "live", kFirst: "first", kProbe: "probe"} {
+		s.metrics.inflight.WithLabelValues(name).Set(float64(s.sched.fleet.busy[k]))
 	}
 }
 
-// deliverDevice delivers a device's due messages one after the other.
-func (s *Server) deliverDevice(a emsd.Address) {
-	did := false
+// attemptDevice makes one attempt to a device: it claims the device's
+// oldest due delivery, makes one attempt and records its outcome; then
+// the device goes back in line (fleet.finish).
+func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
+	a := fd.addr
+	o, next, ok := fNothing, time.Time{}, false
 	defer func() {
 		sc := &s.sched
 		sc.mu.Lock()
-		delete(sc.busy, a)
-		again := sc.again[a]
-		delete(sc.again, a)
-		if !did && !again {
-			sc.held[a] = true
+		f.done = true
+		if f.watchdog != nil {
+			f.watchdog.Stop()
 		}
-		kick := did || again || sc.full
-		sc.full = false
+		// A device another server sharing the store delivers to (that
+		// server goes on with its queue), or one the store failed to
+		// answer for, is left alone until the next rescan.
+		sc.fleet.finish(fd, o, time.Now(), s.deviceBackoff, next, ok, s.rescan)
+		delete(sc.inflight, a)
+		s.setInFlight()
 		sc.mu.Unlock()
-		if kick {
-			s.kick()
-		}
+		s.kick()
 	}()
-	for {
-		s.sched.mu.Lock()
-		stop := s.sched.draining
-		s.sched.mu.Unlock()
-		if stop || s.dctx.Err() != nil {
-			return
-		}
-		dev := s.registry().byAddr[a]
-		var lim store.Limits
-		var tg target
-		if dev != nil {
-			var why string
-			if tg, why = s.targetOf(dev); why != "" {
-				// Held (see contact.go) until the device is heard.
-				s.log.Debug("delivery waits", "device", a, "why", why)
-				return
-			}
-			c := dev.Control
-			if c.Operations != nil && !emsd.OperationSet(*c.Operations).Has(deliveryOp(dev.version)) {
-				return // delivery not permitted at all (docs/protocol.md EMSD §9.12)
-			}
-			lim = store.Limits{MaxContentLength: c.MaxContentLength, LowestPriority: c.LowestPriority}
-		}
-		d, err := s.st.ClaimDelivery(s.dctx, uint32(a), time.Now(), lim)
-		if err != nil {
-			if !errors.Is(err, store.ErrNotFound) && !errors.Is(err, store.ErrBusy) && s.dctx.Err() == nil {
-				s.log.Error("claim delivery", "device", a, "err", err)
+	dev := s.registry().byAddr[a]
+	var lim store.Limits
+	var tg target
+	if dev != nil {
+		var why string
+		if tg, why = s.targetOf(dev); why != "" {
+			// Offline: parked until the device is heard (contact.go);
+			// heard by another server sharing the store: left to it until
+			// the next rescan.
+			s.log.Debug("delivery waits", "device", a, "why", why)
+			if why == targetElsewhere {
+				o = fElsewhere
+			} else {
+				o, next, ok = fParked, time.Now(), true
 			}
 			return
 		}
-		did = true
-		s.deliverOne(dev, d, tg)
+		c := dev.Control
+		if c.Operations != nil && !emsd.OperationSet(*c.Operations).Has(deliveryOp(dev.version)) {
+			// Delivery not permitted at all (docs/protocol.md EMSD §9.12): parked
+			// until the device's limits change.
+			o, next, ok = fParked, time.Now(), true
+			return
+		}
+		lim = store.Limits{MaxContentLength: c.MaxContentLength, LowestPriority: c.LowestPriority}
 	}
+	claimAt := time.Now()
+	d, err := s.st.ClaimDelivery(ctx, uint32(a), claimAt, lim)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		if next, ok, err = s.st.DeviceNextDue(ctx, uint32(a)); err != nil {
+			if ctx.Err() == nil {
+				s.log.Error("device next due", "device", a, "err", err)
+			}
+			o = fElsewhere
+		} else if ok && !next.After(claimAt) {
+			o = fParked // due, yet nothing claimable: held back by its limits
+		}
+		return
+	case errors.Is(err, store.ErrBusy):
+		o = fElsewhere
+		return
+	case err != nil:
+		if ctx.Err() != nil {
+			o = fAbandoned
+			return
+		}
+		s.log.Error("claim delivery", "device", a, "err", err)
+		o = fElsewhere
+		return
+	}
+	s.sched.mu.Lock()
+	fails := fd.fails
+	s.sched.mu.Unlock()
+	r := s.attempt(ctx, dev, d, &tg, f)
+	s.sched.mu.Lock()
+	if r.kind == attemptRequeue { // cancelled: by shutdown or by the watchdog
+		switch {
+		case f.abandoned:
+			r.abandoned = true
+		case f.cut:
+			if tg.learned {
+				s.contactFailed(a, tg.to)
+			}
+			r = attemptResult{kind: attemptRespool, silent: true, took: r.took,
+				err: fmt.Sprintf("no answer within %v, and every probe taken", r.took.Round(time.Millisecond))}
+		}
+	}
+	s.sched.mu.Unlock()
+	s.recordOutcome(d, r, time.Now().Add(s.deviceBackoff(fails+1)))
+	switch r.kind {
+	case attemptDelivered, attemptFailed:
+		o = fDone
+	case attemptRespool:
+		o = fTransient
+		if r.silent {
+			o = fSilent
+		}
+	case attemptRequeue:
+		o = fAbandoned
+	}
+}
+
+// deviceBackoff is the hold after a device's fails-th consecutive failed
+// attempt: delivery.retry, whose last delay repeats.
+func (s *Server) deviceBackoff(fails int) time.Duration {
+	return backoff(s.conf().Delivery.Retry, fails)
 }
 
 // attempt outcomes.
@@ -226,17 +441,19 @@ const (
 )
 
 type attemptResult struct {
-	kind    attemptKind
-	o       outcome
-	refused bool // the device answered an ERROR other than resource error
-	err     string
+	kind      attemptKind
+	o         outcome
+	refused   bool // the device answered an ERROR other than resource error
+	silent    bool // respool: the device did not answer at all
+	abandoned bool // requeue: shutdown gave up on a silent device
+	took      time.Duration
+	err       string
 }
 
-// deliverOne runs one delivery attempt and records its outcome, reports
-// and status in one store transaction.
-func (s *Server) deliverOne(dev *device, d *store.Delivery, tg target) {
-	start := time.Now()
-	r := s.attempt(dev, d, &tg)
+// recordOutcome records an attempt's outcome, its reports and status in
+// one store transaction; retryAt is the next attempt of a respooled
+// delivery (the device's hold). Every outcome is recorded here.
+func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.Time) {
 	ctx := s.ctx // the outcome is recorded even when deliveries are being cancelled
 	res := store.DeliveryResult{Error: r.err}
 	log := s.log.With("device", emsd.Address(d.Device), "id", idText(d.MessageID), "attempt", d.Attempts)
@@ -244,16 +461,23 @@ func (s *Server) deliverOne(dev *device, d *store.Delivery, tg target) {
 	case attemptDelivered:
 		res.State, res.Status = store.DeliveryDelivered, uint8(emsd.DeliveryReportSent)
 		r.o = outcome{delivered: true, at: time.Now()}
-		log.Info("delivered", "took", time.Since(start).Round(time.Millisecond))
+		log.Info("delivered", "took", r.took.Round(time.Millisecond))
 	case attemptFailed:
 		res.State, res.Status = store.DeliveryFailed, uint8(emsd.NonDeliveryReportSent)
 		log.Warn("not delivered", "why", r.err)
 	case attemptRespool:
-		res.State = store.DeliveryQueued
-		res.NextAttempt = time.Now().Add(backoff(s.conf().Delivery.Retry, d.Attempts))
+		res.State, res.NextAttempt = store.DeliveryQueued, retryAt
+		defer func() { // queued again: its expiry is the scheduler's to see
+			s.sched.mu.Lock()
+			s.expiresLocked(d.Expires)
+			s.sched.mu.Unlock()
+		}()
 		log.Info("delivery deferred", "why", r.err, "next", res.NextAttempt.Round(time.Second))
 	case attemptRequeue:
 		res.State, res.NextAttempt, res.Requeue = store.DeliveryQueued, time.Now(), true
+		if r.abandoned {
+			log.Info("delivery abandoned at shutdown: the device is silent; re-queued", "took", r.took.Round(time.Millisecond))
+		}
 	}
 	if r.kind == attemptDelivered || r.kind == attemptFailed {
 		// One device per delivery: its outcome is known alone, so its
@@ -276,7 +500,7 @@ func (s *Server) deliverOne(dev *device, d *store.Delivery, tg target) {
 	label := map[attemptKind]string{attemptDelivered: "delivered", attemptFailed: "failed",
 		attemptRespool: "deferred", attemptRequeue: "requeued"}[r.kind]
 	s.metrics.deliveries.WithLabelValues(label).Inc()
-	s.metrics.deliverTime.WithLabelValues(label).Observe(time.Since(start).Seconds())
+	s.metrics.deliverTime.WithLabelValues(label).Observe(r.took.Seconds())
 	s.noteQueued(res.Work)
 }
 
@@ -288,9 +512,15 @@ func backoff(schedule []Duration, attempts int) time.Duration {
 // attempt delivers one message (docs/protocol.md EMSD §9.9): op 35 (1.1) or op 1
 // (1.0), 3-way to SAP 3 (Complete mode and 1.0) or 2-way to SAP 7
 // (Efficient), segmented to the PDU size, one ESRO operation per segment
-// with a new instance id, re-invoked once with the same id after an ESRO
-// failure: to tg's contact, then its fallback (contact.go).
-func (s *Server) attempt(dev *device, d *store.Delivery, tg *target) attemptResult {
+// with a new instance id, to tg's contact, then once more to its
+// fallback when there is one (contact.go). An ESRO failure at the last
+// address ends the attempt: the invocation already retransmitted for as
+// long as the timers allow, and invoking the same address again at once
+// would only hold a worker on a silent device for as long again; the
+// device is retried after its hold.
+func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, tg *target, f *flight) (r attemptResult) {
+	start := time.Now()
+	defer func() { r.took = time.Since(start) }()
 	fail := func(reason emsd.NonDeliveryReason, diag emsd.Diagnostic, format string, a ...any) attemptResult {
 		text := fmt.Sprintf(format, a...)
 		return attemptResult{kind: attemptFailed, o: failed(reason, diag, text), err: text}
@@ -298,7 +528,6 @@ func (s *Server) attempt(dev *device, d *store.Delivery, tg *target) attemptResu
 	if dev == nil {
 		return fail(emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown, "device no longer registered")
 	}
-	ctx := s.dctx
 	ct := emsd.ContentType(d.ContentType)
 	o := s.opts(dev.version)
 	content := d.Content
@@ -357,22 +586,30 @@ func (s *Server) attempt(dev *device, d *store.Delivery, tg *target) attemptResu
 		req := &esro.Request{SAP: uint8(sap), Operation: uint8(op), Encoding: esro.EncodingBER,
 			Handshake: hs, Data: data}
 		var err error
-		for try := 0; try < 2; try++ {
+		for try := 0; ; try++ {
 			req.To = tg.tryTo(try)
+			c := s.conf().Delivery
+			var waited time.Duration
+			if waited, err = s.pace.wait(ctx, c.Rate, c.Burst); err != nil {
+				break
+			}
+			if waited > 0 {
+				s.metrics.paced.Add(waited.Seconds())
+				f.progress.Store(time.Now().UnixNano()) // the device's silence counts from the send
+			}
+			s.metrics.invocations.Inc()
 			if _, err = s.endpointOf(tg).Invoke(ctx, req); !isFailure(err) {
 				break
 			}
-			unreachable := isUnreachable(err)
-			if tg.learned && (try == 1 || tg.fallback.IsValid() || unreachable) {
+			if tg.learned {
 				s.contactFailed(dev.addr, req.To)
 			}
-			// An ICMP error said nothing listens there: the fallback, if
-			// any, is worth its try, the same address is not.
-			if unreachable && !tg.fallback.IsValid() {
-				break
+			if try > 0 || !tg.fallback.IsValid() {
+				break // one invocation per address
 			}
 		}
 		if err == nil {
+			f.progress.Store(time.Now().UnixNano())
 			continue
 		}
 		var er *esro.ErrorReply
@@ -396,20 +633,16 @@ func (s *Server) attempt(dev *device, d *store.Delivery, tg *target) attemptResu
 			r := fail(reason, diag, "%s", text)
 			r.refused = true
 			return r
-		default: // ESRO failure twice, or a local resource problem
-			return attemptResult{kind: attemptRespool, err: err.Error()}
+		default: // ESRO failure, or a local resource problem
+			var fl *esro.Failure
+			silent := errors.As(err, &fl) && !fl.Remote && (fl.Reason == esro.UserNotResponding || fl.Reason == esro.Unreachable)
+			return attemptResult{kind: attemptRespool, err: err.Error(), silent: silent}
 		}
 	}
 	if tg.learned {
 		s.alive(dev.addr, tg.to)
 	}
 	return attemptResult{kind: attemptDelivered}
-}
-
-// isUnreachable reports the failure of an invocation an ICMP error ended.
-func isUnreachable(err error) bool {
-	var f *esro.Failure
-	return errors.As(err, &f) && f.Reason == esro.Unreachable && !f.Remote
 }
 
 func isFailure(err error) bool {
@@ -495,20 +728,75 @@ func (s *Server) purge(now time.Time) {
 const staleSubmission = 30 * time.Minute
 
 // drainDeliveries stops new deliveries and waits (at most until ctx ends)
-// for those in flight; then it cancels what remains.
+// for those in flight, saying which; then it cancels what remains. A probe
+// (its device did not answer last time) is given up at once, and any
+// other attempt as soon as its device has not answered for a
+// retransmission interval (silent: it would only end with an ESRO
+// failure); they are re-queued without counting the attempt, to be
+// retried after the restart.
 func (s *Server) drainDeliveries(ctx context.Context) {
-	s.sched.mu.Lock()
-	s.sched.draining = true
-	s.sched.mu.Unlock()
+	sc := &s.sched
+	sc.mu.Lock()
+	sc.draining = true
+	n := len(sc.inflight)
+	devs := make([]emsd.Address, 0, min(n, 10))
+	for a := range sc.inflight {
+		if len(devs) == cap(devs) {
+			break
+		}
+		devs = append(devs, a)
+	}
+	sc.mu.Unlock()
 	done := make(chan struct{})
 	go func() {
-		s.sched.workers.Wait()
+		sc.workers.Wait()
 		close(done)
 	}()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		s.dcancel()
-		<-done
+	if n > 0 {
+		deadline, _ := ctx.Deadline()
+		s.log.Info("shutdown: waiting for deliveries in flight; those to silent devices are given up",
+			"deliveries", n, "devices", devs, "until", deadline.Round(time.Second))
+	}
+	silent := s.silentAfter()
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-ctx.Done():
+			sc.mu.Lock()
+			left := len(sc.inflight)
+			sc.mu.Unlock()
+			s.log.Warn("shutdown: drain time over; cancelling deliveries in flight (re-queued)", "deliveries", left)
+			s.dcancel()
+			<-done
+			return
+		case <-t.C:
+		}
+		// Give up on the silent ones; look again when the next one would
+		// turn silent.
+		now := time.Now()
+		wait := silent
+		sc.mu.Lock()
+		for _, f := range sc.inflight {
+			quiet := now.Sub(time.Unix(0, f.progress.Load()))
+			if quiet >= silent || f.d.kind == kProbe {
+				if !f.abandoned {
+					f.abandoned = true
+					f.cancel()
+				}
+				continue
+			}
+			wait = min(wait, silent-quiet)
+		}
+		sc.mu.Unlock()
+		t.Reset(wait)
 	}
 }
+
+// silentAfter is how long a device may leave an invocation unanswered
+// before shutdown counts it silent: one retransmission interval of the
+// configured timers (T_retx = R + RT; the ESRO keys are restart-only),
+// far beyond an answering device's round trip.
+func (s *Server) silentAfter() time.Duration { return s.sched.silentAfter }

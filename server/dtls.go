@@ -206,8 +206,7 @@ func (s *Server) serveDTLS(ctx context.Context, w esro.ResponseWriter, inv *esro
 		s.refuse(w, "any", emsd.CodeSecurity, "DTLS identity")
 		return
 	}
-	s.unhold(a)
-	s.kick()
+	s.touch(a, true) // the session's key proved the device
 	s.serveESRO(context.WithValue(ctx, dtlsIdentityKey{}, a), w, inv)
 }
 

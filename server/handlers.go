@@ -42,7 +42,7 @@ func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro
 	authOp := ok && (op == emsd.OpSubmission || op == emsd.OpDeliveryControl)
 	woken := hint != nil && (!authOp || hint.PasswordHash == "" || ipOnly)
 	if woken {
-		s.wake(hint.addr)
+		s.wake(hint.addr, false)
 	}
 	if inv.Encoding != esro.EncodingBER { // docs/protocol.md EMSD §1.2, captured
 		s.refuse(w, "any", emsd.CodeProtocolViolation, "encoding type")
@@ -124,7 +124,9 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 		s.heard(dev, peer, true)
 	}
 	if !woken {
-		s.wake(dev.addr)
+		s.wake(dev.addr, authed)
+	} else if authed {
+		s.touch(dev.addr, true)
 	}
 	if s.conf().Compat.DeliveryControlError {
 		s.refuse(w, "delivery_control", emsd.CodeProtocolViolation, "compat.delivery_control_error")
@@ -153,8 +155,7 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 		return
 	}
 	w.Result(esro.EncodingBER, res)
-	s.unhold(dev.addr)
-	s.kick()
+	s.touch(dev.addr, authed) // its limits may allow what they held back
 }
 
 // applyRestrict merges a delivery control argument into the stored limits:

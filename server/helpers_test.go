@@ -510,3 +510,13 @@ func (m *metrics) counter(t testing.TB, name, label string) float64 {
 	}
 	return 0
 }
+
+// held reports whether the scheduler holds device a, with no attempt of
+// its own in flight: another server delivers to it (elsewhere), or its
+// attempt failed.
+func (s *Server) held(a emsd.Address, elsewhere bool) bool {
+	s.sched.mu.Lock()
+	defer s.sched.mu.Unlock()
+	d := s.sched.fleet.devs[a]
+	return d != nil && d.where != fBusy && (d.fails == 0 || !elsewhere) && d.hold.After(time.Now())
+}

@@ -31,6 +31,9 @@ type metrics struct {
 	refused     *prometheus.CounterVec
 	relay       *prometheus.CounterVec
 	devices     prometheus.Gauge
+	inflight    *prometheus.GaugeVec
+	invocations prometheus.Counter
+	paced       prometheus.Counter
 	authLimited *prometheus.CounterVec
 	// addressChanges counts devices heard from another address (or by
 	// another server) than the one recorded.
@@ -88,6 +91,13 @@ func newMetrics() *metrics {
 		relay: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "gateway_relay_total",
 			Help: "Outbound relay recipients by outcome: sent, deferred, failed, expired."}, []string{"outcome"}),
 		devices: prometheus.NewGauge(prometheus.GaugeOpts{Name: "emsd_devices", Help: "Devices in the registry."}),
+		inflight: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "emsd_delivery_attempts_in_flight",
+			Help: "Delivery attempts in flight by kind: live (to devices that answered; at most delivery.concurrency), first (to devices not heard from), probe (to devices that did not answer; at most delivery.probes)."},
+			[]string{"kind"}),
+		invocations: prometheus.NewCounter(prometheus.CounterOpts{Name: "emsd_delivery_invocations_total",
+			Help: "Delivery invocations sent to devices (one per segment), paced by delivery.rate."}),
+		paced: prometheus.NewCounter(prometheus.CounterOpts{Name: "emsd_delivery_pacing_delay_seconds_total",
+			Help: "Time delivery invocations waited for delivery.rate, summed over invocations."}),
 		authLimited: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "emsd_auth_limited_total",
 			Help: "Authentications refused unchecked, answered as a wrong password, because the source or the device was over its failed-authentication limit, by limit (source, device)."},
 			[]string{"limit"}),
@@ -95,7 +105,7 @@ func newMetrics() *metrics {
 			Help: "Devices heard, with their password, from another address or through another server than the one their deliveries went to (NAT rebinding, a new lease, roaming between servers)."}),
 	}
 	m.reg.MustRegister(m.invokes, m.errors, m.submissions, m.verifies, m.deliveries, m.reports, m.inbound,
-		m.starttls, m.relay, m.devices)
+		m.starttls, m.relay, m.devices, m.inflight, m.invocations, m.paced)
 	m.reg.MustRegister(m.authLimited, m.refused, m.addressChanges)
 	m.submitTime = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "emsd_submission_duration_seconds",
 		Help: "Time from a submission INVOKE (one segment) to its answer, the store commit included.", Buckets: latencyBuckets})
@@ -126,6 +136,9 @@ func newMetrics() *metrics {
 	}
 	for _, l := range []string{gateway.LimitTotal, gateway.LimitIP} {
 		m.refused.WithLabelValues(l) // at 0 from the start, for rate()
+	}
+	for _, l := range []string{"live", "first", "probe"} { // kinds of delivery attempts
+		m.inflight.WithLabelValues(l)
 	}
 	return m
 }

@@ -66,8 +66,8 @@ func TestReconfigureKeys(t *testing.T) {
 	live := []string{
 		"emsd.auth_failures_burst", "emsd.auth_failures_rate", "emsd.device_auth_failures_burst",
 		"emsd.device_auth_failures_rate", "emsd.auth_failures_tracked", "emsd.auth_queue", "emsd.auth_workers",
-		"delivery.retry", "delivery.expiry", "delivery.concurrency", "delivery.reports", "delivery.drain_timeout",
-		"delivery.contact_lifetime",
+		"delivery.retry", "delivery.expiry", "delivery.concurrency", "delivery.probes", "delivery.rate", "delivery.burst",
+		"delivery.reports", "delivery.drain_timeout", "delivery.contact_lifetime",
 		"relay.smarthost", "relay.helo", "relay.username", "relay.password", "relay.tls", "relay.ca_file", "relay.insecure_skip_verify",
 		"relay.timeout", "relay.retry", "relay.expiry", "relay.batch",
 		"store.retention", "store.status_retention", "store.registry_poll",

@@ -305,14 +305,21 @@ func (s *Server) registry() *registry { return s.reg.Load() }
 // STARTTLS handshakes; one that fails to load leaves the old one in use),
 // and makes the delivery scheduler and the relay worker look at the queues
 // at once, so that entries another process changed (emsdp queue retry)
-// are taken up now rather than at the next rescan (rescan, relayIdle).
+// are taken up now rather than at the next rescan (rescan, relayIdle):
+// the scheduler re-reads every device's due time and lifts the holds of
+// devices whose attempts failed.
 // The configuration file is Reconfigure's.
 func (s *Server) Reload(ctx context.Context) error {
 	var errs []error
 	if err := s.reloadRegistry(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("registry: %w", err))
 	}
-	s.unholdAll()
+	if err := s.rescanFleet(ctx, time.Time{}); err != nil {
+		errs = append(errs, fmt.Errorf("delivery queue: %w", err))
+	}
+	s.sched.mu.Lock()
+	s.sched.fleet.release(time.Now())
+	s.sched.mu.Unlock()
 	s.kick()
 	s.kickRelay()
 	if s.tlsCert != nil {
@@ -336,8 +343,7 @@ func (s *Server) reloadRegistry(ctx context.Context) error {
 	old := s.reg.Swap(newRegistry(v, devs))
 	s.dtlsKeysChanged(old, s.registry())
 	s.metrics.devices.Set(float64(len(devs)))
-	s.unholdAll()
-	s.kick()
+	s.unparkAll()
 	return nil
 }
 

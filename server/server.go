@@ -122,6 +122,7 @@ type Server struct {
 	contacts contactCache
 
 	sched     sched
+	pace      pacer
 	rescan    time.Duration // full rescan period of the scheduler
 	relayKick chan struct{}
 	pollReset chan struct{} // store.registry_poll changed
@@ -172,8 +173,7 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		s.level.Set(cfg.logLevel())
 	}
 	s.live.Store(&liveConfig{cfg: cfg, relay: s.newRelay(cfg)})
-	s.sched = sched{kick: make(chan struct{}, 1), busy: map[emsd.Address]bool{}, held: map[emsd.Address]bool{},
-		again: map[emsd.Address]bool{}}
+	s.sched = sched{kick: make(chan struct{}, 1), fleet: newFleet(), inflight: map[emsd.Address]*flight{}}
 	s.domains = []string{s.domain}
 	for _, d := range cfg.EMSD.Domains {
 		s.domains = append(s.domains, strings.ToLower(d))
@@ -231,6 +231,7 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
+	s.sched.silentAfter = ecfg.Timers.RetransmitInterval()
 	pc := o.PacketConn
 	if pc == nil {
 		if pc, err = net.ListenPacket("udp", cfg.EMSD.Listen); err != nil {
@@ -417,6 +418,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.drainDeliveries(dctx)
 	cancel()
 	s.dcancel()
+	if st := s.ep.Stats(); st.InFlightInvoker+st.InFlightPerformer > 0 {
+		deadline, _ := ctx.Deadline()
+		s.log.Info("shutdown: waiting for the ESRO exchanges still open (answers owed or awaited, acknowledgements)",
+			"invoker", st.InFlightInvoker, "performer", st.InFlightPerformer, "until", deadline.Round(time.Second))
+	}
 	if err := s.ep.Shutdown(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("esro: %w", err))
 	}

@@ -252,7 +252,9 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		s.heard(dev, peer, false)
 	}
 	if !woken {
-		s.wake(dev.addr)
+		s.wake(dev.addr, authed)
+	} else if authed {
+		s.touch(dev.addr, true)
 	}
 	now := time.Now()
 	var key segKey

@@ -100,6 +100,13 @@ type DeliveryControl struct {
 	LowestPriority   *uint8 // 0 non-urgent, 1 normal, 2 urgent
 }
 
+// ImportResult is what ImportDevices did with one device: Err nil means
+// written (added, or replaced when Updated).
+type ImportResult struct {
+	Updated bool
+	Err     error
+}
+
 // SubmissionState is the life cycle of a submission (docs/protocol.md EMSD §9.5):
 // pending from commit until the RESULT is confirmed (or verified), then
 // released (its deliveries and relays exist) or dropped.
@@ -179,6 +186,13 @@ type Delivery struct {
 	Created   time.Time
 	Updated   time.Time
 	LastError string
+}
+
+// DeviceDue is a device with queued deliveries and the earliest next
+// attempt among those QueuedDevices looked at.
+type DeviceDue struct {
+	Device uint32
+	Next   time.Time
 }
 
 // DeliveryInfo summarises one queued delivery for delivery control.
@@ -395,6 +409,13 @@ type Store interface {
 	// UpdateDevice replaces d's registry fields (password hash, network
 	// address, version, mode, aliases) but not its delivery control.
 	UpdateDevice(ctx context.Context, d *Device) error
+	// ImportDevices writes a batch of devices in one transaction, each
+	// whole or not at all: a device whose address exists is replaced as
+	// UpdateDevice does when update is set, else refused with ErrExists;
+	// one with an alias another device has is refused with ErrExists, an
+	// invalid one with ErrInvalid. The results are in the order of devs;
+	// err is a failure of the whole batch (then nothing is written).
+	ImportDevices(ctx context.Context, devs []*Device, update bool) (results []ImportResult, err error)
 	// RemoveDevice deletes a device and its aliases.
 	RemoveDevice(ctx context.Context, addr uint32) error
 	Device(ctx context.Context, addr uint32) (*Device, error)
@@ -454,8 +475,17 @@ type Store interface {
 	// WakeDevice makes every queued delivery of the device due at now
 	// (docs/protocol.md EMSD §9.4) and returns how many it moved.
 	WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, error)
-	// DueDevices lists devices with a queued delivery due at now.
-	DueDevices(ctx context.Context, now time.Time) ([]uint32, error)
+	// QueuedDevices lists the devices with queued deliveries changed
+	// (queued, re-queued, woken, retried, recovered) at or after since,
+	// each with the earliest next attempt among those deliveries, in
+	// device order; the zero since lists every device with queued
+	// deliveries. A scheduler rebuilds its due times from it at start
+	// (zero since) and finds the changes other processes made with a
+	// recent since, which an index keeps O(changed rows).
+	QueuedDevices(ctx context.Context, since time.Time) ([]DeviceDue, error)
+	// DeviceNextDue is the earliest next attempt of the device's queued
+	// deliveries; ok is false when it has none.
+	DeviceNextDue(ctx context.Context, addr uint32) (t time.Time, ok bool, err error)
 	// NextDue is the earliest next attempt or expiry after 'after' of
 	// queued deliveries and relays; ok is false when there is none.
 	// (Entries already due are the caller's business: a delivery held back

@@ -166,7 +166,7 @@ func BenchmarkReads(b *testing.B) {
 		if _, err := s.Device(ctx, uint32(1+(w+op)%100)); err != nil {
 			b.Fatal(err)
 		}
-		if _, err := s.DueDevices(ctx, time.Now()); err != nil {
+		if _, _, err := s.DeviceNextDue(ctx, uint32(1+(w+op)%100)); err != nil {
 			b.Fatal(err)
 		}
 		if _, _, err := s.NextDue(ctx, time.Now()); err != nil {

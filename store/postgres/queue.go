@@ -267,18 +267,46 @@ func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, e
 	return int(n), err
 }
 
-// DueDevices lists devices with a due queued delivery.
-func (s *DB) DueDevices(ctx context.Context, now time.Time) ([]uint32, error) {
-	rows, err := s.query(ctx, `SELECT DISTINCT device FROM deliveries WHERE state = 'queued' AND next_attempt <= $1
-		ORDER BY device`, ms(now))
-	if err != nil {
-		return nil, errorf("due devices", err)
+// QueuedDevices lists devices with queued deliveries changed since
+// 'since' (all with the zero time) and their earliest next attempt.
+func (s *DB) QueuedDevices(ctx context.Context, since time.Time) ([]store.DeviceDue, error) {
+	q := `SELECT device, MIN(next_attempt) FROM deliveries WHERE state = 'queued' GROUP BY device ORDER BY device`
+	var args []any
+	if !since.IsZero() {
+		q = `SELECT device, MIN(next_attempt) FROM deliveries WHERE state = 'queued' AND updated >= $1
+			GROUP BY device ORDER BY device`
+		args = append(args, ms(since))
 	}
-	out, err := pgx.CollectRows(rows, pgx.RowTo[uint32])
+	rows, err := s.query(ctx, q, args...)
 	if err != nil {
-		return nil, errorf("due devices", err)
+		return nil, errorf("queued devices", err)
+	}
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (store.DeviceDue, error) {
+		var d store.DeviceDue
+		var next int64
+		err := row.Scan(&d.Device, &next)
+		d.Next = fromMS(next)
+		return d, err
+	})
+	if err != nil {
+		return nil, errorf("queued devices", err)
 	}
 	return out, nil
+}
+
+// DeviceNextDue returns the earliest next attempt of a device's queued
+// deliveries.
+func (s *DB) DeviceNextDue(ctx context.Context, addr uint32) (time.Time, bool, error) {
+	var v *int64
+	err := s.queryRow(ctx, `SELECT MIN(next_attempt) FROM deliveries WHERE state = 'queued' AND device = $1`,
+		int64(addr)).Scan(&v)
+	if err != nil {
+		return time.Time{}, false, errorf("device next due", err)
+	}
+	if v == nil {
+		return time.Time{}, false, nil
+	}
+	return fromMS(*v), true, nil
 }
 
 // NextDue returns the earliest next attempt or expiry after 'after' of

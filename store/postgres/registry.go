@@ -103,6 +103,75 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 	})
 }
 
+// ImportDevices writes a batch of devices in one transaction, each in a
+// savepoint of its own.
+func (s *DB) ImportDevices(ctx context.Context, devs []*store.Device, update bool) ([]store.ImportResult, error) {
+	out := make([]store.ImportResult, len(devs))
+	err := s.tx(ctx, func(tx pgx.Tx) error {
+		if err := bumpRegistry(ctx, tx); err != nil {
+			return err
+		}
+		now := ms(time.Now())
+		for i, d := range devs {
+			out[i] = store.ImportResult{}
+			if err := d.Validate(); err != nil {
+				out[i].Err = err
+				continue
+			}
+			if _, err := tx.Exec(ctx, `SAVEPOINT device`); err != nil {
+				return errorf("import", err)
+			}
+			updated, err := importDevice(ctx, tx, d, update, now)
+			if err != nil {
+				if !errors.Is(err, store.ErrExists) {
+					return err
+				}
+				if _, rerr := tx.Exec(ctx, `ROLLBACK TO SAVEPOINT device`); rerr != nil {
+					return errorf("import", rerr)
+				}
+				out[i].Err = err
+				continue
+			}
+			if _, err := tx.Exec(ctx, `RELEASE SAVEPOINT device`); err != nil {
+				return errorf("import", err)
+			}
+			out[i].Updated = updated
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// importDevice adds d, or replaces it (update) if it exists.
+func importDevice(ctx context.Context, tx pgx.Tx, d *store.Device, update bool, now int64) (bool, error) {
+	t, err := tx.Exec(ctx, `INSERT INTO devices (address, password_hash, ip, port, version, mode,
+		ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT (address) DO NOTHING`,
+		int64(d.Address), octets(d.PasswordHash), d.IP.String(), int32(d.Port), octets(d.Version), string(d.Mode),
+		ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now)
+	if err != nil {
+		return false, errorf("import device", err)
+	}
+	updated := t.RowsAffected() == 0
+	if updated {
+		if !update {
+			return false, fmt.Errorf("%w: device %d", store.ErrExists, d.Address)
+		}
+		if _, err := tx.Exec(ctx, `UPDATE devices SET password_hash = $1, ip = $2, port = $3, version = $4, mode = $5,
+			updated = $6 WHERE address = $7`, octets(d.PasswordHash), d.IP.String(), int32(d.Port), octets(d.Version),
+			string(d.Mode), now, int64(d.Address)); err != nil {
+			return false, errorf("import device", err)
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM aliases WHERE device = $1`, int64(d.Address)); err != nil {
+			return false, errorf("import device", err)
+		}
+	}
+	return updated, insertAliases(ctx, tx, d.Address, store.NormalizeAliases(d.Aliases))
+}
+
 // RemoveDevice deletes a device and its aliases.
 func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 	return s.tx(ctx, func(tx pgx.Tx) error {

@@ -152,4 +152,10 @@ var migrations = []string{
 
 	// 5: DTLS pre-shared keys, kept with the password hashes.
 	`ALTER TABLE devices ADD COLUMN psk BYTEA, ADD COLUMN require_dtls BOOLEAN NOT NULL DEFAULT false;`,
+
+	// 6: the scheduler's look-ups: a device's earliest next attempt
+	// (DeviceNextDue), the devices with queued deliveries changed since a
+	// time (QueuedDevices); both O(rows wanted), not O(queue).
+	`CREATE INDEX deliveries_device_next ON deliveries (device, next_attempt) WHERE state = 'queued';
+	CREATE INDEX deliveries_changed ON deliveries (updated) WHERE state = 'queued';`,
 }

@@ -173,7 +173,7 @@ func BenchmarkReads(b *testing.B) {
 		if _, err := db.RegistryVersion(ctx); err != nil {
 			b.Fatal(err)
 		}
-		if _, err := db.DueDevices(ctx, now); err != nil {
+		if _, _, err := db.DeviceNextDue(ctx, dev); err != nil {
 			b.Fatal(err)
 		}
 		if _, _, err := db.NextDue(ctx, now); err != nil {

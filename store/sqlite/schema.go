@@ -124,4 +124,10 @@ var migrations = []string{
 	// 5: DTLS pre-shared keys, kept with the password hashes.
 	`ALTER TABLE devices ADD COLUMN psk BLOB;
 	ALTER TABLE devices ADD COLUMN require_dtls INTEGER NOT NULL DEFAULT 0;`,
+
+	// 6: the scheduler's look-ups: the earliest next attempt (NextDue),
+	// the devices with queued deliveries changed since a time
+	// (QueuedDevices); both O(rows wanted), not O(queue).
+	`CREATE INDEX deliveries_next ON deliveries (state, next_attempt);
+	CREATE INDEX deliveries_changed ON deliveries (state, updated);`,
 }

@@ -340,6 +340,62 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 	})
 }
 
+// ImportDevices writes a batch of devices in one transaction, each in a
+// savepoint of its own.
+func (s *DB) ImportDevices(ctx context.Context, devs []*store.Device, update bool) ([]store.ImportResult, error) {
+	out := make([]store.ImportResult, len(devs))
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		now := ms(time.Now())
+		for i, d := range devs {
+			out[i] = store.ImportResult{}
+			if err := d.Validate(); err != nil {
+				out[i].Err = err
+				continue
+			}
+			err := s.savepoint(tx, func(tx *sql.Tx) error {
+				updated, err := s.importDevice(ctx, tx, d, update, now)
+				out[i].Updated = updated
+				return err
+			})
+			if errors.Is(err, store.ErrExists) {
+				out[i] = store.ImportResult{Err: err}
+				continue
+			}
+			if err != nil {
+				return err
+			}
+		}
+		return s.bumpRegistry(ctx, tx)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// importDevice adds d, or replaces it (update) if it exists.
+func (s *DB) importDevice(ctx context.Context, tx *sql.Tx, d *store.Device, update bool, now int64) (bool, error) {
+	_, err := s.exec(ctx, tx, qAddDevice,
+		d.Address, d.PasswordHash, d.IP.String(), d.Port, d.Version, string(d.Mode),
+		ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now, now)
+	updated := err != nil && isConstraint(err)
+	switch {
+	case err != nil && !updated:
+		return false, fmt.Errorf("sqlite: import device: %w", err)
+	case updated && !update:
+		return false, fmt.Errorf("%w: device %d", store.ErrExists, d.Address)
+	case updated:
+		if _, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, d.IP.String(), d.Port, d.Version, string(d.Mode),
+			now, d.Address); err != nil {
+			return false, fmt.Errorf("sqlite: import device: %w", err)
+		}
+		if _, err := s.exec(ctx, tx, qDeleteAliases, d.Address); err != nil {
+			return false, fmt.Errorf("sqlite: import device: %w", err)
+		}
+	}
+	return updated, s.insertAliases(ctx, tx, d.Address, store.NormalizeAliases(d.Aliases))
+}
+
 // RemoveDevice deletes a device and its aliases.
 func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 	return s.tx(ctx, func(tx *sql.Tx) error {
@@ -875,9 +931,15 @@ const (
 		WHERE device = ? AND state = ? AND next_attempt > ? LIMIT 1) AS w`
 	qWake = `UPDATE deliveries SET next_attempt = ?, updated = ?
 		WHERE device = ? AND state = ? AND next_attempt > ?`
-	qDueDevices = `SELECT DISTINCT device FROM deliveries WHERE state = ? AND next_attempt <= ?
-		ORDER BY device`
-	qNextDue = `SELECT MIN(t) FROM (
+	qQueuedDevices = `SELECT device, MIN(next_attempt) FROM deliveries WHERE state = 'queued'
+		GROUP BY device ORDER BY device`
+	// The index on (state, updated), named: without statistics the
+	// planner may prefer the (state, device) order of the GROUP BY and
+	// read the whole queue.
+	qChangedDevices = `SELECT device, MIN(next_attempt) FROM deliveries INDEXED BY deliveries_changed
+		WHERE state = 'queued' AND updated >= ? GROUP BY device ORDER BY device`
+	qDeviceNextDue = `SELECT MIN(next_attempt) FROM deliveries WHERE state = 'queued' AND device = ?`
+	qNextDue       = `SELECT MIN(t) FROM (
 		SELECT MIN(next_attempt) AS t FROM deliveries WHERE state = 'queued' AND next_attempt > ?1
 		UNION ALL SELECT MIN(expires) FROM deliveries WHERE state = 'queued' AND expires > ?1
 		UNION ALL SELECT MIN(next_attempt) FROM relays WHERE state = 'queued' AND next_attempt > ?1
@@ -910,22 +972,44 @@ func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, e
 	return int(n), err
 }
 
-// DueDevices lists devices with a due queued delivery.
-func (s *DB) DueDevices(ctx context.Context, now time.Time) ([]uint32, error) {
-	rows, err := s.query(ctx, nil, qDueDevices, string(store.DeliveryQueued), ms(now))
+// QueuedDevices lists devices with queued deliveries changed since
+// 'since' (all with the zero time) and their earliest next attempt.
+func (s *DB) QueuedDevices(ctx context.Context, since time.Time) ([]store.DeviceDue, error) {
+	var rows *sql.Rows
+	var err error
+	if since.IsZero() {
+		rows, err = s.query(ctx, nil, qQueuedDevices)
+	} else {
+		rows, err = s.query(ctx, nil, qChangedDevices, ms(since))
+	}
 	if err != nil {
-		return nil, fmt.Errorf("sqlite: due devices: %w", err)
+		return nil, fmt.Errorf("sqlite: queued devices: %w", err)
 	}
 	defer rows.Close()
-	var out []uint32
+	var out []store.DeviceDue
 	for rows.Next() {
-		var d uint32
-		if err := rows.Scan(&d); err != nil {
-			return nil, fmt.Errorf("sqlite: due devices: %w", err)
+		var d store.DeviceDue
+		var next int64
+		if err := rows.Scan(&d.Device, &next); err != nil {
+			return nil, fmt.Errorf("sqlite: queued devices: %w", err)
 		}
+		d.Next = fromMS(next)
 		out = append(out, d)
 	}
 	return out, rows.Err()
+}
+
+// DeviceNextDue returns the earliest next attempt of a device's queued
+// deliveries.
+func (s *DB) DeviceNextDue(ctx context.Context, addr uint32) (time.Time, bool, error) {
+	var v sql.NullInt64
+	if err := s.queryRow(ctx, nil, qDeviceNextDue, addr).Scan(&v); err != nil {
+		return time.Time{}, false, fmt.Errorf("sqlite: device next due: %w", err)
+	}
+	if !v.Valid {
+		return time.Time{}, false, nil
+	}
+	return fromMS(v.Int64), true, nil
 }
 
 // NextDue returns the earliest next attempt or expiry after 'after' of

@@ -24,7 +24,7 @@ func hotStatements() []string {
 		qInstanceNext, qInstanceSet, qCounter, qCounterSet,
 		qDedupe, qAddSubmission, qResolveSubmission, qSubmissionExists, qPendingSubmissions,
 		qInsertDelivery, qInsertRelayMessage, qInsertRelay,
-		qWakeWaiting, qWake, qDueDevices, qNextDue,
+		qWakeWaiting, qWake, qNextDue, qQueuedDevices, qChangedDevices, qDeviceNextDue,
 		qInFlight, qClaimable, qClaim, qDeliveryState, qFinishDelivery, qRecordStatus,
 		qExpiredDeliveries, qQueuedDeliveries, qDeliveryStatus,
 		qDueRelays, qClaimRelay, qFinishRelay, qExpiredRelays,

@@ -35,6 +35,8 @@ func Run(t *testing.T, open Open) {
 		{"Submissions", testSubmissions},
 		{"Deliveries", testDeliveries},
 		{"DeliveryLimits", testDeliveryLimits},
+		{"QueuedDevices", testQueuedDevices},
+		{"ImportDevices", testImportDevices},
 		{"Relays", testRelays},
 		{"RecoverPurgeStats", testRecoverPurgeStats},
 		{"ConcurrentClaims", testConcurrentClaims},
@@ -442,8 +444,7 @@ func testDeliveries(t *testing.T, s store.Store) {
 	must(t, s.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{d1, d2, d3}}))
 	wantErr(t, s.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{{Device: 10, MessageID: "x"}}}), store.ErrInvalid)
 
-	due, err := s.DueDevices(ctx, t0)
-	must(t, err)
+	due := dueDevices(t, s, t0)
 	if !slices.Equal(due, []uint32{10, 11}) {
 		t.Errorf("due devices %v", due)
 	}
@@ -728,5 +729,132 @@ func testConcurrentClaims(t *testing.T, s store.Store) {
 	wg.Wait()
 	if len(delivered) != 20 {
 		t.Errorf("delivered %d of 20", len(delivered))
+	}
+}
+
+// testQueuedDevices: the scheduler's rebuild (all devices with queued
+// deliveries) and its incremental rescan (only rows changed since).
+func testQueuedDevices(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	if ds, err := s.QueuedDevices(ctx, time.Time{}); err != nil || len(ds) != 0 {
+		t.Fatalf("empty store: %v %v", ds, err)
+	}
+	must(t, s.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{
+		delivery(10, "a", t0.Add(time.Minute)), delivery(10, "b", t0), delivery(11, "c", t0.Add(2*time.Hour))}}))
+	ds, err := s.QueuedDevices(ctx, time.Time{})
+	must(t, err)
+	want := []store.DeviceDue{{Device: 10, Next: t0}, {Device: 11, Next: t0.Add(2 * time.Hour)}}
+	if !slices.EqualFunc(ds, want, func(a, b store.DeviceDue) bool { return a.Device == b.Device && a.Next.Equal(b.Next) }) {
+		t.Errorf("queued devices %v, want %v", ds, want)
+	}
+	if next, ok, err := s.DeviceNextDue(ctx, 10); err != nil || !ok || !next.Equal(t0) {
+		t.Errorf("device 10 next due %v %v %v", next, ok, err)
+	}
+	if _, ok, err := s.DeviceNextDue(ctx, 12); err != nil || ok {
+		t.Errorf("device 12 next due %v %v", ok, err)
+	}
+
+	time.Sleep(5 * time.Millisecond) // times are stored in milliseconds
+	mark := time.Now()
+	if ds, err := s.QueuedDevices(ctx, mark); err != nil || len(ds) != 0 {
+		t.Errorf("nothing changed since the mark: %v %v", ds, err)
+	}
+	c, err := s.ClaimDelivery(ctx, 10, t0, store.Limits{})
+	must(t, err)
+	if c.MessageID != "b" {
+		t.Fatalf("claimed %q", c.MessageID)
+	}
+	if ds, err := s.QueuedDevices(ctx, mark); err != nil || len(ds) != 0 {
+		t.Errorf("an in-flight delivery is not queued: %v %v", ds, err)
+	}
+	must(t, s.FinishDelivery(ctx, c.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryQueued,
+		NextAttempt: t0.Add(3 * time.Hour)}))
+	ds, err = s.QueuedDevices(ctx, mark)
+	must(t, err)
+	if len(ds) != 1 || ds[0].Device != 10 || !ds[0].Next.Equal(t0.Add(3*time.Hour)) {
+		t.Errorf("changed since the mark: %v, want device 10 at +3h only", ds)
+	}
+	if next, ok, _ := s.DeviceNextDue(ctx, 10); !ok || !next.Equal(t0.Add(time.Minute)) {
+		t.Errorf("device 10 next due after the respool: %v %v", next, ok)
+	}
+	c, err = s.ClaimDelivery(ctx, 11, t0.Add(2*time.Hour), store.Limits{})
+	must(t, err)
+	must(t, s.FinishDelivery(ctx, c.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered}))
+	if _, ok, _ := s.DeviceNextDue(ctx, 11); ok {
+		t.Error("device 11 has nothing queued after its delivery")
+	}
+	ds, err = s.QueuedDevices(ctx, time.Time{})
+	must(t, err)
+	if len(ds) != 1 || ds[0].Device != 10 || !ds[0].Next.Equal(t0.Add(time.Minute)) {
+		t.Errorf("queued devices at the end %v", ds)
+	}
+}
+
+// dueDevices lists the devices with a queued delivery due at now, in
+// address order, from QueuedDevices.
+func dueDevices(t *testing.T, s store.Store, now time.Time) []uint32 {
+	t.Helper()
+	ds, err := s.QueuedDevices(context.Background(), time.Time{})
+	must(t, err)
+	var out []uint32
+	for _, d := range ds {
+		if !d.Next.After(now) {
+			out = append(out, d.Device)
+		}
+	}
+	return out
+}
+
+// testImportDevices: a batch is written in one transaction, each device
+// whole or refused alone.
+func testImportDevices(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	must(t, s.AddDevice(ctx, dev(50, "192.0.2.50", "taken@example.net")))
+	v0, err := s.RegistryVersion(ctx)
+	must(t, err)
+	batch := []*store.Device{
+		dev(1, "192.0.2.1", "a1@example.net", "b1@example.net"),
+		dev(50, "192.0.2.51", "new50@example.net"),                 // exists
+		dev(2, "192.0.2.2", "c2@example.net", "taken@example.net"), // alias of 50
+		dev(3, "192.0.2.3", "a1@example.net"),                      // alias of 1, same batch
+		{Address: 4, IP: netip.MustParseAddr("192.0.2.4"), Version: "1.1", Mode: "fast"},
+		dev(5, "192.0.2.5"),
+	}
+	res, err := s.ImportDevices(ctx, batch, false)
+	must(t, err)
+	if len(res) != len(batch) {
+		t.Fatalf("%d results for %d devices", len(res), len(batch))
+	}
+	for i, want := range []error{nil, store.ErrExists, store.ErrExists, store.ErrExists, store.ErrInvalid, nil} {
+		if want == nil && res[i].Err != nil || want != nil && !errors.Is(res[i].Err, want) || res[i].Updated {
+			t.Errorf("device %d: %+v, want %v", batch[i].Address, res[i], want)
+		}
+	}
+	for _, a := range []uint32{2, 3, 4} {
+		if _, err := s.Device(ctx, a); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("refused device %d written: %v", a, err)
+		}
+	}
+	if d, err := s.Device(ctx, 50); err != nil || d.IP.String() != "192.0.2.50" || !slices.Equal(d.Aliases, []string{"taken@example.net"}) {
+		t.Errorf("existing device changed without update: %+v %v", d, err)
+	}
+	if d, err := s.Device(ctx, 1); err != nil || !slices.Equal(d.Aliases, []string{"a1@example.net", "b1@example.net"}) {
+		t.Errorf("device 1: %+v %v", d, err)
+	}
+	if v, _ := s.RegistryVersion(ctx); v == v0 {
+		t.Error("registry version unchanged")
+	}
+	// With update: 50 is replaced (its aliases too), 2 is added now that
+	// its alias is free.
+	res, err = s.ImportDevices(ctx, []*store.Device{dev(50, "192.0.2.51", "new50@example.net"), dev(2, "192.0.2.2", "taken@example.net")}, true)
+	must(t, err)
+	if res[0].Err != nil || !res[0].Updated || res[1].Err != nil || res[1].Updated {
+		t.Errorf("update batch: %+v", res)
+	}
+	if d, err := s.Device(ctx, 50); err != nil || d.IP.String() != "192.0.2.51" || !slices.Equal(d.Aliases, []string{"new50@example.net"}) {
+		t.Errorf("device 50 after update: %+v %v", d, err)
+	}
+	if d, err := s.Device(ctx, 2); err != nil || !slices.Equal(d.Aliases, []string{"taken@example.net"}) {
+		t.Errorf("device 2: %+v %v", d, err)
 	}
 }

@@ -1,0 +1,304 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/internal/lossynet"
+	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/ua"
+)
+
+// simFleet is a server on an in-memory network (virtual time) with
+// devices that answer and devices that are switched off.
+type simFleet struct {
+	t    *testing.T
+	net  *lossynet.Network
+	mts  *lossynet.Conn
+	s    *Server
+	c    *Config
+	got  chan simDelivery
+	ctx  context.Context
+	quit context.CancelFunc
+}
+
+type simDelivery struct {
+	dev  emsd.Address
+	subj string
+	at   time.Time
+}
+
+func startSimFleet(t *testing.T, conf func(*Config)) *simFleet {
+	n := lossynet.New(lossynet.Config{Delay: 2 * time.Millisecond, Seed: 1})
+	mts, err := n.Listen("10.0.0.1:641")
+	must(t, err)
+	c := testConfig(t)
+	c.SMTP.Listen, c.Admin.Listen = "", ""
+	setTimers(c, esro.ShippedTimers()) // the server's defaults: a silent device costs T_noresp
+	c.Delivery.Retry = []Duration{Duration(time.Minute), Duration(2 * time.Minute)}
+	c.Delivery.DrainTimeout = Duration(30 * time.Second)
+	if conf != nil {
+		conf(c)
+	}
+	s, err := Start(context.Background(), c, Options{Logger: testLogger(t), PacketConn: mts})
+	must(t, err)
+	f := &simFleet{t: t, net: n, mts: mts, s: s, c: c, got: make(chan simDelivery, 1000)}
+	f.ctx, f.quit = context.WithCancel(context.Background())
+	return f
+}
+
+func (f *simFleet) close() {
+	f.quit()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	f.s.Shutdown(ctx)
+}
+
+func simIP(a emsd.Address) string {
+	return fmt.Sprintf("10.%d.%d.%d:641", uint32(a)>>16&255, uint32(a)>>8&255, uint32(a)&255)
+}
+
+// register adds a device without anything listening at its address.
+func (f *simFleet) register(a emsd.Address) {
+	addDevice(f.t, f.s, a, netip.MustParseAddrPort(simIP(a)), deviceOpts{})
+}
+
+// switchOn starts the device's user agent at its address.
+func (f *simFleet) switchOn(a emsd.Address) *ua.Client {
+	conn, err := f.net.Listen(simIP(a))
+	must(f.t, err)
+	quiet := slog.New(slog.DiscardHandler)
+	ep, err := esro.NewEndpoint(conn, &esro.Config{Timers: esro.ShippedTimers(), Logger: quiet})
+	must(f.t, err)
+	f.t.Cleanup(func() { ep.Close() })
+	cl, err := ua.New(ep, ua.Config{Server: f.mts.AddrPort(), Address: a, Logger: quiet,
+		Handler: ua.HandlerFunc(func(_ context.Context, d *ua.Delivery) error {
+			f.got <- simDelivery{a, d.IPM.Heading.Subject, time.Now()}
+			return nil
+		})})
+	must(f.t, err)
+	f.t.Cleanup(func() { cl.Close() })
+	return cl
+}
+
+// queue queues n messages for each device, as mail received by another
+// process would be.
+func (f *simFleet) queue(devs []emsd.Address, n int) {
+	now := time.Now()
+	var w store.Work
+	for i := range n {
+		for _, a := range devs {
+			subj := fmt.Sprintf("%s/%d", a, i)
+			ipm := testIPM(a.String())
+			ipm.Heading.Subject = subj
+			content, err := ipm.Marshal(emsd.Options{})
+			must(f.t, err)
+			w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(a),
+				MessageID: encodeMsgID(emsd.RFC822ID("<" + subj + "@example.com>")), ContentType: uint32(emsd.ContentIPM),
+				Content: content, Priority: 1, NextAttempt: now, Expires: now.Add(time.Hour)})
+		}
+	}
+	must(f.t, f.s.st.Enqueue(context.Background(), w))
+	f.s.noteQueued(w)
+}
+
+func (f *simFleet) attempts(a emsd.Address) int {
+	l, err := f.s.st.ListQueue(context.Background(), store.QueueFilter{Kind: store.QueueDelivery, Device: uint32(a)})
+	must(f.t, err)
+	n := 0
+	for _, e := range l.Entries {
+		n += e.Attempts
+	}
+	return n
+}
+
+// Half the fleet is switched off: the devices that answer get all their
+// mail at once, as if the others did not exist; attempts to the silent
+// ones never run more than delivery.probes at a time, each holds its
+// worker for one invocation only, and a silent device is held by its
+// backoff (not retried message after message). A silent device that
+// comes back and polls gets its mail at once. Nothing is lost or doubled.
+func TestFleetOfflineDevices(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := startSimFleet(t, func(c *Config) { c.Delivery.Concurrency, c.Delivery.Probes = 4, 1 })
+		defer f.close()
+		var live, dead []emsd.Address
+		for i := range 16 {
+			a := emsd.Address(198100 + i)
+			f.register(a)
+			if i%2 == 0 {
+				dead = append(dead, a)
+			} else {
+				live = append(live, a)
+				f.switchOn(a)
+			}
+		}
+		start := time.Now()
+		var all []emsd.Address
+		for i := range dead {
+			all = append(all, dead[i], live[i])
+		}
+		f.queue(all, 5)
+		seen := map[string]int{}
+		var last time.Time
+		for range len(live) * 5 {
+			select {
+			case d := <-f.got:
+				seen[d.subj]++
+				last = d.at
+			case <-time.After(10 * time.Minute):
+				t.Fatalf("live devices got %d of %d messages", len(seen), len(live)*5)
+			}
+			f.s.sched.mu.Lock()
+			busy := f.s.sched.fleet.busy
+			f.s.sched.mu.Unlock()
+			if busy[kLive] > 4 || busy[kProbe] > 1 {
+				t.Errorf("attempts in flight by kind %v: over the limits", busy)
+			}
+		}
+		// One silent attempt lasts T_noresp (about 33 s with these
+		// timers); the live devices must not wait for one, only for the
+		// cut time of a few.
+		t.Logf("the live devices had their mail after %v", last.Sub(start))
+		if took := last.Sub(start); took > 2*time.Second {
+			t.Errorf("the live devices' mail took %v", took)
+		}
+
+		// Ten minutes on: every silent device was tried, within its
+		// backoff, one message at a time (a worker is never stuck on it).
+		time.Sleep(10 * time.Minute)
+		noresp := esro.ShippedTimers().NoResponse()
+		for _, a := range dead {
+			n := f.attempts(a)
+			t.Logf("silent device %s: %d attempts", a, n)
+			// At most one attempt per probe slot per T_noresp, and none
+			// sooner than the backoff allows: 1 + (10 min - T_noresp) /
+			// (T_noresp + 1 min) at most.
+			if max := 1 + int((10*time.Minute-noresp)/(noresp+time.Minute)); n < 1 || n > max {
+				t.Errorf("silent device %s: %d attempts in 10 minutes, want 1..%d", a, n, max)
+			}
+		}
+		st := queueStats(t, f.s)
+		if st.Deliveries[store.DeliveryQueued]+st.Deliveries[store.DeliveryInFlight] != len(dead)*5 {
+			t.Errorf("queue: %+v, want the silent devices' %d messages", st.Deliveries, len(dead)*5)
+		}
+
+		// One comes back and polls: its mail comes at once.
+		back := dead[3]
+		cl := f.switchOn(back)
+		polled := time.Now()
+		_, err := cl.DeliveryControl(context.Background(), nil)
+		must(t, err)
+		for range 5 {
+			select {
+			case d := <-f.got:
+				if d.dev != back {
+					t.Fatalf("delivery to %s, want only %s", d.dev, back)
+				}
+				seen[d.subj]++
+				last = d.at
+			case <-time.After(10 * time.Minute):
+				t.Fatalf("the device that came back got %d messages", len(seen)-len(live)*5)
+			}
+		}
+		if took := last.Sub(polled); took > 2*time.Second {
+			t.Errorf("the device that came back waited %v for its mail", took)
+		}
+		time.Sleep(time.Minute)
+		for subj, n := range seen {
+			if n != 1 {
+				t.Errorf("%s delivered %d times", subj, n)
+			}
+		}
+		if len(f.got) > 0 {
+			t.Errorf("extra delivery %+v", <-f.got)
+		}
+	})
+}
+
+// Shutdown gives up at once on an attempt to a silent device (after one
+// retransmission interval without an answer, not the whole drain time)
+// and re-queues it without counting the attempt: nothing is lost.
+func TestShutdownAbandonsSilentDevices(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := startSimFleet(t, nil)
+		f.register(198200)
+		f.queue([]emsd.Address{198200}, 1)
+		time.Sleep(time.Second)
+		f.s.sched.mu.Lock()
+		busy := f.s.sched.fleet.inFlight()
+		f.s.sched.mu.Unlock()
+		if busy != 1 {
+			t.Fatalf("%d attempts in flight, want the one to the silent device", busy)
+		}
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		must(t, f.s.Shutdown(ctx))
+		f.quit()
+		// drain_timeout is 30 s; T_retx, the silence that counts, is 3 s
+		// and the attempt began a second before.
+		if took := time.Since(start); took > 2500*time.Millisecond {
+			t.Errorf("shutdown took %v", took)
+		}
+		st, err := f.c.OpenStore(context.Background())
+		must(t, err)
+		defer st.Close()
+		l, err := st.ListQueue(context.Background(), store.QueueFilter{Kind: store.QueueDelivery})
+		must(t, err)
+		if len(l.Entries) != 1 || l.Entries[0].State != string(store.DeliveryQueued) || l.Entries[0].Attempts != 0 {
+			t.Errorf("after shutdown the queue holds %+v, want the delivery queued with no attempt counted", l.Entries)
+		}
+	})
+}
+
+// delivery.rate paces the delivery invocations of all devices together:
+// a backlog goes out at the configured rate after the first burst, and
+// the pacing is counted.
+func TestFleetPacing(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := startSimFleet(t, func(c *Config) { c.Delivery.Rate, c.Delivery.Burst = 10, 5 })
+		defer f.close()
+		var devs []emsd.Address
+		for i := range 20 {
+			a := emsd.Address(198300 + i)
+			f.register(a)
+			f.switchOn(a)
+			devs = append(devs, a)
+		}
+		start := time.Now()
+		f.queue(devs, 2)
+		var at []time.Duration
+		for range 40 {
+			select {
+			case d := <-f.got:
+				at = append(at, d.at.Sub(start))
+			case <-time.After(time.Minute):
+				t.Fatalf("%d of 40 delivered", len(at))
+			}
+		}
+		// 5 at once, then one every 100 ms: the 40th after 3.5 s.
+		for i, d := range at {
+			earliest := time.Duration(max(i-4, 0)) * 100 * time.Millisecond
+			if d < earliest-time.Millisecond {
+				t.Errorf("delivery %d after %v, before the pace allows (%v)", i+1, d, earliest)
+			}
+		}
+		if last := at[len(at)-1]; last > 4*time.Second {
+			t.Errorf("the last delivery after %v, want about 3.5 s", last)
+		}
+		if n := f.s.metrics.counter(t, "emsd_delivery_invocations_total", ""); n < 40 {
+			t.Errorf("%v invocations counted", n)
+		}
+		if w := f.s.metrics.counter(t, "emsd_delivery_pacing_delay_seconds_total", ""); w <= 0 {
+			t.Error("no pacing delay counted")
+		}
+	})
+}
