@@ -20,7 +20,7 @@ import (
 	"github.com/esro-emsdp/emsdp/store"
 )
 
-// cmdDevice: "emsdp device add|list|show|remove|passwd|psk", the device
+// cmdDevice: "emsdp device add|list|show|remove|passwd|psk|import|export", the device
 // registry of the server's store. It works beside running servers (SQLite
 // in WAL mode, or the PostgreSQL database they share), which notice the
 // change within store.registry_poll or at SIGHUP.
@@ -32,6 +32,8 @@ func cmdDevice(ctx context.Context, env *cmdEnv, args []string) int {
 		subcommand{"remove", deviceRemove},
 		subcommand{"passwd", devicePasswd},
 		subcommand{"psk", devicePSK},
+		subcommand{"import", deviceImport},
+		subcommand{"export", deviceExport},
 	)
 }
 

@@ -148,10 +148,10 @@ func (s *DB) ImportDevices(ctx context.Context, devs []*store.Device, update boo
 // importDevice adds d, or replaces it (update) if it exists.
 func importDevice(ctx context.Context, tx pgx.Tx, d *store.Device, update bool, now int64) (bool, error) {
 	t, err := tx.Exec(ctx, `INSERT INTO devices (address, password_hash, ip, port, version, mode,
-		ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) ON CONFLICT (address) DO NOTHING`,
-		int64(d.Address), octets(d.PasswordHash), d.IP.String(), int32(d.Port), octets(d.Version), string(d.Mode),
-		ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now)
+		ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated, psk, require_dtls)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12) ON CONFLICT (address) DO NOTHING`,
+		int64(d.Address), octets(d.PasswordHash), ipText(d.IP), int32(d.Port), octets(d.Version), string(d.Mode),
+		ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now, pskValue(d.PSK), d.RequireDTLS)
 	if err != nil {
 		return false, errorf("import device", err)
 	}
@@ -161,8 +161,8 @@ func importDevice(ctx context.Context, tx pgx.Tx, d *store.Device, update bool, 
 			return false, fmt.Errorf("%w: device %d", store.ErrExists, d.Address)
 		}
 		if _, err := tx.Exec(ctx, `UPDATE devices SET password_hash = $1, ip = $2, port = $3, version = $4, mode = $5,
-			updated = $6 WHERE address = $7`, octets(d.PasswordHash), d.IP.String(), int32(d.Port), octets(d.Version),
-			string(d.Mode), now, int64(d.Address)); err != nil {
+			updated = $6, psk = $8, require_dtls = $9 WHERE address = $7`, octets(d.PasswordHash), ipText(d.IP), int32(d.Port),
+			octets(d.Version), string(d.Mode), now, int64(d.Address), pskValue(d.PSK), d.RequireDTLS); err != nil {
 			return false, errorf("import device", err)
 		}
 		if _, err := tx.Exec(ctx, `DELETE FROM aliases WHERE device = $1`, int64(d.Address)); err != nil {

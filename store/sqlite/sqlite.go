@@ -376,8 +376,8 @@ func (s *DB) ImportDevices(ctx context.Context, devs []*store.Device, update boo
 // importDevice adds d, or replaces it (update) if it exists.
 func (s *DB) importDevice(ctx context.Context, tx *sql.Tx, d *store.Device, update bool, now int64) (bool, error) {
 	_, err := s.exec(ctx, tx, qAddDevice,
-		d.Address, d.PasswordHash, d.IP.String(), d.Port, d.Version, string(d.Mode),
-		ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now, now)
+		d.Address, d.PasswordHash, ipText(d.IP), d.Port, d.Version, string(d.Mode),
+		ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now, now, pskValue(d.PSK), d.RequireDTLS)
 	updated := err != nil && isConstraint(err)
 	switch {
 	case err != nil && !updated:
@@ -385,8 +385,8 @@ func (s *DB) importDevice(ctx context.Context, tx *sql.Tx, d *store.Device, upda
 	case updated && !update:
 		return false, fmt.Errorf("%w: device %d", store.ErrExists, d.Address)
 	case updated:
-		if _, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, d.IP.String(), d.Port, d.Version, string(d.Mode),
-			now, d.Address); err != nil {
+		if _, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, ipText(d.IP), d.Port, d.Version, string(d.Mode),
+			now, pskValue(d.PSK), d.RequireDTLS, d.Address); err != nil {
 			return false, fmt.Errorf("sqlite: import device: %w", err)
 		}
 		if _, err := s.exec(ctx, tx, qDeleteAliases, d.Address); err != nil {
