@@ -32,6 +32,10 @@ type emsdHarness struct {
 	addr netip.AddrPort   // its address
 	dir  string
 	devs []*benchDevice
+	// started is how long server.Start took, startRSS the resident set
+	// it added.
+	started  time.Duration
+	startRSS uint64
 }
 
 type benchDevice struct {
@@ -57,8 +61,9 @@ type harnessOptions struct {
 	// of one that logs every datagram.
 	plain bool
 	// cost is the bcrypt cost of the passwords; 0: the cheapest.
-	cost int
-	log  *slog.Logger
+	cost  int
+	log   *slog.Logger
+	extra []*store.Device // more registry entries, nobody behind them
 }
 
 // startEMSD registers the devices in a fresh store, starts the server and
@@ -92,7 +97,7 @@ func startEMSD(ctx context.Context, specs []deviceSpec, o harnessOptions) (_ *em
 	for i, d := range h.devs {
 		addrs[i] = d.conn.addrPort()
 	}
-	if err := register(ctx, dir, specs, addrs, o.cost); err != nil {
+	if err := register(ctx, dir, specs, addrs, o.cost, o.extra); err != nil {
 		return nil, err
 	}
 	cfg := server.DefaultConfig()
@@ -105,6 +110,11 @@ func startEMSD(ctx context.Context, specs []deviceSpec, o harnessOptions) (_ *em
 	cfg.ESRO.AckDelay, cfg.ESRO.Roundtrip = server.Duration(t.Acknowledgement), server.Duration(t.Roundtrip)
 	cfg.ESRO.Retransmit, cfg.ESRO.NSDULifetime = server.Duration(t.Retransmit), server.Duration(t.NSDULifetime)
 	cfg.ESRO.Retries = t.RetransmitCount
+	before, err := readMem()
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
 	if o.plain {
 		if h.srv, err = server.Start(ctx, cfg, server.Options{Logger: o.log}); err != nil {
 			return nil, fmt.Errorf("server: %w", err)
@@ -114,6 +124,7 @@ func startEMSD(ctx context.Context, specs []deviceSpec, o harnessOptions) (_ *em
 		if h.conn, err = listenCountingUDP("127.0.0.1:0"); err != nil {
 			return nil, err
 		}
+		start = time.Now()
 		if h.srv, err = server.Start(ctx, cfg, server.Options{Logger: o.log, PacketConn: h.conn}); err != nil {
 			// Start closes the socket only on some of its error paths; a
 			// second Close is harmless.
@@ -122,6 +133,12 @@ func startEMSD(ctx context.Context, specs []deviceSpec, o harnessOptions) (_ *em
 		}
 		h.addr = h.conn.addrPort()
 	}
+	h.started = time.Since(start)
+	after, err := readMem()
+	if err != nil {
+		return nil, err
+	}
+	h.startRSS = max(after.rss, before.rss) - before.rss
 	for _, d := range h.devs {
 		uc := ua.Config{Server: h.addr, Address: d.addr, Logger: o.log,
 			Handler: ua.HandlerFunc(func(ctx context.Context, del *ua.Delivery) error {
@@ -145,13 +162,17 @@ func startEMSD(ctx context.Context, specs []deviceSpec, o harnessOptions) (_ *em
 }
 
 // register writes the devices, at addrs, into the store of dir, as
-// `emsdp device add` does.
-func register(ctx context.Context, dir string, specs []deviceSpec, addrs []netip.AddrPort, cost int) error {
+// `emsdp device add` does, and the extra entries as `emsdp device import`
+// does.
+func register(ctx context.Context, dir string, specs []deviceSpec, addrs []netip.AddrPort, cost int, extra []*store.Device) error {
 	db, err := sqlite.OpenDir(ctx, dir, nil)
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
 	defer db.Close()
+	if _, err := writeDevices(ctx, db, extra); err != nil {
+		return fmt.Errorf("registry: %w", err)
+	}
 	for i, s := range specs {
 		hash := ""
 		if s.password != "" {

@@ -143,7 +143,7 @@ func lingerServer(ctx context.Context, o *benchOptions, t esro.Timers, lnet *los
 		os.RemoveAll(dir)
 		return netip.AddrPort{}, nil, err
 	}
-	if err := register(ctx, dir, specs, addrs, 0); err != nil {
+	if err := register(ctx, dir, specs, addrs, 0, nil); err != nil {
 		return fail(err)
 	}
 	cfg := server.DefaultConfig()

@@ -107,6 +107,8 @@ func sections() []section {
 		{"hostile", "Hostile networks: reflection, floods, password checks, unreachable peers", runHostile},
 		{"dtls", "Security: EMSD and ESRO over DTLS", runDTLS},
 		{"linger", "ua send through a lossy link: staying to re-acknowledge", runLinger},
+		{"fleet", "Delivery to a fleet with devices switched off", runFleet},
+		{"registry", "A large device registry: writing it, starting with it", runRegistry},
 	}
 }
 
@@ -133,7 +135,7 @@ type jsonSection struct {
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	which := fs.String("sections", "", "comma-separated sections to run (default all: esro,mail,loss,server,hostile,dtls,linger)")
+	which := fs.String("sections", "", "comma-separated sections to run (default all: esro,mail,loss,server,hostile,dtls,linger,fleet,registry)")
 	out := fs.String("json", "bench-results.json", "write the results here as JSON ('' = don't)")
 	md := fs.String("md", "", "also write the Markdown (the README's Performance section) to this file")
 	quick := fs.Bool("quick", false, "short runs (a smoke test, not figures to quote)")

@@ -1,0 +1,314 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/server"
+	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/sqlite"
+	"github.com/esro-emsdp/emsdp/ua"
+)
+
+// runFleet delivers queued mail to a fleet of which part is switched off:
+// the devices that answer must get their mail as fast as when all answer.
+func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
+	devices, per := 1000, 10
+	if o.quick {
+		devices, per = 200, 5
+	}
+	// Rounds of the three runs, the best of each kept: on a shared
+	// machine a run's figure is its best chance, and the runs of a round
+	// meet the same background.
+	rounds := 5
+	if o.quick {
+		rounds = 1
+	}
+	// Each silent share also runs without its silent devices (not
+	// registered, no mail): the answering devices alone, the same work
+	// minus the switched-off ones.
+	runs := []struct {
+		pct   int
+		alone bool
+	}{{0, false}, {50, false}, {50, true}, {90, false}, {90, true}}
+	best := make([]Result, len(runs))
+	for range rounds {
+		for i, run := range runs {
+			r, err := fleetRun(ctx, o, devices, per, run.pct, 0, run.alone)
+			if err != nil {
+				return nil, fmt.Errorf("%d%% silent: %w", run.pct, err)
+			}
+			if best[i].Metrics == nil || r.Metrics["live deliveries/s"] > best[i].Metrics["live deliveries/s"] {
+				best[i] = r
+			}
+		}
+	}
+	base := best[0].Metrics["live deliveries/s"]
+	for i := range best {
+		best[i].set("vs all live", best[i].Metrics["live deliveries/s"]/base, "×")
+		if i+1 < len(runs) && runs[i+1].alone {
+			best[i].set("vs alone", best[i].Metrics["live deliveries/s"]/best[i+1].Metrics["live deliveries/s"], "×")
+		}
+	}
+	// The pace holding: all devices answering, delivery.rate well below
+	// what the server does unpaced.
+	const rate = 1000
+	paced, err := fleetRun(ctx, o, devices, per, 0, rate, false)
+	if err != nil {
+		return nil, fmt.Errorf("paced: %w", err)
+	}
+	paced.set("vs all live", paced.Metrics["live deliveries/s"]/base, "×")
+	rows := append(best, paced)
+	def := server.DefaultConfig()
+	t := esro.ShippedTimers()
+	perAttempt := t.RetransmitCount + 1
+	return &report{tables: []table{{caption: fmt.Sprintf("%d devices × %d queued messages, part of the devices switched off.", devices, per),
+		results: rows}}, notes: []string{
+		fmt.Sprintf("A real `server.Start` (SQLite store in a temporary directory) with the default configuration: "+
+			"delivery.concurrency %d, delivery.probes %d (a quarter; first attempts to devices not heard from: 16 × concurrency), the shipped ESRO timers (T_retx %v, T_noresp %v) on both ends. "+
+			"The mail is in the store before the server starts, as after a restart: the scheduler rebuilds its due times from it and knows nothing of the devices. "+
+			"Every device has its own loopback socket; an answering one runs a `ua.Client` that takes every delivery; "+
+			"a silent one reads and counts datagrams and never answers. Messages are queued in rounds (message 1 for every device, then message 2, ...), "+
+			"devices in address order, the silent ones spread evenly among them.",
+			def.Delivery.Concurrency, max(def.Delivery.Concurrency/4, 1), t.RetransmitInterval(), t.NoResponse()),
+		fmt.Sprintf("Each run %d times, the runs interleaved; the table shows each run's best. ", rounds) +
+			"live deliveries/s = messages delivered to the answering devices / time from the end of `server.Start` (store open, due times rebuilt) until the last of them; " +
+			"all delivered = that time; vs all live = to the 0% run; vs alone = to the same answering devices without the silent ones " +
+			"(not registered, no mail for them), which isolates what the silent devices cost from the smaller number of devices delivered to; datagrams/silent device = datagrams each silent socket received within it, mean (1: every silent device got its first attempt, " +
+			"none a retransmission yet: the answering devices had all their mail within one retransmission interval). Shutdown = `Shutdown` right after, " +
+			"with the first attempts to the silent devices in flight: given up after one retransmission interval of silence, the rest is the ESRO " +
+			"invoker's wait after its last acknowledgement (T_last).",
+		fmt.Sprintf("Datagrams to a silent device over time are bounded by the backoff schedule: one attempt (%d datagrams per invocation: "+
+			"the INVOKE and %d retransmissions) after each delay of delivery.retry (%s, the last one repeating), at most %d attempts "+
+			"and %d datagrams in the first hour, %d an hour after that, fewer when more silent devices than delivery.probes wait their turn.",
+			perAttempt, t.RetransmitCount, retryList(def.Delivery.Retry), attemptsInHour(def.Delivery.Retry), perAttempt*attemptsInHour(def.Delivery.Retry),
+			perAttempt*int(time.Hour/time.Duration(def.Delivery.Retry[len(def.Delivery.Retry)-1]))),
+	}}, nil
+}
+
+func retryList(retry []server.Duration) string {
+	var out []string
+	for _, d := range retry {
+		out = append(out, time.Duration(d).String())
+	}
+	return strings.Join(out, ", ")
+}
+
+// attemptsInHour counts the attempts the retry schedule allows in the
+// first hour.
+func attemptsInHour(retry []server.Duration) int {
+	n, at := 1, time.Duration(0)
+	for i := 0; ; i++ {
+		at += time.Duration(retry[min(i, len(retry)-1)])
+		if at > time.Hour {
+			return n
+		}
+		n++
+	}
+}
+
+type fleetDevice struct {
+	addr   emsd.Address
+	silent bool
+	conn   net.PacketConn
+	ep     *esro.Endpoint
+	ua     *ua.Client
+	heard  atomic.Int64 // datagrams a silent device received
+}
+
+func fleetRun(ctx context.Context, o *benchOptions, n, per, silentPct int, rate float64, alone bool) (_ Result, err error) {
+	pacing := "off"
+	if rate > 0 {
+		pacing = fmt.Sprintf("%g/s", rate)
+	}
+	name, silentCond := "queued mail to a fleet", fmt.Sprintf("%d%%", silentPct)
+	if alone {
+		name, silentCond = "the answering devices alone", fmt.Sprintf("(%d%% absent)", silentPct)
+	}
+	r := newResult("fleet", name, "devices", strconv.Itoa(n), "silent", silentCond, "delivery.rate", pacing)
+	dir, err := os.MkdirTemp("", "emsdp-fleet-")
+	if err != nil {
+		return r, err
+	}
+	defer os.RemoveAll(dir)
+	srvConn, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		return r, err
+	}
+	// The receive buffer serve asks for its own socket ([emsd]
+	// receive_buffer): the answers to a fleet's first attempts arrive
+	// together.
+	if err := srvConn.(*net.UDPConn).SetReadBuffer(server.DefaultConfig().EMSD.ReceiveBuffer); err != nil {
+		srvConn.Close()
+		return r, err
+	}
+	srvAP := srvConn.LocalAddr().(*net.UDPAddr).AddrPort()
+	var devs []*fleetDevice
+	var wg sync.WaitGroup
+	defer func() {
+		for _, d := range devs {
+			if d.ua != nil {
+				d.ua.Close()
+			}
+			if d.ep != nil {
+				d.ep.Close()
+			} else {
+				d.conn.Close()
+			}
+		}
+		wg.Wait()
+	}()
+	live := 0
+	delivered := make(chan struct{}, n*per)
+	var extra atomic.Int64 // deliveries beyond the expected (none expected)
+	for i := range n {
+		// Silent devices spread evenly: device i is silent when the
+		// running share falls behind silentPct.
+		silent := (i+1)*silentPct/100 > i*silentPct/100
+		if silent && alone {
+			continue
+		}
+		d := &fleetDevice{addr: emsd.Address(300000 + i), silent: silent}
+		if d.conn, err = net.ListenPacket("udp", "127.0.0.1:0"); err != nil {
+			srvConn.Close()
+			return r, err
+		}
+		devs = append(devs, d)
+		if silent {
+			wg.Go(func() {
+				buf := make([]byte, 2048)
+				for {
+					if _, _, err := d.conn.ReadFrom(buf); err != nil {
+						return
+					}
+					d.heard.Add(1)
+				}
+			})
+			continue
+		}
+		live++
+		if d.ep, err = esro.NewEndpoint(d.conn, &esro.Config{Logger: o.srvLog}); err != nil {
+			srvConn.Close()
+			return r, err
+		}
+		got := 0
+		var mu sync.Mutex
+		d.ua, err = ua.New(d.ep, ua.Config{Server: srvAP, Address: d.addr, Logger: o.srvLog,
+			Handler: ua.HandlerFunc(func(context.Context, *ua.Delivery) error {
+				mu.Lock()
+				got++
+				more := got > per
+				mu.Unlock()
+				if more {
+					extra.Add(1)
+				} else {
+					delivered <- struct{}{}
+				}
+				return nil
+			})})
+		if err != nil {
+			srvConn.Close()
+			return r, err
+		}
+	}
+	r.Conditions["devices"] = strconv.Itoa(len(devs))
+	if err := fleetQueue(ctx, dir, devs, per); err != nil {
+		srvConn.Close()
+		return r, err
+	}
+
+	cfg := server.DefaultConfig()
+	cfg.Domain, cfg.Hostname, cfg.Data = benchDomain, "mts."+benchDomain, dir
+	cfg.EMSD.Listen, cfg.Admin.Listen, cfg.SMTP.Listen = srvAP.String(), "", ""
+	cfg.Delivery.Rate = rate
+	srv, err := server.Start(ctx, cfg, server.Options{Logger: o.srvLog, PacketConn: srvConn})
+	if err != nil {
+		srvConn.Close()
+		return r, fmt.Errorf("server: %w", err)
+	}
+	start := time.Now()
+	want := live * per
+	timeout := time.After(10 * time.Minute)
+	for k := 0; k < want; k++ {
+		select {
+		case <-delivered:
+		case <-timeout:
+			srv.Close()
+			return r, fmt.Errorf("%d of %d deliveries to the answering devices after 10 minutes", k, want)
+		case <-ctx.Done():
+			srv.Close()
+			return r, ctx.Err()
+		}
+	}
+	took := time.Since(start)
+	var heard int64
+	for _, d := range devs {
+		heard += d.heard.Load()
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	stopAt := time.Now()
+	err = srv.Shutdown(sctx)
+	stopped := time.Since(stopAt)
+	cancel()
+	if err != nil {
+		return r, fmt.Errorf("shutdown: %w", err)
+	}
+	r.set("live deliveries/s", float64(want)/took.Seconds(), "1/s")
+	r.set("all delivered", took.Seconds(), "s")
+	if silent := len(devs) - live; silent > 0 {
+		r.set("datagrams/silent device", float64(heard)/float64(silent), "")
+	}
+	r.set("shutdown", stopped.Seconds(), "s")
+	if x := extra.Load(); x > 0 {
+		return r, fmt.Errorf("%d deliveries doubled", x)
+	}
+	return r, nil
+}
+
+// fleetQueue registers the devices and queues per messages for each, in
+// rounds, as a running server would have received them.
+func fleetQueue(ctx context.Context, dir string, devs []*fleetDevice, per int) error {
+	db, err := sqlite.OpenDir(ctx, dir, nil)
+	if err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	defer db.Close()
+	for _, d := range devs {
+		ap := d.conn.LocalAddr().(*net.UDPAddr).AddrPort()
+		if err := db.AddDevice(ctx, &store.Device{Address: uint32(d.addr), IP: ap.Addr(), Port: ap.Port(),
+			Version: "1.1", Mode: store.ModeComplete}); err != nil {
+			return fmt.Errorf("device %s: %w", d.addr, err)
+		}
+	}
+	now := time.Now()
+	for i := range per {
+		var w store.Work
+		for _, d := range devs {
+			ipm := &emsd.IPM{Heading: emsd.Heading{Originator: emsd.RFC822OR("carol@example.com"),
+				Recipients: []emsd.RecipientData{{Recipient: emsd.LocalOR(d.addr, "")}},
+				Subject:    fmt.Sprintf("message %d", i)}, Body: &emsd.Body{Text: textBody(200)}}
+			content, err := ipm.Marshal(emsd.Options{})
+			if err != nil {
+				return err
+			}
+			w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(d.addr),
+				// The store's form of an RFC 822 message id (server/ids.go).
+				MessageID:   fmt.Sprintf("R:<fleet.%d.%d@%s>", d.addr, i, benchDomain),
+				ContentType: uint32(emsd.ContentIPM), Content: content, Priority: 1,
+				NextAttempt: now, Expires: now.Add(time.Hour)})
+		}
+		if err := db.Enqueue(ctx, w); err != nil {
+			return fmt.Errorf("queue: %w", err)
+		}
+	}
+	return nil
+}
