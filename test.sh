@@ -35,12 +35,12 @@
 set -euo pipefail
 
 PREREQS='
-initdb|/usr/lib/postgresql/*/bin/initdb   postgresql   store/postgres, server and cmd tests start a throwaway PostgreSQL cluster
-postfix   postfix   server: TestPostfixSmarthost runs a private Postfix on loopback as the smarthost
-swaks     swaks     server: TestPostfixSmarthost sends inbound mail with swaks
-openssl                                   openssl      cmd tests: the OpenSSL DTLS client and server against esro perform/invoke --dtls
-tshark                                    tshark       decode tests run the Wireshark dissector (contrib/wireshark) on captures of our server
-nmap                                      nmap         ports tests run nmap -sU -sV with our probes against our server, device and engine
+initdb|/usr/lib/postgresql/*/bin/initdb  postgresql  store/postgres, server and cmd tests start a throwaway PostgreSQL cluster
+postfix                                  postfix     server: TestPostfixSmarthost runs a private Postfix on loopback as the smarthost
+swaks                                    swaks       server: TestPostfixSmarthost sends inbound mail with swaks
+openssl                                  openssl     cmd tests: the OpenSSL DTLS client and server against esro perform/invoke --dtls
+tshark                                   tshark      decode tests run the Wireshark dissector (contrib/wireshark) on captures of our server
+nmap                                     nmap        ports tests run nmap -sU -sV with our probes against our server, device and engine
 '
 
 cd "$(dirname "$0")"
