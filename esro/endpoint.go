@@ -408,7 +408,7 @@ func (e *Endpoint) flush(out *[]outgoing) {
 			e.trace(true, (*out)[i].to, (*out)[i].payload())
 		}
 	}
-	if e.batch != nil && len(*out) > 1 {
+	if e.batch != nil {
 		e.batch.write(*out, &e.st, e.log)
 	} else {
 		for i := range *out {
