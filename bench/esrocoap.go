@@ -74,10 +74,10 @@ func runESROvsCoAP(ctx context.Context, o *benchOptions) (*report, error) {
 		fmt.Sprintf("Both sides in one process on loopback UDP; callers take turns over %d client sockets (a gateway standing in for many devices). "+
 			"CoAP: go-coap v3 confirmable POST, piggybacked response, no blockwise transfer. "+
 			"ESRO timers: A 1 ms, RT 2 ms, R 50 ms, L 1 ms, N 5 on both ends (holds short enough for 256 reference numbers per peer not to cap the rate).", clientSockets),
-		"raw UDP: the same exchange on plain sockets, run right before its ESRO row with the same payload, concurrency and client sockets: "+
-			"request and echoed reply (2-datagram), plus an ACK from the client's reader when the reply arrives (3-datagram); "+
+		"raw UDP: the same exchange on plain sockets, run right before its ESRO row with the same payload, concurrency and client sockets: " +
+			"request and echoed reply (2-datagram), plus an ACK from the client's reader when the reply arrives (3-datagram); " +
 			"one recvfrom or sendto per datagram, no retransmission, no state. `vs raw UDP` is the ESRO row's ops/s as a share of it.",
-		"allocs/op: heap allocations of the whole process (both ends and the load loop) per completed operation; "+
+		"allocs/op: heap allocations of the whole process (both ends and the load loop) per completed operation; " +
 			"syscalls/op: socket system calls of both ends per completed operation, reads that found nothing waiting included (not counted for CoAP).",
 	}}, nil
 }
