@@ -103,9 +103,10 @@ func esroLoad(ctx context.Context, o *benchOptions, hs esro.Handshake, size, con
 		return loadStats{}, err
 	}
 	defer perf.Close()
-	perf.HandleFunc(13, hs, func(_ context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
+	// The echo never blocks: it runs inline, on the read loop (HandleInline).
+	perf.HandleInline(13, hs, esro.HandlerFunc(func(_ context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
 		w.Result(inv.Encoding, inv.Data)
-	})
+	}))
 	to := netip.MustParseAddrPort(perf.LocalAddr().String())
 	clients := make([]*esro.Endpoint, clientSockets)
 	for i := range clients {

@@ -220,6 +220,7 @@ type invocation struct {
 	resp     responder  // the handler's ResponseWriter, set by the Endpoint
 	answered bool
 	cancel   context.CancelCauseFunc // the handler's context, set by the Endpoint
+	inLoop   bool                    // an inline handler is running it on the read loop (Endpoint)
 }
 
 type peer struct {
