@@ -62,7 +62,13 @@ func (h *hostileState) init() {
 
 // budget is what a source sent toward an invocation and what was sent
 // back to it.
-type budget struct{ inB, inD, outB, outD int }
+// until caches the proof of the source, so that the replies of a proven
+// peer's invocation cost no lookup in the proven table each: proven until
+// then (machine clock), as last seen there.
+type budget struct {
+	inB, inD, outB, outD int
+	until                int64
+}
 
 func (b *budget) earn(n int) { b.inB += n; b.inD++ }
 
@@ -73,9 +79,11 @@ func (m *machine) rxBudget() *budget { return &budget{inB: m.rx, inD: 1} }
 func (m *machine) clock(now time.Time) int64 { return int64(now.Sub(m.epoch)) }
 
 func (m *machine) isProven(now time.Time, a netip.AddrPort) bool {
-	until, ok := m.hostile.proven[a]
-	return ok && until > m.clock(now)
+	return m.provenUntil(a) > m.clock(now)
 }
+
+// provenUntil is when a's proof runs out (machine clock; 0: never proven).
+func (m *machine) provenUntil(a netip.AddrPort) int64 { return m.hostile.proven[a] }
 
 // prove marks a as proven for Config.ProvenFor.
 func (m *machine) prove(now time.Time, a netip.AddrPort) {
@@ -124,7 +132,13 @@ func (m *machine) proveInvocation(now time.Time, inv *invocation) {
 // them (counted) or to is proven.
 func (m *machine) mayReply(now time.Time, to netip.AddrPort, b *budget, n int) bool {
 	f := m.cfg.AmplificationFactor
-	if f == 0 || m.isProven(now, to) {
+	if f == 0 {
+		return true
+	}
+	if c := m.clock(now); b.until > c {
+		return true
+	} else if u := m.provenUntil(to); u > c {
+		b.until = u
 		return true
 	}
 	if float64(b.outB+n) > f*float64(b.inB) || float64(b.outD+1) > f*float64(b.inD) {

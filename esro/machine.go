@@ -515,7 +515,8 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 		m.replyFailure(now, from, p.Ref, LocalResource, m.rxBudget())
 		return
 	}
-	unproven := !m.isProven(now, from)
+	until := m.provenUntil(from)
+	unproven := until <= m.clock(now)
 	if unproven && !m.admitUnproven(from.Addr()) {
 		m.drop(DropUnprovenLimit)
 		return
@@ -533,6 +534,7 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 		},
 	}
 	inv.budget.earn(m.rx)
+	inv.budget.until = until
 	if unproven {
 		m.countUnproven(inv, 1)
 	}
