@@ -143,8 +143,11 @@ func (e *Endpoint) Handle(sap uint8, hs Handshake, h Handler) error {
 //     given later from another goroutine works but costs a flush of its
 //     own.
 //   - Confirmed returns ErrInline at once rather than deadlock.
-//   - ctx is the endpoint's, cancelled only at Close. inv.Data is the
-//     handler's to keep, as with Handle.
+//   - ctx is the endpoint's, cancelled only at Close.
+//   - inv.Data is the datagram in the receive buffer, valid only until
+//     the handler returns: a handler that keeps it (or hands it to
+//     another goroutine) copies it. Result and Error copy what they are
+//     given.
 //
 // A handler that panics is logged and the invocation times out, as with
 // Handle.

@@ -1,6 +1,7 @@
 package esro
 
 import (
+	"bytes"
 	"hash/maphash"
 	"net/netip"
 	"time"
@@ -228,7 +229,9 @@ type tombstone struct {
 func (m *machine) fingerprint(sap, op uint8, enc Encoding, data []byte) uint64 {
 	var h maphash.Hash
 	h.SetSeed(m.hostile.seed)
-	h.Write([]byte{sap, op, byte(enc)})
+	h.WriteByte(sap)
+	h.WriteByte(op)
+	h.WriteByte(byte(enc))
 	h.Write(data)
 	return h.Sum64()
 }
@@ -237,8 +240,10 @@ func (m *machine) fingerprint(sap, op uint8, enc Encoding, data []byte) uint64 {
 func (m *machine) entomb(now time.Time, inv *invocation, kept []byte) {
 	h := &m.hostile
 	t := &tombstone{
-		key: inv.key, addr: inv.addr, sap: inv.sap, kept: kept, budget: inv.budget,
-		sum:   m.fingerprint(inv.sap, inv.call.Operation, inv.call.Encoding, inv.call.Data),
+		// A copy: kept may live in the invocation's own buffer, which
+		// the tombstone must not hold on to.
+		key: inv.key, addr: inv.addr, sap: inv.sap, kept: bytes.Clone(kept), budget: inv.budget,
+		sum:   inv.sum,
 		until: m.clock(now) + int64(m.td.ref),
 	}
 	inv.kept = nil
