@@ -17,7 +17,7 @@ import (
 // share of what the machine does anyway. A 2-datagram exchange is request
 // and reply; a 3-datagram one adds the ACK that the client's reader sends
 // when the reply arrives, as an ESRO invoker does. The server echoes from
-// its read loop; clients are clientSockets sockets, each with one reader
+// its read loop; clients are esroSockets sockets, each with one reader
 // that hands replies to the waiting callers. No retransmission: a caller
 // whose reply has not come after rawTimeout counts as failed.
 //
@@ -84,7 +84,7 @@ func rawLoad(ctx context.Context, o *benchOptions, hs esro.Handshake, size, conc
 			}
 		}
 	})
-	clients := make([]*rawClient, clientSockets)
+	clients := make([]*rawClient, esroSockets)
 	for i := range clients {
 		s, err := listen()
 		if err != nil {
@@ -155,7 +155,7 @@ func rawLoad(ctx context.Context, o *benchOptions, hs esro.Handshake, size, conc
 		reqs[i][0] = rawReq
 	}
 	st := closedLoopCounted(ctx, conc, o.duration/4, o.duration, calls.Load, func(ctx context.Context, w int, seq int64) error {
-		c := clients[seq%clientSockets]
+		c := clients[seq%esroSockets]
 		req := reqs[w]
 		c.mu.Lock()
 		c.nextID++
