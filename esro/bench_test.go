@@ -19,9 +19,9 @@ var benchTimers = Timers{Acknowledgement: time.Millisecond, Roundtrip: 2 * time.
 // BenchmarkInvokeUDP measures complete invocations over real loopback UDP:
 // one performer endpoint echoing the argument (inline: HandleInline, on the
 // read loop; worker: Handle, on a handler worker), and c concurrent invokers
-// taking turns over 64 client endpoints (sockets), like a gateway standing
+// taking turns over 256 client endpoints (sockets), like a gateway standing
 // in for many devices, so that the 256 reference numbers per peer and hold
-// time do not cap the rate. allocs/op counts both sides of one invocation.
+// time do not cap the rate (with 64 they did, near 46 000/s). allocs/op counts both sides of one invocation.
 // Failures (a loaded machine can starve the retry budget) are reported as
 // failures/op rather than aborting the run.
 func BenchmarkInvokeUDP(b *testing.B) {
@@ -64,7 +64,7 @@ func benchInvoke(b *testing.B, hs Handshake, size, conc int, inline bool) {
 		perf.Handle(13, hs, echo)
 	}
 	to := netip.MustParseAddrPort(perf.LocalAddr().String())
-	clients := make([]*Endpoint, 64)
+	clients := make([]*Endpoint, 256)
 	for i := range clients {
 		if clients[i], err = Listen("udp", "127.0.0.1:0", cfg); err != nil {
 			b.Fatal(err)
