@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -13,6 +14,16 @@ type loadStats struct {
 	completed, failed int
 	elapsed           time.Duration
 	lat               []time.Duration // of successful operations, sorted
+	mallocs           uint64          // heap allocations in the process while measuring
+	calls             uint64          // socket system calls while measuring, when counted
+}
+
+// perOp is n per completed operation.
+func (l loadStats) perOp(n uint64) float64 {
+	if l.completed == 0 {
+		return 0
+	}
+	return float64(n) / float64(l.completed)
 }
 
 func (l loadStats) rate() float64 { return float64(l.completed) / l.elapsed.Seconds() }
@@ -28,6 +39,13 @@ func (l loadStats) pct(p int) time.Duration {
 // closedLoop runs op from conc workers for warmup, then measures for dur.
 // op gets the worker number and a running sequence number.
 func closedLoop(ctx context.Context, conc int, warmup, dur time.Duration, op func(ctx context.Context, worker int, seq int64) error) loadStats {
+	return closedLoopCounted(ctx, conc, warmup, dur, nil, op)
+}
+
+// closedLoopCounted is closedLoop that also counts the process's heap
+// allocations and, with calls (a running count of socket system calls),
+// the system calls made while measuring.
+func closedLoopCounted(ctx context.Context, conc int, warmup, dur time.Duration, calls func() uint64, op func(ctx context.Context, worker int, seq int64) error) loadStats {
 	var seq atomic.Int64
 	var measuring atomic.Bool
 	stop := make(chan struct{})
@@ -65,14 +83,27 @@ func closedLoop(ctx context.Context, conc int, warmup, dur time.Duration, op fun
 	case <-time.After(warmup):
 	case <-ctx.Done():
 	}
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	m0 := ms.Mallocs
+	var c0 uint64
+	if calls != nil {
+		c0 = calls()
+	}
 	measuring.Store(true)
 	start := time.Now()
 	select {
 	case <-time.After(dur):
 	case <-ctx.Done():
 	}
-	close(stop)
+	measuring.Store(false)
 	st.elapsed = time.Since(start)
+	if calls != nil {
+		st.calls = calls() - c0
+	}
+	runtime.ReadMemStats(&ms)
+	st.mallocs = ms.Mallocs - m0
+	close(stop)
 	wg.Wait()
 	st.completed = len(st.lat)
 	slices.Sort(st.lat)

@@ -103,8 +103,11 @@ func (e *ErrorReply) Error() string {
 
 // Local errors.
 var (
-	ErrClosed          = errors.New("esro: endpoint closed")
-	ErrAnswered        = errors.New("esro: invocation already answered")
+	ErrClosed   = errors.New("esro: endpoint closed")
+	ErrAnswered = errors.New("esro: invocation already answered")
+	// ErrInline: Confirmed was called by an inline handler (HandleInline)
+	// while it runs on the read loop, which the confirm has to come from.
+	ErrInline          = errors.New("esro: Confirmed from a running inline handler")
 	ErrInvocationEnded = errors.New("esro: invocation no longer exists")
 	ErrTooLarge        = errors.New("esro: user data larger than the PDU size")
 	ErrSAPBound        = errors.New("esro: SAP already bound")

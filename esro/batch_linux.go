@@ -106,6 +106,7 @@ func (m *mmsgs) doRecv(fd uintptr) bool {
 // fails (false: the socket buffer is full, wait until writable).
 func (m *mmsgs) doSend(fd uintptr) bool {
 	for m.done < m.k {
+		m.calls++
 		r, _, e := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&m.hdrs[m.done])), uintptr(m.k-m.done), 0, 0, 0)
 		switch {
 		case e == 0:
@@ -174,7 +175,11 @@ func (b *batchConn) read() (int, error) {
 		m.iovs[i].Base = &b.bufs[i][0]
 		m.iovs[i].SetLen(len(b.bufs[i]))
 	}
-	if err := b.rc.Read(m.recv); err != nil {
+	err := b.rc.Read(m.recv)
+	if b.st != nil {
+		b.st.socketCalls.Add(uint64(m.calls))
+	}
+	if err != nil {
 		return 0, err
 	}
 	if m.errno != 0 {
@@ -254,6 +259,7 @@ func (b *batchConn) write(out []outgoing, st *counters, log *slog.Logger) {
 			continue
 		}
 		sent, err := b.send(m, k)
+		st.socketCalls.Add(uint64(m.calls))
 		for i := range sent {
 			st.datagramsOut.Add(1)
 			st.bytesOut.Add(uint64(len(out[i].payload())))
@@ -313,7 +319,7 @@ func zoneIndex(z string) (uint32, error) {
 // send hands slots 0..k-1 to sendmmsg until all are sent or one fails;
 // it returns how many were sent and the error of the one that failed.
 func (b *batchConn) send(m *mmsgs, k int) (int, error) {
-	m.k, m.done, m.errno = k, 0, 0
+	m.k, m.done, m.errno, m.calls = k, 0, 0, 0
 	if err := b.rc.Write(m.send); err != nil {
 		return m.done, err
 	}

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -35,7 +36,29 @@ type Endpoint struct {
 	handlers sync.WaitGroup
 	closed   chan struct{}
 	once     sync.Once
+
+	// Handler workers (see indicate): tasks go to an idle worker through
+	// work; idle counts the workers waiting on it.
+	work chan task
+	idle atomic.Int32
+
+	// Inline handlers (HandleInline) indicated during the current step of
+	// the read loop, run by it once the step's lock is released.
+	inline []task
+	ctx    context.Context // inline handlers' context, cancelled at Close
+	cancel context.CancelFunc
 }
+
+// task is a performer invocation to hand to its handler.
+type task struct {
+	inv *invocation
+	h   Handler
+	ctx context.Context
+}
+
+// maxIdleWorkers bounds the handler workers kept waiting for work; beyond
+// it a worker that finishes its handler exits.
+const maxIdleWorkers = 64
 
 type udpAddrPortConn interface {
 	ReadFromUDPAddrPort(b []byte) (int, netip.AddrPort, error)
@@ -81,7 +104,8 @@ func NewEndpoint(conn net.PacketConn, cfg *Config) (*Endpoint, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &Endpoint{conn: conn, log: c.Logger, trace: c.Trace, closed: make(chan struct{})}
+	e := &Endpoint{conn: conn, log: c.Logger, trace: c.Trace, closed: make(chan struct{}), work: make(chan task)}
+	e.ctx, e.cancel = context.WithCancel(context.Background())
 	e.fast, _ = conn.(udpAddrPortConn)
 	e.batch = newBatchConn(conn)
 	e.wireICMP()
@@ -105,6 +129,37 @@ func (e *Endpoint) Handle(sap uint8, hs Handshake, h Handler) error {
 	defer e.mu.Unlock()
 	return e.m.bind(sap, hs, h)
 }
+
+// HandleInline binds sap like Handle, for a handler that never blocks:
+// it runs on the endpoint's read loop itself, between two reads, with no
+// goroutine and no context of its own, and its answer leaves in the same
+// batch of datagrams as everything else that read caused. That is the
+// fastest way to serve, and the handler's contract is strict:
+//
+//   - It must return quickly and must not wait for anything (I/O, locks
+//     held elsewhere for long, channels): while it runs the endpoint
+//     reads nothing, for every peer.
+//   - It should answer (Result or Error) before it returns; an answer
+//     given later from another goroutine works but costs a flush of its
+//     own.
+//   - Confirmed returns ErrInline at once rather than deadlock.
+//   - ctx is the endpoint's, cancelled only at Close.
+//   - inv.Data is the datagram in the receive buffer, valid only until
+//     the handler returns: a handler that keeps it (or hands it to
+//     another goroutine) copies it. Result and Error copy what they are
+//     given.
+//
+// A handler that panics is logged and the invocation times out, as with
+// Handle.
+func (e *Endpoint) HandleInline(sap uint8, hs Handshake, h Handler) error {
+	if h == nil {
+		return e.Handle(sap, hs, nil)
+	}
+	return e.Handle(sap, hs, inlineHandler{h})
+}
+
+// inlineHandler marks a binding made by HandleInline.
+type inlineHandler struct{ Handler }
 
 // HandleFunc binds sap to a handler function.
 func (e *Endpoint) HandleFunc(sap uint8, hs Handshake, f func(ctx context.Context, w ResponseWriter, inv *Invocation)) error {
@@ -255,6 +310,7 @@ func (e *Endpoint) Close() error {
 		}
 		e.mu.Unlock()
 		close(e.closed)
+		e.cancel()
 		// A caller woken by an indication may close us before the
 		// datagrams queued in the same step (an ACK after a RESULT) are
 		// written: let them go out first.
@@ -328,6 +384,13 @@ func (e *Endpoint) readLoop() {
 			e.m.receive(now, buf[:n], from)
 		}
 		e.applyICMPLocked(now)
+		if len(e.inline) > 0 {
+			// Answers of inline handlers join this step's datagrams.
+			e.mu.Unlock()
+			e.runInline()
+			e.mu.Lock()
+			now = time.Now()
+		}
 		out := e.takeOut()
 		e.rearm(now)
 		e.mu.Unlock()
@@ -348,6 +411,22 @@ func (e *Endpoint) traceIn(n int, buf []byte, from netip.AddrPort) {
 			e.trace(false, from, b)
 		}
 	}
+}
+
+// runInline runs the inline handlers indicated in the last step, without
+// mu, then marks them as no longer running on the loop. Read loop only.
+func (e *Endpoint) runInline() {
+	for i := range e.inline {
+		t := &e.inline[i]
+		e.call(t.ctx, t.inv, t.h)
+	}
+	e.mu.Lock()
+	for i := range e.inline {
+		e.inline[i].inv.inLoop = false
+	}
+	clear(e.inline)
+	e.inline = e.inline[:0]
+	e.mu.Unlock()
 }
 
 // rearm makes the timer fire at the machine's next deadline. It never
@@ -408,7 +487,7 @@ func (e *Endpoint) flush(out *[]outgoing) {
 			e.trace(true, (*out)[i].to, (*out)[i].payload())
 		}
 	}
-	if e.batch != nil && len(*out) > 1 {
+	if e.batch != nil {
 		e.batch.write(*out, &e.st, e.log)
 	} else {
 		for i := range *out {
@@ -443,25 +522,59 @@ func (e *Endpoint) send(o *outgoing) {
 	e.st.bytesOut.Add(uint64(len(b)))
 }
 
-// indicate runs the handler of a new performer invocation in its own
-// goroutine. Called by the machine with mu held. The handler's context is
-// not derived from an endpoint-wide one (that would cost a registration per
-// invocation): the machine cancels it whenever the invocation ends,
-// including at Close.
+// indicate hands a new performer invocation to its handler. Called by the
+// machine with mu held. An inline handler (HandleInline) is queued for the
+// read loop. Any other runs on a handler worker: an idle one if there is
+// one, else a new one, which stays for later invocations (up to
+// maxIdleWorkers of them wait), so that steady load starts no goroutine
+// per invocation and handlers run on stacks already grown. The handler's
+// context is not derived from an endpoint-wide one (that would cost a
+// registration per invocation): the machine cancels it whenever the
+// invocation ends, including at Close.
 func (e *Endpoint) indicate(inv *invocation, h Handler) {
+	inv.resp = responder{e: e, inv: inv}
+	if ih, ok := h.(inlineHandler); ok {
+		inv.inLoop = true
+		e.inline = append(e.inline, task{inv, ih.Handler, e.ctx})
+		return
+	}
 	ctx, cancel := context.WithCancelCause(context.Background())
 	inv.cancel = cancel
-	inv.resp = responder{e: e, inv: inv}
-	e.handlers.Add(1)
-	go e.serve(ctx, inv, h)
+	t := task{inv, h, ctx}
+	select {
+	case e.work <- t:
+	default:
+		e.handlers.Add(1)
+		go e.worker(t)
+	}
 }
 
-func (e *Endpoint) serve(ctx context.Context, inv *invocation, h Handler) {
+// worker serves t, then further tasks while it is one of at most
+// maxIdleWorkers waiting, until Close.
+func (e *Endpoint) worker(t task) {
 	defer e.handlers.Done()
+	for {
+		e.call(t.ctx, t.inv, t.h)
+		t = task{} // keep nothing of it while idle
+		if e.idle.Add(1) > maxIdleWorkers {
+			e.idle.Add(-1)
+			return
+		}
+		select {
+		case t = <-e.work:
+			e.idle.Add(-1)
+		case <-e.closed:
+			e.idle.Add(-1)
+			return
+		}
+	}
+}
+
+// call runs one handler, surviving its panic: like net/http, one bad
+// handler must not take the endpoint down. The invocation then times out.
+func (e *Endpoint) call(ctx context.Context, inv *invocation, h Handler) {
 	defer func() {
 		if r := recover(); r != nil {
-			// Like net/http: one bad handler must not take the endpoint
-			// down. The invocation then times out.
 			e.log.Error("esro: handler panic", "sap", inv.sap, "peer", inv.addr, "panic", r)
 		}
 	}()
@@ -483,6 +596,10 @@ func (r *responder) Error(enc Encoding, value uint8, data []byte) error {
 
 func (r *responder) Confirmed(ctx context.Context) error {
 	r.e.mu.Lock()
+	if r.inv.inLoop {
+		r.e.mu.Unlock()
+		return ErrInline
+	}
 	if r.inv.finished {
 		err := r.inv.err
 		r.e.mu.Unlock()
@@ -505,6 +622,11 @@ func (e *Endpoint) answer(inv *invocation, isErr bool, enc Encoding, value uint8
 	now := time.Now()
 	e.mu.Lock()
 	err := e.m.answer(now, inv, isErr, enc, value, data)
+	if inv.inLoop {
+		// An inline handler: the read loop flushes after it returns.
+		e.mu.Unlock()
+		return err
+	}
 	out := e.takeOut()
 	e.rearm(now)
 	e.mu.Unlock()

@@ -1,6 +1,7 @@
 package esro
 
 import (
+	"bytes"
 	"hash/maphash"
 	"net/netip"
 	"time"
@@ -62,7 +63,13 @@ func (h *hostileState) init() {
 
 // budget is what a source sent toward an invocation and what was sent
 // back to it.
-type budget struct{ inB, inD, outB, outD int }
+// until caches the proof of the source, so that the replies of a proven
+// peer's invocation cost no lookup in the proven table each: proven until
+// then (machine clock), as last seen there.
+type budget struct {
+	inB, inD, outB, outD int
+	until                int64
+}
 
 func (b *budget) earn(n int) { b.inB += n; b.inD++ }
 
@@ -73,9 +80,11 @@ func (m *machine) rxBudget() *budget { return &budget{inB: m.rx, inD: 1} }
 func (m *machine) clock(now time.Time) int64 { return int64(now.Sub(m.epoch)) }
 
 func (m *machine) isProven(now time.Time, a netip.AddrPort) bool {
-	until, ok := m.hostile.proven[a]
-	return ok && until > m.clock(now)
+	return m.provenUntil(a) > m.clock(now)
 }
+
+// provenUntil is when a's proof runs out (machine clock; 0: never proven).
+func (m *machine) provenUntil(a netip.AddrPort) int64 { return m.hostile.proven[a] }
 
 // prove marks a as proven for Config.ProvenFor.
 func (m *machine) prove(now time.Time, a netip.AddrPort) {
@@ -124,7 +133,13 @@ func (m *machine) proveInvocation(now time.Time, inv *invocation) {
 // them (counted) or to is proven.
 func (m *machine) mayReply(now time.Time, to netip.AddrPort, b *budget, n int) bool {
 	f := m.cfg.AmplificationFactor
-	if f == 0 || m.isProven(now, to) {
+	if f == 0 {
+		return true
+	}
+	if c := m.clock(now); b.until > c {
+		return true
+	} else if u := m.provenUntil(to); u > c {
+		b.until = u
 		return true
 	}
 	if float64(b.outB+n) > f*float64(b.inB) || float64(b.outD+1) > f*float64(b.inD) {
@@ -214,7 +229,9 @@ type tombstone struct {
 func (m *machine) fingerprint(sap, op uint8, enc Encoding, data []byte) uint64 {
 	var h maphash.Hash
 	h.SetSeed(m.hostile.seed)
-	h.Write([]byte{sap, op, byte(enc)})
+	h.WriteByte(sap)
+	h.WriteByte(op)
+	h.WriteByte(byte(enc))
 	h.Write(data)
 	return h.Sum64()
 }
@@ -223,8 +240,10 @@ func (m *machine) fingerprint(sap, op uint8, enc Encoding, data []byte) uint64 {
 func (m *machine) entomb(now time.Time, inv *invocation, kept []byte) {
 	h := &m.hostile
 	t := &tombstone{
-		key: inv.key, addr: inv.addr, sap: inv.sap, kept: kept, budget: inv.budget,
-		sum:   m.fingerprint(inv.sap, inv.call.Operation, inv.call.Encoding, inv.call.Data),
+		// A copy: kept may live in the invocation's own buffer, which
+		// the tombstone must not hold on to.
+		key: inv.key, addr: inv.addr, sap: inv.sap, kept: bytes.Clone(kept), budget: inv.budget,
+		sum:   inv.sum,
 		until: m.clock(now) + int64(m.td.ref),
 	}
 	inv.kept = nil

@@ -46,7 +46,10 @@ import (
 //     and an INVOKE re-using it earlier would be swallowed as a duplicate.
 //   - A performer takes an INVOKE for a duplicate only when it repeats the
 //     held invocation's operation, encoding and argument; retransmissions
-//     are byte-identical (docs/protocol.md ESRO §5.2). A different INVOKE on a held
+//     are byte-identical (docs/protocol.md ESRO §5.2). It compares them by a keyed
+//     64-bit fingerprint (maphash, random seed), so that the argument need
+//     not be kept: a forged collision needs the seed, a chance one has a
+//     probability of 2^-64. A different INVOKE on a held
 //     number means the invoker has released it: the old invocation is
 //     superseded and the new one performed.
 //   - Requests and answers are validated before any state is created, and
@@ -210,16 +213,37 @@ type invocation struct {
 	// of its own; res points here.
 	result Result
 
+	// small holds kept when it fits: one allocation less for the
+	// invocations of small PDUs, which most are.
+	small [smallPDU]byte
+
 	// invoker
 	gotReply bool
 
 	// performer
+	sum      uint64     // fingerprint of SAP, operation, encoding and argument, for duplicates
 	unproven bool       // counted against the unproven caps
 	budget   budget     // what its source sent and was sent, see reply
 	call     Invocation // what the handler is given
 	resp     responder  // the handler's ResponseWriter, set by the Endpoint
 	answered bool
 	cancel   context.CancelCauseFunc // the handler's context, set by the Endpoint
+	inLoop   bool                    // an inline handler is running it on the read loop (Endpoint)
+}
+
+// smallPDU is the size of the buffer in each invocation for the PDU it
+// keeps for retransmission: an INVOKE or reply with up to 125 octets of
+// user data needs no allocation of its own.
+const smallPDU = 128
+
+// pduBuf returns an empty buffer with room for n octets: the invocation's
+// own when it fits and is not in use, else a new one. The kept PDU is
+// never modified once sent, and each invocation keeps one PDU in its life.
+func (inv *invocation) pduBuf(n int) []byte {
+	if n <= smallPDU {
+		return inv.small[:0:n]
+	}
+	return make([]byte, 0, n)
 }
 
 type peer struct {
@@ -489,7 +513,7 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 		case inv.sap != p.SAP:
 			m.drop(DropSAPMismatch)
 			return
-		case inv.call.Operation == p.Operation && inv.call.Encoding == p.Encoding && string(inv.call.Data) == string(p.Data):
+		case inv.sum == m.fingerprint(p.SAP, p.Operation, p.Encoding, p.Data):
 			inv.budget.earn(m.rx)
 			m.onDuplicateInvoke(now, inv)
 			return
@@ -514,7 +538,8 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 		m.replyFailure(now, from, p.Ref, LocalResource, m.rxBudget())
 		return
 	}
-	unproven := !m.isProven(now, from)
+	until := m.provenUntil(from)
+	unproven := until <= m.clock(now)
 	if unproven && !m.admitUnproven(from.Addr()) {
 		m.drop(DropUnprovenLimit)
 		return
@@ -525,13 +550,21 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 	m.perfPerIP[from.Addr()]++
 	inv := &invocation{
 		key: key, addr: from, peer: pr, perf: true, hs: bd.hs, sap: p.SAP, hidx: -1,
+		sum: m.fingerprint(p.SAP, p.Operation, p.Encoding, p.Data),
 		call: Invocation{
 			Peer: from, SAP: p.SAP, RemoteSAP: p.SAP - 1, Ref: p.Ref,
 			Operation: p.Operation, Encoding: p.Encoding, Handshake: bd.hs,
-			Data: append([]byte(nil), p.Data...),
 		},
 	}
+	if _, inline := bd.h.(inlineHandler); inline {
+		// Runs before the next read: the argument stays in the receive
+		// buffer (HandleInline's contract).
+		inv.call.Data = p.Data
+	} else {
+		inv.call.Data = append([]byte(nil), p.Data...)
+	}
 	inv.budget.earn(m.rx)
+	inv.budget.until = until
 	if unproven {
 		m.countUnproven(inv, 1)
 	}
@@ -800,16 +833,14 @@ func (m *machine) invoke(now time.Time, req *Request, to netip.AddrPort) (*invoc
 		m.st.refWaits.Add(1)
 		return nil, w, nil
 	}
+	inv := &invocation{key: invKey{pk, ref}, addr: to, peer: p, hs: req.Handshake, hidx: -1, sentAt: now}
 	pdu := PDU{Type: TypeInvoke, SAP: req.SAP, Ref: ref, Operation: req.Operation, Encoding: req.Encoding, Data: req.Data}
-	kept, err := AppendPDU(make([]byte, 0, 3+len(req.Data)), &pdu)
+	kept, err := AppendPDU(inv.pduBuf(3+len(req.Data)), &pdu)
 	if err != nil { // validated by the caller; kept for safety
 		m.freeRef(p, ref)
 		return nil, nil, err
 	}
-	inv := &invocation{
-		key: invKey{pk, ref}, addr: to, peer: p, hs: req.Handshake, hidx: -1,
-		kept: kept, sentAt: now, done: m.token(),
-	}
+	inv.kept, inv.done = kept, m.token()
 	m.invokers[inv.key] = inv
 	m.st.inflightInv.Add(1)
 	m.st.invokesOut.Add(1)
@@ -900,7 +931,7 @@ func (m *machine) answer(now time.Time, inv *invocation, isErr bool, enc Encodin
 	if isErr {
 		pdu.Type, pdu.Value = TypeError, value
 	}
-	kept, _ := AppendPDU(make([]byte, 0, 3+len(data)), &pdu)
+	kept, _ := AppendPDU(inv.pduBuf(3+len(data)), &pdu)
 	inv.kept, inv.answered, inv.sentAt, inv.k = kept, true, now, 0
 	m.st.answers.Add(1)
 	inv.peer.loss.sent()

@@ -78,6 +78,11 @@ type Stats struct {
 	// KernelDrops is the socket's count of datagrams the kernel dropped
 	// for want of receive buffer (Linux SO_RXQ_OVFL), as last reported.
 	KernelDrops uint64
+	// SocketCalls counts the system calls made on the socket to move
+	// datagrams (reads, including those that found nothing waiting, and
+	// writes), where the endpoint makes them itself (Linux UDP sockets);
+	// zero elsewhere.
+	SocketCalls uint64
 }
 
 // counters are updated under the machine's lock but read without it.
@@ -91,6 +96,7 @@ type counters struct {
 	refWaits                                                  atomic.Uint64
 	withheld, withheldBytes, unreachable, kernelDrops         atomic.Uint64
 	unproven, tombstones                                      atomic.Int64
+	socketCalls                                               atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -105,7 +111,7 @@ func (c *counters) snapshot() Stats {
 		ReferenceWaits: c.refWaits.Load(),
 		Withheld:       c.withheld.Load(), WithheldBytes: c.withheldBytes.Load(),
 		InFlightUnproven: int(c.unproven.Load()), Tombstones: int(c.tombstones.Load()),
-		Unreachable: c.unreachable.Load(), KernelDrops: c.kernelDrops.Load(),
+		Unreachable: c.unreachable.Load(), KernelDrops: c.kernelDrops.Load(), SocketCalls: c.socketCalls.Load(),
 	}
 	for i := range s.Drops {
 		s.Drops[i] = c.drops[i].Load()
