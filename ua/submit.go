@@ -66,8 +66,12 @@ func (c *Client) SubmitIPM(ctx context.Context, ipm *emsd.IPM) (emsd.LocalMessag
 			data = emsd.PrependInstanceID(c.instance.Next(), arg)
 		}
 		res, err = c.invoke(ctx, emsd.SAPMTSPerformer3Way, op, esro.ThreeWay, data)
+		// A segment that went unanswered is invoked once more (its
+		// answer may be what was lost). Not after an ICMP error: the
+		// server is not there, and a second INVOKE would only get the
+		// same error.
 		var f *esro.Failure
-		if errors.As(err, &f) && ctx.Err() == nil {
+		if errors.As(err, &f) && f.Reason != esro.Unreachable && ctx.Err() == nil {
 			c.log.Warn("ua: submission segment failed, invoking it again", "segment", i, "segments", len(segs), "err", err)
 			res, err = c.invoke(ctx, emsd.SAPMTSPerformer3Way, op, esro.ThreeWay, data)
 		}
