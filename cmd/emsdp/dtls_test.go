@@ -177,12 +177,13 @@ func TestUAOverDTLS(t *testing.T) {
 	if code != exitError || !strings.HasPrefix(out, "error code=4 ") {
 		t.Fatalf("plain UDP for a require_dtls device: exit %d %q", code, out)
 	}
-	// A wrong key gets no session, hence no answer.
+	// A wrong key gets no session, hence no answer; the command says
+	// what that most likely means.
 	wrong := strings.Repeat("ab", 16)
-	code, out, _ = runCmdStdin(t, "x\n", append([]string{"ua", "send", "--server", dtlsAddr, "--address", "198.037",
+	code, out, errs = runCmdStdin(t, "x\n", append([]string{"ua", "send", "--server", dtlsAddr, "--address", "198.037",
 		"--dtls", "--psk", wrong, "--to", "198.036", "--retries", "2"}, timers...)...)
-	if code != exitFailure || !strings.HasPrefix(out, "failure ") {
-		t.Fatalf("wrong key: exit %d %q", code, out)
+	if code != exitFailure || !strings.HasPrefix(out, "failure ") || !strings.Contains(errs, "no DTLS session with "+dtlsAddr+": the handshake did not complete; a wrong key") {
+		t.Fatalf("wrong key: exit %d %q %q", code, out, errs)
 	}
 	// Usage errors.
 	for _, args := range [][]string{

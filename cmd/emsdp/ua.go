@@ -45,6 +45,7 @@ type uaDevice struct {
 	dtls                             dtlsFlags
 	listenDTLS                       bool // receive: sessions come to --listen
 	noLinger                         bool
+	conn                             *esrodtls.Conn // with --dtls, once started
 }
 
 func (d *uaDevice) register(fs *flag.FlagSet, env *cmdEnv) {
@@ -118,6 +119,7 @@ func (d *uaDevice) start(env *cmdEnv, ecfg *esro.Config, cfg ua.Config) (*esro.E
 		if err != nil {
 			return nil, nil, err
 		}
+		d.conn = conn
 		if ep, err = esro.NewEndpoint(conn, esrodtls.EndpointConfig(ecfg)); err != nil {
 			conn.Close()
 			return nil, nil, err
@@ -161,6 +163,20 @@ func uaOutcome(env *cmdEnv, cmd string, err error) int {
 	}
 	fmt.Fprintf(env.stderr, "emsdp ua %s: %v\n", cmd, err)
 	return exitFailed
+}
+
+// outcome is uaOutcome for an operation on the started client. An ESRO
+// failure over DTLS without a session ever established says why it most
+// likely is: a wrong key gets no answer at all (the server drops the
+// handshake message it cannot decrypt), which reads as a silent server.
+func (d *uaDevice) outcome(env *cmdEnv, cmd string, err error) int {
+	code := uaOutcome(env, cmd, err)
+	if code == exitFailure && d.conn != nil && d.conn.Stats().HandshakesOK == 0 {
+		fmt.Fprintf(env.stderr, "emsdp ua %s: no DTLS session with %s: the handshake did not complete; "+
+			"a wrong key, or an --address the server has no key for, looks like this (check --psk or --psk-file, and that --server is its dtls.listen port)\n",
+			cmd, d.server)
+	}
+	return code
 }
 
 // ---- send ----
@@ -274,7 +290,7 @@ func uaSend(ctx context.Context, env *cmdEnv, args []string) int {
 	defer c.Close()
 	id, err := c.Submit(ctx, &msg)
 	if err != nil {
-		return uaOutcome(env, "send", err)
+		return d.outcome(env, "send", err)
 	}
 	fmt.Fprintf(env.stdout, "submitted message-id=%s\n", id)
 	return exitOK
@@ -487,7 +503,7 @@ func uaVerify(ctx context.Context, env *cmdEnv, args []string) int {
 	defer c.Close()
 	st, err := c.DeliveryVerify(ctx, id)
 	if err != nil {
-		return uaOutcome(env, "verify", err)
+		return d.outcome(env, "verify", err)
 	}
 	fmt.Fprintf(env.stdout, "status=%d %s\n", st, uaStatusName(st))
 	if st == emsd.NoReportSent {
