@@ -22,9 +22,9 @@ func (d *Device) Validate() error {
 	switch {
 	case d.Address == 0:
 		return fmt.Errorf("%w: device address 0", ErrInvalid)
-	case !d.IP.IsValid() && d.PasswordHash == "":
-		// Nothing could identify it: no password, no address.
-		return fmt.Errorf("%w: a device without IP address needs a password", ErrInvalid)
+	case !d.IP.IsValid() && d.PasswordHash == "" && len(d.PSK) == 0:
+		// Nothing could identify it: no password, no key, no address.
+		return fmt.Errorf("%w: a device without IP address needs a password or a DTLS key", ErrInvalid)
 	case !d.IP.IsValid() && d.Port != 0:
 		return fmt.Errorf("%w: device port %d without IP address", ErrInvalid, d.Port)
 	case d.Version == "":

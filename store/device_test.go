@@ -19,6 +19,9 @@ func TestDeviceValidate(t *testing.T) {
 		{"address 0", func(d *Device) { d.Address = 0 }, false},
 		{"no IP, no password", func(d *Device) { d.IP = netip.Addr{} }, false},
 		{"no IP, password", func(d *Device) { d.IP, d.PasswordHash = netip.Addr{}, "h" }, true},
+		// Its DTLS sessions find it (behind a NAT); plain UDP never does.
+		{"no IP, DTLS key", func(d *Device) { d.IP, d.PSK = netip.Addr{}, make([]byte, MinPSKLen) }, true},
+		{"no IP, DTLS key required", func(d *Device) { d.IP, d.PSK, d.RequireDTLS = netip.Addr{}, make([]byte, MinPSKLen), true }, true},
 		{"port without IP", func(d *Device) { d.IP, d.Port, d.PasswordHash = netip.Addr{}, 641, "h" }, false},
 		{"no version", func(d *Device) { d.Version = "" }, false},
 		{"bad mode", func(d *Device) { d.Mode = "fast" }, false},

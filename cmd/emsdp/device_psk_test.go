@@ -40,6 +40,9 @@ func TestDevicePSKCommands(t *testing.T) {
 		stderr string
 	}{
 		{"add with key", d("device", "add", "--address", "5.2", "--ip", "127.0.0.1", "--psk", hexKey, "--require-dtls"), exitOK, `dtls=required\n$`, ""},
+		// Behind a NAT: no address, the key alone; it cannot then lose it.
+		{"add without address", d("device", "add", "--address", "5.4", "--psk", hexKey, "--require-dtls"), exitOK, `ip=- port=- .* password=no .*dtls=required\n$`, ""},
+		{"no address, key removed", d("device", "psk", "5.4", "--psk", "none", "--require-dtls", "no"), exitUsage, `^$`, "needs a password or a DTLS key"},
 		{"short key", d("device", "add", "--address", "5.3", "--ip", "127.0.0.1", "--psk", "0011"), exitUsage, `^$`, "2 bytes"},
 		{"not hex", d("device", "add", "--address", "5.3", "--ip", "127.0.0.1", "--psk", "zz"), exitUsage, `^$`, "not hex"},
 		{"require without key", d("device", "add", "--address", "5.3", "--ip", "127.0.0.1", "--password", "", "--require-dtls"), exitUsage, `^$`, "needs --psk"},
