@@ -88,6 +88,41 @@ type dtlsService struct {
 	mu    sync.Mutex
 	limit failBuckets[srcKey]
 	epoch time.Time
+	// polls is the session each device last polled over (delivery
+	// control): where it receives, as a plain contact heard in a poll.
+	polls map[emsd.Address]netip.AddrPort
+}
+
+// polled records that device a polled over the session named peer.
+func (d *dtlsService) polled(a emsd.Address, peer netip.AddrPort) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.polls == nil {
+		d.polls = make(map[emsd.Address]netip.AddrPort)
+	}
+	d.polls[a] = peer
+}
+
+// session is the session to deliver to device a over: the one it last
+// polled over while that is still open, else its latest. A device that
+// polls with "ua receive --poll" and submits with a one-shot "ua send"
+// opens a second session, and the latest would be that one, which takes
+// no deliveries and is gone a few seconds later.
+func (d *dtlsService) session(a emsd.Address) (netip.AddrPort, bool) {
+	d.mu.Lock()
+	name, ok := d.polls[a]
+	d.mu.Unlock()
+	if ok {
+		if p, open := d.conn.Peer(name); open && p.Identity == a.String() {
+			return name, true
+		}
+		d.mu.Lock()
+		if d.polls[a] == name {
+			delete(d.polls, a)
+		}
+		d.mu.Unlock()
+	}
+	return d.conn.SessionFor(a.String())
 }
 
 type dtlsIdentityKey struct{}
@@ -211,9 +246,10 @@ func (s *Server) serveDTLS(ctx context.Context, w esro.ResponseWriter, inv *esro
 }
 
 // dtlsTarget is targetOf for a device with a key while DTLS is on:
-// deliveries follow its sessions, not contacts. Over its latest session,
-// else a session the server opens to its registered address (also the
-// fallback when the session does not answer); with neither it is
+// deliveries follow its sessions, not contacts. Over the session it last
+// polled over, else its latest session, else a session the server opens
+// to its registered address (also the fallback when the session does not
+// answer); with neither it is
 // offline until it opens a session. ok is false for other devices.
 func (s *Server) dtlsTarget(dev *device) (t target, why string, ok bool) {
 	if dev.PSK == nil {
@@ -225,7 +261,7 @@ func (s *Server) dtlsTarget(dev *device) (t target, why string, ok bool) {
 		}
 		return t, "", false
 	}
-	if name, ok := s.dtls.conn.SessionFor(dev.addr.String()); ok {
+	if name, ok := s.dtls.session(dev.addr); ok {
 		t = target{to: name, dtls: true}
 		if dev.ap.IsValid() && dev.ap != name {
 			t.fallback = dev.ap

@@ -197,3 +197,45 @@ func TestDTLSConfigValidation(t *testing.T) {
 	c.DTLS.CipherSuites = []string{"TLS_ECDHE_PSK_WITH_CHACHA20_POLY1305_SHA256"}
 	must(t, c.Validate())
 }
+
+// TestDTLSDeliveryFollowsPoll: a device receives over the session it polls
+// on, not over a later one it opened only to submit (ua send beside ua
+// receive --poll), as a plain submission does not move a polled contact.
+func TestDTLSDeliveryFollowsPoll(t *testing.T) {
+	s := startServer(t, dtlsConfig(t))
+	key := []byte("key-of-device-36")
+	must(t, s.st.AddDevice(context.Background(), &store.Device{Address: 198036, Version: "1.1", Mode: store.ModeComplete, PSK: key}))
+	must(t, s.Reload(context.Background()))
+	client := func(h ua.Handler) *ua.Client {
+		cc, err := esrodtls.NewClient(esrodtls.Config{Credentials: func(netip.AddrPort) (string, []byte, error) {
+			return "198.036", key, nil
+		}, Logger: slog.New(slog.DiscardHandler)})
+		must(t, err)
+		ep, err := esro.NewEndpoint(cc, esrodtls.EndpointConfig(&esro.Config{Timers: fastTimers, Logger: slog.New(slog.DiscardHandler)}))
+		must(t, err)
+		t.Cleanup(func() { ep.Close() })
+		c, err := ua.New(ep, ua.Config{Server: s.Addrs().DTLS, Address: 198036, Handler: h, Logger: slog.New(slog.DiscardHandler)})
+		must(t, err)
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	got := make(chan *ua.Delivery, 4)
+	rx := client(ua.HandlerFunc(func(_ context.Context, d *ua.Delivery) error { got <- d; return nil }))
+	tx := client(nil) // takes no deliveries, as ua send
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := rx.DeliveryControl(ctx, nil); err != nil {
+		t.Fatalf("poll over DTLS: %v", err)
+	}
+	if _, err := tx.Submit(ctx, &ua.Message{To: []string{"198.036"}, Subject: "to myself", Body: []byte("x\n")}); err != nil {
+		t.Fatalf("submit over DTLS: %v", err)
+	}
+	select {
+	case d := <-got:
+		if d.IPM.Heading.Subject != "to myself" {
+			t.Fatalf("delivered %q", d.IPM.Heading.Subject)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no delivery over the polling session within 5 s")
+	}
+}

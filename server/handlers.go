@@ -122,6 +122,8 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 	}
 	if authed {
 		s.heard(dev, peer, true)
+	} else if a, ok := dtlsDevice(ctx); ok {
+		s.dtls.polled(a, peer)
 	}
 	if !woken {
 		s.wake(dev.addr, authed)
