@@ -307,6 +307,12 @@ func parseConfig(b []byte, name string) (*Config, error) {
 	if md.IsDefined("data") {
 		c.dataRelativeTo(name)
 	}
+	// "off" turns an optional listener off, as the flags say it.
+	for _, l := range []*string{&c.SMTP.Listen, &c.Admin.Listen, &c.DTLS.Listen} {
+		if *l == "off" {
+			*l = ""
+		}
+	}
 	return c, nil
 }
 

@@ -62,6 +62,10 @@ func TestLoadConfig(t *testing.T) {
 			}, ""},
 		{"listeners off", "[smtp]\nlisten = \"\"\n[admin]\nlisten = \"\"\n",
 			func(c *Config) bool { return c.SMTP.Listen == "" && c.Admin.Listen == "" }, ""},
+		// As the flags take it (--smtp off, --admin off, --dtls-listen off).
+		{"listeners off by name", "[smtp]\nlisten = \"off\"\n[admin]\nlisten = \"off\"\n[dtls]\nlisten = \"off\"\n",
+			func(c *Config) bool { return c.SMTP.Listen == "" && c.Admin.Listen == "" && c.DTLS.Listen == "" }, ""},
+		{"emsd listen cannot be off", "[emsd]\nlisten = \"off\"\n", nil, "emsd.listen \"off\""},
 		{"compat", "[compat]\nip_only_identification = true\nverify_failure = \"drop\"\n",
 			func(c *Config) bool { return c.Compat.IPOnlyIdentification && c.Compat.VerifyFailure == "drop" }, ""},
 		{"unknown key", "[emsd]\nlisten = \":1\"\nlistne = \":2\"\n", nil, "unknown keys: emsd.listne"},
