@@ -58,11 +58,25 @@ func commands() []command {
 }
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := signalContext()
 	env := &cmdEnv{stdin: os.Stdin, stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv}
 	code := run(ctx, env, os.Args[1:])
 	stop()
 	os.Exit(code)
+}
+
+// signalContext is canceled by the first SIGINT or SIGTERM: the command
+// then finishes what is in flight (serve drains for up to
+// delivery.drain_timeout). A second one ends the process at once, as a
+// user pressing Ctrl-C again expects; what serve accepted is on disk, and
+// what it was attempting is attempted again after a restart.
+func signalContext() (context.Context, context.CancelFunc) {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-ctx.Done()
+		stop() // the signals' default action again: termination
+	}()
+	return ctx, stop
 }
 
 func run(ctx context.Context, env *cmdEnv, args []string) int {
