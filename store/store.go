@@ -52,7 +52,8 @@ type Device struct {
 	// without password is identified from, and where deliveries go while
 	// no fresh Contact is known. IP is optional for a device with a
 	// password (the zero netip.Addr, Port 0): it is reached only at the
-	// address it is heard from.
+	// address it is heard from; and for a device with a DTLS key: it is
+	// reached through the sessions it opens.
 	IP      netip.Addr
 	Port    uint16
 	Version string   // "1.1" or "1.0"

@@ -382,11 +382,27 @@ func ageText(now, t time.Time) string {
 // heardText describes a device's contact for show: where it was heard
 // from, how long ago, by which server, and whether deliveries go there
 // (within lifetime of it, as the server decides; 0: not known).
+//
+// A device with a DTLS key gets its deliveries through its DTLS sessions,
+// which only the server knows, whatever its contact: the text says where
+// they go in general.
 func heardText(d *store.Device, now time.Time, lifetime time.Duration) string {
 	c := d.Contact
 	elsewhere := "deliveries go to the registered address"
 	if !d.IP.IsValid() {
 		elsewhere = "offline: deliveries wait until it is heard again"
+	}
+	if len(d.PSK) > 0 && lifetime > 0 {
+		dtls := "deliveries go over DTLS (on a server with dtls.listen): through the session the device has open with it, else "
+		if d.IP.IsValid() {
+			dtls += "through one the server opens to the registered address"
+		} else {
+			dtls += "they wait until it opens one"
+		}
+		if !c.Known() {
+			return "never (no operation with its password yet); " + dtls
+		}
+		return contactText(c, now) + "; " + dtls
 	}
 	if !c.Known() {
 		if lifetime > 0 {
@@ -394,11 +410,7 @@ func heardText(d *store.Device, now time.Time, lifetime time.Duration) string {
 		}
 		return "never (no operation with its password yet)"
 	}
-	op := "a submission"
-	if c.Polled {
-		op = "a poll"
-	}
-	s := fmt.Sprintf("%s, %s ago (%s), by %s in %s", c.Addr, ageText(now, c.At), c.At.UTC().Format("2006-01-02 15:04:05Z"), c.Via, op)
+	s := contactText(c, now)
 	if lifetime > 0 {
 		if now.Sub(c.At) < lifetime {
 			s += "; deliveries go there"
@@ -407,6 +419,15 @@ func heardText(d *store.Device, now time.Time, lifetime time.Duration) string {
 		}
 	}
 	return s
+}
+
+// contactText is where and when a device was heard, and by which server.
+func contactText(c store.Contact, now time.Time) string {
+	op := "a submission"
+	if c.Polled {
+		op = "a poll"
+	}
+	return fmt.Sprintf("%s, %s ago (%s), by %s in %s", c.Addr, ageText(now, c.At), c.At.UTC().Format("2006-01-02 15:04:05Z"), c.Via, op)
 }
 
 func yesNo(b bool) string {

@@ -42,6 +42,8 @@ func TestDevicePSKCommands(t *testing.T) {
 		{"add with key", d("device", "add", "--address", "5.2", "--ip", "127.0.0.1", "--psk", hexKey, "--require-dtls"), exitOK, `dtls=required\n$`, ""},
 		// Behind a NAT: no address, the key alone; it cannot then lose it.
 		{"add without address", d("device", "add", "--address", "5.4", "--psk", hexKey, "--require-dtls"), exitOK, `ip=- port=- .* password=no .*dtls=required\n$`, ""},
+		{"show without address", d("device", "show", "5.4"), exitOK, `heard: +never \(no operation with its password yet\); deliveries go over DTLS \(on a server with dtls\.listen\): through the session the device has open with it, else they wait until it opens one\n`, ""},
+		{"show with address", d("device", "show", "5.2"), exitOK, `heard: +never .*; deliveries go over DTLS .*else through one the server opens to the registered address\n`, ""},
 		{"no address, key removed", d("device", "psk", "5.4", "--psk", "none", "--require-dtls", "no"), exitUsage, `^$`, "needs a password or a DTLS key"},
 		{"short key", d("device", "add", "--address", "5.3", "--ip", "127.0.0.1", "--psk", "0011"), exitUsage, `^$`, "2 bytes"},
 		{"not hex", d("device", "add", "--address", "5.3", "--ip", "127.0.0.1", "--psk", "zz"), exitUsage, `^$`, "not hex"},
