@@ -48,7 +48,7 @@ func builtin() []Registration {
 	}
 	var t []Registration
 	t = append(t, both(641, "repcmd", "SupportSoft Nexus Remote Command (control/listening), first registered by Replicase", SourceIANA)...)
-	t = append(t, Registration{641, "udp", "esro-emsdp", "EMSD over ESRO, this project's default port (docs/protocol.md EMSD §1.2)", SourceProject})
+	t = append(t, Registration{641, "udp", "esro-emsdp", "EMSD over ESRO, this project's default port (docs/protocol.md ESRO §7)", SourceProject})
 	t = append(t, both(641, "print server", "some network print servers listen on 641", SourceCommon)...)
 	t = append(t, both(642, "esro-emsdp", "ESRO-EMSDP V1.3 (RFC 2524 over RFC 2188)", SourceIANA)...)
 	t = append(t, both(259, "esro-gen", "Efficient Short Remote Operations (RFC 2188)", SourceIANA)...)
