@@ -50,7 +50,7 @@ func commands() []command {
 		{"ports", "what is listening on 641 (and 642, 259, 2002), locally and remotely", cmdPorts},
 		{"ua", "device user agent: send, receive (into a Maildir) and verify mail", cmdUA},
 		{"serve", "the EMSD server: devices over ESRO/UDP, Internet mail over SMTP", cmdServe},
-		{"device", "the server's device registry: add, list, show, remove, passwd, psk (DTLS keys)", cmdDevice},
+		{"device", "the server's device registry: add, list, show, remove, passwd, psk (DTLS keys), import, export", cmdDevice},
 		{"queue", "the server's delivery and relay queues: list, show, retry, remove", cmdQueue},
 		{"decode", "decode ESRO and EMSD in a pcap/pcapng capture or one datagram", cmdDecode},
 		{"version", "which build this is: version, VCS revision and date, Go version", cmdVersion},
