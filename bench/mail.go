@@ -11,7 +11,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
-	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/mailconv"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/ua"
 )
@@ -159,7 +159,7 @@ func mailNotes(segErr error) []string {
 			"EMSD = the ESRO datagrams between a real `server.Start` (SQLite store) and a `ua.Client` on loopback; " +
 			"SMTP = go-smtp client and server, TCP handshake, EHLO, (AUTH PLAIN,) MAIL, RCPT, DATA, QUIT and teardown.",
 		"Same content both ways: the SMTP message is what the EMSD server's gateway makes of the device's message " +
-			"(gateway.FormatIPM: Date, From, Subject, To, Message-ID, body); body = plain text in 70-character lines. " +
+			"(mailconv.FormatIPM: Date, From, Subject, To, Message-ID, body); body = plain text in 70-character lines. " +
 			"Credentials are included on both sides (EMSD security element with address and password; SMTP AUTH PLAIN); " +
 			"delivery carries none (EMSD server to device; SMTP MTA to MTA). No TLS for SMTP; EMSD has no encryption either.",
 		"On the wire = payload + headers: UDP 8 + IPv4 20 per packet; TCP 52 per segment (IPv4 20 + TCP 20 + timestamps 12; " +
@@ -313,7 +313,7 @@ func rfc5322(m *ua.Message, self emsd.Address, msgID string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("message: %w", err)
 	}
-	out, err := gateway.FormatIPM(ipm, gateway.FormatOptions{Domain: benchDomain, MessageID: msgID,
+	out, err := mailconv.FormatIPM(ipm, mailconv.FormatOptions{Domain: benchDomain, MessageID: msgID,
 		Date: time.Date(2026, 11, 26, 9, 30, 0, 0, time.UTC)})
 	if err != nil {
 		return nil, fmt.Errorf("message: %w", err)

@@ -1,43 +1,24 @@
-// Package gateway is the Internet-mail side of EMSD: it converts RFC 5322/MIME
-// mail to EMSD content and back, relays submitted mail to a smarthost over
-// SMTP, receives Internet mail over SMTP and writes RFC 3464 delivery status
-// notifications. Comments cite the EMSD sections of docs/protocol.md as "§n"
-// and its open points (§12) as "OP n".
+// Package gateway is the SMTP side of EMSD: InboundServer receives Internet
+// mail for devices and Relay sends device mail to a smarthost. The conversion
+// between mail and EMSD content is package mailconv; this package only moves
+// bytes over SMTP (go-smtp) and classifies the outcomes. Comments cite the
+// EMSD sections of docs/protocol.md as "§n" and its open points (§12) as
+// "OP n".
 //
-// # Inbound: RFC 5322 → EMSD (§9.8, §6.2)
+// "Inbound" in this module means mail arriving from the Internet over SMTP:
+// InboundServer here and the server's Receiver for it.
 //
-// ParseMessage turns a mail into an Inbound: an IPM (content type 32) or, for
-// mail carrying "X-EMSD-Message-Type: Report", a ReportDelivery (content type
-// 2, OP 16). Unlike the reference it never produces content the EMSD codec
-// cannot encode (OP 8): strings are cut to their §5 limits on UTF-8
-// boundaries, lists are capped, trace headers (Received, DKIM-Signature, ...)
-// are not turned into extensions, and the encoded content is kept within
-// ParseOptions.MaxContent (32 segments, §8) by shedding heading extras and
-// cutting the body. Every cut is described in Inbound.Truncated.
+// # Relay
 //
-// The body is one text: text/plain is preferred (the plain alternative of a
-// multipart/alternative, the first inline text part of a multipart/mixed,
-// further inline text parts appended), HTML-only mail is converted to text,
-// transfer encodings and charsets are decoded, and line ends become LF as in
-// the reference's deliveries (§3 notes). When the body was transformed the
-// IPM's MIME fields describe what is actually delivered: MIME-Version 1.0,
-// text/plain; charset=utf-8, 7bit or 8bit. Omitted parts (attachments) are
-// listed in a short note at the end of the body.
+// Relay sends one message to a smarthost and reports the outcome per
+// recipient, with the RFC 3461 DSN parameters of a DSNRequest; IsPermanent
+// and NonDeliveryFor turn its errors into retry decisions and EMSD
+// non-delivery reasons.
 //
-// # Outbound: EMSD → RFC 5322 (§9.6)
+// # InboundServer
 //
-// FormatIPM renders a submitted IPM as an SMTP-ready message with CRLF line
-// ends, RFC 2047 encoded words for non-ASCII text, quoted-printable bodies
-// where 7-bit lines would not do, and the envelope (Bcc recipients only
-// there). Recipients that are EMSD devices are marked Local so that the
-// server can route device-to-device mail without leaving the host.
-//
-// # SMTP
-//
-// Relay sends one message to a smarthost with go-smtp and reports the outcome
-// per recipient. InboundServer is an MX-like SMTP receiver (no AUTH: it only
-// accepts mail for the recipients its Receiver accepts) that hands complete
-// messages to a Receiver; it bounds the sessions open at once, in all and
-// per client, answering a connection over a limit 421 at the greeting.
-// DSN writes bounce messages.
+// InboundServer is an MX-like SMTP receiver (no AUTH: it only accepts mail
+// for the recipients its Receiver accepts) that hands complete messages to a
+// Receiver; it bounds the sessions open at once, in all and per client,
+// answering a connection over a limit 421 at the greeting.
 package gateway

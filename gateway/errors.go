@@ -16,9 +16,6 @@ var ErrUnknownRecipient = errors.New("gateway: unknown recipient")
 // 5.1.1, so that the sender learns the address went to the wrong server.
 var ErrRelayDenied = errors.New("gateway: relaying denied")
 
-// ErrMalformed reports input that is not a mail message at all.
-var ErrMalformed = errors.New("gateway: malformed message")
-
 // PermanentError marks a failure that retrying cannot fix: a 5xx reply of a
 // smarthost to MAIL or DATA (Err then wraps the *smtp.SMTPError), a message
 // the smarthost cannot take (size, SMTPUTF8), or a Receiver's refusal of a

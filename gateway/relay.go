@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -15,6 +14,8 @@ import (
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
+
+	"github.com/esro-emsdp/emsdp/mailconv"
 )
 
 // TLSMode selects STARTTLS use towards the smarthost. The names follow
@@ -199,9 +200,9 @@ func (r *Relay) SendDSN(ctx context.Context, from string, to []string, msg []byt
 			return fail(fmt.Errorf("AUTH PLAIN: %w", transient(err)))
 		}
 	}
-	utf8 := !isASCII(from) || !isASCII(string(headerSection(msg)))
+	utf8 := !mailconv.IsASCII(from) || !mailconv.IsASCII(string(mailconv.HeaderSection(msg)))
 	for _, a := range to {
-		utf8 = utf8 || !isASCII(a)
+		utf8 = utf8 || !mailconv.IsASCII(a)
 	}
 	if ok, _ := c.Extension("SMTPUTF8"); utf8 && !ok {
 		return fail(&PermanentError{Err: errors.New("message needs SMTPUTF8, which the smarthost does not offer")})
@@ -212,7 +213,7 @@ func (r *Relay) SendDSN(ctx context.Context, from string, to []string, msg []byt
 	mo := &smtp.MailOptions{Size: int64(len(msg)), UTF8: utf8}
 	if dsn != nil {
 		mo.Return = dsn.Ret
-		if isASCII(dsn.EnvID) && !strings.ContainsAny(dsn.EnvID, " \t\r\n") {
+		if mailconv.IsASCII(dsn.EnvID) && !strings.ContainsAny(dsn.EnvID, " \t\r\n") {
 			mo.EnvelopeID = dsn.EnvID
 		}
 	}
@@ -268,7 +269,7 @@ func (d *DSNRequest) rcpt(i int) *smtp.RcptOptions {
 	}
 	if i < len(d.ORCPT) && d.ORCPT[i] != "" {
 		o.OriginalRecipientType, o.OriginalRecipient = smtp.DSNAddressTypeRFC822, d.ORCPT[i]
-		if !isASCII(d.ORCPT[i]) {
+		if !mailconv.IsASCII(d.ORCPT[i]) {
 			o.OriginalRecipientType = smtp.DSNAddressTypeUTF8 // RFC 6533 §6
 		}
 	}
@@ -416,17 +417,6 @@ func (r *Relay) dial(ctx context.Context, helo string, timeout time.Duration, cf
 		return nil, transient(err)
 	}
 	return c, nil
-}
-
-// headerSection returns the header of msg (up to the first empty line).
-func headerSection(msg []byte) []byte {
-	if i := bytes.Index(msg, []byte("\r\n\r\n")); i >= 0 {
-		return msg[:i]
-	}
-	if i := bytes.Index(msg, []byte("\n\n")); i >= 0 {
-		return msg[:i]
-	}
-	return msg
 }
 
 // deadlineConn never lets a deadline pass the context's: go-smtp sets and

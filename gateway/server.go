@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+
+	"github.com/esro-emsdp/emsdp/mailconv"
 )
 
 // Receiver is what InboundServer hands mail to (the EMSD server
@@ -175,7 +177,7 @@ func NewInboundServer(r Receiver, o InboundOptions) *InboundServer {
 	srv.MaxRecipients = o.MaxRecipients
 	srv.WriteTimeout = o.WriteTimeout // reads: requestConn
 	srv.TLSConfig = o.TLSConfig
-	srv.EnableSMTPUTF8 = true // ParseMessage reads UTF-8 headers (RFC 6532)
+	srv.EnableSMTPUTF8 = true // mailconv.ParseMessage reads UTF-8 headers (RFC 6532)
 	srv.EnableDSN = true      // NOTIFY, RET, ENVID and ORCPT reach the Receiver
 	srv.ErrorLog = slogPrinter{log}
 	s.srv = srv
@@ -534,7 +536,7 @@ func (se *session) received() []byte {
 	}
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "Received: from %s%s\r\n\tby %s (emsdp) with %s", helo, ip, clean(se.s.o.Domain), with)
-	if len(se.to) == 1 && isASCII(se.to[0]) && !strings.ContainsAny(se.to[0], "\r\n<>") {
+	if len(se.to) == 1 && mailconv.IsASCII(se.to[0]) && !strings.ContainsAny(se.to[0], "\r\n<>") {
 		fmt.Fprintf(&b, "\r\n\tfor <%s>", se.to[0])
 	}
 	fmt.Fprintf(&b, "; %s\r\n", time.Now().UTC().Format("Mon, 02 Jan 2006 15:04:05 -0700"))
@@ -544,7 +546,7 @@ func (se *session) received() []byte {
 // countReceived counts Received: fields in the header section.
 func countReceived(msg []byte) int {
 	n := 0
-	for line := range bytes.SplitSeq(headerSection(msg), []byte("\n")) {
+	for line := range bytes.SplitSeq(mailconv.HeaderSection(msg), []byte("\n")) {
 		if len(line) >= 9 && bytes.EqualFold(line[:9], []byte("Received:")) {
 			n++
 		}

@@ -15,7 +15,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
-	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/mailconv"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/ua"
 )
@@ -197,7 +197,7 @@ func TestRFC822DeliveryIDs(t *testing.T) {
 	dev := newDevice(t, s, 198036, deviceOpts{})
 	must(t, sendMail(s, "carol@example.com", []string{"198.036@emsd.test"}, inboundMsg("198.036@emsd.test", "compat", "x")))
 	del := dev.next(t)
-	if del.MessageID != emsd.RFC822ID("<compat@example.com>") || gateway.SenderMessageID(del.IPM) != "" {
-		t.Errorf("delivered as %s, carrying %q", del.MessageID, gateway.SenderMessageID(del.IPM))
+	if del.MessageID != emsd.RFC822ID("<compat@example.com>") || mailconv.SenderMessageID(del.IPM) != "" {
+		t.Errorf("delivered as %s, carrying %q", del.MessageID, mailconv.SenderMessageID(del.IPM))
 	}
 }

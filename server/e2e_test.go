@@ -14,7 +14,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/esro-emsdp/emsdp/emsd"
-	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/mailconv"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/ua"
 )
@@ -151,7 +151,7 @@ func TestInboundSMTP(t *testing.T) {
 		// Delivered under the server's id for this message; the sender's
 		// Message-ID rides along for the device's mail file.
 		ids = append(ids, del.MessageID)
-		if !del.MessageID.IsLocal || gateway.SenderMessageID(del.IPM) != "<in1@example.com>" || del.IPM.Heading.Subject != "Inbound" ||
+		if !del.MessageID.IsLocal || mailconv.SenderMessageID(del.IPM) != "<in1@example.com>" || del.IPM.Heading.Subject != "Inbound" ||
 			!strings.Contains(string(del.IPM.Body.Text), "Hello device.") {
 			t.Errorf("%s: %s %q %q", d.addr, del.MessageID, del.IPM.Heading.Subject, del.IPM.Body.Text)
 		}

@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/esro-emsdp/emsdp/emsd"
-	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/mailconv"
 )
 
 // The Message-ID of a submitted message is <EMSD.%08x.%08x@domain> of its
@@ -29,7 +29,7 @@ func TestRFC822MessageID(t *testing.T) {
 		reply := &emsd.IPM{Heading: emsd.Heading{Originator: emsd.LocalOR(198037, ""),
 			Recipients: []emsd.RecipientData{{Recipient: emsd.LocalOR(198036, "")}},
 			RepliedTo:  &emsd.MessageID{IsLocal: true, Local: tc.id}}}
-		out, err := gateway.FormatIPM(reply, gateway.FormatOptions{Domain: "emsd.test"})
+		out, err := mailconv.FormatIPM(reply, mailconv.FormatOptions{Domain: "emsd.test"})
 		must(t, err)
 		if !containsLine(string(out.Message), "In-Reply-To: "+tc.want) {
 			t.Errorf("a reply to %s does not carry In-Reply-To: %s:\n%s", tc.id, tc.want, out.Message)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/mailconv"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -89,9 +90,9 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 	headers := headerSection(msg)
 	cfg := s.conf()
 	var w store.Work
-	var cuts []gateway.DSNRecipient // devices that get a shortened copy
+	var cuts []mailconv.DSNRecipient // devices that get a shortened copy
 	for _, a := range order {
-		in, err := gateway.ParseMessage(msg, s.mapping(), gateway.ParseOptions{Now: now, Domain: s.domain,
+		in, err := mailconv.ParseMessage(msg, s.mapping(), mailconv.ParseOptions{Now: now, Domain: s.domain,
 			Number: number, KeepMessageID: !senderIDs,
 			EnvelopeFrom: from, EnvelopeTo: byDev[a], MaxContent: s.maxContent()})
 		if err != nil {
@@ -128,7 +129,7 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 			// Told unless the sender wants no DSN at all: the copy is
 			// delivered but not whole.
 			if p := dsnParamsFor(env, byDev[a][0], now); from != "" && !p.never() {
-				cuts = append(cuts, gateway.DSNRecipient{Addr: byDev[a][0], Action: gateway.ActionDelivered,
+				cuts = append(cuts, mailconv.DSNRecipient{Addr: byDev[a][0], Action: mailconv.ActionDelivered,
 					Status: "2.0.0", Diagnostic: "x-emsd; delivered shortened: " + in.BodyCut, OriginalRecipient: p.orcpt})
 			}
 		}
@@ -148,7 +149,7 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 	if len(cuts) > 0 {
 		// smtp.oversize = "truncate": the sender hears that the copy is
 		// shortened, in the same transaction as the deliveries.
-		dsn, err := gateway.DSN(gateway.DSNOptions{ReportingMTA: s.hostname, To: from, Date: now, ArrivalDate: now,
+		dsn, err := mailconv.DSN(mailconv.DSNOptions{ReportingMTA: s.hostname, To: from, Date: now, ArrivalDate: now,
 			OriginalHeaders: headers, Recipients: cuts, EnvelopeID: env.EnvID,
 			Explanation: "Your message was delivered, but shortened: it is more than the recipient's device\r\n" +
 				"can take. Send the rest in a separate, shorter message if it matters.\r\n"})
@@ -179,7 +180,7 @@ func (s *Server) maxContent() int {
 	}
 	// Largest DeliverArgument envelope: 127-octet message id, both times,
 	// segment info, content type, instance id and length octets: 160.
-	return max(emsd.MaxSegments*(pdu-160), gateway.MinMaxContent)
+	return max(emsd.MaxSegments*(pdu-160), mailconv.MinMaxContent)
 }
 
 // headerSection is the message's header, kept for a DSN.

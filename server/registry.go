@@ -12,7 +12,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
-	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/mailconv"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -288,14 +288,14 @@ func (s *Server) resolve(spec string) (emsd.Address, bool) {
 	if d := r.byAlias[strings.ToLower(spec)]; d != nil {
 		return d.addr, true
 	}
-	if a, ok := (gateway.Mapping{Domains: s.domains}).Numeric(lowerDomain(spec)); ok && r.byAddr[a] != nil {
+	if a, ok := (mailconv.Mapping{Domains: s.domains}).Numeric(lowerDomain(spec)); ok && r.byAddr[a] != nil {
 		return a, true
 	}
 	return 0, false
 }
 
-func (s *Server) mapping() gateway.Mapping {
-	return gateway.Mapping{Domains: s.domains, Resolve: s.resolve}
+func (s *Server) mapping() mailconv.Mapping {
+	return mailconv.Mapping{Domains: s.domains, Resolve: s.resolve}
 }
 
 func (s *Server) registry() *registry { return s.reg.Load() }

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
-	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/mailconv"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -340,13 +340,13 @@ func (s *Server) noticeFromReport(ctx context.Context, d *store.Delivery) []stor
 // (§2.3). It is relayed with the null reverse path.
 func (s *Server) dsn(ctx context.Context, items []reportItem) (store.NewRelay, error) {
 	first := items[0].r
-	rcpts := make([]gateway.DSNRecipient, 0, len(items))
+	rcpts := make([]mailconv.DSNRecipient, 0, len(items))
 	for _, it := range items {
-		rc := gateway.DSNRecipient{Addr: strings.TrimPrefix(it.r.Recipient, "R:"), Action: gateway.ActionDelivered,
+		rc := mailconv.DSNRecipient{Addr: strings.TrimPrefix(it.r.Recipient, "R:"), Action: mailconv.ActionDelivered,
 			LastAttempt: it.o.at, OriginalRecipient: parseDSNParams(it.r.DSN).orcpt}
 		if !it.o.delivered {
-			rc.Action = gateway.ActionFailed
-			rc.Status = gateway.StatusFor(it.o.diag)
+			rc.Action = mailconv.ActionFailed
+			rc.Status = mailconv.StatusFor(it.o.diag)
 			if it.o.text != "" {
 				rc.Diagnostic = "x-emsd; " + oneLine(it.o.text)
 			}
@@ -362,7 +362,7 @@ func (s *Server) dsn(ctx context.Context, items []reportItem) (store.NewRelay, e
 	// RET=FULL cannot be honoured beyond the header: the message was
 	// converted for the device and only its header kept (RFC 3461 §4.3
 	// lets an MTA return less than asked).
-	msg, err := gateway.DSN(gateway.DSNOptions{ReportingMTA: s.hostname, To: first.Mail, Date: time.Now(),
+	msg, err := mailconv.DSN(mailconv.DSNOptions{ReportingMTA: s.hostname, To: first.Mail, Date: time.Now(),
 		MessageID:       fmt.Sprintf("<DSN.%08x.%08x@%s>", uint32(id.Local.SubmissionTime), id.Local.Number, s.hostname),
 		OriginalHeaders: first.Headers, Recipients: rcpts, EnvelopeID: parseDSNParams(first.DSN).envID,
 		ArrivalDate: parseDSNParams(first.DSN).arrival})

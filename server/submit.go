@@ -12,7 +12,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
-	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/mailconv"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -526,7 +526,7 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 	}
 	lid := emsd.LocalMessageID{SubmissionTime: emsd.Time(rec.LocalTime), Number: rec.Number}
 	mid := emsd.MessageID{IsLocal: true, Local: lid}
-	out, err := gateway.FormatIPM(&ipm, gateway.FormatOptions{Domain: s.domain, MessageID: rfc822MessageID(lid, s.domain),
+	out, err := mailconv.FormatIPM(&ipm, mailconv.FormatOptions{Domain: s.domain, MessageID: rfc822MessageID(lid, s.domain),
 		Date: lid.SubmissionTime.UTC(), MTS: s.hostname, Mapping: s.mapping()})
 	if err != nil {
 		return w, err

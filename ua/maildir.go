@@ -17,11 +17,11 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
-	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/mailconv"
 )
 
 // Maildir is a Handler that stores each delivery as an RFC 5322 file
-// (rendered by gateway.FormatIPM) in a Maildir: written to tmp/, synced,
+// (rendered by mailconv.FormatIPM) in a Maildir: written to tmp/, synced,
 // renamed into new/ and the directory synced, before Deliver returns, so
 // that a delivery the MTS considers done is on disk.
 //
@@ -217,9 +217,9 @@ func (m *Maildir) write(d *Delivery) (string, error) {
 // Maildir readers expect, and the trace fields a delivery agent adds:
 // Return-Path (the originator; <> for a report), Delivered-To (the device)
 // and a Received: for the EMSD hop from the MTS. An IPM goes through
-// gateway.FormatIPM, dated by its submission time (else its delivery
+// mailconv.FormatIPM, dated by its submission time (else its delivery
 // time), with the Internet sender's Message-ID when the server carried it
-// in a heading extension (gateway.SenderMessageID), else the delivered
+// in a heading extension (mailconv.SenderMessageID), else the delivered
 // message id (a local id as <EMSD.%08x.%08x@domain>, Open Point 10). A
 // report (content type 2) becomes a multipart/report (RFC 3464) a mail
 // reader shows as a delivery status notification.
@@ -236,16 +236,16 @@ func (m *Maildir) Format(d *Delivery) ([]byte, error) {
 		// recording that are not shown themselves.
 		ipm := *d.IPM
 		var rest []emsd.Extension
-		o := gateway.FormatOptions{Domain: m.domain, Date: d.SubmissionTime, MessageID: id}
-		o.Aliases, rest = gateway.Aliases(d.IPM)
+		o := mailconv.FormatOptions{Domain: m.domain, Date: d.SubmissionTime, MessageID: id}
+		o.Aliases, rest = mailconv.Aliases(d.IPM)
 		ipm.Heading.Extensions = rest
-		if sid := gateway.SenderMessageID(d.IPM); sid != "" {
+		if sid := mailconv.SenderMessageID(d.IPM); sid != "" {
 			o.MessageID = sid
 		}
 		if o.Date.IsZero() {
 			o.Date = d.DeliveryTime
 		}
-		out, err := gateway.FormatIPM(&ipm, o)
+		out, err := mailconv.FormatIPM(&ipm, o)
 		if err != nil {
 			return nil, fmt.Errorf("ua: maildir: %w", err)
 		}
@@ -311,9 +311,9 @@ func (m *Maildir) formatReport(d *Delivery, id string) ([]byte, error) {
 	if rep.ReportedMessageID.IsLocal {
 		reported = m.localID(rep.ReportedMessageID.Local)
 	}
-	var rcpts []gateway.DSNRecipient
+	var rcpts []mailconv.DSNRecipient
 	for _, e := range rep.Recipients {
-		r := gateway.DSNRecipient{Addr: m.addrSpec(e.Recipient)}
+		r := mailconv.DSNRecipient{Addr: m.addrSpec(e.Recipient)}
 		if r.Addr == "" {
 			r.Addr = strings.Join(strings.Fields(e.Recipient.String()), "")
 		}
@@ -322,15 +322,15 @@ func (m *Maildir) formatReport(d *Delivery, id string) ([]byte, error) {
 			// An EMSD MTS delivers to devices only: a positive report on an
 			// Internet address means it handed the message on (RFC 3464
 			// "relayed"), not that it reached the mailbox.
-			r.Action, r.LastAttempt = gateway.ActionRelayed, e.Delivery.DeliveryTime.UTC()
+			r.Action, r.LastAttempt = mailconv.ActionRelayed, e.Delivery.DeliveryTime.UTC()
 		case e.Delivery != nil:
-			r.Action, r.LastAttempt = gateway.ActionDelivered, e.Delivery.DeliveryTime.UTC()
+			r.Action, r.LastAttempt = mailconv.ActionDelivered, e.Delivery.DeliveryTime.UTC()
 		case e.NonDelivery != nil:
 			nd := e.NonDelivery
-			r.Action = gateway.ActionFailed
+			r.Action = mailconv.ActionFailed
 			text := fmt.Sprintf("x-emsd; %s (reason %d)", nd.Reason, nd.Reason)
 			if nd.Diagnostic != nil {
-				r.Status = gateway.StatusFor(*nd.Diagnostic)
+				r.Status = mailconv.StatusFor(*nd.Diagnostic)
 				text += fmt.Sprintf(", %s (diagnostic %d)", *nd.Diagnostic, *nd.Diagnostic)
 			}
 			if nd.Explanation != "" {
@@ -347,7 +347,7 @@ func (m *Maildir) formatReport(d *Delivery, id string) ([]byte, error) {
 	if d.Recipient != 0 {
 		to = d.Recipient.String() + "@" + m.domain
 	}
-	out, err := gateway.DSN(gateway.DSNOptions{ReportingMTA: m.domain, To: to, Date: d.DeliveryTime, MessageID: id,
+	out, err := mailconv.DSN(mailconv.DSNOptions{ReportingMTA: m.domain, To: to, Date: d.DeliveryTime, MessageID: id,
 		InReplyTo: reported, Recipients: rcpts})
 	if err != nil {
 		return nil, fmt.Errorf("ua: maildir: report: %w", err)

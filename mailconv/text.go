@@ -1,4 +1,4 @@
-package gateway
+package mailconv
 
 import (
 	"bytes"
@@ -65,8 +65,8 @@ func oneLine(s string) string {
 	return b.String()
 }
 
-// isASCII reports whether s has only 7-bit octets.
-func isASCII(s string) bool {
+// IsASCII reports whether s has only 7-bit octets.
+func IsASCII(s string) bool {
 	for i := 0; i < len(s); i++ {
 		if s[i] >= 0x80 {
 			return false
@@ -218,4 +218,15 @@ func htmlToText(src []byte) []byte {
 			}
 		}
 	}
+}
+
+// HeaderSection returns the header of msg (up to the first empty line).
+func HeaderSection(msg []byte) []byte {
+	if i := bytes.Index(msg, []byte("\r\n\r\n")); i >= 0 {
+		return msg[:i]
+	}
+	if i := bytes.Index(msg, []byte("\n\n")); i >= 0 {
+		return msg[:i]
+	}
+	return msg
 }

@@ -1,4 +1,4 @@
-package gateway
+package mailconv
 
 import (
 	"bufio"
@@ -19,6 +19,9 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 )
+
+// ErrMalformed reports input that is not a mail message at all.
+var ErrMalformed = errors.New("mailconv: malformed message")
 
 // DefaultMaxContent is the default budget for encoded content: what 32
 // segments (§8) carry when every ESRO user data is at most
@@ -78,8 +81,8 @@ type ParseOptions struct {
 	MaxContent int
 }
 
-// Inbound is an Internet mail converted for delivery to devices (§9.8).
-type Inbound struct {
+// Parsed is an Internet mail converted for delivery to devices (§9.8).
+type Parsed struct {
 	ContentType emsd.ContentType // emsd.ContentIPM, or emsd.ContentDeliveryReport with Report
 	IPM         *emsd.IPM
 	Report      *emsd.ReportDelivery
@@ -135,7 +138,7 @@ var traceFields = map[string]bool{
 // As with the reference, any Internet sender can mark a mail as a report;
 // a server that wants reports only from its own components must check the
 // origin before calling ParseMessage.
-func ParseMessage(msg []byte, m Mapping, o ParseOptions) (*Inbound, error) {
+func ParseMessage(msg []byte, m Mapping, o ParseOptions) (*Parsed, error) {
 	hdr, body, n := scanHeader(msg)
 	if n == 0 {
 		return nil, fmt.Errorf("%w: no header fields", ErrMalformed)
@@ -152,7 +155,7 @@ func ParseMessage(msg []byte, m Mapping, o ParseOptions) (*Inbound, error) {
 	}
 	o.MaxContent = max(o.MaxContent, MinMaxContent)
 	p := &parser{h: gomail.Header{Header: message.Header{Header: h}}, m: m, o: o, msg: msg}
-	in := &Inbound{}
+	in := &Parsed{}
 	in.MessageID = p.messageID()
 	in.InventedID = p.invented
 	if t, err := p.h.Date(); err == nil && !t.IsZero() {
@@ -284,10 +287,10 @@ func (p *parser) senderID() string {
 		return ""
 	}
 	if id, err := p.h.MessageID(); err == nil && id != "" {
-		if s := "<" + id + ">"; len(s) <= emsd.MaxMessageID && isASCII(s) {
+		if s := "<" + id + ">"; len(s) <= emsd.MaxMessageID && IsASCII(s) {
 			return s
 		}
-	} else if len(raw) <= emsd.MaxMessageID && isASCII(raw) && !strings.ContainsAny(raw, " \t") && raw == oneLine(raw) {
+	} else if len(raw) <= emsd.MaxMessageID && IsASCII(raw) && !strings.ContainsAny(raw, " \t") && raw == oneLine(raw) {
 		return raw // odd but usable as an opaque id
 	}
 	return ""
@@ -480,10 +483,10 @@ func (p *parser) ipm(body []byte) *emsd.IPM {
 		id := ""
 		if len(ids) > 0 {
 			id = "<" + ids[0] + ">"
-		} else if isASCII(v) {
+		} else if IsASCII(v) {
 			id = oneLine(v)
 		}
-		if id != "" && len(id) <= emsd.MaxMessageID && isASCII(id) {
+		if id != "" && len(id) <= emsd.MaxMessageID && IsASCII(id) {
 			r := emsd.RFC822ID(id)
 			h.RepliedTo = &r
 		} else {
@@ -533,7 +536,7 @@ const AliasExtension = "X-EMSD-Addressed-As"
 // wins), for AliasExtension.
 func (p *parser) noteAlias(n emsd.Address, alias string) {
 	v := n.String() + " " + alias
-	if len(v) > maxExtValue || !isASCII(v) {
+	if len(v) > maxExtValue || !IsASCII(v) {
 		return
 	}
 	for _, a := range p.aliases {

@@ -1,4 +1,4 @@
-package gateway
+package mailconv
 
 import (
 	"errors"
@@ -16,7 +16,7 @@ const testDomain = "emsd.example.test"
 
 var testMapping = Mapping{Domains: []string{testDomain}}
 
-func hasNote(in *Inbound, sub string) bool {
+func hasNote(in *Parsed, sub string) bool {
 	for _, n := range in.Truncated {
 		if strings.Contains(n, sub) {
 			return true
@@ -51,7 +51,7 @@ func TestParseMessage(t *testing.T) {
 		"X-EMSD-Intended-Recipient: 198.037@emsd.example.test (DELIVERED)\n" +
 		"X-EMSD-Intended-Recipient: dave@example.com (garbage) mailbox on fire\n" +
 		"X-EMSD-Intended-Recipient: erin@example.com (0/3) timed out\n\nReport body.\n"
-	checkReport := func(t *testing.T, in *Inbound) {
+	checkReport := func(t *testing.T, in *Parsed) {
 		r := in.Report
 		if in.ContentType != emsd.ContentDeliveryReport || r == nil || in.IPM != nil {
 			t.Fatalf("not a report: %+v", in)
@@ -90,7 +90,7 @@ func TestParseMessage(t *testing.T) {
 		msg   string
 		m     Mapping
 		o     ParseOptions
-		check func(t *testing.T, in *Inbound)
+		check func(t *testing.T, in *Parsed)
 	}{{
 		name: "plain",
 		msg: "Return-Path: <alice@example.com>\nReceived: from x by y; Thu, 26 Nov 2026 07:00:01 +0000\n" +
@@ -98,7 +98,7 @@ func TestParseMessage(t *testing.T) {
 			"Cc: carol@example.com\nBcc: 198.037@emsd.example.test\nSubject: Hello\n" +
 			"Date: Thu, 26 Nov 2026 09:00:00 +0200\nMessage-ID: <plain@example.com>\n" +
 			"X-Mailer: test\n\nHello,\nworld.\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			h := in.IPM.Heading
 			if h.Originator != emsd.RFC822OR("Alice Example <alice@example.com>") || h.Sender != nil {
 				t.Errorf("originator %v sender %v", h.Originator, h.Sender)
@@ -136,7 +136,7 @@ func TestParseMessage(t *testing.T) {
 			"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n" +
 			"Plain =E2=82=AC text with a soft=\n break.\n--b1\nContent-Type: text/html; charset=utf-8\n\n" +
 			"<html><body><p>HTML <b>text</b></p></body></html>\n--b1--\nEpilogue.\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			h := in.IPM.Heading
 			if got := string(in.IPM.Body.Text); got != "Plain € text with a soft break." {
 				t.Errorf("body %q", got)
@@ -155,7 +155,7 @@ func TestParseMessage(t *testing.T) {
 			"<html><head><title>T</title><style>p{color:red}</style></head><body>\n<h1>Hello</h1><p>Caf=E9 &amp; " +
 			"<a href=3D\"https://example.com/x\">link</a></p><ul><li>one</li><li>two</li></ul><script>alert(1)</script>" +
 			"line<br>break</body></html>\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			want := "Hello\n\nCafé & link <https://example.com/x>\n\n- one\n- two\n\nline\nbreak"
 			if got := string(in.IPM.Body.Text); got != want {
 				t.Errorf("body\n got %q\nwant %q", got, want)
@@ -170,7 +170,7 @@ func TestParseMessage(t *testing.T) {
 			"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= aus =?utf-8?b?S8O2bG4=?=\nMIME-Version: 1.0\n" +
 			"Content-Type: text/plain; charset=UTF-8\nContent-Transfer-Encoding: base64\n\n" +
 			"SGFsbG8gV2VsdCwgw6TDtsO8IOKCrCDwn5iACg==\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			h := in.IPM.Heading
 			if h.Originator != emsd.RFC822OR("Jürgen <j@example.de>") || h.Subject != "Grüße aus Köln" {
 				t.Errorf("originator %q subject %q", h.Originator, h.Subject)
@@ -184,7 +184,7 @@ func TestParseMessage(t *testing.T) {
 		msg: "From: a@example.com\nTo: 198.036@emsd.example.test\nMIME-Version: 1.0\n" +
 			"Content-Type: text/plain; charset=us-ascii\nContent-Transfer-Encoding: quoted-printable\n\n" +
 			"A long line that was wrapped by the sender's mail program at seventy=\n-six characters =3D ok\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			h := in.IPM.Heading
 			if string(in.IPM.Body.Text) != "A long line that was wrapped by the sender's mail program at seventy-six characters = ok\n" {
 				t.Errorf("body %q", in.IPM.Body.Text)
@@ -199,7 +199,7 @@ func TestParseMessage(t *testing.T) {
 		msg: "From: =?ISO-8859-1?Q?Fran=E7ois?= <f@example.fr>\nTo: 198.036@emsd.example.test\n" +
 			"Subject: =?iso-8859-1?q?R=E9union?=\nContent-Type: text/plain; charset=ISO-8859-1\n" +
 			"Content-Transfer-Encoding: 8bit\n\nR\xe9union \xe0 9h, caf\xe9.\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			h := in.IPM.Heading
 			if h.Originator.RFC822 != "François <f@example.fr>" || h.Subject != "Réunion" {
 				t.Errorf("%q %q", h.Originator.RFC822, h.Subject)
@@ -211,7 +211,7 @@ func TestParseMessage(t *testing.T) {
 	}, {
 		name: "undeclared 8-bit text",
 		msg:  "From: a@example.com\nTo: 198.036@emsd.example.test\n\nna\xefve\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			if string(in.IPM.Body.Text) != "naïve\n" || !hasNote(in, "Windows-1252") {
 				t.Errorf("body %q notes %v", in.IPM.Body.Text, in.Truncated)
 			}
@@ -219,7 +219,7 @@ func TestParseMessage(t *testing.T) {
 	}, {
 		name: "long subject",
 		msg:  "From: a@example.com\nTo: 198.036@emsd.example.test\nSubject: " + longSubject + "\n\nx\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			s := in.IPM.Heading.Subject
 			if len(s) > emsd.MaxSubject || len(s) < emsd.MaxSubject-3 || !utf8.ValidString(s) || !strings.HasPrefix(longSubject, s) {
 				t.Errorf("subject %d octets %q", len(s), s)
@@ -231,7 +231,7 @@ func TestParseMessage(t *testing.T) {
 	}, {
 		name: "300 recipients",
 		msg:  "From: a@example.com\nTo: " + many.String() + "\nSubject: many\n\nx\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			r := in.IPM.Heading.Recipients
 			if len(r) != emsd.MaxRecipients {
 				t.Fatalf("%d recipients", len(r))
@@ -247,7 +247,7 @@ func TestParseMessage(t *testing.T) {
 	}, {
 		name: "100 extra headers",
 		msg:  "From: a@example.com\nTo: 198.036@emsd.example.test\n" + extra.String() + "\nx\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			x := in.IPM.Heading.Extensions
 			if len(x) != emsd.MaxExtensions || x[0] != (emsd.Extension{Label: "X-Extra-000", Value: "value 0"}) || x[63].Label != "X-Extra-063" {
 				t.Errorf("%d extensions, first %v", len(x), x[0])
@@ -261,7 +261,7 @@ func TestParseMessage(t *testing.T) {
 		msg: received.String() + "DKIM-Signature: v=1; a=rsa-sha256; d=example.com;\n\tb=abc\n" +
 			"Authentication-Results: mx; dkim=pass\nARC-Seal: i=1; cv=none\nFrom: a@example.com\n" +
 			"To: 198.036@emsd.example.test\nX-Keep: yes\nList-Id: <l.example.com>\n\nx\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			if got := fmt.Sprint(in.IPM.Heading.Extensions); got != "[{X-Keep yes} {List-Id <l.example.com>}]" {
 				t.Errorf("extensions %s", got)
 			}
@@ -280,7 +280,7 @@ func TestParseMessage(t *testing.T) {
 		name: "report type matched case-insensitively",
 		msg:  strings.Replace(report, "X-EMSD-Message-Type: Report", "x-emsd-message-type:   rePORT  ", 1),
 		o:    ParseOptions{Now: now},
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			if in.ContentType != emsd.ContentDeliveryReport {
 				t.Errorf("content type %v", in.ContentType)
 			}
@@ -289,7 +289,7 @@ func TestParseMessage(t *testing.T) {
 		name: "missing Date, Message-ID and From",
 		msg:  "To: 198.036@emsd.example.test\nSubject: bare\n\nx\n",
 		o:    ParseOptions{Now: now, EnvelopeFrom: "bounce@example.net", Number: 7},
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			if in.SubmissionTime != nil {
 				t.Errorf("submission time %v", in.SubmissionTime)
 			}
@@ -303,7 +303,7 @@ func TestParseMessage(t *testing.T) {
 	}, {
 		name: "no originator at all",
 		msg:  "To: 198.036@emsd.example.test\nDate: garbage\nMessage-ID: not an id\n\nx\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			if in.SubmissionTime != nil || in.IPM.Heading.Originator != emsd.RFC822OR("") || !hasNote(in, "no originator") {
 				t.Errorf("%+v", in)
 			}
@@ -317,7 +317,7 @@ func TestParseMessage(t *testing.T) {
 			"Content-Type: multipart/mixed; boundary=mix\n\n--mix\nContent-Type: text/plain\n\nSee attached.\n" +
 			"--mix\nContent-Type: application/pdf; name=\"r.pdf\"\nContent-Disposition: attachment; filename=\"report.pdf\"\n" +
 			"Content-Transfer-Encoding: base64\n\nJVBERi0xLjQK\n--mix\nContent-Type: text/plain\n\n-- \nList footer\n--mix--\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			want := "See attached.\n\n-- \nList footer\n\n[Not delivered: report.pdf (application/pdf, 9 octets)]\n"
 			if got := string(in.IPM.Body.Text); got != want {
 				t.Errorf("body\n got %q\nwant %q", got, want)
@@ -339,7 +339,7 @@ func TestParseMessage(t *testing.T) {
 			"--B\nContent-Description: Undelivered Message Headers\nContent-Type: text/rfc822-headers\n\n" +
 			"From: 198.036@emsd.example.test\nTo: nobody@example.com\nSubject: lunch\n" +
 			"--B--\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			b := string(in.IPM.Body.Text)
 			for _, want := range []string{"could not\nbe delivered.", "Status: 5.1.1", "Final-Recipient: rfc822; nobody@example.com",
 				"Subject: lunch"} {
@@ -354,7 +354,7 @@ func TestParseMessage(t *testing.T) {
 	}, {
 		name: "body cut to the content budget",
 		msg:  "From: a@example.com\nTo: 198.036@emsd.example.test\n\n" + strings.Repeat("0123456789 abcdefghij äöü\n", 4000),
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			b := in.IPM.Body.Text
 			if !utf8.Valid(b) || !strings.Contains(string(b), "[message truncated:") || !hasNote(in, "body cut") {
 				t.Errorf("body end %q notes %v", b[max(0, len(b)-80):], in.Truncated)
@@ -371,14 +371,14 @@ func TestParseMessage(t *testing.T) {
 		name: "smaller budget",
 		msg:  "From: a@example.com\nTo: 198.036@emsd.example.test\n\n" + strings.Repeat("x", 20000),
 		o:    ParseOptions{MaxContent: 10000},
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			mustEncode(t, in, 10000)
 		},
 	}, {
 		name: "priority headers map to flags",
 		msg: "From: a@example.com\nTo: 198.036@emsd.example.test\nX-Priority: 1 (Highest)\n" +
 			"Importance: High\nX-Auto-Forwarded: True\nX-Other: kept\n\nx\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			h := in.IPM.Heading
 			if h.Flags != emsd.MsgPriorityUrgent|emsd.MsgImportanceHigh|emsd.MsgAutoForwarded {
 				t.Errorf("flags %v", h.Flags)
@@ -390,7 +390,7 @@ func TestParseMessage(t *testing.T) {
 	}, {
 		name: "low priority and importance",
 		msg:  "From: a@example.com\nTo: 198.036@emsd.example.test\nPriority: non-urgent\nX-MSMail-Priority: Low\n\nx\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			if f := in.IPM.Heading.Flags; f != emsd.MsgPriorityNonUrgent|emsd.MsgImportanceLow {
 				t.Errorf("flags %v", f)
 			}
@@ -399,7 +399,7 @@ func TestParseMessage(t *testing.T) {
 		name: "sender, reply-to and in-reply-to",
 		msg: "From: a@example.com\nSender: list@example.com\nReply-To: a@example.com\n" +
 			"To: 198.036@emsd.example.test\nIn-Reply-To: <p1@example.com> <p2@example.com>\n\nx\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			h := in.IPM.Heading
 			if h.Sender == nil || *h.Sender != emsd.RFC822OR("list@example.com") {
 				t.Errorf("sender %v", h.Sender)
@@ -412,7 +412,7 @@ func TestParseMessage(t *testing.T) {
 	}, {
 		name: "redundant reply-to and sender are dropped",
 		msg:  "From: a@example.com\nSender: A@Example.com\nReply-To: a@example.com\nTo: 198.036@emsd.example.test\n\nx\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			if h := in.IPM.Heading; h.Sender != nil || h.ReplyTo != nil {
 				t.Errorf("sender %v reply-to %v", h.Sender, h.ReplyTo)
 			}
@@ -427,7 +427,7 @@ func TestParseMessage(t *testing.T) {
 			}
 			return 0, false
 		}},
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			r := in.IPM.Heading.Recipients
 			want := []emsd.RecipientData{{Recipient: emsd.RFC822OR("list@example.com")},
 				{Recipient: emsd.LocalOR(198036, ""), Flags: emsd.RcptBlindCopy | emsd.RcptNonDeliveryReport}}
@@ -444,7 +444,7 @@ func TestParseMessage(t *testing.T) {
 			}
 			return 0, false // 198.037 has no subscriber
 		}},
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			h := in.IPM.Heading
 			if h.Originator != emsd.RFC822OR("198.037@emsd.example.test") {
 				t.Errorf("originator %v", h.Originator)
@@ -466,7 +466,7 @@ func TestParseMessage(t *testing.T) {
 			}
 			return 0, false
 		}},
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			h := in.IPM.Heading
 			if fmt.Sprint(h.Recipients) != "[{198.036 none} {198.037 none} {198.036 copy-recipient|non-delivery-report}]" {
 				t.Errorf("recipients %v", h.Recipients)
@@ -479,7 +479,7 @@ func TestParseMessage(t *testing.T) {
 	}, {
 		name: "mbox line, malformed header line ends the header",
 		msg:  "From alice@example.com Thu Nov 26 07:00:00 2026\nFrom: alice@example.com\nTo: 198.036@emsd.example.test\nthis is no header\nbody line\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			if string(in.IPM.Body.Text) != "this is no header\nbody line\n" || len(in.IPM.Heading.Extensions) != 0 {
 				t.Errorf("body %q ext %v", in.IPM.Body.Text, in.IPM.Heading.Extensions)
 			}
@@ -487,7 +487,7 @@ func TestParseMessage(t *testing.T) {
 	}, {
 		name: "header injection through encoded words",
 		msg:  "From: a@example.com\nTo: 198.036@emsd.example.test\nSubject: =?utf-8?q?a=0D=0ABcc:_evil@example.com?=\nX-A: =?utf-8?q?b=0Ac?=\n\nx\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			h := in.IPM.Heading
 			if h.Subject != "a Bcc: evil@example.com" || h.Extensions[0].Value != "b c" {
 				t.Errorf("subject %q ext %v", h.Subject, h.Extensions)
@@ -496,7 +496,7 @@ func TestParseMessage(t *testing.T) {
 	}, {
 		name: "unparseable addresses are kept as text, empty groups vanish",
 		msg:  "From: Broken <a@>\nTo: undisclosed-recipients:;, 198.036@emsd.example.test, <<weird>>\n\nx\n",
-		check: func(t *testing.T, in *Inbound) {
+		check: func(t *testing.T, in *Parsed) {
 			h := in.IPM.Heading
 			if h.Originator != emsd.RFC822OR("Broken <a@>") {
 				t.Errorf("originator %v", h.Originator)

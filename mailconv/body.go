@@ -1,4 +1,4 @@
-package gateway
+package mailconv
 
 import (
 	"bytes"
@@ -263,7 +263,7 @@ func (p *parser) body(h *emsd.Heading, raw []byte) (text []byte, transformed boo
 	cs := strings.ToLower(root.params["charset"])
 	verbatim := len(texts) == 1 && texts[0] == root && root.mediaType == "text/plain" && root.clean &&
 		len(skipped) == 0 && (cte == "" || cte == "7bit" || cte == "8bit" || cte == "binary") &&
-		(cs == "utf-8" || cs == "utf8" || ((cs == "" || cs == "us-ascii") && isASCII(string(text))))
+		(cs == "utf-8" || cs == "utf8" || ((cs == "" || cs == "us-ascii") && IsASCII(string(text))))
 	if verbatim {
 		p.mimeVerbatim(h, root)
 		return text, false
@@ -279,7 +279,7 @@ func (p *parser) body(h *emsd.Heading, raw []byte) (text []byte, transformed boo
 		}
 	}
 	h.MIMEContentType = mime.FormatMediaType("text/plain", params)
-	if isASCII(string(text)) {
+	if IsASCII(string(text)) {
 		h.MIMEContentTransferEncoding = "7bit"
 	} else {
 		h.MIMEContentTransferEncoding = "8bit"
@@ -293,14 +293,14 @@ func (p *parser) body(h *emsd.Heading, raw []byte) (text []byte, transformed boo
 // mimeVerbatim copies the MIME fields as received, within their limits.
 func (p *parser) mimeVerbatim(h *emsd.Heading, root *part) {
 	if v := oneLine(p.h.Get("Mime-Version")); v != "" {
-		if len(v) > emsd.MaxMIMEVersion || !isASCII(v) {
+		if len(v) > emsd.MaxMIMEVersion || !IsASCII(v) {
 			p.note("MIME-Version %q replaced by 1.0", v)
 			v = "1.0"
 		}
 		h.MIMEVersion = v
 	}
 	if v := oneLine(p.h.Get("Content-Type")); v != "" {
-		if len(v) > emsd.MaxMIMEField || !isASCII(v) {
+		if len(v) > emsd.MaxMIMEField || !IsASCII(v) {
 			params := map[string]string{}
 			if cs := root.params["charset"]; cs != "" {
 				params["charset"] = strings.ToLower(cs)
@@ -318,7 +318,7 @@ func (p *parser) mimeVerbatim(h *emsd.Heading, root *part) {
 
 func (p *parser) mimeIDDescription(h *emsd.Heading, hdr message.Header) {
 	if v := oneLine(hdr.Get("Content-Id")); v != "" {
-		if len(v) <= emsd.MaxMIMEField && isASCII(v) {
+		if len(v) <= emsd.MaxMIMEField && IsASCII(v) {
 			h.MIMEContentID = v
 		} else {
 			p.note("Content-ID over %d octets dropped", emsd.MaxMIMEField)

@@ -1,4 +1,4 @@
-package gateway
+package mailconv
 
 import (
 	"bytes"
@@ -67,7 +67,7 @@ func FuzzFormatIPM(f *testing.F) {
 			t.Fatal(err)
 		}
 		msg := out.Message
-		hdr := headerSection(msg)
+		hdr := HeaderSection(msg)
 		encodedBody := ct == "" || strings.HasPrefix(ct, "text/") && cte != "quoted-printable" && cte != "base64" ||
 			ct == "application/octet-stream" && cte != "quoted-printable" && cte != "base64"
 		if encodedBody {

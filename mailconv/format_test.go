@@ -1,4 +1,4 @@
-package gateway
+package mailconv
 
 import (
 	"bytes"
@@ -55,7 +55,7 @@ func TestFormatIPM(t *testing.T) {
 		name  string
 		ipm   func() *emsd.IPM
 		o     FormatOptions
-		check func(t *testing.T, out *Outbound, h gomail.Header, body []byte)
+		check func(t *testing.T, out *Formatted, h gomail.Header, body []byte)
 	}{{
 		name: "header injection attempts",
 		ipm: func() *emsd.IPM {
@@ -75,7 +75,7 @@ func TestFormatIPM(t *testing.T) {
 			}
 			return m
 		},
-		check: func(t *testing.T, out *Outbound, h gomail.Header, body []byte) {
+		check: func(t *testing.T, out *Formatted, h gomail.Header, body []byte) {
 			if h.Has("Bcc") || len(h.Values("From")) != 1 || len(h.Values("Content-Type")) != 0 || h.Has("X Space") {
 				t.Errorf("injected fields:\n%s", out.Message)
 			}
@@ -101,7 +101,7 @@ func TestFormatIPM(t *testing.T) {
 			m.Body.Text = []byte("Héllo wörld\n" + strings.Repeat("long line ", 300) + "\nend")
 			return m
 		},
-		check: func(t *testing.T, out *Outbound, h gomail.Header, body []byte) {
+		check: func(t *testing.T, out *Formatted, h gomail.Header, body []byte) {
 			if s, _ := h.Subject(); s != "Grüße aus Köln 😀" {
 				t.Errorf("subject %q", s)
 			}
@@ -119,7 +119,7 @@ func TestFormatIPM(t *testing.T) {
 			if want := "Héllo wörld\r\n" + strings.Repeat("long line ", 300) + "\r\nend\r\n"; string(body) != want {
 				t.Errorf("body %q", body)
 			}
-			if !isASCII(string(out.Message)) {
+			if !IsASCII(string(out.Message)) {
 				t.Errorf("output is not 7-bit")
 			}
 		},
@@ -131,7 +131,7 @@ func TestFormatIPM(t *testing.T) {
 			m.Heading.Extensions = []emsd.Extension{{Label: "X-First", Value: "one"}, {Label: "X-Long", Value: strings.Repeat("x", 1500)}}
 			return m
 		},
-		check: func(t *testing.T, out *Outbound, h gomail.Header, body []byte) {
+		check: func(t *testing.T, out *Formatted, h gomail.Header, body []byte) {
 			if h.Get("X-Priority") != "Non-Urgent" || h.Get("Priority") != "non-urgent" || h.Get("X-Importance") != "High" ||
 				h.Get("Importance") != "high" || h.Get("X-Auto-Forwarded") != "True" || h.Get("X-First") != "one" {
 				t.Errorf("fields:\n%s", out.Message)
@@ -151,7 +151,7 @@ func TestFormatIPM(t *testing.T) {
 			return m
 		},
 		o: FormatOptions{MessageID: "EMSD.6b07d9aa.00000002@emsd.example.test", MTS: "emsd.example.test (127.0.0.10)"},
-		check: func(t *testing.T, out *Outbound, h gomail.Header, body []byte) {
+		check: func(t *testing.T, out *Formatted, h gomail.Header, body []byte) {
 			for k, v := range map[string]string{
 				"In-Reply-To": "<EMSD.6b07d86a.00000001@emsd.example.test>",
 				"Message-Id":  "<EMSD.6b07d9aa.00000002@emsd.example.test>",
@@ -182,7 +182,7 @@ func TestFormatIPM(t *testing.T) {
 		o: FormatOptions{Mapping: Mapping{Resolve: func(a string) (emsd.Address, bool) {
 			return 198036, strings.EqualFold(a, "alice@example.net")
 		}}},
-		check: func(t *testing.T, out *Outbound, h gomail.Header, body []byte) {
+		check: func(t *testing.T, out *Formatted, h gomail.Header, body []byte) {
 			if h.Get("To") != "undisclosed-recipients:;" || h.Has("Cc") {
 				t.Errorf("To %q", h.Get("To"))
 			}
@@ -216,7 +216,7 @@ func TestFormatIPM(t *testing.T) {
 			m.Body.Text = []byte("caf=E9\n")
 			return m
 		},
-		check: func(t *testing.T, out *Outbound, h gomail.Header, body []byte) {
+		check: func(t *testing.T, out *Formatted, h gomail.Header, body []byte) {
 			if string(body) != "café\r\n" {
 				t.Errorf("body %q", body)
 			}
@@ -229,7 +229,7 @@ func TestFormatIPM(t *testing.T) {
 			m.Body.Text = []byte("caf\xe9\n")
 			return m
 		},
-		check: func(t *testing.T, out *Outbound, h gomail.Header, body []byte) {
+		check: func(t *testing.T, out *Formatted, h gomail.Header, body []byte) {
 			if h.Get("Content-Type") != "text/plain; charset=iso-8859-1" || string(body) != "café\r\n" {
 				t.Errorf("type %q body %q", h.Get("Content-Type"), body)
 			}
@@ -242,7 +242,7 @@ func TestFormatIPM(t *testing.T) {
 			m.Body.Text = append([]byte{0, 1, 2, '\r', '\n', 0xff}, strings.Repeat("z", 2000)...)
 			return m
 		},
-		check: func(t *testing.T, out *Outbound, h gomail.Header, body []byte) {
+		check: func(t *testing.T, out *Formatted, h gomail.Header, body []byte) {
 			want := append([]byte{0, 1, 2, '\r', '\n', 0xff}, strings.Repeat("z", 2000)...)
 			if h.Get("Content-Transfer-Encoding") != "base64" || !bytes.Equal(body, want) {
 				t.Errorf("cte %q body %q", h.Get("Content-Transfer-Encoding"), body)
@@ -257,7 +257,7 @@ func TestFormatIPM(t *testing.T) {
 			m.Body.Text = []byte("--b\nContent-Type: text/plain\n\npart one\n--b--\n")
 			return m
 		},
-		check: func(t *testing.T, out *Outbound, h gomail.Header, body []byte) {
+		check: func(t *testing.T, out *Formatted, h gomail.Header, body []byte) {
 			if h.Get("Content-Type") != `multipart/mixed; boundary="b"` || !bytes.Contains(out.Message, []byte("\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\npart one\r\n--b--\r\n")) {
 				t.Errorf("message\n%s", out.Message)
 			}
@@ -269,7 +269,7 @@ func TestFormatIPM(t *testing.T) {
 			m.Body = nil
 			return m
 		},
-		check: func(t *testing.T, out *Outbound, h gomail.Header, body []byte) {
+		check: func(t *testing.T, out *Formatted, h gomail.Header, body []byte) {
 			if len(body) != 0 {
 				t.Errorf("body %q", body)
 			}

@@ -1,4 +1,4 @@
-package gateway
+package mailconv
 
 import (
 	"bytes"
@@ -69,15 +69,15 @@ type Recipient struct {
 	Err error
 }
 
-// Outbound is an IPM rendered as Internet mail (§9.6).
-type Outbound struct {
+// Formatted is an IPM rendered as Internet mail (§9.6).
+type Formatted struct {
 	Message    []byte      // RFC 5322, CRLF line ends, lines ≤ 998 octets, RFC 2047 where needed
 	From       string      // envelope sender addr-spec ("" = null reverse path)
 	Recipients []Recipient // To, Cc, Bcc, each in heading order, duplicates removed
 }
 
 // ErrBadAddress is the cause in Recipient.Err.
-var ErrBadAddress = errors.New("gateway: not an Internet mail address")
+var ErrBadAddress = errors.New("mailconv: not an Internet mail address")
 
 // Header fields FormatIPM writes itself (or an MTA owns); extensions with
 // these labels are dropped rather than duplicated or spoofed.
@@ -93,19 +93,19 @@ var reservedLabels = map[string]bool{
 // FormatIPM renders ipm as an Internet message (§9.6 with its
 // recommendations: Date:, X-Importance: High, a Message-ID from the
 // options) plus its envelope.
-func FormatIPM(ipm *emsd.IPM, o FormatOptions) (*Outbound, error) {
+func FormatIPM(ipm *emsd.IPM, o FormatOptions) (*Formatted, error) {
 	if ipm == nil {
-		return nil, errors.New("gateway: FormatIPM: nil IPM")
+		return nil, errors.New("mailconv: FormatIPM: nil IPM")
 	}
 	if o.Domain == "" {
-		return nil, errors.New("gateway: FormatIPM: no domain for local addresses")
+		return nil, errors.New("mailconv: FormatIPM: no domain for local addresses")
 	}
 	if o.Date.IsZero() {
 		o.Date = time.Now()
 	}
 	f := &formatter{o: o}
 	h := &ipm.Heading
-	out := &Outbound{}
+	out := &Formatted{}
 
 	f.field("Date", o.Date.UTC().Format("Mon, 02 Jan 2006 15:04:05 -0700"))
 	from := f.address(h.Originator)
@@ -287,7 +287,7 @@ func encodeText(s string) string {
 	switch {
 	case longRun:
 		return encodeWordsB(s)
-	case !isASCII(s) || strings.Contains(s, "=?"):
+	case !IsASCII(s) || strings.Contains(s, "=?"):
 		e := mime.QEncoding.Encode("utf-8", s)
 		if e == s { // the encoder thought it needed nothing
 			return encodeWordsB(s)
@@ -319,7 +319,7 @@ func encodeWordsB(s string) string {
 // RFC 2047 §5(3)).
 func encodePhrase(name string) string {
 	name = oneLine(name)
-	if isASCII(name) && !strings.Contains(name, "=?") {
+	if IsASCII(name) && !strings.Contains(name, "=?") {
 		return phrase(name)
 	}
 	return encodeWordsB(name)
@@ -399,7 +399,7 @@ func (f *formatter) localID(id emsd.LocalMessageID) string {
 // msgID returns s as a bracketed msg-id, or "" when it cannot be one.
 func msgID(s string) string {
 	s = strings.TrimSpace(s)
-	if s == "" || !isASCII(s) || strings.ContainsAny(s, " \t\r\n\x00") {
+	if s == "" || !IsASCII(s) || strings.ContainsAny(s, " \t\r\n\x00") {
 		return ""
 	}
 	if !strings.HasPrefix(s, "<") {
@@ -454,22 +454,22 @@ func (f *formatter) mime(h *emsd.Heading, body []byte) []byte {
 	ct := oneLine(h.MIMEContentType)
 	cte := strings.ToLower(oneLine(h.MIMEContentTransferEncoding))
 	mt, params, err := mime.ParseMediaType(ct)
-	if ct == "" || err != nil || !isASCII(ct) {
+	if ct == "" || err != nil || !IsASCII(ct) {
 		mt, params = "text/plain", map[string]string{}
 	}
 	version := oneLine(h.MIMEVersion)
-	if version == "" || !isASCII(version) {
+	if version == "" || !IsASCII(version) {
 		version = "1.0"
 	}
 	idDesc := func() {
-		if id := oneLine(h.MIMEContentID); id != "" && isASCII(id) {
+		if id := oneLine(h.MIMEContentID); id != "" && IsASCII(id) {
 			f.field("Content-ID", id)
 		}
 		if d := oneLine(h.MIMEContentDescription); d != "" {
 			f.field("Content-Description", encodeText(d))
 		}
 	}
-	passthrough := ct != "" && err == nil && isASCII(ct) &&
+	passthrough := ct != "" && err == nil && IsASCII(ct) &&
 		(!strings.HasPrefix(mt, "text/") || cte == "quoted-printable" || cte == "base64")
 	if passthrough {
 		f.field("MIME-Version", version)
@@ -496,7 +496,7 @@ func (f *formatter) mime(h *emsd.Heading, body []byte) []byte {
 	if otherCharset := !utf8.Valid(text) && cs != "" && cs != "utf-8" && cs != "utf8" && cs != "us-ascii"; !otherCharset {
 		text, _ = validUTF8(text, cs == "utf-8" || cs == "utf8")
 		switch {
-		case !isASCII(string(text)):
+		case !IsASCII(string(text)):
 			params["charset"] = "utf-8"
 		case cs == "":
 			params["charset"] = "us-ascii"
@@ -541,7 +541,7 @@ func crlf(b []byte) []byte {
 
 // lineSafe: 7-bit text without NUL or CR whose lines fit SMTP's 998 octets.
 func lineSafe(b []byte) bool {
-	if !isASCII(string(b)) || bytes.IndexByte(b, 0) >= 0 || bytes.IndexByte(b, '\r') >= 0 {
+	if !IsASCII(string(b)) || bytes.IndexByte(b, 0) >= 0 || bytes.IndexByte(b, '\r') >= 0 {
 		return false
 	}
 	for line := range bytes.SplitSeq(b, []byte("\n")) {

@@ -1,4 +1,4 @@
-package gateway
+package mailconv
 
 import (
 	"testing"

@@ -1,4 +1,4 @@
-package gateway
+package mailconv
 
 import (
 	"bytes"
@@ -9,8 +9,6 @@ import (
 	"mime/quotedprintable"
 	"strings"
 	"time"
-
-	"github.com/emersion/go-smtp"
 
 	"github.com/esro-emsdp/emsdp/emsd"
 )
@@ -76,15 +74,15 @@ const maxDSNHeaders = 32 << 10
 // DSN writes an RFC 3464 multipart/report: a text/plain explanation, the
 // message/delivery-status, and the original header as
 // text/rfc822-headers; From postmaster@ReportingMTA, CRLF line ends. Send
-// it with the null reverse path (Relay.Send with from "").
+// it with the null reverse path (gateway.Relay.Send with from "").
 func DSN(o DSNOptions) ([]byte, error) {
 	if o.ReportingMTA == "" || len(o.Recipients) == 0 {
-		return nil, errors.New("gateway: DSN needs a reporting MTA and at least one recipient")
+		return nil, errors.New("mailconv: DSN needs a reporting MTA and at least one recipient")
 	}
 	mta := oneLine(o.ReportingMTA)
 	to := oneLine(o.To)
 	if to == "" || strings.ContainsAny(to, "<> ") {
-		return nil, fmt.Errorf("gateway: DSN: bad recipient address %q", o.To)
+		return nil, fmt.Errorf("mailconv: DSN: bad recipient address %q", o.To)
 	}
 	if o.Date.IsZero() {
 		o.Date = time.Now()
@@ -133,7 +131,7 @@ func DSN(o DSNOptions) ([]byte, error) {
 	}
 	for _, r := range rcpts {
 		typ := "rfc822"
-		if !isASCII(r.Addr) {
+		if !IsASCII(r.Addr) {
 			typ = "utf-8" // RFC 6533
 		}
 		st.WriteString("\r\n")
@@ -152,7 +150,7 @@ func DSN(o DSNOptions) ([]byte, error) {
 		}
 	}
 	statusType := "message/delivery-status"
-	if !isASCII(st.String()) {
+	if !IsASCII(st.String()) {
 		statusType = "message/global-delivery-status" // RFC 6533 allows UTF-8
 	}
 
@@ -173,7 +171,7 @@ func DSN(o DSNOptions) ([]byte, error) {
 	switch {
 	case len(hdr) == 0:
 		// Nothing returned (an EMSD report names no header).
-	case isASCII(string(hdr)):
+	case IsASCII(string(hdr)):
 		parts = append(parts, textPart("text/rfc822-headers; charset=us-ascii", hdr))
 	default:
 		// RFC 6533 §3.4: a header with UTF-8 in it (an SMTPUTF8 message)
@@ -240,7 +238,7 @@ func textPart(ct string, data []byte) []byte {
 			long = true
 		}
 	}
-	if isASCII(string(data)) && !long {
+	if IsASCII(string(data)) && !long {
 		b.WriteString("Content-Transfer-Encoding: 7bit\r\n\r\n")
 		b.Write(crlf(data))
 		return b.Bytes()
@@ -341,45 +339,4 @@ func StatusFor(d emsd.Diagnostic) string {
 		return "5.4.0"
 	}
 	return "5.0.0"
-}
-
-// NonDeliveryFor maps a final relay failure (a RecipientResult error or a
-// Send error) to the EMSD non-delivery reason and diagnostic (§5) for a
-// report to the device. A transient error is taken to have exhausted its
-// retries.
-func NonDeliveryFor(err error) (emsd.NonDeliveryReason, emsd.Diagnostic) {
-	if errors.Is(err, ErrBadAddress) {
-		return emsd.ReasonUnableToTransfer, emsd.DiagUnrecognizedAddress
-	}
-	var se *smtp.SMTPError
-	if !errors.As(err, &se) || se.Code/100 != 5 {
-		if IsPermanent(err) {
-			return emsd.ReasonUnableToTransfer, emsd.DiagUnableToCompleteTransfer
-		}
-		return emsd.ReasonTransferFailure, emsd.DiagTransferAttemptsLimit
-	}
-	subject, detail := se.EnhancedCode[1], se.EnhancedCode[2]
-	switch {
-	case subject == 1 && detail == 1:
-		return emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown
-	case subject == 1:
-		return emsd.ReasonUnableToTransfer, emsd.DiagUnrecognizedAddress
-	case subject == 2 && detail == 3:
-		return emsd.ReasonUnableToTransfer, emsd.DiagSizeConstraintViolated
-	case subject == 2:
-		return emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnavailable
-	case subject == 3 && detail == 4:
-		return emsd.ReasonUnableToTransfer, emsd.DiagContentTooLong
-	case subject == 4 && detail == 6:
-		return emsd.ReasonUnableToTransfer, emsd.DiagLoopDetected
-	case subject == 4 && detail == 7:
-		return emsd.ReasonUnableToTransfer, emsd.DiagMaximumTimeExpired
-	case subject == 5 && detail == 3:
-		return emsd.ReasonUnableToTransfer, emsd.DiagTooManyRecipients
-	case subject == 6:
-		return emsd.ReasonUnableToTransfer, emsd.DiagContentTypeNotSupported
-	case subject == 7:
-		return emsd.ReasonRestrictedDelivery, emsd.DiagRecipientRefused
-	}
-	return emsd.ReasonUnableToTransfer, emsd.DiagUnableToCompleteTransfer
 }
