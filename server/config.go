@@ -174,9 +174,11 @@ type AdminConfig struct {
 // StoreConfig is the store (which backend, where) and its housekeeping.
 type StoreConfig struct {
 	// Driver is StoreSQLite (the database in Config.Data, one server) or
-	// StorePostgres (a database several servers share, at DSN).
+	// StorePostgres (a database several servers share, at Conninfo: a
+	// PostgreSQL connection string, keyword/value or URL; the key is
+	// store.dsn).
 	Driver          string   `toml:"driver"`
-	DSN             string   `toml:"dsn,omitempty"`
+	Conninfo        string   `toml:"dsn,omitempty"`
 	Retention       Duration `toml:"retention"`
 	StatusRetention Duration `toml:"status_retention"`
 	RegistryPoll    Duration `toml:"registry_poll"`
@@ -317,7 +319,7 @@ func parseConfig(b []byte, name string) (*Config, error) {
 }
 
 // Write writes c as TOML, with the relay password and any password in
-// the store DSN masked, and the data directory absolute: a relative one
+// the store conninfo masked, and the data directory absolute: a relative one
 // in a file is relative to the file, and the output may be saved anywhere.
 func (c *Config) Write(w io.Writer) error {
 	cc := *c
@@ -327,7 +329,7 @@ func (c *Config) Write(w io.Writer) error {
 	if cc.Relay.Password != "" {
 		cc.Relay.Password = "********"
 	}
-	cc.Store.DSN = maskDSN(cc.Store.DSN)
+	cc.Store.Conninfo = maskConninfo(cc.Store.Conninfo)
 	return toml.NewEncoder(w).Encode(&cc)
 }
 
@@ -525,16 +527,16 @@ func (c *Config) validStore() error {
 		if c.Data == "" {
 			errs = append(errs, configErr("data: directory required (store.driver = %q)", StoreSQLite))
 		}
-		if c.Store.DSN != "" {
+		if c.Store.Conninfo != "" {
 			errs = append(errs, configErr("store.dsn is for store.driver = %q (the store is %q)", StorePostgres, StoreSQLite))
 		}
 		if c.Store.BusyTimeout < 0 {
 			errs = append(errs, configErr("store.busy_timeout must not be negative"))
 		}
 	case StorePostgres:
-		if c.Store.DSN == "" {
+		if c.Store.Conninfo == "" {
 			errs = append(errs, configErr("store.dsn: a PostgreSQL connection string is required (store.driver = %q)", StorePostgres))
-		} else if _, err := pgxpool.ParseConfig(c.Store.DSN); err != nil {
+		} else if _, err := pgxpool.ParseConfig(c.Store.Conninfo); err != nil {
 			// pgx's message masks the password.
 			errs = append(errs, configErr("store.dsn: %v", err))
 		}
@@ -567,10 +569,10 @@ const (
 var ErrNoStore = errors.New("no store")
 
 // StoreLocation names the store for people: the SQLite database file
-// (absolute), or the PostgreSQL DSN with its password masked.
+// (absolute), or the PostgreSQL conninfo with its password masked.
 func (c *Config) StoreLocation() string {
 	if c.Store.Driver == StorePostgres {
-		return maskDSN(c.Store.DSN)
+		return maskConninfo(c.Store.Conninfo)
 	}
 	p := filepath.Join(c.Data, sqlite.FileName)
 	if abs, err := filepath.Abs(p); err == nil {
@@ -580,7 +582,7 @@ func (c *Config) StoreLocation() string {
 }
 
 // OpenStore opens the store the configuration names: the SQLite database
-// in Data, or the PostgreSQL database at Store.DSN. Unlike Start it takes
+// in Data, or the PostgreSQL database at Store.Conninfo. Unlike Start it takes
 // no lock on the data directory: the device commands use it beside a
 // running server.
 func (c *Config) OpenStore(ctx context.Context) (store.Store, error) {
@@ -601,7 +603,7 @@ func (c *Config) OpenStoreAccess(ctx context.Context, a StoreAccess) (store.Stor
 		}
 		return db, nil
 	case StorePostgres:
-		db, err := postgres.OpenWith(ctx, c.Store.DSN, postgres.Options{MustExist: a == StoreExisting, ReadOnly: a == StoreReadOnly})
+		db, err := postgres.OpenWith(ctx, c.Store.Conninfo, postgres.Options{MustExist: a == StoreExisting, ReadOnly: a == StoreReadOnly})
 		if errors.Is(err, postgres.ErrNoStore) {
 			return nil, fmt.Errorf("%w: %w", ErrNoStore, err)
 		}

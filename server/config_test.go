@@ -37,7 +37,7 @@ func TestDefaultConfig(t *testing.T) {
 		"ip only":          {c.Compat.IPOnlyIdentification, false},
 		"delivery retries": {len(c.Delivery.Retry), 5},
 		"store.driver":     {c.Store.Driver, StoreSQLite},
-		"store.dsn":        {c.Store.DSN, ""},
+		"store.dsn":        {c.Store.Conninfo, ""},
 		"busy_timeout":     {c.Store.BusyTimeout, Duration(0)}, // SQLite's 10 s
 		"max_connections":  {c.SMTP.MaxConnections, 200},
 		"per ip":           {c.SMTP.MaxConnectionsPerIP, 10},
@@ -94,7 +94,7 @@ func TestLoadConfig(t *testing.T) {
 		{"bad domain", "domain = \"a@b\"\n", nil, "domain"},
 		{"postgres", "[store]\ndriver = \"postgres\"\ndsn = \"postgres://u@db/emsdp?pool_max_conns=4\"\n",
 			func(c *Config) bool {
-				return c.Store.Driver == StorePostgres && c.Store.DSN == "postgres://u@db/emsdp?pool_max_conns=4"
+				return c.Store.Driver == StorePostgres && c.Store.Conninfo == "postgres://u@db/emsdp?pool_max_conns=4"
 			}, ""},
 		{"postgres needs no data", "data = \"\"\n[store]\ndriver = \"postgres\"\ndsn = \"dbname=emsdp\"\n",
 			func(c *Config) bool { return c.Data == "" }, ""},
@@ -147,7 +147,7 @@ func TestWriteConfig(t *testing.T) {
 	sqliteConf.Relay.Smarthost = "smtp.example.com:587"
 	sqliteConf.Store.BusyTimeout = Duration(3 * time.Second)
 	pgConf := DefaultConfig()
-	pgConf.Store.Driver, pgConf.Store.DSN = StorePostgres, "host=db.example.net dbname=emsdp user=emsdp password=hunter2"
+	pgConf.Store.Driver, pgConf.Store.Conninfo = StorePostgres, "host=db.example.net dbname=emsdp user=emsdp password=hunter2"
 	for _, tc := range []struct {
 		name         string
 		c            *Config
@@ -172,7 +172,7 @@ func TestWriteConfig(t *testing.T) {
 			}
 			back, err := LoadConfig(writeFile(t, b.String()))
 			must(t, err)
-			back.Relay.Password, back.Store.DSN = tc.c.Relay.Password, tc.c.Store.DSN
+			back.Relay.Password, back.Store.Conninfo = tc.c.Relay.Password, tc.c.Store.Conninfo
 			// Written absolute, so that the file names the same store
 			// wherever it is saved.
 			if abs, _ := filepath.Abs(tc.c.Data); back.Data != abs {

@@ -83,7 +83,7 @@ func (c *pgCluster) stop() error {
 func pgConfig(t testing.TB) *Config {
 	t.Helper()
 	c := testConfig(t)
-	c.Store.Driver, c.Store.DSN = StorePostgres, testPG.get(t).NewDatabase(t)
+	c.Store.Driver, c.Store.Conninfo = StorePostgres, testPG.get(t).NewDatabase(t)
 	return c
 }
 

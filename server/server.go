@@ -341,7 +341,7 @@ func storeDesc(cfg *Config, given bool) string {
 	case given:
 		return "given"
 	case cfg.Store.Driver == StorePostgres:
-		return "postgres " + maskDSN(cfg.Store.DSN)
+		return "postgres " + maskConninfo(cfg.Store.Conninfo)
 	}
 	return "sqlite " + cfg.Data
 }

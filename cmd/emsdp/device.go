@@ -40,14 +40,14 @@ func cmdDevice(ctx context.Context, env *cmdEnv, args []string) int {
 // deviceStore holds the flags that locate the store: those of emsdp
 // serve, so that a command line names the same store for both.
 type deviceStore struct {
-	data, dsn, config string
+	data, conninfo, config string
 	// lifetime is the servers' delivery.contact_lifetime, set by open.
 	lifetime time.Duration
 }
 
 func (d *deviceStore) register(fs *flag.FlagSet) {
 	fs.StringVar(&d.data, "data", "", "data directory of the server's SQLite store (default: as --config says, else ./emsdp-data)")
-	fs.StringVar(&d.dsn, "dsn", "", "PostgreSQL store of the servers (default: as --config says)")
+	fs.StringVar(&d.conninfo, "dsn", "", "PostgreSQL store of the servers (default: as --config says)")
 	fs.StringVar(&d.config, "config", "", "the server's configuration file, to find its store")
 }
 
@@ -56,7 +56,7 @@ func (d *deviceStore) register(fs *flag.FlagSet) {
 // server.StoreCreate (which says so when it creates one). From then on
 // every error fail prints names the store.
 func (d *deviceStore) open(ctx context.Context, env *cmdEnv, a server.StoreAccess) (store.Store, error) {
-	if d.data != "" && d.dsn != "" {
+	if d.data != "" && d.conninfo != "" {
 		return nil, usagef("--data (SQLite) and --dsn (PostgreSQL) name two stores: give one")
 	}
 	cfg, err := server.LoadConfig(d.config)
@@ -68,8 +68,8 @@ func (d *deviceStore) open(ctx context.Context, env *cmdEnv, a server.StoreAcces
 		from = "data of " + d.config
 	}
 	switch {
-	case d.dsn != "":
-		cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, d.dsn, 0
+	case d.conninfo != "":
+		cfg.Store.Driver, cfg.Store.Conninfo, cfg.Store.BusyTimeout = server.StorePostgres, d.conninfo, 0
 		from = "--dsn"
 	case d.data != "":
 		if cfg.Store.Driver != server.StoreSQLite {

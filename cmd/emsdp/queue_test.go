@@ -114,7 +114,7 @@ func TestQueueCommands(t *testing.T) {
 			if flags[0] == "--data" {
 				ds.data = flags[1]
 			} else {
-				ds.dsn = flags[1]
+				ds.conninfo = flags[1]
 			}
 			db, err := ds.open(context.Background(), &cmdEnv{stderr: io.Discard}, server.StoreCreate)
 			if err != nil {

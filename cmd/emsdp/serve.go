@@ -29,7 +29,7 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	admin := fs.String("admin", "", `admin HTTP address for /metrics, /healthz, /debug/pprof (default 127.0.0.1:9641; "off" disables)`)
 	pprofOn := fs.Bool("pprof", true, "serve /debug/pprof on the admin listener (admin.pprof); -pprof=false keeps /metrics and /healthz only")
 	data := fs.String("data", "", "data directory holding the SQLite store (default ./emsdp-data)")
-	dsn := fs.String("dsn", "", "PostgreSQL store shared by several servers (sets store.driver = \"postgres\"; see store.dsn)")
+	conninfo := fs.String("dsn", "", "PostgreSQL store shared by several servers (sets store.driver = \"postgres\"; see store.dsn)")
 	domain := fs.String("domain", "", "mail domain of the devices, NNN.NNN@domain (default: the host name)")
 	smarthost := fs.String("smarthost", "", "HOST:PORT of the SMTP relay for Internet mail (default none: such mail stays queued)")
 	logLevel := fs.String("log-level", "", "trace (every PDU, decoded), debug, info, warn or error (default info)")
@@ -63,10 +63,12 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 			"admin":       func() { cfg.Admin.Listen = off(*admin) },
 			"pprof":       func() { cfg.Admin.PProf = *pprofOn },
 			"data":        func() { cfg.Data = *data },
-			"dsn":         func() { cfg.Store.Driver, cfg.Store.DSN, cfg.Store.BusyTimeout = server.StorePostgres, *dsn, 0 },
-			"domain":      func() { cfg.Domain = *domain },
-			"smarthost":   func() { cfg.Relay.Smarthost = *smarthost },
-			"log-level":   func() { cfg.LogLevel = *logLevel },
+			"dsn": func() {
+				cfg.Store.Driver, cfg.Store.Conninfo, cfg.Store.BusyTimeout = server.StorePostgres, *conninfo, 0
+			},
+			"domain":    func() { cfg.Domain = *domain },
+			"smarthost": func() { cfg.Relay.Smarthost = *smarthost },
+			"log-level": func() { cfg.LogLevel = *logLevel },
 			"trace": func() {
 				if *trace {
 					cfg.LogLevel = "trace"

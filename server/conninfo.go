@@ -4,21 +4,21 @@ import (
 	"strings"
 )
 
-// dsnMask replaces passwords in a shown DSN.
-const dsnMask = "********"
+// conninfoMask replaces passwords in a shown conninfo.
+const conninfoMask = "********"
 
-// maskDSN returns a PostgreSQL connection string with the values of its
+// maskConninfo returns a PostgreSQL connection string with the values of its
 // password and sslpassword settings masked, for --check-config and logs.
 // It follows pgx's grammar for both forms (URL and keyword/value) without
-// judging validity; FuzzMaskDSN checks against pgx's parser that the
+// judging validity; FuzzMaskConninfo checks against pgx's parser that the
 // result means the same connection with the password masked.
-func maskDSN(dsn string) string {
+func maskConninfo(conninfo string) string {
 	for _, prefix := range []string{"postgresql://", "postgres://"} {
-		if rest, ok := strings.CutPrefix(dsn, prefix); ok {
+		if rest, ok := strings.CutPrefix(conninfo, prefix); ok {
 			return prefix + maskURLRest(rest)
 		}
 	}
-	return maskKeywordValue(dsn)
+	return maskKeywordValue(conninfo)
 }
 
 func isPasswordKey(k string) bool {
@@ -36,7 +36,7 @@ func maskURLRest(p string) string {
 		if hasPassword {
 			b.WriteByte(':')
 			if pw != "" {
-				b.WriteString(dsnMask)
+				b.WriteString(conninfoMask)
 			}
 		}
 		b.WriteByte('@')
@@ -54,7 +54,7 @@ func maskURLRest(p string) string {
 		}
 		key, v, hasValue := strings.Cut(pair, "=")
 		if hasValue && v != "" && isPasswordKey(percentDecode(strings.TrimSpace(key))) {
-			b.WriteString(key + "=" + dsnMask)
+			b.WriteString(key + "=" + conninfoMask)
 			continue
 		}
 		b.WriteString(pair)
@@ -149,7 +149,7 @@ func maskKeywordValue(s string) string {
 		s = s[i:]
 		end := valueEnd(s)
 		if isPasswordKey(key) && end > 0 {
-			b.WriteString(dsnMask)
+			b.WriteString(conninfoMask)
 		} else {
 			b.WriteString(s[:end])
 		}

@@ -8,7 +8,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
-func TestMaskDSN(t *testing.T) {
+func TestMaskConninfo(t *testing.T) {
 	for _, tc := range []struct{ in, want string }{
 		{"", ""},
 		{"host=/run/postgresql dbname=emsdp", "host=/run/postgresql dbname=emsdp"},
@@ -28,16 +28,16 @@ func TestMaskDSN(t *testing.T) {
 		{"postgres://[::1]:5432,h2/emsdp?password=x", "postgres://[::1]:5432,h2/emsdp?password=********"},
 		{"postgres://h1,h2?password=x", "postgres://h1,h2?password=********"},
 	} {
-		if got := maskDSN(tc.in); got != tc.want {
-			t.Errorf("maskDSN(%q) = %q, want %q", tc.in, got, tc.want)
+		if got := maskConninfo(tc.in); got != tc.want {
+			t.Errorf("maskConninfo(%q) = %q, want %q", tc.in, got, tc.want)
 		}
 	}
 }
 
-// FuzzMaskDSN: for every DSN pgx accepts, the masked one means the same
+// FuzzMaskConninfo: for every conninfo pgx accepts, the masked one means the same
 // connection (host, port, database, user, parameters) with the password
 // replaced, and masking never panics.
-func FuzzMaskDSN(f *testing.F) {
+func FuzzMaskConninfo(f *testing.F) {
 	for _, s := range []string{"host=db password=secret dbname=emsdp", "password = 'a\\'b' user=u",
 		"postgres://u:secret@db:5432/emsdp?sslmode=disable", "postgres://db/emsdp?password=x&application_name=y",
 		"postgresql://u:p@[::1]:5432,h2:6543/d?password=q", "host=/tmp port=5432 password=", "dbname=x Password=y"} {
@@ -49,18 +49,18 @@ func FuzzMaskDSN(f *testing.F) {
 			passwordInEnv = true
 		}
 	}
-	f.Fuzz(func(t *testing.T, dsn string) {
-		masked := maskDSN(dsn)
-		orig, err := pgconn.ParseConfig(dsn)
+	f.Fuzz(func(t *testing.T, conninfo string) {
+		masked := maskConninfo(conninfo)
+		orig, err := pgconn.ParseConfig(conninfo)
 		if err != nil {
 			return
 		}
 		got, err := pgconn.ParseConfig(masked)
 		if err != nil {
-			t.Fatalf("%q parses, masked %q does not: %v", dsn, masked, err)
+			t.Fatalf("%q parses, masked %q does not: %v", conninfo, masked, err)
 		}
 		if got.Host != orig.Host || got.Port != orig.Port || got.Database != orig.Database || got.User != orig.User {
-			t.Errorf("%q masked %q: %s:%d/%s@%s, want %s:%d/%s@%s", dsn, masked, got.Host, got.Port, got.Database, got.User,
+			t.Errorf("%q masked %q: %s:%d/%s@%s, want %s:%d/%s@%s", conninfo, masked, got.Host, got.Port, got.Database, got.User,
 				orig.Host, orig.Port, orig.Database, orig.User)
 		}
 		params := func(c *pgconn.Config) map[string]string {
@@ -69,10 +69,10 @@ func FuzzMaskDSN(f *testing.F) {
 			return m
 		}
 		if !maps.Equal(params(got), params(orig)) {
-			t.Errorf("%q masked %q: parameters %v, want %v", dsn, masked, got.RuntimeParams, orig.RuntimeParams)
+			t.Errorf("%q masked %q: parameters %v, want %v", conninfo, masked, got.RuntimeParams, orig.RuntimeParams)
 		}
-		if !passwordInEnv && orig.Password != "" && got.Password != dsnMask {
-			t.Errorf("%q masked %q: password %q", dsn, masked, got.Password)
+		if !passwordInEnv && orig.Password != "" && got.Password != conninfoMask {
+			t.Errorf("%q masked %q: password %q", conninfo, masked, got.Password)
 		}
 	})
 }
