@@ -4,8 +4,9 @@
 #   ./test.sh                          vet and test every package
 #   ./test.sh -run TestQueue ./server  go test flags and packages pass through
 #                                      (packages: ".", "./dir", "./dir/...";
-#                                      relative to the repo root; default ./...;
-#                                      write flag values as -flag=value)
+#                                      relative to the repo root; default ./...
+#                                      and the bench module's ./...; write flag
+#                                      values as -flag=value)
 #
 # What it does:
 #  1. Checks every third-party program the tests run (the PREREQS table below).
@@ -15,7 +16,8 @@
 #     first. Where it cannot (not Debian/Ubuntu, no root and no usable sudo, or
 #     EMSDP_TEST_NO_INSTALL=1), it prints exactly what to install and how, and
 #     stops before running any test.
-#  3. go vet on the packages, then go test with the arguments.
+#  3. go vet on the packages, then go test with the arguments; the same for
+#     the bench module (bench/go.mod).
 #
 # Adding a program the tests need = one line in PREREQS:
 #     <command>   <Debian package>   <why: which tests use it>
@@ -131,20 +133,33 @@ if ((${#MISSING_PKGS[@]})); then
 	fi
 fi
 
-pkgs=()
+# The benchmark is a module of its own (bench/go.mod), so that the library's
+# go.mod does not require what only the benchmark uses; it is vetted and
+# tested here too. "./bench..." arguments name its packages.
+pkgs=() bench_pkgs=() flags=()
 for a in "$@"; do
 	case $a in
+	./bench | github.com/esro-emsdp/emsdp/bench) bench_pkgs+=(.) ;;
+	./bench/*) bench_pkgs+=("./${a#./bench/}") ;;
+	github.com/esro-emsdp/emsdp/bench/*) bench_pkgs+=("$a") ;;
 	. | ./* | ../* | github.com/esro-emsdp/emsdp*) pkgs+=("$a") ;;
+	*) flags+=("$a") ;;
 	esac
 done
-args=("$@")
-if ((${#pkgs[@]} == 0)); then
-	pkgs=(./...)
-	args+=(./...)
+if ((${#pkgs[@]} + ${#bench_pkgs[@]} == 0)); then
+	pkgs=(./...) bench_pkgs=(./...)
 fi
 
-say "go vet ${pkgs[*]}"
-go vet "${pkgs[@]}"
-say "go test ${args[*]}"
-go test "${args[@]}"
+if ((${#pkgs[@]})); then
+	say "go vet ${pkgs[*]}"
+	go vet "${pkgs[@]}"
+	say "go test ${flags[*]:+${flags[*]} }${pkgs[*]}"
+	go test "${flags[@]}" "${pkgs[@]}"
+fi
+if ((${#bench_pkgs[@]})); then
+	say "go vet -C bench ${bench_pkgs[*]}"
+	go vet -C bench "${bench_pkgs[@]}"
+	say "go test -C bench ${flags[*]:+${flags[*]} }${bench_pkgs[*]}"
+	go test -C bench "${flags[@]}" "${bench_pkgs[@]}"
+fi
 say "passed in ${SECONDS}s"

@@ -1,10 +1,10 @@
 // Command bench measures esro-emsdp side by side with its modern peers, in
 // one run on one machine, and prints Markdown tables (and writes JSON):
 //
-//	go run ./bench                 # every section, default durations
-//	go run ./bench -sections esro  # only some sections
-//	go run ./bench -quick          # shorter runs, for a smoke test
-//	go run ./bench -md perf.md     # also write the Markdown to a file
+//	go run -C bench .                 # every section, default durations
+//	go run -C bench . -sections esro  # only some sections
+//	go run -C bench . -quick          # shorter runs, for a smoke test
+//	go run -C bench . -md perf.md     # also write the Markdown to a file
 //
 // The Markdown is the README's Performance section as it stands: paste it
 // over the old one to update the numbers. Every figure comes with its
@@ -184,8 +184,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if o.quick {
 		quickNote = " **-quick: smoke-test figures, not for quoting.**"
 	}
-	fmt.Fprintf(w, "## Performance\n\nMeasured by `go run ./bench` (%s, %s/%s, %d CPUs, %s); regenerate this section with "+
-		"`go run ./bench -md FILE`. Figures of one run are comparable with each other, not with other machines: "+
+	fmt.Fprintf(w, "## Performance\n\nMeasured by `go run -C bench .` (%s, %s/%s, %d CPUs, %s); regenerate this section with "+
+		"`go run -C bench . -md FILE`, FILE relative to bench/. Figures of one run are comparable with each other, not with other machines: "+
 		"the ratios are the point.%s\n", runtime.Version(), runtime.GOOS, runtime.GOARCH, runtime.NumCPU(),
 		time.Now().UTC().Format("2006-01-02"), quickNote)
 	var all []jsonSection
