@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -33,21 +32,9 @@ func cmdDecode(ctx context.Context, env *cmdEnv, args []string) int {
 		fs.PrintDefaults()
 	}
 	// Flags may follow the file name, as with most capture tools.
-	var files []string
-	fs.SetOutput(env.stderr)
-	rest := args
-	for {
-		if err := fs.Parse(rest); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				return exitOK
-			}
-			return exitUsage
-		}
-		if fs.NArg() == 0 {
-			break
-		}
-		files = append(files, fs.Arg(0))
-		rest = fs.Args()[1:]
+	files, done, code := parseFlags(fs, env, args, -1)
+	if done {
+		return code
 	}
 	out := &recordWriter{w: env.stdout, json: *asJSON}
 	if *hexArg != "" {

@@ -166,7 +166,7 @@ func deviceAdd(ctx context.Context, env *cmdEnv, args []string) int {
 	fs.Var(&aliases, "alias", "mail address delivered to this device (repeatable, comma-separated)")
 	psk := fs.String("psk", "", `DTLS pre-shared key: "generate" (printed once) or 32..128 hex digits; the identity is the address`)
 	requireDTLS := fs.Bool("require-dtls", false, "refuse the device's operations over plain UDP (needs --psk)")
-	if done, code := parseFlags(fs, env, args); done {
+	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
 	set := map[string]bool{}
@@ -441,7 +441,7 @@ func deviceList(ctx context.Context, env *cmdEnv, args []string) int {
 	fs := flag.NewFlagSet("emsdp device list", flag.ContinueOnError)
 	var st deviceStore
 	st.register(fs)
-	if done, code := parseFlags(fs, env, args); done {
+	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
 	db, err := st.open(ctx, env, server.StoreReadOnly)
@@ -473,7 +473,7 @@ func deviceList(ctx context.Context, env *cmdEnv, args []string) int {
 }
 
 // addressOnly parses the commands that name one device: --address NNN.NNN
-// or the address as the only argument (before or after the flags).
+// or the address as the only argument (anywhere among the flags).
 func addressOnly(fs *flag.FlagSet, env *cmdEnv, args []string, more func(*flag.FlagSet)) (*deviceStore, emsd.Address, bool, int) {
 	var st deviceStore
 	st.register(fs)
@@ -481,29 +481,16 @@ func addressOnly(fs *flag.FlagSet, env *cmdEnv, args []string, more func(*flag.F
 	if more != nil {
 		more(fs)
 	}
-	fs.SetOutput(env.stderr)
-	positional := ""
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		positional, args = args[0], args[1:]
+	pos, done, code := parseFlags(fs, env, args, 1)
+	if done {
+		return nil, 0, true, code
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil, 0, true, exitOK
-		}
-		return nil, 0, true, exitUsage
-	}
-	if positional == "" && fs.NArg() == 1 {
-		positional = fs.Arg(0)
-	} else if fs.NArg() > 0 {
-		fmt.Fprintf(env.stderr, "%s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
-		return nil, 0, true, exitUsage
-	}
-	if positional != "" {
+	if len(pos) == 1 {
 		if *address != "" {
 			fmt.Fprintf(env.stderr, "%s: give the address once\n", fs.Name())
 			return nil, 0, true, exitUsage
 		}
-		*address = positional
+		*address = pos[0]
 	}
 	a, err := addressFlag(*address)
 	if err != nil {

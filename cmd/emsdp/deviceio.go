@@ -83,22 +83,19 @@ func deviceImport(ctx context.Context, env *cmdEnv, args []string) int {
 	update := fs.Bool("update", false, "replace devices that exist (their delivery control stays); default: refuse them")
 	batch := fs.Int("batch", 500, "rows per transaction (each row is written whole or refused alone)")
 	writers := fs.Int("writers", 4, "transactions at once")
-	fs.SetOutput(env.stderr)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return exitOK
-		}
-		return exitUsage
+	pos, done, code := parseFlags(fs, env, args, -1)
+	if done {
+		return code
 	}
-	if fs.NArg() > 1 {
+	if len(pos) > 1 {
 		return fail(env, usagef("one file at most (none or - for standard input)"))
 	}
 	if *writers < 1 || *batch < 1 {
 		return fail(env, usagef("--writers and --batch must be at least 1"))
 	}
 	in, name := io.Reader(env.stdin), "-"
-	if fs.NArg() == 1 && fs.Arg(0) != "-" {
-		name = fs.Arg(0)
+	if len(pos) == 1 && pos[0] != "-" {
+		name = pos[0]
 		f, err := os.Open(name)
 		if err != nil {
 			return fail(env, err)
@@ -419,11 +416,12 @@ func deviceExport(ctx context.Context, env *cmdEnv, args []string) int {
 	var st deviceStore
 	st.register(fs)
 	format := fs.String("format", "csv", "csv or jsonl")
-	if done, code := parseFlags(fs, env, args); done {
+	pos, done, code := parseFlags(fs, env, args, -1)
+	if done {
 		return code
 	}
-	if fs.NArg() > 0 {
-		return fail(env, usagef("unexpected argument %q (the registry goes to standard output)", fs.Arg(0)))
+	if len(pos) > 0 {
+		return fail(env, usagef("unexpected argument %q (the registry goes to standard output)", pos[0]))
 	}
 	if *format != "csv" && *format != "jsonl" {
 		return fail(env, usagef("--format %q: want csv or jsonl", *format))

@@ -96,22 +96,6 @@ func (tf *timerFlags) config(env *cmdEnv, log *slog.Logger) (*esro.Config, error
 	return c, nil
 }
 
-// parseFlags parses args; it reports -h as done and bad flags as usage.
-func parseFlags(fs *flag.FlagSet, env *cmdEnv, args []string) (done bool, code int) {
-	fs.SetOutput(env.stderr)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return true, exitOK
-		}
-		return true, exitUsage
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(env.stderr, "%s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
-		return true, exitUsage
-	}
-	return false, 0
-}
-
 func fail(env *cmdEnv, err error) int {
 	if msg := err.Error(); env.store != "" && !strings.Contains(msg, env.store) {
 		// An error of a command working on a store names the store, so
@@ -177,7 +161,7 @@ func esroPerform(ctx context.Context, env *cmdEnv, args []string) int {
 	tf.register(fs)
 	var df dtlsFlags
 	df.register(fs, true)
-	if done, code := parseFlags(fs, env, args); done {
+	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
 	if *amp < 0 || math.IsNaN(*amp) {
@@ -323,7 +307,7 @@ func esroInvoke(ctx context.Context, env *cmdEnv, args []string) int {
 	var df dtlsFlags
 	df.register(fs, true)
 	noLinger := fs.Bool("no-linger", false, noLingerUsage)
-	if done, code := parseFlags(fs, env, args); done {
+	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
 	key, dcfg, err := df.config()

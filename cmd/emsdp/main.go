@@ -139,7 +139,7 @@ func dispatch(ctx context.Context, env *cmdEnv, group string, args []string, sub
 func cmdVersion(_ context.Context, env *cmdEnv, args []string) int {
 	fs := flag.NewFlagSet("emsdp version", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "as a JSON object")
-	if done, code := parseFlags(fs, env, args); done {
+	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
 	i := buildinfo.Read()

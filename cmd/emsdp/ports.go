@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -30,7 +29,7 @@ func cmdPorts(ctx context.Context, env *cmdEnv, args []string) int {
 }
 
 func portsLocal(ctx context.Context, env *cmdEnv, args []string) int {
-	fs := flag.NewFlagSet("ports", flag.ContinueOnError)
+	fs := flag.NewFlagSet("emsdp ports", flag.ContinueOnError)
 	fs.SetOutput(env.stderr)
 	var list portList
 	fs.Var(&list, "port", "port to look at (repeatable or comma-separated; default 641,642,259,2002)")
@@ -43,7 +42,7 @@ func portsLocal(ctx context.Context, env *cmdEnv, args []string) int {
 			"process, executable and command line, registered names and a verdict.\n\nflags:")
 		fs.PrintDefaults()
 	}
-	if _, code, ok := parseArgs(fs, args, 0); !ok {
+	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
 	rep, err := ports.Local(ctx, list.or(ports.DefaultPorts()))
@@ -55,7 +54,7 @@ func portsLocal(ctx context.Context, env *cmdEnv, args []string) int {
 }
 
 func portsProbe(ctx context.Context, env *cmdEnv, args []string) int {
-	fs := flag.NewFlagSet("ports probe", flag.ContinueOnError)
+	fs := flag.NewFlagSet("emsdp ports probe", flag.ContinueOnError)
 	fs.SetOutput(env.stderr)
 	var list portList
 	fs.Var(&list, "port", "port to probe (repeatable or comma-separated; default 641,642,259,2002)")
@@ -73,9 +72,14 @@ func portsProbe(ctx context.Context, env *cmdEnv, args []string) int {
 			"and a passive banner read. Everything sent and received is shown in hex.\n\nflags:")
 		fs.PrintDefaults()
 	}
-	pos, code, ok := parseArgs(fs, args, 1)
-	if !ok {
+	pos, done, code := parseFlags(fs, env, args, -1)
+	if done {
 		return code
+	}
+	if len(pos) != 1 {
+		fmt.Fprintf(env.stderr, "%s: want 1 argument, got %q\n", fs.Name(), pos)
+		fs.Usage()
+		return exitUsage
 	}
 	if *timeout <= 0 || *attempts <= 0 {
 		fmt.Fprintln(env.stderr, "emsdp ports probe: --timeout and --attempts must be positive")
@@ -100,7 +104,7 @@ func portsProbe(ctx context.Context, env *cmdEnv, args []string) int {
 }
 
 func portsNmap(env *cmdEnv, args []string) int {
-	fs := flag.NewFlagSet("ports nmap-probe", flag.ContinueOnError)
+	fs := flag.NewFlagSet("emsdp ports nmap-probe", flag.ContinueOnError)
 	fs.SetOutput(env.stderr)
 	merge := fs.String("merge", "", "nmap's own probe file (/usr/share/nmap/nmap-service-probes): print it with ours placed first")
 	fs.Usage = func() {
@@ -108,7 +112,7 @@ func portsNmap(env *cmdEnv, args []string) int {
 			"Prints nmap-service-probes entries (probe and match lines) for ESRO and EMSD.")
 		fs.PrintDefaults()
 	}
-	if _, code, ok := parseArgs(fs, args, 0); !ok {
+	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
 	out := []byte(ports.NmapProbe())
@@ -140,32 +144,6 @@ func output(env *cmdEnv, name string, v any, asJSON bool, text func(io.Writer) e
 		return exitFailed
 	}
 	return exitOK
-}
-
-// parseArgs parses flags placed before, between or after the want
-// positional arguments ("probe HOST --port 641" reads naturally); want < 0
-// takes any number.
-func parseArgs(fs *flag.FlagSet, args []string, want int) (pos []string, code int, ok bool) {
-	for {
-		if err := fs.Parse(args); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				return nil, exitOK, false
-			}
-			return nil, exitUsage, false
-		}
-		args = fs.Args()
-		if len(args) == 0 {
-			break
-		}
-		pos = append(pos, args[0])
-		args = args[1:]
-	}
-	if want >= 0 && len(pos) != want {
-		fmt.Fprintf(fs.Output(), "emsdp %s: want %d argument(s), got %q\n", fs.Name(), want, pos)
-		fs.Usage()
-		return nil, exitUsage, false
-	}
-	return pos, exitOK, true
 }
 
 // portList is a repeatable --port flag that also takes "641,642".

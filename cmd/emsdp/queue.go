@@ -51,14 +51,6 @@ func queueFlagSet(name, synopsis string) *flag.FlagSet {
 	return fs
 }
 
-// queueArgs parses fs's flags wherever they stand among the arguments
-// and returns the other arguments.
-func queueArgs(fs *flag.FlagSet, env *cmdEnv, args []string) (pos []string, done bool, code int) {
-	fs.SetOutput(env.stderr)
-	pos, code, ok := parseArgs(fs, args, -1)
-	return pos, !ok, code
-}
-
 // refString is an entry's id as the commands print and take it: D<n> for
 // a delivery, R<n> for a relay (the two queues number apart).
 func refString(r store.QueueRef) string {
@@ -200,7 +192,7 @@ func queueList(ctx context.Context, env *cmdEnv, args []string) int {
 	device := fs.String("device", "", "list the deliveries to this device NNN.NNN only")
 	limit := fs.Int("limit", store.DefaultQueueLimit, "list at most this many entries (the summary counts all)")
 	asJSON := fs.Bool("json", false, "print one JSON document for scripts")
-	if done, code := parseFlags(fs, env, args); done {
+	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
 	f := store.QueueFilter{Limit: *limit}
@@ -364,7 +356,7 @@ func queueShow(ctx context.Context, env *cmdEnv, args []string) int {
 	fs := queueFlagSet("show", "ID")
 	var st deviceStore
 	st.register(fs)
-	pos, done, code := queueArgs(fs, env, args)
+	pos, done, code := parseFlags(fs, env, args, -1)
 	if done {
 		return code
 	}
@@ -518,7 +510,7 @@ func queueRetry(ctx context.Context, env *cmdEnv, args []string) int {
 	st.register(fs)
 	all := fs.Bool("all", false, "retry every queued entry")
 	device := fs.String("device", "", "retry the queued deliveries to this device NNN.NNN")
-	pos, done, code := queueArgs(fs, env, args)
+	pos, done, code := parseFlags(fs, env, args, -1)
 	if done {
 		return code
 	}
@@ -573,7 +565,7 @@ func queueRemove(ctx context.Context, env *cmdEnv, args []string) int {
 	fs := queueFlagSet("remove", "ID ...")
 	var st deviceStore
 	st.register(fs)
-	pos, done, code := queueArgs(fs, env, args)
+	pos, done, code := parseFlags(fs, env, args, -1)
 	if done {
 		return code
 	}

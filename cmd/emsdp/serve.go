@@ -36,7 +36,7 @@ func cmdServe(ctx context.Context, env *cmdEnv, args []string) int {
 	trace := fs.Bool("trace", false, "log every PDU in and out, decoded, passwords masked (--log-level trace)")
 	logFormat := fs.String("log-format", "", `log lines as "text" or "json" (default text)`)
 	check := fs.Bool("check-config", false, "validate the configuration, print it and exit")
-	if done, code := parseFlags(fs, env, args); done {
+	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
 	set := map[string]bool{}

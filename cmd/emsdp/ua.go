@@ -246,7 +246,7 @@ func uaSend(ctx context.Context, env *cmdEnv, args []string) int {
 	deliveryReport := fs.Bool("delivery-report", false, "ask for delivery reports")
 	priority := fs.String("priority", "normal", "urgent, normal or non-urgent")
 	importance := fs.String("importance", "normal", "high, normal or low")
-	if done, code := parseFlags(fs, env, args); done {
+	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
 	msg.DeliveryReport = *deliveryReport
@@ -331,7 +331,7 @@ func uaReceive(ctx context.Context, env *cmdEnv, args []string) int {
 		"(often 30s) and the server's delivery.contact_lifetime; 0 = poll once at start")
 	refuseReports := fs.Bool("refuse-reports", false,
 		"refuse delivery reports (content type 2) as the reference UA does; the server then sends them as text notices")
-	if done, code := parseFlags(fs, env, args); done {
+	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
 	if d.local == "" && *poll {
@@ -469,20 +469,9 @@ func uaVerify(ctx context.Context, env *cmdEnv, args []string) int {
 	d.register(fs, env)
 	fs.StringVar(&d.local, "local", ":0", "local UDP address to send from (the MTS identifies op 5 by IP address and port)")
 	fs.BoolVar(&d.noLinger, "no-linger", false, noLingerUsage)
-	fs.SetOutput(env.stderr)
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				return exitOK
-			}
-			return exitUsage
-		}
-		if fs.NArg() == 0 {
-			break
-		}
-		pos = append(pos, fs.Arg(0))
-		args = fs.Args()[1:]
+	pos, done, code := parseFlags(fs, env, args, -1)
+	if done {
+		return code
 	}
 	if len(pos) != 1 {
 		return fail(env, usagef("usage: emsdp ua verify --server HOST:PORT [--address NNN.NNN --password PW] MESSAGE-ID"))
