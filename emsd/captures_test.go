@@ -644,14 +644,14 @@ func TestCaptureProbes(t *testing.T) {
 // TestDuplicateInstanceCapture replays the two deliveries with instance id
 // 05 (probe-ua-deliver-dup-instance-again).
 func TestDuplicateInstanceCapture(t *testing.T) {
-	_, id1, _ := invokeArg(t, section(t, "probe-ua-deliver-local-id-local-orig")[0])
-	_, id2, _ := invokeArg(t, section(t, "probe-ua-deliver-dup-instance-again")[0])
+	_, id1, arg1 := invokeArg(t, section(t, "probe-ua-deliver-local-id-local-orig")[0])
+	_, id2, arg2 := invokeArg(t, section(t, "probe-ua-deliver-dup-instance-again")[0])
 	var w DuplicateWindow
-	if w.Observe(id1) || !w.Observe(id2) {
+	if w.Observe(id1, arg1) || !w.Observe(id2, arg2) {
 		t.Fatal("second id 05 not detected as duplicate")
 	}
 	ref := DuplicateWindow{Disabled: true} // reference UA: both accepted
-	if ref.Observe(id1) || ref.Observe(id2) {
+	if ref.Observe(id1, arg1) || ref.Observe(id2, arg2) {
 		t.Fatal("disabled window reported a duplicate")
 	}
 }

@@ -1,7 +1,7 @@
 package emsd
 
 import (
-	"errors"
+	"crypto/sha256"
 	"sync/atomic"
 )
 
@@ -42,57 +42,55 @@ type InstanceCounter struct {
 // Next returns the next instance id.
 func (c *InstanceCounter) Next() uint8 { return uint8(c.n.Add(1) - 1) }
 
-// DuplicateWindow is the receiver's 256-bit duplicate-detection window of
-// §1.5: an id whose bit is set is a duplicate (answer RESULT with no data
-// and do nothing else); otherwise its bit is set and the bit of
-// (id+128) mod 256 cleared. The zero value is an empty, enabled window. It
-// is not safe for concurrent use.
+// DuplicateWindow is the receiver's duplicate-detection window of §1.5:
+// an id is set when its INVOKE is performed, and setting it clears the id
+// (id+128) mod 256, so the window is half the id space. It also keeps the
+// digest of the argument each id was performed with, and an INVOKE is a
+// duplicate (answer RESULT with no data and do nothing else) only when its
+// id is set and its argument is the same. A re-invocation after an ESRO
+// failure repeats its segment octet for octet (§9.9), so it is still
+// caught; but a sender that reuses ids for new operations (the reference
+// MTS sends id 0 on every delivery, segment and re-invocation, §1.5, Open
+// Point 2) does not get its new messages acknowledged and dropped (seen
+// against the reference MTS with the window left on: two of three
+// messages lost). The zero value is an empty, enabled window. It is not
+// safe for concurrent use.
 type DuplicateWindow struct {
-	bits [4]uint64
-	// Disabled makes every id new and leaves the window unchanged, for
+	// Disabled makes every INVOKE new and leaves the window unchanged, for
 	// reference MTS peers, which always send id 0 (§1.5, Open Point 2).
 	Disabled bool
+	seen     [256]*[sha256.Size]byte // nil: id not set
 }
 
-// Observe records id and reports whether it is a duplicate.
-func (w *DuplicateWindow) Observe(id uint8) (duplicate bool) {
-	if w.Disabled {
+// Duplicate reports whether id is set with the same argument arg (the
+// operation argument without its instance-id octet).
+func (w *DuplicateWindow) Duplicate(id uint8, arg []byte) bool {
+	if w.Disabled || w.seen[id] == nil {
 		return false
 	}
-	if w.bits[id>>6]&(1<<(id&63)) != 0 {
+	return *w.seen[id] == sha256.Sum256(arg)
+}
+
+// Record sets id as performed with arg and clears (id+128) mod 256. A
+// receiver records an INVOKE only once it is performed: one answered with
+// an ERROR must be performed again if re-sent (§1.5).
+func (w *DuplicateWindow) Record(id uint8, arg []byte) {
+	if w.Disabled {
+		return
+	}
+	sum := sha256.Sum256(arg)
+	w.seen[id] = &sum
+	w.seen[id+128] = nil
+}
+
+// Observe reports whether the INVOKE (id, arg) is a duplicate, and
+// records it if not.
+func (w *DuplicateWindow) Observe(id uint8, arg []byte) (duplicate bool) {
+	if w.Duplicate(id, arg) {
 		return true
 	}
-	w.bits[id>>6] |= 1 << (id & 63)
-	o := id + 128
-	w.bits[o>>6] &^= 1 << (o & 63)
+	w.Record(id, arg)
 	return false
-}
-
-// MarshalBinary returns the 32-octet window state for non-volatile
-// storage (§10.1); bit i is bit i%8 of octet i/8.
-func (w *DuplicateWindow) MarshalBinary() ([]byte, error) {
-	out := make([]byte, 32)
-	for i := range 256 {
-		if w.bits[i>>6]&(1<<(i&63)) != 0 {
-			out[i>>3] |= 1 << (i & 7)
-		}
-	}
-	return out, nil
-}
-
-// UnmarshalBinary restores a state written by MarshalBinary. Disabled is
-// not part of the state and is left unchanged.
-func (w *DuplicateWindow) UnmarshalBinary(b []byte) error {
-	if len(b) != 32 {
-		return errors.New("emsd: duplicate window state must be 32 octets")
-	}
-	w.bits = [4]uint64{}
-	for i := range 256 {
-		if b[i>>3]&(1<<(i&7)) != 0 {
-			w.bits[i>>6] |= 1 << (i & 63)
-		}
-	}
-	return nil
 }
 
 // SequenceCounter hands out segmentation sequence ids, starting at 1 and

@@ -45,49 +45,51 @@ func TestInstanceCounter(t *testing.T) {
 }
 
 func TestDuplicateWindow(t *testing.T) {
+	arg := []byte("segment")
 	var w DuplicateWindow
-	if w.Observe(5) || !w.Observe(5) || !w.Observe(5) {
+	if w.Observe(5, arg) || !w.Observe(5, arg) || !w.Observe(5, arg) {
 		t.Fatal("5 then duplicate")
 	}
 	// Receiving 133 = 5+128 clears 5: the window is half the id space.
-	if w.Observe(133) || w.Observe(5) || !w.Observe(5) {
+	if w.Observe(133, arg) || w.Observe(5, arg) || !w.Observe(5, arg) {
 		t.Fatal("bit (id+128)%256 not cleared")
 	}
-	if w.Observe(133) {
+	if w.Observe(133, arg) {
 		t.Fatal("133 was cleared by 5")
 	}
 	// Wrap-around: 200 clears 72.
-	if w.Observe(72) || w.Observe(200) || w.Observe(72) {
+	if w.Observe(72, arg) || w.Observe(200, arg) || w.Observe(72, arg) {
 		t.Fatal("wrap")
 	}
 	// A sender counting 0..255 repeatedly is never taken for a duplicate.
 	var seq DuplicateWindow
 	for i := range 1000 {
-		if seq.Observe(uint8(i)) {
+		if seq.Observe(uint8(i), arg) {
 			t.Fatalf("sequential id %d reported duplicate", i)
 		}
 	}
-	state, err := w.MarshalBinary()
-	if err != nil || len(state) != 32 {
-		t.Fatal(err)
+	// A set id with another argument is a new operation (a sender reusing
+	// ids, as the reference MTS does), which then replaces the first.
+	if w.Observe(72, []byte("other")) || !w.Observe(72, []byte("other")) || w.Observe(72, arg) {
+		t.Fatal("same id, other argument")
 	}
+	// Duplicate only asks; Record after performing.
 	var r DuplicateWindow
-	if err := r.UnmarshalBinary(state); err != nil || r.bits != w.bits {
-		t.Fatal("state round trip", err)
+	if r.Duplicate(9, arg) || r.Duplicate(9, arg) {
+		t.Fatal("Duplicate recorded")
 	}
-	if !r.Observe(72) || r.Observe(7) {
-		t.Fatal("restored window")
-	}
-	if err := r.UnmarshalBinary(make([]byte, 31)); err == nil {
-		t.Fatal("short state accepted")
+	r.Record(9, arg)
+	if !r.Duplicate(9, arg) || r.Duplicate(9, nil) {
+		t.Fatal("Record")
 	}
 	off := DuplicateWindow{Disabled: true}
 	for range 3 {
-		if off.Observe(0) {
+		if off.Observe(0, arg) {
 			t.Fatal("disabled window")
 		}
 	}
-	if off.bits != ([4]uint64{}) {
+	off.Record(1, arg)
+	if off.seen != ([256]*[32]byte{}) {
 		t.Fatal("disabled window changed state")
 	}
 }

@@ -96,7 +96,7 @@ type Client struct {
 	// handler see them one at a time, in the order the MTS sends them (it
 	// has at most one in flight per device, §9.9).
 	recvMu sync.Mutex
-	dup    dupWindow
+	dup    emsd.DuplicateWindow
 }
 
 // New creates a Client on ep and binds SAP 3 (3-way) and SAP 7 (2-way) to
@@ -144,7 +144,7 @@ func New(ep *esro.Endpoint, cfg Config) (*Client, error) {
 		reasm:    emsd.NewReassembler[netip.AddrPort](emsd.ReassemblerConfig{Timeout: cfg.ReassemblyTimeout}),
 		submitMu: make(chan struct{}, 1),
 	}
-	c.dup.disabled = cfg.NoDuplicateWindow
+	c.dup.Disabled = cfg.NoDuplicateWindow
 	if err := ep.HandleFunc(uint8(emsd.SAPUAPerformer3Way), esro.ThreeWay, c.serve); err != nil {
 		return nil, fmt.Errorf("ua: bind SAP 3: %w", err)
 	}

@@ -161,8 +161,7 @@ func (c *Client) deliver(ctx context.Context, w esro.ResponseWriter, inv *esro.I
 	c.recvMu.Lock()
 	defer c.recvMu.Unlock()
 	carries := emsd.CarriesInstanceID(emsd.Operation(inv.Operation))
-	sum := sha256.Sum256(arg)
-	if carries && c.dup.duplicate(id, sum) {
+	if carries && c.dup.Duplicate(id, arg) {
 		// Already performed: confirm again, do nothing else (§1.5).
 		c.log.Debug("ua: duplicate delivery", "peer", inv.Peer, "instance", id)
 		c.result(w, inv)
@@ -175,38 +174,10 @@ func (c *Client) deliver(ctx context.Context, w esro.ResponseWriter, inv *esro.I
 		return code
 	}
 	if carries {
-		c.dup.record(id, sum)
+		c.dup.Record(id, arg)
 	}
 	c.result(w, inv)
 	return 0
-}
-
-// dupWindow is the delivery duplicate window of §1.5 (an id is set when
-// performed and cleared when the id 128 apart is), which also keeps the
-// digest of the argument each id was performed with: an INVOKE is a
-// duplicate only when its id is set and its argument is the same. A
-// re-invocation after an ESRO failure repeats its segment octet for octet
-// (§9.9), so it is still caught; but an MTS that reuses ids for new
-// operations — the reference MTS sends id 0 on every delivery, every
-// segment and every re-invocation (§1.5, Open Point 2) — no longer gets
-// its deliveries acknowledged and dropped when Config.NoDuplicateWindow
-// was forgotten (seen against the reference MTS: two of three messages
-// lost).
-type dupWindow struct {
-	disabled bool
-	seen     [256]*[sha256.Size]byte // nil: id not set
-}
-
-func (w *dupWindow) duplicate(id uint8, sum [sha256.Size]byte) bool {
-	return !w.disabled && w.seen[id] != nil && *w.seen[id] == sum
-}
-
-func (w *dupWindow) record(id uint8, sum [sha256.Size]byte) {
-	if w.disabled {
-		return
-	}
-	w.seen[id] = &sum
-	w.seen[id+128] = nil
 }
 
 // result answers RESULT with no data (§10.3 step 5, §8: every segment,
