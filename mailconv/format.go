@@ -94,11 +94,8 @@ var reservedLabels = map[string]bool{
 // recommendations: Date:, X-Importance: High, a Message-ID from the
 // options) plus its envelope.
 func FormatIPM(ipm *emsd.IPM, o FormatOptions) (*Formatted, error) {
-	if ipm == nil {
-		return nil, errors.New("mailconv: FormatIPM: nil IPM")
-	}
-	if o.Domain == "" {
-		return nil, errors.New("mailconv: FormatIPM: no domain for local addresses")
+	if err := checkIPM("FormatIPM", ipm, o.Domain); err != nil {
+		return nil, err
 	}
 	if o.Date.IsZero() {
 		o.Date = time.Now()
@@ -127,40 +124,17 @@ func FormatIPM(ipm *emsd.IPM, o FormatOptions) (*Formatted, error) {
 
 	// Recipients (§9.6): bit 1 Bcc (envelope only), bit 0 Cc, else To.
 	var to, cc []string
-	var kinds [3][]Recipient
-	seen := map[string]bool{}
+	var env envelope
 	for _, rd := range h.Recipients {
 		a := f.address(rd.Recipient)
-		kind := KindTo
-		switch {
-		case rd.Flags.Has(emsd.RcptBlindCopy):
-			kind = KindBcc
-		case rd.Flags.Has(emsd.RcptCopy):
-			kind = KindCc
-		}
-		switch kind {
+		switch env.add(rd.Flags, a) {
 		case KindTo:
 			to = append(to, a.header)
 		case KindCc:
 			cc = append(cc, a.header)
 		}
-		key := strings.ToLower(a.spec)
-		if a.err != nil {
-			key = "\x00" + a.raw
-		}
-		if seen[key] {
-			continue
-		}
-		seen[key] = true
-		r := Recipient{Addr: a.spec, Local: a.local, Device: a.device, Kind: kind, Flags: rd.Flags, Err: a.err}
-		if a.err != nil {
-			r.Addr = a.raw
-		}
-		kinds[kind] = append(kinds[kind], r)
 	}
-	for _, k := range kinds {
-		out.Recipients = append(out.Recipients, k...)
-	}
+	out.Recipients = env.recipients()
 	if len(to) > 0 {
 		f.field("To", strings.Join(to, ", "))
 	}
@@ -229,6 +203,79 @@ func FormatIPM(ipm *emsd.IPM, o FormatOptions) (*Formatted, error) {
 	f.buf.Write(body)
 	out.Message = f.buf.Bytes()
 	return out, nil
+}
+
+// Route is the routing step of a submission: for every recipient of ipm,
+// whether it is an EMSD device of this server (Local, with its Device: it
+// never leaves the server), an Internet address, or no usable address
+// (Err), in the order and with the duplicates removed as in
+// FormatIPM's Recipients, which are the same. It formats nothing, so the
+// server renders Internet mail only when some recipient is on the
+// Internet. Local addresses are those of domain; m, when it has Domains or
+// Resolve, also routes rfc822 recipients that resolve to a device to it.
+func Route(ipm *emsd.IPM, domain string, m Mapping) ([]Recipient, error) {
+	if err := checkIPM("Route", ipm, domain); err != nil {
+		return nil, err
+	}
+	f := &formatter{o: FormatOptions{Domain: domain, Mapping: m}}
+	var env envelope
+	for _, rd := range ipm.Heading.Recipients {
+		env.add(rd.Flags, f.address(rd.Recipient))
+	}
+	return env.recipients(), nil
+}
+
+func checkIPM(fn string, ipm *emsd.IPM, domain string) error {
+	if ipm == nil {
+		return fmt.Errorf("mailconv: %s: nil IPM", fn)
+	}
+	if domain == "" {
+		return fmt.Errorf("mailconv: %s: no domain for local addresses", fn)
+	}
+	return nil
+}
+
+// envelope collects the envelope recipients: To, then Cc, then Bcc, each in
+// heading order, an address only once.
+type envelope struct {
+	kinds [3][]Recipient
+	seen  map[string]bool
+}
+
+// add files the recipient rendered as a with flags and returns its kind.
+func (e *envelope) add(flags emsd.PerRecipientFlags, a rendered) RecipientKind {
+	kind := KindTo
+	switch {
+	case flags.Has(emsd.RcptBlindCopy):
+		kind = KindBcc
+	case flags.Has(emsd.RcptCopy):
+		kind = KindCc
+	}
+	key := strings.ToLower(a.spec)
+	if a.err != nil {
+		key = "\x00" + a.raw
+	}
+	if e.seen[key] {
+		return kind
+	}
+	if e.seen == nil {
+		e.seen = map[string]bool{}
+	}
+	e.seen[key] = true
+	r := Recipient{Addr: a.spec, Local: a.local, Device: a.device, Kind: kind, Flags: flags, Err: a.err}
+	if a.err != nil {
+		r.Addr = a.raw
+	}
+	e.kinds[kind] = append(e.kinds[kind], r)
+	return kind
+}
+
+func (e *envelope) recipients() []Recipient {
+	var out []Recipient
+	for _, k := range e.kinds {
+		out = append(out, k...)
+	}
+	return out
 }
 
 type formatter struct {

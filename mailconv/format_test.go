@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -285,6 +286,11 @@ func TestFormatIPM(t *testing.T) {
 			}
 			h, body := checkSMTPSafe(t, out.Message)
 			tc.check(t, out, h, body)
+			// Routing alone decides what formatting does.
+			routed, err := Route(tc.ipm(), o.Domain, o.Mapping)
+			if err != nil || !reflect.DeepEqual(routed, out.Recipients) {
+				t.Errorf("Route: %+v, %v; FormatIPM's recipients %+v", routed, err, out.Recipients)
+			}
 		})
 	}
 	if _, err := FormatIPM(base(), FormatOptions{}); err == nil {
@@ -292,6 +298,12 @@ func TestFormatIPM(t *testing.T) {
 	}
 	if _, err := FormatIPM(nil, FormatOptions{Domain: testDomain}); err == nil {
 		t.Error("nil IPM accepted")
+	}
+	if _, err := Route(base(), "", Mapping{}); err == nil {
+		t.Error("Route: no domain accepted")
+	}
+	if _, err := Route(nil, testDomain, Mapping{}); err == nil {
+		t.Error("Route: nil IPM accepted")
 	}
 }
 

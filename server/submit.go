@@ -516,8 +516,10 @@ func (s *Server) release(rec *store.Submission, verify string) {
 
 // submissionWork converts a submitted IPM into its deliveries (local
 // recipients, which never leave the server) and one relay (Internet
-// recipients), plus immediate non-delivery reports for recipients that
-// cannot be served (docs/protocol.md EMSD §9.5-9.7).
+// recipients, the IPM formatted as Internet mail), plus immediate
+// non-delivery reports for recipients that cannot be served
+// (docs/protocol.md EMSD §9.5-9.7). Routing (mailconv.Route) comes first;
+// formatting only when some recipient is on the Internet.
 func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (store.Work, error) {
 	var w store.Work
 	var ipm emsd.IPM
@@ -526,8 +528,10 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 	}
 	lid := emsd.LocalMessageID{SubmissionTime: emsd.Time(rec.LocalTime), Number: rec.Number}
 	mid := emsd.MessageID{IsLocal: true, Local: lid}
-	out, err := mailconv.FormatIPM(&ipm, mailconv.FormatOptions{Domain: s.domain, MessageID: rfc822MessageID(lid, s.domain),
-		Date: lid.SubmissionTime.UTC(), MTS: s.hostname, Mapping: s.mapping()})
+	// Route first: mail for devices only is never rendered as Internet
+	// mail.
+	m := s.mapping()
+	recipients, err := mailconv.Route(&ipm, s.domain, m)
 	if err != nil {
 		return w, err
 	}
@@ -537,7 +541,7 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 	var remote []store.RelayRecipient
 	var fails []reportItem
 	done := map[emsd.Address]bool{}
-	for _, r := range out.Recipients {
+	for _, r := range recipients {
 		rep := store.Report{Device: rec.Device, Flags: uint8(r.Flags), MessageID: encodeMsgID(mid),
 			Recipient: encodeOR(emsd.RFC822OR(r.Addr))}
 		var fail *outcome
@@ -582,6 +586,11 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 	w.Deliveries = append(w.Deliveries, rw.Deliveries...)
 	w.Relays = append(w.Relays, rw.Relays...)
 	if len(remote) > 0 {
+		out, err := mailconv.FormatIPM(&ipm, mailconv.FormatOptions{Domain: s.domain, MessageID: rfc822MessageID(lid, s.domain),
+			Date: lid.SubmissionTime.UTC(), MTS: s.hostname, Mapping: m})
+		if err != nil {
+			return w, err
+		}
 		msg := append(s.receivedEMSD(rec, reg, rfc822MessageID(lid, s.domain)), out.Message...)
 		w.Relays = append(w.Relays, store.NewRelay{From: s.deviceAddrSpec(emsd.Address(rec.Device)), Message: msg,
 			Recipients: remote, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Relay.Expiry))})
