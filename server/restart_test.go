@@ -234,9 +234,11 @@ func testKillRestart(t *testing.T, c *Config) {
 	defer db.Close()
 	senderEP := listenESRO(t, "127.0.0.1")
 	yAP := freeUDP(t)
+	// The recipient first: once the server knows the sender (and so takes
+	// its submissions), it knows the recipient too.
 	for _, d := range []*store.Device{
-		{Address: 198036, IP: epAddr(senderEP).Addr(), Port: epAddr(senderEP).Port(), Version: "1.1", Mode: store.ModeComplete},
 		{Address: 198037, IP: yAP.Addr(), Port: yAP.Port(), Version: "1.1", Mode: store.ModeEfficient},
+		{Address: 198036, IP: epAddr(senderEP).Addr(), Port: epAddr(senderEP).Port(), Version: "1.1", Mode: store.ModeComplete},
 	} {
 		must(t, db.AddDevice(context.Background(), d))
 	}
