@@ -384,12 +384,21 @@ type QueueSelect struct {
 	// Kind, with All, keeps to one queue ("" = both): SIGHUP re-attempts
 	// the deferred relays only.
 	Kind QueueKind
+	// Force also takes the selected entries that are in flight back into
+	// the queue, whoever holds them: for an operator who knows the server
+	// holding them will never finish them, and for a server that finds
+	// its own entries in flight with no worker on them. The holder's
+	// outcome, should it come after all, is then refused (ErrConflict),
+	// and the entry is attempted again: a device or smarthost may get it
+	// twice.
+	Force bool
 }
 
 // QueueChange says what RetryQueued or RemoveQueued did.
 type QueueChange struct {
 	Changed  int // queued entries made due, or removed
 	InFlight int // entries selected but in flight: left alone
+	Forced   int // in-flight entries taken back (Force; counted in Changed too)
 	// Skipped are the Refs given that were left alone, with their state
 	// (in flight or finished); State "" = no such entry.
 	Skipped []QueueSkip
@@ -531,8 +540,8 @@ type Store interface {
 	// RetryQueued makes the queued entries of sel due at now: a next
 	// attempt after now becomes now; the expiry stays. Entries in flight
 	// (a server is delivering or relaying them, on any server sharing the
-	// store) and finished ones are left alone: a retry never resurrects
-	// a delivered or failed entry.
+	// store) and finished ones are left alone, in flight ones unless
+	// sel.Force: a retry never resurrects a delivered or failed entry.
 	RetryQueued(ctx context.Context, sel QueueSelect, now time.Time) (QueueChange, error)
 	// RemoveQueued deletes the queued entries of refs (and the message of
 	// a relay whose last recipient goes), silently: no report and no

@@ -251,6 +251,11 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 	const set = retrySet
 	err = s.tx(ctx, func(tx pgx.Tx) error {
 		ch = store.QueueChange{}
+		if sel.Force {
+			if err := s.force(ctx, tx, sel, now, &ch); err != nil {
+				return err
+			}
+		}
 		if len(sel.Refs) > 0 {
 			d, r := refIDs(sel.Refs)
 			done := map[store.QueueRef]bool{}
@@ -299,6 +304,39 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 		return store.QueueChange{}, errorf("retry queued", err)
 	}
 	return ch, nil
+}
+
+// force moves the in-flight entries of sel back to queued, due at now,
+// whoever owns them (QueueSelect.Force); attempts stay counted.
+func (s *DB) force(ctx context.Context, tx pgx.Tx, sel store.QueueSelect, now time.Time, ch *store.QueueChange) error {
+	d, r := refIDs(sel.Refs)
+	for _, q := range []struct {
+		table, state string
+		all          bool
+		ids          []int64
+	}{
+		{"deliveries", "inflight", sel.All && sel.Kind != store.QueueRelay, d},
+		{"relays", "sending", sel.All && sel.Kind != store.QueueDelivery, r},
+	} {
+		cond, args := "", []any{ms(now)}
+		switch {
+		case q.all:
+			cond = "TRUE"
+		case len(q.ids) > 0:
+			cond, args = "id = ANY($2)", append(args, q.ids)
+		case sel.Device != 0 && q.table == "deliveries":
+			cond, args = "device = $2", append(args, int64(sel.Device))
+		default:
+			continue
+		}
+		t, err := tx.Exec(ctx, `UPDATE `+q.table+` SET state = 'queued', owner = 0, next_attempt = $1, updated = $1
+			WHERE state = '`+q.state+`' AND `+cond, args...)
+		if err != nil {
+			return err
+		}
+		ch.Forced += int(t.RowsAffected())
+	}
+	return nil
 }
 
 // retrySet makes queued entries due; LEAST: an entry already due keeps

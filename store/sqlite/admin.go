@@ -216,6 +216,11 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 	const set = retrySet
 	err = s.tx(ctx, func(tx *sql.Tx) error {
 		ch = store.QueueChange{}
+		if sel.Force {
+			if err := s.force(ctx, tx, sel, now, &ch); err != nil {
+				return err
+			}
+		}
 		for _, ref := range sel.Refs {
 			res, err := tx.ExecContext(ctx, `UPDATE `+queueTable(ref.Kind)+set+` AND id = ?`, ms(now), ms(now), ref.ID)
 			if err != nil {
@@ -261,6 +266,40 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 		return store.QueueChange{}, fmt.Errorf("sqlite: retry queued: %w", err)
 	}
 	return ch, nil
+}
+
+// force moves the in-flight entries of sel back to queued, due at now
+// (QueueSelect.Force); attempts stay counted.
+func (s *DB) force(ctx context.Context, tx *sql.Tx, sel store.QueueSelect, now time.Time, ch *store.QueueChange) error {
+	const set = ` SET state = 'queued', next_attempt = ?, updated = ? WHERE state = `
+	run := func(q string, args ...any) error {
+		res, err := tx.ExecContext(ctx, q, append([]any{ms(now), ms(now)}, args...)...)
+		if err != nil {
+			return err
+		}
+		n, _ := res.RowsAffected()
+		ch.Forced += int(n)
+		return nil
+	}
+	for _, ref := range sel.Refs {
+		if err := run(`UPDATE `+queueTable(ref.Kind)+set+`'`+store.InFlightState(ref.Kind)+`' AND id = ?`, ref.ID); err != nil {
+			return err
+		}
+	}
+	if sel.All && sel.Kind != store.QueueRelay {
+		if err := run(`UPDATE deliveries` + set + `'inflight'`); err != nil {
+			return err
+		}
+	}
+	if sel.All && sel.Kind != store.QueueDelivery {
+		if err := run(`UPDATE relays` + set + `'sending'`); err != nil {
+			return err
+		}
+	}
+	if sel.Device != 0 {
+		return run(`UPDATE deliveries`+set+`'inflight' AND device = ?`, int64(sel.Device))
+	}
+	return nil
 }
 
 // retrySet makes queued entries due; MIN: an entry already due keeps its

@@ -341,6 +341,51 @@ func testQueueRetry(t *testing.T, s store.Store) {
 	}
 }
 
+// testQueueRetryForce: Force takes in-flight entries back into the queue,
+// due at now with their attempts counted, whoever holds them; the
+// holder's late outcome is then refused; finished entries stay finished.
+func testQueueRetryForce(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	f := newQueueFixture(t, s)
+	now := t0.Add(time.Minute)
+	force := func(sel store.QueueSelect, want int) {
+		t.Helper()
+		sel.Force = true
+		ch, err := s.RetryQueued(ctx, sel, now)
+		must(t, err)
+		if ch.Forced != want || ch.InFlight != 0 {
+			t.Errorf("forced retry of %+v: %+v, want %d forced and none left in flight", sel, ch, want)
+		}
+	}
+	force(store.QueueSelect{Device: 11}, 0)
+	force(store.QueueSelect{Refs: []store.QueueRef{f.inflight, f.ref(t, "D c")}}, 1)
+	e, err := s.QueueEntry(ctx, f.inflight)
+	must(t, err)
+	if e.State != "queued" || e.Attempts != 1 || !e.NextAttempt.Equal(now) || e.Owner != 0 {
+		t.Errorf("forced delivery: state %s, %d attempts, next %v, owner %d", e.State, e.Attempts, e.NextAttempt, e.Owner)
+	}
+	err = s.FinishDelivery(ctx, f.inflight.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered})
+	wantErr(t, err, store.ErrConflict)
+	if e, err := s.QueueEntry(ctx, f.ref(t, "D c")); err != nil || e.State != "failed" {
+		t.Errorf("a finished entry after a forced retry: %v %v", e, err)
+	}
+	// The device can be claimed again at once: the forced entry first.
+	d, err := s.ClaimDelivery(ctx, 10, now, store.Limits{})
+	must(t, err)
+	if d.ID != f.inflight.ID || d.Attempts != 2 {
+		t.Errorf("claimed %d (attempts %d) after the forced retry, want %d", d.ID, d.Attempts, f.inflight.ID)
+	}
+	force(store.QueueSelect{All: true, Kind: store.QueueRelay}, 1)
+	err = s.FinishRelays(ctx, []store.RelayResult{{ID: f.sending.ID, From: store.RelaySending, State: store.RelaySent}}, store.Work{})
+	wantErr(t, err, store.ErrConflict)
+	force(store.QueueSelect{All: true}, 1) // the delivery claimed again
+	l, err := s.ListQueue(ctx, store.QueueFilter{States: []string{"inflight", "sending"}})
+	must(t, err)
+	if len(l.Entries) != 0 {
+		t.Errorf("left in flight: %+v", l.Entries)
+	}
+}
+
 func testQueueRemove(t *testing.T, s store.Store) {
 	ctx := context.Background()
 	f := newQueueFixture(t, s)

@@ -44,6 +44,7 @@ func Run(t *testing.T, open Open) {
 		{"RelayModel", testRelayModel},
 		{"QueueList", testQueueList},
 		{"QueueRetry", testQueueRetry},
+		{"QueueRetryForce", testQueueRetryForce},
 		{"QueueRemove", testQueueRemove},
 		{"QueueRemoveRace", testQueueRemoveRace},
 	} {
