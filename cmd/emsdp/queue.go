@@ -505,11 +505,13 @@ func contentSummary(e *store.QueueEntry) [][2]string {
 }
 
 func queueRetry(ctx context.Context, env *cmdEnv, args []string) int {
-	fs := queueFlagSet("retry", "ID ...|--all|--device NNN.NNN")
+	fs := queueFlagSet("retry", "[--force] ID ...|--all|--device NNN.NNN")
 	var st deviceStore
 	st.register(fs)
 	all := fs.Bool("all", false, "retry every queued entry")
 	device := fs.String("device", "", "retry the queued deliveries to this device NNN.NNN")
+	force := fs.Bool("force", false, "also take the selected entries in flight back into the queue, whichever server holds them; "+
+		"only when that server is gone or stuck: if it finishes them after all, the message goes out twice")
 	pos, done, code := parseFlags(fs, env, args, -1)
 	if done {
 		return code
@@ -519,7 +521,7 @@ func queueRetry(ctx context.Context, env *cmdEnv, args []string) int {
 	if sel.Refs, err = parseRefs(pos); err != nil {
 		return fail(env, err)
 	}
-	sel.All = *all
+	sel.All, sel.Force = *all, *force
 	if *device != "" {
 		if sel.Device, err = deviceFlag(*device); err != nil {
 			return fail(env, err)
@@ -538,6 +540,11 @@ func queueRetry(ctx context.Context, env *cmdEnv, args []string) int {
 		return queueFail(env, err)
 	}
 	fmt.Fprintf(env.stdout, "retried %d %s: due now\n", ch.Changed, plural(ch.Changed, "entry", "entries"))
+	if ch.Forced > 0 {
+		fmt.Fprintf(env.stderr, "emsdp: warning: --force took %d in-flight %s back into the queue: should the server that held %s "+
+			"still finish %s, the device or smarthost gets the message twice (a receiver drops the copy by its message id; "+
+			"emsdp ua does)\n", ch.Forced, plural(ch.Forced, "entry", "entries"), plural(ch.Forced, "it", "them"), plural(ch.Forced, "it", "them"))
+	}
 	code = exitOK
 	for _, sk := range ch.Skipped {
 		id := refString(sk.Ref)
@@ -546,14 +553,14 @@ func queueRetry(ctx context.Context, env *cmdEnv, args []string) int {
 			fmt.Fprintf(env.stderr, "emsdp: no queue entry %s\n", id)
 			code = exitFailed
 		case store.InFlightState(sk.Ref.Kind):
-			fmt.Fprintf(env.stdout, "%s is in flight (a server is attempting it now): left alone\n", id)
+			fmt.Fprintf(env.stdout, "%s is in flight (a server is attempting it now): left alone (--force takes it back)\n", id)
 		default:
 			fmt.Fprintf(env.stderr, "emsdp: %s is %s: not retried (finished entries stay finished)\n", id, sk.State)
 			code = exitFailed
 		}
 	}
 	if len(sel.Refs) == 0 && ch.InFlight > 0 {
-		fmt.Fprintf(env.stdout, "%d in flight (a server is attempting them now): left alone\n", ch.InFlight)
+		fmt.Fprintf(env.stdout, "%d in flight (a server is attempting them now): left alone (--force takes them back)\n", ch.InFlight)
 	}
 	if ch.Changed > 0 {
 		fmt.Fprintln(env.stdout, "note: "+queueRescan)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -25,8 +26,8 @@ import (
 // their ids as the commands print them: "a" (a delivery to 198.037,
 // deferred with an error), "b" (to 198.038, in flight), "c" (to 198.039,
 // failed), "x" (a relay to bob@example.com) and "z" (a DSN relay). The
-// in-flight delivery's claim is finished by finish, as its server would.
-func queueFill(t *testing.T, db store.Store) (ids map[string]string, finish func()) {
+// in-flight delivery stays claimed, as by a server that went away.
+func queueFill(t *testing.T, db store.Store) (ids map[string]string) {
 	t.Helper()
 	ctx := context.Background()
 	now := time.Now()
@@ -75,7 +76,7 @@ func queueFill(t *testing.T, db store.Store) (ids map[string]string, finish func
 	a := claim(198037, "a")
 	must(db.FinishDelivery(ctx, a.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryQueued,
 		NextAttempt: now.Add(time.Hour), Error: "failure reason=2 user not responding"}))
-	b := claim(198038, "b")
+	claim(198038, "b") // left in flight
 	c := claim(198039, "c")
 	must(db.FinishDelivery(ctx, c.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryFailed,
 		Error: "device answered ERROR 7 (parameter 2)"}))
@@ -84,9 +85,7 @@ func queueFill(t *testing.T, db store.Store) (ids map[string]string, finish func
 	for _, e := range l.Entries {
 		ids[map[string]string{"bob@example.com": "x", "carol@example.com": "z"}[e.Recipient]] = fmt.Sprint("R", e.Ref.ID)
 	}
-	return ids, func() {
-		must(db.FinishDelivery(ctx, b.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered}))
-	}
+	return ids
 }
 
 // The queue commands on a store a server works on: what list and show
@@ -121,9 +120,9 @@ func TestQueueCommands(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer db.Close()
-			ids, finish := queueFill(t, db)
+			ids := queueFill(t, db) // the in-flight claim stays: testQueueForce takes it back
 			testQueueCommands(t, db, flags, ids)
-			finish()
+			testQueueForce(t, db, flags, ids["b"])
 		})
 	}
 }
@@ -183,13 +182,13 @@ func testQueueCommands(t *testing.T, db store.Store, flags []string, ids map[str
 		{"show two", q("show", a, b), exitUsage, []string{`^$`}, nil, "give one queue id"},
 
 		{"retry", q("retry", a, b, c, "D987654", a), exitFailed, []string{
-			`^retried 1 entry: due now\n` + b + ` is in flight \(a server is attempting it now\): left alone\n` +
+			`^retried 1 entry: due now\n` + b + ` is in flight \(a server is attempting it now\): left alone \(--force takes it back\)\n` +
 				`note: a running emsdp serve picks this up within 30 s, or at once on SIGHUP \(systemctl reload\)\n$`}, nil,
 			"emsdp: " + c + " is failed: not retried (finished entries stay finished)\nemsdp: no queue entry D987654\n"},
 		{"retried", q("list", "--device", "198.037"), exitOK, []string{
 			row(a, "delivery", "queued", "198.037", "6b080580.00000001", `\d+`, "1", tm, "failure reason=2 user not responding")}, nil, ""},
 		{"retry busy device", q("retry", "--device", "198.038"), exitOK, []string{
-			`^retried 0 entries: due now\n1 in flight \(a server is attempting them now\): left alone\n$`}, nil, ""},
+			`^retried 0 entries: due now\n1 in flight \(a server is attempting them now\): left alone \(--force takes them back\)\n$`}, nil, ""},
 		{"retry all", q("retry", "--all"), exitOK, []string{`^retried 3 entries: due now\n1 in flight .*\nnote: `}, nil, ""},
 		{"remove in flight", q("remove", b), exitFailed, []string{`^removed 0 entries \(silently: no report to the sender\)\n$`}, nil,
 			"emsdp: " + b + " is in flight (a server is attempting it now): not removed; remove it once it is back in the queue\n"},
@@ -285,6 +284,25 @@ func testQueueCommands(t *testing.T, db store.Store, flags []string, ids map[str
 	}
 	if !strings.Contains(out, `"message_id": "",`) || !strings.Contains(out, `"next_attempt": null`) {
 		t.Errorf("json field names:\n%s", out)
+	}
+}
+
+// testQueueForce: retry --force takes an in-flight delivery back into the
+// queue with a warning; its holder's outcome is then refused.
+func testQueueForce(t *testing.T, db store.Store, flags []string, b string) {
+	code, out, errs := runCmd(t, "", append([]string{"queue", "retry", "--force", b}, flags...)...)
+	if code != exitOK || !strings.HasPrefix(out, "retried 1 entry: due now\n") ||
+		!strings.Contains(errs, "emsdp: warning: --force took 1 in-flight entry back into the queue: should the server that held it "+
+			"still finish it, the device or smarthost gets the message twice") {
+		t.Fatalf("retry --force: exit %d\nstdout:\n%s\nstderr:\n%s", code, out, errs)
+	}
+	e, err := db.QueueEntry(context.Background(), store.QueueRef{Kind: store.QueueDelivery, ID: refID(t, b)})
+	if err != nil || e.State != "queued" || e.Attempts != 1 || e.NextAttempt.After(time.Now()) || e.Owner != 0 {
+		t.Errorf("delivery after retry --force: %+v %v", e, err)
+	}
+	err = db.FinishDelivery(context.Background(), refID(t, b), store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered})
+	if !errors.Is(err, store.ErrConflict) {
+		t.Errorf("the holder's outcome after retry --force: %v, want a conflict", err)
 	}
 }
 
