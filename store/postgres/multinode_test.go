@@ -552,6 +552,12 @@ func TestServerKilled(t *testing.T) {
 		mustT(t, err)
 		return st.Deliveries[store.DeliveryInFlight] == 0 && st.Relays[store.RelaySending] == 0
 	})
+	// And says so, for its scheduler to take the work over at once.
+	select {
+	case <-b.Requeued():
+	case <-time.After(10 * time.Second):
+		t.Error("the sweep re-queued a dead server's work without signalling Requeued")
+	}
 	for d := range uint32(5) {
 		c, err := b.ClaimDelivery(ctx, d+1, t0, store.Limits{})
 		mustT(t, err)

@@ -178,8 +178,15 @@ func (s *DB) sweep(ctx context.Context, suspects []int32) ([]int32, error) {
 		}
 	}
 	if len(confirmed) > 0 {
-		if _, err := s.requeue(ctx, confirmed); err != nil {
+		rec, err := s.requeue(ctx, confirmed)
+		if err != nil {
 			return nil, err
+		}
+		if rec.Deliveries+rec.Relays > 0 {
+			select {
+			case s.requeued <- struct{}{}:
+			default:
+			}
 		}
 	}
 	return gone, nil

@@ -142,6 +142,9 @@ type DB struct {
 	pool *pgxpool.Pool
 	keys lockKeys
 	node *node
+	// requeued is signalled when a sweep re-queued a gone node's work
+	// (Requeued).
+	requeued chan struct{}
 
 	closed    atomic.Bool
 	closeOnce sync.Once
@@ -207,7 +210,7 @@ func open(ctx context.Context, dsn string, c config) (*DB, error) {
 	if err != nil {
 		return nil, fmt.Errorf("postgres: %w", err)
 	}
-	s := &DB{pool: pool}
+	s := &DB{pool: pool, requeued: make(chan struct{}, 1)}
 	var schema *string
 	if err := pool.QueryRow(ctx, `SELECT current_schema()`).Scan(&schema); err != nil {
 		pool.Close()
@@ -334,6 +337,16 @@ func (s *DB) Ping(ctx context.Context) error {
 }
 
 // nodeID is this handle's node, 0 before migration 2.
+// NodeID is the node id of this handle: the owner its claims carry
+// (store.QueueEntry.Owner); 0 for a read-only handle.
+func (s *DB) NodeID() int32 { return s.nodeID() }
+
+// Requeued is signalled (at most one signal pending) when this handle's
+// sweep re-queued the in-flight work of a server that is gone, so that
+// its scheduler takes the work over at once instead of at its next
+// rescan.
+func (s *DB) Requeued() <-chan struct{} { return s.requeued }
+
 func (s *DB) nodeID() int32 {
 	if s.node == nil {
 		return 0
