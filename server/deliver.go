@@ -17,7 +17,10 @@ import (
 // sched is the delivery scheduler's state: the fleet (per-device due
 // times and reachability) and the attempts in flight, under mu.
 type sched struct {
-	kick     chan struct{}
+	kick chan struct{}
+	// rescan asks the scheduler for a rescan at once (another server's
+	// work was taken over, or this server's own re-queued).
+	rescan   chan struct{}
 	mu       sync.Mutex
 	fleet    *fleet
 	inflight map[emsd.Address]*flight
@@ -56,6 +59,14 @@ const defaultRescan = 30 * time.Second
 // one began, less this margin, so that the clocks of servers sharing a
 // PostgreSQL store may differ that much without a change being missed.
 const rescanOverlap = time.Minute
+
+// rescanNow makes the scheduler rescan the queue at once.
+func (s *Server) rescanNow() {
+	select {
+	case s.sched.rescan <- struct{}{}:
+	default:
+	}
+}
 
 func (s *Server) kick() {
 	select {
@@ -204,7 +215,7 @@ func (s *Server) rescanFleet(ctx context.Context, since time.Time) error {
 	now := time.Now()
 	s.sched.mu.Lock()
 	for _, d := range ds {
-		s.sched.fleet.note(emsd.Address(d.Device), d.Next, now)
+		s.sched.fleet.changed(emsd.Address(d.Device), d.Next, now)
 	}
 	s.sched.mu.Unlock()
 	return nil
@@ -229,12 +240,24 @@ func (s *Server) runScheduler() {
 	s.sched.mu.Lock()
 	s.sched.expireAt = now
 	s.sched.mu.Unlock()
+	// A PostgreSQL store signals when its sweep took over the work of a
+	// server that is gone: rescan at once, and the relays too (nil: never).
+	var requeued <-chan struct{}
+	if r, ok := s.st.(interface{ Requeued() <-chan struct{} }); ok {
+		requeued = r.Requeued()
+	}
 	for {
 		select {
 		case <-s.loopCtx.Done():
 			return
 		case <-s.sched.kick:
 		case <-t.C:
+		case <-requeued:
+			s.log.Info("took over the work of a server that is gone")
+			rescanAt = time.Time{}
+			s.kickRelay()
+		case <-s.sched.rescan:
+			rescanAt = time.Time{}
 		}
 		now = time.Now()
 		if !now.Before(rescanAt) {
@@ -248,6 +271,9 @@ func (s *Server) runScheduler() {
 				}
 			} else {
 				lastScan = now
+			}
+			if err := s.checkInFlight(s.loopCtx, now); err != nil && s.loopCtx.Err() == nil {
+				s.log.Error("entries in flight", "err", err)
 			}
 			rescanAt = now.Add(s.rescan)
 		}
@@ -333,8 +359,9 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 			f.watchdog.Stop()
 		}
 		// A device another server sharing the store delivers to (that
-		// server goes on with its queue), or one the store failed to
-		// answer for, is left alone until the next rescan.
+		// server goes on with its queue) is left alone until a rescan
+		// finds its queue changed; one the store failed to answer for,
+		// for storeErrorHold.
 		sc.fleet.finish(fd, o, time.Now(), s.deviceBackoff, next, ok, s.rescan)
 		delete(sc.inflight, a)
 		s.setInFlight()
@@ -375,7 +402,7 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 			if ctx.Err() == nil {
 				s.log.Error("device next due", "device", a, "err", err)
 			}
-			o = fElsewhere
+			o = fStoreError
 		} else if ok && !next.After(claimAt) {
 			o = fParked // due, yet nothing claimable: held back by its limits
 		}
@@ -389,9 +416,12 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 			return
 		}
 		s.log.Error("claim delivery", "device", a, "err", err)
-		o = fElsewhere
+		o = fStoreError
 		return
 	}
+	ref := store.QueueRef{Kind: store.QueueDelivery, ID: d.ID}
+	s.out.hold(ref)
+	defer s.out.release(ref)
 	s.sched.mu.Lock()
 	fails := fd.fails
 	s.sched.mu.Unlock()
@@ -452,9 +482,11 @@ type attemptResult struct {
 
 // recordOutcome records an attempt's outcome, its reports and status in
 // one store transaction; retryAt is the next attempt of a respooled
-// delivery (the device's hold). Every outcome is recorded here.
+// delivery (the device's hold). Every outcome is recorded here, retried
+// until the store takes it (persist): the device stays busy meanwhile.
+// It uses the server's context, not the deliveries': an outcome is
+// recorded even when deliveries are being cancelled.
 func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.Time) {
-	ctx := s.ctx // the outcome is recorded even when deliveries are being cancelled
 	res := store.DeliveryResult{Error: r.err}
 	log := s.log.With("device", emsd.Address(d.Device), "id", idText(d.MessageID), "attempt", d.Attempts)
 	switch r.kind {
@@ -479,22 +511,33 @@ func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.
 			log.Info("delivery abandoned at shutdown: the device is silent; re-queued", "took", r.took.Round(time.Millisecond))
 		}
 	}
-	if r.kind == attemptDelivered || r.kind == attemptFailed {
-		// One device per delivery: its outcome is known alone, so its
-		// report is about this recipient only.
-		w, err := s.reportWork(ctx, []reportItem{{d.Report, r.o}})
-		if err != nil {
-			log.Error("reports", "err", err)
+	err := s.persist("delivery outcome", log, func(ctx context.Context) error {
+		res.Work = store.Work{}
+		if r.kind == attemptDelivered || r.kind == attemptFailed {
+			// One device per delivery: its outcome is known alone, so its
+			// report is about this recipient only.
+			w, err := s.reportsFor(ctx, log, []reportItem{{d.Report, r.o}})
+			if err != nil {
+				return err
+			}
+			if r.kind == attemptFailed && r.refused {
+				// A device that refuses a report (the reference UA accepts
+				// only IPMs) gets it as a notice instead (delivery.reports auto).
+				w.Deliveries = append(w.Deliveries, s.noticeFromReport(ctx, d)...)
+			}
+			res.Work = w
 		}
-		if r.kind == attemptFailed && r.refused {
-			// A device that refuses a report (the reference UA accepts
-			// only IPMs) gets it as a notice instead (delivery.reports auto).
-			w.Deliveries = append(w.Deliveries, s.noticeFromReport(ctx, d)...)
+		return s.st.FinishDelivery(ctx, d.ID, store.DeliveryInFlight, res)
+	})
+	if err != nil {
+		if permanentWriteError(err) {
+			// Taken back meanwhile (retry --force, or another server
+			// re-queued it): it is attempted again, and the device may get
+			// it twice.
+			log.Warn("delivery outcome not recorded: the entry was taken back meanwhile", "err", err)
+		} else {
+			log.Error("record delivery outcome", "err", err)
 		}
-		res.Work = w
-	}
-	if err := s.st.FinishDelivery(ctx, d.ID, store.DeliveryInFlight, res); err != nil {
-		log.Error("record delivery outcome", "err", err)
 		return
 	}
 	label := map[attemptKind]string{attemptDelivered: "delivered", attemptFailed: "failed",

@@ -80,6 +80,10 @@ type fdev struct {
 	// parked: due deliveries exist but none may be claimed now (delivery
 	// control limits); a change of limits or new work unparks it.
 	parked bool
+	// elsewhere: the hold is for another server delivering to it; a
+	// rescan that finds its queue changed lifts it (that server finished,
+	// or is gone and its work was re-queued).
+	elsewhere bool
 	// again: new work or a sign of life came while an attempt was in
 	// flight: look again when it ends.
 	again bool
@@ -156,6 +160,16 @@ func (f *fleet) note(a emsd.Address, t, now time.Time) {
 		return
 	}
 	f.place(d, now)
+}
+
+// changed tells the fleet that a rescan found the device's queued
+// deliveries changed, the earliest due at t: as note, and a hold for
+// another server delivering to it ends (see fdev.elsewhere).
+func (f *fleet) changed(a emsd.Address, t, now time.Time) {
+	if d := f.devs[a]; d != nil && d.elsewhere {
+		d.hold, d.elsewhere = time.Time{}, false
+	}
+	f.note(a, t, now)
 }
 
 // wake makes a device's queue due now (docs/protocol.md EMSD §9.4: any INVOKE is a
@@ -264,14 +278,20 @@ func (f *fleet) next() (time.Time, bool) {
 type fleetOutcome int
 
 const (
-	fDone      fleetOutcome = iota // delivered, or refused for good: the device answers
-	fTransient                     // answered, but not now (resource error): hold with backoff
-	fSilent                        // no answer: hold with backoff, probe from now on
-	fNothing                       // nothing due: next says when (ok false: nothing queued)
-	fParked                        // due deliveries, none claimable (delivery control, offline)
-	fElsewhere                     // another server has a delivery to it in flight
-	fAbandoned                     // never reached the device (shutdown): leave as is
+	fDone       fleetOutcome = iota // delivered, or refused for good: the device answers
+	fTransient                      // answered, but not now (resource error): hold with backoff
+	fSilent                         // no answer: hold with backoff, probe from now on
+	fNothing                        // nothing due: next says when (ok false: nothing queued)
+	fParked                         // due deliveries, none claimable (delivery control, offline)
+	fElsewhere                      // another server has a delivery to it in flight
+	fAbandoned                      // never reached the device (shutdown): leave as is
+	fStoreError                     // the store failed to answer: look again after storeErrorHold
 )
+
+// storeErrorHold is how long a device waits after the store failed to
+// answer for it: short, so that its queue goes on soon after the store
+// is back.
+const storeErrorHold = 2 * time.Second
 
 // finish ends d's attempt. backoff is the hold after 'fails' consecutive
 // failures; next and ok are the device's earliest queued delivery for
@@ -282,7 +302,7 @@ func (f *fleet) finish(d *fdev, o fleetOutcome, now time.Time, backoff func(fail
 	f.busy[d.kind]--
 	d.where = fIdle
 	again := d.again
-	d.again = false
+	d.again, d.elsewhere = false, false
 	switch o {
 	case fDone:
 		d.fails, d.answered, d.silent, d.hold = 0, true, false, time.Time{}
@@ -308,7 +328,9 @@ func (f *fleet) finish(d *fdev, o fleetOutcome, now time.Time, backoff func(fail
 			d.due, d.parked = next, true
 		}
 	case fElsewhere:
-		d.hold = now.Add(elsewhere)
+		d.hold, d.elsewhere = now.Add(elsewhere), true
+	case fStoreError:
+		d.hold = now.Add(storeErrorHold)
 	case fAbandoned:
 	}
 	f.place(d, now)

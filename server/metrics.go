@@ -38,6 +38,9 @@ type metrics struct {
 	// addressChanges counts devices heard from another address (or by
 	// another server) than the one recorded.
 	addressChanges prometheus.Counter
+	// storeWriteFailures counts failed tries of outcome writes (each is
+	// retried until it succeeds: outcomes.go).
+	storeWriteFailures prometheus.Counter
 
 	// Latencies: a submission INVOKE to its answer (the store commit
 	// included), a delivery attempt to its outcome, an SMTP relay
@@ -106,7 +109,9 @@ func newMetrics() *metrics {
 	}
 	m.reg.MustRegister(m.invokes, m.errors, m.submissions, m.verifies, m.deliveries, m.reports, m.inbound,
 		m.starttls, m.relay, m.devices, m.inflight, m.invocations, m.paced)
-	m.reg.MustRegister(m.authLimited, m.refused, m.addressChanges)
+	m.storeWriteFailures = prometheus.NewCounter(prometheus.CounterOpts{Name: "emsd_store_write_failures_total",
+		Help: "Failed tries to record a delivery or relay outcome in the store; each is retried until it succeeds."})
+	m.reg.MustRegister(m.authLimited, m.refused, m.addressChanges, m.storeWriteFailures)
 	m.submitTime = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "emsd_submission_duration_seconds",
 		Help: "Time from a submission INVOKE (one segment) to its answer, the store commit included.", Buckets: latencyBuckets})
 	m.deliverTime = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "emsd_delivery_duration_seconds",

@@ -81,7 +81,15 @@ func (s *Server) relayRound(lc *liveConfig, now time.Time) bool {
 	n := 0
 	for _, b := range bs {
 		n += len(b.Recipients)
+		refs := make([]store.QueueRef, len(b.Recipients))
+		for i, rc := range b.Recipients {
+			refs[i] = store.QueueRef{Kind: store.QueueRelay, ID: rc.ID}
+			s.out.hold(refs[i])
+		}
 		s.sendRelay(lc, b)
+		for _, r := range refs {
+			s.out.release(r)
+		}
 	}
 	return n >= lc.cfg.Relay.Batch
 }
@@ -95,7 +103,6 @@ func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 	results, sendErr := lc.relay.SendDSN(s.dctx, b.From, to, b.Message, relayDSN(b))
 	s.metrics.relayTime.Observe(time.Since(start).Seconds())
 	shutdown := s.dctx.Err() != nil
-	ctx := s.ctx
 	now := time.Now()
 	var rs []store.RelayResult
 	var items []reportItem
@@ -135,13 +142,23 @@ func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 	}
 	// The recipients of this message that this transaction settled are
 	// reported together: one report per originator (reportWork), committed
-	// with the outcomes.
-	work, err := s.reportWork(ctx, items)
+	// with the outcomes, retried until the store takes them (persist; the
+	// relay worker waits meanwhile: it could claim nothing anyway).
+	log := s.log.With("from", b.From, "recipients", len(rs))
+	var work store.Work
+	err := s.persist("relay outcome", log, func(ctx context.Context) error {
+		var err error
+		if work, err = s.reportsFor(ctx, log, items); err != nil {
+			return err
+		}
+		return s.st.FinishRelays(ctx, rs, work)
+	})
 	if err != nil {
-		s.log.Error("reports", "from", b.From, "err", err)
-	}
-	if err := s.st.FinishRelays(ctx, rs, work); err != nil {
-		s.log.Error("record relay outcome", "err", err)
+		if permanentWriteError(err) {
+			log.Warn("relay outcome not recorded: the entries were taken back meanwhile", "err", err)
+		} else {
+			log.Error("record relay outcome", "err", err)
+		}
 		return
 	}
 	s.noteQueued(work)

@@ -127,6 +127,7 @@ type Server struct {
 	relayKick chan struct{}
 	pollReset chan struct{} // store.registry_poll changed
 	metrics   *metrics
+	out       *outcomes // outcome writes and the entries held in flight (outcomes.go)
 
 	// ctx lives until Close: handlers and recording outcomes use it.
 	// loopCtx ends the background loops at shutdown; dctx ends deliveries
@@ -163,17 +164,19 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		pollReset: make(chan struct{}, 1),
 		rescan:    cmp.Or(o.rescan, defaultRescan),
 		metrics:   newMetrics(),
+		out:       newOutcomes(),
 		reasm: emsd.NewReassembler[submitter](emsd.ReassemblerConfig{
 			Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
 		segs: segCache{ttl: time.Duration(cfg.EMSD.DedupeWindow), max: 4096},
 		auth: newAuthLimiter(cfg.EMSD, now),
 	}
 	s.metrics.reg.MustRegister(s.auth.collectors()...)
+	s.metrics.reg.MustRegister(s.out.collectors()...)
 	if s.level != nil {
 		s.level.Set(cfg.logLevel())
 	}
 	s.live.Store(&liveConfig{cfg: cfg, relay: s.newRelay(cfg)})
-	s.sched = sched{kick: make(chan struct{}, 1), fleet: newFleet(), inflight: map[emsd.Address]*flight{}}
+	s.sched = sched{kick: make(chan struct{}, 1), rescan: make(chan struct{}, 1), fleet: newFleet(), inflight: map[emsd.Address]*flight{}}
 	s.domains = []string{s.domain}
 	for _, d := range cfg.EMSD.Domains {
 		s.domains = append(s.domains, strings.ToLower(d))
@@ -498,8 +501,9 @@ func (s *Server) adminHandler() http.Handler {
 	return mux
 }
 
-// healthz answers 200 when the store answers and every configured
-// listener serves, 503 with the reasons otherwise.
+// healthz answers 200 when the store answers, every configured listener
+// serves, no outcome write is failing and no queue entry is stuck in
+// flight past its deadline; 503 with the reasons otherwise.
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
 	defer cancel()
@@ -513,6 +517,7 @@ func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
 	if s.smtpLn != nil && !s.smtpUp.Load() {
 		bad = append(bad, "smtp: not serving")
 	}
+	bad = append(bad, s.out.health()...)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	if len(bad) > 0 {
 		w.WriteHeader(http.StatusServiceUnavailable)
