@@ -63,15 +63,18 @@ func newNode(ctx context.Context, db *DB, cc *pgx.ConnConfig, every time.Duratio
 
 func (n *node) start() { go n.keep() }
 
-// keep checks the node lock and sweeps up the work of gone nodes every
-// n.every. A node must be seen gone twice in a row before its work is
-// taken, so that a brief loss of its lock (a reconnect, a server restart)
-// does not look like a crash.
+// keep checks the node lock and looks for the work of gone nodes every
+// n.every/keepChecks, and sweeps up the work of a node once it has been
+// seen gone for n.every: a brief loss of its lock (a reconnect, a
+// database restart: every node re-locks at its next check, well within
+// n.every) does not look like a crash, and a crashed node's work is
+// taken over n.every to n.every·(1+1/keepChecks) after its session
+// ended.
 func (n *node) keep() {
 	defer close(n.done)
-	t := time.NewTicker(n.every)
+	t := time.NewTicker(max(n.every/keepChecks, time.Millisecond))
 	defer t.Stop()
-	var suspects []int32
+	suspects := map[int32]time.Time{} // gone nodes: first seen gone
 	for {
 		select {
 		case <-n.ctx.Done():
@@ -80,12 +83,16 @@ func (n *node) keep() {
 		}
 		n.hold()
 		ctx, cancel := context.WithTimeout(n.ctx, max(n.every, 10*time.Second))
-		if s, err := n.db.sweep(ctx, suspects); err == nil {
-			suspects = s
+		if err := n.db.sweep(ctx, suspects, time.Now(), n.every); err != nil {
+			clear(suspects) // look afresh: they must be seen gone for n.every again
 		}
 		cancel()
 	}
 }
+
+// keepChecks is how many lock checks and sweeps the keeper makes per
+// period.
+const keepChecks = 5
 
 // hold makes sure the node lock is held, reconnecting and re-locking the
 // same id after the connection broke. Work claimed meanwhile stays ours
@@ -157,30 +164,40 @@ func (n *node) stop() {
 const liveNodes = `SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2
 	AND classid::bigint = $1 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`
 
-// sweep re-queues the in-flight work of the nodes gone now and at the
-// previous sweep (suspects), and returns the nodes gone now.
-func (s *DB) sweep(ctx context.Context, suspects []int32) ([]int32, error) {
+// sweep re-queues the in-flight work of the nodes gone now that were
+// first seen gone (suspects) at least 'after' ago, and updates suspects:
+// the nodes gone now, each with when it was first seen gone.
+func (s *DB) sweep(ctx context.Context, suspects map[int32]time.Time, now time.Time, after time.Duration) error {
 	rows, err := s.query(ctx, `SELECT owner FROM deliveries WHERE state = 'inflight' AND owner <> $2
 		AND owner NOT IN (`+liveNodes+`)
 		UNION SELECT owner FROM relays WHERE state = 'sending' AND owner <> $2 AND owner NOT IN (`+liveNodes+`)`,
 		s.keys.node, s.nodeID())
 	if err != nil {
-		return nil, err
+		return err
 	}
 	gone, err := pgx.CollectRows(rows, pgx.RowTo[int32])
 	if err != nil {
-		return nil, err
+		return err
+	}
+	for id := range suspects {
+		if !slices.Contains(gone, id) {
+			delete(suspects, id)
+		}
 	}
 	var confirmed []int32
 	for _, id := range gone {
-		if slices.Contains(suspects, id) {
+		first, ok := suspects[id]
+		switch {
+		case !ok:
+			suspects[id] = now
+		case now.Sub(first) >= after:
 			confirmed = append(confirmed, id)
 		}
 	}
 	if len(confirmed) > 0 {
 		rec, err := s.requeue(ctx, confirmed)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if rec.Deliveries+rec.Relays > 0 {
 			select {
@@ -189,7 +206,7 @@ func (s *DB) sweep(ctx context.Context, suspects []int32) ([]int32, error) {
 			}
 		}
 	}
-	return gone, nil
+	return nil
 }
 
 // requeue puts in-flight deliveries and sending relays back in the queue

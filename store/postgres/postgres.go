@@ -87,9 +87,11 @@
 //     handle or by nodes that are gone, not those a live server is still
 //     confirming.
 //   - In the background, each handle re-queues the in-flight work of nodes
-//     seen gone on two consecutive checks (every 5 s), so the devices of a
-//     crashed server are served by the others without waiting for a
-//     restart.
+//     seen gone for 5 s (checked every second; a live node re-locks
+//     within a second after a reconnect or a database restart), so the
+//     devices of a crashed server are served by the others 5 to 6 s after
+//     its session ended, without waiting for a restart; Requeued tells
+//     the handle's owner.
 //   - FinishDelivery from in-flight and FinishRelays from sending succeed
 //     only for the node that claimed the row (ErrConflict otherwise), so a
 //     server that lost its database session and had its work taken over
