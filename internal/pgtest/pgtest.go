@@ -66,6 +66,7 @@ type Server struct {
 	watchdog *exec.Cmd
 	stopPipe io.WriteCloser
 	seq      atomic.Int64
+	opts     string // the server's options (pg_ctl -o), for Halt and Resume
 }
 
 // FindBinaries returns the directory holding initdb, pg_ctl and postgres.
@@ -148,6 +149,7 @@ func Start(ctx context.Context, o Options) (s *Server, err error) {
 	}
 	opts := fmt.Sprintf("-c listen_addresses='' -k %s -p %d -c fsync=%s -c max_connections=200 -c shared_buffers=32MB",
 		s.sock, port, fsync)
+	s.opts = opts
 	logFile := filepath.Join(s.dir, "server.log")
 	// The watchdog first: if anything below fails or this process dies,
 	// it stops whatever got started.
@@ -322,6 +324,30 @@ func tail(b []byte, n int) string {
 		}
 	}
 	return strings.TrimSpace(string(b))
+}
+
+// Halt stops the server (as a crash would with immediate: no shutdown
+// checkpoint, every session cut) and leaves it stopped until Resume: an
+// outage of the database. Stop still cleans up after a Halt.
+func (s *Server) Halt(ctx context.Context, immediate bool) error {
+	mode := "fast"
+	if immediate {
+		mode = "immediate"
+	}
+	if out, err := s.run(ctx, "pg_ctl", "-D", filepath.Join(s.dir, "data"), "-m", mode, "-w", "-t", "60", "stop"); err != nil {
+		return fmt.Errorf("pgtest: pg_ctl stop: %w\n%s", err, out)
+	}
+	return nil
+}
+
+// Resume starts a halted server again with its settings.
+func (s *Server) Resume(ctx context.Context) error {
+	logFile := filepath.Join(s.dir, "server.log")
+	if out, err := s.run(ctx, "pg_ctl", "-D", filepath.Join(s.dir, "data"), "-l", logFile, "-o", s.opts,
+		"-w", "-t", "60", "start"); err != nil {
+		return fmt.Errorf("pgtest: pg_ctl start: %w\n%s\n%s", err, out, s.Log())
+	}
+	return nil
 }
 
 // Restart stops the server and starts it again with the same settings.

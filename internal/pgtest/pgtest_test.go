@@ -161,6 +161,26 @@ func TestServer(t *testing.T) {
 	}
 	c.Close(ctx)
 
+	// An outage: halted, nothing answers; resumed, the data is there.
+	if err := s.Halt(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := pgx.Connect(ctx, s.DSN("postgres")); err == nil {
+		c.Close(ctx)
+		t.Error("a halted server answers")
+	}
+	if err := s.Resume(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c, err = pgx.Connect(ctx, s.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.QueryRow(ctx, `SELECT v FROM kept`).Scan(&v); err != nil || v != 42 {
+		t.Errorf("after an outage: %d %v", v, err)
+	}
+	c.Close(ctx)
+
 	if err := s.Stop(); err != nil {
 		t.Fatal(err)
 	}
