@@ -307,6 +307,9 @@ type smarthost struct {
 	rcptErr map[string]error
 	got     chan hostMsg
 	addr    string
+	// onData, when set, runs before the answer to DATA (a test holds a
+	// transaction open with it).
+	onData func(hostMsg)
 }
 
 type hostSession struct {
@@ -352,7 +355,11 @@ func (s *hostSession) Data(r io.Reader) error {
 	s.m.data = b
 	s.h.mu.Lock()
 	s.h.msgs = append(s.h.msgs, s.m)
+	hook := s.h.onData
 	s.h.mu.Unlock()
+	if hook != nil {
+		hook(s.m)
+	}
 	s.h.got <- s.m
 	return nil
 }

@@ -4,13 +4,19 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/internal/pgtest"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/store/sqlite"
 	"github.com/esro-emsdp/emsdp/ua"
@@ -154,4 +160,143 @@ func TestInFlightCheck(t *testing.T) {
 	if code, body := get(t, base+"/healthz"); code != 503 || !strings.Contains(body, "queue: 1 entries in flight past their deadline") {
 		t.Errorf("/healthz with an entry stuck: %d %q", code, body)
 	}
+}
+
+// PostgreSQL stops for a few seconds while two servers share it, with a
+// delivery and a relay whose outcomes are being written, and more mail
+// for the same devices queued. Once it is back, nothing is stuck: every
+// message reaches its device once (the devices drop re-deliveries by
+// message id, as emsdp ua does) and the smarthost once, every outcome is
+// recorded, and /healthz is ok again on both servers.
+func TestPostgresOutage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("stops and starts a PostgreSQL server")
+	}
+	ctx := context.Background()
+	pg, err := pgtest.Start(ctx, pgtest.Options{NoFsync: true}) // its own: this test stops it
+	if err != nil {
+		t.Fatalf("PostgreSQL server for the test: %v", err) // CI installs it: fail, do not skip
+	}
+	t.Cleanup(func() { pg.Stop() })
+	host := startSmarthost(t, "")
+	c1 := testConfig(t)
+	c1.Store.Driver, c1.Store.Conninfo = StorePostgres, pg.NewDatabase(t)
+	c1.Relay.Smarthost = host.addr
+	c1.Data = filepath.Join(t.TempDir(), "shared")
+	// The reference's shipped timers: a device answers well within
+	// them while the test stops the database.
+	timers := esro.ShippedTimers()
+	setTimers(c1, timers)
+	c2 := *c1
+	s1, s2 := startServer(t, c1), startServer(t, &c2)
+
+	halted := make(chan struct{})
+	waiting := make(chan string, 2)
+	hold := func(what string) {
+		waiting <- what
+		<-halted
+	}
+	host.mu.Lock()
+	host.onData = func(m hostMsg) {
+		if slices.Contains(m.to, "held@example.com") {
+			hold("relay")
+		}
+	}
+	host.mu.Unlock()
+	const devices = 4
+	type got struct {
+		dev  emsd.Address
+		subj string
+	}
+	gotc := make(chan got, 100)
+	var devs []*testDevice
+	for i := range devices {
+		addr := emsd.Address(198040 + i)
+		devs = append(devs, newDevice(t, s1, addr, deviceOpts{timers: timers,
+			handler: ua.HandlerFunc(func(_ context.Context, d *ua.Delivery) error {
+				if d.IPM.Heading.Subject == "held" {
+					hold("delivery")
+				}
+				gotc <- got{addr, d.IPM.Heading.Subject}
+				return nil
+			})}))
+	}
+	must(t, s2.Reload(ctx))
+
+	// A relay and a delivery are held open by the smarthost and the
+	// device; more mail for every device is queued on both servers.
+	_, err = devs[1].ua.Submit(ctx, &ua.Message{To: []string{"held@example.com"}, Subject: "out", Body: []byte("b\n")})
+	must(t, err)
+	must(t, sendMail(s1, "carol@example.com", []string{"198.040@emsd.test"}, inboundMsg("198.040@emsd.test", "held", "b")))
+	want := map[got]int{{198040, "held"}: 1}
+	for i := range devices {
+		for k, s := range []*Server{s1, s2} {
+			to := fmt.Sprintf("%s@emsd.test", emsd.Address(198040+i))
+			subj := fmt.Sprintf("before %d", k)
+			must(t, sendMail(s, "carol@example.com", []string{to}, inboundMsg(to, subj, "b")))
+			want[got{emsd.Address(198040 + i), subj}] = 1
+		}
+	}
+	for range 2 {
+		select {
+		case <-waiting:
+		case <-time.After(20 * time.Second):
+			t.Fatal("the held delivery and relay did not start")
+		}
+	}
+	must(t, pg.Halt(ctx, true))
+	close(halted) // the device stores, the smarthost accepts: the outcomes meet a stopped database
+	// (Gathering every metric fails while the store does: the queue
+	// gauges ask it.)
+	failures := func() float64 {
+		return testutil.ToFloat64(s1.metrics.storeWriteFailures) + testutil.ToFloat64(s2.metrics.storeWriteFailures)
+	}
+	eventually(t, "outcome writes failing", func() bool { return failures() >= 2 })
+	for _, s := range []*Server{s1, s2} {
+		if code, _ := get(t, "http://"+s.Addrs().Admin.String()+"/healthz"); code != 503 {
+			t.Errorf("/healthz with the database stopped: %d", code)
+		}
+	}
+	time.Sleep(3 * time.Second)
+	must(t, pg.Resume(ctx))
+
+	for i := range devices {
+		to := fmt.Sprintf("%s@emsd.test", emsd.Address(198040+i))
+		eventuallyErr(t, func() error { return sendMail(s2, "carol@example.com", []string{to}, inboundMsg(to, "after", "b")) })
+		want[got{emsd.Address(198040 + i), "after"}] = 1
+	}
+	seen := map[got]int{}
+	for range want {
+		select {
+		case g := <-gotc:
+			seen[g]++
+		case <-time.After(30 * time.Second):
+			t.Fatalf("deliveries so far: %v", seen)
+		}
+	}
+	select {
+	case g := <-gotc:
+		t.Errorf("delivered again: %v", g)
+	case <-time.After(500 * time.Millisecond):
+	}
+	if !maps.Equal(seen, want) {
+		t.Errorf("delivered %v, want %v", seen, want)
+	}
+	relayed := host.next(t)
+	if !slices.Equal(relayed.to, []string{"held@example.com"}) {
+		t.Errorf("relayed to %v", relayed.to)
+	}
+	host.none(t, 300*time.Millisecond)
+	eventually(t, "every outcome recorded, nothing left in flight", func() bool {
+		st := queueStats(t, s1)
+		return st.Deliveries[store.DeliveryDelivered] == len(want) && st.Relays[store.RelaySent] == 1 &&
+			st.Deliveries[store.DeliveryQueued]+st.Deliveries[store.DeliveryInFlight]+st.Relays[store.RelaySending] == 0
+	})
+	for _, s := range []*Server{s1, s2} {
+		eventually(t, "/healthz ok again", func() bool {
+			code, _ := get(t, "http://"+s.Addrs().Admin.String()+"/healthz")
+			return code == 200
+		})
+	}
+	t.Logf("outcome write tries refused: %v", failures())
 }

@@ -27,7 +27,7 @@ import (
 // get it again, README "What is guaranteed").
 const (
 	outcomeRetryMin = 100 * time.Millisecond
-	outcomeRetryMax = 5 * time.Second
+	outcomeRetryMax = time.Second
 	// outcomeTryTimeout bounds one try: a store that does not answer (a
 	// vanished PostgreSQL host) must not hold the retries.
 	outcomeTryTimeout = 30 * time.Second
