@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -12,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/BurntSushi/toml"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/esro-emsdp/emsdp/emsd"
@@ -299,4 +302,85 @@ func TestPostgresOutage(t *testing.T) {
 		})
 	}
 	t.Logf("outcome write tries refused: %v", failures())
+}
+
+// A server is killed (SIGKILL) while it delivers to a device that has
+// not answered yet; the other server sharing the PostgreSQL store, with
+// the default settings (a 30 s rescan, the 5 s node check), delivers to
+// the device once the dead server's session is seen gone for 5 s: it
+// does not wait for its next rescan. The test logs the takeover time.
+func TestKillTakeover(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a server process")
+	}
+	c := pgConfig(t)
+	setTimers(c, esro.ShippedTimers()) // the dead server's attempt stays in flight
+	dir := t.TempDir()
+	c.Data = filepath.Join(dir, "data")
+	c.Admin.Listen = ""
+	cfgPath := filepath.Join(dir, "emsdp.toml")
+	f, err := os.Create(cfgPath)
+	must(t, err)
+	must(t, toml.NewEncoder(f).Encode(c))
+	f.Close()
+
+	p1 := startChild(t, cfgPath)
+	mts1 := netip.MustParseAddrPort(p1.emsd)
+	type arrival struct {
+		from netip.AddrPort
+		at   time.Time
+	}
+	arrivals := make(chan arrival, 100)
+	stop := make(chan struct{})
+	t.Cleanup(func() { close(stop) })
+	dev := listenESROTimers(t, "127.0.0.1", esro.ShippedTimers())
+	must(t, dev.HandleFunc(3, esro.ThreeWay, func(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
+		arrivals <- arrival{inv.Peer, time.Now()}
+		if inv.Peer == mts1 {
+			select { // the dead server's attempt: never answered
+			case <-ctx.Done():
+			case <-stop:
+			}
+			return
+		}
+		w.Error(esro.EncodingBER, 7, unhex("020106")) // resource error: the device is busy, try later
+	}))
+	db, err := c.OpenStore(context.Background())
+	must(t, err)
+	defer db.Close()
+	must(t, db.AddDevice(context.Background(), &store.Device{Address: 198040, IP: epAddr(dev).Addr(), Port: epAddr(dev).Port(),
+		Version: "1.1", Mode: store.ModeComplete}))
+	eventuallyErr(t, func() error {
+		return sendMailTo(p1.smtp, "carol@example.com", []string{"198.040@emsd.test"}, inboundMsg("198.040@emsd.test", "m", "b"))
+	})
+	select {
+	case a := <-arrivals:
+		if a.from != mts1 {
+			t.Fatalf("first delivery from %v, want the server process at %v", a.from, mts1)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no delivery from the server process")
+	}
+	s2 := startServerWith(t, c, Options{Logger: testLogger(t)}) // default rescan
+	p1.kill()
+	killed := time.Now()
+	for {
+		select {
+		case a := <-arrivals:
+			if a.from == mts1 {
+				continue // a retransmission of the dead server's, already on its way
+			}
+			took := a.at.Sub(killed)
+			t.Logf("takeover after kill -9: %v", took.Round(time.Millisecond))
+			if took >= defaultRescan {
+				t.Errorf("taken over after %v: the rescan did it, not the sweep", took)
+			}
+			if a.from != s2.Addrs().EMSD {
+				t.Errorf("delivery from %v, want the other server at %v", a.from, s2.Addrs().EMSD)
+			}
+			return
+		case <-time.After(2 * defaultRescan):
+			t.Fatal("the other server never delivered the dead server's work")
+		}
+	}
 }
