@@ -179,9 +179,15 @@ func (s *DB) sweep(ctx context.Context, suspects map[int32]time.Time, now time.T
 	if err != nil {
 		return err
 	}
+	// A gone node whose work is no longer in flight had it re-queued by
+	// another handle's sweep (or came back and finished it): this
+	// handle's owner is told as well, so that whichever handle sweeps,
+	// every server takes the work over at once.
+	signal := false
 	for id := range suspects {
 		if !slices.Contains(gone, id) {
 			delete(suspects, id)
+			signal = true
 		}
 	}
 	var confirmed []int32
@@ -199,11 +205,15 @@ func (s *DB) sweep(ctx context.Context, suspects map[int32]time.Time, now time.T
 		if err != nil {
 			return err
 		}
-		if rec.Deliveries+rec.Relays > 0 {
-			select {
-			case s.requeued <- struct{}{}:
-			default:
-			}
+		signal = signal || rec.Deliveries+rec.Relays > 0
+		for _, id := range confirmed {
+			delete(suspects, id)
+		}
+	}
+	if signal {
+		select {
+		case s.requeued <- struct{}{}:
+		default:
 		}
 	}
 	return nil

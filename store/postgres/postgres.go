@@ -343,10 +343,10 @@ func (s *DB) Ping(ctx context.Context) error {
 // (store.QueueEntry.Owner); 0 for a read-only handle.
 func (s *DB) NodeID() int32 { return s.nodeID() }
 
-// Requeued is signalled (at most one signal pending) when this handle's
-// sweep re-queued the in-flight work of a server that is gone, so that
-// its scheduler takes the work over at once instead of at its next
-// rescan.
+// Requeued is signalled (at most one signal pending) when the in-flight
+// work of a server that is gone was re-queued, by this handle's sweep or
+// by another handle's (seen within a second), so that the scheduler takes
+// the work over at once instead of at its next rescan.
 func (s *DB) Requeued() <-chan struct{} { return s.requeued }
 
 func (s *DB) nodeID() int32 {
