@@ -491,8 +491,16 @@ func helperProcess(dsn string) int {
 func TestServerKilled(t *testing.T) {
 	ctx := context.Background()
 	dsn := cluster.NewDatabase(t)
-	b := openDSN(t, dsn)
+	// Two survivors: whichever sweeps, both are told. They check every
+	// 200 ms: a gone node must be seen by both before one sweeps it, as
+	// it is with the default 1 s checks and 5 s guard.
+	slow := config{version: len(migrations), keepEvery: time.Second}
+	b, err := open(ctx, dsn, slow)
+	mustT(t, err)
 	defer b.Close()
+	third, err := open(ctx, dsn, slow)
+	mustT(t, err)
+	defer third.Close()
 	var ds []store.NewDelivery
 	for d := range uint32(5) {
 		ds = append(ds, delivery(d+1, "m"))
@@ -552,11 +560,14 @@ func TestServerKilled(t *testing.T) {
 		mustT(t, err)
 		return st.Deliveries[store.DeliveryInFlight] == 0 && st.Relays[store.RelaySending] == 0
 	})
-	// And says so, for its scheduler to take the work over at once.
-	select {
-	case <-b.Requeued():
-	case <-time.After(10 * time.Second):
-		t.Error("the sweep re-queued a dead server's work without signalling Requeued")
+	// And both survivors say so, for their schedulers to take the work
+	// over at once.
+	for _, h := range []*DB{b, third} {
+		select {
+		case <-h.Requeued():
+		case <-time.After(10 * time.Second):
+			t.Errorf("node %d: a dead server's work was re-queued without signalling Requeued", h.NodeID())
+		}
 	}
 	for d := range uint32(5) {
 		c, err := b.ClaimDelivery(ctx, d+1, t0, store.Limits{})
