@@ -201,11 +201,12 @@ func (s *DB) sweep(ctx context.Context, suspects map[int32]time.Time, now time.T
 		}
 	}
 	if len(confirmed) > 0 {
-		rec, err := s.requeue(ctx, confirmed)
-		if err != nil {
+		// Signalled even when another handle's sweep won the race (it
+		// re-queued nothing then): the work is queued either way.
+		if _, err := s.requeue(ctx, confirmed); err != nil {
 			return err
 		}
-		signal = signal || rec.Deliveries+rec.Relays > 0
+		signal = true
 		for _, id := range confirmed {
 			delete(suspects, id)
 		}
