@@ -215,7 +215,7 @@ func (s *Server) rescanFleet(ctx context.Context, since time.Time) error {
 	now := time.Now()
 	s.sched.mu.Lock()
 	for _, d := range ds {
-		s.sched.fleet.changed(emsd.Address(d.Device), d.Next, now)
+		s.sched.fleet.note(emsd.Address(d.Device), d.Next, now)
 	}
 	s.sched.mu.Unlock()
 	return nil
@@ -359,9 +359,9 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 			f.watchdog.Stop()
 		}
 		// A device another server sharing the store delivers to (that
-		// server goes on with its queue) is left alone until a rescan
-		// finds its queue changed; one the store failed to answer for,
-		// for storeErrorHold.
+		// server goes on with its queue) is left alone until new work
+		// for it or a rescan finding its queue changed (fleet.note); one
+		// the store failed to answer for, for storeErrorHold.
 		sc.fleet.finish(fd, o, time.Now(), s.deviceBackoff, next, ok, s.rescan)
 		delete(sc.inflight, a)
 		s.setInFlight()

@@ -80,9 +80,8 @@ type fdev struct {
 	// parked: due deliveries exist but none may be claimed now (delivery
 	// control limits); a change of limits or new work unparks it.
 	parked bool
-	// elsewhere: the hold is for another server delivering to it; a
-	// rescan that finds its queue changed lifts it (that server finished,
-	// or is gone and its work was re-queued).
+	// elsewhere: the hold is for another server delivering to it; new
+	// work or a rescan that finds its queue changed lifts it (note).
 	elsewhere bool
 	// again: new work or a sign of life came while an attempt was in
 	// flight: look again when it ends.
@@ -148,9 +147,15 @@ func (f *fleet) place(d *fdev, now time.Time) {
 	}
 }
 
-// note tells the fleet that a device has queued deliveries due at t.
+// note tells the fleet that a device has queued deliveries due at t (new
+// work, or a rescan found its queue changed). A hold for another server
+// delivering to it ends (see fdev.elsewhere): that server may be done, or
+// gone with its work re-queued; a claim tells.
 func (f *fleet) note(a emsd.Address, t, now time.Time) {
 	d := f.get(a)
+	if d.elsewhere {
+		d.hold, d.elsewhere = time.Time{}, false
+	}
 	if d.due.IsZero() || t.Before(d.due) {
 		d.due = t
 	}
@@ -160,16 +165,6 @@ func (f *fleet) note(a emsd.Address, t, now time.Time) {
 		return
 	}
 	f.place(d, now)
-}
-
-// changed tells the fleet that a rescan found the device's queued
-// deliveries changed, the earliest due at t: as note, and a hold for
-// another server delivering to it ends (see fdev.elsewhere).
-func (f *fleet) changed(a emsd.Address, t, now time.Time) {
-	if d := f.devs[a]; d != nil && d.elsewhere {
-		d.hold, d.elsewhere = time.Time{}, false
-	}
-	f.note(a, t, now)
 }
 
 // wake makes a device's queue due now (docs/protocol.md EMSD §9.4: any INVOKE is a
