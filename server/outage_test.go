@@ -31,6 +31,15 @@ type failingStore struct {
 	store.Store
 	fail  atomic.Bool
 	tries atomic.Int32
+	// failNumbers refuses NextMessageNumber: a report cannot get its id.
+	failNumbers atomic.Bool
+}
+
+func (f *failingStore) NextMessageNumber(ctx context.Context, t time.Time) (uint32, error) {
+	if f.failNumbers.Load() {
+		return 0, fmt.Errorf("sqlite: message number: %w", errDiskFull)
+	}
+	return f.Store.NextMessageNumber(ctx, t)
 }
 
 var errDiskFull = errors.New("database or disk is full (SQLITE_FULL, injected)")
@@ -109,6 +118,40 @@ func TestOutcomeWriteFailures(t *testing.T) {
 	dev.none(t, 300*time.Millisecond)
 	host.none(t, 100*time.Millisecond)
 	t.Logf("%d outcome writes refused", fs.tries.Load())
+}
+
+// A device refuses a message while the store refuses to number the
+// non-delivery report: the outcome waits with its report, retried, and
+// the DSN reaches the sender once the store takes writes again; it is
+// not left out.
+func TestReportWhileStoreRefuses(t *testing.T) {
+	db, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "own.db"), nil)
+	must(t, err)
+	t.Cleanup(func() { db.Close() })
+	fs := &failingStore{Store: db}
+	host := startSmarthost(t, "")
+	c := testConfig(t)
+	c.Relay.Smarthost = host.addr
+	s := startServerWith(t, c, Options{Logger: testLogger(t), Store: fs})
+	refuser := listenESRO(t, "127.0.0.1")
+	must(t, refuser.HandleFunc(3, esro.ThreeWay, func(_ context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
+		fs.failNumbers.Store(true) // from now on, until the test says
+		w.Error(esro.EncodingBER, 7, unhex("020107"))
+	}))
+	addDevice(t, s, 198037, epAddr(refuser), deviceOpts{})
+	must(t, sendMail(s, "carol@example.com", []string{"198.037@emsd.test"}, inboundMsg("198.037@emsd.test", "refused", "x")))
+	eventually(t, "the outcome waiting for its report", func() bool {
+		return testutil.ToFloat64(s.metrics.storeWriteFailures) >= 1 && s.out.pending.Load() == 1
+	})
+	host.none(t, 300*time.Millisecond)
+	fs.failNumbers.Store(false)
+	m := host.next(t)
+	if m.from != "" || len(m.to) != 1 || m.to[0] != "carol@example.com" || !strings.Contains(string(m.data), "Action: failed") {
+		t.Errorf("DSN from %q to %v:\n%s", m.from, m.to, m.data)
+	}
+	eventually(t, "the outcome recorded", func() bool {
+		return queueStats(t, s).Deliveries[store.DeliveryFailed] == 1 && s.out.pending.Load() == 0
+	})
 }
 
 // An entry this server has in flight without a worker on it (its claim's

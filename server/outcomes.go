@@ -174,13 +174,13 @@ func (s *Server) persist(what string, log *slog.Logger, write func(context.Conte
 }
 
 // reportsFor builds the report work of an outcome. An item that cannot be
-// reported is left out (logged) unless the store is failing, which
-// report building also needs (message numbers): then the error makes the
-// outcome write try again.
+// reported (it does not encode) is left out, logged; one whose report
+// needs a store write that failed (its message number) makes the outcome
+// write try again, so that no report is lost to a store failure.
 func (s *Server) reportsFor(ctx context.Context, log *slog.Logger, items []reportItem) (store.Work, error) {
 	w, err := s.reportWork(ctx, items)
 	if err != nil {
-		if perr := s.st.Ping(ctx); perr != nil {
+		if rse := (*reportStoreError)(nil); errors.As(err, &rse) {
 			return w, err
 		}
 		log.Error("reports", "err", err)

@@ -126,10 +126,19 @@ func reportEntry(r store.Report, o outcome) emsd.PerRecipReportData {
 func (s *Server) newLocalID(ctx context.Context, now time.Time) (emsd.MessageID, error) {
 	n, err := s.st.NextMessageNumber(ctx, now)
 	if err != nil {
-		return emsd.MessageID{}, err
+		return emsd.MessageID{}, &reportStoreError{err}
 	}
 	return emsd.LocalID(emsd.TimeOf(now), n), nil
 }
+
+// reportStoreError: a report could not be made because the store refused
+// a write (its message number); the outcome write that needs the report
+// tries again (reportsFor), where a report that cannot be encoded is
+// left out.
+type reportStoreError struct{ err error }
+
+func (e *reportStoreError) Error() string { return e.err.Error() }
+func (e *reportStoreError) Unwrap() error { return e.err }
 
 // reportForm is how a report reaches a device: as an EMSD ReportDelivery
 // (content type 2) or as a notice IPM (content type 32).
