@@ -725,9 +725,12 @@ func (s *Server) expire(now time.Time) {
 		}
 		// Each delivery is finished in a transaction of its own, and its
 		// report must be committed with it: one report per recipient.
-		w, err := s.reportWork(ctx, []reportItem{{d.Report, failed(emsd.ReasonUnableToTransfer, emsd.DiagMaximumTimeExpired, text)}})
+		w, err := s.reportsFor(ctx, s.log, []reportItem{{d.Report, failed(emsd.ReasonUnableToTransfer, emsd.DiagMaximumTimeExpired, text)}})
 		if err != nil {
-			s.log.Error("reports", "err", err)
+			// The store failed: the entry stays queued, expired again
+			// at the next pass with its report.
+			s.log.Error("expire delivery: report", "err", err)
+			continue
 		}
 		err = s.st.FinishDelivery(ctx, d.ID, store.DeliveryQueued, store.DeliveryResult{State: store.DeliveryFailed,
 			Status: uint8(emsd.NonDeliveryReportSent), Error: text, Work: w})

@@ -225,9 +225,12 @@ func (s *Server) expireRelays(now time.Time) {
 		}
 		// The recipients of this message that expire in this pass are
 		// reported together, committed with their outcomes.
-		work, err := s.reportWork(ctx, items)
+		work, err := s.reportsFor(ctx, s.log, items)
 		if err != nil {
-			s.log.Error("reports", "from", b.From, "err", err)
+			// The store failed: the recipients stay queued, expired
+			// again at the next pass with their report.
+			s.log.Error("expire relays: report", "from", b.From, "err", err)
+			continue
 		}
 		if err := s.st.FinishRelays(ctx, rs, work); err != nil {
 			if !errors.Is(err, store.ErrConflict) {
