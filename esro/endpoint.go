@@ -218,6 +218,7 @@ func (e *Endpoint) Invoke(ctx context.Context, req *Request) (*Result, error) {
 		e.rearm(now)
 		e.mu.Unlock()
 		e.flush(out)
+		inv.sent.Store(true) // its buffer may carry the reply now (replyData)
 	}
 	select {
 	case <-inv.done:
@@ -528,9 +529,10 @@ func (e *Endpoint) send(o *outgoing) {
 // one, else a new one, which stays for later invocations (up to
 // maxIdleWorkers of them wait), so that steady load starts no goroutine
 // per invocation and handlers run on stacks already grown. The handler's
-// context is not derived from an endpoint-wide one (that would cost a
-// registration per invocation): the machine cancels it whenever the
-// invocation ends, including at Close.
+// context (handlerCtx) is not derived from an endpoint-wide one (that
+// would cost a registration per invocation) and is made only if the
+// handler uses it: the machine cancels it whenever the invocation ends,
+// including at Close.
 func (e *Endpoint) indicate(inv *invocation, h Handler) {
 	inv.resp = responder{e: e, inv: inv}
 	if ih, ok := h.(inlineHandler); ok {
@@ -538,9 +540,8 @@ func (e *Endpoint) indicate(inv *invocation, h Handler) {
 		e.inline = append(e.inline, task{inv, ih.Handler, e.ctx})
 		return
 	}
-	ctx, cancel := context.WithCancelCause(context.Background())
-	inv.cancel = cancel
-	t := task{inv, h, ctx}
+	inv.hctx.mu = &e.mu
+	t := task{inv, h, &inv.hctx}
 	select {
 	case e.work <- t:
 	default:

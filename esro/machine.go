@@ -1,12 +1,12 @@
 package esro
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -219,6 +219,9 @@ type invocation struct {
 
 	// invoker
 	gotReply bool
+	// sent is set by Invoke once the INVOKE's first transmission has
+	// left (the kernel copied it): see replyData.
+	sent atomic.Bool
 
 	// performer
 	sum      uint64     // fingerprint of SAP, operation, encoding and argument, for duplicates
@@ -227,8 +230,8 @@ type invocation struct {
 	call     Invocation // what the handler is given
 	resp     responder  // the handler's ResponseWriter, set by the Endpoint
 	answered bool
-	cancel   context.CancelCauseFunc // the handler's context, set by the Endpoint
-	inLoop   bool                    // an inline handler is running it on the read loop (Endpoint)
+	hctx     handlerCtx // a handler worker's context, see handlerCtx
+	inLoop   bool       // an inline handler is running it on the read loop (Endpoint)
 }
 
 // smallPDU is the size of the buffer in each invocation for the PDU it
@@ -244,6 +247,19 @@ func (inv *invocation) pduBuf(n int) []byte {
 		return inv.small[:0:n]
 	}
 	return make([]byte, 0, n)
+}
+
+// replyData copies an invoker's reply data out of the receive buffer. It
+// re-uses the buffer of the INVOKE, which is never sent again once the
+// reply is in, when it is large enough and nobody can still be reading
+// it: sent exactly once (a retransmission may still be queued or being
+// written), and that send complete (a forged or stale reply can come
+// before it is). Otherwise the data gets a buffer of its own.
+func (inv *invocation) replyData(d []byte) []byte {
+	if inv.kept != nil && !inv.resent && cap(inv.kept) >= len(d) && inv.sent.Load() {
+		return append(inv.kept[:0], d...)
+	}
+	return append([]byte(nil), d...)
 }
 
 type peer struct {
@@ -611,15 +627,16 @@ func (m *machine) onReply(now time.Time, inv *invocation, p *PDU) {
 		m.proveReply(now, inv)
 		m.disarm(inv)
 		m.sample(inv, now)
+		data := inv.replyData(p.Data)
 		inv.kept = nil
 		inv.gotReply = true
 		if p.Type == TypeResult {
 			m.st.results.Add(1)
-			inv.result = Result{Encoding: p.Encoding, Data: append([]byte(nil), p.Data...)}
+			inv.result = Result{Encoding: p.Encoding, Data: data}
 			m.finishInvoker(inv, &inv.result, nil)
 		} else {
 			m.st.errors.Add(1)
-			m.finishInvoker(inv, nil, &ErrorReply{Value: p.Value, Encoding: p.Encoding, Data: append([]byte(nil), p.Data...)})
+			m.finishInvoker(inv, nil, &ErrorReply{Value: p.Value, Encoding: p.Encoding, Data: data})
 		}
 		if inv.hs == ThreeWay {
 			m.sendAck(inv)
@@ -774,8 +791,8 @@ func (m *machine) finishPerformer(inv *invocation, err error) {
 	if inv.done != nil {
 		close(inv.done)
 	}
-	if inv.cancel != nil && !inv.answered {
-		inv.cancel(err)
+	if !inv.answered {
+		inv.hctx.cancel(err)
 	}
 }
 
@@ -794,9 +811,7 @@ func (m *machine) release(inv *invocation) {
 			delete(m.perfPerIP, inv.addr.Addr())
 		}
 		m.st.inflightPerf.Add(-1)
-		if inv.cancel != nil {
-			inv.cancel(ErrInvocationEnded)
-		}
+		inv.hctx.cancel(ErrInvocationEnded)
 	} else {
 		delete(m.invokers, inv.key)
 		r := inv.key.ref
@@ -1000,9 +1015,7 @@ func (m *machine) close() {
 	}
 	for _, inv := range m.performers {
 		m.finishPerformer(inv, ErrClosed)
-		if inv.cancel != nil {
-			inv.cancel(ErrClosed)
-		}
+		inv.hctx.cancel(ErrClosed)
 	}
 	for _, p := range m.peers {
 		for _, w := range p.waiters {
