@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"time"
 
@@ -30,6 +31,32 @@ const clientSockets = 64
 // n × 256 / 0.355 s: 46 000/s with 64, which the engine reaches; 185 000/s
 // with 256, above what this section measures.
 const esroSockets = 256
+
+// serverRcvBuf is the kernel receive buffer of the ESRO performer's and
+// the raw-UDP server's socket, as a server serving many callers is given
+// (emsd.receive_buffer): with the system's default (208 KiB, some 200
+// small datagrams) the INVOKEs and ACKs of 256 callers overflow it, and
+// each drop costs ESRO a retransmission interval.
+const serverRcvBuf = 4 << 20
+
+// listenServer opens the performer's endpoint on loopback with a receive
+// buffer of serverRcvBuf.
+func listenServer(cfg *esro.Config) (*esro.Endpoint, error) {
+	conn, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		return nil, err
+	}
+	if _, err := esro.SetReceiveBuffer(conn, serverRcvBuf); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	ep, err := esro.NewEndpoint(conn, cfg)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return ep, nil
+}
 
 // loopbackTimers are ESRO timers for loopback: a retry budget of about
 // 0.4 s and reference holds of a few hundred milliseconds.
@@ -81,7 +108,8 @@ func runESROvsCoAP(ctx context.Context, o *benchOptions) (*report, error) {
 		fmt.Sprintf("Both sides in one process on loopback UDP; callers take turns over %d client sockets (a gateway standing in for many devices; CoAP %d, see the code). "+
 			"CoAP: go-coap v3 confirmable POST, piggybacked response, no blockwise transfer. "+
 			"ESRO timers: A 1 ms, RT 2 ms, R 50 ms, L 1 ms, N 5 on both ends (an invoker holds each of 256 reference numbers per peer about 355 ms: %d sockets cap ESRO near %d 000 invocations/s). "+
-			"The performer's echo runs inline on its read loop (`HandleInline`), as the raw-UDP server's does; the clients are its trusted peers (`Trust`).", esroSockets, clientSockets, esroSockets, esroSockets*256*1000/355/1000),
+			"The performer's echo runs inline on its read loop (`HandleInline`), as the raw-UDP server's does; the clients are its trusted peers (`Trust`). "+
+			"The ESRO performer's and the raw-UDP server's sockets have a 4 MiB receive buffer (`esro.SetReceiveBuffer`), as a server's should.", esroSockets, clientSockets, esroSockets, esroSockets*256*1000/355/1000),
 		"raw UDP: the same exchange on plain sockets, run right before its ESRO row with the same payload, concurrency and client sockets: " +
 			"request and echoed reply (2-datagram), plus an ACK from the client's reader when the reply arrives (3-datagram); " +
 			"one recvfrom or sendto per datagram, no retransmission, no state. `vs raw UDP` is the ESRO row's ops/s as a share of it.",
@@ -106,7 +134,7 @@ func esroLoad(ctx context.Context, o *benchOptions, hs esro.Handshake, size, con
 		// default per-address cap (4 096) meant against floods. With it the
 		// cap, not the engine, would set the rate (FAILURE(1) answers).
 		MaxPeerInvocations: 65536}
-	perf, err := esro.Listen("udp", "127.0.0.1:0", cfg)
+	perf, err := listenServer(cfg)
 	if err != nil {
 		return loadStats{}, err
 	}

@@ -67,6 +67,9 @@ func rawLoad(ctx context.Context, o *benchOptions, hs esro.Handshake, size, conc
 	if err != nil {
 		return loadStats{}, err
 	}
+	if _, err := esro.SetReceiveBuffer(srv.conn, serverRcvBuf); err != nil {
+		return loadStats{}, err
+	}
 	to := srv.conn.LocalAddr().(*net.UDPAddr).AddrPort()
 	wg.Go(func() {
 		buf := make([]byte, 65536)
