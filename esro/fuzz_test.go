@@ -156,6 +156,19 @@ func checkInvariants(t *testing.T, m *machine) {
 			t.Fatalf("timer heap out of order at %d", i)
 		}
 	}
+	for qi := range m.fifos {
+		q := &m.fifos[qi]
+		for i := q.head; i < len(q.items); i++ {
+			e := q.items[i]
+			if i > q.head && q.items[i-1].at > e.at {
+				t.Fatalf("timer queue %d out of order at %d", qi, i)
+			}
+			if inv := e.inv; inv != nil && (int(inv.fq) != qi+1 || inv.fseq != q.base+uint64(i) || inv.hidx >= 0 ||
+				inv.timer == tNone || inv.st == stReleased) {
+				t.Fatalf("timer queue %d entry %d: %+v", qi, i, inv)
+			}
+		}
+	}
 	active := 0
 	for _, inv := range m.invokers {
 		if inv.st.active() {

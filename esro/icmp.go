@@ -55,7 +55,7 @@ func (m *machine) unreachable(now time.Time, r icmpReport) {
 	inv.kept = nil
 	m.finishInvoker(inv, nil, m.localFailure(Unreachable, &UnreachableError{Addr: to, Err: r.err}))
 	m.setState(inv, stInvokerRefWait)
-	m.arm(inv, tRef, now.Add(m.td.hold))
+	m.arm(inv, tRef, now, m.td.hold)
 }
 
 // icmpSource is a batchIO that reports ICMP errors (Linux, IP_RECVERR)

@@ -80,9 +80,10 @@ type machine struct {
 	hostile    hostileState
 	idlePeers  int
 	nextRef    uint8
-	timers     timerHeap
-	epoch      time.Time // origin of the timer heap's integer deadlines
-	tokens     sync.Pool // of chan struct{}, see invocation.done
+	timers     timerHeap   // timers of variable durations (retransmission, user response)
+	fifos      []timerFIFO // timers of fixed durations, one queue per duration
+	epoch      time.Time   // origin of the timer heap's integer deadlines
+	tokens     sync.Pool   // of chan struct{}, see invocation.done
 
 	active  int           // invocations in a state that Shutdown waits for
 	drained chan struct{} // closed when closing and active reaches 0
@@ -191,7 +192,9 @@ type invocation struct {
 	kept   []byte // the PDU retransmitted from a copy
 	k      int    // timer retransmissions done
 	timer  timerKind
-	hidx   int       // index in machine.timers, -1 when no timer runs
+	hidx   int       // index in machine.timers, -1 when not there
+	fq     int8      // 1 + index in machine.fifos of the queue holding its timer; 0: none
+	fseq   uint64    // its entry's sequence number there
 	sentAt time.Time // when kept was first sent, for RTT samples
 	resent bool      // kept was sent more than once (Karn: no RTT sample)
 	// lingerEnd bounds an acknowledged invoker's linger: the end of the
@@ -305,6 +308,11 @@ func newMachine(cfg Config, st *counters, ev events) *machine {
 		epoch:      time.Now(),
 	}
 	m.hostile.init()
+	for _, d := range []time.Duration{m.td.ref, m.td.hold, m.td.inact, m.td.last} {
+		if m.fifoFor(d) == 0 {
+			m.fifos = append(m.fifos, timerFIFO{d: int64(d)})
+		}
+	}
 	// A random first number makes re-use of recent numbers after a restart
 	// unlikely (docs/protocol.md ESRO §4, Open Point 17).
 	m.nextRef = uint8(m.rng.Uint32())
@@ -396,37 +404,92 @@ func (m *machine) sendAck(inv *invocation) {
 
 // ---- timers ----
 
-func (m *machine) arm(inv *invocation, k timerKind, at time.Time) {
+func (m *machine) arm(inv *invocation, k timerKind, now time.Time, d time.Duration) {
 	inv.timer = k
-	d := int64(at.Sub(m.epoch))
-	if inv.hidx >= 0 {
-		m.timers.fix(inv.hidx, d)
-	} else {
-		m.timers.push(inv, d)
+	at := int64(now.Sub(m.epoch) + d)
+	if k == tRef || k == tInact || k == tLast {
+		if q := m.fifoFor(d); q > 0 {
+			if inv.hidx >= 0 {
+				m.timers.remove(inv.hidx)
+			}
+			if inv.fq > 0 {
+				m.fifos[inv.fq-1].clear(inv.fseq)
+			}
+			inv.fseq, inv.fq = m.fifos[q-1].push(inv, at), q
+			return
+		}
 	}
+	if inv.fq > 0 {
+		m.fifos[inv.fq-1].clear(inv.fseq)
+		inv.fq = 0
+	}
+	if inv.hidx >= 0 {
+		m.timers.fix(inv.hidx, at)
+	} else {
+		m.timers.push(inv, at)
+	}
+}
+
+// fifoFor returns 1 + the index of the queue for duration d, 0 if none.
+func (m *machine) fifoFor(d time.Duration) int8 {
+	for i := range m.fifos {
+		if m.fifos[i].d == int64(d) {
+			return int8(i + 1)
+		}
+	}
+	return 0
 }
 
 func (m *machine) disarm(inv *invocation) {
 	if inv.hidx >= 0 {
 		m.timers.remove(inv.hidx)
 	}
+	if inv.fq > 0 {
+		m.fifos[inv.fq-1].clear(inv.fseq)
+		inv.fq = 0
+	}
 	inv.timer = tNone
+}
+
+// earliest finds the next timer to expire: its deadline, and -1 for the
+// heap or the index of its queue. The heap wins ties.
+func (m *machine) earliest() (at int64, src int, ok bool) {
+	src = -1
+	if len(m.timers) > 0 {
+		at, ok = m.timers[0].at, true
+	}
+	for i := range m.fifos {
+		if e, live := m.fifos[i].first(); live && (!ok || e.at < at) {
+			at, src, ok = e.at, i, true
+		}
+	}
+	return at, src, ok
 }
 
 // nextDeadline is the earliest pending timer, if any.
 func (m *machine) nextDeadline() (time.Time, bool) {
-	if len(m.timers) == 0 {
+	at, _, ok := m.earliest()
+	if !ok {
 		return time.Time{}, false
 	}
-	return m.epoch.Add(time.Duration(m.timers[0].at)), true
+	return m.epoch.Add(time.Duration(at)), true
 }
 
 // advance fires every timer due at now.
 func (m *machine) advance(now time.Time) {
 	due := int64(now.Sub(m.epoch))
 	m.sweepTombs(due)
-	for len(m.timers) > 0 && m.timers[0].at <= due {
-		inv := m.timers.pop()
+	for {
+		at, src, ok := m.earliest()
+		if !ok || at > due {
+			return
+		}
+		var inv *invocation
+		if src < 0 {
+			inv = m.timers.pop()
+		} else {
+			inv = m.fifos[src].pop()
+		}
 		k := inv.timer
 		inv.timer = tNone
 		m.expire(now, inv, k)
@@ -589,7 +652,7 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 	m.st.invokesIn.Add(1)
 	m.setState(inv, stInvokeReceived)
 	if m.td.noresp > 0 {
-		m.arm(inv, tNoResp, now.Add(m.td.noresp))
+		m.arm(inv, tNoResp, now, m.td.noresp)
 	}
 	m.ev.indicate(inv, bd.h)
 }
@@ -604,20 +667,20 @@ func (m *machine) onDuplicateInvoke(now time.Time, inv *invocation) {
 		m.reply(now, inv, inv.kept)
 		inv.resent = true
 		if inv.timer == tRetx {
-			m.arm(inv, tRetx, now.Add(m.rto(inv.peer, inv.k)))
+			m.arm(inv, tRetx, now, m.rto(inv.peer, inv.k))
 		}
 	case stResultSent:
 		inv.peer.loss.lost()
 		m.reply(now, inv, inv.kept)
-		m.arm(inv, tInact, now.Add(m.td.inact))
+		m.arm(inv, tInact, now, m.td.inact)
 	case stPerformerRefWait:
 		if inv.hs == TwoWay && inv.kept != nil {
 			m.reply(now, inv, inv.kept)
 		}
-		m.arm(inv, tRef, now.Add(m.td.ref))
+		m.arm(inv, tRef, now, m.td.ref)
 	case stFailedRefWait:
 		m.replyFailure(now, inv.addr, inv.key.ref, UserNotResponding, &inv.budget)
-		m.arm(inv, tRef, now.Add(m.td.ref))
+		m.arm(inv, tRef, now, m.td.ref)
 	}
 }
 
@@ -643,17 +706,17 @@ func (m *machine) onReply(now time.Time, inv *invocation, p *PDU) {
 			inv.peer.loss.sent()
 			m.linger(now, inv)
 			m.setState(inv, stAckSent)
-			m.arm(inv, tInact, now.Add(m.td.inact))
+			m.arm(inv, tInact, now, m.td.inact)
 		} else {
 			m.setState(inv, stInvokerRefWait)
-			m.arm(inv, tRef, now.Add(m.td.hold))
+			m.arm(inv, tRef, now, m.td.hold)
 		}
 	case stAckSent:
 		m.st.duplicates.Add(1)
 		inv.peer.loss.lost()
 		m.sendAck(inv)
 		m.linger(now, inv)
-		m.arm(inv, tInact, now.Add(m.td.inact))
+		m.arm(inv, tInact, now, m.td.inact)
 	case stInvokerRefWait:
 		m.st.duplicates.Add(1)
 		if inv.hs == ThreeWay && inv.gotReply {
@@ -661,7 +724,7 @@ func (m *machine) onReply(now time.Time, inv *invocation, p *PDU) {
 			m.sendAck(inv)
 			m.linger(now, inv)
 		}
-		m.arm(inv, tRef, now.Add(m.td.hold))
+		m.arm(inv, tRef, now, m.td.hold)
 	}
 }
 
@@ -674,10 +737,10 @@ func (m *machine) onAck(now time.Time, inv *invocation) {
 		m.st.confirms.Add(1)
 		m.finishPerformer(inv, nil)
 		m.setState(inv, stPerformerRefWait)
-		m.arm(inv, tRef, now.Add(m.td.ref))
+		m.arm(inv, tRef, now, m.td.ref)
 	case stPerformerRefWait:
 		m.st.duplicates.Add(1)
-		m.arm(inv, tRef, now.Add(m.td.ref))
+		m.arm(inv, tRef, now, m.td.ref)
 	default:
 		// A 2-way performer ignores ACKs: handshake mismatch (docs/protocol.md ESRO §5.7).
 		m.drop(DropUnexpected)
@@ -693,7 +756,7 @@ func (m *machine) onFailurePDU(now time.Time, p *PDU, key invKey) {
 		inv.kept = nil
 		m.finishInvoker(inv, nil, &Failure{Reason: r, Remote: true})
 		m.setState(inv, stInvokerRefWait)
-		m.arm(inv, tRef, now.Add(m.td.hold))
+		m.arm(inv, tRef, now, m.td.hold)
 		return
 	}
 	if inv := m.performers[key]; inv != nil && inv.st == stAckWait {
@@ -706,7 +769,7 @@ func (m *machine) onFailurePDU(now time.Time, p *PDU, key invKey) {
 		inv.kept = nil
 		m.finishPerformer(inv, &Failure{Reason: r, Remote: true})
 		m.setState(inv, stPerformerRefWait)
-		m.arm(inv, tRef, now.Add(m.td.ref))
+		m.arm(inv, tRef, now, m.td.ref)
 		return
 	}
 	m.drop(DropUnmatchedFailure)
@@ -727,30 +790,30 @@ func (m *machine) expire(now time.Time, inv *invocation, k timerKind) {
 			} else {
 				m.send(inv.addr, inv.kept)
 			}
-			m.arm(inv, tRetx, now.Add(m.rto(inv.peer, inv.k)))
+			m.arm(inv, tRetx, now, m.rto(inv.peer, inv.k))
 		} else {
-			m.arm(inv, tLast, now.Add(m.td.last))
+			m.arm(inv, tLast, now, m.td.last)
 		}
 	case tLast:
 		inv.kept = nil
 		if inv.perf {
 			m.finishPerformer(inv, m.localFailure(Transmission, nil))
 			m.setState(inv, stPerformerRefWait)
-			m.arm(inv, tRef, now.Add(m.td.ref))
+			m.arm(inv, tRef, now, m.td.ref)
 		} else {
 			m.finishInvoker(inv, nil, m.localFailure(UserNotResponding, nil))
 			m.setState(inv, stInvokerRefWait)
-			m.arm(inv, tRef, now.Add(m.td.hold))
+			m.arm(inv, tRef, now, m.td.hold)
 		}
 	case tInact:
 		if inv.perf { // 2-way performer: assume the reply arrived
 			m.st.confirms.Add(1)
 			m.finishPerformer(inv, nil)
 			m.setState(inv, stPerformerRefWait)
-			m.arm(inv, tRef, now.Add(m.td.ref))
+			m.arm(inv, tRef, now, m.td.ref)
 		} else {
 			m.setState(inv, stInvokerRefWait)
-			m.arm(inv, tRef, now.Add(m.td.hold))
+			m.arm(inv, tRef, now, m.td.hold)
 		}
 	case tNoResp:
 		m.replyFailure(now, inv.addr, inv.key.ref, UserNotResponding, &inv.budget)
@@ -760,7 +823,7 @@ func (m *machine) expire(now time.Time, inv *invocation, k timerKind) {
 			return
 		}
 		m.setState(inv, stFailedRefWait)
-		m.arm(inv, tRef, now.Add(m.td.ref))
+		m.arm(inv, tRef, now, m.td.ref)
 	case tRef:
 		m.release(inv)
 	}
@@ -862,7 +925,7 @@ func (m *machine) invoke(now time.Time, req *Request, to netip.AddrPort) (*invoc
 	m.setState(inv, stInvokeSent)
 	p.loss.sent()
 	m.send(to, kept)
-	m.arm(inv, tRetx, now.Add(m.rto(p, 0)))
+	m.arm(inv, tRetx, now, m.rto(p, 0))
 	return inv, nil, nil
 }
 
@@ -924,7 +987,7 @@ func (m *machine) abandon(now time.Time, inv *invocation, cause error) {
 	if inv.st == stInvokeSent {
 		inv.kept = nil
 		m.setState(inv, stInvokerRefWait)
-		m.arm(inv, tRef, now.Add(m.td.hold))
+		m.arm(inv, tRef, now, m.td.hold)
 	}
 }
 
@@ -953,10 +1016,10 @@ func (m *machine) answer(now time.Time, inv *invocation, isErr bool, enc Encodin
 	m.reply(now, inv, kept)
 	if inv.hs == ThreeWay {
 		m.setState(inv, stAckWait)
-		m.arm(inv, tRetx, now.Add(m.rto(inv.peer, 0)))
+		m.arm(inv, tRetx, now, m.rto(inv.peer, 0))
 	} else {
 		m.setState(inv, stResultSent)
-		m.arm(inv, tInact, now.Add(m.td.inact))
+		m.arm(inv, tInact, now, m.td.inact)
 	}
 	return nil
 }
@@ -994,7 +1057,7 @@ func (m *machine) unbind(now time.Time, sap uint8) error {
 		inv.kept = nil
 		m.finishPerformer(inv, ErrSAPNotBound)
 		m.setState(inv, stPerformerRefWait)
-		m.arm(inv, tRef, now.Add(m.td.ref))
+		m.arm(inv, tRef, now, m.td.ref)
 	}
 	return nil
 }

@@ -93,3 +93,67 @@ func (h timerHeap) down(i0, n int) bool {
 	}
 	return i > i0
 }
+
+// timerFIFO holds the timers of one fixed duration (T_ref, the invoker's
+// hold, T_inact, T_last): armed at non-decreasing times, they expire in
+// the order they were armed, so a queue does what the heap did at O(1)
+// per operation. Those timers are most of them: every invocation spends
+// its reference hold in one. A timer re-armed or disarmed leaves its
+// entry behind with no invocation (found through inv.fseq), which is dropped when
+// it reaches the head.
+type timerFIFO struct {
+	d     int64 // the duration, in nanoseconds
+	items []timerEntry
+	head  int    // first live position in items
+	base  uint64 // sequence number of items[0]
+}
+
+// push adds inv at deadline at and returns its sequence number. A
+// deadline before the last one (the callers' clocks were read before
+// they took the lock, in any order) is moved to it: a fixed-duration
+// timer may fire a little late, never out of order.
+func (q *timerFIFO) push(inv *invocation, at int64) uint64 {
+	if n := len(q.items); n > q.head && q.items[n-1].at > at {
+		at = q.items[n-1].at
+	}
+	if q.head > 0 && q.head >= len(q.items)/2 && len(q.items) == cap(q.items) {
+		// Slide the live entries down rather than grow.
+		n := copy(q.items, q.items[q.head:])
+		clear(q.items[n:])
+		q.items = q.items[:n]
+		q.base += uint64(q.head)
+		q.head = 0
+	}
+	q.items = append(q.items, timerEntry{at, inv})
+	return q.base + uint64(len(q.items)-1)
+}
+
+// clear forgets the entry with sequence number seq.
+func (q *timerFIFO) clear(seq uint64) { q.items[seq-q.base].inv = nil }
+
+// first returns the earliest live entry, dropping dead ones at the head.
+func (q *timerFIFO) first() (timerEntry, bool) {
+	for q.head < len(q.items) {
+		if e := q.items[q.head]; e.inv != nil {
+			return e, true
+		}
+		q.head++
+	}
+	if q.head > 0 {
+		// Empty: start again at the front of the array.
+		q.base += uint64(len(q.items))
+		clear(q.items)
+		q.items, q.head = q.items[:0], 0
+	}
+	return timerEntry{}, false
+}
+
+// pop takes out the earliest live entry, which first found.
+func (q *timerFIFO) pop() *invocation {
+	e := &q.items[q.head]
+	inv := e.inv
+	e.inv = nil
+	q.head++
+	inv.fq = 0
+	return inv
+}
