@@ -196,6 +196,7 @@ func (e *Endpoint) Invoke(ctx context.Context, req *Request) (*Result, error) {
 		}
 		now := time.Now()
 		e.mu.Lock()
+		e.m.advance(now) // frees the numbers whose hold ended (wakeAt)
 		i, wait, err := e.m.invoke(now, req, to)
 		if err != nil {
 			e.mu.Unlock()
@@ -385,6 +386,7 @@ func (e *Endpoint) readLoop() {
 			e.m.receive(now, buf[:n], from)
 		}
 		e.applyICMPLocked(now)
+		e.m.advance(now) // what is due, without waiting for the timer (wakeAt)
 		if len(e.inline) > 0 {
 			// Answers of inline handlers join this step's datagrams.
 			e.mu.Unlock()
@@ -430,11 +432,11 @@ func (e *Endpoint) runInline() {
 	e.mu.Unlock()
 }
 
-// rearm makes the timer fire at the machine's next deadline. It never
+// rearm makes the timer fire when the machine needs it (wakeAt). It never
 // delays an armed timer: firing early is harmless, as advance only runs
 // what is due. Called with mu held.
 func (e *Endpoint) rearm(now time.Time) {
-	at, ok := e.m.nextDeadline()
+	at, ok := e.m.wakeAt()
 	if !ok || e.m.closed || (e.armed && !at.Before(e.timerAt)) {
 		return
 	}

@@ -308,9 +308,16 @@ func newMachine(cfg Config, st *counters, ev events) *machine {
 		epoch:      time.Now(),
 	}
 	m.hostile.init()
-	for _, d := range []time.Duration{m.td.ref, m.td.hold, m.td.inact, m.td.last} {
-		if m.fifoFor(d) == 0 {
-			m.fifos = append(m.fifos, timerFIFO{d: int64(d)})
+	for _, q := range []struct {
+		d    time.Duration
+		hold bool
+	}{{m.td.ref, true}, {m.td.hold, true}, {m.td.inact, false}, {m.td.last, false}} {
+		if m.fifoFor(q.hold, q.d) == 0 {
+			f := timerFIFO{d: int64(q.d), hold: q.hold}
+			if q.hold {
+				f.slack = int64(q.d) / holdSlack
+			}
+			m.fifos = append(m.fifos, f)
 		}
 	}
 	// A random first number makes re-use of recent numbers after a restart
@@ -408,7 +415,7 @@ func (m *machine) arm(inv *invocation, k timerKind, now time.Time, d time.Durati
 	inv.timer = k
 	at := int64(now.Sub(m.epoch) + d)
 	if k == tRef || k == tInact || k == tLast {
-		if q := m.fifoFor(d); q > 0 {
+		if q := m.fifoFor(k == tRef, d); q > 0 {
 			if inv.hidx >= 0 {
 				m.timers.remove(inv.hidx)
 			}
@@ -430,10 +437,11 @@ func (m *machine) arm(inv *invocation, k timerKind, now time.Time, d time.Durati
 	}
 }
 
-// fifoFor returns 1 + the index of the queue for duration d, 0 if none.
-func (m *machine) fifoFor(d time.Duration) int8 {
+// fifoFor returns 1 + the index of the queue for duration d, of
+// reference holds or not, 0 if none.
+func (m *machine) fifoFor(hold bool, d time.Duration) int8 {
 	for i := range m.fifos {
-		if m.fifos[i].d == int64(d) {
+		if m.fifos[i].d == int64(d) && m.fifos[i].hold == hold {
 			return int8(i + 1)
 		}
 	}
@@ -469,6 +477,37 @@ func (m *machine) earliest() (at int64, src int, ok bool) {
 // nextDeadline is the earliest pending timer, if any.
 func (m *machine) nextDeadline() (time.Time, bool) {
 	at, _, ok := m.earliest()
+	if !ok {
+		return time.Time{}, false
+	}
+	return m.epoch.Add(time.Duration(at)), true
+}
+
+// holdSlack is the fraction of its duration by which the end of a
+// reference hold may come late: see wakeAt.
+const holdSlack = 32
+
+// wakeAt is when the endpoint should run advance at the latest: the
+// earliest deadline, where the end of a reference hold may wait
+// 1/holdSlack of the hold longer. A hold's end only frees a reference
+// number, which 3% later does no harm; under load holds end every few
+// microseconds, and the endpoint runs advance on every step anyway
+// (Endpoint.readLoop, Invoke), so that they need no timer firing,
+// goroutine and lock each.
+func (m *machine) wakeAt() (time.Time, bool) {
+	var at int64
+	ok := false
+	if len(m.timers) > 0 {
+		at, ok = m.timers[0].at, true
+	}
+	for i := range m.fifos {
+		q := &m.fifos[i]
+		if e, live := q.first(); live {
+			if t := e.at + q.slack; !ok || t < at {
+				at, ok = t, true
+			}
+		}
+	}
 	if !ok {
 		return time.Time{}, false
 	}

@@ -103,6 +103,8 @@ func (h timerHeap) down(i0, n int) bool {
 // it reaches the head.
 type timerFIFO struct {
 	d     int64 // the duration, in nanoseconds
+	hold  bool  // a queue of reference holds (tRef)
+	slack int64 // how late its timers may fire, see machine.wakeAt
 	items []timerEntry
 	head  int    // first live position in items
 	base  uint64 // sequence number of items[0]
