@@ -432,12 +432,19 @@ func (e *Endpoint) runInline() {
 	e.mu.Unlock()
 }
 
-// rearm makes the timer fire when the machine needs it (wakeAt). It never
-// delays an armed timer: firing early is harmless, as advance only runs
-// what is due. Called with mu held.
+// rearmSlack is how early an armed timer may be, compared with the
+// machine's wake-up time, before rearm moves it back.
+const rearmSlack = time.Millisecond
+
+// rearm makes the timer fire when the machine needs it (wakeAt). Firing
+// early is harmless, as advance only runs what is due, so an armed timer
+// is moved back only when it would fire more than rearmSlack early: a
+// step that ran what was due (the end of a hold, mostly) spares the
+// timer a firing for nothing, at the cost of a reset. Called with mu
+// held.
 func (e *Endpoint) rearm(now time.Time) {
 	at, ok := e.m.wakeAt()
-	if !ok || e.m.closed || (e.armed && !at.Before(e.timerAt)) {
+	if !ok || e.m.closed || (e.armed && !at.Before(e.timerAt) && at.Sub(e.timerAt) < rearmSlack) {
 		return
 	}
 	d := at.Sub(now)
