@@ -394,6 +394,19 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 		}
 		lim = store.Limits{MaxContentLength: c.MaxContentLength, LowestPriority: c.LowestPriority}
 	}
+	// The message is encoded and split while it is claimed, so that the
+	// claim reserves its instance ids in the same write.
+	var p prepared
+	refIDs := s.conf().Compat.ReferenceInstanceIDs // once: a reconfiguration must not split an attempt
+	if dev != nil {
+		lim.InstanceIDs = func(d *store.Delivery) int {
+			p = s.prepare(dev, d)
+			if p.fail != nil || !p.carries || refIDs {
+				return 0
+			}
+			return len(p.segs)
+		}
+	}
 	claimAt := time.Now()
 	d, err := s.st.ClaimDelivery(ctx, uint32(a), claimAt, lim)
 	switch {
@@ -425,7 +438,7 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 	s.sched.mu.Lock()
 	fails := fd.fails
 	s.sched.mu.Unlock()
-	r := s.attempt(ctx, dev, d, &tg, f)
+	r := s.attempt(ctx, dev, d, &p, refIDs, &tg, f)
 	s.sched.mu.Lock()
 	if r.kind == attemptRequeue { // cancelled: by shutdown or by the watchdog
 		switch {
@@ -552,30 +565,31 @@ func backoff(schedule []Duration, attempts int) time.Duration {
 	return time.Duration(schedule[i])
 }
 
-// attempt delivers one message (docs/protocol.md EMSD §9.9): op 35 (1.1) or op 1
-// (1.0), 3-way to SAP 3 (Complete mode and 1.0) or 2-way to SAP 7
-// (Efficient), segmented to the PDU size, one ESRO operation per segment
-// with a new instance id, to tg's contact, then once more to its
-// fallback when there is one (contact.go). An ESRO failure at the last
-// address ends the attempt: the invocation already retransmitted for as
-// long as the timers allow, and invoking the same address again at once
-// would only hold a worker on a silent device for as long again; the
-// device is retried after its hold.
-func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, tg *target, f *flight) (r attemptResult) {
-	start := time.Now()
-	defer func() { r.took = time.Since(start) }()
-	fail := func(reason emsd.NonDeliveryReason, diag emsd.Diagnostic, format string, a ...any) attemptResult {
+// prepared is a claimed delivery made ready to send: its segments, or
+// why it cannot be sent.
+type prepared struct {
+	fail    *attemptResult
+	ct      emsd.ContentType
+	segs    [][]byte
+	op      emsd.Operation
+	sap     emsd.SAP
+	hs      esro.Handshake
+	carries bool // the operation carries an instance id
+}
+
+// prepare encodes d for dev and splits it into segments
+// (docs/protocol.md EMSD §9.9).
+func (s *Server) prepare(dev *device, d *store.Delivery) prepared {
+	p := prepared{ct: emsd.ContentType(d.ContentType)}
+	fail := func(reason emsd.NonDeliveryReason, diag emsd.Diagnostic, format string, a ...any) prepared {
 		text := fmt.Sprintf(format, a...)
-		return attemptResult{kind: attemptFailed, o: failed(reason, diag, text), err: text}
+		p.fail = &attemptResult{kind: attemptFailed, o: failed(reason, diag, text), err: text}
+		return p
 	}
-	if dev == nil {
-		return fail(emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown, "device no longer registered")
-	}
-	ct := emsd.ContentType(d.ContentType)
 	o := s.opts(dev.version)
 	content := d.Content
 	if o != (emsd.Options{}) { // stored as 1.1 in list order; re-encode for this device
-		c, err := emsd.DecodeContents(ct, content, emsd.Options{})
+		c, err := emsd.DecodeContents(p.ct, content, emsd.Options{})
 		if err == nil {
 			content, err = c.Marshal(o)
 		}
@@ -587,36 +601,53 @@ func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, tg
 	if err != nil {
 		return fail(emsd.ReasonUnableToTransfer, emsd.DiagProtocolViolation, "%v", err)
 	}
-	env := &emsd.DeliverArgument{MessageID: mid, DeliveryTime: emsd.TimeOf(time.Now()), ContentType: ct}
+	env := &emsd.DeliverArgument{MessageID: mid, DeliveryTime: emsd.TimeOf(time.Now()), ContentType: p.ct}
 	if d.SubmissionTime != nil {
 		t := emsd.Time(*d.SubmissionTime)
 		env.SubmissionTime = &t
 	}
 	sp := emsd.Splitter{Options: o, MaxUserData: s.conf().EMSD.PDUSize}
-	segs, err := sp.SplitDeliver(env, content, s.seq.Next())
-	if err != nil {
+	if p.segs, err = sp.SplitDeliver(env, content, s.seq.Next()); err != nil {
 		var sl *emsd.SegmentLimitError
 		if errors.As(err, &sl) {
 			return fail(emsd.ReasonUnableToTransfer, sl.Diagnostic(), "%v", err)
 		}
 		return fail(emsd.ReasonUnableToTransfer, emsd.DiagSizeConstraintViolated, "%v", err)
 	}
-	op := deliveryOp(dev.version)
-	sap, hs := emsd.SAPUAPerformer3Way, esro.ThreeWay
+	p.op = deliveryOp(dev.version)
+	p.sap, p.hs = emsd.SAPUAPerformer3Way, esro.ThreeWay
 	if dev.version == emsd.V1_1 && dev.Mode == store.ModeEfficient {
-		sap, hs = emsd.SAPUAPerformer2Way, esro.TwoWay
+		p.sap, p.hs = emsd.SAPUAPerformer2Way, esro.TwoWay
 	}
-	carries := emsd.CarriesInstanceID(op)
-	refIDs := s.conf().Compat.ReferenceInstanceIDs // once: a reconfiguration must not split an attempt
-	var base uint8
-	if carries && !refIDs {
-		if base, err = s.st.ReserveInstanceIDs(ctx, uint32(dev.addr), len(segs)); err != nil {
-			if ctx.Err() != nil {
-				return attemptResult{kind: attemptRequeue, err: "shutdown"}
-			}
-			return attemptResult{kind: attemptRespool, err: "instance ids: " + err.Error()}
-		}
+	p.carries = emsd.CarriesInstanceID(p.op)
+	return p
+}
+
+// attempt delivers one message, prepared while it was claimed: op 35
+// (1.1) or op 1 (1.0), 3-way to SAP 3 (Complete mode and 1.0) or 2-way
+// to SAP 7 (Efficient), one ESRO operation per segment with the instance
+// ids the claim reserved (the reference's 0 with refIDs), to tg's
+// contact, then once more to its fallback when there is one
+// (contact.go). An ESRO failure at the last address ends the attempt:
+// the invocation already retransmitted for as long as the timers allow,
+// and invoking the same address again at once would only hold a worker
+// on a silent device for as long again; the device is retried after its
+// hold.
+func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, p *prepared, refIDs bool, tg *target, f *flight) (r attemptResult) {
+	start := time.Now()
+	defer func() { r.took = time.Since(start) }()
+	if dev == nil {
+		text := "device no longer registered"
+		return attemptResult{kind: attemptFailed, o: failed(emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown, text), err: text}
 	}
+	if p.segs == nil && p.fail == nil {
+		*p = s.prepare(dev, d) // a store that claimed without asking for instance ids
+	}
+	if p.fail != nil {
+		return *p.fail
+	}
+	ct, segs, op, sap, hs, carries := p.ct, p.segs, p.op, p.sap, p.hs, p.carries
+	base := d.InstanceBase
 	for k, seg := range segs {
 		data := seg
 		if carries {
@@ -673,9 +704,7 @@ func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, tg
 				return attemptResult{kind: attemptRespool, err: text}
 			}
 			reason, diag := refusalDiagnostic(emsd.ErrorCode(er.Value), ct)
-			r := fail(reason, diag, "%s", text)
-			r.refused = true
-			return r
+			return attemptResult{kind: attemptFailed, o: failed(reason, diag, text), err: text, refused: true}
 		default: // ESRO failure, or a local resource problem
 			var fl *esro.Failure
 			silent := errors.As(err, &fl) && !fl.Remote && (fl.Reason == esro.UserNotResponding || fl.Reason == esro.Unreachable)

@@ -181,12 +181,15 @@ type NewDelivery struct {
 // Delivery is a queued delivery as stored.
 type Delivery struct {
 	NewDelivery
-	ID        int64
-	State     DeliveryState
-	Attempts  int // attempts started (claims)
-	Created   time.Time
-	Updated   time.Time
-	LastError string
+	ID       int64
+	State    DeliveryState
+	Attempts int // attempts started (claims)
+	// InstanceBase is the first instance id the claim reserved
+	// (Limits.InstanceIDs).
+	InstanceBase uint8
+	Created      time.Time
+	Updated      time.Time
+	LastError    string
 }
 
 // DeviceDue is a device with queued deliveries and the earliest next
@@ -203,10 +206,19 @@ type DeliveryInfo struct {
 	Priority    uint8
 }
 
-// Limits restrict which deliveries ClaimDelivery may take.
+// Limits restrict which deliveries ClaimDelivery may take, and say what
+// else its claim reserves.
 type Limits struct {
 	MaxContentLength *uint32
 	LowestPriority   *uint8
+	// InstanceIDs, when set, tells how many instance ids (0 to 256) the
+	// claimed delivery needs towards its device; the claim reserves them
+	// in its own transaction, as ReserveInstanceIDs does, and returns the
+	// first in Delivery.InstanceBase, so that an attempt costs one write
+	// instead of two. It runs inside the transaction (possibly more than
+	// once, when the transaction is retried): it must be quick and must
+	// not use the store.
+	InstanceIDs func(*Delivery) int
 }
 
 // DeliveryResult ends an in-flight (or expires a queued) delivery.

@@ -396,6 +396,16 @@ func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim 
 		if err != nil {
 			return errorf("claim", err)
 		}
+		if lim.InstanceIDs != nil {
+			switch n := lim.InstanceIDs(d); {
+			case n < 0 || n > 256:
+				return fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+			case n > 0:
+				if d.InstanceBase, err = reserveIDs(ctx, tx, addr, n); err != nil {
+					return err
+				}
+			}
+		}
 		out = d
 		return nil
 	})

@@ -421,19 +421,28 @@ func (s *DB) ReserveInstanceIDs(ctx context.Context, addr uint32, n int) (uint8,
 	if n < 1 || n > 256 {
 		return 0, fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
 	}
-	var next int
+	var first uint8
 	err := s.tx(ctx, func(tx pgx.Tx) error {
-		err := tx.QueryRow(ctx, `UPDATE devices SET next_instance = (next_instance + $2) % 256 WHERE address = $1
-			RETURNING next_instance`, int64(addr), n).Scan(&next)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
-		}
-		if err != nil {
-			return errorf("instance ids", err)
-		}
-		return nil
+		var err error
+		first, err = reserveIDs(ctx, tx, addr, n)
+		return err
 	})
-	return uint8(((next-n)%256 + 256) % 256), err
+	return first, err
+}
+
+// reserveIDs advances a device's instance id counter by n within tx and
+// returns the first id reserved.
+func reserveIDs(ctx context.Context, tx pgx.Tx, addr uint32, n int) (uint8, error) {
+	var next int
+	err := tx.QueryRow(ctx, `UPDATE devices SET next_instance = (next_instance + $2) % 256 WHERE address = $1
+		RETURNING next_instance`, int64(addr), n).Scan(&next)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+	}
+	if err != nil {
+		return 0, errorf("instance ids", err)
+	}
+	return uint8(((next-n)%256 + 256) % 256), nil
 }
 
 // drawNumber advances the daily message counter in a transaction of its

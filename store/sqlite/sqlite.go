@@ -683,22 +683,30 @@ func (s *DB) ReserveInstanceIDs(ctx context.Context, addr uint32, n int) (uint8,
 	if n < 1 || n > 256 {
 		return 0, fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
 	}
-	var first int64
+	var first uint8
 	err := s.tx(ctx, func(tx *sql.Tx) error {
-		err := s.queryRow(ctx, tx, qInstanceNext, addr).Scan(&first)
-		if errors.Is(err, sql.ErrNoRows) {
-			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
-		}
-		if err != nil {
-			return fmt.Errorf("sqlite: instance ids: %w", err)
-		}
-		_, err = s.exec(ctx, tx, qInstanceSet, (first+int64(n))%256, addr)
-		if err != nil {
-			return fmt.Errorf("sqlite: instance ids: %w", err)
-		}
-		return nil
+		var err error
+		first, err = s.reserveIDs(ctx, tx, addr, n)
+		return err
 	})
-	return uint8(first), err
+	return first, err
+}
+
+// reserveIDs advances a device's instance id counter by n within tx and
+// returns the first id reserved.
+func (s *DB) reserveIDs(ctx context.Context, tx *sql.Tx, addr uint32, n int) (uint8, error) {
+	var first int64
+	err := s.queryRow(ctx, tx, qInstanceNext, addr).Scan(&first)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: instance ids: %w", err)
+	}
+	if _, err = s.exec(ctx, tx, qInstanceSet, (first+int64(n))%256, addr); err != nil {
+		return 0, fmt.Errorf("sqlite: instance ids: %w", err)
+	}
+	return uint8(first), nil
 }
 
 // nextNumber advances the daily message counter within tx. The counter
@@ -1094,6 +1102,16 @@ func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim 
 		}
 		if _, err := s.exec(ctx, tx, qClaim, string(store.DeliveryInFlight), ms(now), d.ID); err != nil {
 			return fmt.Errorf("sqlite: claim: %w", err)
+		}
+		if lim.InstanceIDs != nil {
+			switch n := lim.InstanceIDs(d); {
+			case n < 0 || n > 256:
+				return fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+			case n > 0:
+				if d.InstanceBase, err = s.reserveIDs(ctx, tx, addr, n); err != nil {
+					return err
+				}
+			}
 		}
 		d.State, d.Attempts, d.Updated = store.DeliveryInFlight, d.Attempts+1, now
 		out = d

@@ -302,6 +302,36 @@ func testInstanceIDs(t *testing.T, s store.Store) {
 	wantErr(t, err, store.ErrNotFound)
 	_, err = s.ReserveInstanceIDs(ctx, 1, 0)
 	wantErr(t, err, store.ErrInvalid)
+
+	// A claim reserves what Limits.InstanceIDs asks for, from the same
+	// counter, in its own write; a count out of range undoes the claim.
+	must(t, s.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{
+		delivery(1, "L:a", t0), delivery(1, "L:b", t0), delivery(1, "L:c", t0)}}))
+	var asked []string
+	ids := func(n int) store.Limits {
+		return store.Limits{InstanceIDs: func(d *store.Delivery) int {
+			asked = append(asked, d.MessageID)
+			return n
+		}}
+	}
+	_, err = s.ClaimDelivery(ctx, 1, t0, ids(257))
+	wantErr(t, err, store.ErrInvalid)
+	c, err := s.ClaimDelivery(ctx, 1, t0, ids(3))
+	must(t, err)
+	if c.MessageID != "L:a" || c.Attempts != 1 || int(c.InstanceBase) != want%256 {
+		t.Fatalf("claimed %s (attempt %d) with instance ids from %d, want L:a (1) from %d", c.MessageID, c.Attempts, c.InstanceBase, want%256)
+	}
+	want += 3
+	must(t, s.FinishDelivery(ctx, c.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered}))
+	c, err = s.ClaimDelivery(ctx, 1, t0, ids(0)) // none needed: the counter stays
+	must(t, err)
+	must(t, s.FinishDelivery(ctx, c.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered}))
+	if got, err := s.ReserveInstanceIDs(ctx, 1, 1); err != nil || int(got) != want%256 {
+		t.Fatalf("reserve after claims: first %d (%v), want %d", got, err, want%256)
+	}
+	if !slices.Equal(asked[len(asked)-2:], []string{"L:a", "L:b"}) || asked[0] != "L:a" {
+		t.Errorf("asked for the instance ids of %v", asked)
+	}
 }
 
 func testMessageNumbers(t *testing.T, s store.Store) {
