@@ -206,6 +206,10 @@ type DeliveryInfo struct {
 	Priority    uint8
 }
 
+// RegistryLogVersions is how many registry versions RegistryChanges can
+// look back over. A server further behind reads the whole registry.
+const RegistryLogVersions = 4096
+
 // Limits restrict which deliveries ClaimDelivery may take, and say what
 // else its claim reserves.
 type Limits struct {
@@ -450,6 +454,13 @@ type Store interface {
 	// RegistryVersion changes whenever the registry does, so that a
 	// running server notices edits made by another process.
 	RegistryVersion(ctx context.Context) (int64, error)
+	// RegistryChanges lists the devices whose registry entry was added,
+	// edited or removed in the versions after since, up to version (the
+	// current one), in address order, so that a server applies a change
+	// in O(changed) instead of reading the whole registry. ok is false
+	// when the store no longer holds every change since then (it keeps
+	// the last RegistryLogVersions versions): read the whole registry.
+	RegistryChanges(ctx context.Context, since int64) (version int64, addrs []uint32, ok bool, err error)
 	// SetContact records c as the device's contact unless the stored one
 	// is newer (c.At before the stored At: a slower server's write of an
 	// older contact loses). It returns the contact stored before and

@@ -265,7 +265,12 @@ func fromMS(v int64) time.Time {
 // ---- registry ----
 
 const (
-	qBumpRegistry = `UPDATE meta SET value = value + 1 WHERE key = 'registry_version'`
+	qBumpRegistry = `UPDATE meta SET value = value + 1 WHERE key = 'registry_version' RETURNING value`
+	qLogChange    = `INSERT OR IGNORE INTO registry_changes (version, address) VALUES (?, ?)`
+	qPruneChanges = `DELETE FROM registry_changes WHERE version <= ?`
+	qSetLogFrom   = `UPDATE meta SET value = ? WHERE key = 'registry_log_from'`
+	qChangesSince = `SELECT DISTINCT address FROM registry_changes WHERE version > ? AND version <= ? ORDER BY address`
+	qLogFrom      = `SELECT value FROM meta WHERE key = 'registry_log_from'`
 	qInsertAlias  = `INSERT INTO aliases (alias, device) VALUES (?, ?)`
 	qAddDevice    = `INSERT INTO devices (address, password_hash, ip, port, version, mode,
 		ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated, psk, require_dtls)
@@ -276,9 +281,66 @@ const (
 	qDeleteDevice  = `DELETE FROM devices WHERE address = ?`
 )
 
-func (s *DB) bumpRegistry(ctx context.Context, tx *sql.Tx) error {
-	_, err := s.exec(ctx, tx, qBumpRegistry)
-	return err
+// bumpRegistry ends every registry edit: a new version, the devices it
+// changed logged under it, and the versions beyond the log's reach
+// dropped.
+func (s *DB) bumpRegistry(ctx context.Context, tx *sql.Tx, addrs ...uint32) error {
+	var v int64
+	if err := s.queryRow(ctx, tx, qBumpRegistry).Scan(&v); err != nil {
+		return fmt.Errorf("sqlite: registry version: %w", err)
+	}
+	for _, a := range addrs {
+		if _, err := s.exec(ctx, tx, qLogChange, v, a); err != nil {
+			return fmt.Errorf("sqlite: registry change: %w", err)
+		}
+	}
+	if from := v - store.RegistryLogVersions; from > 0 {
+		if _, err := s.exec(ctx, tx, qPruneChanges, from); err != nil {
+			return fmt.Errorf("sqlite: registry change: %w", err)
+		}
+		if _, err := s.exec(ctx, tx, qSetLogFrom, from); err != nil {
+			return fmt.Errorf("sqlite: registry change: %w", err)
+		}
+	}
+	return nil
+}
+
+// RegistryChanges lists the devices changed after version since.
+func (s *DB) RegistryChanges(ctx context.Context, since int64) (int64, []uint32, bool, error) {
+	// The version first, the log's reach last: rows of versions up to v
+	// committed with v, and pruning only moves the reach forward, so a
+	// reach read after the rows covers them.
+	v, err := s.RegistryVersion(ctx)
+	if err != nil {
+		return 0, nil, false, err
+	}
+	if v == since {
+		return v, nil, true, nil
+	}
+	rows, err := s.query(ctx, nil, qChangesSince, since, v)
+	if err != nil {
+		return 0, nil, false, fmt.Errorf("sqlite: registry changes: %w", err)
+	}
+	defer rows.Close()
+	var addrs []uint32
+	for rows.Next() {
+		var a uint32
+		if err := rows.Scan(&a); err != nil {
+			return 0, nil, false, fmt.Errorf("sqlite: registry changes: %w", err)
+		}
+		addrs = append(addrs, a)
+	}
+	if err := rows.Err(); err != nil {
+		return 0, nil, false, fmt.Errorf("sqlite: registry changes: %w", err)
+	}
+	var from int64
+	if err := s.queryRow(ctx, nil, qLogFrom).Scan(&from); err != nil {
+		return 0, nil, false, fmt.Errorf("sqlite: registry changes: %w", err)
+	}
+	if since < from || since > v {
+		return v, nil, false, nil
+	}
+	return v, addrs, true, nil
 }
 
 func (s *DB) insertAliases(ctx context.Context, tx *sql.Tx, addr uint32, aliases []string) error {
@@ -312,7 +374,7 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 		if err := s.insertAliases(ctx, tx, d.Address, store.NormalizeAliases(d.Aliases)); err != nil {
 			return err
 		}
-		return s.bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx, d.Address)
 	})
 }
 
@@ -336,7 +398,7 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 		if err := s.insertAliases(ctx, tx, d.Address, store.NormalizeAliases(d.Aliases)); err != nil {
 			return err
 		}
-		return s.bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx, d.Address)
 	})
 }
 
@@ -365,7 +427,11 @@ func (s *DB) ImportDevices(ctx context.Context, devs []*store.Device, update boo
 				return err
 			}
 		}
-		return s.bumpRegistry(ctx, tx)
+		addrs := make([]uint32, len(devs))
+		for i, d := range devs {
+			addrs[i] = d.Address
+		}
+		return s.bumpRegistry(ctx, tx, addrs...)
 	})
 	if err != nil {
 		return nil, err
@@ -409,7 +475,7 @@ func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 		if n, _ := r.RowsAffected(); n == 0 {
 			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 		}
-		return s.bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx, addr)
 	})
 }
 
@@ -664,7 +730,7 @@ func (s *DB) SetDeliveryControl(ctx context.Context, addr uint32, c store.Delive
 		if n, _ := r.RowsAffected(); n == 0 {
 			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 		}
-		return s.bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx, addr)
 	})
 }
 

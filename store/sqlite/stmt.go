@@ -19,7 +19,7 @@ import (
 func hotStatements() []string {
 	return []string{
 		qPing, qSavepoint, qReleaseSavepoint, qRollbackSavepoint,
-		qBumpRegistry, qInsertAlias, qAddDevice, qUpdateDevice, qDeleteAliases, qDeleteDevice,
+		qBumpRegistry, qLogChange, qPruneChanges, qSetLogFrom, qChangesSince, qLogFrom, qInsertAlias, qAddDevice, qUpdateDevice, qDeleteAliases, qDeleteDevice,
 		qDevice, qDeviceAliases, qDevices, qAliases, qSetControl, qRegistryVersion, qContact, qSetContact, qTouchContact,
 		qInstanceNext, qInstanceSet, qCounter, qCounterSet,
 		qDedupe, qAddSubmission, qResolveSubmission, qSubmissionExists, qPendingSubmissions,

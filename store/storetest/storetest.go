@@ -30,6 +30,7 @@ func Run(t *testing.T, open Open) {
 	}{
 		{"Registry", testRegistry},
 		{"Contacts", testContacts},
+		{"RegistryChanges", testRegistryChanges},
 		{"InstanceIDs", testInstanceIDs},
 		{"MessageNumbers", testMessageNumbers},
 		{"Submissions", testSubmissions},
@@ -284,6 +285,53 @@ func testRegistry(t *testing.T, s store.Store) {
 	wantErr(t, err, store.ErrNotFound)
 	// The alias is free again.
 	must(t, s.AddDevice(ctx, dev(198038, "127.0.0.13", "alice@example.net")))
+}
+
+func testRegistryChanges(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	changes := func(since int64) (int64, []uint32) {
+		t.Helper()
+		v, addrs, ok, err := s.RegistryChanges(ctx, since)
+		must(t, err)
+		if !ok {
+			t.Fatalf("changes since %d: not held", since)
+		}
+		return v, addrs
+	}
+	v0, err := s.RegistryVersion(ctx)
+	must(t, err)
+	if v, addrs := changes(v0); v != v0 || len(addrs) != 0 {
+		t.Fatalf("changes since the current version %d: version %d, %v", v0, v, addrs)
+	}
+	must(t, s.AddDevice(ctx, dev(7, "127.0.0.7")))
+	v1, addrs := changes(v0)
+	if !slices.Equal(addrs, []uint32{7}) {
+		t.Errorf("after adding 7: %v", addrs)
+	}
+	must(t, s.AddDevice(ctx, dev(3, "127.0.0.3")))
+	must(t, s.UpdateDevice(ctx, dev(7, "127.0.0.8")))
+	must(t, s.RemoveDevice(ctx, 3))
+	must(t, s.AddDevice(ctx, dev(9, "127.0.0.9")))
+	must(t, s.SetDeliveryControl(ctx, 9, store.DeliveryControl{}))
+	v2, addrs := changes(v1)
+	if !slices.Equal(addrs, []uint32{3, 7, 9}) {
+		t.Errorf("changes since %d: %v, want 3 7 9 (each once, in order)", v1, addrs)
+	}
+	if cur, _ := s.RegistryVersion(ctx); v2 != cur {
+		t.Errorf("changes up to version %d, current %d", v2, cur)
+	}
+	// An import logs its batch; a failed edit logs nothing.
+	_, err = s.ImportDevices(ctx, []*store.Device{dev(12, "127.0.0.12"), dev(11, "127.0.0.11")}, false)
+	must(t, err)
+	wantErr(t, s.RemoveDevice(ctx, 3), store.ErrNotFound)
+	wantErr(t, s.AddDevice(ctx, dev(7, "127.0.0.7")), store.ErrExists)
+	if _, addrs = changes(v2); !slices.Equal(addrs, []uint32{11, 12}) {
+		t.Errorf("changes since %d: %v, want 11 12", v2, addrs)
+	}
+	// A version the store never had: read the whole registry.
+	if _, _, ok, err := s.RegistryChanges(ctx, v2+1000); err != nil || ok {
+		t.Errorf("changes since a future version: ok %v, %v", ok, err)
+	}
 }
 
 func testInstanceIDs(t *testing.T, s store.Store) {
