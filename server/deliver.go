@@ -129,6 +129,18 @@ func (s *Server) unparkAll() {
 	s.kick()
 }
 
+// unpark puts the given devices back in line if delivery-control limits
+// parked them (their registry entries changed).
+func (s *Server) unpark(addrs []emsd.Address) {
+	now := time.Now()
+	s.sched.mu.Lock()
+	for _, a := range addrs {
+		s.sched.fleet.unpark(a, now)
+	}
+	s.sched.mu.Unlock()
+	s.kick()
+}
+
 // wake makes a device's queued deliveries due now and lifts its hold: any
 // INVOKE from the device is its poll (docs/protocol.md EMSD §9.4). authenticated
 // says the device proved who it is, which also makes it count as
@@ -368,7 +380,7 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 		sc.mu.Unlock()
 		s.kick()
 	}()
-	dev := s.registry().byAddr[a]
+	dev := s.registry().get(a)
 	var lim store.Limits
 	var tg target
 	if dev != nil {
