@@ -47,6 +47,10 @@ type flight struct {
 	// abandoned: shutdown cancelled it; done: the attempt is over.
 	watchdog             *time.Timer
 	cut, abandoned, done bool
+	// peeked: the delivery attempted unclaimed (a first attempt with a
+	// store of its own: PeekDelivery), which expiry leaves alone. Under
+	// sched.mu.
+	peeked int64
 }
 
 // defaultRescan is the scheduler's rescan period (Server.rescan): changes
@@ -419,8 +423,22 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 			return len(p.segs)
 		}
 	}
+	// A first attempt, to a device not heard from, is made unclaimed when
+	// this server has the store to itself: it then costs a read, not a
+	// write the live devices' writes would queue behind, and its outcome
+	// counts it (PeekDelivery). With a shared store the claim is what
+	// keeps the servers apart.
+	s.sched.mu.Lock()
+	peek := fd.kind == kFirst && s.conf().Store.Driver != StorePostgres
+	s.sched.mu.Unlock()
 	claimAt := time.Now()
-	d, err := s.st.ClaimDelivery(ctx, uint32(a), claimAt, lim)
+	var d *store.Delivery
+	var err error
+	if peek {
+		d, err = s.st.PeekDelivery(ctx, uint32(a), claimAt, lim)
+	} else {
+		d, err = s.st.ClaimDelivery(ctx, uint32(a), claimAt, lim)
+	}
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		if next, ok, err = s.st.DeviceNextDue(ctx, uint32(a)); err != nil {
@@ -449,8 +467,14 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 	defer s.out.release(ref)
 	s.sched.mu.Lock()
 	fails := fd.fails
+	if peek {
+		f.peeked = d.ID
+	}
 	s.sched.mu.Unlock()
 	r := s.attempt(ctx, dev, d, &p, refIDs, &tg, f)
+	if peek && p.fail == nil && p.carries && !refIDs {
+		r.ids = len(p.segs)
+	}
 	s.sched.mu.Lock()
 	if r.kind == attemptRequeue { // cancelled: by shutdown or by the watchdog
 		switch {
@@ -501,6 +525,7 @@ type attemptResult struct {
 	refused   bool // the device answered an ERROR other than resource error
 	silent    bool // respool: the device did not answer at all
 	abandoned bool // requeue: shutdown gave up on a silent device
+	ids       int  // instance ids used by an unclaimed attempt, reserved with its outcome
 	took      time.Duration
 	err       string
 }
@@ -513,6 +538,11 @@ type attemptResult struct {
 // recorded even when deliveries are being cancelled.
 func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.Time) {
 	res := store.DeliveryResult{Error: r.err}
+	unclaimed := d.State == store.DeliveryQueued // PeekDelivery: the outcome counts the attempt
+	if unclaimed {
+		res.Attempted, res.InstanceIDs = true, r.ids
+		d.Attempts++
+	}
 	log := s.log.With("device", emsd.Address(d.Device), "id", idText(d.MessageID), "attempt", d.Attempts)
 	switch r.kind {
 	case attemptDelivered:
@@ -535,6 +565,9 @@ func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.
 		if r.abandoned {
 			log.Info("delivery abandoned at shutdown: the device is silent; re-queued", "took", r.took.Round(time.Millisecond))
 		}
+		if unclaimed {
+			return // still queued, nothing counted: nothing to write
+		}
 	}
 	err := s.persist("delivery outcome", log, func(ctx context.Context) error {
 		res.Work = store.Work{}
@@ -552,10 +585,13 @@ func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.
 			}
 			res.Work = w
 		}
-		return s.st.FinishDelivery(ctx, d.ID, store.DeliveryInFlight, res)
+		return s.st.FinishDelivery(ctx, d.ID, d.State, res)
 	})
 	if err != nil {
-		if permanentWriteError(err) {
+		if unclaimed && permanentWriteError(err) {
+			// Removed (emsdp queue remove) or expired while attempted.
+			log.Warn("delivery outcome not recorded: the entry changed during its unclaimed attempt", "err", err)
+		} else if permanentWriteError(err) {
 			// Taken back meanwhile (retry --force, or another server
 			// re-queued it): it is attempted again, and the device may get
 			// it twice.
@@ -760,6 +796,13 @@ func (s *Server) expire(now time.Time) {
 		s.log.Error("expired deliveries", "err", err)
 	}
 	for _, d := range ds {
+		s.sched.mu.Lock()
+		f := s.sched.inflight[emsd.Address(d.Device)]
+		attempted := f != nil && f.peeked == d.ID
+		s.sched.mu.Unlock()
+		if attempted {
+			continue // its attempt's outcome decides; it expires after, if still queued
+		}
 		text := "not delivered within " + time.Duration(s.conf().Delivery.Expiry).String()
 		if d.LastError != "" {
 			text += "; last error: " + d.LastError

@@ -236,7 +236,12 @@ type DeliveryResult struct {
 	// Requeue, for State queued: undo the claim's attempt count (the
 	// attempt never reached the device, e.g. on shutdown).
 	Requeue bool
-	Work    Work // reports and the like, created in the same transaction
+	// Attempted, finishing from queued: the delivery was attempted
+	// without a claim (PeekDelivery); the attempt is counted, and the
+	// device's instance id counter advances by InstanceIDs, in this write.
+	Attempted   bool
+	InstanceIDs int
+	Work        Work // reports and the like, created in the same transaction
 }
 
 // RelayState is the state of one outbound recipient.
@@ -529,6 +534,16 @@ type Store interface {
 	// ErrBusy: the device already has one in flight (on any server sharing
 	// the store). Only the claiming handle may finish the delivery.
 	ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim Limits) (*Delivery, error)
+	// PeekDelivery returns the delivery ClaimDelivery would take without
+	// taking it: it stays queued, no attempt is counted, nothing is
+	// written; with lim.InstanceIDs, Delivery.InstanceBase is the device's
+	// next instance id, not reserved. Its outcome is written by
+	// FinishDelivery from queued with DeliveryResult.Attempted, which
+	// counts the attempt and reserves the instance ids: one write per
+	// attempt instead of two. Only for a store one server uses alone,
+	// whose scheduler keeps attempts to a device one at a time: nothing
+	// stops another handle from claiming the delivery meanwhile.
+	PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim Limits) (*Delivery, error)
 	// FinishDelivery moves a delivery from state 'from' as r says, records
 	// r.Status and queues r.Work, in one transaction. ErrConflict: the
 	// delivery is not in state 'from'.

@@ -1111,7 +1111,7 @@ const (
 	qClaim          = `UPDATE deliveries SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?`
 	qDeliveryState  = `SELECT device, message_id, state FROM deliveries WHERE id = ?`
 	qFinishDelivery = `UPDATE deliveries SET state = ?, next_attempt = ?, last_error = ?,
-		attempts = MAX(attempts - ?, 0), updated = ? WHERE id = ?`
+		attempts = MAX(attempts - ? + ?, 0), updated = ? WHERE id = ?`
 	qRecordStatus = `INSERT INTO delivery_status (device, message_id, status, updated) VALUES (?, ?, ?, ?)
 		ON CONFLICT (device, message_id) DO UPDATE SET status = excluded.status, updated = excluded.updated`
 	qExpiredDeliveries = `SELECT ` + deliveryCols + ` FROM deliveries WHERE state = ? AND expires <= ?
@@ -1138,6 +1138,49 @@ func scanDelivery(sc interface{ Scan(...any) error }) (*store.Delivery, error) {
 	d.State = store.DeliveryState(state)
 	d.NextAttempt, d.Expires, d.Created, d.Updated = fromMS(next), fromMS(exp), fromMS(created), fromMS(updated)
 	return &d, nil
+}
+
+// PeekDelivery returns the delivery ClaimDelivery would take, unclaimed.
+// A read: it waits for no write.
+func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim store.Limits) (*store.Delivery, error) {
+	var busy int
+	if err := s.queryRow(ctx, nil, qInFlight, addr, string(store.DeliveryInFlight)).Scan(&busy); err != nil {
+		return nil, fmt.Errorf("sqlite: peek: %w", err)
+	}
+	if busy > 0 {
+		return nil, fmt.Errorf("%w: device %d", store.ErrBusy, addr)
+	}
+	var maxLen, lowest any // NULL: no limit
+	if lim.MaxContentLength != nil {
+		maxLen = int64(*lim.MaxContentLength)
+	}
+	if lim.LowestPriority != nil {
+		lowest = int64(*lim.LowestPriority)
+	}
+	d, err := scanDelivery(s.queryRow(ctx, nil, qClaimable, addr, string(store.DeliveryQueued), ms(now), maxLen, lowest))
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, fmt.Errorf("%w: no due delivery for device %d", store.ErrNotFound, addr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: peek: %w", err)
+	}
+	if lim.InstanceIDs != nil {
+		switch n := lim.InstanceIDs(d); {
+		case n < 0 || n > 256:
+			return nil, fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+		case n > 0:
+			var next int64
+			err := s.queryRow(ctx, nil, qInstanceNext, addr).Scan(&next)
+			if errors.Is(err, sql.ErrNoRows) {
+				return nil, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+			}
+			if err != nil {
+				return nil, fmt.Errorf("sqlite: peek: %w", err)
+			}
+			d.InstanceBase = uint8(next)
+		}
+	}
+	return d, nil
 }
 
 // ClaimDelivery takes a device's oldest due delivery within lim.
@@ -1207,18 +1250,29 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 		if store.DeliveryState(state) != from {
 			return fmt.Errorf("%w: delivery %d is %s, not %s", store.ErrConflict, id, state, from)
 		}
-		undo := 0
+		undo, attempted := 0, 0
 		if r.State == store.DeliveryQueued && r.Requeue {
 			undo = 1
+		}
+		if r.Attempted && from == store.DeliveryQueued {
+			if r.InstanceIDs < 0 || r.InstanceIDs > 256 {
+				return fmt.Errorf("%w: %d instance ids", store.ErrInvalid, r.InstanceIDs)
+			}
+			attempted = 1
 		}
 		next := r.NextAttempt
 		if r.State != store.DeliveryQueued {
 			next = time.Time{}
 		}
 		_, err = s.exec(ctx, tx, qFinishDelivery,
-			string(r.State), ms(next), r.Error, undo, ms(now), id)
+			string(r.State), ms(next), r.Error, undo, attempted, ms(now), id)
 		if err != nil {
 			return fmt.Errorf("sqlite: finish delivery: %w", err)
+		}
+		if attempted > 0 && r.InstanceIDs > 0 {
+			if _, err := s.reserveIDs(ctx, tx, dev, r.InstanceIDs); err != nil && !errors.Is(err, store.ErrNotFound) {
+				return err // (a device removed meanwhile has no counter left)
+			}
 		}
 		if r.Status != 0 {
 			_, err = s.exec(ctx, tx, qRecordStatus, dev, msgID, r.Status, ms(now))

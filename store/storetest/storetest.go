@@ -380,6 +380,34 @@ func testInstanceIDs(t *testing.T, s store.Store) {
 	if !slices.Equal(asked[len(asked)-2:], []string{"L:a", "L:b"}) || asked[0] != "L:a" {
 		t.Errorf("asked for the instance ids of %v", asked)
 	}
+	want++
+
+	// A peek takes nothing: the same delivery and ids twice; its outcome,
+	// finished from queued, counts the attempt and reserves the ids.
+	for range 2 {
+		p, err := s.PeekDelivery(ctx, 1, t0, ids(2))
+		must(t, err)
+		if p.MessageID != "L:c" || p.State != store.DeliveryQueued || p.Attempts != 0 || int(p.InstanceBase) != want%256 {
+			t.Fatalf("peeked %s (%s, attempt %d) with instance ids from %d, want L:c (queued, 0) from %d",
+				p.MessageID, p.State, p.Attempts, p.InstanceBase, want%256)
+		}
+	}
+	p, err := s.PeekDelivery(ctx, 1, t0, store.Limits{})
+	must(t, err)
+	must(t, s.FinishDelivery(ctx, p.ID, store.DeliveryQueued, store.DeliveryResult{State: store.DeliveryQueued,
+		NextAttempt: t0, Attempted: true, InstanceIDs: 2}))
+	want += 2
+	c, err = s.ClaimDelivery(ctx, 1, t0, ids(1))
+	must(t, err)
+	if c.MessageID != "L:c" || c.Attempts != 2 || int(c.InstanceBase) != want%256 {
+		t.Errorf("claimed %s (attempt %d) with instance ids from %d after a peeked attempt, want L:c (2) from %d",
+			c.MessageID, c.Attempts, c.InstanceBase, want%256)
+	}
+	_, err = s.PeekDelivery(ctx, 1, t0, store.Limits{})
+	wantErr(t, err, store.ErrBusy)
+	must(t, s.FinishDelivery(ctx, c.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered}))
+	_, err = s.PeekDelivery(ctx, 1, t0, store.Limits{})
+	wantErr(t, err, store.ErrNotFound)
 }
 
 func testMessageNumbers(t *testing.T, s store.Store) {
