@@ -1108,6 +1108,12 @@ const (
 	// A limit left NULL does not restrict.
 	qClaimable = `SELECT ` + deliveryCols + ` FROM deliveries WHERE device = ?1 AND state = ?2 AND next_attempt <= ?3
 		AND (?4 IS NULL OR length(content) <= ?4) AND (?5 IS NULL OR priority >= ?5) ORDER BY id LIMIT 1`
+	// qPeek is qClaimable, with the device's next instance id, unless the
+	// device has a delivery in flight (?6).
+	qPeek = `SELECT ` + deliveryCols + `, (SELECT next_instance FROM devices WHERE address = ?1) FROM deliveries
+		WHERE device = ?1 AND state = ?2 AND next_attempt <= ?3
+		AND (?4 IS NULL OR length(content) <= ?4) AND (?5 IS NULL OR priority >= ?5)
+		AND NOT EXISTS (SELECT 1 FROM deliveries AS f WHERE f.device = ?1 AND f.state = ?6) ORDER BY id LIMIT 1`
 	qClaim          = `UPDATE deliveries SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?`
 	qDeliveryState  = `SELECT device, message_id, state FROM deliveries WHERE id = ?`
 	qFinishDelivery = `UPDATE deliveries SET state = ?, next_attempt = ?, last_error = ?,
@@ -1121,14 +1127,16 @@ const (
 	qDeliveryStatus = `SELECT status FROM delivery_status WHERE device = ? AND message_id = ?`
 )
 
-func scanDelivery(sc interface{ Scan(...any) error }) (*store.Delivery, error) {
+// scanDelivery scans the deliveryCols of a row, then extra columns into
+// extra.
+func scanDelivery(sc interface{ Scan(...any) error }, extra ...any) (*store.Delivery, error) {
 	var d store.Delivery
 	var st sql.NullInt64
 	var state string
 	var next, exp, created, updated int64
-	if err := sc.Scan(&d.ID, &d.Device, &d.MessageID, &st, &d.ContentType, &d.Content, &d.Priority, &state,
+	if err := sc.Scan(append([]any{&d.ID, &d.Device, &d.MessageID, &st, &d.ContentType, &d.Content, &d.Priority, &state,
 		&d.Attempts, &next, &exp, &created, &updated, &d.LastError, &d.Report.Device, &d.Report.Mail,
-		&d.Report.Flags, &d.Report.Recipient, &d.Report.MessageID, &d.Report.Headers, &d.Report.DSN); err != nil {
+		&d.Report.Flags, &d.Report.Recipient, &d.Report.MessageID, &d.Report.Headers, &d.Report.DSN}, extra...)...); err != nil {
 		return nil, err
 	}
 	if st.Valid {
@@ -1141,15 +1149,8 @@ func scanDelivery(sc interface{ Scan(...any) error }) (*store.Delivery, error) {
 }
 
 // PeekDelivery returns the delivery ClaimDelivery would take, unclaimed.
-// A read: it waits for no write.
+// A read, one query when there is one: it waits for no write.
 func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim store.Limits) (*store.Delivery, error) {
-	var busy int
-	if err := s.queryRow(ctx, nil, qInFlight, addr, string(store.DeliveryInFlight)).Scan(&busy); err != nil {
-		return nil, fmt.Errorf("sqlite: peek: %w", err)
-	}
-	if busy > 0 {
-		return nil, fmt.Errorf("%w: device %d", store.ErrBusy, addr)
-	}
 	var maxLen, lowest any // NULL: no limit
 	if lim.MaxContentLength != nil {
 		maxLen = int64(*lim.MaxContentLength)
@@ -1157,8 +1158,17 @@ func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim s
 	if lim.LowestPriority != nil {
 		lowest = int64(*lim.LowestPriority)
 	}
-	d, err := scanDelivery(s.queryRow(ctx, nil, qClaimable, addr, string(store.DeliveryQueued), ms(now), maxLen, lowest))
+	var next sql.NullInt64
+	d, err := scanDelivery(s.queryRow(ctx, nil, qPeek, addr, string(store.DeliveryQueued), ms(now), maxLen, lowest,
+		string(store.DeliveryInFlight)), &next)
 	if errors.Is(err, sql.ErrNoRows) {
+		var busy int
+		if err := s.queryRow(ctx, nil, qInFlight, addr, string(store.DeliveryInFlight)).Scan(&busy); err != nil {
+			return nil, fmt.Errorf("sqlite: peek: %w", err)
+		}
+		if busy > 0 {
+			return nil, fmt.Errorf("%w: device %d", store.ErrBusy, addr)
+		}
 		return nil, fmt.Errorf("%w: no due delivery for device %d", store.ErrNotFound, addr)
 	}
 	if err != nil {
@@ -1168,16 +1178,10 @@ func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim s
 		switch n := lim.InstanceIDs(d); {
 		case n < 0 || n > 256:
 			return nil, fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+		case n > 0 && !next.Valid:
+			return nil, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 		case n > 0:
-			var next int64
-			err := s.queryRow(ctx, nil, qInstanceNext, addr).Scan(&next)
-			if errors.Is(err, sql.ErrNoRows) {
-				return nil, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
-			}
-			if err != nil {
-				return nil, fmt.Errorf("sqlite: peek: %w", err)
-			}
-			d.InstanceBase = uint8(next)
+			d.InstanceBase = uint8(next.Int64)
 		}
 	}
 	return d, nil
