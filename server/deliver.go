@@ -47,6 +47,10 @@ type flight struct {
 	// abandoned: shutdown cancelled it; done: the attempt is over.
 	watchdog             *time.Timer
 	cut, abandoned, done bool
+	// peeked: the delivery attempted unclaimed (a first attempt with a
+	// store of its own: PeekDelivery), which expiry leaves alone. Under
+	// sched.mu.
+	peeked int64
 }
 
 // defaultRescan is the scheduler's rescan period (Server.rescan): changes
@@ -125,6 +129,18 @@ func (s *Server) watch(d *fdev, f *flight) {
 func (s *Server) unparkAll() {
 	s.sched.mu.Lock()
 	s.sched.fleet.unparkAll(time.Now())
+	s.sched.mu.Unlock()
+	s.kick()
+}
+
+// unpark puts the given devices back in line if delivery-control limits
+// parked them (their registry entries changed).
+func (s *Server) unpark(addrs []emsd.Address) {
+	now := time.Now()
+	s.sched.mu.Lock()
+	for _, a := range addrs {
+		s.sched.fleet.unpark(a, now)
+	}
 	s.sched.mu.Unlock()
 	s.kick()
 }
@@ -368,7 +384,7 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 		sc.mu.Unlock()
 		s.kick()
 	}()
-	dev := s.registry().byAddr[a]
+	dev := s.registry().get(a)
 	var lim store.Limits
 	var tg target
 	if dev != nil {
@@ -394,8 +410,35 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 		}
 		lim = store.Limits{MaxContentLength: c.MaxContentLength, LowestPriority: c.LowestPriority}
 	}
+	// The message is encoded and split while it is claimed, so that the
+	// claim reserves its instance ids in the same write.
+	var p prepared
+	refIDs := s.conf().Compat.ReferenceInstanceIDs // once: a reconfiguration must not split an attempt
+	if dev != nil {
+		lim.InstanceIDs = func(d *store.Delivery) int {
+			p = s.prepare(dev, d)
+			if p.fail != nil || !p.carries || refIDs {
+				return 0
+			}
+			return len(p.segs)
+		}
+	}
+	// A first attempt, to a device not heard from, is made unclaimed when
+	// this server has the store to itself: it then costs a read, not a
+	// write the live devices' writes would queue behind, and its outcome
+	// counts it (PeekDelivery). With a shared store the claim is what
+	// keeps the servers apart.
+	s.sched.mu.Lock()
+	peek := fd.kind == kFirst && s.conf().Store.Driver != StorePostgres
+	s.sched.mu.Unlock()
 	claimAt := time.Now()
-	d, err := s.st.ClaimDelivery(ctx, uint32(a), claimAt, lim)
+	var d *store.Delivery
+	var err error
+	if peek {
+		d, err = s.st.PeekDelivery(ctx, uint32(a), claimAt, lim)
+	} else {
+		d, err = s.st.ClaimDelivery(ctx, uint32(a), claimAt, lim)
+	}
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		if next, ok, err = s.st.DeviceNextDue(ctx, uint32(a)); err != nil {
@@ -424,8 +467,14 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 	defer s.out.release(ref)
 	s.sched.mu.Lock()
 	fails := fd.fails
+	if peek {
+		f.peeked = d.ID
+	}
 	s.sched.mu.Unlock()
-	r := s.attempt(ctx, dev, d, &tg, f)
+	r := s.attempt(ctx, dev, d, &p, refIDs, &tg, f)
+	if peek && p.fail == nil && p.carries && !refIDs {
+		r.ids = len(p.segs)
+	}
 	s.sched.mu.Lock()
 	if r.kind == attemptRequeue { // cancelled: by shutdown or by the watchdog
 		switch {
@@ -476,6 +525,7 @@ type attemptResult struct {
 	refused   bool // the device answered an ERROR other than resource error
 	silent    bool // respool: the device did not answer at all
 	abandoned bool // requeue: shutdown gave up on a silent device
+	ids       int  // instance ids used by an unclaimed attempt, reserved with its outcome
 	took      time.Duration
 	err       string
 }
@@ -488,6 +538,11 @@ type attemptResult struct {
 // recorded even when deliveries are being cancelled.
 func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.Time) {
 	res := store.DeliveryResult{Error: r.err}
+	unclaimed := d.State == store.DeliveryQueued // PeekDelivery: the outcome counts the attempt
+	if unclaimed {
+		res.Attempted, res.InstanceIDs = true, r.ids
+		d.Attempts++
+	}
 	log := s.log.With("device", emsd.Address(d.Device), "id", idText(d.MessageID), "attempt", d.Attempts)
 	switch r.kind {
 	case attemptDelivered:
@@ -510,6 +565,9 @@ func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.
 		if r.abandoned {
 			log.Info("delivery abandoned at shutdown: the device is silent; re-queued", "took", r.took.Round(time.Millisecond))
 		}
+		if unclaimed {
+			return // still queued, nothing counted: nothing to write
+		}
 	}
 	err := s.persist("delivery outcome", log, func(ctx context.Context) error {
 		res.Work = store.Work{}
@@ -527,10 +585,13 @@ func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.
 			}
 			res.Work = w
 		}
-		return s.st.FinishDelivery(ctx, d.ID, store.DeliveryInFlight, res)
+		return s.st.FinishDelivery(ctx, d.ID, d.State, res)
 	})
 	if err != nil {
-		if permanentWriteError(err) {
+		if unclaimed && permanentWriteError(err) {
+			// Removed (emsdp queue remove) or expired while attempted.
+			log.Warn("delivery outcome not recorded: the entry changed during its unclaimed attempt", "err", err)
+		} else if permanentWriteError(err) {
 			// Taken back meanwhile (retry --force, or another server
 			// re-queued it): it is attempted again, and the device may get
 			// it twice.
@@ -552,30 +613,31 @@ func backoff(schedule []Duration, attempts int) time.Duration {
 	return time.Duration(schedule[i])
 }
 
-// attempt delivers one message (docs/protocol.md EMSD §9.9): op 35 (1.1) or op 1
-// (1.0), 3-way to SAP 3 (Complete mode and 1.0) or 2-way to SAP 7
-// (Efficient), segmented to the PDU size, one ESRO operation per segment
-// with a new instance id, to tg's contact, then once more to its
-// fallback when there is one (contact.go). An ESRO failure at the last
-// address ends the attempt: the invocation already retransmitted for as
-// long as the timers allow, and invoking the same address again at once
-// would only hold a worker on a silent device for as long again; the
-// device is retried after its hold.
-func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, tg *target, f *flight) (r attemptResult) {
-	start := time.Now()
-	defer func() { r.took = time.Since(start) }()
-	fail := func(reason emsd.NonDeliveryReason, diag emsd.Diagnostic, format string, a ...any) attemptResult {
+// prepared is a claimed delivery made ready to send: its segments, or
+// why it cannot be sent.
+type prepared struct {
+	fail    *attemptResult
+	ct      emsd.ContentType
+	segs    [][]byte
+	op      emsd.Operation
+	sap     emsd.SAP
+	hs      esro.Handshake
+	carries bool // the operation carries an instance id
+}
+
+// prepare encodes d for dev and splits it into segments
+// (docs/protocol.md EMSD §9.9).
+func (s *Server) prepare(dev *device, d *store.Delivery) prepared {
+	p := prepared{ct: emsd.ContentType(d.ContentType)}
+	fail := func(reason emsd.NonDeliveryReason, diag emsd.Diagnostic, format string, a ...any) prepared {
 		text := fmt.Sprintf(format, a...)
-		return attemptResult{kind: attemptFailed, o: failed(reason, diag, text), err: text}
+		p.fail = &attemptResult{kind: attemptFailed, o: failed(reason, diag, text), err: text}
+		return p
 	}
-	if dev == nil {
-		return fail(emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown, "device no longer registered")
-	}
-	ct := emsd.ContentType(d.ContentType)
 	o := s.opts(dev.version)
 	content := d.Content
 	if o != (emsd.Options{}) { // stored as 1.1 in list order; re-encode for this device
-		c, err := emsd.DecodeContents(ct, content, emsd.Options{})
+		c, err := emsd.DecodeContents(p.ct, content, emsd.Options{})
 		if err == nil {
 			content, err = c.Marshal(o)
 		}
@@ -587,36 +649,53 @@ func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, tg
 	if err != nil {
 		return fail(emsd.ReasonUnableToTransfer, emsd.DiagProtocolViolation, "%v", err)
 	}
-	env := &emsd.DeliverArgument{MessageID: mid, DeliveryTime: emsd.TimeOf(time.Now()), ContentType: ct}
+	env := &emsd.DeliverArgument{MessageID: mid, DeliveryTime: emsd.TimeOf(time.Now()), ContentType: p.ct}
 	if d.SubmissionTime != nil {
 		t := emsd.Time(*d.SubmissionTime)
 		env.SubmissionTime = &t
 	}
 	sp := emsd.Splitter{Options: o, MaxUserData: s.conf().EMSD.PDUSize}
-	segs, err := sp.SplitDeliver(env, content, s.seq.Next())
-	if err != nil {
+	if p.segs, err = sp.SplitDeliver(env, content, s.seq.Next()); err != nil {
 		var sl *emsd.SegmentLimitError
 		if errors.As(err, &sl) {
 			return fail(emsd.ReasonUnableToTransfer, sl.Diagnostic(), "%v", err)
 		}
 		return fail(emsd.ReasonUnableToTransfer, emsd.DiagSizeConstraintViolated, "%v", err)
 	}
-	op := deliveryOp(dev.version)
-	sap, hs := emsd.SAPUAPerformer3Way, esro.ThreeWay
+	p.op = deliveryOp(dev.version)
+	p.sap, p.hs = emsd.SAPUAPerformer3Way, esro.ThreeWay
 	if dev.version == emsd.V1_1 && dev.Mode == store.ModeEfficient {
-		sap, hs = emsd.SAPUAPerformer2Way, esro.TwoWay
+		p.sap, p.hs = emsd.SAPUAPerformer2Way, esro.TwoWay
 	}
-	carries := emsd.CarriesInstanceID(op)
-	refIDs := s.conf().Compat.ReferenceInstanceIDs // once: a reconfiguration must not split an attempt
-	var base uint8
-	if carries && !refIDs {
-		if base, err = s.st.ReserveInstanceIDs(ctx, uint32(dev.addr), len(segs)); err != nil {
-			if ctx.Err() != nil {
-				return attemptResult{kind: attemptRequeue, err: "shutdown"}
-			}
-			return attemptResult{kind: attemptRespool, err: "instance ids: " + err.Error()}
-		}
+	p.carries = emsd.CarriesInstanceID(p.op)
+	return p
+}
+
+// attempt delivers one message, prepared while it was claimed: op 35
+// (1.1) or op 1 (1.0), 3-way to SAP 3 (Complete mode and 1.0) or 2-way
+// to SAP 7 (Efficient), one ESRO operation per segment with the instance
+// ids the claim reserved (the reference's 0 with refIDs), to tg's
+// contact, then once more to its fallback when there is one
+// (contact.go). An ESRO failure at the last address ends the attempt:
+// the invocation already retransmitted for as long as the timers allow,
+// and invoking the same address again at once would only hold a worker
+// on a silent device for as long again; the device is retried after its
+// hold.
+func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, p *prepared, refIDs bool, tg *target, f *flight) (r attemptResult) {
+	start := time.Now()
+	defer func() { r.took = time.Since(start) }()
+	if dev == nil {
+		text := "device no longer registered"
+		return attemptResult{kind: attemptFailed, o: failed(emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown, text), err: text}
 	}
+	if p.segs == nil && p.fail == nil {
+		*p = s.prepare(dev, d) // a store that claimed without asking for instance ids
+	}
+	if p.fail != nil {
+		return *p.fail
+	}
+	ct, segs, op, sap, hs, carries := p.ct, p.segs, p.op, p.sap, p.hs, p.carries
+	base := d.InstanceBase
 	for k, seg := range segs {
 		data := seg
 		if carries {
@@ -673,9 +752,7 @@ func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, tg
 				return attemptResult{kind: attemptRespool, err: text}
 			}
 			reason, diag := refusalDiagnostic(emsd.ErrorCode(er.Value), ct)
-			r := fail(reason, diag, "%s", text)
-			r.refused = true
-			return r
+			return attemptResult{kind: attemptFailed, o: failed(reason, diag, text), err: text, refused: true}
 		default: // ESRO failure, or a local resource problem
 			var fl *esro.Failure
 			silent := errors.As(err, &fl) && !fl.Remote && (fl.Reason == esro.UserNotResponding || fl.Reason == esro.Unreachable)
@@ -719,6 +796,13 @@ func (s *Server) expire(now time.Time) {
 		s.log.Error("expired deliveries", "err", err)
 	}
 	for _, d := range ds {
+		s.sched.mu.Lock()
+		f := s.sched.inflight[emsd.Address(d.Device)]
+		attempted := f != nil && f.peeked == d.ID
+		s.sched.mu.Unlock()
+		if attempted {
+			continue // its attempt's outcome decides; it expires after, if still queued
+		}
 		text := "not delivered within " + time.Duration(s.conf().Delivery.Expiry).String()
 		if d.LastError != "" {
 			text += "; last error: " + d.LastError

@@ -207,9 +207,9 @@ func (s *Server) devicePSK(identity string) ([]byte, error) {
 	if err != nil || a.String() != identity {
 		return nil, esrodtls.ErrUnknownIdentity
 	}
-	d := s.registry().byAddr[a]
+	d := s.registry().get(a)
 	if d == nil && s.registryFresh() {
-		d = s.registry().byAddr[a]
+		d = s.registry().get(a)
 	}
 	if d == nil || d.PSK == nil {
 		return nil, esrodtls.ErrUnknownIdentity
@@ -220,7 +220,7 @@ func (s *Server) devicePSK(identity string) ([]byte, error) {
 // deliveryCredentials are what the server presents when it opens a session
 // to a device's registered address: the device's own identity and key.
 func (s *Server) deliveryCredentials(peer netip.AddrPort) (string, []byte, error) {
-	d := s.registry().byAP[peer]
+	d := s.registry().atAP(peer)
 	if d == nil || d.PSK == nil {
 		return "", nil, fmt.Errorf("no DTLS device registered at %v", peer)
 	}

@@ -207,6 +207,19 @@ func (f *fleet) unparkAll(now time.Time) {
 	}
 }
 
+// unpark puts a device parked by its limits back in line (its registry
+// entry changed).
+func (f *fleet) unpark(a emsd.Address, now time.Time) {
+	switch d := f.devs[a]; {
+	case d == nil:
+	case d.parked:
+		d.parked = false
+		f.place(d, now)
+	case d.where == fBusy:
+		d.again = true
+	}
+}
+
 // release lifts every hold and unparks every device (the operator asked
 // for a look at the queues: SIGHUP); failures stay counted.
 func (f *fleet) release(now time.Time) {

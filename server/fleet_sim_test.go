@@ -302,3 +302,56 @@ func TestFleetPacing(t *testing.T) {
 		}
 	})
 }
+
+// A first attempt, to a device not heard from, is made unclaimed with a
+// store of the server's own: nothing is written before its outcome, which
+// counts the attempt and the instance ids it used. A device that answered
+// is then claimed as before; ids never repeat across the two.
+func TestFirstAttemptUnclaimed(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := startSimFleet(t, nil)
+		defer f.close()
+		silent, live := emsd.Address(198200), emsd.Address(198201)
+		f.register(silent)
+		f.register(live)
+		f.switchOn(live)
+		f.queue([]emsd.Address{silent, live}, 2)
+		for range 2 {
+			select {
+			case <-f.got:
+			case <-time.After(time.Minute):
+				t.Fatal("the live device did not get its mail")
+			}
+		}
+		synctest.Wait()
+		// The silent device's first attempt is in flight, unclaimed.
+		f.s.sched.mu.Lock()
+		inFlight := f.s.sched.inflight[silent] != nil
+		f.s.sched.mu.Unlock()
+		l, err := f.s.st.ListQueue(context.Background(), store.QueueFilter{Kind: store.QueueDelivery, Device: uint32(silent)})
+		must(t, err)
+		for _, e := range l.Entries {
+			if e.State != string(store.DeliveryQueued) || e.Attempts != 0 {
+				t.Errorf("during the first attempt: %s %s after %d attempts, want queued after 0", e.MessageID, e.State, e.Attempts)
+			}
+		}
+		if !inFlight || len(l.Entries) != 2 {
+			t.Errorf("during the first attempt: in flight %v, %d queued", inFlight, len(l.Entries))
+		}
+		// Its outcome (no answer within T_noresp) counts it.
+		time.Sleep(esro.ShippedTimers().NoResponse() + time.Second)
+		synctest.Wait()
+		if n := f.attempts(silent); n != 1 {
+			t.Errorf("after the first attempt to the silent device: %d attempts counted, want 1", n)
+		}
+		ctx := context.Background()
+		for _, c := range []struct {
+			dev  emsd.Address
+			want uint8
+		}{{silent, 1}, {live, 2}} {
+			if got, err := f.s.st.ReserveInstanceIDs(ctx, uint32(c.dev), 1); err != nil || got != c.want {
+				t.Errorf("device %s: next instance id %d (%v), want %d", c.dev, got, err, c.want)
+			}
+		}
+	})
+}

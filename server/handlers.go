@@ -27,7 +27,7 @@ func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro
 	hint := s.registry().byPeer(peer, ipOnly)
 	v := emsd.V1_1
 	if a, ok := dtlsDevice(ctx); ok {
-		hint = s.registry().byAddr[a]
+		hint = s.registry().get(a)
 	}
 	if hint != nil {
 		v = hint.version
@@ -141,9 +141,7 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 			s.refuse(w, "delivery_control", emsd.CodeResource, "store")
 			return
 		}
-		if err := s.reloadRegistry(ctx); err != nil {
-			s.log.Warn("registry reload", "err", err)
-		}
+		s.reloadIfChanged(ctx, "delivery control")
 	}
 	queued, err := s.st.QueuedDeliveries(ctx, uint32(dev.addr))
 	if err != nil {

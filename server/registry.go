@@ -1,11 +1,14 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -24,14 +27,38 @@ type device struct {
 	ap      netip.AddrPort // registered address; invalid for a device registered without one
 }
 
-// registry is an immutable snapshot of the device registry; the server
-// swaps in a new one on reload (SIGHUP, or an edit noticed by polling).
+// registry is the device registry in memory. It is built whole at start
+// (and on SIGHUP or when the store's change log no longer reaches back to
+// its version), and otherwise kept current by applying the store's change
+// log (store.RegistryChanges): an edit costs the devices it changed, not
+// the registry. Entries are immutable *device values, replaced whole.
+// Safe for concurrent use.
+//
+// Memory: a device costs its *device (the store.Device fields, its
+// decoded address, version and registered address: about 300 bytes with
+// a bcrypt hash and no aliases) plus one entry in byAddr and one in byAP
+// and byIP: about 660 bytes in all (resident memory per device after
+// start: README, "A large device registry"). Devices with nothing queued cost nothing more: the delivery
+// scheduler holds entries only for devices with queued mail.
 type registry struct {
+	mu      sync.RWMutex
 	version int64
 	byAddr  map[emsd.Address]*device
 	byAP    map[netip.AddrPort]*device
-	byIP    map[netip.Addr][]*device
+	byIP    map[netip.Addr][]*device // in address order
 	byAlias map[string]*device
+}
+
+func deviceOf(sd *store.Device) *device {
+	v, err := emsd.ParseVersion(sd.Version)
+	if err != nil {
+		v = emsd.V1_1 // the reference's default for an unknown type (docs/protocol.md EMSD §9.2)
+	}
+	d := &device{Device: *sd, addr: emsd.Address(sd.Address), version: v}
+	if ip := sd.IP.Unmap(); ip.IsValid() {
+		d.ap = netip.AddrPortFrom(ip, sd.Port)
+	}
+	return d
 }
 
 func newRegistry(version int64, devs []*store.Device) *registry {
@@ -43,28 +70,116 @@ func newRegistry(version int64, devs []*store.Device) *registry {
 		byAlias: map[string]*device{},
 	}
 	for _, sd := range devs {
-		v, err := emsd.ParseVersion(sd.Version)
-		if err != nil {
-			v = emsd.V1_1 // the reference's default for an unknown type (docs/protocol.md EMSD §9.2)
-		}
-		d := &device{Device: *sd, addr: emsd.Address(sd.Address), version: v}
-		r.byAddr[d.addr] = d
-		if ip := sd.IP.Unmap(); ip.IsValid() {
-			d.ap = netip.AddrPortFrom(ip, sd.Port)
-			r.byAP[d.ap] = d
-			r.byIP[ip] = append(r.byIP[ip], d)
-		}
-		for _, a := range sd.Aliases {
-			r.byAlias[strings.ToLower(a)] = d
-		}
+		r.put(deviceOf(sd))
 	}
 	return r
+}
+
+// put files d, replacing the entry of its address. r.mu held (or r not
+// yet shared).
+func (r *registry) put(d *device) {
+	r.drop(d.addr)
+	r.byAddr[d.addr] = d
+	if d.ap.IsValid() {
+		r.byAP[d.ap] = d
+		ds := r.byIP[d.ap.Addr()]
+		i, _ := slices.BinarySearchFunc(ds, d.addr, func(e *device, a emsd.Address) int { return cmp.Compare(e.addr, a) })
+		r.byIP[d.ap.Addr()] = slices.Insert(ds, i, d)
+	}
+	for _, a := range d.Aliases {
+		r.byAlias[strings.ToLower(a)] = d
+	}
+}
+
+// drop removes the entry of address a, if any. r.mu held.
+func (r *registry) drop(a emsd.Address) *device {
+	old := r.byAddr[a]
+	if old == nil {
+		return nil
+	}
+	delete(r.byAddr, a)
+	if old.ap.IsValid() {
+		ip := old.ap.Addr()
+		ds := slices.DeleteFunc(r.byIP[ip], func(e *device) bool { return e == old })
+		if len(ds) == 0 {
+			delete(r.byIP, ip)
+		} else {
+			r.byIP[ip] = ds
+		}
+		if r.byAP[old.ap] == old {
+			delete(r.byAP, old.ap)
+			for _, e := range ds { // another device registered at the same address and port
+				if e.ap == old.ap {
+					r.byAP[old.ap] = e
+					break
+				}
+			}
+		}
+	}
+	for _, al := range old.Aliases {
+		if k := strings.ToLower(al); r.byAlias[k] == old {
+			delete(r.byAlias, k)
+		}
+	}
+	return old
+}
+
+// apply brings r to version v: devs are the changed devices' entries now,
+// nil for a removed one. It returns the entries replaced or removed.
+func (r *registry) apply(v int64, devs map[emsd.Address]*store.Device) map[emsd.Address]*device {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	old := make(map[emsd.Address]*device, len(devs))
+	for a, sd := range devs {
+		if o := r.drop(a); o != nil {
+			old[a] = o
+		}
+		if sd != nil {
+			r.put(deviceOf(sd))
+		}
+	}
+	if v > r.version {
+		r.version = v
+	}
+	return old
+}
+
+func (r *registry) get(a emsd.Address) *device {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.byAddr[a]
+}
+
+func (r *registry) atAP(ap netip.AddrPort) *device {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.byAP[ap]
+}
+
+func (r *registry) alias(spec string) *device {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.byAlias[strings.ToLower(spec)]
+}
+
+func (r *registry) size() int {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return len(r.byAddr)
+}
+
+func (r *registry) ver() int64 {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.version
 }
 
 // byPeer finds the device an INVOKE came from by its network address:
 // IP and port, then IP alone when only one device has that IP (see
 // docs/protocol.md EMSD §9.2; the reference knows only the IP).
 func (r *registry) byPeer(peer netip.AddrPort, ipOnly bool) *device {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
 	if !ipOnly {
 		if d := r.byAP[peer]; d != nil {
 			return d
@@ -173,7 +288,7 @@ func (s *Server) identify(ctx context.Context, w esro.ResponseWriter, peer netip
 // its key, so no password is needed. A security element naming another
 // device is refused: one device cannot act for another.
 func (s *Server) identifyDTLS(a emsd.Address, sec *emsd.SecurityElement) (*device, error) {
-	d := s.registry().byAddr[a]
+	d := s.registry().get(a)
 	if d == nil || d.PSK == nil {
 		return nil, errUnknownDevice // removed, or its key removed, since the handshake
 	}
@@ -203,20 +318,57 @@ func (s *Server) registryFresh() bool {
 	return s.reloadIfChanged(ctx, "unknown device")
 }
 
-// reloadIfChanged reloads the registry if the store's version moved since
-// it was loaded, logging why, and reports whether it did.
+// reloadIfChanged brings the registry up to the store's version, logging
+// why, and reports whether it changed: the devices the store's change log
+// names are read again, or the whole registry when the log no longer
+// reaches back to the registry's version.
 func (s *Server) reloadIfChanged(ctx context.Context, why string) bool {
-	v, err := s.st.RegistryVersion(ctx)
-	if err != nil || v == s.registry().version {
-		return false
-	}
-	if err := s.reloadRegistry(ctx); err != nil {
-		if ctx.Err() == nil {
-			s.log.Warn("registry reload", "err", err)
+	s.regMu.Lock()
+	defer s.regMu.Unlock()
+	r := s.registry()
+	since := r.ver()
+	v, addrs, ok, err := s.st.RegistryChanges(ctx, since)
+	if err != nil || v == since {
+		if err != nil && ctx.Err() == nil {
+			s.log.Warn("registry changes", "err", err)
 		}
 		return false
 	}
-	s.log.Info("device registry reloaded", "devices", len(s.registry().byAddr), "why", why)
+	if !ok {
+		if err := s.reloadRegistryLocked(ctx); err != nil {
+			if ctx.Err() == nil {
+				s.log.Warn("registry reload", "err", err)
+			}
+			return false
+		}
+		s.log.Info("device registry reloaded", "devices", s.registry().size(), "why", why)
+		return true
+	}
+	devs := make(map[emsd.Address]*store.Device, len(addrs))
+	for _, a := range addrs {
+		d, err := s.st.Device(ctx, a)
+		switch {
+		case errors.Is(err, store.ErrNotFound):
+			d = nil // removed
+		case err != nil:
+			if ctx.Err() == nil {
+				s.log.Warn("registry change", "device", a, "err", err)
+			}
+			return false // the version stays: the next look tries again
+		}
+		devs[emsd.Address(a)] = d
+	}
+	old := r.apply(v, devs)
+	if s.dtls != nil {
+		for a, o := range old {
+			if n := devs[a]; o.PSK != nil && (n == nil || string(n.PSK) != string(o.PSK)) {
+				s.dtls.conn.CloseIdentity(a.String())
+			}
+		}
+	}
+	s.metrics.devices.Set(float64(r.size()))
+	s.unpark(slices.Collect(maps.Keys(devs)))
+	s.log.Debug("device registry changes applied", "devices", len(devs), "version", v, "why", why)
 	return true
 }
 
@@ -229,7 +381,7 @@ func (s *Server) identifyIn(ctx context.Context, r *registry, peer netip.AddrPor
 	}
 	var d *device
 	if sec != nil && sec.Address != nil {
-		d = r.byAddr[sec.Address.Address]
+		d = r.get(sec.Address.Address)
 		if d == nil {
 			return nil, false, errUnknownDevice
 		}
@@ -285,10 +437,10 @@ func (s *Server) identifyIn(ctx context.Context, r *registry, peer netip.AddrPor
 // number@domain for one of the EMSD domains (docs/protocol.md EMSD §6.2).
 func (s *Server) resolve(spec string) (emsd.Address, bool) {
 	r := s.registry()
-	if d := r.byAlias[strings.ToLower(spec)]; d != nil {
+	if d := r.alias(spec); d != nil {
 		return d.addr, true
 	}
-	if a, ok := (mailconv.Mapping{Domains: s.domains}).Numeric(lowerDomain(spec)); ok && r.byAddr[a] != nil {
+	if a, ok := (mailconv.Mapping{Domains: s.domains}).Numeric(lowerDomain(spec)); ok && r.get(a) != nil {
 		return a, true
 	}
 	return 0, false
@@ -330,8 +482,14 @@ func (s *Server) Reload(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// reloadRegistry re-reads the device registry from the store.
+// reloadRegistry re-reads the whole device registry from the store.
 func (s *Server) reloadRegistry(ctx context.Context) error {
+	s.regMu.Lock()
+	defer s.regMu.Unlock()
+	return s.reloadRegistryLocked(ctx)
+}
+
+func (s *Server) reloadRegistryLocked(ctx context.Context) error {
 	v, err := s.st.RegistryVersion(ctx)
 	if err != nil {
 		return err

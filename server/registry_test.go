@@ -3,7 +3,9 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"net/netip"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
@@ -24,6 +26,11 @@ type versionCounter struct {
 func (c *versionCounter) RegistryVersion(ctx context.Context) (int64, error) {
 	c.n.Add(1)
 	return c.Store.RegistryVersion(ctx)
+}
+
+func (c *versionCounter) RegistryChanges(ctx context.Context, since int64) (int64, []uint32, bool, error) {
+	c.n.Add(1)
+	return c.Store.RegistryChanges(ctx, since)
 }
 
 // A device added to the store ("emsdp device add") is served at its
@@ -75,7 +82,107 @@ func TestUnknownDeviceRechecksRegistry(t *testing.T) {
 	if err := submit(); err != nil {
 		t.Fatalf("device added to the store: %v", err)
 	}
-	if _, ok := s.registry().byAddr[198036]; !ok {
+	if s.registry().get(198036) == nil {
 		t.Error("registry not reloaded")
+	}
+}
+
+// The registry applies changes in place: entries replaced, removed and
+// added keep every index (address, address and port, IP, alias) right.
+func TestRegistryApply(t *testing.T) {
+	sd := func(a uint32, ip string, port uint16, aliases ...string) *store.Device {
+		return &store.Device{Address: a, IP: netip.MustParseAddr(ip), Port: port, Version: "1.1",
+			Mode: store.ModeComplete, Aliases: aliases}
+	}
+	r := newRegistry(1, []*store.Device{sd(1, "10.0.0.1", 641, "one@x"), sd(2, "10.0.0.2", 641), sd(3, "10.0.0.2", 642)})
+	type want struct {
+		peer   string
+		ipOnly bool
+		dev    emsd.Address // 0: none
+	}
+	check := func(step string, ws []want, aliases map[string]emsd.Address, n int) {
+		t.Helper()
+		for _, w := range ws {
+			var got emsd.Address
+			if d := r.byPeer(netip.MustParseAddrPort(w.peer), w.ipOnly); d != nil {
+				got = d.addr
+			}
+			if got != w.dev {
+				t.Errorf("%s: byPeer(%s, %v) = %v, want %v", step, w.peer, w.ipOnly, got, w.dev)
+			}
+		}
+		for al, a := range aliases {
+			var got emsd.Address
+			if d := r.alias(al); d != nil {
+				got = d.addr
+			}
+			if got != a {
+				t.Errorf("%s: alias %s = %v, want %v", step, al, got, a)
+			}
+		}
+		if r.size() != n {
+			t.Errorf("%s: %d devices, want %d", step, r.size(), n)
+		}
+	}
+	check("built", []want{{"10.0.0.1:9", false, 1}, {"10.0.0.2:642", false, 3}, {"10.0.0.2:9", false, 0}, {"10.0.0.2:9", true, 2}},
+		map[string]emsd.Address{"ONE@x": 1}, 3)
+
+	// 1 moves to 2's IP and loses its alias to 4; 3 goes; 5 comes.
+	old := r.apply(7, map[emsd.Address]*store.Device{1: sd(1, "10.0.0.2", 700), 3: nil,
+		4: sd(4, "10.0.0.4", 641, "one@x"), 5: sd(5, "10.0.0.5", 641)})
+	if len(old) != 2 || old[1] == nil || old[3] == nil {
+		t.Errorf("replaced entries %v, want 1 and 3", old)
+	}
+	check("applied", []want{{"10.0.0.1:641", false, 0}, {"10.0.0.2:700", false, 1}, {"10.0.0.2:642", false, 0},
+		{"10.0.0.2:9", true, 1}, {"10.0.0.4:1", false, 4}, {"10.0.0.5:641", false, 5}},
+		map[string]emsd.Address{"one@x": 4}, 4)
+	if r.ver() != 7 {
+		t.Errorf("version %d, want 7", r.ver())
+	}
+	// Back to one device at 10.0.0.2: found by IP alone again.
+	r.apply(8, map[emsd.Address]*store.Device{1: nil})
+	check("removed", []want{{"10.0.0.2:9", false, 2}}, map[string]emsd.Address{"one@x": 4}, 3)
+}
+
+// Devices added, changed and removed while the server runs reach its
+// registry as changes: the registry is not rebuilt, and each look costs
+// the devices changed.
+func TestRegistryChangesApplied(t *testing.T) {
+	db, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "own.db"), nil)
+	must(t, err)
+	defer db.Close()
+	c := testConfig(t)
+	c.Store.RegistryPoll = Duration(time.Hour)
+	s := startServerWith(t, c, Options{Logger: testLogger(t), Store: db})
+	ctx := context.Background()
+	r := s.registry()
+	n0 := r.size()
+	for i := range uint32(20) {
+		must(t, db.AddDevice(ctx, &store.Device{Address: 500000 + i, IP: netip.MustParseAddr("127.0.0.1"), Port: uint16(20000 + i),
+			Version: "1.1", Mode: store.ModeComplete, Aliases: []string{fmt.Sprintf("d%d@example.net", i)}}))
+		if !s.reloadIfChanged(ctx, "test") {
+			t.Fatalf("add %d: no change seen", i)
+		}
+	}
+	must(t, db.RemoveDevice(ctx, 500003))
+	must(t, db.UpdateDevice(ctx, &store.Device{Address: 500004, IP: netip.MustParseAddr("127.0.0.2"), Port: 641,
+		Version: "1.0", Mode: store.ModeComplete}))
+	if !s.reloadIfChanged(ctx, "test") || s.reloadIfChanged(ctx, "test") {
+		t.Fatal("changes seen not exactly once")
+	}
+	if s.registry() != r {
+		t.Fatal("registry rebuilt instead of changed")
+	}
+	if r.size() != n0+19 || r.get(500003) != nil || r.alias("d3@example.net") != nil || r.alias("d4@example.net") != nil {
+		t.Errorf("after removing 500003 and updating 500004: %d devices (want %d)", r.size(), n0+19)
+	}
+	if d := r.get(500004); d == nil || d.version != emsd.V1_0 || d.ap != netip.MustParseAddrPort("127.0.0.2:641") {
+		t.Errorf("500004 not updated: %+v", d)
+	}
+	if a, ok := s.resolve("d19@example.net"); !ok || a != 500019 {
+		t.Errorf("alias of an added device: %v %v", a, ok)
+	}
+	if v, _ := db.RegistryVersion(ctx); r.ver() != v {
+		t.Errorf("registry at version %d, store at %d", r.ver(), v)
 	}
 }

@@ -237,7 +237,7 @@ func (s *Server) packReports(dev uint32, id emsd.MessageID, entries []emsd.PerRe
 	form reportForm) ([][]byte, emsd.ContentType, error) {
 	var o emsd.Options
 	var maxLen *uint32
-	if d := s.registry().byAddr[emsd.Address(dev)]; d != nil {
+	if d := s.registry().get(emsd.Address(dev)); d != nil {
 		o, maxLen = s.opts(d.version), d.Control.MaxContentLength
 	}
 	sp := emsd.Splitter{Options: o, MaxUserData: s.conf().EMSD.PDUSize}

@@ -99,6 +99,7 @@ type Server struct {
 	hostname string
 
 	reg     atomic.Pointer[registry]
+	regMu   sync.Mutex   // serialises registry reloads and applied changes
 	dtls    *dtlsService // nil when dtls.listen is off
 	ep      *esro.Endpoint
 	smtp    *gateway.InboundServer
@@ -334,7 +335,7 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		dtlsAddr = s.dtls.conn.LocalAddr().String()
 	}
 	log.Info("serving", "emsd", s.ep.LocalAddr(), "dtls", dtlsAddr, "smtp", addrOf(s.smtpLn), "admin", addrOf(s.adminLn),
-		"domain", s.domain, "devices", len(s.registry().byAddr), "store", storeDesc(cfg, o.Store != nil))
+		"domain", s.domain, "devices", s.registry().size(), "store", storeDesc(cfg, o.Store != nil))
 	return s, nil
 }
 

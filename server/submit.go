@@ -551,7 +551,7 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 			fail = &o
 		case r.Local:
 			rep.Recipient = encodeOR(emsd.LocalOR(r.Device, ""))
-			if reg.byAddr[r.Device] == nil {
+			if reg.get(r.Device) == nil {
 				o := failed(emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown, "no such EMSD address")
 				fail = &o
 				break
@@ -603,7 +603,7 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 // registered address, by this host, with the message's id.
 func (s *Server) receivedEMSD(rec *store.Submission, reg *registry, id string) []byte {
 	from := "device " + emsd.Address(rec.Device).String()
-	if d := reg.byAddr[emsd.Address(rec.Device)]; d != nil && d.ap.IsValid() {
+	if d := reg.get(emsd.Address(rec.Device)); d != nil && d.ap.IsValid() {
 		from += " ([" + d.ap.Addr().Unmap().String() + "])"
 	}
 	line := fmt.Sprintf("Received: from %s\r\n\tby %s (emsdp) with EMSD", from, s.hostname)

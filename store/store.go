@@ -181,12 +181,15 @@ type NewDelivery struct {
 // Delivery is a queued delivery as stored.
 type Delivery struct {
 	NewDelivery
-	ID        int64
-	State     DeliveryState
-	Attempts  int // attempts started (claims)
-	Created   time.Time
-	Updated   time.Time
-	LastError string
+	ID       int64
+	State    DeliveryState
+	Attempts int // attempts started (claims)
+	// InstanceBase is the first instance id the claim reserved
+	// (Limits.InstanceIDs).
+	InstanceBase uint8
+	Created      time.Time
+	Updated      time.Time
+	LastError    string
 }
 
 // DeviceDue is a device with queued deliveries and the earliest next
@@ -203,10 +206,23 @@ type DeliveryInfo struct {
 	Priority    uint8
 }
 
-// Limits restrict which deliveries ClaimDelivery may take.
+// RegistryLogVersions is how many registry versions RegistryChanges can
+// look back over. A server further behind reads the whole registry.
+const RegistryLogVersions = 4096
+
+// Limits restrict which deliveries ClaimDelivery may take, and say what
+// else its claim reserves.
 type Limits struct {
 	MaxContentLength *uint32
 	LowestPriority   *uint8
+	// InstanceIDs, when set, tells how many instance ids (0 to 256) the
+	// claimed delivery needs towards its device; the claim reserves them
+	// in its own transaction, as ReserveInstanceIDs does, and returns the
+	// first in Delivery.InstanceBase, so that an attempt costs one write
+	// instead of two. It runs inside the transaction (possibly more than
+	// once, when the transaction is retried): it must be quick and must
+	// not use the store.
+	InstanceIDs func(*Delivery) int
 }
 
 // DeliveryResult ends an in-flight (or expires a queued) delivery.
@@ -220,7 +236,12 @@ type DeliveryResult struct {
 	// Requeue, for State queued: undo the claim's attempt count (the
 	// attempt never reached the device, e.g. on shutdown).
 	Requeue bool
-	Work    Work // reports and the like, created in the same transaction
+	// Attempted, finishing from queued: the delivery was attempted
+	// without a claim (PeekDelivery); the attempt is counted, and the
+	// device's instance id counter advances by InstanceIDs, in this write.
+	Attempted   bool
+	InstanceIDs int
+	Work        Work // reports and the like, created in the same transaction
 }
 
 // RelayState is the state of one outbound recipient.
@@ -438,6 +459,13 @@ type Store interface {
 	// RegistryVersion changes whenever the registry does, so that a
 	// running server notices edits made by another process.
 	RegistryVersion(ctx context.Context) (int64, error)
+	// RegistryChanges lists the devices whose registry entry was added,
+	// edited or removed in the versions after since, up to version (the
+	// current one), in address order, so that a server applies a change
+	// in O(changed) instead of reading the whole registry. ok is false
+	// when the store no longer holds every change since then (it keeps
+	// the last RegistryLogVersions versions): read the whole registry.
+	RegistryChanges(ctx context.Context, since int64) (version int64, addrs []uint32, ok bool, err error)
 	// SetContact records c as the device's contact unless the stored one
 	// is newer (c.At before the stored At: a slower server's write of an
 	// older contact loses). It returns the contact stored before and
@@ -506,6 +534,16 @@ type Store interface {
 	// ErrBusy: the device already has one in flight (on any server sharing
 	// the store). Only the claiming handle may finish the delivery.
 	ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim Limits) (*Delivery, error)
+	// PeekDelivery returns the delivery ClaimDelivery would take without
+	// taking it: it stays queued, no attempt is counted, nothing is
+	// written; with lim.InstanceIDs, Delivery.InstanceBase is the device's
+	// next instance id, not reserved. Its outcome is written by
+	// FinishDelivery from queued with DeliveryResult.Attempted, which
+	// counts the attempt and reserves the instance ids: one write per
+	// attempt instead of two. Only for a store one server uses alone,
+	// whose scheduler keeps attempts to a device one at a time: nothing
+	// stops another handle from claiming the delivery meanwhile.
+	PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim Limits) (*Delivery, error)
 	// FinishDelivery moves a delivery from state 'from' as r says, records
 	// r.Status and queues r.Work, in one transaction. ErrConflict: the
 	// delivery is not in state 'from'.

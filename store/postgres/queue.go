@@ -353,6 +353,58 @@ func scanDelivery(row pgx.CollectableRow) (*store.Delivery, error) {
 	return &d, nil
 }
 
+// PeekDelivery returns the delivery ClaimDelivery would take, unclaimed.
+// With several servers sharing the store, use ClaimDelivery.
+func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim store.Limits) (*store.Delivery, error) {
+	var busy bool
+	err := s.queryRow(ctx, `SELECT EXISTS (SELECT 1 FROM deliveries WHERE device = $1 AND state = 'inflight')`,
+		int64(addr)).Scan(&busy)
+	if err != nil {
+		return nil, errorf("peek", err)
+	}
+	if busy {
+		return nil, fmt.Errorf("%w: device %d", store.ErrBusy, addr)
+	}
+	q := `SELECT ` + deliveryCols + ` FROM deliveries WHERE device = $1 AND state = 'queued' AND next_attempt <= $2`
+	args := []any{int64(addr), ms(now)}
+	if lim.MaxContentLength != nil {
+		args = append(args, int64(*lim.MaxContentLength))
+		q += fmt.Sprintf(` AND octet_length(content) <= $%d`, len(args))
+	}
+	if lim.LowestPriority != nil {
+		args = append(args, int16(*lim.LowestPriority))
+		q += fmt.Sprintf(` AND priority >= $%d`, len(args))
+	}
+	rows, err := s.pool.Query(ctx, q+` ORDER BY id LIMIT 1`, args...)
+	if err != nil {
+		return nil, errorf("peek", err)
+	}
+	d, err := pgx.CollectExactlyOneRow(rows, scanDelivery)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fmt.Errorf("%w: no due delivery for device %d", store.ErrNotFound, addr)
+	}
+	if err != nil {
+		return nil, errorf("peek", err)
+	}
+	if lim.InstanceIDs != nil {
+		switch n := lim.InstanceIDs(d); {
+		case n < 0 || n > 256:
+			return nil, fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+		case n > 0:
+			var next int
+			err := s.queryRow(ctx, `SELECT next_instance FROM devices WHERE address = $1`, int64(addr)).Scan(&next)
+			if errors.Is(err, pgx.ErrNoRows) {
+				return nil, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+			}
+			if err != nil {
+				return nil, errorf("peek", err)
+			}
+			d.InstanceBase = uint8(next)
+		}
+	}
+	return d, nil
+}
+
 // ClaimDelivery takes a device's oldest due delivery within lim. The
 // advisory lock on the device serialises claims for it across processes,
 // so the in-flight check and the claim are one step and FIFO order holds;
@@ -396,6 +448,16 @@ func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim 
 		if err != nil {
 			return errorf("claim", err)
 		}
+		if lim.InstanceIDs != nil {
+			switch n := lim.InstanceIDs(d); {
+			case n < 0 || n > 256:
+				return fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+			case n > 0:
+				if d.InstanceBase, err = reserveIDs(ctx, tx, addr, n); err != nil {
+					return err
+				}
+			}
+		}
 		out = d
 		return nil
 	})
@@ -417,6 +479,12 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 	if r.State == store.DeliveryQueued && r.Requeue {
 		undo = 1
 	}
+	if r.Attempted && from == store.DeliveryQueued {
+		if r.InstanceIDs < 0 || r.InstanceIDs > 256 {
+			return fmt.Errorf("%w: %d instance ids", store.ErrInvalid, r.InstanceIDs)
+		}
+		undo-- // counts the attempt made without a claim
+	}
 	next := r.NextAttempt
 	if r.State != store.DeliveryQueued {
 		next = time.Time{}
@@ -434,6 +502,11 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 		}
 		if err != nil {
 			return errorf("finish delivery", err)
+		}
+		if r.Attempted && from == store.DeliveryQueued && r.InstanceIDs > 0 {
+			if _, err := reserveIDs(ctx, tx, dev, r.InstanceIDs); err != nil && !errors.Is(err, store.ErrNotFound) {
+				return err // (a device removed meanwhile has no counter left)
+			}
 		}
 		if r.Status != 0 {
 			_, err = tx.Exec(ctx, `INSERT INTO delivery_status (device, message_id, status, updated) VALUES ($1, $2, $3, $4)

@@ -15,12 +15,68 @@ import (
 
 // bumpRegistry comes first in every registry transaction: the row lock
 // orders registry edits across processes (no lock-order deadlocks with
-// the alias inserts) and the new version commits with the change.
-func bumpRegistry(ctx context.Context, tx pgx.Tx) error {
-	if _, err := tx.Exec(ctx, `UPDATE registry_version SET version = version + 1`); err != nil {
+// the alias inserts) and the new version commits with the change, as do
+// the devices it changes, logged under it (RegistryChanges); versions
+// beyond the log's reach go.
+func bumpRegistry(ctx context.Context, tx pgx.Tx, addrs ...uint32) error {
+	var v int64
+	if err := tx.QueryRow(ctx, `UPDATE registry_version SET version = version + 1 RETURNING version`).Scan(&v); err != nil {
 		return errorf("registry version", err)
 	}
+	if len(addrs) > 0 {
+		a := make([]int64, len(addrs))
+		for i, x := range addrs {
+			a[i] = int64(x)
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO registry_changes (version, address) SELECT $1, unnest($2::bigint[])
+			ON CONFLICT DO NOTHING`, v, a); err != nil {
+			return errorf("registry change", err)
+		}
+	}
+	if from := v - store.RegistryLogVersions; from > 0 {
+		if _, err := tx.Exec(ctx, `DELETE FROM registry_changes WHERE version <= $1`, from); err != nil {
+			return errorf("registry change", err)
+		}
+		if _, err := tx.Exec(ctx, `UPDATE registry_version SET log_from = $1`, from); err != nil {
+			return errorf("registry change", err)
+		}
+	}
 	return nil
+}
+
+// RegistryChanges lists the devices changed after version since. The
+// version first, the log's reach last: a version's rows commit with it,
+// and pruning only moves the reach forward, so a reach read after the
+// rows covers them.
+func (s *DB) RegistryChanges(ctx context.Context, since int64) (int64, []uint32, bool, error) {
+	v, err := s.RegistryVersion(ctx)
+	if err != nil {
+		return 0, nil, false, err
+	}
+	if v == since {
+		return v, nil, true, nil
+	}
+	rows, err := s.pool.Query(ctx, `SELECT DISTINCT address FROM registry_changes WHERE version > $1 AND version <= $2
+		ORDER BY address`, since, v)
+	if err != nil {
+		return 0, nil, false, errorf("registry changes", err)
+	}
+	addrs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (uint32, error) {
+		var a int64
+		err := r.Scan(&a)
+		return uint32(a), err
+	})
+	if err != nil {
+		return 0, nil, false, errorf("registry changes", err)
+	}
+	var from int64
+	if err := s.queryRow(ctx, `SELECT log_from FROM registry_version`).Scan(&from); err != nil {
+		return 0, nil, false, errorf("registry changes", err)
+	}
+	if since < from || since > v {
+		return v, nil, false, nil
+	}
+	return v, addrs, true, nil
 }
 
 func insertAliases(ctx context.Context, tx pgx.Tx, addr uint32, aliases []string) error {
@@ -58,7 +114,7 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 	now := ms(time.Now())
 	aliases := store.NormalizeAliases(d.Aliases)
 	return s.tx(ctx, func(tx pgx.Tx) error {
-		if err := bumpRegistry(ctx, tx); err != nil {
+		if err := bumpRegistry(ctx, tx, d.Address); err != nil {
 			return err
 		}
 		t, err := tx.Exec(ctx, `INSERT INTO devices (address, password_hash, ip, port, version, mode,
@@ -83,7 +139,7 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 	}
 	aliases := store.NormalizeAliases(d.Aliases)
 	return s.tx(ctx, func(tx pgx.Tx) error {
-		if err := bumpRegistry(ctx, tx); err != nil {
+		if err := bumpRegistry(ctx, tx, d.Address); err != nil {
 			return err
 		}
 		t, err := tx.Exec(ctx, `UPDATE devices SET password_hash = $1, ip = $2, port = $3, version = $4, mode = $5,
@@ -107,8 +163,12 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 // savepoint of its own.
 func (s *DB) ImportDevices(ctx context.Context, devs []*store.Device, update bool) ([]store.ImportResult, error) {
 	out := make([]store.ImportResult, len(devs))
+	addrs := make([]uint32, len(devs))
+	for i, d := range devs {
+		addrs[i] = d.Address
+	}
 	err := s.tx(ctx, func(tx pgx.Tx) error {
-		if err := bumpRegistry(ctx, tx); err != nil {
+		if err := bumpRegistry(ctx, tx, addrs...); err != nil {
 			return err
 		}
 		now := ms(time.Now())
@@ -175,7 +235,7 @@ func importDevice(ctx context.Context, tx pgx.Tx, d *store.Device, update bool, 
 // RemoveDevice deletes a device and its aliases.
 func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 	return s.tx(ctx, func(tx pgx.Tx) error {
-		if err := bumpRegistry(ctx, tx); err != nil {
+		if err := bumpRegistry(ctx, tx, addr); err != nil {
 			return err
 		}
 		// Aliases go by ON DELETE CASCADE.
@@ -391,7 +451,7 @@ func ctlPrio(c store.DeliveryControl) *int16 {
 // to the device, and the others learn of the new limits by reloading.
 func (s *DB) SetDeliveryControl(ctx context.Context, addr uint32, c store.DeliveryControl) error {
 	return s.tx(ctx, func(tx pgx.Tx) error {
-		if err := bumpRegistry(ctx, tx); err != nil {
+		if err := bumpRegistry(ctx, tx, addr); err != nil {
 			return err
 		}
 		t, err := tx.Exec(ctx, `UPDATE devices SET ctl_operations = $1, ctl_max_length = $2, ctl_lowest_priority = $3
@@ -421,19 +481,28 @@ func (s *DB) ReserveInstanceIDs(ctx context.Context, addr uint32, n int) (uint8,
 	if n < 1 || n > 256 {
 		return 0, fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
 	}
-	var next int
+	var first uint8
 	err := s.tx(ctx, func(tx pgx.Tx) error {
-		err := tx.QueryRow(ctx, `UPDATE devices SET next_instance = (next_instance + $2) % 256 WHERE address = $1
-			RETURNING next_instance`, int64(addr), n).Scan(&next)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
-		}
-		if err != nil {
-			return errorf("instance ids", err)
-		}
-		return nil
+		var err error
+		first, err = reserveIDs(ctx, tx, addr, n)
+		return err
 	})
-	return uint8(((next-n)%256 + 256) % 256), err
+	return first, err
+}
+
+// reserveIDs advances a device's instance id counter by n within tx and
+// returns the first id reserved.
+func reserveIDs(ctx context.Context, tx pgx.Tx, addr uint32, n int) (uint8, error) {
+	var next int
+	err := tx.QueryRow(ctx, `UPDATE devices SET next_instance = (next_instance + $2) % 256 WHERE address = $1
+		RETURNING next_instance`, int64(addr), n).Scan(&next)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+	}
+	if err != nil {
+		return 0, errorf("instance ids", err)
+	}
+	return uint8(((next-n)%256 + 256) % 256), nil
 }
 
 // drawNumber advances the daily message counter in a transaction of its

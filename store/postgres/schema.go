@@ -158,4 +158,15 @@ var migrations = []string{
 	// time (QueuedDevices); both O(rows wanted), not O(queue).
 	`CREATE INDEX deliveries_device_next ON deliveries (device, next_attempt) WHERE state = 'queued';
 	CREATE INDEX deliveries_changed ON deliveries (updated) WHERE state = 'queued';`,
+
+	// 7: the registry's change log (RegistryChanges): the devices each
+	// version changed, the last store.RegistryLogVersions versions;
+	// log_from is the last version whose changes are not held.
+	`CREATE TABLE registry_changes (
+		version BIGINT NOT NULL,
+		address BIGINT NOT NULL,
+		PRIMARY KEY (version, address)
+	);
+	ALTER TABLE registry_version ADD COLUMN log_from BIGINT NOT NULL DEFAULT 0;
+	UPDATE registry_version SET log_from = version;`,
 }

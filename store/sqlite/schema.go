@@ -130,4 +130,14 @@ var migrations = []string{
 	// (QueuedDevices); both O(rows wanted), not O(queue).
 	`CREATE INDEX deliveries_next ON deliveries (state, next_attempt);
 	CREATE INDEX deliveries_changed ON deliveries (state, updated);`,
+
+	// 7: the registry's change log (RegistryChanges): the devices each
+	// version changed, the last store.RegistryLogVersions versions;
+	// registry_log_from is the last version whose changes are not held.
+	`CREATE TABLE registry_changes (
+		version INTEGER NOT NULL,
+		address INTEGER NOT NULL,
+		PRIMARY KEY (version, address)
+	) WITHOUT ROWID;
+	INSERT INTO meta (key, value) SELECT 'registry_log_from', value FROM meta WHERE key = 'registry_version';`,
 }

@@ -265,7 +265,12 @@ func fromMS(v int64) time.Time {
 // ---- registry ----
 
 const (
-	qBumpRegistry = `UPDATE meta SET value = value + 1 WHERE key = 'registry_version'`
+	qBumpRegistry = `UPDATE meta SET value = value + 1 WHERE key = 'registry_version' RETURNING value`
+	qLogChange    = `INSERT OR IGNORE INTO registry_changes (version, address) VALUES (?, ?)`
+	qPruneChanges = `DELETE FROM registry_changes WHERE version <= ?`
+	qSetLogFrom   = `UPDATE meta SET value = ? WHERE key = 'registry_log_from'`
+	qChangesSince = `SELECT DISTINCT address FROM registry_changes WHERE version > ? AND version <= ? ORDER BY address`
+	qLogFrom      = `SELECT value FROM meta WHERE key = 'registry_log_from'`
 	qInsertAlias  = `INSERT INTO aliases (alias, device) VALUES (?, ?)`
 	qAddDevice    = `INSERT INTO devices (address, password_hash, ip, port, version, mode,
 		ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated, psk, require_dtls)
@@ -276,9 +281,66 @@ const (
 	qDeleteDevice  = `DELETE FROM devices WHERE address = ?`
 )
 
-func (s *DB) bumpRegistry(ctx context.Context, tx *sql.Tx) error {
-	_, err := s.exec(ctx, tx, qBumpRegistry)
-	return err
+// bumpRegistry ends every registry edit: a new version, the devices it
+// changed logged under it, and the versions beyond the log's reach
+// dropped.
+func (s *DB) bumpRegistry(ctx context.Context, tx *sql.Tx, addrs ...uint32) error {
+	var v int64
+	if err := s.queryRow(ctx, tx, qBumpRegistry).Scan(&v); err != nil {
+		return fmt.Errorf("sqlite: registry version: %w", err)
+	}
+	for _, a := range addrs {
+		if _, err := s.exec(ctx, tx, qLogChange, v, a); err != nil {
+			return fmt.Errorf("sqlite: registry change: %w", err)
+		}
+	}
+	if from := v - store.RegistryLogVersions; from > 0 {
+		if _, err := s.exec(ctx, tx, qPruneChanges, from); err != nil {
+			return fmt.Errorf("sqlite: registry change: %w", err)
+		}
+		if _, err := s.exec(ctx, tx, qSetLogFrom, from); err != nil {
+			return fmt.Errorf("sqlite: registry change: %w", err)
+		}
+	}
+	return nil
+}
+
+// RegistryChanges lists the devices changed after version since.
+func (s *DB) RegistryChanges(ctx context.Context, since int64) (int64, []uint32, bool, error) {
+	// The version first, the log's reach last: rows of versions up to v
+	// committed with v, and pruning only moves the reach forward, so a
+	// reach read after the rows covers them.
+	v, err := s.RegistryVersion(ctx)
+	if err != nil {
+		return 0, nil, false, err
+	}
+	if v == since {
+		return v, nil, true, nil
+	}
+	rows, err := s.query(ctx, nil, qChangesSince, since, v)
+	if err != nil {
+		return 0, nil, false, fmt.Errorf("sqlite: registry changes: %w", err)
+	}
+	defer rows.Close()
+	var addrs []uint32
+	for rows.Next() {
+		var a uint32
+		if err := rows.Scan(&a); err != nil {
+			return 0, nil, false, fmt.Errorf("sqlite: registry changes: %w", err)
+		}
+		addrs = append(addrs, a)
+	}
+	if err := rows.Err(); err != nil {
+		return 0, nil, false, fmt.Errorf("sqlite: registry changes: %w", err)
+	}
+	var from int64
+	if err := s.queryRow(ctx, nil, qLogFrom).Scan(&from); err != nil {
+		return 0, nil, false, fmt.Errorf("sqlite: registry changes: %w", err)
+	}
+	if since < from || since > v {
+		return v, nil, false, nil
+	}
+	return v, addrs, true, nil
 }
 
 func (s *DB) insertAliases(ctx context.Context, tx *sql.Tx, addr uint32, aliases []string) error {
@@ -312,7 +374,7 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 		if err := s.insertAliases(ctx, tx, d.Address, store.NormalizeAliases(d.Aliases)); err != nil {
 			return err
 		}
-		return s.bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx, d.Address)
 	})
 }
 
@@ -336,7 +398,7 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 		if err := s.insertAliases(ctx, tx, d.Address, store.NormalizeAliases(d.Aliases)); err != nil {
 			return err
 		}
-		return s.bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx, d.Address)
 	})
 }
 
@@ -365,7 +427,11 @@ func (s *DB) ImportDevices(ctx context.Context, devs []*store.Device, update boo
 				return err
 			}
 		}
-		return s.bumpRegistry(ctx, tx)
+		addrs := make([]uint32, len(devs))
+		for i, d := range devs {
+			addrs[i] = d.Address
+		}
+		return s.bumpRegistry(ctx, tx, addrs...)
 	})
 	if err != nil {
 		return nil, err
@@ -409,7 +475,7 @@ func (s *DB) RemoveDevice(ctx context.Context, addr uint32) error {
 		if n, _ := r.RowsAffected(); n == 0 {
 			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 		}
-		return s.bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx, addr)
 	})
 }
 
@@ -664,7 +730,7 @@ func (s *DB) SetDeliveryControl(ctx context.Context, addr uint32, c store.Delive
 		if n, _ := r.RowsAffected(); n == 0 {
 			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
 		}
-		return s.bumpRegistry(ctx, tx)
+		return s.bumpRegistry(ctx, tx, addr)
 	})
 }
 
@@ -683,22 +749,30 @@ func (s *DB) ReserveInstanceIDs(ctx context.Context, addr uint32, n int) (uint8,
 	if n < 1 || n > 256 {
 		return 0, fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
 	}
-	var first int64
+	var first uint8
 	err := s.tx(ctx, func(tx *sql.Tx) error {
-		err := s.queryRow(ctx, tx, qInstanceNext, addr).Scan(&first)
-		if errors.Is(err, sql.ErrNoRows) {
-			return fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
-		}
-		if err != nil {
-			return fmt.Errorf("sqlite: instance ids: %w", err)
-		}
-		_, err = s.exec(ctx, tx, qInstanceSet, (first+int64(n))%256, addr)
-		if err != nil {
-			return fmt.Errorf("sqlite: instance ids: %w", err)
-		}
-		return nil
+		var err error
+		first, err = s.reserveIDs(ctx, tx, addr, n)
+		return err
 	})
-	return uint8(first), err
+	return first, err
+}
+
+// reserveIDs advances a device's instance id counter by n within tx and
+// returns the first id reserved.
+func (s *DB) reserveIDs(ctx context.Context, tx *sql.Tx, addr uint32, n int) (uint8, error) {
+	var first int64
+	err := s.queryRow(ctx, tx, qInstanceNext, addr).Scan(&first)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: instance ids: %w", err)
+	}
+	if _, err = s.exec(ctx, tx, qInstanceSet, (first+int64(n))%256, addr); err != nil {
+		return 0, fmt.Errorf("sqlite: instance ids: %w", err)
+	}
+	return uint8(first), nil
 }
 
 // nextNumber advances the daily message counter within tx. The counter
@@ -1034,10 +1108,16 @@ const (
 	// A limit left NULL does not restrict.
 	qClaimable = `SELECT ` + deliveryCols + ` FROM deliveries WHERE device = ?1 AND state = ?2 AND next_attempt <= ?3
 		AND (?4 IS NULL OR length(content) <= ?4) AND (?5 IS NULL OR priority >= ?5) ORDER BY id LIMIT 1`
+	// qPeek is qClaimable, with the device's next instance id, unless the
+	// device has a delivery in flight (?6).
+	qPeek = `SELECT ` + deliveryCols + `, (SELECT next_instance FROM devices WHERE address = ?1) FROM deliveries
+		WHERE device = ?1 AND state = ?2 AND next_attempt <= ?3
+		AND (?4 IS NULL OR length(content) <= ?4) AND (?5 IS NULL OR priority >= ?5)
+		AND NOT EXISTS (SELECT 1 FROM deliveries AS f WHERE f.device = ?1 AND f.state = ?6) ORDER BY id LIMIT 1`
 	qClaim          = `UPDATE deliveries SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?`
 	qDeliveryState  = `SELECT device, message_id, state FROM deliveries WHERE id = ?`
 	qFinishDelivery = `UPDATE deliveries SET state = ?, next_attempt = ?, last_error = ?,
-		attempts = MAX(attempts - ?, 0), updated = ? WHERE id = ?`
+		attempts = MAX(attempts - ? + ?, 0), updated = ? WHERE id = ?`
 	qRecordStatus = `INSERT INTO delivery_status (device, message_id, status, updated) VALUES (?, ?, ?, ?)
 		ON CONFLICT (device, message_id) DO UPDATE SET status = excluded.status, updated = excluded.updated`
 	qExpiredDeliveries = `SELECT ` + deliveryCols + ` FROM deliveries WHERE state = ? AND expires <= ?
@@ -1047,14 +1127,16 @@ const (
 	qDeliveryStatus = `SELECT status FROM delivery_status WHERE device = ? AND message_id = ?`
 )
 
-func scanDelivery(sc interface{ Scan(...any) error }) (*store.Delivery, error) {
+// scanDelivery scans the deliveryCols of a row, then extra columns into
+// extra.
+func scanDelivery(sc interface{ Scan(...any) error }, extra ...any) (*store.Delivery, error) {
 	var d store.Delivery
 	var st sql.NullInt64
 	var state string
 	var next, exp, created, updated int64
-	if err := sc.Scan(&d.ID, &d.Device, &d.MessageID, &st, &d.ContentType, &d.Content, &d.Priority, &state,
+	if err := sc.Scan(append([]any{&d.ID, &d.Device, &d.MessageID, &st, &d.ContentType, &d.Content, &d.Priority, &state,
 		&d.Attempts, &next, &exp, &created, &updated, &d.LastError, &d.Report.Device, &d.Report.Mail,
-		&d.Report.Flags, &d.Report.Recipient, &d.Report.MessageID, &d.Report.Headers, &d.Report.DSN); err != nil {
+		&d.Report.Flags, &d.Report.Recipient, &d.Report.MessageID, &d.Report.Headers, &d.Report.DSN}, extra...)...); err != nil {
 		return nil, err
 	}
 	if st.Valid {
@@ -1064,6 +1146,45 @@ func scanDelivery(sc interface{ Scan(...any) error }) (*store.Delivery, error) {
 	d.State = store.DeliveryState(state)
 	d.NextAttempt, d.Expires, d.Created, d.Updated = fromMS(next), fromMS(exp), fromMS(created), fromMS(updated)
 	return &d, nil
+}
+
+// PeekDelivery returns the delivery ClaimDelivery would take, unclaimed.
+// A read, one query when there is one: it waits for no write.
+func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim store.Limits) (*store.Delivery, error) {
+	var maxLen, lowest any // NULL: no limit
+	if lim.MaxContentLength != nil {
+		maxLen = int64(*lim.MaxContentLength)
+	}
+	if lim.LowestPriority != nil {
+		lowest = int64(*lim.LowestPriority)
+	}
+	var next sql.NullInt64
+	d, err := scanDelivery(s.queryRow(ctx, nil, qPeek, addr, string(store.DeliveryQueued), ms(now), maxLen, lowest,
+		string(store.DeliveryInFlight)), &next)
+	if errors.Is(err, sql.ErrNoRows) {
+		var busy int
+		if err := s.queryRow(ctx, nil, qInFlight, addr, string(store.DeliveryInFlight)).Scan(&busy); err != nil {
+			return nil, fmt.Errorf("sqlite: peek: %w", err)
+		}
+		if busy > 0 {
+			return nil, fmt.Errorf("%w: device %d", store.ErrBusy, addr)
+		}
+		return nil, fmt.Errorf("%w: no due delivery for device %d", store.ErrNotFound, addr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: peek: %w", err)
+	}
+	if lim.InstanceIDs != nil {
+		switch n := lim.InstanceIDs(d); {
+		case n < 0 || n > 256:
+			return nil, fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+		case n > 0 && !next.Valid:
+			return nil, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+		case n > 0:
+			d.InstanceBase = uint8(next.Int64)
+		}
+	}
+	return d, nil
 }
 
 // ClaimDelivery takes a device's oldest due delivery within lim.
@@ -1095,6 +1216,16 @@ func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim 
 		if _, err := s.exec(ctx, tx, qClaim, string(store.DeliveryInFlight), ms(now), d.ID); err != nil {
 			return fmt.Errorf("sqlite: claim: %w", err)
 		}
+		if lim.InstanceIDs != nil {
+			switch n := lim.InstanceIDs(d); {
+			case n < 0 || n > 256:
+				return fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+			case n > 0:
+				if d.InstanceBase, err = s.reserveIDs(ctx, tx, addr, n); err != nil {
+					return err
+				}
+			}
+		}
 		d.State, d.Attempts, d.Updated = store.DeliveryInFlight, d.Attempts+1, now
 		out = d
 		return nil
@@ -1123,18 +1254,29 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 		if store.DeliveryState(state) != from {
 			return fmt.Errorf("%w: delivery %d is %s, not %s", store.ErrConflict, id, state, from)
 		}
-		undo := 0
+		undo, attempted := 0, 0
 		if r.State == store.DeliveryQueued && r.Requeue {
 			undo = 1
+		}
+		if r.Attempted && from == store.DeliveryQueued {
+			if r.InstanceIDs < 0 || r.InstanceIDs > 256 {
+				return fmt.Errorf("%w: %d instance ids", store.ErrInvalid, r.InstanceIDs)
+			}
+			attempted = 1
 		}
 		next := r.NextAttempt
 		if r.State != store.DeliveryQueued {
 			next = time.Time{}
 		}
 		_, err = s.exec(ctx, tx, qFinishDelivery,
-			string(r.State), ms(next), r.Error, undo, ms(now), id)
+			string(r.State), ms(next), r.Error, undo, attempted, ms(now), id)
 		if err != nil {
 			return fmt.Errorf("sqlite: finish delivery: %w", err)
+		}
+		if attempted > 0 && r.InstanceIDs > 0 {
+			if _, err := s.reserveIDs(ctx, tx, dev, r.InstanceIDs); err != nil && !errors.Is(err, store.ErrNotFound) {
+				return err // (a device removed meanwhile has no counter left)
+			}
 		}
 		if r.Status != 0 {
 			_, err = s.exec(ctx, tx, qRecordStatus, dev, msgID, r.Status, ms(now))

@@ -19,13 +19,13 @@ import (
 func hotStatements() []string {
 	return []string{
 		qPing, qSavepoint, qReleaseSavepoint, qRollbackSavepoint,
-		qBumpRegistry, qInsertAlias, qAddDevice, qUpdateDevice, qDeleteAliases, qDeleteDevice,
+		qBumpRegistry, qLogChange, qPruneChanges, qSetLogFrom, qChangesSince, qLogFrom, qInsertAlias, qAddDevice, qUpdateDevice, qDeleteAliases, qDeleteDevice,
 		qDevice, qDeviceAliases, qDevices, qAliases, qSetControl, qRegistryVersion, qContact, qSetContact, qTouchContact,
 		qInstanceNext, qInstanceSet, qCounter, qCounterSet,
 		qDedupe, qAddSubmission, qResolveSubmission, qSubmissionExists, qPendingSubmissions,
 		qInsertDelivery, qInsertRelayMessage, qInsertRelay,
 		qWakeWaiting, qWake, qNextDue, qQueuedDevices, qChangedDevices, qDeviceNextDue,
-		qInFlight, qClaimable, qClaim, qDeliveryState, qFinishDelivery, qRecordStatus,
+		qInFlight, qClaimable, qPeek, qClaim, qDeliveryState, qFinishDelivery, qRecordStatus,
 		qExpiredDeliveries, qQueuedDeliveries, qDeliveryStatus,
 		qDueRelays, qClaimRelay, qFinishRelay, qExpiredRelays,
 	}

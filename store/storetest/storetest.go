@@ -30,6 +30,7 @@ func Run(t *testing.T, open Open) {
 	}{
 		{"Registry", testRegistry},
 		{"Contacts", testContacts},
+		{"RegistryChanges", testRegistryChanges},
 		{"InstanceIDs", testInstanceIDs},
 		{"MessageNumbers", testMessageNumbers},
 		{"Submissions", testSubmissions},
@@ -286,6 +287,53 @@ func testRegistry(t *testing.T, s store.Store) {
 	must(t, s.AddDevice(ctx, dev(198038, "127.0.0.13", "alice@example.net")))
 }
 
+func testRegistryChanges(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	changes := func(since int64) (int64, []uint32) {
+		t.Helper()
+		v, addrs, ok, err := s.RegistryChanges(ctx, since)
+		must(t, err)
+		if !ok {
+			t.Fatalf("changes since %d: not held", since)
+		}
+		return v, addrs
+	}
+	v0, err := s.RegistryVersion(ctx)
+	must(t, err)
+	if v, addrs := changes(v0); v != v0 || len(addrs) != 0 {
+		t.Fatalf("changes since the current version %d: version %d, %v", v0, v, addrs)
+	}
+	must(t, s.AddDevice(ctx, dev(7, "127.0.0.7")))
+	v1, addrs := changes(v0)
+	if !slices.Equal(addrs, []uint32{7}) {
+		t.Errorf("after adding 7: %v", addrs)
+	}
+	must(t, s.AddDevice(ctx, dev(3, "127.0.0.3")))
+	must(t, s.UpdateDevice(ctx, dev(7, "127.0.0.8")))
+	must(t, s.RemoveDevice(ctx, 3))
+	must(t, s.AddDevice(ctx, dev(9, "127.0.0.9")))
+	must(t, s.SetDeliveryControl(ctx, 9, store.DeliveryControl{}))
+	v2, addrs := changes(v1)
+	if !slices.Equal(addrs, []uint32{3, 7, 9}) {
+		t.Errorf("changes since %d: %v, want 3 7 9 (each once, in order)", v1, addrs)
+	}
+	if cur, _ := s.RegistryVersion(ctx); v2 != cur {
+		t.Errorf("changes up to version %d, current %d", v2, cur)
+	}
+	// An import logs its batch; a failed edit logs nothing.
+	_, err = s.ImportDevices(ctx, []*store.Device{dev(12, "127.0.0.12"), dev(11, "127.0.0.11")}, false)
+	must(t, err)
+	wantErr(t, s.RemoveDevice(ctx, 3), store.ErrNotFound)
+	wantErr(t, s.AddDevice(ctx, dev(7, "127.0.0.7")), store.ErrExists)
+	if _, addrs = changes(v2); !slices.Equal(addrs, []uint32{11, 12}) {
+		t.Errorf("changes since %d: %v, want 11 12", v2, addrs)
+	}
+	// A version the store never had: read the whole registry.
+	if _, _, ok, err := s.RegistryChanges(ctx, v2+1000); err != nil || ok {
+		t.Errorf("changes since a future version: ok %v, %v", ok, err)
+	}
+}
+
 func testInstanceIDs(t *testing.T, s store.Store) {
 	ctx := context.Background()
 	must(t, s.AddDevice(ctx, dev(1, "127.0.0.1")))
@@ -302,6 +350,64 @@ func testInstanceIDs(t *testing.T, s store.Store) {
 	wantErr(t, err, store.ErrNotFound)
 	_, err = s.ReserveInstanceIDs(ctx, 1, 0)
 	wantErr(t, err, store.ErrInvalid)
+
+	// A claim reserves what Limits.InstanceIDs asks for, from the same
+	// counter, in its own write; a count out of range undoes the claim.
+	must(t, s.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{
+		delivery(1, "L:a", t0), delivery(1, "L:b", t0), delivery(1, "L:c", t0)}}))
+	var asked []string
+	ids := func(n int) store.Limits {
+		return store.Limits{InstanceIDs: func(d *store.Delivery) int {
+			asked = append(asked, d.MessageID)
+			return n
+		}}
+	}
+	_, err = s.ClaimDelivery(ctx, 1, t0, ids(257))
+	wantErr(t, err, store.ErrInvalid)
+	c, err := s.ClaimDelivery(ctx, 1, t0, ids(3))
+	must(t, err)
+	if c.MessageID != "L:a" || c.Attempts != 1 || int(c.InstanceBase) != want%256 {
+		t.Fatalf("claimed %s (attempt %d) with instance ids from %d, want L:a (1) from %d", c.MessageID, c.Attempts, c.InstanceBase, want%256)
+	}
+	want += 3
+	must(t, s.FinishDelivery(ctx, c.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered}))
+	c, err = s.ClaimDelivery(ctx, 1, t0, ids(0)) // none needed: the counter stays
+	must(t, err)
+	must(t, s.FinishDelivery(ctx, c.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered}))
+	if got, err := s.ReserveInstanceIDs(ctx, 1, 1); err != nil || int(got) != want%256 {
+		t.Fatalf("reserve after claims: first %d (%v), want %d", got, err, want%256)
+	}
+	if !slices.Equal(asked[len(asked)-2:], []string{"L:a", "L:b"}) || asked[0] != "L:a" {
+		t.Errorf("asked for the instance ids of %v", asked)
+	}
+	want++
+
+	// A peek takes nothing: the same delivery and ids twice; its outcome,
+	// finished from queued, counts the attempt and reserves the ids.
+	for range 2 {
+		p, err := s.PeekDelivery(ctx, 1, t0, ids(2))
+		must(t, err)
+		if p.MessageID != "L:c" || p.State != store.DeliveryQueued || p.Attempts != 0 || int(p.InstanceBase) != want%256 {
+			t.Fatalf("peeked %s (%s, attempt %d) with instance ids from %d, want L:c (queued, 0) from %d",
+				p.MessageID, p.State, p.Attempts, p.InstanceBase, want%256)
+		}
+	}
+	p, err := s.PeekDelivery(ctx, 1, t0, store.Limits{})
+	must(t, err)
+	must(t, s.FinishDelivery(ctx, p.ID, store.DeliveryQueued, store.DeliveryResult{State: store.DeliveryQueued,
+		NextAttempt: t0, Attempted: true, InstanceIDs: 2}))
+	want += 2
+	c, err = s.ClaimDelivery(ctx, 1, t0, ids(1))
+	must(t, err)
+	if c.MessageID != "L:c" || c.Attempts != 2 || int(c.InstanceBase) != want%256 {
+		t.Errorf("claimed %s (attempt %d) with instance ids from %d after a peeked attempt, want L:c (2) from %d",
+			c.MessageID, c.Attempts, c.InstanceBase, want%256)
+	}
+	_, err = s.PeekDelivery(ctx, 1, t0, store.Limits{})
+	wantErr(t, err, store.ErrBusy)
+	must(t, s.FinishDelivery(ctx, c.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered}))
+	_, err = s.PeekDelivery(ctx, 1, t0, store.Limits{})
+	wantErr(t, err, store.ErrNotFound)
 }
 
 func testMessageNumbers(t *testing.T, s store.Store) {
