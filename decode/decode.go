@@ -523,13 +523,13 @@ func result(op emsd.Operation, b []byte, o emsd.Options, e *EMSDInfo) bool {
 		e.PDU = "DeliveryVerifyResult"
 		var r emsd.DeliveryVerifyResult
 		if err = r.Unmarshal(b, o); err == nil {
-			e.Status = deliveryStatus(r.Status)
+			e.Status = r.Status.String()
 		}
 	case emsd.OpSubmissionVerify:
 		e.PDU = "SubmissionVerifyResult"
 		var r emsd.SubmissionVerifyResult
 		if err = r.Unmarshal(b, o); err == nil {
-			e.Status = submissionStatus(r.Status)
+			e.Status = r.Status.String()
 		}
 	default:
 		if len(b) > 0 {
@@ -700,28 +700,6 @@ func waitingName(w emsd.WaitingMessages) string {
 		return "none"
 	}
 	return out
-}
-
-func deliveryStatus(s emsd.DeliveryStatus) string {
-	switch s {
-	case emsd.NoReportSent:
-		return "no-report-sent"
-	case emsd.DeliveryReportSent:
-		return "delivery-report-sent"
-	case emsd.NonDeliveryReportSent:
-		return "non-delivery-report-sent"
-	}
-	return strconv.FormatUint(uint64(s), 10)
-}
-
-func submissionStatus(s emsd.SubmissionStatus) string {
-	switch s {
-	case emsd.SendMessage:
-		return "send-message"
-	case emsd.DropMessage:
-		return "drop-message"
-	}
-	return strconv.FormatUint(uint64(s), 10)
 }
 
 // Plausible reports whether a datagram on a port outside the selection

@@ -223,6 +223,20 @@ const (
 	NonDeliveryReportSent DeliveryStatus = 3
 )
 
+// String returns the status as the tools show it (no-report-sent,
+// delivery-report-sent, non-delivery-report-sent), or its number.
+func (s DeliveryStatus) String() string {
+	switch s {
+	case NoReportSent:
+		return "no-report-sent"
+	case DeliveryReportSent:
+		return "delivery-report-sent"
+	case NonDeliveryReportSent:
+		return "non-delivery-report-sent"
+	}
+	return strconv.FormatUint(uint64(s), 10)
+}
+
 // SubmissionStatus is the SubmissionVerifyResult status (§5).
 type SubmissionStatus uint32
 
@@ -230,6 +244,18 @@ const (
 	SendMessage SubmissionStatus = 1
 	DropMessage SubmissionStatus = 2
 )
+
+// String returns the status as the tools show it (send-message,
+// drop-message), or its number.
+func (s SubmissionStatus) String() string {
+	switch s {
+	case SendMessage:
+		return "send-message"
+	case DropMessage:
+		return "drop-message"
+	}
+	return strconv.FormatUint(uint64(s), 10)
+}
 
 // Restrict is DeliveryControlArgument.restrict (§5).
 type Restrict uint32

@@ -494,7 +494,7 @@ func uaVerify(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return d.outcome(env, "verify", err)
 	}
-	fmt.Fprintf(env.stdout, "status=%d %s\n", st, uaStatusName(st))
+	fmt.Fprintf(env.stdout, "status=%d %s\n", st, st)
 	if st == emsd.NoReportSent {
 		// The protocol cannot tell an id the server never saw from a
 		// message not reported on yet: say so, and exit 1 so that a
@@ -504,16 +504,4 @@ func uaVerify(ctx context.Context, env *cmdEnv, args []string) int {
 		return exitFailed
 	}
 	return exitOK
-}
-
-func uaStatusName(s emsd.DeliveryStatus) string {
-	switch s {
-	case emsd.NoReportSent:
-		return "no-report-sent"
-	case emsd.DeliveryReportSent:
-		return "delivery-report-sent"
-	case emsd.NonDeliveryReportSent:
-		return "non-delivery-report-sent"
-	}
-	return "unknown"
 }
