@@ -49,27 +49,10 @@ func BenchmarkSubmit(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			work := make(chan struct{}, b.N)
-			for range b.N {
-				work <- struct{}{}
-			}
-			close(work)
-			b.ResetTimer()
-			start := time.Now()
-			var wg sync.WaitGroup
-			for _, d := range devs {
-				wg.Go(func() {
-					for range work {
-						if _, err := d.ua.Submit(context.Background(), msg); err != nil {
-							b.Error(err)
-							return
-						}
-					}
-				})
-			}
-			wg.Wait()
-			b.StopTimer()
-			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "submissions/s")
+			perDevice(b, devs, "submissions/s", func(d *testDevice) error {
+				_, err := d.ua.Submit(context.Background(), msg)
+				return err
+			})
 		})
 	}
 }
@@ -102,27 +85,36 @@ func BenchmarkPoll(b *testing.B) {
 				}
 				devs = append(devs, d)
 			}
-			work := make(chan struct{}, b.N)
-			for range b.N {
-				work <- struct{}{}
-			}
-			close(work)
-			b.ResetTimer()
-			start := time.Now()
-			var wg sync.WaitGroup
-			for _, d := range devs {
-				wg.Go(func() {
-					for range work {
-						if _, err := d.ua.DeliveryControl(context.Background(), nil); err != nil {
-							b.Error(err)
-							return
-						}
-					}
-				})
-			}
-			wg.Wait()
-			b.StopTimer()
-			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "polls/s")
+			perDevice(b, devs, "polls/s", func(d *testDevice) error {
+				_, err := d.ua.DeliveryControl(context.Background(), nil)
+				return err
+			})
 		})
 	}
+}
+
+// perDevice runs b.N operations shared among the devices, each device on
+// its own goroutine, and reports them per second as unit.
+func perDevice(b *testing.B, devs []*testDevice, unit string, op func(*testDevice) error) {
+	work := make(chan struct{}, b.N)
+	for range b.N {
+		work <- struct{}{}
+	}
+	close(work)
+	b.ResetTimer()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for _, d := range devs {
+		wg.Go(func() {
+			for range work {
+				if err := op(d); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), unit)
 }
