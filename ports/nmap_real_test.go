@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/xml"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,12 +11,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/ports"
 	"github.com/esro-emsdp/emsdp/ports/portstest"
-	"github.com/esro-emsdp/emsdp/server"
-	"github.com/esro-emsdp/emsdp/ua"
 )
 
 type nmapRun struct {
@@ -57,29 +52,7 @@ func TestNmapReal(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	cfg := server.DefaultConfig()
-	cfg.Data = t.TempDir()
-	cfg.EMSD.Listen, cfg.SMTP.Listen, cfg.Admin.Listen = "127.0.0.1:0", "", ""
-	srv, err := server.Start(t.Context(), cfg, server.Options{Logger: quiet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-	})
-	devEP, err := esro.Listen("udp", "127.0.0.1:0", &esro.Config{Logger: quiet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { devEP.Close() })
-	dev, err := ua.New(devEP, ua.Config{Server: srv.Addrs().EMSD, Address: emsd.Address(198036), Logger: quiet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dev.Close() })
+	srv, devEP := startServerAndDevice(t)
 	engine := portstest.NewEndpoint(t, map[uint8]esro.Handshake{13: esro.ThreeWay},
 		func(_ context.Context, w esro.ResponseWriter, inv *esro.Invocation) { w.Result(inv.Encoding, inv.Data) })
 

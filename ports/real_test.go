@@ -19,32 +19,7 @@ import (
 // with its SQLite store) is identified as an EMSD server, and the device
 // client (package ua) as an EMSD device.
 func TestProbeRealServerAndDevice(t *testing.T) {
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	cfg := server.DefaultConfig()
-	cfg.Data = t.TempDir()
-	cfg.EMSD.Listen = "127.0.0.1:0"
-	cfg.SMTP.Listen = "" // off
-	cfg.Admin.Listen = ""
-	srv, err := server.Start(t.Context(), cfg, server.Options{Logger: quiet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-	})
-
-	ep, err := esro.Listen("udp", "127.0.0.1:0", &esro.Config{Logger: quiet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ep.Close() })
-	dev, err := ua.New(ep, ua.Config{Server: srv.Addrs().EMSD, Address: emsd.Address(198036), Logger: quiet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dev.Close() })
+	srv, ep := startServerAndDevice(t)
 
 	for _, tc := range []struct {
 		name    string
@@ -62,4 +37,34 @@ func TestProbeRealServerAndDevice(t *testing.T) {
 			}
 		})
 	}
+}
+
+// startServerAndDevice starts an EMSD server (EMSD only, on loopback) and
+// a device client of it, both closed at cleanup.
+func startServerAndDevice(t *testing.T) (*server.Server, *esro.Endpoint) {
+	t.Helper()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	cfg := server.DefaultConfig()
+	cfg.Data = t.TempDir()
+	cfg.EMSD.Listen, cfg.SMTP.Listen, cfg.Admin.Listen = "127.0.0.1:0", "", ""
+	srv, err := server.Start(t.Context(), cfg, server.Options{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	})
+	ep, err := esro.Listen("udp", "127.0.0.1:0", &esro.Config{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ep.Close() })
+	dev, err := ua.New(ep, ua.Config{Server: srv.Addrs().EMSD, Address: emsd.Address(198036), Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dev.Close() })
+	return srv, ep
 }
