@@ -397,26 +397,7 @@ func smtpTLSExchange(ctx context.Context, sink *smtpSink, roots *x509.CertPool, 
 			return err
 		}
 		defer c.Close()
-		if err := c.Auth(sasl.NewPlainClient("", plainDevice.String(), devPassword)); err != nil {
-			return err
-		}
-		if err := c.Mail(from, nil); err != nil {
-			return err
-		}
-		if err := c.Rcpt(to, nil); err != nil {
-			return err
-		}
-		w, err := c.Data()
-		if err != nil {
-			return err
-		}
-		if _, err := w.Write(msg); err != nil {
-			return err
-		}
-		if err := w.Close(); err != nil {
-			return err
-		}
-		return c.Quit()
+		return smtpTransaction(c, sasl.NewPlainClient("", plainDevice.String(), devPassword), from, to, msg)
 	}()
 	if err != nil {
 		return exchange{}, fmt.Errorf("smtp: %w", err)
@@ -429,23 +410,7 @@ func smtpTLSExchange(ctx context.Context, sink *smtpSink, roots *x509.CertPool, 
 	case <-ctx.Done():
 		return exchange{}, ctx.Err()
 	}
-	x := exchange{payload: in + out}
-	if segErr != nil {
-		return x, nil
-	}
-	select {
-	case <-time.After(50 * time.Millisecond):
-	case <-ctx.Done():
-		return exchange{}, ctx.Err()
-	}
-	seg1, err := tcpOutSegs()
-	if err != nil {
-		return exchange{}, err
-	}
-	x.units = int(seg1 - seg0)
-	x.packets = x.units
-	x.wire = x.payload + x.units*(ipv4Header+tcpHeaderTS)
-	return x, nil
+	return tcpExchange(ctx, in+out, seg0, segErr)
 }
 
 // ---- invocations per second ----

@@ -286,7 +286,14 @@ func smtpExchange(ctx context.Context, sink *smtpSink, auth sasl.Client, from, t
 	case <-ctx.Done():
 		return exchange{}, fmt.Errorf("waiting for the server to close: %w", ctx.Err())
 	}
-	x := exchange{payload: in + out}
+	return tcpExchange(ctx, in+out, seg0, segErr)
+}
+
+// tcpExchange is what a finished TCP session cost: its payload octets,
+// and, where the kernel's segment counter can be read (segErr nil), the
+// segments sent since seg0 and their octets on the wire.
+func tcpExchange(ctx context.Context, payload int, seg0 uint64, segErr error) (exchange, error) {
+	x := exchange{payload: payload}
 	if segErr != nil {
 		return x, nil
 	}

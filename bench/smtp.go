@@ -125,6 +125,12 @@ func smtpSession(c *smtp.Client, auth sasl.Client, from, to string, msg []byte) 
 	if err := c.Hello("device." + benchDomain); err != nil {
 		return err
 	}
+	return smtpTransaction(c, auth, from, to, msg)
+}
+
+// smtpTransaction authenticates (auth nil: not), sends msg and quits, on
+// a client that has said hello.
+func smtpTransaction(c *smtp.Client, auth sasl.Client, from, to string, msg []byte) error {
 	if auth != nil {
 		if err := c.Auth(auth); err != nil {
 			return err
