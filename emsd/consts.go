@@ -224,7 +224,8 @@ const (
 )
 
 // String returns the status as the tools show it (no-report-sent,
-// delivery-report-sent, non-delivery-report-sent), or its number.
+// delivery-report-sent, non-delivery-report-sent), or "unknown-N" for a
+// value the protocol does not define (a tool prints the number beside it).
 func (s DeliveryStatus) String() string {
 	switch s {
 	case NoReportSent:
@@ -234,7 +235,7 @@ func (s DeliveryStatus) String() string {
 	case NonDeliveryReportSent:
 		return "non-delivery-report-sent"
 	}
-	return strconv.FormatUint(uint64(s), 10)
+	return "unknown-" + strconv.FormatUint(uint64(s), 10)
 }
 
 // SubmissionStatus is the SubmissionVerifyResult status (§5).
@@ -246,7 +247,7 @@ const (
 )
 
 // String returns the status as the tools show it (send-message,
-// drop-message), or its number.
+// drop-message), or "unknown-N" for a value the protocol does not define.
 func (s SubmissionStatus) String() string {
 	switch s {
 	case SendMessage:
@@ -254,7 +255,7 @@ func (s SubmissionStatus) String() string {
 	case DropMessage:
 		return "drop-message"
 	}
-	return strconv.FormatUint(uint64(s), 10)
+	return "unknown-" + strconv.FormatUint(uint64(s), 10)
 }
 
 // Restrict is DeliveryControlArgument.restrict (§5).
