@@ -1,6 +1,123 @@
 package store
 
-import "fmt"
+import (
+	"fmt"
+	"time"
+)
+
+// QueueKind names one of the two queues an operator looks at.
+type QueueKind string
+
+// Queue kinds.
+const (
+	QueueDelivery QueueKind = "delivery" // a message for a device
+	QueueRelay    QueueKind = "relay"    // one Internet recipient of a message for the smarthost
+)
+
+// QueueRef names one queue entry. Ids are unique within a kind only.
+type QueueRef struct {
+	Kind QueueKind
+	ID   int64
+}
+
+// DefaultQueueLimit is ListQueue's limit when the filter sets none.
+const DefaultQueueLimit = 1000
+
+// QueueFilter selects the entries ListQueue lists.
+type QueueFilter struct {
+	Kind QueueKind // "" = both queues
+	// States lists the states wanted, as stored (DeliveryState and
+	// RelayState values, matched in both queues); empty = every state.
+	States []string
+	Device uint32 // non-zero: deliveries to this device only (no relays)
+	Limit  int    // at most this many entries; 0 = DefaultQueueLimit
+}
+
+// QueueEntry is one delivery or relay recipient as an operator sees it.
+type QueueEntry struct {
+	Ref            QueueRef
+	State          string  // a DeliveryState or a RelayState
+	Device         uint32  // delivery: the device delivered to
+	Recipient      string  // relay: the Internet recipient
+	From           string  // relay: the envelope sender ("" = null sender)
+	MessageRef     int64   // relay: the message, shared by its recipients
+	MessageID      string  // delivery: the id it carries; relay: Report.MessageID ("" for a DSN)
+	ContentType    uint32  // delivery
+	Priority       uint8   // delivery
+	SubmissionTime *uint32 // delivery
+	Size           int     // octets of the content (delivery) or the message (relay)
+	Attempts       int
+	NextAttempt    time.Time // meaningful while queued
+	Expires        time.Time
+	Created        time.Time // queued at
+	Updated        time.Time
+	LastError      string
+	// Owner is the node id of the server that has the entry in flight
+	// (PostgreSQL; 0 = none, and always 0 with SQLite).
+	Owner int32
+	// Report and Content are filled in by QueueEntry only: ListQueue
+	// leaves them empty.
+	Report  Report
+	Content []byte // the content (delivery) or the RFC 5322 message (relay)
+}
+
+// QueueList is ListQueue's answer.
+type QueueList struct {
+	// Entries are the first entries matching, oldest first (queueing
+	// time, then kind and id), at most the filter's limit.
+	Entries []QueueEntry
+	// Counts are all entries matching, limit or not, by kind and state.
+	Counts map[QueueKind]map[string]int
+}
+
+// Matched is the number of entries matching the filter.
+func (l QueueList) Matched() int {
+	n := 0
+	for _, byState := range l.Counts {
+		for _, c := range byState {
+			n += c
+		}
+	}
+	return n
+}
+
+// Truncated reports whether the limit left matching entries out.
+func (l QueueList) Truncated() bool { return l.Matched() > len(l.Entries) }
+
+// QueueSelect chooses the entries RetryQueued acts on: the entries of
+// Refs, or every entry (All), or every delivery to Device.
+type QueueSelect struct {
+	Refs   []QueueRef
+	All    bool
+	Device uint32
+	// Kind, with All, keeps to one queue ("" = both): SIGHUP re-attempts
+	// the deferred relays only.
+	Kind QueueKind
+	// Force also takes the selected entries that are in flight back into
+	// the queue, whoever holds them: for an operator who knows the server
+	// holding them will never finish them, and for a server that finds
+	// its own entries in flight with no worker on them. The holder's
+	// outcome, should it come after all, is then refused (ErrConflict),
+	// and the entry is attempted again: a device or smarthost may get it
+	// twice.
+	Force bool
+}
+
+// QueueChange says what RetryQueued or RemoveQueued did.
+type QueueChange struct {
+	Changed  int // queued entries made due, or removed
+	InFlight int // entries selected but in flight: left alone
+	Forced   int // in-flight entries taken back (Force; counted in Changed too)
+	// Skipped are the Refs given that were left alone, with their state
+	// (in flight or finished); State "" = no such entry.
+	Skipped []QueueSkip
+}
+
+// QueueSkip is one entry named but left alone.
+type QueueSkip struct {
+	Ref   QueueRef
+	State string
+}
 
 // The checks every backend makes on the arguments of the operator's queue
 // methods (ListQueue, RetryQueued, RemoveQueued), so that all refuse the
