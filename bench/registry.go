@@ -86,7 +86,7 @@ func fakeDevices(n int) ([]*store.Device, error) {
 
 // writeDevices writes devs as `emsdp device import` does: batches by
 // concurrent writers.
-func writeDevices(ctx context.Context, db store.Store, devs []*store.Device) (time.Duration, error) {
+func writeDevices(ctx context.Context, db store.Registry, devs []*store.Device) (time.Duration, error) {
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	var mu sync.Mutex

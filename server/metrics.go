@@ -150,13 +150,13 @@ func newMetrics() *metrics {
 
 // storeCollector reports queue depths at scrape time.
 type storeCollector struct {
-	st         store.Store
+	st         store.Maintenance
 	deliveries *prometheus.Desc
 	relays     *prometheus.Desc
 	pending    *prometheus.Desc
 }
 
-func newStoreCollector(st store.Store) *storeCollector {
+func newStoreCollector(st store.Maintenance) *storeCollector {
 	return &storeCollector{
 		st: st,
 		deliveries: prometheus.NewDesc("emsd_queue_deliveries", "Deliveries to devices in the store, by state.",

@@ -48,10 +48,27 @@ type Recovered struct {
 	Relays     int // sending relays re-queued
 }
 
-// Store is the durable state of the server. All methods are safe for
-// concurrent use, also by several processes on one database (the device
-// commands edit the registry while the server runs).
+// Store is the durable state of the server: every part, as one handle.
+// All methods are safe for concurrent use, also by several processes on
+// one database (the device commands edit the registry while the server
+// runs). A consumer that needs only a part takes that part's interface.
 type Store interface {
+	Registry
+	Counters
+	Submissions
+	Enqueuer
+	Deliveries
+	Relays
+	QueueAdmin
+	Maintenance
+	Close() error
+}
+
+// Registry is the device registry: the devices, their aliases and
+// delivery control, the change log a server follows the registry by, and
+// where each device was last heard from. The device commands and the
+// server's registry use it.
+type Registry interface {
 	// AddDevice adds d (ErrExists when the address or an alias is taken).
 	AddDevice(ctx context.Context, d *Device) error
 	// UpdateDevice replaces d's registry fields (password hash, network
@@ -97,6 +114,11 @@ type Store interface {
 	// DeviceContact returns a device's contact (zero when never heard;
 	// ErrNotFound: no such device).
 	DeviceContact(ctx context.Context, addr uint32) (Contact, error)
+}
+
+// Counters are the persistent counters the server draws identifiers
+// from, so that they never repeat across restarts or across servers.
+type Counters interface {
 	// ReserveInstanceIDs reserves n consecutive instance ids (mod 256) for
 	// operations towards a device and returns the first. The counter is
 	// persistent, so ids keep advancing across restarts (docs/protocol.md EMSD §1.5).
@@ -106,7 +128,11 @@ type Store interface {
 	// across restarts and across servers sharing the store. Numbers may
 	// skip.
 	NextMessageNumber(ctx context.Context, t time.Time) (uint32, error)
+}
 
+// Submissions are the messages devices submit, from the commit before
+// the RESULT until they are released into the queues or dropped.
+type Submissions interface {
 	// AddSubmission commits a submission in state pending and assigns its
 	// local message id. If the same device submitted the same instance id
 	// and content hash at or after dedupeSince, it returns that submission
@@ -123,10 +149,17 @@ type Store interface {
 	// received; never those a live server sharing the store is still
 	// confirming.
 	PendingSubmissions(ctx context.Context, before time.Time) ([]*Submission, error)
+}
 
+// Enqueuer queues new work on its own: mail arriving from the Internet.
+type Enqueuer interface {
 	// Enqueue writes w atomically.
 	Enqueue(ctx context.Context, w Work) error
+}
 
+// Deliveries is the per-device delivery queue as the delivery scheduler
+// and the delivery-control handlers use it.
+type Deliveries interface {
 	// WakeDevice makes every queued delivery of the device due at now
 	// (docs/protocol.md EMSD §9.4) and returns how many it moved.
 	WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, error)
@@ -173,7 +206,11 @@ type Store interface {
 	// DeliveryStatus returns the status recorded for a message id
 	// delivered to a device (ErrNotFound: none).
 	DeliveryStatus(ctx context.Context, addr uint32, messageID string) (uint8, error)
+}
 
+// Relays is the outbound queue of Internet recipients the relay worker
+// sends to the smarthost.
+type Relays interface {
 	// ClaimRelays moves up to limit due queued relay recipients to
 	// sending, counts an attempt each and returns them grouped by message.
 	ClaimRelays(ctx context.Context, now time.Time, limit int) ([]*RelayBatch, error)
@@ -184,7 +221,11 @@ type Store interface {
 	// ExpiredRelays lists queued relay recipients whose expiry is at or
 	// before now, grouped by message.
 	ExpiredRelays(ctx context.Context, now time.Time, limit int) ([]*RelayBatch, error)
+}
 
+// QueueAdmin is the operator's view of both queues (emsdp queue, the
+// admin listener): listing, showing, retrying and removing entries.
+type QueueAdmin interface {
 	// ListQueue lists the entries of the delivery and relay queues that
 	// match f, at most f.Limit (0: DefaultQueueLimit; negative is
 	// ErrInvalid), without reports and contents, and counts all matches.
@@ -203,7 +244,11 @@ type Store interface {
 	// status are made. Entries in flight or finished are left alone and
 	// listed in Skipped.
 	RemoveQueued(ctx context.Context, refs []QueueRef) (QueueChange, error)
+}
 
+// Maintenance is the server's housekeeping: recovery at start, purging
+// finished entries, queue statistics and health.
+type Maintenance interface {
 	// Recover re-queues deliveries and relays left in flight by this
 	// handle or by processes that are gone (stopped without finishing
 	// them); never a live server's work. The server calls it at start,
@@ -215,5 +260,4 @@ type Store interface {
 	Stats(ctx context.Context) (Stats, error)
 	// Ping checks that the store answers.
 	Ping(ctx context.Context) error
-	Close() error
 }

@@ -204,7 +204,7 @@ func (s *importSummary) refusedSnapshot() []importRefusal {
 // writeBatch writes rows in one transaction (store.ImportDevices), each
 // row whole or refused alone; an error is the whole batch failing, none
 // of it written, and its rows are refused.
-func writeBatch(ctx context.Context, db store.Store, rows []*importRow, update bool, sum *importSummary) error {
+func writeBatch(ctx context.Context, db store.Registry, rows []*importRow, update bool, sum *importSummary) error {
 	devs := make([]*store.Device, len(rows))
 	for i, r := range rows {
 		devs[i] = r.dev

@@ -388,7 +388,7 @@ func queueShow(ctx context.Context, env *cmdEnv, args []string) int {
 
 // deviceHeard is where deliveries to a device go now, for queue show and
 // list --device: the device's contact and its age (heardText).
-func deviceHeard(ctx context.Context, db store.Store, addr uint32, lifetime time.Duration) string {
+func deviceHeard(ctx context.Context, db store.Registry, addr uint32, lifetime time.Duration) string {
 	d, err := db.Device(ctx, addr)
 	if errors.Is(err, store.ErrNotFound) {
 		return "- (the device is no longer registered)"
