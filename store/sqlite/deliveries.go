@@ -1,0 +1,348 @@
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+const (
+	qWakeWaiting = `SELECT COUNT(*) FROM (SELECT 1 FROM deliveries
+		WHERE device = ? AND state = ? AND next_attempt > ? LIMIT 1) AS w`
+	qWake = `UPDATE deliveries SET next_attempt = ?, updated = ?
+		WHERE device = ? AND state = ? AND next_attempt > ?`
+	qQueuedDevices = `SELECT device, MIN(next_attempt) FROM deliveries WHERE state = 'queued'
+		GROUP BY device ORDER BY device`
+	// The index on (state, updated), named: without statistics the
+	// planner may prefer the (state, device) order of the GROUP BY and
+	// read the whole queue.
+	qChangedDevices = `SELECT device, MIN(next_attempt) FROM deliveries INDEXED BY deliveries_changed
+		WHERE state = 'queued' AND updated >= ? GROUP BY device ORDER BY device`
+	qDeviceNextDue = `SELECT MIN(next_attempt) FROM deliveries WHERE state = 'queued' AND device = ?`
+	qNextDue       = `SELECT MIN(t) FROM (
+		SELECT MIN(next_attempt) AS t FROM deliveries WHERE state = 'queued' AND next_attempt > ?1
+		UNION ALL SELECT MIN(expires) FROM deliveries WHERE state = 'queued' AND expires > ?1
+		UNION ALL SELECT MIN(next_attempt) FROM relays WHERE state = 'queued' AND next_attempt > ?1
+		UNION ALL SELECT MIN(expires) FROM relays WHERE state = 'queued' AND expires > ?1) AS due`
+)
+
+// WakeDevice makes a device's queued deliveries due now.
+func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, error) {
+	// Every INVOKE wakes its device; usually nothing waits. Look first
+	// without the write lock, which submissions need.
+	var waiting int
+	err := s.queryRow(ctx, nil, qWakeWaiting,
+		addr, string(store.DeliveryQueued), ms(now)).Scan(&waiting)
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: wake device: %w", err)
+	}
+	if waiting == 0 {
+		return 0, nil
+	}
+	var n int64
+	err = s.tx(ctx, func(tx *sql.Tx) error {
+		r, err := s.exec(ctx, tx, qWake,
+			ms(now), ms(now), addr, string(store.DeliveryQueued), ms(now))
+		if err != nil {
+			return fmt.Errorf("sqlite: wake device: %w", err)
+		}
+		n, _ = r.RowsAffected()
+		return nil
+	})
+	return int(n), err
+}
+
+// QueuedDevices lists devices with queued deliveries changed since
+// 'since' (all with the zero time) and their earliest next attempt.
+func (s *DB) QueuedDevices(ctx context.Context, since time.Time) ([]store.DeviceDue, error) {
+	var rows *sql.Rows
+	var err error
+	if since.IsZero() {
+		rows, err = s.query(ctx, nil, qQueuedDevices)
+	} else {
+		rows, err = s.query(ctx, nil, qChangedDevices, ms(since))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: queued devices: %w", err)
+	}
+	defer rows.Close()
+	var out []store.DeviceDue
+	for rows.Next() {
+		var d store.DeviceDue
+		var next int64
+		if err := rows.Scan(&d.Device, &next); err != nil {
+			return nil, fmt.Errorf("sqlite: queued devices: %w", err)
+		}
+		d.Next = fromMS(next)
+		out = append(out, d)
+	}
+	return out, rows.Err()
+}
+
+// DeviceNextDue returns the earliest next attempt of a device's queued
+// deliveries.
+func (s *DB) DeviceNextDue(ctx context.Context, addr uint32) (time.Time, bool, error) {
+	var v sql.NullInt64
+	if err := s.queryRow(ctx, nil, qDeviceNextDue, addr).Scan(&v); err != nil {
+		return time.Time{}, false, fmt.Errorf("sqlite: device next due: %w", err)
+	}
+	if !v.Valid {
+		return time.Time{}, false, nil
+	}
+	return fromMS(v.Int64), true, nil
+}
+
+// NextDue returns the earliest next attempt or expiry after 'after' of
+// queued deliveries and relays.
+func (s *DB) NextDue(ctx context.Context, after time.Time) (time.Time, bool, error) {
+	var v sql.NullInt64
+	err := s.queryRow(ctx, nil, qNextDue, ms(after)).Scan(&v)
+	if err != nil {
+		return time.Time{}, false, fmt.Errorf("sqlite: next due: %w", err)
+	}
+	if !v.Valid {
+		return time.Time{}, false, nil
+	}
+	return fromMS(v.Int64), true, nil
+}
+
+const (
+	deliveryCols = `id, device, message_id, submission_time, content_type, content, priority, state, attempts,
+	next_attempt, expires, created, updated, last_error, report_device, report_mail, report_flags,
+	report_recipient, report_message_id, report_headers, report_dsn`
+	qInFlight = `SELECT COUNT(*) FROM deliveries WHERE device = ? AND state = ?`
+	// A limit left NULL does not restrict.
+	qClaimable = `SELECT ` + deliveryCols + ` FROM deliveries WHERE device = ?1 AND state = ?2 AND next_attempt <= ?3
+		AND (?4 IS NULL OR length(content) <= ?4) AND (?5 IS NULL OR priority >= ?5) ORDER BY id LIMIT 1`
+	// qPeek is qClaimable, with the device's next instance id, unless the
+	// device has a delivery in flight (?6).
+	qPeek = `SELECT ` + deliveryCols + `, (SELECT next_instance FROM devices WHERE address = ?1) FROM deliveries
+		WHERE device = ?1 AND state = ?2 AND next_attempt <= ?3
+		AND (?4 IS NULL OR length(content) <= ?4) AND (?5 IS NULL OR priority >= ?5)
+		AND NOT EXISTS (SELECT 1 FROM deliveries AS f WHERE f.device = ?1 AND f.state = ?6) ORDER BY id LIMIT 1`
+	qClaim          = `UPDATE deliveries SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?`
+	qDeliveryState  = `SELECT device, message_id, state FROM deliveries WHERE id = ?`
+	qFinishDelivery = `UPDATE deliveries SET state = ?, next_attempt = ?, last_error = ?,
+		attempts = MAX(attempts - ? + ?, 0), updated = ? WHERE id = ?`
+	qRecordStatus = `INSERT INTO delivery_status (device, message_id, status, updated) VALUES (?, ?, ?, ?)
+		ON CONFLICT (device, message_id) DO UPDATE SET status = excluded.status, updated = excluded.updated`
+	qExpiredDeliveries = `SELECT ` + deliveryCols + ` FROM deliveries WHERE state = ? AND expires <= ?
+		ORDER BY id LIMIT ?`
+	qQueuedDeliveries = `SELECT content_type, length(content), priority FROM deliveries
+		WHERE device = ? AND state = ? ORDER BY id`
+	qDeliveryStatus = `SELECT status FROM delivery_status WHERE device = ? AND message_id = ?`
+)
+
+// scanDelivery scans the deliveryCols of a row, then extra columns into
+// extra.
+func scanDelivery(sc interface{ Scan(...any) error }, extra ...any) (*store.Delivery, error) {
+	var d store.Delivery
+	var st sql.NullInt64
+	var state string
+	var next, exp, created, updated int64
+	if err := sc.Scan(append([]any{&d.ID, &d.Device, &d.MessageID, &st, &d.ContentType, &d.Content, &d.Priority, &state,
+		&d.Attempts, &next, &exp, &created, &updated, &d.LastError, &d.Report.Device, &d.Report.Mail,
+		&d.Report.Flags, &d.Report.Recipient, &d.Report.MessageID, &d.Report.Headers, &d.Report.DSN}, extra...)...); err != nil {
+		return nil, err
+	}
+	if st.Valid {
+		v := uint32(st.Int64)
+		d.SubmissionTime = &v
+	}
+	d.State = store.DeliveryState(state)
+	d.NextAttempt, d.Expires, d.Created, d.Updated = fromMS(next), fromMS(exp), fromMS(created), fromMS(updated)
+	return &d, nil
+}
+
+// PeekDelivery returns the delivery ClaimDelivery would take, unclaimed.
+// A read, one query when there is one: it waits for no write.
+func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim store.Limits) (*store.Delivery, error) {
+	var maxLen, lowest any // NULL: no limit
+	if lim.MaxContentLength != nil {
+		maxLen = int64(*lim.MaxContentLength)
+	}
+	if lim.LowestPriority != nil {
+		lowest = int64(*lim.LowestPriority)
+	}
+	var next sql.NullInt64
+	d, err := scanDelivery(s.queryRow(ctx, nil, qPeek, addr, string(store.DeliveryQueued), ms(now), maxLen, lowest,
+		string(store.DeliveryInFlight)), &next)
+	if errors.Is(err, sql.ErrNoRows) {
+		var busy int
+		if err := s.queryRow(ctx, nil, qInFlight, addr, string(store.DeliveryInFlight)).Scan(&busy); err != nil {
+			return nil, fmt.Errorf("sqlite: peek: %w", err)
+		}
+		if busy > 0 {
+			return nil, fmt.Errorf("%w: device %d", store.ErrBusy, addr)
+		}
+		return nil, fmt.Errorf("%w: no due delivery for device %d", store.ErrNotFound, addr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: peek: %w", err)
+	}
+	if lim.InstanceIDs != nil {
+		switch n := lim.InstanceIDs(d); {
+		case n < 0 || n > 256:
+			return nil, fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+		case n > 0 && !next.Valid:
+			return nil, fmt.Errorf("%w: device %d", store.ErrNotFound, addr)
+		case n > 0:
+			d.InstanceBase = uint8(next.Int64)
+		}
+	}
+	return d, nil
+}
+
+// ClaimDelivery takes a device's oldest due delivery within lim.
+func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim store.Limits) (*store.Delivery, error) {
+	var out *store.Delivery
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		var busy int
+		err := s.queryRow(ctx, tx, qInFlight, addr, string(store.DeliveryInFlight)).Scan(&busy)
+		if err != nil {
+			return fmt.Errorf("sqlite: claim: %w", err)
+		}
+		if busy > 0 {
+			return fmt.Errorf("%w: device %d", store.ErrBusy, addr)
+		}
+		var maxLen, lowest any // NULL: no limit
+		if lim.MaxContentLength != nil {
+			maxLen = int64(*lim.MaxContentLength)
+		}
+		if lim.LowestPriority != nil {
+			lowest = int64(*lim.LowestPriority)
+		}
+		d, err := scanDelivery(s.queryRow(ctx, tx, qClaimable, addr, string(store.DeliveryQueued), ms(now), maxLen, lowest))
+		if errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("%w: no due delivery for device %d", store.ErrNotFound, addr)
+		}
+		if err != nil {
+			return fmt.Errorf("sqlite: claim: %w", err)
+		}
+		if _, err := s.exec(ctx, tx, qClaim, string(store.DeliveryInFlight), ms(now), d.ID); err != nil {
+			return fmt.Errorf("sqlite: claim: %w", err)
+		}
+		if lim.InstanceIDs != nil {
+			switch n := lim.InstanceIDs(d); {
+			case n < 0 || n > 256:
+				return fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+			case n > 0:
+				if d.InstanceBase, err = s.reserveIDs(ctx, tx, addr, n); err != nil {
+					return err
+				}
+			}
+		}
+		d.State, d.Attempts, d.Updated = store.DeliveryInFlight, d.Attempts+1, now
+		out = d
+		return nil
+	})
+	return out, err
+}
+
+// FinishDelivery applies r to a delivery in state from.
+func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliveryState, r store.DeliveryResult) error {
+	switch r.State {
+	case store.DeliveryQueued, store.DeliveryDelivered, store.DeliveryFailed:
+	default:
+		return fmt.Errorf("%w: delivery result state %q", store.ErrInvalid, r.State)
+	}
+	return s.tx(ctx, func(tx *sql.Tx) error {
+		now := time.Now()
+		var dev uint32
+		var msgID, state string
+		err := s.queryRow(ctx, tx, qDeliveryState, id).Scan(&dev, &msgID, &state)
+		if errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("%w: delivery %d", store.ErrNotFound, id)
+		}
+		if err != nil {
+			return fmt.Errorf("sqlite: finish delivery: %w", err)
+		}
+		if store.DeliveryState(state) != from {
+			return fmt.Errorf("%w: delivery %d is %s, not %s", store.ErrConflict, id, state, from)
+		}
+		undo, attempted := 0, 0
+		if r.State == store.DeliveryQueued && r.Requeue {
+			undo = 1
+		}
+		if r.Attempted && from == store.DeliveryQueued {
+			if r.InstanceIDs < 0 || r.InstanceIDs > 256 {
+				return fmt.Errorf("%w: %d instance ids", store.ErrInvalid, r.InstanceIDs)
+			}
+			attempted = 1
+		}
+		next := r.NextAttempt
+		if r.State != store.DeliveryQueued {
+			next = time.Time{}
+		}
+		_, err = s.exec(ctx, tx, qFinishDelivery,
+			string(r.State), ms(next), r.Error, undo, attempted, ms(now), id)
+		if err != nil {
+			return fmt.Errorf("sqlite: finish delivery: %w", err)
+		}
+		if attempted > 0 && r.InstanceIDs > 0 {
+			if _, err := s.reserveIDs(ctx, tx, dev, r.InstanceIDs); err != nil && !errors.Is(err, store.ErrNotFound) {
+				return err // (a device removed meanwhile has no counter left)
+			}
+		}
+		if r.Status != 0 {
+			_, err = s.exec(ctx, tx, qRecordStatus, dev, msgID, r.Status, ms(now))
+			if err != nil {
+				return fmt.Errorf("sqlite: delivery status: %w", err)
+			}
+		}
+		return s.insertWork(ctx, tx, r.Work, now)
+	})
+}
+
+// ExpiredDeliveries lists queued deliveries past their expiry.
+func (s *DB) ExpiredDeliveries(ctx context.Context, now time.Time, limit int) ([]*store.Delivery, error) {
+	rows, err := s.query(ctx, nil, qExpiredDeliveries, string(store.DeliveryQueued), ms(now), limit)
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: expired deliveries: %w", err)
+	}
+	defer rows.Close()
+	var out []*store.Delivery
+	for rows.Next() {
+		d, err := scanDelivery(rows)
+		if err != nil {
+			return nil, fmt.Errorf("sqlite: expired deliveries: %w", err)
+		}
+		out = append(out, d)
+	}
+	return out, rows.Err()
+}
+
+// QueuedDeliveries summarises a device's queued deliveries.
+func (s *DB) QueuedDeliveries(ctx context.Context, addr uint32) ([]store.DeliveryInfo, error) {
+	rows, err := s.query(ctx, nil, qQueuedDeliveries, addr, string(store.DeliveryQueued))
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: queued deliveries: %w", err)
+	}
+	defer rows.Close()
+	var out []store.DeliveryInfo
+	for rows.Next() {
+		var i store.DeliveryInfo
+		if err := rows.Scan(&i.ContentType, &i.Length, &i.Priority); err != nil {
+			return nil, fmt.Errorf("sqlite: queued deliveries: %w", err)
+		}
+		out = append(out, i)
+	}
+	return out, rows.Err()
+}
+
+// DeliveryStatus returns the recorded status of a delivered message id.
+func (s *DB) DeliveryStatus(ctx context.Context, addr uint32, messageID string) (uint8, error) {
+	var st uint8
+	err := s.queryRow(ctx, nil, qDeliveryStatus, addr, messageID).Scan(&st)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, fmt.Errorf("%w: status of %s", store.ErrNotFound, messageID)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("sqlite: delivery status: %w", err)
+	}
+	return st, nil
+}
