@@ -249,10 +249,3 @@ func (s *DB) requeue(ctx context.Context, owners []int32) (store.Recovered, erro
 	})
 	return rec, err
 }
-
-// Recover re-queues the deliveries and relays left in flight by this
-// handle and by nodes that are gone (their process stopped or lost its
-// database session); the work of other live servers stays theirs.
-func (s *DB) Recover(ctx context.Context) (store.Recovered, error) {
-	return s.requeue(ctx, nil)
-}
