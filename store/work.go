@@ -1,5 +1,7 @@
 package store
 
+import "fmt"
+
 // Report says what to report about a delivery or relay and to whom. The
 // server builds the reports; the store only keeps these values.
 type Report struct {
@@ -23,3 +25,19 @@ type Work struct {
 
 // Empty reports whether w holds nothing.
 func (w Work) Empty() bool { return len(w.Deliveries) == 0 && len(w.Relays) == 0 }
+
+// Validate checks what every backend requires of new work before it is
+// queued.
+func (w Work) Validate() error {
+	for _, d := range w.Deliveries {
+		if d.Device == 0 || d.Expires.IsZero() || d.MessageID == "" {
+			return fmt.Errorf("%w: delivery needs a device, a message id and an expiry", ErrInvalid)
+		}
+	}
+	for _, r := range w.Relays {
+		if r.Expires.IsZero() || len(r.Recipients) == 0 {
+			return fmt.Errorf("%w: relay needs recipients and an expiry", ErrInvalid)
+		}
+	}
+	return nil
+}

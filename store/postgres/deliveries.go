@@ -18,7 +18,7 @@ func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, e
 	var n int64
 	err := s.tx(ctx, func(tx pgx.Tx) error {
 		t, err := tx.Exec(ctx, `UPDATE deliveries SET next_attempt = $1, updated = $1
-			WHERE device = $2 AND state = 'queued' AND next_attempt > $1`, ms(now), int64(addr))
+			WHERE device = $2 AND state = 'queued' AND next_attempt > $1`, store.Millis(now), int64(addr))
 		if err != nil {
 			return errorf("wake device", err)
 		}
@@ -36,7 +36,7 @@ func (s *DB) QueuedDevices(ctx context.Context, since time.Time) ([]store.Device
 	if !since.IsZero() {
 		q = `SELECT device, MIN(next_attempt) FROM deliveries WHERE state = 'queued' AND updated >= $1
 			GROUP BY device ORDER BY device`
-		args = append(args, ms(since))
+		args = append(args, store.Millis(since))
 	}
 	rows, err := s.query(ctx, q, args...)
 	if err != nil {
@@ -46,7 +46,7 @@ func (s *DB) QueuedDevices(ctx context.Context, since time.Time) ([]store.Device
 		var d store.DeviceDue
 		var next int64
 		err := row.Scan(&d.Device, &next)
-		d.Next = fromMS(next)
+		d.Next = store.FromMillis(next)
 		return d, err
 	})
 	if err != nil {
@@ -67,7 +67,7 @@ func (s *DB) DeviceNextDue(ctx context.Context, addr uint32) (time.Time, bool, e
 	if v == nil {
 		return time.Time{}, false, nil
 	}
-	return fromMS(*v), true, nil
+	return store.FromMillis(*v), true, nil
 }
 
 // NextDue returns the earliest next attempt or expiry after 'after' of
@@ -78,14 +78,14 @@ func (s *DB) NextDue(ctx context.Context, after time.Time) (time.Time, bool, err
 		(SELECT MIN(next_attempt) FROM deliveries WHERE state = 'queued' AND next_attempt > $1),
 		(SELECT MIN(expires) FROM deliveries WHERE state = 'queued' AND expires > $1),
 		(SELECT MIN(next_attempt) FROM relays WHERE state = 'queued' AND next_attempt > $1),
-		(SELECT MIN(expires) FROM relays WHERE state = 'queued' AND expires > $1))`, ms(after)).Scan(&v)
+		(SELECT MIN(expires) FROM relays WHERE state = 'queued' AND expires > $1))`, store.Millis(after)).Scan(&v)
 	if err != nil {
 		return time.Time{}, false, errorf("next due", err)
 	}
 	if v == nil {
 		return time.Time{}, false, nil
 	}
-	return fromMS(*v), true, nil
+	return store.FromMillis(*v), true, nil
 }
 
 const deliveryCols = `id, device, message_id, submission_time, content_type, content, priority, state, attempts,
@@ -110,7 +110,7 @@ func scanDelivery(row pgx.CollectableRow) (*store.Delivery, error) {
 	d.MessageID, d.LastError, d.Report.Mail = string(msgID), string(lastErr), string(mail)
 	d.Report.Recipient, d.Report.MessageID, d.Report.DSN = string(rcpt), string(rmsg), string(dsn)
 	d.State = store.DeliveryState(state)
-	d.NextAttempt, d.Expires, d.Created, d.Updated = fromMS(next), fromMS(exp), fromMS(created), fromMS(updated)
+	d.NextAttempt, d.Expires, d.Created, d.Updated = store.FromMillis(next), store.FromMillis(exp), store.FromMillis(created), store.FromMillis(updated)
 	return &d, nil
 }
 
@@ -127,7 +127,7 @@ func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim s
 		return nil, fmt.Errorf("%w: device %d", store.ErrBusy, addr)
 	}
 	q := `SELECT ` + deliveryCols + ` FROM deliveries WHERE device = $1 AND state = 'queued' AND next_attempt <= $2`
-	args := []any{int64(addr), ms(now)}
+	args := []any{int64(addr), store.Millis(now)}
 	if lim.MaxContentLength != nil {
 		args = append(args, int64(*lim.MaxContentLength))
 		q += fmt.Sprintf(` AND octet_length(content) <= $%d`, len(args))
@@ -172,7 +172,7 @@ func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim s
 // FOR UPDATE re-checks a row another writer (wake, expiry) changed.
 func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim store.Limits) (*store.Delivery, error) {
 	q := `SELECT id FROM deliveries WHERE device = $1 AND state = 'queued' AND next_attempt <= $2`
-	args := []any{int64(addr), ms(now), s.nodeID()}
+	args := []any{int64(addr), store.Millis(now), s.nodeID()}
 	if lim.MaxContentLength != nil {
 		args = append(args, int64(*lim.MaxContentLength))
 		q += fmt.Sprintf(` AND octet_length(content) <= $%d`, len(args))
@@ -257,7 +257,7 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 		err := tx.QueryRow(ctx, `UPDATE deliveries SET state = $1, next_attempt = $2, last_error = $3,
 			attempts = GREATEST(attempts - $4, 0), owner = 0, updated = $5
 			WHERE id = $6 AND state = $7 AND (state <> 'inflight' OR owner = $8) RETURNING device, message_id`,
-			string(r.State), ms(next), octets(r.Error), undo, ms(now), id, string(from), s.nodeID()).Scan(&dev, &msgID)
+			string(r.State), store.Millis(next), octets(r.Error), undo, store.Millis(now), id, string(from), s.nodeID()).Scan(&dev, &msgID)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return finishConflict(ctx, tx, id, from)
 		}
@@ -272,7 +272,7 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 		if r.Status != 0 {
 			_, err = tx.Exec(ctx, `INSERT INTO delivery_status (device, message_id, status, updated) VALUES ($1, $2, $3, $4)
 				ON CONFLICT (device, message_id) DO UPDATE SET status = excluded.status, updated = excluded.updated`,
-				int64(dev), msgID, int16(r.Status), ms(now))
+				int64(dev), msgID, int16(r.Status), store.Millis(now))
 			if err != nil {
 				return errorf("delivery status", err)
 			}
@@ -301,7 +301,7 @@ func finishConflict(ctx context.Context, tx pgx.Tx, id int64, from store.Deliver
 // ExpiredDeliveries lists queued deliveries past their expiry.
 func (s *DB) ExpiredDeliveries(ctx context.Context, now time.Time, limit int) ([]*store.Delivery, error) {
 	rows, err := s.query(ctx, `SELECT `+deliveryCols+` FROM deliveries WHERE state = 'queued' AND expires <= $1
-		ORDER BY id LIMIT $2`, ms(now), sqlLimit(limit))
+		ORDER BY id LIMIT $2`, store.Millis(now), sqlLimit(limit))
 	if err != nil {
 		return nil, errorf("expired deliveries", err)
 	}

@@ -18,11 +18,11 @@ func (s *DB) Purge(ctx context.Context, before, statusBefore time.Time) (int, er
 			sql  string
 			args []any
 		}{
-			{`DELETE FROM deliveries WHERE state IN ('delivered', 'failed') AND updated < $1`, []any{ms(before)}},
-			{`DELETE FROM relays WHERE state IN ('sent', 'failed') AND updated < $1`, []any{ms(before)}},
+			{`DELETE FROM deliveries WHERE state IN ('delivered', 'failed') AND updated < $1`, []any{store.Millis(before)}},
+			{`DELETE FROM relays WHERE state IN ('sent', 'failed') AND updated < $1`, []any{store.Millis(before)}},
 			{`DELETE FROM relay_messages m WHERE NOT EXISTS (SELECT 1 FROM relays r WHERE r.message = m.id)`, nil},
-			{`DELETE FROM submissions WHERE state IN ('released', 'dropped') AND updated < $1`, []any{ms(before)}},
-			{`DELETE FROM delivery_status WHERE updated < $1`, []any{ms(statusBefore)}},
+			{`DELETE FROM submissions WHERE state IN ('released', 'dropped') AND updated < $1`, []any{store.Millis(before)}},
+			{`DELETE FROM delivery_status WHERE updated < $1`, []any{store.Millis(statusBefore)}},
 		} {
 			t, err := tx.Exec(ctx, q.sql, q.args...)
 			if err != nil {

@@ -232,7 +232,7 @@ func (s *DB) requeue(ctx context.Context, owners []int32) (store.Recovered, erro
 	}
 	var rec store.Recovered
 	err := s.tx(ctx, func(tx pgx.Tx) error {
-		now := ms(time.Now())
+		now := store.Millis(time.Now())
 		t, err := tx.Exec(ctx, `UPDATE deliveries SET state = 'queued', owner = 0, updated = $2
 			WHERE state = 'inflight' AND `+cond, s.keys.node, now, who)
 		if err != nil {

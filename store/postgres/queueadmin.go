@@ -127,7 +127,7 @@ func scanQueueRow(row pgx.CollectableRow) (store.QueueEntry, error) {
 		v := uint32(*st)
 		e.SubmissionTime = &v
 	}
-	e.NextAttempt, e.Expires, e.Created, e.Updated = fromMS(next), fromMS(exp), fromMS(created), fromMS(updated)
+	e.NextAttempt, e.Expires, e.Created, e.Updated = store.FromMillis(next), store.FromMillis(exp), store.FromMillis(created), store.FromMillis(updated)
 	return e, nil
 }
 
@@ -175,8 +175,8 @@ func (s *DB) QueueEntry(ctx context.Context, ref store.QueueRef) (*store.QueueEn
 	e.Recipient, e.LastError, e.From = string(rcpt), string(lastErr), string(from)
 	e.Report.DSN = string(dsn)
 	e.Report.Mail, e.Report.Recipient, e.Report.MessageID = string(mail), string(name), string(msgID)
-	e.MessageID, e.Size, e.Content = e.Report.MessageID, len(e.Content), nonNil(e.Content)
-	e.NextAttempt, e.Expires, e.Created, e.Updated = fromMS(next), fromMS(exp), fromMS(created), fromMS(updated)
+	e.MessageID, e.Size, e.Content = e.Report.MessageID, len(e.Content), store.NonNil(e.Content)
+	e.NextAttempt, e.Expires, e.Created, e.Updated = store.FromMillis(next), store.FromMillis(exp), store.FromMillis(created), store.FromMillis(updated)
 	return &e, nil
 }
 
@@ -266,7 +266,7 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 				if len(q.ids) == 0 {
 					continue
 				}
-				rows, err := tx.Query(ctx, `UPDATE `+queueTable(q.kind)+set+` AND id = ANY($2) RETURNING id`, ms(now), q.ids)
+				rows, err := tx.Query(ctx, `UPDATE `+queueTable(q.kind)+set+` AND id = ANY($2) RETURNING id`, store.Millis(now), q.ids)
 				if err != nil {
 					return err
 				}
@@ -280,7 +280,7 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 			return s.retryRelays(ctx, tx, &ch, now)
 		}
 		upd, cnt := `UPDATE deliveries`+set, `SELECT COUNT(*) FROM deliveries WHERE state = 'inflight'`
-		uargs, cargs := []any{ms(now)}, []any(nil)
+		uargs, cargs := []any{store.Millis(now)}, []any(nil)
 		if sel.Device != 0 {
 			upd, cnt = upd+` AND device = $2`, cnt+` AND device = $1`
 			uargs, cargs = append(uargs, int64(sel.Device)), []any{int64(sel.Device)}
@@ -318,7 +318,7 @@ func (s *DB) force(ctx context.Context, tx pgx.Tx, sel store.QueueSelect, now ti
 		{"deliveries", "inflight", sel.All && sel.Kind != store.QueueRelay, d},
 		{"relays", "sending", sel.All && sel.Kind != store.QueueDelivery, r},
 	} {
-		cond, args := "", []any{ms(now)}
+		cond, args := "", []any{store.Millis(now)}
 		switch {
 		case q.all:
 			cond = "TRUE"
@@ -345,7 +345,7 @@ const retrySet = ` SET next_attempt = LEAST(next_attempt, $1), updated = $1 WHER
 
 // retryRelays makes every queued relay recipient due at now.
 func (s *DB) retryRelays(ctx context.Context, tx pgx.Tx, ch *store.QueueChange, now time.Time) error {
-	t, err := tx.Exec(ctx, `UPDATE relays`+retrySet, ms(now))
+	t, err := tx.Exec(ctx, `UPDATE relays`+retrySet, store.Millis(now))
 	if err != nil {
 		return err
 	}

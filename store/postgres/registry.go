@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -107,10 +106,11 @@ func insertAliases(ctx context.Context, tx pgx.Tx, addr uint32, aliases []string
 
 // AddDevice adds a registry entry.
 func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
+	ops, maxLen, prio := d.Control.Columns()
 	if err := d.Validate(); err != nil {
 		return err
 	}
-	now := ms(time.Now())
+	now := store.Millis(time.Now())
 	aliases := store.NormalizeAliases(d.Aliases)
 	return s.tx(ctx, func(tx pgx.Tx) error {
 		if err := bumpRegistry(ctx, tx, d.Address); err != nil {
@@ -119,8 +119,8 @@ func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
 		t, err := tx.Exec(ctx, `INSERT INTO devices (address, password_hash, ip, port, version, mode,
 			ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated, psk, require_dtls)
 			VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12) ON CONFLICT (address) DO NOTHING`,
-			int64(d.Address), octets(d.PasswordHash), ipText(d.IP), int32(d.Port), octets(d.Version), string(d.Mode),
-			ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now, pskValue(d.PSK), d.RequireDTLS)
+			int64(d.Address), octets(d.PasswordHash), store.FormatIP(d.IP), int32(d.Port), octets(d.Version), string(d.Mode),
+			ops, maxLen, prio, now, store.NullBytes(d.PSK), d.RequireDTLS)
 		if err != nil {
 			return errorf("add device", err)
 		}
@@ -143,8 +143,8 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 		}
 		t, err := tx.Exec(ctx, `UPDATE devices SET password_hash = $1, ip = $2, port = $3, version = $4, mode = $5,
 			updated = $6, psk = $8, require_dtls = $9 WHERE address = $7`,
-			octets(d.PasswordHash), ipText(d.IP), int32(d.Port), octets(d.Version), string(d.Mode), ms(time.Now()),
-			int64(d.Address), pskValue(d.PSK), d.RequireDTLS)
+			octets(d.PasswordHash), store.FormatIP(d.IP), int32(d.Port), octets(d.Version), string(d.Mode), store.Millis(time.Now()),
+			int64(d.Address), store.NullBytes(d.PSK), d.RequireDTLS)
 		if err != nil {
 			return errorf("update device", err)
 		}
@@ -170,7 +170,7 @@ func (s *DB) ImportDevices(ctx context.Context, devs []*store.Device, update boo
 		if err := bumpRegistry(ctx, tx, addrs...); err != nil {
 			return err
 		}
-		now := ms(time.Now())
+		now := store.Millis(time.Now())
 		for i, d := range devs {
 			out[i] = store.ImportResult{}
 			if err := d.Validate(); err != nil {
@@ -206,11 +206,12 @@ func (s *DB) ImportDevices(ctx context.Context, devs []*store.Device, update boo
 
 // importDevice adds d, or replaces it (update) if it exists.
 func importDevice(ctx context.Context, tx pgx.Tx, d *store.Device, update bool, now int64) (bool, error) {
+	ops, maxLen, prio := d.Control.Columns()
 	t, err := tx.Exec(ctx, `INSERT INTO devices (address, password_hash, ip, port, version, mode,
 		ctl_operations, ctl_max_length, ctl_lowest_priority, created, updated, psk, require_dtls)
 		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12) ON CONFLICT (address) DO NOTHING`,
-		int64(d.Address), octets(d.PasswordHash), ipText(d.IP), int32(d.Port), octets(d.Version), string(d.Mode),
-		ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now, pskValue(d.PSK), d.RequireDTLS)
+		int64(d.Address), octets(d.PasswordHash), store.FormatIP(d.IP), int32(d.Port), octets(d.Version), string(d.Mode),
+		ops, maxLen, prio, now, store.NullBytes(d.PSK), d.RequireDTLS)
 	if err != nil {
 		return false, errorf("import device", err)
 	}
@@ -220,8 +221,8 @@ func importDevice(ctx context.Context, tx pgx.Tx, d *store.Device, update bool, 
 			return false, fmt.Errorf("%w: device %d", store.ErrExists, d.Address)
 		}
 		if _, err := tx.Exec(ctx, `UPDATE devices SET password_hash = $1, ip = $2, port = $3, version = $4, mode = $5,
-			updated = $6, psk = $8, require_dtls = $9 WHERE address = $7`, octets(d.PasswordHash), ipText(d.IP), int32(d.Port),
-			octets(d.Version), string(d.Mode), now, int64(d.Address), pskValue(d.PSK), d.RequireDTLS); err != nil {
+			updated = $6, psk = $8, require_dtls = $9 WHERE address = $7`, octets(d.PasswordHash), store.FormatIP(d.IP), int32(d.Port),
+			octets(d.Version), string(d.Mode), now, int64(d.Address), store.NullBytes(d.PSK), d.RequireDTLS); err != nil {
 			return false, errorf("import device", err)
 		}
 		if _, err := tx.Exec(ctx, `DELETE FROM aliases WHERE device = $1`, int64(d.Address)); err != nil {
@@ -257,14 +258,6 @@ const deviceQuery = `SELECT d.address, d.password_hash, d.ip, d.port, d.version,
 	COALESCE(array_agg(a.alias ORDER BY a.alias) FILTER (WHERE a.alias IS NOT NULL), '{}')
 	FROM devices d LEFT JOIN aliases a ON a.device = d.address`
 
-// pskValue stores no key as NULL.
-func pskValue(k []byte) any {
-	if len(k) == 0 {
-		return nil
-	}
-	return k
-}
-
 func scanDevice(row pgx.CollectableRow) (*store.Device, error) {
 	var d store.Device
 	var pw, version []byte
@@ -284,26 +277,15 @@ func scanDevice(row pgx.CollectableRow) (*store.Device, error) {
 	if d.IP, err = store.ParseIP(ip); err != nil {
 		return nil, fmt.Errorf("device %d: %w", d.Address, err)
 	}
-	if d.Contact, err = store.ParseContact(contactAddr, string(via), fromMS(contactAt), polled); err != nil {
+	if d.Contact, err = store.ParseContact(contactAddr, string(via), store.FromMillis(contactAt), polled); err != nil {
 		return nil, fmt.Errorf("device %d: %w", d.Address, err)
 	}
 	d.PasswordHash, d.Version, d.Mode = string(pw), string(version), store.Mode(mode)
-	if ops != nil {
-		v := uint64(*ops) // bit pattern
-		d.Control.Operations = &v
-	}
-	if maxLen != nil {
-		v := uint32(*maxLen)
-		d.Control.MaxContentLength = &v
-	}
-	if prio != nil {
-		v := uint8(*prio)
-		d.Control.LowestPriority = &v
-	}
+	d.Control = store.ControlFromColumns(ops, maxLen, prio)
 	for _, a := range aliases {
 		d.Aliases = append(d.Aliases, string(a))
 	}
-	d.Created, d.Updated = fromMS(created), fromMS(updated)
+	d.Created, d.Updated = store.FromMillis(created), store.FromMillis(updated)
 	if len(d.PSK) == 0 {
 		d.PSK = nil
 	}
@@ -339,14 +321,6 @@ func (s *DB) Devices(ctx context.Context) ([]*store.Device, error) {
 	return out, nil
 }
 
-// ipText is a registered IP address as stored: "" for none.
-func ipText(a netip.Addr) string {
-	if !a.IsValid() {
-		return ""
-	}
-	return a.String()
-}
-
 // SetContact records where a device was heard from, unless a newer
 // contact is stored. The row lock (FOR UPDATE) orders two servers
 // recording contacts of one device at once; the older loses.
@@ -368,14 +342,14 @@ func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (prev
 		if err != nil {
 			return errorf("contact", err)
 		}
-		if prev, err = store.ParseContact(oldAddr, string(oldVia), fromMS(oldAt), oldPolled); err != nil {
+		if prev, err = store.ParseContact(oldAddr, string(oldVia), store.FromMillis(oldAt), oldPolled); err != nil {
 			prev = store.Contact{} // a bad stored value is replaced
 		}
-		if ms(c.At) < oldAt {
+		if store.Millis(c.At) < oldAt {
 			return nil
 		}
 		if _, err := tx.Exec(ctx, `UPDATE devices SET contact_addr = $1, contact_via = $2, contact_at = $3, contact_polled = $4
-			WHERE address = $5`, c.Addr.String(), octets(c.Via), ms(c.At), c.Polled, int64(addr)); err != nil {
+			WHERE address = $5`, c.Addr.String(), octets(c.Via), store.Millis(c.At), c.Polled, int64(addr)); err != nil {
 			return errorf("contact", err)
 		}
 		written = true
@@ -389,7 +363,7 @@ func (s *DB) TouchContact(ctx context.Context, addr uint32, c store.Contact, at 
 	var n int64
 	err := s.tx(ctx, func(tx pgx.Tx) error {
 		t, err := tx.Exec(ctx, `UPDATE devices SET contact_at = $1 WHERE address = $2 AND contact_addr = $3
-			AND contact_via = $4 AND contact_at < $1`, ms(at), int64(addr), c.Addr.String(), octets(c.Via))
+			AND contact_via = $4 AND contact_at < $1`, store.Millis(at), int64(addr), c.Addr.String(), octets(c.Via))
 		if err != nil {
 			return errorf("contact", err)
 		}
@@ -413,35 +387,11 @@ func (s *DB) DeviceContact(ctx context.Context, addr uint32) (store.Contact, err
 	if err != nil {
 		return store.Contact{}, errorf("contact", err)
 	}
-	c, err := store.ParseContact(a, string(via), fromMS(at), polled)
+	c, err := store.ParseContact(a, string(via), store.FromMillis(at), polled)
 	if err != nil {
 		return store.Contact{}, fmt.Errorf("postgres: device %d: %w", addr, err)
 	}
 	return c, nil
-}
-
-func ctlOps(c store.DeliveryControl) *int64 {
-	if c.Operations == nil {
-		return nil
-	}
-	v := int64(*c.Operations) // bit pattern; SQL integers are signed
-	return &v
-}
-
-func ctlLen(c store.DeliveryControl) *int64 {
-	if c.MaxContentLength == nil {
-		return nil
-	}
-	v := int64(*c.MaxContentLength)
-	return &v
-}
-
-func ctlPrio(c store.DeliveryControl) *int16 {
-	if c.LowestPriority == nil {
-		return nil
-	}
-	v := int16(*c.LowestPriority)
-	return &v
 }
 
 // SetDeliveryControl replaces a device's delivery-control limits. Unlike
@@ -449,12 +399,13 @@ func ctlPrio(c store.DeliveryControl) *int16 {
 // that took the delivery-control operation is not the only one delivering
 // to the device, and the others learn of the new limits by reloading.
 func (s *DB) SetDeliveryControl(ctx context.Context, addr uint32, c store.DeliveryControl) error {
+	ops, maxLen, prio := c.Columns()
 	return s.tx(ctx, func(tx pgx.Tx) error {
 		if err := bumpRegistry(ctx, tx, addr); err != nil {
 			return err
 		}
 		t, err := tx.Exec(ctx, `UPDATE devices SET ctl_operations = $1, ctl_max_length = $2, ctl_lowest_priority = $3
-			WHERE address = $4`, ctlOps(c), ctlLen(c), ctlPrio(c), int64(addr))
+			WHERE address = $4`, ops, maxLen, prio, int64(addr))
 		if err != nil {
 			return errorf("delivery control", err)
 		}

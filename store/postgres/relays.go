@@ -32,7 +32,7 @@ func scanRelay(row pgx.CollectableRow) (relayRow, error) {
 	r.rc.Report.DSN = string(dsn)
 	r.rc.Addr, r.rc.LastError, r.rc.Report.Mail = string(rcpt), string(lastErr), string(mail)
 	r.rc.Report.Recipient, r.rc.Report.MessageID = string(name), string(msgID)
-	r.rc.State, r.rc.Expires = store.RelayState(state), fromMS(exp)
+	r.rc.State, r.rc.Expires = store.RelayState(state), store.FromMillis(exp)
 	return r, nil
 }
 
@@ -73,7 +73,7 @@ func relayBatches(ctx context.Context, q querier, rs []relayRow) ([]*store.Relay
 	}
 	for _, m := range msgs {
 		i, _ := slices.BinarySearchFunc(out, m.id, func(b *store.RelayBatch, id int64) int { return cmp.Compare(b.MessageRef, id) })
-		out[i].From, out[i].Message = string(m.from), nonNil(m.data)
+		out[i].From, out[i].Message = string(m.from), store.NonNil(m.data)
 	}
 	return out, nil
 }
@@ -88,7 +88,7 @@ func (s *DB) ClaimRelays(ctx context.Context, now time.Time, limit int) ([]*stor
 				WHERE state = 'queued' AND next_attempt <= $1 AND expires > $1
 				ORDER BY message, id LIMIT $2 FOR UPDATE SKIP LOCKED)
 			UPDATE relays SET state = 'sending', owner = $3, attempts = attempts + 1, updated = $1
-			FROM c WHERE id = claimed RETURNING `+relayCols, ms(now), sqlLimit(limit), s.nodeID())
+			FROM c WHERE id = claimed RETURNING `+relayCols, store.Millis(now), sqlLimit(limit), s.nodeID())
 		if err != nil {
 			return errorf("claim relays", err)
 		}
@@ -133,7 +133,7 @@ func (s *DB) FinishRelays(ctx context.Context, rs []store.RelayResult, w store.W
 			b.Queue(`UPDATE relays SET state = $1, next_attempt = $2, last_error = $3,
 				attempts = GREATEST(attempts - $4, 0), owner = 0, updated = $5
 				WHERE id = $6 AND state = $7 AND (state <> 'sending' OR owner = $8)`,
-				string(r.State), ms(next), octets(r.Error), undo, ms(now), r.ID, string(r.From), s.nodeID())
+				string(r.State), store.Millis(next), octets(r.Error), undo, store.Millis(now), r.ID, string(r.From), s.nodeID())
 		}
 		br := tx.SendBatch(ctx, &b)
 		for _, r := range sorted {
@@ -160,7 +160,7 @@ func (s *DB) ExpiredRelays(ctx context.Context, now time.Time, limit int) ([]*st
 	// One read-only snapshot for the recipients and their messages.
 	err := s.readTx(ctx, func(tx pgx.Tx) error {
 		rows, err := tx.Query(ctx, `SELECT `+relayCols+` FROM relays WHERE state = 'queued' AND expires <= $1
-			ORDER BY message, id LIMIT $2`, ms(now), sqlLimit(limit))
+			ORDER BY message, id LIMIT $2`, store.Millis(now), sqlLimit(limit))
 		if err != nil {
 			return err
 		}

@@ -23,7 +23,7 @@ func scanSubmission(row pgx.CollectableRow) (*store.Submission, error) {
 		&received, &sub.LocalTime, &sub.Number, &state, &verify); err != nil {
 		return nil, err
 	}
-	sub.Received, sub.State, sub.Verify = fromMS(received), store.SubmissionState(state), string(verify)
+	sub.Received, sub.State, sub.Verify = store.FromMillis(received), store.SubmissionState(state), string(verify)
 	return &sub, nil
 }
 
@@ -48,7 +48,7 @@ func (s *DB) AddSubmission(ctx context.Context, sub *store.Submission, dedupeSin
 	findDup := func(q querier) (*store.Submission, error) {
 		rows, err := q.Query(ctx, `SELECT `+submissionCols+` FROM submissions
 			WHERE device = $1 AND instance_id = $2 AND content_hash = $3 AND received >= $4 ORDER BY id LIMIT 1`,
-			int64(sub.Device), int16(sub.InstanceID), nonNil(sub.ContentHash), ms(dedupeSince))
+			int64(sub.Device), int16(sub.InstanceID), store.NonNil(sub.ContentHash), store.Millis(dedupeSince))
 		if err != nil {
 			return nil, errorf("dedupe", err)
 		}
@@ -92,8 +92,8 @@ func (s *DB) AddSubmission(ctx context.Context, sub *store.Submission, dedupeSin
 		err = tx.QueryRow(ctx, `INSERT INTO submissions (device, instance_id, content_hash, content_type,
 			content, received, local_time, local_number, state, owner, updated)
 			VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10) RETURNING id`,
-			int64(c.Device), int16(c.InstanceID), nonNil(c.ContentHash), int64(c.ContentType), nonNil(c.Content),
-			ms(c.Received), int64(c.LocalTime), int64(c.Number), s.nodeID(), ms(time.Now())).Scan(&c.ID)
+			int64(c.Device), int16(c.InstanceID), store.NonNil(c.ContentHash), int64(c.ContentType), store.NonNil(c.Content),
+			store.Millis(c.Received), int64(c.LocalTime), int64(c.Number), s.nodeID(), store.Millis(time.Now())).Scan(&c.ID)
 		if err != nil {
 			return errorf("add submission", err)
 		}
@@ -112,7 +112,7 @@ func (s *DB) resolveSubmission(ctx context.Context, id int64, to store.Submissio
 		done = false
 		now := time.Now()
 		t, err := tx.Exec(ctx, `UPDATE submissions SET state = $1, verify = $2, updated = $3 WHERE id = $4 AND state = 'pending'`,
-			string(to), octets(verify), ms(now), id)
+			string(to), octets(verify), store.Millis(now), id)
 		if err != nil {
 			return errorf(fmt.Sprintf("submission %d", id), err)
 		}
@@ -149,7 +149,7 @@ func (s *DB) DropSubmission(ctx context.Context, id int64, verify string) (bool,
 // confirmation, and resolving them would pre-empt it.
 func (s *DB) PendingSubmissions(ctx context.Context, before time.Time) ([]*store.Submission, error) {
 	rows, err := s.query(ctx, `SELECT `+submissionCols+` FROM submissions WHERE state = 'pending' AND received < $2
-		AND (owner = $3 OR owner NOT IN (`+liveNodes+`)) ORDER BY received, id`, s.keys.node, ms(before), s.nodeID())
+		AND (owner = $3 OR owner NOT IN (`+liveNodes+`)) ORDER BY received, id`, s.keys.node, store.Millis(before), s.nodeID())
 	if err != nil {
 		return nil, errorf("pending submissions", err)
 	}

@@ -94,34 +94,12 @@ type errRow struct{}
 
 func (errRow) Scan(...any) error { return ErrClosed }
 
-func ms(t time.Time) int64 {
-	if t.IsZero() {
-		return 0
-	}
-	return t.UnixMilli()
-}
-
-func fromMS(v int64) time.Time {
-	if v == 0 {
-		return time.Time{}
-	}
-	return time.UnixMilli(v)
-}
-
 // octets is a caller's string as BYTEA: never NULL.
 func octets(s string) []byte {
 	if s == "" {
 		return []byte{}
 	}
 	return []byte(s)
-}
-
-// nonNil keeps nil slices out of NOT NULL BYTEA columns.
-func nonNil(b []byte) []byte {
-	if b == nil {
-		return []byte{}
-	}
-	return b
 }
 
 // sqlLimit maps a list limit as SQLite reads it: negative = no limit.

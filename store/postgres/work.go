@@ -2,27 +2,12 @@ package postgres
 
 import (
 	"context"
-	"fmt"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/esro-emsdp/emsdp/store"
 )
-
-func validWork(w store.Work) error {
-	for _, d := range w.Deliveries {
-		if d.Device == 0 || d.Expires.IsZero() || d.MessageID == "" {
-			return fmt.Errorf("%w: delivery needs a device, a message id and an expiry", store.ErrInvalid)
-		}
-	}
-	for _, r := range w.Relays {
-		if r.Expires.IsZero() || len(r.Recipients) == 0 {
-			return fmt.Errorf("%w: relay needs recipients and an expiry", store.ErrInvalid)
-		}
-	}
-	return nil
-}
 
 const insertDelivery = `INSERT INTO deliveries (device, message_id, submission_time, content_type, content, priority,
 	state, next_attempt, expires, created, updated, report_device, report_mail, report_flags, report_recipient,
@@ -45,7 +30,7 @@ func insertWork(ctx context.Context, tx pgx.Tx, w store.Work, now time.Time) err
 	if w.Empty() {
 		return nil
 	}
-	if err := validWork(w); err != nil {
+	if err := w.Validate(); err != nil {
 		return err
 	}
 	var b pgx.Batch
@@ -55,8 +40,8 @@ func insertWork(ctx context.Context, tx pgx.Tx, w store.Work, now time.Time) err
 			v := int64(*d.SubmissionTime)
 			st = &v
 		}
-		b.Queue(insertDelivery, int64(d.Device), octets(d.MessageID), st, int64(d.ContentType), nonNil(d.Content),
-			int16(d.Priority), ms(d.NextAttempt), ms(d.Expires), ms(now), int64(d.Report.Device), octets(d.Report.Mail),
+		b.Queue(insertDelivery, int64(d.Device), octets(d.MessageID), st, int64(d.ContentType), store.NonNil(d.Content),
+			int16(d.Priority), store.Millis(d.NextAttempt), store.Millis(d.Expires), store.Millis(now), int64(d.Report.Device), octets(d.Report.Mail),
 			int16(d.Report.Flags), octets(d.Report.Recipient), octets(d.Report.MessageID), d.Report.Headers, octets(d.Report.DSN))
 	}
 	for _, r := range w.Relays {
@@ -69,7 +54,7 @@ func insertWork(ctx context.Context, tx pgx.Tx, w store.Work, now time.Time) err
 			name[i], msgid[i], headers[i] = octets(rc.Report.Recipient), octets(rc.Report.MessageID), rc.Report.Headers
 			dsn[i] = octets(rc.Report.DSN)
 		}
-		b.Queue(insertRelay, octets(r.From), nonNil(r.Message), ms(now), ms(r.NextAttempt), ms(r.Expires),
+		b.Queue(insertRelay, octets(r.From), store.NonNil(r.Message), store.Millis(now), store.Millis(r.NextAttempt), store.Millis(r.Expires),
 			rcpt, dev, mail, flags, name, msgid, headers, dsn)
 	}
 	if err := tx.SendBatch(ctx, &b).Close(); err != nil {
@@ -83,7 +68,7 @@ func (s *DB) Enqueue(ctx context.Context, w store.Work) error {
 	if w.Empty() {
 		return nil
 	}
-	if err := validWork(w); err != nil {
+	if err := w.Validate(); err != nil {
 		return err
 	}
 	return s.tx(ctx, func(tx pgx.Tx) error { return insertWork(ctx, tx, w, time.Now()) })

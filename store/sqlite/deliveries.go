@@ -36,7 +36,7 @@ func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, e
 	// without the write lock, which submissions need.
 	var waiting int
 	err := s.queryRow(ctx, nil, qWakeWaiting,
-		addr, string(store.DeliveryQueued), ms(now)).Scan(&waiting)
+		addr, string(store.DeliveryQueued), store.Millis(now)).Scan(&waiting)
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: wake device: %w", err)
 	}
@@ -46,7 +46,7 @@ func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, e
 	var n int64
 	err = s.tx(ctx, func(tx *sql.Tx) error {
 		r, err := s.exec(ctx, tx, qWake,
-			ms(now), ms(now), addr, string(store.DeliveryQueued), ms(now))
+			store.Millis(now), store.Millis(now), addr, string(store.DeliveryQueued), store.Millis(now))
 		if err != nil {
 			return fmt.Errorf("sqlite: wake device: %w", err)
 		}
@@ -64,7 +64,7 @@ func (s *DB) QueuedDevices(ctx context.Context, since time.Time) ([]store.Device
 	if since.IsZero() {
 		rows, err = s.query(ctx, nil, qQueuedDevices)
 	} else {
-		rows, err = s.query(ctx, nil, qChangedDevices, ms(since))
+		rows, err = s.query(ctx, nil, qChangedDevices, store.Millis(since))
 	}
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: queued devices: %w", err)
@@ -77,7 +77,7 @@ func (s *DB) QueuedDevices(ctx context.Context, since time.Time) ([]store.Device
 		if err := rows.Scan(&d.Device, &next); err != nil {
 			return nil, fmt.Errorf("sqlite: queued devices: %w", err)
 		}
-		d.Next = fromMS(next)
+		d.Next = store.FromMillis(next)
 		out = append(out, d)
 	}
 	return out, rows.Err()
@@ -93,21 +93,21 @@ func (s *DB) DeviceNextDue(ctx context.Context, addr uint32) (time.Time, bool, e
 	if !v.Valid {
 		return time.Time{}, false, nil
 	}
-	return fromMS(v.Int64), true, nil
+	return store.FromMillis(v.Int64), true, nil
 }
 
 // NextDue returns the earliest next attempt or expiry after 'after' of
 // queued deliveries and relays.
 func (s *DB) NextDue(ctx context.Context, after time.Time) (time.Time, bool, error) {
 	var v sql.NullInt64
-	err := s.queryRow(ctx, nil, qNextDue, ms(after)).Scan(&v)
+	err := s.queryRow(ctx, nil, qNextDue, store.Millis(after)).Scan(&v)
 	if err != nil {
 		return time.Time{}, false, fmt.Errorf("sqlite: next due: %w", err)
 	}
 	if !v.Valid {
 		return time.Time{}, false, nil
 	}
-	return fromMS(v.Int64), true, nil
+	return store.FromMillis(v.Int64), true, nil
 }
 
 const (
@@ -154,7 +154,7 @@ func scanDelivery(sc interface{ Scan(...any) error }, extra ...any) (*store.Deli
 		d.SubmissionTime = &v
 	}
 	d.State = store.DeliveryState(state)
-	d.NextAttempt, d.Expires, d.Created, d.Updated = fromMS(next), fromMS(exp), fromMS(created), fromMS(updated)
+	d.NextAttempt, d.Expires, d.Created, d.Updated = store.FromMillis(next), store.FromMillis(exp), store.FromMillis(created), store.FromMillis(updated)
 	return &d, nil
 }
 
@@ -169,7 +169,7 @@ func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim s
 		lowest = int64(*lim.LowestPriority)
 	}
 	var next sql.NullInt64
-	d, err := scanDelivery(s.queryRow(ctx, nil, qPeek, addr, string(store.DeliveryQueued), ms(now), maxLen, lowest,
+	d, err := scanDelivery(s.queryRow(ctx, nil, qPeek, addr, string(store.DeliveryQueued), store.Millis(now), maxLen, lowest,
 		string(store.DeliveryInFlight)), &next)
 	if errors.Is(err, sql.ErrNoRows) {
 		var busy int
@@ -216,14 +216,14 @@ func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim 
 		if lim.LowestPriority != nil {
 			lowest = int64(*lim.LowestPriority)
 		}
-		d, err := scanDelivery(s.queryRow(ctx, tx, qClaimable, addr, string(store.DeliveryQueued), ms(now), maxLen, lowest))
+		d, err := scanDelivery(s.queryRow(ctx, tx, qClaimable, addr, string(store.DeliveryQueued), store.Millis(now), maxLen, lowest))
 		if errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("%w: no due delivery for device %d", store.ErrNotFound, addr)
 		}
 		if err != nil {
 			return fmt.Errorf("sqlite: claim: %w", err)
 		}
-		if _, err := s.exec(ctx, tx, qClaim, string(store.DeliveryInFlight), ms(now), d.ID); err != nil {
+		if _, err := s.exec(ctx, tx, qClaim, string(store.DeliveryInFlight), store.Millis(now), d.ID); err != nil {
 			return fmt.Errorf("sqlite: claim: %w", err)
 		}
 		if lim.InstanceIDs != nil {
@@ -279,7 +279,7 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 			next = time.Time{}
 		}
 		_, err = s.exec(ctx, tx, qFinishDelivery,
-			string(r.State), ms(next), r.Error, undo, attempted, ms(now), id)
+			string(r.State), store.Millis(next), r.Error, undo, attempted, store.Millis(now), id)
 		if err != nil {
 			return fmt.Errorf("sqlite: finish delivery: %w", err)
 		}
@@ -289,7 +289,7 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 			}
 		}
 		if r.Status != 0 {
-			_, err = s.exec(ctx, tx, qRecordStatus, dev, msgID, r.Status, ms(now))
+			_, err = s.exec(ctx, tx, qRecordStatus, dev, msgID, r.Status, store.Millis(now))
 			if err != nil {
 				return fmt.Errorf("sqlite: delivery status: %w", err)
 			}
@@ -300,7 +300,7 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 
 // ExpiredDeliveries lists queued deliveries past their expiry.
 func (s *DB) ExpiredDeliveries(ctx context.Context, now time.Time, limit int) ([]*store.Delivery, error) {
-	rows, err := s.query(ctx, nil, qExpiredDeliveries, string(store.DeliveryQueued), ms(now), limit)
+	rows, err := s.query(ctx, nil, qExpiredDeliveries, string(store.DeliveryQueued), store.Millis(now), limit)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: expired deliveries: %w", err)
 	}

@@ -13,7 +13,7 @@ import (
 func (s *DB) Recover(ctx context.Context) (store.Recovered, error) {
 	var rec store.Recovered
 	err := s.tx(ctx, func(tx *sql.Tx) error {
-		now := ms(time.Now())
+		now := store.Millis(time.Now())
 		r, err := tx.ExecContext(ctx, `UPDATE deliveries SET state = ?, updated = ? WHERE state = ?`,
 			string(store.DeliveryQueued), now, string(store.DeliveryInFlight))
 		if err != nil {
@@ -42,11 +42,11 @@ func (s *DB) Purge(ctx context.Context, before, statusBefore time.Time) (int, er
 			sql  string
 			args []any
 		}{
-			{`DELETE FROM deliveries WHERE state IN ('delivered', 'failed') AND updated < ?`, []any{ms(before)}},
-			{`DELETE FROM relays WHERE state IN ('sent', 'failed') AND updated < ?`, []any{ms(before)}},
+			{`DELETE FROM deliveries WHERE state IN ('delivered', 'failed') AND updated < ?`, []any{store.Millis(before)}},
+			{`DELETE FROM relays WHERE state IN ('sent', 'failed') AND updated < ?`, []any{store.Millis(before)}},
 			{`DELETE FROM relay_messages WHERE NOT EXISTS (SELECT 1 FROM relays WHERE relays.message = relay_messages.id)`, nil},
-			{`DELETE FROM submissions WHERE state IN ('released', 'dropped') AND updated < ?`, []any{ms(before)}},
-			{`DELETE FROM delivery_status WHERE updated < ?`, []any{ms(statusBefore)}},
+			{`DELETE FROM submissions WHERE state IN ('released', 'dropped') AND updated < ?`, []any{store.Millis(before)}},
+			{`DELETE FROM delivery_status WHERE updated < ?`, []any{store.Millis(statusBefore)}},
 		} {
 			r, err := tx.ExecContext(ctx, q.sql, q.args...)
 			if err != nil {

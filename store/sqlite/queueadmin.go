@@ -110,7 +110,7 @@ func (s *DB) ListQueue(ctx context.Context, f store.QueueFilter) (store.QueueLis
 			v := uint32(st.Int64)
 			e.SubmissionTime = &v
 		}
-		e.NextAttempt, e.Expires, e.Created, e.Updated = fromMS(next), fromMS(exp), fromMS(created), fromMS(updated)
+		e.NextAttempt, e.Expires, e.Created, e.Updated = store.FromMillis(next), store.FromMillis(exp), store.FromMillis(created), store.FromMillis(updated)
 		out.Entries = append(out.Entries, e)
 	}
 	rows.Close()
@@ -187,7 +187,7 @@ func (s *DB) QueueEntry(ctx context.Context, ref store.QueueRef) (*store.QueueEn
 		return nil, fmt.Errorf("sqlite: queue entry: %w", err)
 	}
 	e.MessageID, e.Size = e.Report.MessageID, len(e.Content)
-	e.NextAttempt, e.Expires, e.Created, e.Updated = fromMS(next), fromMS(exp), fromMS(created), fromMS(updated)
+	e.NextAttempt, e.Expires, e.Created, e.Updated = store.FromMillis(next), store.FromMillis(exp), store.FromMillis(created), store.FromMillis(updated)
 	return &e, nil
 }
 
@@ -222,7 +222,7 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 			}
 		}
 		for _, ref := range sel.Refs {
-			res, err := tx.ExecContext(ctx, `UPDATE `+queueTable(ref.Kind)+set+` AND id = ?`, ms(now), ms(now), ref.ID)
+			res, err := tx.ExecContext(ctx, `UPDATE `+queueTable(ref.Kind)+set+` AND id = ?`, store.Millis(now), store.Millis(now), ref.ID)
 			if err != nil {
 				return err
 			}
@@ -241,7 +241,7 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 			return s.retryRelays(ctx, tx, &ch, now)
 		}
 		upd, cnt := `UPDATE deliveries`+set, `SELECT COUNT(*) FROM deliveries WHERE state = 'inflight'`
-		uargs, cargs := []any{ms(now), ms(now)}, []any(nil)
+		uargs, cargs := []any{store.Millis(now), store.Millis(now)}, []any(nil)
 		if sel.Device != 0 {
 			upd, cnt = upd+` AND device = ?`, cnt+` AND device = ?`
 			uargs, cargs = append(uargs, int64(sel.Device)), []any{int64(sel.Device)}
@@ -273,7 +273,7 @@ func (s *DB) RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Ti
 func (s *DB) force(ctx context.Context, tx *sql.Tx, sel store.QueueSelect, now time.Time, ch *store.QueueChange) error {
 	const set = ` SET state = 'queued', next_attempt = ?, updated = ? WHERE state = `
 	run := func(q string, args ...any) error {
-		res, err := tx.ExecContext(ctx, q, append([]any{ms(now), ms(now)}, args...)...)
+		res, err := tx.ExecContext(ctx, q, append([]any{store.Millis(now), store.Millis(now)}, args...)...)
 		if err != nil {
 			return err
 		}
@@ -308,7 +308,7 @@ const retrySet = ` SET next_attempt = MIN(next_attempt, ?), updated = ? WHERE st
 
 // retryRelays makes every queued relay recipient due at now.
 func (s *DB) retryRelays(ctx context.Context, tx *sql.Tx, ch *store.QueueChange, now time.Time) error {
-	res, err := tx.ExecContext(ctx, `UPDATE relays`+retrySet, ms(now), ms(now))
+	res, err := tx.ExecContext(ctx, `UPDATE relays`+retrySet, store.Millis(now), store.Millis(now))
 	if err != nil {
 		return err
 	}

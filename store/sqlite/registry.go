@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"net/netip"
 	"time"
 
 	"github.com/esro-emsdp/emsdp/store"
@@ -104,14 +103,15 @@ func (s *DB) insertAliases(ctx context.Context, tx *sql.Tx, addr uint32, aliases
 
 // AddDevice adds a registry entry.
 func (s *DB) AddDevice(ctx context.Context, d *store.Device) error {
+	ops, maxLen, prio := d.Control.Columns()
 	if err := d.Validate(); err != nil {
 		return err
 	}
 	now := time.Now()
 	return s.tx(ctx, func(tx *sql.Tx) error {
 		_, err := s.exec(ctx, tx, qAddDevice,
-			d.Address, d.PasswordHash, ipText(d.IP), d.Port, d.Version, string(d.Mode),
-			ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), ms(now), ms(now), pskValue(d.PSK), d.RequireDTLS)
+			d.Address, d.PasswordHash, store.FormatIP(d.IP), d.Port, d.Version, string(d.Mode),
+			ops, maxLen, prio, store.Millis(now), store.Millis(now), store.NullBytes(d.PSK), d.RequireDTLS)
 		if err != nil {
 			if isConstraint(err) {
 				return fmt.Errorf("%w: device %d", store.ErrExists, d.Address)
@@ -131,8 +131,8 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 		return err
 	}
 	return s.tx(ctx, func(tx *sql.Tx) error {
-		r, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, ipText(d.IP), d.Port, d.Version, string(d.Mode), ms(time.Now()),
-			pskValue(d.PSK), d.RequireDTLS, d.Address)
+		r, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, store.FormatIP(d.IP), d.Port, d.Version, string(d.Mode), store.Millis(time.Now()),
+			store.NullBytes(d.PSK), d.RequireDTLS, d.Address)
 		if err != nil {
 			return fmt.Errorf("sqlite: update device: %w", err)
 		}
@@ -154,7 +154,7 @@ func (s *DB) UpdateDevice(ctx context.Context, d *store.Device) error {
 func (s *DB) ImportDevices(ctx context.Context, devs []*store.Device, update bool) ([]store.ImportResult, error) {
 	out := make([]store.ImportResult, len(devs))
 	err := s.tx(ctx, func(tx *sql.Tx) error {
-		now := ms(time.Now())
+		now := store.Millis(time.Now())
 		for i, d := range devs {
 			out[i] = store.ImportResult{}
 			if err := d.Validate(); err != nil {
@@ -188,9 +188,10 @@ func (s *DB) ImportDevices(ctx context.Context, devs []*store.Device, update boo
 
 // importDevice adds d, or replaces it (update) if it exists.
 func (s *DB) importDevice(ctx context.Context, tx *sql.Tx, d *store.Device, update bool, now int64) (bool, error) {
+	ops, maxLen, prio := d.Control.Columns()
 	_, err := s.exec(ctx, tx, qAddDevice,
-		d.Address, d.PasswordHash, ipText(d.IP), d.Port, d.Version, string(d.Mode),
-		ctlOps(d.Control), ctlLen(d.Control), ctlPrio(d.Control), now, now, pskValue(d.PSK), d.RequireDTLS)
+		d.Address, d.PasswordHash, store.FormatIP(d.IP), d.Port, d.Version, string(d.Mode),
+		ops, maxLen, prio, now, now, store.NullBytes(d.PSK), d.RequireDTLS)
 	updated := err != nil && isConstraint(err)
 	switch {
 	case err != nil && !updated:
@@ -198,8 +199,8 @@ func (s *DB) importDevice(ctx context.Context, tx *sql.Tx, d *store.Device, upda
 	case updated && !update:
 		return false, fmt.Errorf("%w: device %d", store.ErrExists, d.Address)
 	case updated:
-		if _, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, ipText(d.IP), d.Port, d.Version, string(d.Mode),
-			now, pskValue(d.PSK), d.RequireDTLS, d.Address); err != nil {
+		if _, err := s.exec(ctx, tx, qUpdateDevice, d.PasswordHash, store.FormatIP(d.IP), d.Port, d.Version, string(d.Mode),
+			now, store.NullBytes(d.PSK), d.RequireDTLS, d.Address); err != nil {
 			return false, fmt.Errorf("sqlite: import device: %w", err)
 		}
 		if _, err := s.exec(ctx, tx, qDeleteAliases, d.Address); err != nil {
@@ -236,18 +237,11 @@ const (
 	qAliases       = `SELECT alias, device FROM aliases ORDER BY alias`
 )
 
-// pskValue stores no key as NULL.
-func pskValue(k []byte) any {
-	if len(k) == 0 {
-		return nil
-	}
-	return k
-}
-
 func scanDevice(sc interface{ Scan(...any) error }) (*store.Device, error) {
 	var d store.Device
 	var ip, mode string
-	var ops, maxLen, prio sql.NullInt64
+	var ops, maxLen *int64
+	var prio *int16
 	var created, updated, contactAt int64
 	var contactAddr string
 	var polled bool
@@ -263,23 +257,12 @@ func scanDevice(sc interface{ Scan(...any) error }) (*store.Device, error) {
 	if d.IP, err = store.ParseIP(ip); err != nil {
 		return nil, fmt.Errorf("sqlite: device %d: %w", d.Address, err)
 	}
-	if d.Contact, err = store.ParseContact(contactAddr, d.Contact.Via, fromMS(contactAt), polled); err != nil {
+	if d.Contact, err = store.ParseContact(contactAddr, d.Contact.Via, store.FromMillis(contactAt), polled); err != nil {
 		return nil, fmt.Errorf("sqlite: device %d: %w", d.Address, err)
 	}
 	d.Mode = store.Mode(mode)
-	if ops.Valid {
-		v := uint64(ops.Int64)
-		d.Control.Operations = &v
-	}
-	if maxLen.Valid {
-		v := uint32(maxLen.Int64)
-		d.Control.MaxContentLength = &v
-	}
-	if prio.Valid {
-		v := uint8(prio.Int64)
-		d.Control.LowestPriority = &v
-	}
-	d.Created, d.Updated = fromMS(created), fromMS(updated)
+	d.Control = store.ControlFromColumns(ops, maxLen, prio)
+	d.Created, d.Updated = store.FromMillis(created), store.FromMillis(updated)
 	return &d, nil
 }
 
@@ -352,35 +335,6 @@ func (s *DB) Devices(ctx context.Context) ([]*store.Device, error) {
 	return out, arows.Err()
 }
 
-func ctlOps(c store.DeliveryControl) any {
-	if c.Operations == nil {
-		return nil
-	}
-	return int64(*c.Operations) // bit pattern; SQL integers are signed
-}
-
-func ctlLen(c store.DeliveryControl) any {
-	if c.MaxContentLength == nil {
-		return nil
-	}
-	return int64(*c.MaxContentLength)
-}
-
-func ctlPrio(c store.DeliveryControl) any {
-	if c.LowestPriority == nil {
-		return nil
-	}
-	return int64(*c.LowestPriority)
-}
-
-// ipText is a registered IP address as stored: "" for none.
-func ipText(a netip.Addr) string {
-	if !a.IsValid() {
-		return ""
-	}
-	return a.String()
-}
-
 const (
 	qContact    = `SELECT contact_addr, contact_via, contact_at, contact_polled FROM devices WHERE address = ?`
 	qSetContact = `UPDATE devices SET contact_addr = ?, contact_via = ?, contact_at = ?, contact_polled = ? WHERE address = ?`
@@ -404,13 +358,13 @@ func (s *DB) SetContact(ctx context.Context, addr uint32, c store.Contact) (prev
 		if err != nil {
 			return fmt.Errorf("sqlite: contact: %w", err)
 		}
-		if prev, err = store.ParseContact(oldAddr, oldVia, fromMS(oldAt), oldPolled); err != nil {
+		if prev, err = store.ParseContact(oldAddr, oldVia, store.FromMillis(oldAt), oldPolled); err != nil {
 			prev = store.Contact{} // a bad stored value is replaced
 		}
-		if ms(c.At) < oldAt {
+		if store.Millis(c.At) < oldAt {
 			return nil
 		}
-		if _, err := s.exec(ctx, tx, qSetContact, c.Addr.String(), c.Via, ms(c.At), c.Polled, addr); err != nil {
+		if _, err := s.exec(ctx, tx, qSetContact, c.Addr.String(), c.Via, store.Millis(c.At), c.Polled, addr); err != nil {
 			return fmt.Errorf("sqlite: contact: %w", err)
 		}
 		written = true
@@ -426,7 +380,7 @@ const qTouchContact = `UPDATE devices SET contact_at = ? WHERE address = ? AND c
 func (s *DB) TouchContact(ctx context.Context, addr uint32, c store.Contact, at time.Time) (bool, error) {
 	var n int64
 	err := s.tx(ctx, func(tx *sql.Tx) error {
-		r, err := s.exec(ctx, tx, qTouchContact, ms(at), addr, c.Addr.String(), c.Via, ms(at))
+		r, err := s.exec(ctx, tx, qTouchContact, store.Millis(at), addr, c.Addr.String(), c.Via, store.Millis(at))
 		if err != nil {
 			return fmt.Errorf("sqlite: contact: %w", err)
 		}
@@ -448,7 +402,7 @@ func (s *DB) DeviceContact(ctx context.Context, addr uint32) (store.Contact, err
 	if err != nil {
 		return store.Contact{}, fmt.Errorf("sqlite: contact: %w", err)
 	}
-	c, err := store.ParseContact(a, via, fromMS(at), polled)
+	c, err := store.ParseContact(a, via, store.FromMillis(at), polled)
 	if err != nil {
 		return store.Contact{}, fmt.Errorf("sqlite: device %d: %w", addr, err)
 	}
@@ -469,8 +423,9 @@ const (
 // SetDeliveryControl replaces a device's delivery-control limits and, like
 // every registry edit, changes RegistryVersion.
 func (s *DB) SetDeliveryControl(ctx context.Context, addr uint32, c store.DeliveryControl) error {
+	ops, maxLen, prio := c.Columns()
 	return s.tx(ctx, func(tx *sql.Tx) error {
-		r, err := s.exec(ctx, tx, qSetControl, ctlOps(c), ctlLen(c), ctlPrio(c), addr)
+		r, err := s.exec(ctx, tx, qSetControl, ops, maxLen, prio, addr)
 		if err != nil {
 			return fmt.Errorf("sqlite: delivery control: %w", err)
 		}

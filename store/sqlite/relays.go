@@ -37,7 +37,7 @@ func relayBatches(rows *sql.Rows) ([]*store.RelayBatch, error) {
 			&rc.Report.DSN, &from, &data); err != nil {
 			return nil, err
 		}
-		rc.State, rc.Expires = store.RelayState(state), fromMS(exp)
+		rc.State, rc.Expires = store.RelayState(state), store.FromMillis(exp)
 		b := byRef[ref]
 		if b == nil {
 			b = &store.RelayBatch{MessageRef: ref, From: from, Message: data}
@@ -54,7 +54,7 @@ func (s *DB) ClaimRelays(ctx context.Context, now time.Time, limit int) ([]*stor
 	var out []*store.RelayBatch
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		rows, err := s.query(ctx, tx, qDueRelays,
-			string(store.RelayQueued), ms(now), ms(now), limit)
+			string(store.RelayQueued), store.Millis(now), store.Millis(now), limit)
 		if err != nil {
 			return fmt.Errorf("sqlite: claim relays: %w", err)
 		}
@@ -64,7 +64,7 @@ func (s *DB) ClaimRelays(ctx context.Context, now time.Time, limit int) ([]*stor
 		for _, b := range out {
 			for i := range b.Recipients {
 				rc := &b.Recipients[i]
-				if _, err := s.exec(ctx, tx, qClaimRelay, string(store.RelaySending), ms(now), rc.ID); err != nil {
+				if _, err := s.exec(ctx, tx, qClaimRelay, string(store.RelaySending), store.Millis(now), rc.ID); err != nil {
 					return fmt.Errorf("sqlite: claim relays: %w", err)
 				}
 				rc.State, rc.Attempts = store.RelaySending, rc.Attempts+1
@@ -96,7 +96,7 @@ func (s *DB) FinishRelays(ctx context.Context, rs []store.RelayResult, w store.W
 				next = time.Time{}
 			}
 			res, err := s.exec(ctx, tx, qFinishRelay,
-				string(r.State), ms(next), r.Error, undo, ms(now), r.ID, string(r.From))
+				string(r.State), store.Millis(next), r.Error, undo, store.Millis(now), r.ID, string(r.From))
 			if err != nil {
 				return fmt.Errorf("sqlite: finish relay: %w", err)
 			}
@@ -110,7 +110,7 @@ func (s *DB) FinishRelays(ctx context.Context, rs []store.RelayResult, w store.W
 
 // ExpiredRelays lists queued relay recipients past their expiry.
 func (s *DB) ExpiredRelays(ctx context.Context, now time.Time, limit int) ([]*store.RelayBatch, error) {
-	rows, err := s.query(ctx, nil, qExpiredRelays, string(store.RelayQueued), ms(now), limit)
+	rows, err := s.query(ctx, nil, qExpiredRelays, string(store.RelayQueued), store.Millis(now), limit)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: expired relays: %w", err)
 	}

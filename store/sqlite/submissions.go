@@ -32,7 +32,7 @@ func scanSubmission(sc interface{ Scan(...any) error }) (*store.Submission, erro
 		&received, &sub.LocalTime, &sub.Number, &state, &sub.Verify); err != nil {
 		return nil, err
 	}
-	sub.Received, sub.State = fromMS(received), store.SubmissionState(state)
+	sub.Received, sub.State = store.FromMillis(received), store.SubmissionState(state)
 	return &sub, nil
 }
 
@@ -45,7 +45,7 @@ func (s *DB) AddSubmission(ctx context.Context, sub *store.Submission, dedupeSin
 	dup := false
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		r, err := scanSubmission(s.queryRow(ctx, tx, qDedupe,
-			sub.Device, sub.InstanceID, sub.ContentHash, ms(dedupeSince)))
+			sub.Device, sub.InstanceID, sub.ContentHash, store.Millis(dedupeSince)))
 		if err == nil {
 			rec, dup = r, true
 			return nil
@@ -60,8 +60,8 @@ func (s *DB) AddSubmission(ctx context.Context, sub *store.Submission, dedupeSin
 		c := *sub
 		c.LocalTime, c.Number, c.State, c.Verify = uint32(sub.Received.Unix()), n, store.SubmissionPending, ""
 		err = s.queryRow(ctx, tx, qAddSubmission,
-			c.Device, c.InstanceID, nonNil(c.ContentHash), c.ContentType, nonNil(c.Content), ms(c.Received), c.LocalTime, c.Number,
-			string(c.State), ms(time.Now())).Scan(&c.ID)
+			c.Device, c.InstanceID, store.NonNil(c.ContentHash), c.ContentType, store.NonNil(c.Content), store.Millis(c.Received), c.LocalTime, c.Number,
+			string(c.State), store.Millis(time.Now())).Scan(&c.ID)
 		if err != nil {
 			return fmt.Errorf("sqlite: add submission: %w", err)
 		}
@@ -79,7 +79,7 @@ func (s *DB) resolveSubmission(ctx context.Context, id int64, to store.Submissio
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		now := time.Now()
 		r, err := s.exec(ctx, tx, qResolveSubmission,
-			string(to), verify, ms(now), id, string(store.SubmissionPending))
+			string(to), verify, store.Millis(now), id, string(store.SubmissionPending))
 		if err != nil {
 			return fmt.Errorf("sqlite: submission %d: %w", id, err)
 		}
@@ -108,7 +108,7 @@ func (s *DB) DropSubmission(ctx context.Context, id int64, verify string) (bool,
 
 // PendingSubmissions lists pending submissions received before 'before'.
 func (s *DB) PendingSubmissions(ctx context.Context, before time.Time) ([]*store.Submission, error) {
-	rows, err := s.query(ctx, nil, qPendingSubmissions, string(store.SubmissionPending), ms(before))
+	rows, err := s.query(ctx, nil, qPendingSubmissions, string(store.SubmissionPending), store.Millis(before))
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: pending submissions: %w", err)
 	}

@@ -9,20 +9,6 @@ import (
 	"github.com/esro-emsdp/emsdp/store"
 )
 
-func validWork(w store.Work) error {
-	for _, d := range w.Deliveries {
-		if d.Device == 0 || d.Expires.IsZero() || d.MessageID == "" {
-			return fmt.Errorf("%w: delivery needs a device, a message id and an expiry", store.ErrInvalid)
-		}
-	}
-	for _, r := range w.Relays {
-		if r.Expires.IsZero() || len(r.Recipients) == 0 {
-			return fmt.Errorf("%w: relay needs recipients and an expiry", store.ErrInvalid)
-		}
-	}
-	return nil
-}
-
 const (
 	qInsertDelivery = `INSERT INTO deliveries (device, message_id, submission_time, content_type, content,
 		priority, state, attempts, next_attempt, expires, created, updated, last_error,
@@ -35,7 +21,7 @@ const (
 )
 
 func (s *DB) insertWork(ctx context.Context, tx *sql.Tx, w store.Work, now time.Time) error {
-	if err := validWork(w); err != nil {
+	if err := w.Validate(); err != nil {
 		return err
 	}
 	for _, d := range w.Deliveries {
@@ -44,8 +30,8 @@ func (s *DB) insertWork(ctx context.Context, tx *sql.Tx, w store.Work, now time.
 			st = int64(*d.SubmissionTime)
 		}
 		_, err := s.exec(ctx, tx, qInsertDelivery,
-			d.Device, d.MessageID, st, d.ContentType, nonNil(d.Content), d.Priority, string(store.DeliveryQueued),
-			ms(d.NextAttempt), ms(d.Expires), ms(now), ms(now),
+			d.Device, d.MessageID, st, d.ContentType, store.NonNil(d.Content), d.Priority, string(store.DeliveryQueued),
+			store.Millis(d.NextAttempt), store.Millis(d.Expires), store.Millis(now), store.Millis(now),
 			d.Report.Device, d.Report.Mail, d.Report.Flags, d.Report.Recipient, d.Report.MessageID, d.Report.Headers,
 			d.Report.DSN)
 		if err != nil {
@@ -55,13 +41,13 @@ func (s *DB) insertWork(ctx context.Context, tx *sql.Tx, w store.Work, now time.
 	for _, r := range w.Relays {
 		var ref int64
 		err := s.queryRow(ctx, tx, qInsertRelayMessage,
-			r.From, nonNil(r.Message), ms(now)).Scan(&ref)
+			r.From, store.NonNil(r.Message), store.Millis(now)).Scan(&ref)
 		if err != nil {
 			return fmt.Errorf("sqlite: queue relay: %w", err)
 		}
 		for _, rc := range r.Recipients {
 			_, err := s.exec(ctx, tx, qInsertRelay,
-				ref, rc.Addr, string(store.RelayQueued), ms(r.NextAttempt), ms(r.Expires), ms(now), ms(now),
+				ref, rc.Addr, string(store.RelayQueued), store.Millis(r.NextAttempt), store.Millis(r.Expires), store.Millis(now), store.Millis(now),
 				rc.Report.Device, rc.Report.Mail, rc.Report.Flags, rc.Report.Recipient, rc.Report.MessageID, rc.Report.Headers,
 				rc.Report.DSN)
 			if err != nil {
@@ -77,7 +63,7 @@ func (s *DB) Enqueue(ctx context.Context, w store.Work) error {
 	if w.Empty() {
 		return nil
 	}
-	if err := validWork(w); err != nil {
+	if err := w.Validate(); err != nil {
 		return err
 	}
 	return s.tx(ctx, func(tx *sql.Tx) error { return s.insertWork(ctx, tx, w, time.Now()) })
