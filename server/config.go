@@ -16,14 +16,12 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
-	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/esro-emsdp/emsdp/decode"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/store"
-	"github.com/esro-emsdp/emsdp/store/postgres"
-	"github.com/esro-emsdp/emsdp/store/sqlite"
+	"github.com/esro-emsdp/emsdp/store/open"
 )
 
 //go:embed default.toml
@@ -223,8 +221,8 @@ const (
 
 // Store drivers (store.driver).
 const (
-	StoreSQLite   = "sqlite"
-	StorePostgres = "postgres"
+	StoreSQLite   = open.SQLite
+	StorePostgres = open.Postgres
 )
 
 // CompatConfig switches reference behaviour on where this server differs.
@@ -329,7 +327,7 @@ func (c *Config) Write(w io.Writer) error {
 	if cc.Relay.Password != "" {
 		cc.Relay.Password = "********"
 	}
-	cc.Store.Conninfo = maskConninfo(cc.Store.Conninfo)
+	cc.Store.Conninfo = open.MaskConninfo(cc.Store.Conninfo)
 	return toml.NewEncoder(w).Encode(&cc)
 }
 
@@ -536,7 +534,7 @@ func (c *Config) validStore() error {
 	case StorePostgres:
 		if c.Store.Conninfo == "" {
 			errs = append(errs, configErr("store.dsn: a PostgreSQL connection string is required (store.driver = %q)", StorePostgres))
-		} else if _, err := pgxpool.ParseConfig(c.Store.Conninfo); err != nil {
+		} else if err := open.CheckConninfo(c.Store.Conninfo); err != nil {
 			// pgx's message masks the password.
 			errs = append(errs, configErr("store.dsn: %v", err))
 		}
@@ -549,70 +547,23 @@ func (c *Config) validStore() error {
 	return errors.Join(errs...)
 }
 
-// StoreAccess is how OpenStoreAccess opens the store.
-type StoreAccess uint8
-
-// Store accesses.
-const (
-	// StoreCreate opens the store, creating an empty one where there is
-	// none (emsdp serve, emsdp device add).
-	StoreCreate StoreAccess = iota
-	// StoreExisting opens only an existing store (ErrNoStore otherwise).
-	StoreExisting
-	// StoreReadOnly opens only an existing store, for reading (listings):
-	// SQLite in read-only mode, PostgreSQL with read-only transactions.
-	StoreReadOnly
-)
-
-// ErrNoStore: StoreExisting or StoreReadOnly, and there is no store where
-// the configuration says.
-var ErrNoStore = errors.New("no store")
+// StoreConfig is how store/open opens the store the configuration names:
+// the SQLite database in Data, or the PostgreSQL database at
+// Store.Conninfo; its Access is open.Create.
+func (c *Config) StoreConfig() open.Config {
+	return open.Config{Driver: c.Store.Driver, Dir: c.Data, Conninfo: c.Store.Conninfo,
+		BusyTimeout: time.Duration(c.Store.BusyTimeout)}
+}
 
 // StoreLocation names the store for people: the SQLite database file
 // (absolute), or the PostgreSQL conninfo with its password masked.
-func (c *Config) StoreLocation() string {
-	if c.Store.Driver == StorePostgres {
-		return maskConninfo(c.Store.Conninfo)
-	}
-	p := filepath.Join(c.Data, sqlite.FileName)
-	if abs, err := filepath.Abs(p); err == nil {
-		p = abs
-	}
-	return p
-}
+func (c *Config) StoreLocation() string { return c.StoreConfig().Location() }
 
-// OpenStore opens the store the configuration names: the SQLite database
-// in Data, or the PostgreSQL database at Store.Conninfo. Unlike Start it takes
-// no lock on the data directory: the device commands use it beside a
-// running server.
+// OpenStore opens the store the configuration names, creating it if need
+// be. Unlike Start it takes no lock on the data directory: the device
+// commands use it beside a running server.
 func (c *Config) OpenStore(ctx context.Context) (store.Store, error) {
-	return c.OpenStoreAccess(ctx, StoreCreate)
-}
-
-// OpenStoreAccess is OpenStore with the access a.
-func (c *Config) OpenStoreAccess(ctx context.Context, a StoreAccess) (store.Store, error) {
-	switch c.Store.Driver {
-	case StoreSQLite:
-		db, err := sqlite.OpenDir(ctx, c.Data, &sqlite.Options{BusyTimeout: time.Duration(c.Store.BusyTimeout),
-			MustExist: a == StoreExisting, ReadOnly: a == StoreReadOnly})
-		if errors.Is(err, sqlite.ErrNoDatabase) {
-			return nil, fmt.Errorf("%w: %w", ErrNoStore, err)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("store: %w", err)
-		}
-		return db, nil
-	case StorePostgres:
-		db, err := postgres.OpenWith(ctx, c.Store.Conninfo, postgres.Options{MustExist: a == StoreExisting, ReadOnly: a == StoreReadOnly})
-		if errors.Is(err, postgres.ErrNoStore) {
-			return nil, fmt.Errorf("%w: %w", ErrNoStore, err)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("store: %w", err)
-		}
-		return db, nil
-	}
-	return nil, configErr("store.driver %q: want %q or %q", c.Store.Driver, StoreSQLite, StorePostgres)
+	return open.Open(ctx, c.StoreConfig())
 }
 
 // ESROConfig returns the endpoint configuration the settings describe.

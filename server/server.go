@@ -42,6 +42,7 @@ import (
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/open"
 )
 
 // Options are the parts of a server that are not configuration.
@@ -92,7 +93,6 @@ type Server struct {
 	log      *slog.Logger
 	st       store.Store
 	ownStore bool
-	unlock   func()
 
 	domain   string
 	domains  []string
@@ -194,26 +194,16 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 	if o.Store != nil {
 		s.st = o.Store
 	} else {
-		if cfg.Store.Driver == StoreSQLite {
-			// One server per SQLite store. With PostgreSQL several servers
-			// share the store by design, and the data directory is unused.
-			unlock, err := lockDataDir(cfg.Data)
-			if err != nil {
-				return nil, err
-			}
-			s.unlock = unlock
-		}
-		db, err := cfg.OpenStore(ctx)
+		// One server per SQLite store (the opener locks the data
+		// directory); with PostgreSQL several servers share the store by
+		// design.
+		sc := cfg.StoreConfig()
+		sc.Serve, sc.Log = true, log
+		db, err := open.Open(ctx, sc)
 		if err != nil {
 			return nil, err
 		}
 		s.st, s.ownStore = db, true
-		if cfg.Store.Driver == StoreSQLite {
-			if loose := looseModes(cfg.Data); len(loose) > 0 {
-				log.Warn("data directory readable by others: it holds the mail and the password hashes; chmod 0700 the directory, 0600 its files",
-					"paths", loose)
-			}
-		}
 	}
 	if err := s.reloadRegistry(ctx); err != nil {
 		return nil, fmt.Errorf("store: registry: %w", err)
@@ -341,13 +331,10 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 
 // storeDesc names the store for the log, without its password.
 func storeDesc(cfg *Config, given bool) string {
-	switch {
-	case given:
+	if given {
 		return "given"
-	case cfg.Store.Driver == StorePostgres:
-		return "postgres " + maskConninfo(cfg.Store.Conninfo)
 	}
-	return "sqlite " + cfg.Data
+	return cfg.StoreConfig().String()
 }
 
 func addrOf(ln net.Listener) string {
@@ -477,9 +464,6 @@ func (s *Server) Close() error {
 		s.cancel()
 		if s.ownStore && s.st != nil {
 			err = s.st.Close()
-		}
-		if s.unlock != nil {
-			s.unlock()
 		}
 	})
 	return err

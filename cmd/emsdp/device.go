@@ -18,6 +18,7 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/server"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/open"
 )
 
 // cmdDevice: "emsdp device add|list|show|remove|passwd|psk|import|export", the device
@@ -53,9 +54,9 @@ func (d *deviceStore) register(fs *flag.FlagSet) {
 
 // open opens the store the server of --config uses, or the one --data or
 // --dsn names instead, as a says: only an existing store unless a is
-// server.StoreCreate (which says so when it creates one). From then on
+// open.Create (which says so when it creates one). From then on
 // every error fail prints names the store.
-func (d *deviceStore) open(ctx context.Context, env *cmdEnv, a server.StoreAccess) (store.Store, error) {
+func (d *deviceStore) open(ctx context.Context, env *cmdEnv, a open.Access) (store.Store, error) {
 	if d.data != "" && d.conninfo != "" {
 		return nil, usagef("--data (SQLite) and --dsn (PostgreSQL) name two stores: give one")
 	}
@@ -85,14 +86,16 @@ func (d *deviceStore) open(ctx context.Context, env *cmdEnv, a server.StoreAcces
 		return nil, err
 	}
 	d.lifetime = time.Duration(cfg.Delivery.ContactLifetime)
-	where := cfg.StoreLocation()
+	sc := cfg.StoreConfig()
+	sc.Access = a
+	where := sc.Location()
 	created := false
-	if cfg.Store.Driver == server.StoreSQLite && a == server.StoreCreate {
+	if sc.Driver == open.SQLite && a == open.Create {
 		_, err := os.Stat(where)
 		created = errors.Is(err, os.ErrNotExist)
 	}
-	db, err := cfg.OpenStoreAccess(ctx, a)
-	if errors.Is(err, server.ErrNoStore) {
+	db, err := open.Open(ctx, sc)
+	if errors.Is(err, open.ErrNoStore) {
 		return nil, fmt.Errorf("no store at %s (from %s): a server keeps its store there once started with the same --data "+
 			"or --config; give the ones emsdp serve runs with (a new store is made only by emsdp device add)", where, from)
 	}
@@ -196,7 +199,7 @@ func deviceAdd(ctx context.Context, env *cmdEnv, args []string) int {
 	if d.PasswordHash, err = passwordFlag(*password); err != nil {
 		return fail(env, err)
 	}
-	db, err := st.open(ctx, env, server.StoreCreate)
+	db, err := st.open(ctx, env, open.Create)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -274,7 +277,7 @@ func devicePSK(ctx context.Context, env *cmdEnv, args []string) int {
 			return fail(env, err)
 		}
 	}
-	db, err := st.open(ctx, env, server.StoreExisting)
+	db, err := st.open(ctx, env, open.Existing)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -444,7 +447,7 @@ func deviceList(ctx context.Context, env *cmdEnv, args []string) int {
 	if _, done, code := parseFlags(fs, env, args, 0); done {
 		return code
 	}
-	db, err := st.open(ctx, env, server.StoreReadOnly)
+	db, err := st.open(ctx, env, open.ReadOnly)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -504,7 +507,7 @@ func deviceShow(ctx context.Context, env *cmdEnv, args []string) int {
 	if done {
 		return code
 	}
-	db, err := st.open(ctx, env, server.StoreReadOnly)
+	db, err := st.open(ctx, env, open.ReadOnly)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -558,7 +561,7 @@ func deviceRemove(ctx context.Context, env *cmdEnv, args []string) int {
 	if done {
 		return code
 	}
-	db, err := st.open(ctx, env, server.StoreExisting)
+	db, err := st.open(ctx, env, open.Existing)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -588,7 +591,7 @@ func devicePasswd(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	db, err := st.open(ctx, env, server.StoreExisting)
+	db, err := st.open(ctx, env, open.Existing)
 	if err != nil {
 		return fail(env, err)
 	}

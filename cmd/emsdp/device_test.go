@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/internal/pgtest"
-	"github.com/esro-emsdp/emsdp/server"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/open"
 )
 
 // The device commands, in order, on one store: outputs and exit codes.
@@ -244,7 +244,7 @@ func TestDeviceHeard(t *testing.T) {
 		t.Fatalf("add: %d %s", code, errs)
 	}
 	ds := &deviceStore{data: data}
-	db, err := ds.open(context.Background(), &cmdEnv{stderr: io.Discard}, server.StoreExisting)
+	db, err := ds.open(context.Background(), &cmdEnv{stderr: io.Discard}, open.Existing)
 	if err != nil {
 		t.Fatal(err)
 	}

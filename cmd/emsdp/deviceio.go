@@ -23,8 +23,8 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/esro-emsdp/emsdp/emsd"
-	"github.com/esro-emsdp/emsdp/server"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/open"
 )
 
 // The exchange format of "emsdp device import" and "export": CSV with a
@@ -107,7 +107,7 @@ func deviceImport(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	db, err := st.open(ctx, env, server.StoreCreate) // a registry moves into a new store too
+	db, err := st.open(ctx, env, open.Create) // a registry moves into a new store too
 	if err != nil {
 		return fail(env, err)
 	}
@@ -426,7 +426,7 @@ func deviceExport(ctx context.Context, env *cmdEnv, args []string) int {
 	if *format != "csv" && *format != "jsonl" {
 		return fail(env, usagef("--format %q: want csv or jsonl", *format))
 	}
-	db, err := st.open(ctx, env, server.StoreReadOnly)
+	db, err := st.open(ctx, env, open.ReadOnly)
 	if err != nil {
 		return fail(env, err)
 	}

@@ -17,8 +17,8 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
-	"github.com/esro-emsdp/emsdp/server"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/open"
 )
 
 // cmdQueue: "emsdp queue list|show|retry|remove", the server's delivery
@@ -219,7 +219,7 @@ func queueList(ctx context.Context, env *cmdEnv, args []string) int {
 			return fail(env, err)
 		}
 	}
-	db, err := st.open(ctx, env, server.StoreReadOnly)
+	db, err := st.open(ctx, env, open.ReadOnly)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -367,7 +367,7 @@ func queueShow(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	db, err := st.open(ctx, env, server.StoreReadOnly)
+	db, err := st.open(ctx, env, open.ReadOnly)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -530,7 +530,7 @@ func queueRetry(ctx context.Context, env *cmdEnv, args []string) int {
 	if _, err := store.CheckQueueSelect(sel); err != nil {
 		return fail(env, usagef("give queue ids (D<number>, R<number>), --all or --device NNN.NNN: one of them"))
 	}
-	db, err := st.open(ctx, env, server.StoreExisting)
+	db, err := st.open(ctx, env, open.Existing)
 	if err != nil {
 		return fail(env, err)
 	}
@@ -583,7 +583,7 @@ func queueRemove(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	db, err := st.open(ctx, env, server.StoreExisting)
+	db, err := st.open(ctx, env, open.Existing)
 	if err != nil {
 		return fail(env, err)
 	}

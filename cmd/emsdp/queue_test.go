@@ -17,8 +17,8 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/internal/pgtest"
-	"github.com/esro-emsdp/emsdp/server"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/open"
 )
 
 // queueFill queues, through the store API as a server would, deliveries
@@ -115,7 +115,7 @@ func TestQueueCommands(t *testing.T) {
 			} else {
 				ds.conninfo = flags[1]
 			}
-			db, err := ds.open(context.Background(), &cmdEnv{stderr: io.Discard}, server.StoreCreate)
+			db, err := ds.open(context.Background(), &cmdEnv{stderr: io.Discard}, open.Create)
 			if err != nil {
 				t.Fatal(err)
 			}

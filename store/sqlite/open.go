@@ -38,7 +38,15 @@ type Options struct {
 	// listings, which then work on a store the user may only read, and
 	// never write. It implies MustExist; the schema must be current.
 	ReadOnly bool
+	// Lock, for OpenDir, holds an exclusive lock on the data directory
+	// until Close: the handle of the one server that runs the directory's
+	// queues (ErrDirLocked when another process holds it).
+	Lock bool
 }
+
+// ErrDirLocked: Options.Lock, and another process (emsdp serve) holds the
+// data directory.
+var ErrDirLocked = errors.New("data directory in use by another emsdp serve")
 
 // ErrNoDatabase: Options.MustExist and there is no database at the path.
 var ErrNoDatabase = errors.New("sqlite: no database")
@@ -50,6 +58,7 @@ type DB struct {
 	writes chan *writeReq
 	quit   chan struct{}
 	done   chan struct{}
+	unlock func() // releases Options.Lock's lock; nil = none
 }
 
 var _ store.Store = (*DB)(nil)
@@ -58,13 +67,25 @@ var _ store.Store = (*DB)(nil)
 // data directory. A directory it creates is 0700: the store holds mail and
 // password hashes.
 func OpenDir(ctx context.Context, dir string, o *Options) (*DB, error) {
-	if o != nil && (o.MustExist || o.ReadOnly) {
+	if o == nil || !(o.MustExist || o.ReadOnly) {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("sqlite: data directory: %w", err)
+		}
+	}
+	if o == nil || !o.Lock {
 		return Open(ctx, filepath.Join(dir, FileName), o)
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("sqlite: data directory: %w", err)
+	unlock, err := lockDir(dir)
+	if err != nil {
+		return nil, err
 	}
-	return Open(ctx, filepath.Join(dir, FileName), o)
+	db, err := Open(ctx, filepath.Join(dir, FileName), o)
+	if err != nil {
+		unlock()
+		return nil, err
+	}
+	db.unlock = unlock
+	return db, nil
 }
 
 // Open opens (creating if needed) the database file at path and brings its
@@ -158,7 +179,12 @@ func (s *DB) Close() error {
 	for _, st := range s.stmts {
 		st.Close()
 	}
-	return s.sql.Close()
+	err := s.sql.Close()
+	if s.unlock != nil {
+		s.unlock()
+		s.unlock = nil
+	}
+	return err
 }
 
 const qPing = `SELECT 1`

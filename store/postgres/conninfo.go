@@ -1,18 +1,20 @@
-package server
+package postgres
 
 import (
 	"strings"
+
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // conninfoMask replaces passwords in a shown conninfo.
 const conninfoMask = "********"
 
-// maskConninfo returns a PostgreSQL connection string with the values of its
+// MaskConninfo returns a PostgreSQL connection string with the values of its
 // password and sslpassword settings masked, for --check-config and logs.
 // It follows pgx's grammar for both forms (URL and keyword/value) without
 // judging validity; FuzzMaskConninfo checks against pgx's parser that the
 // result means the same connection with the password masked.
-func maskConninfo(conninfo string) string {
+func MaskConninfo(conninfo string) string {
 	for _, prefix := range []string{"postgresql://", "postgres://"} {
 		if rest, ok := strings.CutPrefix(conninfo, prefix); ok {
 			return prefix + maskURLRest(rest)
@@ -181,4 +183,11 @@ func valueEnd(s string) int {
 		i++
 	}
 	return min(i, len(s))
+}
+
+// CheckConninfo reports whether conninfo is a connection string Open
+// accepts, without connecting; pgx's message masks the password.
+func CheckConninfo(conninfo string) error {
+	_, err := pgxpool.ParseConfig(conninfo)
+	return err
 }

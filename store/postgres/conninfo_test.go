@@ -1,4 +1,4 @@
-package server
+package postgres
 
 import (
 	"maps"
@@ -28,8 +28,8 @@ func TestMaskConninfo(t *testing.T) {
 		{"postgres://[::1]:5432,h2/emsdp?password=x", "postgres://[::1]:5432,h2/emsdp?password=********"},
 		{"postgres://h1,h2?password=x", "postgres://h1,h2?password=********"},
 	} {
-		if got := maskConninfo(tc.in); got != tc.want {
-			t.Errorf("maskConninfo(%q) = %q, want %q", tc.in, got, tc.want)
+		if got := MaskConninfo(tc.in); got != tc.want {
+			t.Errorf("MaskConninfo(%q) = %q, want %q", tc.in, got, tc.want)
 		}
 	}
 }
@@ -50,7 +50,7 @@ func FuzzMaskConninfo(f *testing.F) {
 		}
 	}
 	f.Fuzz(func(t *testing.T, conninfo string) {
-		masked := maskConninfo(conninfo)
+		masked := MaskConninfo(conninfo)
 		orig, err := pgconn.ParseConfig(conninfo)
 		if err != nil {
 			return
