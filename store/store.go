@@ -1,7 +1,11 @@
 // Package store is the durable state of the EMSD server: the device
 // registry, submissions, the per-device delivery queue, the outbound relay
-// queue, delivery statuses and the message-id counters. Store is the
-// interface the server uses; store/sqlite is the embedded implementation.
+// queue, delivery statuses and the message-id counters. Store is all of
+// it as one handle, made of one small interface per consumer (Registry,
+// Submissions, Deliveries, Relays, QueueAdmin...); store/sqlite is the
+// embedded implementation, store/postgres the shared one, and store/open
+// opens the one a configuration names. The checks and stored encodings
+// both backends share live here (device.go, work.go, queue.go, encode.go).
 //
 // The package knows nothing of EMSD encodings: addresses are subscriber
 // numbers, message ids are opaque strings chosen by the server, contents
