@@ -116,9 +116,8 @@ type HandlerFunc func(ctx context.Context, d *Delivery) error
 // Deliver calls f.
 func (f HandlerFunc) Deliver(ctx context.Context, d *Delivery) error { return f(ctx, d) }
 
-// serve performs an INVOKE on SAP 3 or 7 (§1.4 "Reference UA accepts
-// inbound Delivery and Submission verify"; everything else is a protocol
-// violation).
+// serve performs an INVOKE on SAP 3 or 7: a device performs only Delivery
+// and Submission verify (§1.4); everything else is a protocol violation.
 func (c *Client) serve(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
 	code := c.perform(ctx, w, inv)
 	if code == 0 {
