@@ -38,7 +38,7 @@ const queueRescan = "a running emsdp serve picks this up within 30 s, or at once
 func queueFlagSet(name, synopsis string) *flag.FlagSet {
 	fs := flag.NewFlagSet("emsdp queue "+name, flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: emsdp queue %s [--config FILE|--data DIR|--dsn DSN] %s\n", name, synopsis)
+		fmt.Fprintf(fs.Output(), "usage: emsdp queue %s [--config FILE|--data DIR|--dsn CONNINFO] %s\n", name, synopsis)
 		fmt.Fprintln(fs.Output(), "queue ids are as emsdp queue list prints them: D<number> a delivery, R<number> a relay recipient")
 		fs.PrintDefaults()
 	}
