@@ -89,24 +89,6 @@ func (f *formatter) localID(id emsd.LocalMessageID) string {
 	return fmt.Sprintf("<EMSD.%08x.%08x@%s>", uint32(id.SubmissionTime), id.Number, f.o.Domain)
 }
 
-// msgID returns s as a bracketed msg-id, or "" when it cannot be one.
-func msgID(s string) string {
-	s = strings.TrimSpace(s)
-	if s == "" || !IsASCII(s) || strings.ContainsAny(s, " \t\r\n\x00") {
-		return ""
-	}
-	if !strings.HasPrefix(s, "<") {
-		s = "<" + s
-	}
-	if !strings.HasSuffix(s, ">") {
-		s += ">"
-	}
-	if strings.Count(s, "<") != 1 || strings.Count(s, ">") != 1 || len(s) > 990 {
-		return ""
-	}
-	return s
-}
-
 // quoteLocal writes the local part of an addr-spec as a quoted string
 // when it is not a dot-atom (net/mail returns it unquoted).
 func quoteLocal(spec string) string {

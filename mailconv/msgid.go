@@ -84,3 +84,21 @@ func SenderMessageID(ipm *emsd.IPM) string {
 	}
 	return ""
 }
+
+// msgID returns s as a bracketed msg-id, or "" when it cannot be one.
+func msgID(s string) string {
+	s = strings.TrimSpace(s)
+	if s == "" || !IsASCII(s) || strings.ContainsAny(s, " \t\r\n\x00") {
+		return ""
+	}
+	if !strings.HasPrefix(s, "<") {
+		s = "<" + s
+	}
+	if !strings.HasSuffix(s, ">") {
+		s += ">"
+	}
+	if strings.Count(s, "<") != 1 || strings.Count(s, ">") != 1 || len(s) > 990 {
+		return ""
+	}
+	return s
+}
