@@ -11,6 +11,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -268,7 +269,7 @@ func (s *Server) handleDeliveryVerify(ctx context.Context, w esro.ResponseWriter
 		return
 	}
 	status := emsd.NoReportSent
-	st, err := s.st.DeliveryStatus(ctx, uint32(dev.addr), encodeMsgID(a.MessageID))
+	st, err := s.st.DeliveryStatus(ctx, uint32(dev.addr), storedid.MessageID(a.MessageID).String())
 	switch {
 	case err == nil:
 		status = emsd.DeliveryStatus(st)

@@ -1,66 +1,27 @@
 package server
 
 import (
-	"errors"
 	"fmt"
-	"strconv"
 	"strings"
 
 	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 )
 
-// Message ids and addresses are kept in the store as text with a kind
-// prefix, so that a local id and an rfc822 id with the same text never
-// meet: "L:%08x.%08x" or "R:<rfc822 text>"; "L:<number>" or "R:<text>" for
-// an ORAddress.
+// The stored forms of message ids and O/R addresses are storedid's; these
+// are its functions under the names the delivery scheduler (deliver.go)
+// and the tests use.
 
-func encodeMsgID(m emsd.MessageID) string {
-	if m.IsLocal {
-		return "L:" + m.Local.String()
-	}
-	return "R:" + m.RFC822
-}
+func encodeMsgID(m emsd.MessageID) string { return storedid.MessageID(m).String() }
 
-// idText is a stored id as the CLI and the devices show it
-// ("6b17127c.00000003" or "<a@b>"), for logs.
-func idText(stored string) string {
-	if m, err := decodeMsgID(stored); err == nil {
-		return m.String()
-	}
-	return stored
-}
+func decodeMsgID(s string) (emsd.MessageID, error) { return storedid.ParseMessageID(s) }
 
-var errBadStoredID = errors.New("server: malformed stored id")
+// idText is a stored id as the CLI and the devices show it, for logs.
+func idText(stored string) string { return storedid.Text(stored) }
 
-func decodeMsgID(s string) (emsd.MessageID, error) {
-	switch {
-	case strings.HasPrefix(s, "L:"):
-		id, err := emsd.ParseLocalMessageID(s[2:])
-		if err != nil {
-			return emsd.MessageID{}, fmt.Errorf("%w %q: %v", errBadStoredID, s, err)
-		}
-		return emsd.MessageID{IsLocal: true, Local: id}, nil
-	case strings.HasPrefix(s, "R:"):
-		return emsd.RFC822ID(s[2:]), nil
-	}
-	return emsd.MessageID{}, fmt.Errorf("%w %q", errBadStoredID, s)
-}
+func encodeOR(a emsd.ORAddress) string { return storedid.Address(a).String() }
 
-func encodeOR(a emsd.ORAddress) string {
-	if a.IsLocal {
-		return "L:" + strconv.FormatUint(uint64(a.Local), 10)
-	}
-	return "R:" + a.RFC822
-}
-
-func decodeOR(s string) emsd.ORAddress {
-	if v, ok := strings.CutPrefix(s, "L:"); ok {
-		if n, err := strconv.ParseUint(v, 10, 32); err == nil {
-			return emsd.LocalOR(emsd.Address(n), "")
-		}
-	}
-	return emsd.RFC822OR(strings.TrimPrefix(s, "R:"))
-}
+func decodeOR(s string) emsd.ORAddress { return storedid.ParseAddress(s) }
 
 // rfc822MessageID is the Message-ID a submitted message gets on the
 // Internet, derived from its local id (Open Point 10), so that a report or

@@ -13,6 +13,7 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/mailconv"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -141,9 +142,9 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 			delivered = emsd.RFC822ID(in.MessageID)
 		}
 		w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(a),
-			MessageID: encodeMsgID(delivered), SubmissionTime: st, ContentType: uint32(in.ContentType),
+			MessageID: storedid.MessageID(delivered).String(), SubmissionTime: st, ContentType: uint32(in.ContentType),
 			Content: content, Priority: prio, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry)),
-			Report: store.Report{Mail: from, Recipient: "R:" + byDev[a][0], MessageID: encodeMsgID(emsd.RFC822ID(in.MessageID)),
+			Report: store.Report{Mail: from, Recipient: storedid.Internet(byDev[a][0]), MessageID: storedid.MessageID(emsd.RFC822ID(in.MessageID)).String(),
 				Headers: headers, DSN: dsnParamsFor(env, byDev[a][0], now).encode()}})
 	}
 	if len(cuts) > 0 {

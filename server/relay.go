@@ -9,6 +9,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -175,7 +176,7 @@ func relayDSN(b *store.RelayBatch) *gateway.DSNRequest {
 	}
 	d := &gateway.DSNRequest{Ret: smtp.DSNReturnHeaders}
 	for _, rc := range b.Recipients {
-		if id, err := decodeMsgID(rc.Report.MessageID); err == nil && id.IsLocal && d.EnvID == "" {
+		if id, err := storedid.ParseMessageID(rc.Report.MessageID); err == nil && id.IsLocal && d.EnvID == "" {
 			d.EnvID = id.Local.String()
 		}
 		var n []smtp.DSNNotify

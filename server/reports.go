@@ -10,6 +10,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/mailconv"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -111,7 +112,7 @@ func (s *Server) reportWork(ctx context.Context, items []reportItem) (store.Work
 
 // reportEntry is the per-recipient data of an EMSD report about o.
 func reportEntry(r store.Report, o outcome) emsd.PerRecipReportData {
-	e := emsd.PerRecipReportData{Recipient: decodeOR(r.Recipient)}
+	e := emsd.PerRecipReportData{Recipient: storedid.ParseAddress(r.Recipient)}
 	if o.delivered {
 		e.Delivery = &emsd.DeliveryReport{DeliveryTime: emsd.TimeOf(o.at)}
 	} else {
@@ -156,7 +157,7 @@ func (s *Server) asNotice(dev uint32) reportForm {
 // plain-text notices when reports = "ipm".
 func (s *Server) deviceReports(ctx context.Context, dev uint32, msgID string, entries []emsd.PerRecipReportData) ([]store.NewDelivery, error) {
 	var id emsd.MessageID
-	if v, err := decodeMsgID(msgID); err == nil {
+	if v, err := storedid.ParseMessageID(msgID); err == nil {
 		id = v
 	}
 	entries, err := encodableEntries(id, entries)
@@ -215,7 +216,7 @@ func (s *Server) reportDeliveries(ctx context.Context, dev uint32, id emsd.Messa
 			return out, err
 		}
 		s.metrics.reports.WithLabelValues(kind).Inc()
-		out = append(out, store.NewDelivery{Device: dev, MessageID: encodeMsgID(mid), ContentType: uint32(ct),
+		out = append(out, store.NewDelivery{Device: dev, MessageID: storedid.MessageID(mid).String(), ContentType: uint32(ct),
 			Content: c, Priority: 1, NextAttempt: now, Expires: expires})
 	}
 	return out, nil
@@ -351,7 +352,7 @@ func (s *Server) dsn(ctx context.Context, items []reportItem) (store.NewRelay, e
 	first := items[0].r
 	rcpts := make([]mailconv.DSNRecipient, 0, len(items))
 	for _, it := range items {
-		rc := mailconv.DSNRecipient{Addr: strings.TrimPrefix(it.r.Recipient, "R:"), Action: mailconv.ActionDelivered,
+		rc := mailconv.DSNRecipient{Addr: storedid.InternetSpec(it.r.Recipient), Action: mailconv.ActionDelivered,
 			LastAttempt: it.o.at, OriginalRecipient: parseDSNParams(it.r.DSN).orcpt}
 		if !it.o.delivered {
 			rc.Action = mailconv.ActionFailed

@@ -13,6 +13,7 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/mailconv"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -542,15 +543,15 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 	var fails []reportItem
 	done := map[emsd.Address]bool{}
 	for _, r := range recipients {
-		rep := store.Report{Device: rec.Device, Flags: uint8(r.Flags), MessageID: encodeMsgID(mid),
-			Recipient: encodeOR(emsd.RFC822OR(r.Addr))}
+		rep := store.Report{Device: rec.Device, Flags: uint8(r.Flags), MessageID: storedid.MessageID(mid).String(),
+			Recipient: storedid.Internet(r.Addr)}
 		var fail *outcome
 		switch {
 		case r.Err != nil:
 			o := failed(emsd.ReasonUnableToTransfer, emsd.DiagUnrecognizedAddress, r.Err.Error())
 			fail = &o
 		case r.Local:
-			rep.Recipient = encodeOR(emsd.LocalOR(r.Device, ""))
+			rep.Recipient = storedid.Address(emsd.LocalOR(r.Device, "")).String()
 			if reg.get(r.Device) == nil {
 				o := failed(emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown, "no such EMSD address")
 				fail = &o
@@ -567,7 +568,7 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 				break
 			}
 			st := uint32(lid.SubmissionTime)
-			w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(r.Device), MessageID: encodeMsgID(mid),
+			w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(r.Device), MessageID: storedid.MessageID(mid).String(),
 				SubmissionTime: &st, ContentType: uint32(emsd.ContentIPM), Content: content, Priority: prio,
 				NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry)), Report: rep})
 		default:
