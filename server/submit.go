@@ -39,6 +39,7 @@ type submitter struct {
 type segEntry struct {
 	answer []byte
 	sub    *store.Submission // set for the segment that completed a message
+	ipm    *emsd.IPM         // sub's message, decoded
 	// full is a message the segment completed but that could not be
 	// committed: a re-invocation of the segment retries the commit
 	// instead of failing on the reassembler's forgotten sequence.
@@ -271,7 +272,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		}
 		if e.sub != nil {
 			s.subs.wait(e.sub.ID, peer)
-			s.afterResult(w, dev, peer, e.sub, key)
+			s.afterResult(w, dev, peer, e.sub, e.ipm, key)
 		} else {
 			s.forgetWhenConfirmed(w, key)
 		}
@@ -333,7 +334,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		return
 	}
 	if sa.Segment != nil {
-		s.segs.put(key, &segEntry{answer: ans, sub: rec, at: now})
+		s.segs.put(key, &segEntry{answer: ans, sub: rec, ipm: ipm, at: now})
 	}
 	if dup {
 		s.metrics.submissions.WithLabelValues("duplicate").Inc()
@@ -345,7 +346,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 	if err := w.Result(esro.EncodingBER, ans); err != nil {
 		s.log.Debug("submit result", "device", dev.addr, "err", err)
 	}
-	s.afterResult(w, dev, peer, rec, key)
+	s.afterResult(w, dev, peer, rec, ipm, key)
 }
 
 // addSubmission commits a submission, or finds the copy it re-invokes: the
@@ -407,8 +408,9 @@ func (s *Server) forgetWhenConfirmed(w esro.ResponseWriter, key segKey) {
 // come (docs/protocol.md EMSD §9.5 steps 7-8). key is the segment cache entry of
 // the last segment of a segmented submission (zero otherwise); peer is
 // where the submission came from, hence where the verify goes: behind a
-// NAT the only address that reaches the device.
-func (s *Server) afterResult(w esro.ResponseWriter, dev *device, peer netip.AddrPort, rec *store.Submission, key segKey) {
+// NAT the only address that reaches the device. ipm is the submitted
+// message, decoded once by the handler and carried to the release.
+func (s *Server) afterResult(w esro.ResponseWriter, dev *device, peer netip.AddrPort, rec *store.Submission, ipm *emsd.IPM, key segKey) {
 	if rec.State != store.SubmissionPending {
 		s.subs.done(rec.ID, false)
 		s.subs.resolved(rec.ID)
@@ -421,7 +423,7 @@ func (s *Server) afterResult(w esro.ResponseWriter, dev *device, peer netip.Addr
 		if key != (segKey{}) {
 			s.segs.del(key)
 		}
-		s.release(rec, "confirmed")
+		s.release(rec, ipm, "confirmed")
 		s.subs.resolved(rec.ID)
 	case s.ctx.Err() != nil:
 		// Shutting down: the submission stays pending and is released
@@ -430,7 +432,7 @@ func (s *Server) afterResult(w esro.ResponseWriter, dev *device, peer netip.Addr
 		// A re-invocation of the same submission is waiting for its own
 		// confirmation and decides.
 	default:
-		s.verifySubmission(dev, peer, rec)
+		s.verifySubmission(dev, peer, rec, ipm)
 	}
 }
 
@@ -438,7 +440,7 @@ func (s *Server) afterResult(w esro.ResponseWriter, dev *device, peer netip.Addr
 // succeeded (op 6, MTS SAP 6 -> UA SAP 7, 2-way). No answer counts as
 // compat.verify_failure says: "send" by default, since a possible
 // duplicate is better than a loss (Open Point 25).
-func (s *Server) verifySubmission(dev *device, peer netip.AddrPort, rec *store.Submission) {
+func (s *Server) verifySubmission(dev *device, peer netip.AddrPort, rec *store.Submission, ipm *emsd.IPM) {
 	defer s.subs.resolved(rec.ID)
 	id := emsd.LocalMessageID{SubmissionTime: emsd.Time(rec.LocalTime), Number: rec.Number}
 	verdict := "failure"
@@ -494,13 +496,15 @@ func (s *Server) verifySubmission(dev *device, peer netip.AddrPort, rec *store.S
 		}
 		return
 	}
-	s.release(rec, verdict)
+	s.release(rec, ipm, verdict)
 }
 
-// release queues the deliveries and relays of a pending submission.
-func (s *Server) release(rec *store.Submission, verify string) {
+// release queues the deliveries and relays of a pending submission. ipm
+// is its message decoded, nil for one read from the store (recovered at
+// start), which is then decoded here.
+func (s *Server) release(rec *store.Submission, ipm *emsd.IPM, verify string) {
 	ctx := s.ctx
-	w, err := s.submissionWork(ctx, rec)
+	w, err := s.submissionWork(ctx, rec, ipm)
 	if err != nil {
 		s.log.Error("release submission", "id", rec.ID, "err", err)
 		return // stays pending: retried at the next start
@@ -521,24 +525,26 @@ func (s *Server) release(rec *store.Submission, verify string) {
 // non-delivery reports for recipients that cannot be served
 // (docs/protocol.md EMSD §9.5-9.7). Routing (mailconv.Route) comes first;
 // formatting only when some recipient is on the Internet.
-func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (store.Work, error) {
+func (s *Server) submissionWork(ctx context.Context, rec *store.Submission, ipm *emsd.IPM) (store.Work, error) {
 	var w store.Work
-	var ipm emsd.IPM
-	if err := ipm.Unmarshal(rec.Content, emsd.Options{}); err != nil {
-		return w, err
+	if ipm == nil {
+		ipm = new(emsd.IPM)
+		if err := ipm.Unmarshal(rec.Content, emsd.Options{}); err != nil {
+			return w, err
+		}
 	}
 	lid := emsd.LocalMessageID{SubmissionTime: emsd.Time(rec.LocalTime), Number: rec.Number}
 	mid := emsd.MessageID{IsLocal: true, Local: lid}
 	// Route first: mail for devices only is never rendered as Internet
 	// mail.
 	m := s.mapping()
-	recipients, err := mailconv.Route(&ipm, s.domain, m)
+	recipients, err := mailconv.Route(ipm, s.domain, m)
 	if err != nil {
 		return w, err
 	}
 	now := time.Now()
 	reg := s.registry()
-	prio := priorityOf(&ipm)
+	prio := priorityOf(ipm)
 	var remote []store.RelayRecipient
 	var fails []reportItem
 	done := map[emsd.Address]bool{}
@@ -561,7 +567,7 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 				break
 			}
 			done[r.Device] = true
-			content, err := s.copyFor(&ipm, rec.Content, r.Device)
+			content, err := s.copyFor(ipm, rec.Content, r.Device)
 			if err != nil {
 				o := failed(emsd.ReasonUnableToTransfer, emsd.DiagProtocolViolation, err.Error())
 				fail = &o
@@ -587,7 +593,7 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission) (sto
 	w.Deliveries = append(w.Deliveries, rw.Deliveries...)
 	w.Relays = append(w.Relays, rw.Relays...)
 	if len(remote) > 0 {
-		out, err := mailconv.FormatIPM(&ipm, mailconv.FormatOptions{Domain: s.domain, MessageID: rfc822MessageID(lid, s.domain),
+		out, err := mailconv.FormatIPM(ipm, mailconv.FormatOptions{Domain: s.domain, MessageID: rfc822MessageID(lid, s.domain),
 			Date: lid.SubmissionTime.UTC(), MTS: s.hostname, Mapping: m})
 		if err != nil {
 			return w, err
@@ -700,7 +706,7 @@ func (s *Server) recoverSubmissions(ctx context.Context, before time.Time) error
 			}
 			continue
 		}
-		s.release(rec, "restart")
+		s.release(rec, nil, "restart")
 	}
 	if len(pend) > 0 {
 		s.log.Info("resolved submissions left pending", "count", len(pend), "as", verdict)
