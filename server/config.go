@@ -377,6 +377,15 @@ func (c *Config) domain() string {
 	return strings.ToLower(h)
 }
 
+// domains are the EMSD domains, lower case, the device mail domain first.
+func (c *Config) domains() []string {
+	ds := []string{c.domain()}
+	for _, d := range c.EMSD.Domains {
+		ds = append(ds, strings.ToLower(d))
+	}
+	return ds
+}
+
 func (c *Config) hostname() string {
 	if c.Hostname != "" {
 		return c.Hostname

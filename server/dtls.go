@@ -208,7 +208,7 @@ func (s *Server) devicePSK(identity string) ([]byte, error) {
 		return nil, esrodtls.ErrUnknownIdentity
 	}
 	d := s.registry().get(a)
-	if d == nil && s.registryFresh() {
+	if d == nil && s.devs.fresh() {
 		d = s.registry().get(a)
 	}
 	if d == nil || d.PSK == nil {

@@ -116,7 +116,7 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 		s.refuse(w, "delivery_control", emsd.CodeOf(err), err.Error())
 		return
 	}
-	dev, authed, err := s.identify(ctx, w, peer, a.Security, true)
+	dev, authed, err := s.devs.identify(ctx, w, peer, a.Security, true)
 	if err != nil {
 		s.refuseIdentity(w, "delivery_control", peer, err)
 		return
@@ -142,7 +142,7 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 			s.refuse(w, "delivery_control", emsd.CodeResource, "store")
 			return
 		}
-		s.reloadIfChanged(ctx, "delivery control")
+		s.devs.reloadIfChanged(ctx, "delivery control")
 	}
 	queued, err := s.st.QueuedDeliveries(ctx, uint32(dev.addr))
 	if err != nil {
@@ -263,7 +263,7 @@ func (s *Server) handleDeliveryVerify(ctx context.Context, w esro.ResponseWriter
 		s.refuse(w, "delivery_verify", emsd.CodeOf(err), err.Error())
 		return
 	}
-	dev, _, err := s.identify(ctx, w, peer, nil, false) // no credentials: never a contact
+	dev, _, err := s.devs.identify(ctx, w, peer, nil, false) // no credentials: never a contact
 	if err != nil {
 		s.refuseIdentity(w, "delivery_verify", peer, err)
 		return

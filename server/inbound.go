@@ -30,11 +30,11 @@ type receiver struct{ s *Server }
 // registry_poll), as the ESRO side does for an unknown device.
 func (r receiver) Recipient(ctx context.Context, spec string) error {
 	s := r.s
-	if _, ok := s.resolve(spec); ok {
+	if _, ok := s.devs.resolve(spec); ok {
 		return nil
 	}
-	if s.reloadIfChanged(ctx, "unknown recipient") {
-		if _, ok := s.resolve(spec); ok {
+	if s.devs.reloadIfChanged(ctx, "unknown recipient") {
+		if _, ok := s.devs.resolve(spec); ok {
 			return nil
 		}
 	}
@@ -52,7 +52,7 @@ func (s *Server) localDomain(addr string) bool {
 	if i < 0 {
 		return true // a bare local part ("postmaster") names no other host
 	}
-	return slices.Contains(s.domains, strings.ToLower(addr[i+1:]))
+	return slices.Contains(s.devs.domains, strings.ToLower(addr[i+1:]))
 }
 
 // Deliver converts the message once per device (so that one device's Bcc
@@ -64,7 +64,7 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 	byDev := map[emsd.Address][]string{}
 	var order []emsd.Address
 	for _, rc := range to {
-		a, ok := s.resolve(rc)
+		a, ok := s.devs.resolve(rc)
 		if !ok {
 			continue // removed from the registry since RCPT
 		}
@@ -93,7 +93,7 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 	var w store.Work
 	var cuts []mailconv.DSNRecipient // devices that get a shortened copy
 	for _, a := range order {
-		in, err := mailconv.ParseMessage(msg, s.mapping(), mailconv.ParseOptions{Now: now, Domain: s.domain,
+		in, err := mailconv.ParseMessage(msg, s.devs.mapping(), mailconv.ParseOptions{Now: now, Domain: s.domain,
 			Number: number, KeepMessageID: !senderIDs,
 			EnvelopeFrom: from, EnvelopeTo: byDev[a], MaxContent: s.maxContent()})
 		if err != nil {

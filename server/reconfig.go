@@ -95,7 +95,7 @@ func (s *Server) Reconfigure(next *Config) (restart []string, err error) {
 		}
 	}
 	if !authLimitsEqual(cur.cfg.EMSD, merged.EMSD) {
-		s.auth.setLimits(merged.EMSD)
+		s.devs.auth.setLimits(merged.EMSD)
 	}
 	s.live.Store(&liveConfig{cfg: merged, relay: s.newRelay(merged)})
 	if s.level != nil {

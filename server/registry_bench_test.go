@@ -49,10 +49,10 @@ func BenchmarkRegistryAdd(b *testing.B) {
 						b.Fatal(err)
 					}
 					if way == "changes" {
-						if !s.reloadIfChanged(ctx, "bench") {
+						if !s.devs.reloadIfChanged(ctx, "bench") {
 							b.Fatal("change not seen")
 						}
-					} else if err := s.reloadRegistry(ctx); err != nil {
+					} else if err := s.devs.reload(ctx); err != nil {
 						b.Fatal(err)
 					}
 				}

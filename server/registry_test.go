@@ -76,9 +76,9 @@ func TestUnknownDeviceRechecksRegistry(t *testing.T) {
 	ap := epAddr(ep)
 	must(t, db.AddDevice(context.Background(), &store.Device{Address: 198036, IP: ap.Addr(), Port: ap.Port(),
 		Version: "1.1", Mode: store.ModeComplete}))
-	s.recheck.Lock()
-	s.recheckAt = time.Time{} // as if registryRecheck had passed
-	s.recheck.Unlock()
+	s.devs.recheck.Lock()
+	s.devs.recheckAt = time.Time{} // as if registryRecheck had passed
+	s.devs.recheck.Unlock()
 	if err := submit(); err != nil {
 		t.Fatalf("device added to the store: %v", err)
 	}
@@ -160,14 +160,14 @@ func TestRegistryChangesApplied(t *testing.T) {
 	for i := range uint32(20) {
 		must(t, db.AddDevice(ctx, &store.Device{Address: 500000 + i, IP: netip.MustParseAddr("127.0.0.1"), Port: uint16(20000 + i),
 			Version: "1.1", Mode: store.ModeComplete, Aliases: []string{fmt.Sprintf("d%d@example.net", i)}}))
-		if !s.reloadIfChanged(ctx, "test") {
+		if !s.devs.reloadIfChanged(ctx, "test") {
 			t.Fatalf("add %d: no change seen", i)
 		}
 	}
 	must(t, db.RemoveDevice(ctx, 500003))
 	must(t, db.UpdateDevice(ctx, &store.Device{Address: 500004, IP: netip.MustParseAddr("127.0.0.2"), Port: 641,
 		Version: "1.0", Mode: store.ModeComplete}))
-	if !s.reloadIfChanged(ctx, "test") || s.reloadIfChanged(ctx, "test") {
+	if !s.devs.reloadIfChanged(ctx, "test") || s.devs.reloadIfChanged(ctx, "test") {
 		t.Fatal("changes seen not exactly once")
 	}
 	if s.registry() != r {
@@ -179,7 +179,7 @@ func TestRegistryChangesApplied(t *testing.T) {
 	if d := r.get(500004); d == nil || d.version != emsd.V1_0 || d.ap != netip.MustParseAddrPort("127.0.0.2:641") {
 		t.Errorf("500004 not updated: %+v", d)
 	}
-	if a, ok := s.resolve("d19@example.net"); !ok || a != 500019 {
+	if a, ok := s.devs.resolve("d19@example.net"); !ok || a != 500019 {
 		t.Errorf("alias of an added device: %v %v", a, ok)
 	}
 	if v, _ := db.RegistryVersion(ctx); r.ver() != v {

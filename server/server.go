@@ -26,10 +26,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -95,11 +97,9 @@ type Server struct {
 	ownStore bool
 
 	domain   string
-	domains  []string
 	hostname string
 
-	reg     atomic.Pointer[registry]
-	regMu   sync.Mutex   // serialises registry reloads and applied changes
+	devs    *registrar   // the device registry with authentication
 	dtls    *dtlsService // nil when dtls.listen is off
 	ep      *esro.Endpoint
 	smtp    *gateway.InboundServer
@@ -112,11 +112,6 @@ type Server struct {
 	seq   emsd.SequenceCounter
 	segs  segCache
 	subs  activeSubs
-	pw    pwCache
-	// recheck serialises registryFresh; recheckAt is its last look.
-	recheck   sync.Mutex
-	recheckAt time.Time
-	auth      *authLimiter
 	// via names this server's EMSD endpoint in device contacts;
 	// contacts are the ones it wrote (contact.go).
 	via      string
@@ -169,21 +164,20 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		reasm: emsd.NewReassembler[submitter](emsd.ReassemblerConfig{
 			Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
 		segs: segCache{ttl: time.Duration(cfg.EMSD.DedupeWindow), max: 4096},
-		auth: newAuthLimiter(cfg.EMSD, now),
 	}
-	s.metrics.reg.MustRegister(s.auth.collectors()...)
+	s.devs = &registrar{log: log, watch: s, ipOnly: func() bool { return s.conf().Compat.IPOnlyIdentification },
+		domains: cfg.domains(), devices: s.metrics.devices, authLimited: s.metrics.authLimited,
+		auth: newAuthLimiter(cfg.EMSD, now)}
+	s.metrics.reg.MustRegister(s.devs.auth.collectors()...)
 	s.metrics.reg.MustRegister(s.out.collectors()...)
 	if s.level != nil {
 		s.level.Set(cfg.logLevel())
 	}
 	s.live.Store(&liveConfig{cfg: cfg, relay: s.newRelay(cfg)})
 	s.sched = sched{kick: make(chan struct{}, 1), rescan: make(chan struct{}, 1), fleet: newFleet(), inflight: map[emsd.Address]*flight{}}
-	s.domains = []string{s.domain}
-	for _, d := range cfg.EMSD.Domains {
-		s.domains = append(s.domains, strings.ToLower(d))
-	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.loopCtx, s.loopCancel = context.WithCancel(s.ctx)
+	s.devs.ctx = s.loopCtx
 	s.dctx, s.dcancel = context.WithCancel(s.ctx)
 	defer func() {
 		if err != nil {
@@ -205,7 +199,8 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		}
 		s.st, s.ownStore = db, true
 	}
-	if err := s.reloadRegistry(ctx); err != nil {
+	s.devs.st = s.st
+	if err := s.devs.reload(ctx); err != nil {
 		return nil, fmt.Errorf("store: registry: %w", err)
 	}
 	rec, err := s.st.Recover(ctx)
@@ -325,7 +320,7 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		dtlsAddr = s.dtls.conn.LocalAddr().String()
 	}
 	log.Info("serving", "emsd", s.ep.LocalAddr(), "dtls", dtlsAddr, "smtp", addrOf(s.smtpLn), "admin", addrOf(s.adminLn),
-		"domain", s.domain, "devices", s.registry().size(), "store", storeDesc(cfg, o.Store != nil))
+		"domain", s.domain, "devices", s.devs.current().size(), "store", storeDesc(cfg, o.Store != nil))
 	return s, nil
 }
 
@@ -390,7 +385,7 @@ func (s *Server) pollRegistry() {
 			continue
 		case <-t.C:
 		}
-		s.reloadIfChanged(s.loopCtx, "registry_poll")
+		s.devs.reloadIfChanged(s.loopCtx, "registry_poll")
 	}
 }
 
@@ -511,3 +506,59 @@ func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
 	}
 	fmt.Fprintln(w, "ok")
 }
+
+// Reload is SIGHUP: it re-reads the device registry from the store and
+// the SMTP certificate files (a renewed certificate takes effect for new
+// STARTTLS handshakes; one that fails to load leaves the old one in use),
+// and makes the delivery scheduler and the relay worker look at the queues
+// at once, so that entries another process changed (emsdp queue retry)
+// are taken up now rather than at the next rescan (rescan, relayIdle):
+// the scheduler re-reads every device's due time and lifts the holds of
+// devices whose attempts failed.
+// The configuration file is Reconfigure's.
+func (s *Server) Reload(ctx context.Context) error {
+	var errs []error
+	if err := s.devs.reload(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("registry: %w", err))
+	}
+	if err := s.rescanFleet(ctx, time.Time{}); err != nil {
+		errs = append(errs, fmt.Errorf("delivery queue: %w", err))
+	}
+	s.sched.mu.Lock()
+	s.sched.fleet.release(time.Now())
+	s.sched.mu.Unlock()
+	s.kick()
+	s.kickRelay()
+	if s.tlsCert != nil {
+		if err := s.tlsCert.load(time.Now()); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// registry is the device registry as last loaded.
+func (s *Server) registry() *registry { return s.devs.current() }
+
+// registryReplaced: the whole registry was read again.
+func (s *Server) registryReplaced(old, cur *registry) {
+	s.dtlsKeysChanged(old, cur)
+	s.unparkAll()
+}
+
+// devicesChanged: the registry entries of some devices changed; the
+// sessions of keys that changed end, and the devices' deliveries are
+// looked at again.
+func (s *Server) devicesChanged(old map[emsd.Address]*device, cur map[emsd.Address]*store.Device) {
+	if s.dtls != nil {
+		for a, o := range old {
+			if n := cur[a]; o.PSK != nil && (n == nil || string(n.PSK) != string(o.PSK)) {
+				s.dtls.conn.CloseIdentity(a.String())
+			}
+		}
+	}
+	s.unpark(slices.Collect(maps.Keys(cur)))
+}
+
+// deviceAddrSpec is a device's Internet address.
+func (s *Server) deviceAddrSpec(a emsd.Address) string { return a.String() + "@" + s.domain }

@@ -241,7 +241,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		s.refuse(w, "submit", emsd.CodeOf(err), err.Error())
 		return
 	}
-	dev, authed, err := s.identify(ctx, w, peer, sa.Security, true)
+	dev, authed, err := s.devs.identify(ctx, w, peer, sa.Security, true)
 	if err != nil {
 		s.refuseIdentity(w, "submit", peer, err)
 		return
@@ -537,7 +537,7 @@ func (s *Server) submissionWork(ctx context.Context, rec *store.Submission, ipm 
 	mid := emsd.MessageID{IsLocal: true, Local: lid}
 	// Route first: mail for devices only is never rendered as Internet
 	// mail.
-	m := s.mapping()
+	m := s.devs.mapping()
 	recipients, err := mailconv.Route(ipm, s.domain, m)
 	if err != nil {
 		return w, err
@@ -634,7 +634,7 @@ func (s *Server) receivedEMSD(rec *store.Submission, reg *registry, id string) [
 //
 // When nothing changes it is the submitted octets.
 func (s *Server) copyFor(ipm *emsd.IPM, orig []byte, to emsd.Address) ([]byte, error) {
-	m := s.mapping()
+	m := s.devs.mapping()
 	changed := false
 	local := func(a emsd.ORAddress) emsd.ORAddress {
 		if a.IsLocal {
