@@ -1,6 +1,8 @@
 package server
 
 import (
+	"context"
+	"log/slog"
 	"net/netip"
 	"os"
 	"sync"
@@ -8,6 +10,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Devices behind a NAT or on changing addresses.
@@ -104,6 +107,31 @@ func (c *contactCache) forget(a emsd.Address) {
 	delete(c.m, a)
 }
 
+// contactStore is the part of the store that keeps device contacts.
+type contactStore interface {
+	DeviceContact(ctx context.Context, addr uint32) (store.Contact, error)
+	SetContact(ctx context.Context, addr uint32, c store.Contact) (prev store.Contact, written bool, err error)
+	TouchContact(ctx context.Context, addr uint32, c store.Contact, at time.Time) (bool, error)
+}
+
+// contactBook records where devices are heard from and chooses where
+// their deliveries go (see the top of this file). It takes only the
+// store's contacts.
+type contactBook struct {
+	st   contactStore
+	log  *slog.Logger
+	conf func() *Config // contact_lifetime and the store driver, as configured now
+	// via names this server's EMSD endpoint in the contacts it writes.
+	via string
+	// reachable tells the delivery scheduler that a device's deliveries
+	// may go now (it was heard, or heard elsewhere than before).
+	reachable func(emsd.Address)
+	// ctx bounds the store writes of heard and alive (ends at Close).
+	ctx     context.Context
+	changes prometheus.Counter // devices heard from another address
+	cache   contactCache
+}
+
 // viaName names this server's EMSD endpoint among the servers that share
 // a store: the host name and the socket's address.
 func viaName(local string) string {
@@ -124,49 +152,49 @@ func viaName(local string) string {
 // another (emsdp ua receive --poll beside emsdp ua send, whose socket
 // closes when it has sent) receives where it polls. A single socket
 // behind a NAT, the usual device, polls and submits from one address.
-func (s *Server) heard(dev *device, peer netip.AddrPort, polled bool) {
+func (b *contactBook) heard(dev *device, peer netip.AddrPort, polled bool) {
 	now := time.Now()
-	life := time.Duration(s.conf().Delivery.ContactLifetime)
-	c := store.Contact{Addr: peer, Via: s.via, At: now, Polled: polled}
-	if s.contacts.isDead(dev.addr, peer) {
-		s.contacts.setDead(dev.addr, peer, false)
-		s.touch(dev.addr, true)
+	life := time.Duration(b.conf().Delivery.ContactLifetime)
+	c := store.Contact{Addr: peer, Via: b.via, At: now, Polled: polled}
+	if b.cache.isDead(dev.addr, peer) {
+		b.cache.setDead(dev.addr, peer, false)
+		b.reachable(dev.addr)
 	}
-	last, ok := s.contacts.get(dev.addr)
-	if ok && last.Addr == peer && last.Via == s.via && (last.Polled || !polled) && now.Sub(last.At) < life/4 {
+	last, ok := b.cache.get(dev.addr)
+	if ok && last.Addr == peer && last.Via == b.via && (last.Polled || !polled) && now.Sub(last.At) < life/4 {
 		return
 	}
 	if !polled {
-		cur, err := s.st.DeviceContact(s.ctx, uint32(dev.addr))
+		cur, err := b.st.DeviceContact(b.ctx, uint32(dev.addr))
 		if err == nil && cur.Polled && now.Sub(cur.At) < life {
-			if cur.Addr != peer && !s.contacts.isDead(dev.addr, cur.Addr) {
+			if cur.Addr != peer && !b.cache.isDead(dev.addr, cur.Addr) {
 				return // it receives where it polls from
 			}
 			c.Polled = cur.Addr == peer
 		}
 	}
-	prev, written, err := s.st.SetContact(s.ctx, uint32(dev.addr), c)
+	prev, written, err := b.st.SetContact(b.ctx, uint32(dev.addr), c)
 	if err != nil {
-		s.contacts.forget(dev.addr)
-		s.log.Warn("record device address", "device", dev.addr, "peer", peer, "err", err)
+		b.cache.forget(dev.addr)
+		b.log.Warn("record device address", "device", dev.addr, "peer", peer, "err", err)
 		return
 	}
 	if !written {
 		return // a newer contact is stored (another server heard it since)
 	}
-	s.contacts.put(dev.addr, c)
-	moved := prev.Addr != peer || prev.Via != s.via
+	b.cache.put(dev.addr, c)
+	moved := prev.Addr != peer || prev.Via != b.via
 	if moved && prev.Known() {
-		s.metrics.addressChanges.Inc()
-		s.log.Info("device address changed", "device", dev.addr, "from", prev.Addr, "to", peer,
-			"last_heard", now.Sub(prev.At).Round(time.Second), "other_server", prev.Via != s.via)
+		b.changes.Inc()
+		b.log.Info("device address changed", "device", dev.addr, "from", prev.Addr, "to", peer,
+			"last_heard", now.Sub(prev.At).Round(time.Second), "other_server", prev.Via != b.via)
 	} else if !prev.Known() {
-		s.log.Info("device heard", "device", dev.addr, "from", peer)
+		b.log.Info("device heard", "device", dev.addr, "from", peer)
 	}
 	if moved || now.Sub(prev.At) >= life {
 		// Deliveries held for an offline device, or waiting for the
 		// server that heard it, can go now.
-		s.touch(dev.addr, true)
+		b.reachable(dev.addr)
 	}
 }
 
@@ -175,31 +203,31 @@ func (s *Server) heard(dev *device, peer netip.AddrPort, polled bool) {
 // moves the contact (TouchContact changes only the time of that very
 // contact), so a delivery that ends after the device moved changes
 // nothing.
-func (s *Server) alive(a emsd.Address, to netip.AddrPort) {
+func (b *contactBook) alive(a emsd.Address, to netip.AddrPort) {
 	now := time.Now()
-	life := time.Duration(s.conf().Delivery.ContactLifetime)
-	last, ok := s.contacts.get(a)
-	if !ok || last.Addr != to || last.Via != s.via || now.Sub(last.At) < life/4 {
+	life := time.Duration(b.conf().Delivery.ContactLifetime)
+	last, ok := b.cache.get(a)
+	if !ok || last.Addr != to || last.Via != b.via || now.Sub(last.At) < life/4 {
 		return
 	}
-	touched, err := s.st.TouchContact(s.ctx, uint32(a), last, now)
+	touched, err := b.st.TouchContact(b.ctx, uint32(a), last, now)
 	if err != nil {
-		s.log.Warn("record device address", "device", a, "err", err)
+		b.log.Warn("record device address", "device", a, "err", err)
 		return
 	}
 	if touched {
 		last.At = now
-		s.contacts.put(a, last)
+		b.cache.put(a, last)
 	}
 }
 
 // contactFailed notes that the contact ap of device a did not answer a
 // delivery.
-func (s *Server) contactFailed(a emsd.Address, ap netip.AddrPort) {
-	if !s.contacts.isDead(a, ap) {
-		s.log.Info("device not answering at the address it was heard from", "device", a, "address", ap)
+func (b *contactBook) failed(a emsd.Address, ap netip.AddrPort) {
+	if !b.cache.isDead(a, ap) {
+		b.log.Info("device not answering at the address it was heard from", "device", a, "address", ap)
 	}
-	s.contacts.setDead(a, ap, true)
+	b.cache.setDead(a, ap, true)
 }
 
 // target is where a delivery goes: to, then fallback (invalid: none) when
@@ -216,24 +244,21 @@ const (
 	targetElsewhere = "elsewhere" // heard lately by another server sharing the store
 )
 
-// targetOf chooses where deliveries to dev go now (see the top of this
-// file); why is set when they must wait.
-func (s *Server) targetOf(dev *device) (t target, why string) {
-	if t, why, ok := s.dtlsTarget(dev); ok {
-		return t, why
-	}
-	c, err := s.st.DeviceContact(s.dctx, uint32(dev.addr))
+// target chooses where deliveries to dev go now in clear (see the top of
+// this file); why is set when they must wait. ctx is the deliveries'.
+func (b *contactBook) target(ctx context.Context, dev *device) (t target, why string) {
+	c, err := b.st.DeviceContact(ctx, uint32(dev.addr))
 	if err != nil {
 		c = store.Contact{} // the registered address still works
-		if s.dctx.Err() == nil {
-			s.log.Warn("device address", "device", dev.addr, "err", err)
+		if ctx.Err() == nil {
+			b.log.Warn("device address", "device", dev.addr, "err", err)
 		}
 	}
-	cfg := s.conf()
+	cfg := b.conf()
 	fresh := c.Known() && time.Since(c.At) < time.Duration(cfg.Delivery.ContactLifetime) &&
-		!s.contacts.isDead(dev.addr, c.Addr)
+		!b.cache.isDead(dev.addr, c.Addr)
 	switch {
-	case fresh && c.Via != s.via && cfg.Store.Driver == StorePostgres:
+	case fresh && c.Via != b.via && cfg.Store.Driver == StorePostgres:
 		// (With SQLite there is one server: another Via is an earlier
 		// run of this one.)
 		return t, targetElsewhere

@@ -122,7 +122,7 @@ func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWrite
 		return
 	}
 	if authed {
-		s.heard(dev, peer, true)
+		s.contacts.heard(dev, peer, true)
 	} else if a, ok := dtlsDevice(ctx); ok {
 		s.dtls.polled(a, peer)
 	}

@@ -285,8 +285,8 @@ func TestNATDelivery(t *testing.T) {
 				}
 				return contactOf(t, s, 198002).Addr == want && want.IsValid()
 			})
-			if c := contactOf(t, s, 198002); c.Via != s.via || time.Since(c.At) > 10*time.Second {
-				t.Errorf("contact %+v, via %q", c, s.via)
+			if c := contactOf(t, s, 198002); c.Via != s.contacts.via || time.Since(c.At) > 10*time.Second {
+				t.Errorf("contact %+v, via %q", c, s.contacts.via)
 			}
 
 			big := strings.Repeat("A long line, so that the message goes in segments.\n", 100)
@@ -416,7 +416,7 @@ func TestNATTwoServers(t *testing.T) {
 	nat := newNAT(t, "127.0.0.9")
 	f1, f2 := nat.front(t, s1.Addrs().EMSD), nat.front(t, s2.Addrs().EMSD)
 	dev := startNATDevice(t, "127.0.0.3", f2, 198040, "pw", nil)
-	eventually(t, "the device heard by s2", func() bool { return contactOf(t, s1, 198040).Via == s2.via })
+	eventually(t, "the device heard by s2", func() bool { return contactOf(t, s1, 198040).Via == s2.contacts.via })
 
 	send := func(s *Server, subj string) {
 		must(t, sendMail(s, "carol@example.com", []string{"198.040@emsd.test"}, inboundMsg("198.040@emsd.test", subj, "hi\n")))
@@ -466,7 +466,7 @@ func TestNATTwoServers(t *testing.T) {
 
 	// The device moves to s1 (same socket, same binding).
 	dev.talkTo(t, f1)
-	eventually(t, "the device heard by s1", func() bool { return contactOf(t, s2, 198040).Via == s1.via })
+	eventually(t, "the device heard by s1", func() bool { return contactOf(t, s2, 198040).Via == s1.contacts.via })
 	send(s2, "after the move")
 	expect(f1, "after the move")
 	if n := s1.metrics.counter(t, "emsd_device_address_changes_total", ""); n != 1 {

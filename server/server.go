@@ -108,14 +108,11 @@ type Server struct {
 	admin   *http.Server
 	adminLn net.Listener
 
-	reasm *emsd.Reassembler[submitter]
-	seq   emsd.SequenceCounter
-	segs  segCache
-	subs  activeSubs
-	// via names this server's EMSD endpoint in device contacts;
-	// contacts are the ones it wrote (contact.go).
-	via      string
-	contacts contactCache
+	reasm    *emsd.Reassembler[submitter]
+	seq      emsd.SequenceCounter
+	segs     segCache
+	subs     activeSubs
+	contacts *contactBook // where devices are heard from (contact.go)
 
 	sched     sched
 	pace      pacer
@@ -245,7 +242,8 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		pc.Close()
 		return nil, err
 	}
-	s.via = viaName(s.ep.LocalAddr().String())
+	s.contacts = &contactBook{st: s.st, log: log, conf: s.conf, via: viaName(s.ep.LocalAddr().String()),
+		reachable: func(a emsd.Address) { s.touch(a, true) }, ctx: s.ctx, changes: s.metrics.addressChanges}
 	if err := s.startDTLS(cfg, ecfg); err != nil {
 		return nil, err
 	}
@@ -559,6 +557,20 @@ func (s *Server) devicesChanged(old map[emsd.Address]*device, cur map[emsd.Addre
 	}
 	s.unpark(slices.Collect(maps.Keys(cur)))
 }
+
+// targetOf chooses where deliveries to dev go now: over DTLS for a
+// device with a key (dtls.go), else in clear (contactBook.target).
+func (s *Server) targetOf(dev *device) (t target, why string) {
+	if t, why, ok := s.dtlsTarget(dev); ok {
+		return t, why
+	}
+	return s.contacts.target(s.dctx, dev)
+}
+
+// alive and contactFailed are the delivery scheduler's news of a contact.
+func (s *Server) alive(a emsd.Address, to netip.AddrPort) { s.contacts.alive(a, to) }
+
+func (s *Server) contactFailed(a emsd.Address, ap netip.AddrPort) { s.contacts.failed(a, ap) }
 
 // deviceAddrSpec is a device's Internet address.
 func (s *Server) deviceAddrSpec(a emsd.Address) string { return a.String() + "@" + s.domain }

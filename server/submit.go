@@ -251,7 +251,7 @@ func (s *Server) handleSubmit(ctx context.Context, w esro.ResponseWriter, inv *e
 		return
 	}
 	if authed {
-		s.heard(dev, peer, false)
+		s.contacts.heard(dev, peer, false)
 	}
 	if !woken {
 		s.wake(dev.addr, authed)
