@@ -14,6 +14,7 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"github.com/esro-emsdp/emsdp/decode"
+	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/store/open"
@@ -375,6 +376,11 @@ func (c *Config) domain() string {
 		return "localhost"
 	}
 	return strings.ToLower(h)
+}
+
+// emsdOptions are the codec options for a device of version v.
+func (c *Config) emsdOptions(v emsd.Version) emsd.Options {
+	return emsd.Options{Version: v, ReverseSequenceOf: c.Compat.ReverseSequenceOf}
 }
 
 // domains are the EMSD domains, lower case, the device mail domain first.

@@ -233,16 +233,16 @@ func (s *Server) deliveryCredentials(peer netip.AddrPort) (string, []byte, error
 func (s *Server) serveDTLS(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
 	p, ok := s.dtls.conn.Peer(inv.Peer)
 	if !ok {
-		s.refuse(w, "any", emsd.CodeSecurity, "DTLS session gone")
+		s.perf.refuse(w, "any", emsd.CodeSecurity, "DTLS session gone")
 		return
 	}
 	a, err := emsd.ParseAddress(p.Identity)
 	if err != nil {
-		s.refuse(w, "any", emsd.CodeSecurity, "DTLS identity")
+		s.perf.refuse(w, "any", emsd.CodeSecurity, "DTLS identity")
 		return
 	}
 	s.touch(a, true) // the session's key proved the device
-	s.serveESRO(context.WithValue(ctx, dtlsIdentityKey{}, a), w, inv)
+	s.perf.serve(context.WithValue(ctx, dtlsIdentityKey{}, a), w, inv)
 }
 
 // dtlsTarget is targetOf for a device with a key while DTLS is on:
@@ -281,6 +281,9 @@ func (s *Server) endpointOf(t *target) *esro.Endpoint {
 	}
 	return s.ep
 }
+
+// polledOverDTLS: device a polled over its DTLS session from peer.
+func (s *Server) polledOverDTLS(a emsd.Address, peer netip.AddrPort) { s.dtls.polled(a, peer) }
 
 // verifyRoute is where a submission verify to dev goes: plain, the
 // addresses given; a device with a key, its session and then its

@@ -71,7 +71,7 @@ func FuzzServeESRO(f *testing.F) {
 			peer = known
 		}
 		w := &recorder{}
-		s.serveESRO(context.Background(), w, &esro.Invocation{Peer: peer, SAP: sap % 16, Operation: op % 64,
+		s.perf.serve(context.Background(), w, &esro.Invocation{Peer: peer, SAP: sap % 16, Operation: op % 64,
 			Encoding: esro.Encoding(enc % 4), Handshake: esro.ThreeWay, Data: data})
 		if w.answers != 1 {
 			t.Fatalf("%d answers", w.answers)

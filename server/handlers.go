@@ -15,20 +15,85 @@ import (
 	"github.com/esro-emsdp/emsdp/store"
 )
 
-func (s *Server) opts(v emsd.Version) emsd.Options {
-	return emsd.Options{Version: v, ReverseSequenceOf: s.conf().Compat.ReverseSequenceOf}
+// performer performs the EMSD operations devices invoke (docs/protocol.md
+// EMSD §1.4, §9): submission (submit.go) with its release into deliveries
+// and relays (release.go), delivery control and delivery verify (here).
+// It identifies devices through the registrar, records their contacts,
+// and tells the delivery scheduler what it queued or who polled; it
+// takes only the store's submission and delivery-control methods.
+type performer struct {
+	st       performerStore
+	log      *slog.Logger
+	metrics  *metrics
+	conf     func() *Config // the running configuration
+	devs     *registrar
+	contacts *contactBook
+	sched    deliveryScheduler
+	reports  reportWorker
+	routes   verifyRoutes
+	// ctx lives until Close: waits for confirmations, submission
+	// verifies and releases use it.
+	ctx      context.Context
+	domain   string // the device mail domain
+	hostname string // this host, in Received: fields
+
+	reasm *emsd.Reassembler[submitter]
+	segs  segCache
+	subs  activeSubs
 }
 
-// serveESRO is the handler of both MTS performer SAPs (5, 3-way; 9,
+// performerStore is the part of the store the operation handlers use.
+type performerStore interface {
+	AddSubmission(ctx context.Context, s *store.Submission, dedupeSince time.Time) (rec *store.Submission, dup bool, err error)
+	ReleaseSubmission(ctx context.Context, id int64, verify string, w store.Work) (released bool, err error)
+	DropSubmission(ctx context.Context, id int64, verify string) (dropped bool, err error)
+	PendingSubmissions(ctx context.Context, before time.Time) ([]*store.Submission, error)
+	SetDeliveryControl(ctx context.Context, addr uint32, c store.DeliveryControl) error
+	QueuedDeliveries(ctx context.Context, addr uint32) ([]store.DeliveryInfo, error)
+	DeliveryStatus(ctx context.Context, addr uint32, messageID string) (uint8, error)
+}
+
+// deliveryScheduler is what the operation handlers tell the delivery
+// scheduler (deliver.go).
+type deliveryScheduler interface {
+	// wake: the device invoked an operation, so it is reachable now
+	// (authenticated: it proved itself with its password).
+	wake(a emsd.Address, authenticated bool)
+	// touch: the device's deliveries may go now.
+	touch(a emsd.Address, authenticated bool)
+	// noteQueued: w was committed to the store.
+	noteQueued(w store.Work)
+}
+
+// reportWorker makes the reports about recipients refused at submission
+// (reports.go).
+type reportWorker interface {
+	reportWork(ctx context.Context, items []reportItem) (store.Work, error)
+}
+
+// verifyRoutes are the server's endpoints as the operation handlers see
+// them (dtls.go).
+type verifyRoutes interface {
+	// verifyRoute is where a submission verify to dev goes, plain the
+	// addresses in clear.
+	verifyRoute(dev *device, plain []netip.AddrPort) (*esro.Endpoint, []netip.AddrPort)
+	// polledOverDTLS: device a polled over its DTLS session from peer.
+	polledOverDTLS(a emsd.Address, peer netip.AddrPort)
+}
+
+// opts are the codec options for a device of version v.
+func (p *performer) opts(v emsd.Version) emsd.Options { return p.conf().emsdOptions(v) }
+
+// serve is the handler of both MTS performer SAPs (5, 3-way; 9,
 // 2-way). It routes each INVOKE to the operation's handler (docs/protocol.md EMSD
 // §1.4, §9).
-func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
+func (p *performer) serve(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
 	peer := netip.AddrPortFrom(inv.Peer.Addr().Unmap(), inv.Peer.Port())
-	ipOnly := s.conf().Compat.IPOnlyIdentification
-	hint := s.registry().byPeer(peer, ipOnly)
+	ipOnly := p.conf().Compat.IPOnlyIdentification
+	hint := p.devs.current().byPeer(peer, ipOnly)
 	v := emsd.V1_1
 	if a, ok := dtlsDevice(ctx); ok {
-		hint = s.registry().get(a)
+		hint = p.devs.current().get(a)
 	}
 	if hint != nil {
 		v = hint.version
@@ -43,31 +108,31 @@ func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro
 	authOp := ok && (op == emsd.OpSubmission || op == emsd.OpDeliveryControl)
 	woken := hint != nil && (!authOp || hint.PasswordHash == "" || ipOnly)
 	if woken {
-		s.wake(hint.addr, false)
+		p.sched.wake(hint.addr, false)
 	}
 	if inv.Encoding != esro.EncodingBER { // docs/protocol.md EMSD §1.2, captured
-		s.refuse(w, "any", emsd.CodeProtocolViolation, "encoding type")
+		p.refuse(w, "any", emsd.CodeProtocolViolation, "encoding type")
 		return
 	}
 	sap := emsd.SAP(inv.SAP)
 	switch {
 	case ok && op == emsd.OpSubmission && sap == emsd.SAPMTSPerformer3Way:
-		s.metrics.invokes.WithLabelValues("submission").Inc()
+		p.metrics.invokes.WithLabelValues("submission").Inc()
 		start := time.Now()
-		s.handleSubmit(ctx, w, inv, peer, v, woken)
-		s.metrics.submitTime.Observe(time.Since(start).Seconds())
+		p.handleSubmit(ctx, w, inv, peer, v, woken)
+		p.metrics.submitTime.Observe(time.Since(start).Seconds())
 	case ok && op == emsd.OpDeliveryControl && sap == emsd.SAPMTSPerformer2Way:
-		s.metrics.invokes.WithLabelValues("delivery_control").Inc()
-		s.handleDeliveryControl(ctx, w, inv, peer, v, woken)
+		p.metrics.invokes.WithLabelValues("delivery_control").Inc()
+		p.handleDeliveryControl(ctx, w, inv, peer, v, woken)
 	case ok && op == emsd.OpDeliveryVerify && v == emsd.V1_1:
 		// Accepted on either performer SAP (Open Point 12).
-		s.metrics.invokes.WithLabelValues("delivery_verify").Inc()
-		s.handleDeliveryVerify(ctx, w, inv, peer)
+		p.metrics.invokes.WithLabelValues("delivery_verify").Inc()
+		p.handleDeliveryVerify(ctx, w, inv, peer)
 	default:
 		// Wrong SAP, get/set configuration, submission control, unknown
 		// operations: protocol violation (docs/protocol.md EMSD §1.4, Open Point 20).
-		s.metrics.invokes.WithLabelValues("other").Inc()
-		s.refuse(w, "other", emsd.CodeProtocolViolation, "operation "+op.String()+" on SAP "+strconv.Itoa(int(sap)))
+		p.metrics.invokes.WithLabelValues("other").Inc()
+		p.refuse(w, "other", emsd.CodeProtocolViolation, "operation "+op.String()+" on SAP "+strconv.Itoa(int(sap)))
 	}
 }
 
@@ -75,88 +140,88 @@ func (s *Server) serveESRO(ctx context.Context, w esro.ResponseWriter, inv *esro
 // ErrorParameter only for security and resource errors, whose parameter
 // tells a device what to do; protocol violations go without one, as the
 // captures show.
-func (s *Server) refuse(w esro.ResponseWriter, op string, code emsd.ErrorCode, why string) {
+func (p *performer) refuse(w esro.ResponseWriter, op string, code emsd.ErrorCode, why string) {
 	var data []byte
 	if code == emsd.CodeSecurity || code == emsd.CodeResource {
 		data, _ = emsd.ErrorParameter(code).Marshal(emsd.Options{})
 	}
-	s.metrics.errors.WithLabelValues(op, code.String()).Inc()
-	s.log.Debug("emsd error", "op", op, "code", code, "why", why)
+	p.metrics.errors.WithLabelValues(op, code.String()).Inc()
+	p.log.Debug("emsd error", "op", op, "code", code, "why", why)
 	esro.Refuse(w, esro.EncodingBER, uint8(code), data)
 }
 
 // refuseIdentity answers an unknown device or a wrong password: ERROR 4
 // with parameter 4 (docs/protocol.md EMSD §9.3 Recommend), or the reference's
 // ERROR 7 without parameter under compat.ip_only_identification.
-func (s *Server) refuseIdentity(w esro.ResponseWriter, op string, peer netip.AddrPort, err error) {
+func (p *performer) refuseIdentity(w esro.ResponseWriter, op string, peer netip.AddrPort, err error) {
 	lv := slog.LevelInfo
 	busy := errors.Is(err, errAuthLimited) || errors.Is(err, errAuthBusy)
 	if busy {
 		lv = slog.LevelDebug // identify warns, at most once a minute: not a line per datagram
 	}
-	s.log.Log(s.ctx, lv, "refused", "op", op, "peer", peer, "why", err)
+	p.log.Log(p.ctx, lv, "refused", "op", op, "peer", peer, "why", err)
 	if busy {
-		s.refuse(w, op, emsd.CodeResource, err.Error())
+		p.refuse(w, op, emsd.CodeResource, err.Error())
 		return
 	}
-	if s.conf().Compat.IPOnlyIdentification {
-		s.refuse(w, op, emsd.CodeProtocolViolation, err.Error())
+	if p.conf().Compat.IPOnlyIdentification {
+		p.refuse(w, op, emsd.CodeProtocolViolation, err.Error())
 		return
 	}
-	s.refuse(w, op, emsd.CodeSecurity, err.Error())
+	p.refuse(w, op, emsd.CodeSecurity, err.Error())
 }
 
 // handleDeliveryControl performs Delivery control (op 2 on SAP 9, see
 // docs/protocol.md EMSD §9.12 Recommend): it records the device's limits and answers
 // what is held back by them. Its poll side effect (§9.4) already ran.
-func (s *Server) handleDeliveryControl(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation, peer netip.AddrPort, v emsd.Version, woken bool) {
-	o := s.opts(v)
+func (p *performer) handleDeliveryControl(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation, peer netip.AddrPort, v emsd.Version, woken bool) {
+	o := p.opts(v)
 	var a emsd.DeliveryControlArgument
 	if err := a.Unmarshal(inv.Data, o); err != nil {
-		s.refuse(w, "delivery_control", emsd.CodeOf(err), err.Error())
+		p.refuse(w, "delivery_control", emsd.CodeOf(err), err.Error())
 		return
 	}
-	dev, authed, err := s.devs.identify(ctx, w, peer, a.Security, true)
+	dev, authed, err := p.devs.identify(ctx, w, peer, a.Security, true)
 	if err != nil {
-		s.refuseIdentity(w, "delivery_control", peer, err)
+		p.refuseIdentity(w, "delivery_control", peer, err)
 		return
 	}
 	if authed {
-		s.contacts.heard(dev, peer, true)
+		p.contacts.heard(dev, peer, true)
 	} else if a, ok := dtlsDevice(ctx); ok {
-		s.dtls.polled(a, peer)
+		p.routes.polledOverDTLS(a, peer)
 	}
 	if !woken {
-		s.wake(dev.addr, authed)
+		p.sched.wake(dev.addr, authed)
 	} else if authed {
-		s.touch(dev.addr, true)
+		p.sched.touch(dev.addr, true)
 	}
-	if s.conf().Compat.DeliveryControlError {
-		s.refuse(w, "delivery_control", emsd.CodeProtocolViolation, "compat.delivery_control_error")
+	if p.conf().Compat.DeliveryControlError {
+		p.refuse(w, "delivery_control", emsd.CodeProtocolViolation, "compat.delivery_control_error")
 		return
 	}
 	ctl := applyRestrict(dev.Control, &a)
 	if !sameCtl(ctl, dev.Control) {
-		if err := s.st.SetDeliveryControl(ctx, uint32(dev.addr), ctl); err != nil {
-			s.log.Error("store delivery control", "device", dev.addr, "err", err)
-			s.refuse(w, "delivery_control", emsd.CodeResource, "store")
+		if err := p.st.SetDeliveryControl(ctx, uint32(dev.addr), ctl); err != nil {
+			p.log.Error("store delivery control", "device", dev.addr, "err", err)
+			p.refuse(w, "delivery_control", emsd.CodeResource, "store")
 			return
 		}
-		s.devs.reloadIfChanged(ctx, "delivery control")
+		p.devs.reloadIfChanged(ctx, "delivery control")
 	}
-	queued, err := s.st.QueuedDeliveries(ctx, uint32(dev.addr))
+	queued, err := p.st.QueuedDeliveries(ctx, uint32(dev.addr))
 	if err != nil {
-		s.log.Error("queued deliveries", "device", dev.addr, "err", err)
-		s.refuse(w, "delivery_control", emsd.CodeResource, "store")
+		p.log.Error("queued deliveries", "device", dev.addr, "err", err)
+		p.refuse(w, "delivery_control", emsd.CodeResource, "store")
 		return
 	}
 	res, err := controlResult(ctl, deliveryOp(dev.version), queued).Marshal(o)
 	if err != nil {
-		s.refuse(w, "delivery_control", emsd.CodeResource, err.Error())
+		p.refuse(w, "delivery_control", emsd.CodeResource, err.Error())
 		return
 	}
 	w.Result(esro.EncodingBER, res)
-	s.touch(dev.addr, authed) // its limits may allow what they held back
+	p.sched.touch(dev.addr, authed) // its limits may allow what they held back
 }
 
 // applyRestrict merges a delivery control argument into the stored limits:
@@ -256,31 +321,31 @@ func controlResult(c store.DeliveryControl, op emsd.Operation, queued []store.De
 // handleDeliveryVerify performs Delivery verify (op 5, docs/protocol.md EMSD
 // §9.13 Recommend): the status recorded for the exact message id
 // delivered to this device; 1 (no report sent) when none is.
-func (s *Server) handleDeliveryVerify(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation, peer netip.AddrPort) {
-	o := s.opts(emsd.V1_1)
+func (p *performer) handleDeliveryVerify(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation, peer netip.AddrPort) {
+	o := p.opts(emsd.V1_1)
 	var a emsd.DeliveryVerifyArgument
 	if err := a.Unmarshal(inv.Data, o); err != nil {
-		s.refuse(w, "delivery_verify", emsd.CodeOf(err), err.Error())
+		p.refuse(w, "delivery_verify", emsd.CodeOf(err), err.Error())
 		return
 	}
-	dev, _, err := s.devs.identify(ctx, w, peer, nil, false) // no credentials: never a contact
+	dev, _, err := p.devs.identify(ctx, w, peer, nil, false) // no credentials: never a contact
 	if err != nil {
-		s.refuseIdentity(w, "delivery_verify", peer, err)
+		p.refuseIdentity(w, "delivery_verify", peer, err)
 		return
 	}
 	status := emsd.NoReportSent
-	st, err := s.st.DeliveryStatus(ctx, uint32(dev.addr), storedid.MessageID(a.MessageID).String())
+	st, err := p.st.DeliveryStatus(ctx, uint32(dev.addr), storedid.MessageID(a.MessageID).String())
 	switch {
 	case err == nil:
 		status = emsd.DeliveryStatus(st)
 	case !errors.Is(err, store.ErrNotFound):
-		s.log.Error("delivery status", "device", dev.addr, "err", err)
-		s.refuse(w, "delivery_verify", emsd.CodeResource, "store")
+		p.log.Error("delivery status", "device", dev.addr, "err", err)
+		p.refuse(w, "delivery_verify", emsd.CodeResource, "store")
 		return
 	}
 	res, err := (&emsd.DeliveryVerifyResult{Status: status}).Marshal(o)
 	if err != nil {
-		s.refuse(w, "delivery_verify", emsd.CodeResource, err.Error())
+		p.refuse(w, "delivery_verify", emsd.CodeResource, err.Error())
 		return
 	}
 	w.Result(esro.EncodingBER, res)

@@ -108,11 +108,9 @@ type Server struct {
 	admin   *http.Server
 	adminLn net.Listener
 
-	reasm    *emsd.Reassembler[submitter]
-	seq      emsd.SequenceCounter
-	segs     segCache
-	subs     activeSubs
+	perf     *performer   // the EMSD operations devices invoke
 	contacts *contactBook // where devices are heard from (contact.go)
+	seq      emsd.SequenceCounter
 
 	sched     sched
 	pace      pacer
@@ -158,9 +156,6 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		rescan:    cmp.Or(o.rescan, defaultRescan),
 		metrics:   newMetrics(),
 		out:       newOutcomes(),
-		reasm: emsd.NewReassembler[submitter](emsd.ReassemblerConfig{
-			Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
-		segs: segCache{ttl: time.Duration(cfg.EMSD.DedupeWindow), max: 4096},
 	}
 	s.devs = &registrar{log: log, watch: s, ipOnly: func() bool { return s.conf().Compat.IPOnlyIdentification },
 		domains: cfg.domains(), devices: s.metrics.devices, authLimited: s.metrics.authLimited,
@@ -244,6 +239,10 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 	}
 	s.contacts = &contactBook{st: s.st, log: log, conf: s.conf, via: viaName(s.ep.LocalAddr().String()),
 		reachable: func(a emsd.Address) { s.touch(a, true) }, ctx: s.ctx, changes: s.metrics.addressChanges}
+	s.perf = &performer{st: s.st, log: log, metrics: s.metrics, conf: s.conf, devs: s.devs, contacts: s.contacts,
+		sched: s, reports: s, routes: s, ctx: s.ctx, domain: s.domain, hostname: s.hostname,
+		reasm: emsd.NewReassembler[submitter](emsd.ReassemblerConfig{Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
+		segs:  segCache{ttl: time.Duration(cfg.EMSD.DedupeWindow), max: 4096}}
 	if err := s.startDTLS(cfg, ecfg); err != nil {
 		return nil, err
 	}
@@ -265,14 +264,14 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 	}
 	s.metrics.reg.MustRegister(newStoreCollector(s.st), newESROCollector(s.ep.Stats))
 
-	if err := s.recoverSubmissions(ctx, time.Now()); err != nil {
+	if err := s.perf.recoverSubmissions(ctx, time.Now()); err != nil {
 		return nil, fmt.Errorf("store: pending submissions: %w", err)
 	}
 	for _, sap := range []struct {
 		sap emsd.SAP
 		hs  esro.Handshake
 	}{{emsd.SAPMTSPerformer3Way, esro.ThreeWay}, {emsd.SAPMTSPerformer2Way, esro.TwoWay}} {
-		if err := s.ep.HandleFunc(uint8(sap.sap), sap.hs, s.serveESRO); err != nil {
+		if err := s.ep.HandleFunc(uint8(sap.sap), sap.hs, s.perf.serve); err != nil {
 			return nil, err
 		}
 	}
@@ -572,5 +571,11 @@ func (s *Server) alive(a emsd.Address, to netip.AddrPort) { s.contacts.alive(a, 
 
 func (s *Server) contactFailed(a emsd.Address, ap netip.AddrPort) { s.contacts.failed(a, ap) }
 
-// deviceAddrSpec is a device's Internet address.
-func (s *Server) deviceAddrSpec(a emsd.Address) string { return a.String() + "@" + s.domain }
+// opts are the codec options for a device of version v.
+func (s *Server) opts(v emsd.Version) emsd.Options { return s.conf().emsdOptions(v) }
+
+// recoverSubmissions is the scheduler's periodic look at submissions left
+// pending (performer.recoverSubmissions).
+func (s *Server) recoverSubmissions(ctx context.Context, before time.Time) error {
+	return s.perf.recoverSubmissions(ctx, before)
+}
