@@ -227,7 +227,7 @@ func (s *Server) deliveryCredentials(peer netip.AddrPort) (string, []byte, error
 	return d.addr.String(), d.PSK, nil
 }
 
-// serveDTLS is serveESRO for invocations over a DTLS session: the session's
+// serveDTLS is performer.serve for invocations over a DTLS session: the session's
 // identity is the device. Its deliveries may be waiting for it to be
 // reachable (dtlsTarget): any invocation lets them go.
 func (s *Server) serveDTLS(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"time"
@@ -19,8 +20,24 @@ import (
 
 // receiver is the server's side of inbound SMTP (gateway.Receiver):
 // Internet mail for device addresses becomes queued deliveries (see
-// docs/protocol.md EMSD §9.8).
-type receiver struct{ s *Server }
+// docs/protocol.md EMSD §9.8). It takes from the store only message
+// numbers and the queueing of work.
+type receiver struct {
+	st       inboundStore
+	log      *slog.Logger
+	metrics  *metrics
+	conf     func() *Config // the running configuration
+	devs     *registrar     // which addresses are devices
+	sched    deliveryScheduler
+	domain   string // the device mail domain
+	hostname string // the reporting MTA of DSNs
+}
+
+// inboundStore is the part of the store inbound mail uses.
+type inboundStore interface {
+	NextMessageNumber(ctx context.Context, t time.Time) (uint32, error)
+	Enqueue(ctx context.Context, w store.Work) error
+}
 
 // Recipient accepts device addresses (number@domain for the EMSD domains,
 // and aliases) and refuses everything else at RCPT time: addresses in
@@ -28,43 +45,41 @@ type receiver struct{ s *Server }
 // known yet is looked up again after a registry reload when the store's
 // registry changed (a device added a moment ago, before the next
 // registry_poll), as the ESRO side does for an unknown device.
-func (r receiver) Recipient(ctx context.Context, spec string) error {
-	s := r.s
-	if _, ok := s.devs.resolve(spec); ok {
+func (rv *receiver) Recipient(ctx context.Context, spec string) error {
+	if _, ok := rv.devs.resolve(spec); ok {
 		return nil
 	}
-	if s.devs.reloadIfChanged(ctx, "unknown recipient") {
-		if _, ok := s.devs.resolve(spec); ok {
+	if rv.devs.reloadIfChanged(ctx, "unknown recipient") {
+		if _, ok := rv.devs.resolve(spec); ok {
 			return nil
 		}
 	}
-	if !s.localDomain(spec) {
-		s.metrics.inbound.WithLabelValues("relay_denied").Inc()
+	if !rv.localDomain(spec) {
+		rv.metrics.inbound.WithLabelValues("relay_denied").Inc()
 		return gateway.ErrRelayDenied
 	}
-	s.metrics.inbound.WithLabelValues("unknown_recipient").Inc()
+	rv.metrics.inbound.WithLabelValues("unknown_recipient").Inc()
 	return gateway.ErrUnknownRecipient
 }
 
 // localDomain reports whether addr is in one of the EMSD domains.
-func (s *Server) localDomain(addr string) bool {
+func (rv *receiver) localDomain(addr string) bool {
 	i := strings.LastIndexByte(addr, '@')
 	if i < 0 {
 		return true // a bare local part ("postmaster") names no other host
 	}
-	return slices.Contains(s.devs.domains, strings.ToLower(addr[i+1:]))
+	return slices.Contains(rv.devs.domains, strings.ToLower(addr[i+1:]))
 }
 
 // Deliver converts the message once per device (so that one device's Bcc
 // stays hidden from another) and queues the deliveries in one transaction
 // before the SMTP client hears 250.
-func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte) error {
-	s := r.s
+func (rv *receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte) error {
 	from, to := env.From, env.To
 	byDev := map[emsd.Address][]string{}
 	var order []emsd.Address
 	for _, rc := range to {
-		a, ok := s.devs.resolve(rc)
+		a, ok := rv.devs.resolve(rc)
 		if !ok {
 			continue // removed from the registry since RCPT
 		}
@@ -74,30 +89,30 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 		byDev[a] = append(byDev[a], rc)
 	}
 	if len(order) == 0 {
-		s.metrics.inbound.WithLabelValues("rejected").Inc()
+		rv.metrics.inbound.WithLabelValues("rejected").Inc()
 		return &gateway.PermanentError{Err: gateway.ErrUnknownRecipient}
 	}
 	now := time.Now()
 	// Every accepted message gets an id of its own, from the store's
 	// counter: two mails with the same octets, or reusing one Message-ID,
 	// stay two messages at the device (which drops re-deliveries by id).
-	number, err := s.st.NextMessageNumber(ctx, now)
+	number, err := rv.st.NextMessageNumber(ctx, now)
 	if err != nil {
-		s.log.Error("allocate a message id for inbound mail", "err", err)
+		rv.log.Error("allocate a message id for inbound mail", "err", err)
 		return fmt.Errorf("server: message id: %w", err) // transient: 451, the client retries
 	}
 	local := emsd.LocalID(emsd.TimeOf(now), number)
-	senderIDs := s.conf().Compat.RFC822DeliveryIDs
+	senderIDs := rv.conf().Compat.RFC822DeliveryIDs
 	headers := headerSection(msg)
-	cfg := s.conf()
+	cfg := rv.conf()
 	var w store.Work
 	var cuts []mailconv.DSNRecipient // devices that get a shortened copy
 	for _, a := range order {
-		in, err := mailconv.ParseMessage(msg, s.devs.mapping(), mailconv.ParseOptions{Now: now, Domain: s.domain,
+		in, err := mailconv.ParseMessage(msg, rv.devs.mapping(), mailconv.ParseOptions{Now: now, Domain: rv.domain,
 			Number: number, KeepMessageID: !senderIDs,
-			EnvelopeFrom: from, EnvelopeTo: byDev[a], MaxContent: s.maxContent()})
+			EnvelopeFrom: from, EnvelopeTo: byDev[a], MaxContent: rv.maxContent()})
 		if err != nil {
-			s.metrics.inbound.WithLabelValues("rejected").Inc()
+			rv.metrics.inbound.WithLabelValues("rejected").Inc()
 			return &gateway.PermanentError{Err: err}
 		}
 		var content []byte
@@ -112,7 +127,7 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 			err = fmt.Errorf("no content")
 		}
 		if err != nil {
-			s.metrics.inbound.WithLabelValues("rejected").Inc()
+			rv.metrics.inbound.WithLabelValues("rejected").Inc()
 			return &gateway.PermanentError{Err: fmt.Errorf("convert: %w", err)}
 		}
 		var st *uint32
@@ -122,8 +137,8 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 		}
 		if in.BodyCut != "" {
 			if cfg.SMTP.Oversize != OversizeTruncate {
-				s.metrics.inbound.WithLabelValues("too_big").Inc()
-				s.log.Info("inbound mail too big for a device", "from", from, "device", a, "id", in.MessageID, "why", in.BodyCut)
+				rv.metrics.inbound.WithLabelValues("too_big").Inc()
+				rv.log.Info("inbound mail too big for a device", "from", from, "device", a, "id", in.MessageID, "why", in.BodyCut)
 				return &smtp.SMTPError{Code: 552, EnhancedCode: smtp.EnhancedCode{5, 3, 4},
 					Message: fmt.Sprintf("Message too big for %s: its text would be cut (%s)", byDev[a][0], in.BodyCut)}
 			}
@@ -135,7 +150,7 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 			}
 		}
 		for _, note := range in.Truncated {
-			s.log.Info("inbound mail shortened", "device", a, "id", local.Local, "message_id", in.MessageID, "note", note)
+			rv.log.Info("inbound mail shortened", "device", a, "id", local.Local, "message_id", in.MessageID, "note", note)
 		}
 		delivered := local
 		if senderIDs {
@@ -143,39 +158,39 @@ func (r receiver) Deliver(ctx context.Context, env *gateway.Envelope, msg []byte
 		}
 		w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(a),
 			MessageID: storedid.MessageID(delivered).String(), SubmissionTime: st, ContentType: uint32(in.ContentType),
-			Content: content, Priority: prio, NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Delivery.Expiry)),
+			Content: content, Priority: prio, NextAttempt: now, Expires: now.Add(time.Duration(rv.conf().Delivery.Expiry)),
 			Report: store.Report{Mail: from, Recipient: storedid.Internet(byDev[a][0]), MessageID: storedid.MessageID(emsd.RFC822ID(in.MessageID)).String(),
 				Headers: headers, DSN: dsnParamsFor(env, byDev[a][0], now).encode()}})
 	}
 	if len(cuts) > 0 {
 		// smtp.oversize = "truncate": the sender hears that the copy is
 		// shortened, in the same transaction as the deliveries.
-		dsn, err := mailconv.DSN(mailconv.DSNOptions{ReportingMTA: s.hostname, To: from, Date: now, ArrivalDate: now,
+		dsn, err := mailconv.DSN(mailconv.DSNOptions{ReportingMTA: rv.hostname, To: from, Date: now, ArrivalDate: now,
 			OriginalHeaders: headers, Recipients: cuts, EnvelopeID: env.EnvID,
 			Explanation: "Your message was delivered, but shortened: it is more than the recipient's device\r\n" +
 				"can take. Send the rest in a separate, shorter message if it matters.\r\n"})
 		if err != nil {
-			s.log.Warn("DSN for a shortened message", "from", from, "err", err)
+			rv.log.Warn("DSN for a shortened message", "from", from, "err", err)
 		} else {
-			s.metrics.reports.WithLabelValues("dsn").Inc()
+			rv.metrics.reports.WithLabelValues("dsn").Inc()
 			w.Relays = append(w.Relays, store.NewRelay{Message: dsn, Recipients: []store.RelayRecipient{{Addr: from}},
 				NextAttempt: now, Expires: now.Add(time.Duration(cfg.Relay.Expiry))})
 		}
 	}
-	if err := s.st.Enqueue(ctx, w); err != nil {
-		s.log.Error("queue inbound mail", "err", err)
+	if err := rv.st.Enqueue(ctx, w); err != nil {
+		rv.log.Error("queue inbound mail", "err", err)
 		return fmt.Errorf("server: queue: %w", err) // transient: 451, the client retries
 	}
-	s.metrics.inbound.WithLabelValues("accepted").Inc()
-	s.log.Info("inbound mail", "id", local.Local, "from", from, "devices", len(order), "octets", len(msg))
-	s.noteQueued(w)
+	rv.metrics.inbound.WithLabelValues("accepted").Inc()
+	rv.log.Info("inbound mail", "id", local.Local, "from", from, "devices", len(order), "octets", len(msg))
+	rv.sched.noteQueued(w)
 	return nil
 }
 
 // maxContent is the content budget of 32 segments at the configured PDU
 // size (docs/protocol.md EMSD §8); the gateway default is for 1500 octets.
-func (s *Server) maxContent() int {
-	pdu := s.conf().EMSD.PDUSize
+func (rv *receiver) maxContent() int {
+	pdu := rv.conf().EMSD.PDUSize
 	if pdu == 1500 {
 		return 0
 	}

@@ -171,3 +171,21 @@ func (g *registrar) resolve(spec string) (emsd.Address, bool) {
 func (g *registrar) mapping() mailconv.Mapping {
 	return mailconv.Mapping{Domains: g.domains, Resolve: g.resolve}
 }
+
+// poll reloads the registry when another process (emsdp device) changed
+// it, every period (store.registry_poll; read again when reset fires).
+func (g *registrar) poll(period func() time.Duration, reset <-chan struct{}) {
+	t := time.NewTicker(period())
+	defer t.Stop()
+	for {
+		select {
+		case <-g.ctx.Done():
+			return
+		case <-reset:
+			t.Reset(period())
+			continue
+		case <-t.C:
+		}
+		g.reloadIfChanged(g.ctx, "registry_poll")
+	}
+}

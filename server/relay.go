@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -19,9 +20,50 @@ type relayer interface {
 	SendDSN(ctx context.Context, from string, to []string, msg []byte, dsn *gateway.DSNRequest) ([]gateway.RecipientResult, error)
 }
 
-func (s *Server) kickRelay() {
+// relayWorker hands due relay recipients to the smarthost and records
+// their outcomes with the reports they ask for; it expires those not
+// relayed in time. It takes only the store's relay queue.
+type relayWorker struct {
+	st      relayStore
+	log     *slog.Logger
+	metrics *metrics
+	live    func() *liveConfig // the running configuration and its smarthost client
+	sched   relayScheduler
+	out     outcomeWriter
+	held    *outcomes // the entries whose outcome is being written
+	kicked  chan struct{}
+	// ctx ends the worker; dctx ends the relays in flight (shutdown,
+	// when the drain time is over).
+	ctx, dctx context.Context
+}
+
+// relayStore is the part of the store the relay worker uses.
+type relayStore interface {
+	ClaimRelays(ctx context.Context, now time.Time, limit int) ([]*store.RelayBatch, error)
+	FinishRelays(ctx context.Context, rs []store.RelayResult, w store.Work) error
+	ExpiredRelays(ctx context.Context, now time.Time, limit int) ([]*store.RelayBatch, error)
+	NextDue(ctx context.Context, after time.Time) (t time.Time, ok bool, err error)
+}
+
+// relayScheduler is what the relay worker asks and tells the delivery
+// scheduler: whether the server is draining, and what it queued (reports).
+type relayScheduler interface {
+	draining() bool
+	noteQueued(w store.Work)
+}
+
+// outcomeWriter writes outcomes with their reports (outcomes.go).
+type outcomeWriter interface {
+	// persist runs write until the store takes it.
+	persist(what string, log *slog.Logger, write func(context.Context) error) error
+	// reportsFor are the reports on items, as work to commit with them.
+	reportsFor(ctx context.Context, log *slog.Logger, items []reportItem) (store.Work, error)
+}
+
+// kick makes the worker look at the queue now.
+func (r *relayWorker) kick() {
 	select {
-	case s.relayKick <- struct{}{}:
+	case r.kicked <- struct{}{}:
 	default:
 	}
 }
@@ -31,51 +73,48 @@ func (s *Server) kickRelay() {
 // process, such as emsdp queue retry without a SIGHUP).
 const relayIdle = 30 * time.Second
 
-// runRelay hands due relay recipients to the smarthost, one SMTP
+// run hands due relay recipients to the smarthost, one SMTP
 // transaction per message (docs/protocol.md EMSD §9.7 Recommend), with a retry
 // schedule per recipient. Without a smarthost mail stays queued until it
 // expires.
-func (s *Server) runRelay() {
+func (r *relayWorker) run() {
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
 		select {
-		case <-s.loopCtx.Done():
+		case <-r.ctx.Done():
 			return
-		case <-s.relayKick:
+		case <-r.kicked:
 		case <-t.C:
 		}
-		if s.live.Load().relay == nil {
+		if r.live().relay == nil {
 			t.Reset(relayIdle)
 			continue
 		}
 		// One time for the claims and for the next wake-up: an entry that
 		// falls due in between must not be missed by both.
 		now := time.Now()
-		for s.relayRound(s.live.Load(), now) {
+		for r.round(r.live(), now) {
 		}
 		wait := relayIdle
-		if next, ok, err := s.st.NextDue(s.loopCtx, now); err == nil && ok {
+		if next, ok, err := r.st.NextDue(r.ctx, now); err == nil && ok {
 			wait = min(wait, max(time.Until(next), time.Millisecond))
 		}
 		t.Reset(wait)
 	}
 }
 
-// relayRound sends one batch of the relays due at now with the settings
+// round sends one batch of the relays due at now with the settings
 // of lc, whatever a reconfiguration changes meanwhile; it reports whether
 // there may be more.
-func (s *Server) relayRound(lc *liveConfig, now time.Time) bool {
-	s.sched.mu.Lock()
-	stop := s.sched.draining
-	s.sched.mu.Unlock()
-	if stop || s.dctx.Err() != nil || lc.relay == nil {
+func (r *relayWorker) round(lc *liveConfig, now time.Time) bool {
+	if r.sched.draining() || r.dctx.Err() != nil || lc.relay == nil {
 		return false
 	}
-	bs, err := s.st.ClaimRelays(s.dctx, now, lc.cfg.Relay.Batch)
+	bs, err := r.st.ClaimRelays(r.dctx, now, lc.cfg.Relay.Batch)
 	if err != nil {
-		if s.dctx.Err() == nil {
-			s.log.Error("claim relays", "err", err)
+		if r.dctx.Err() == nil {
+			r.log.Error("claim relays", "err", err)
 		}
 		return false
 	}
@@ -85,25 +124,25 @@ func (s *Server) relayRound(lc *liveConfig, now time.Time) bool {
 		refs := make([]store.QueueRef, len(b.Recipients))
 		for i, rc := range b.Recipients {
 			refs[i] = store.QueueRef{Kind: store.QueueRelay, ID: rc.ID}
-			s.out.hold(refs[i])
+			r.held.hold(refs[i])
 		}
-		s.sendRelay(lc, b)
-		for _, r := range refs {
-			s.out.release(r)
+		r.sendRelay(lc, b)
+		for _, ref := range refs {
+			r.held.release(ref)
 		}
 	}
 	return n >= lc.cfg.Relay.Batch
 }
 
-func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
+func (r *relayWorker) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 	to := make([]string, len(b.Recipients))
 	for i, rc := range b.Recipients {
 		to[i] = rc.Addr
 	}
 	start := time.Now()
-	results, sendErr := lc.relay.SendDSN(s.dctx, b.From, to, b.Message, relayDSN(b))
-	s.metrics.relayTime.Observe(time.Since(start).Seconds())
-	shutdown := s.dctx.Err() != nil
+	results, sendErr := lc.relay.SendDSN(r.dctx, b.From, to, b.Message, relayDSN(b))
+	r.metrics.relayTime.Observe(time.Since(start).Seconds())
+	shutdown := r.dctx.Err() != nil
 	now := time.Now()
 	var rs []store.RelayResult
 	var items []reportItem
@@ -113,13 +152,13 @@ func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 			rr = results[i]
 		}
 		res := store.RelayResult{ID: rc.ID, From: store.RelaySending}
-		log := s.log.With("from", b.From, "rcpt", rc.Addr, "attempt", rc.Attempts)
+		log := r.log.With("from", b.From, "rcpt", rc.Addr, "attempt", rc.Attempts)
 		var o *outcome
 		switch {
 		case rr.Err == nil:
 			res.State = store.RelaySent
 			o = &outcome{delivered: true, at: now}
-			s.metrics.relay.WithLabelValues("sent").Inc()
+			r.metrics.relay.WithLabelValues("sent").Inc()
 			log.Info("relayed")
 		case shutdown && !rr.Permanent:
 			res.State, res.NextAttempt, res.Requeue = store.RelayQueued, now, true
@@ -128,12 +167,12 @@ func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 			reason, diag := gateway.NonDeliveryFor(rr.Err)
 			f := failed(reason, diag, rr.Err.Error())
 			o = &f
-			s.metrics.relay.WithLabelValues("failed").Inc()
+			r.metrics.relay.WithLabelValues("failed").Inc()
 			log.Warn("relay refused", "err", rr.Err)
 		default:
 			res.State, res.Error = store.RelayQueued, rr.Err.Error()
 			res.NextAttempt = now.Add(backoff(lc.cfg.Relay.Retry, rc.Attempts))
-			s.metrics.relay.WithLabelValues("deferred").Inc()
+			r.metrics.relay.WithLabelValues("deferred").Inc()
 			log.Info("relay deferred", "err", rr.Err, "next", res.NextAttempt.Round(time.Second))
 		}
 		if o != nil {
@@ -145,14 +184,14 @@ func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 	// reported together: one report per originator (reportWork), committed
 	// with the outcomes, retried until the store takes them (persist; the
 	// relay worker waits meanwhile: it could claim nothing anyway).
-	log := s.log.With("from", b.From, "recipients", len(rs))
+	log := r.log.With("from", b.From, "recipients", len(rs))
 	var work store.Work
-	err := s.persist("relay outcome", log, func(ctx context.Context) error {
+	err := r.out.persist("relay outcome", log, func(ctx context.Context) error {
 		var err error
-		if work, err = s.reportsFor(ctx, log, items); err != nil {
+		if work, err = r.out.reportsFor(ctx, log, items); err != nil {
 			return err
 		}
-		return s.st.FinishRelays(ctx, rs, work)
+		return r.st.FinishRelays(ctx, rs, work)
 	})
 	if err != nil {
 		if permanentWriteError(err) {
@@ -162,7 +201,7 @@ func (s *Server) sendRelay(lc *liveConfig, b *store.RelayBatch) {
 		}
 		return
 	}
-	s.noteQueued(work)
+	r.sched.noteQueued(work)
 }
 
 // relayDSN is what a device's mail asks of the Internet (RFC 3461), from
@@ -198,17 +237,17 @@ func relayDSN(b *store.RelayBatch) *gateway.DSNRequest {
 	return d
 }
 
-// expireRelays fails relay recipients past their expiry.
-func (s *Server) expireRelays(now time.Time) {
-	ctx := s.loopCtx
-	bs, err := s.st.ExpiredRelays(ctx, now, 100)
+// expire fails relay recipients past their expiry.
+func (r *relayWorker) expire(now time.Time) {
+	ctx := r.ctx
+	bs, err := r.st.ExpiredRelays(ctx, now, 100)
 	if err != nil {
 		if ctx.Err() == nil {
-			s.log.Error("expired relays", "err", err)
+			r.log.Error("expired relays", "err", err)
 		}
 		return
 	}
-	lc := s.live.Load()
+	lc := r.live()
 	for _, b := range bs {
 		var rs []store.RelayResult
 		var items []reportItem
@@ -222,23 +261,23 @@ func (s *Server) expireRelays(now time.Time) {
 			}
 			rs = append(rs, store.RelayResult{ID: rc.ID, From: store.RelayQueued, State: store.RelayFailed, Error: text})
 			items = append(items, reportItem{rc.Report, failed(emsd.ReasonUnableToTransfer, emsd.DiagMaximumTimeExpired, text)})
-			s.metrics.relay.WithLabelValues("expired").Inc()
+			r.metrics.relay.WithLabelValues("expired").Inc()
 		}
 		// The recipients of this message that expire in this pass are
 		// reported together, committed with their outcomes.
-		work, err := s.reportsFor(ctx, s.log, items)
+		work, err := r.out.reportsFor(ctx, r.log, items)
 		if err != nil {
 			// The store failed: the recipients stay queued, expired
 			// again at the next pass with their report.
-			s.log.Error("expire relays: report", "from", b.From, "err", err)
+			r.log.Error("expire relays: report", "from", b.From, "err", err)
 			continue
 		}
-		if err := s.st.FinishRelays(ctx, rs, work); err != nil {
+		if err := r.st.FinishRelays(ctx, rs, work); err != nil {
 			if !errors.Is(err, store.ErrConflict) {
-				s.log.Error("expire relays", "err", err)
+				r.log.Error("expire relays", "err", err)
 			}
 			continue
 		}
-		s.noteQueued(work)
+		r.sched.noteQueued(work)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"strings"
 	"time"
@@ -13,6 +14,25 @@ import (
 	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 )
+
+// reporter makes the reports on outcomes (docs/protocol.md EMSD §9.10
+// with Open Point 17): EMSD reports or notices to devices, RFC 3464 DSNs
+// to Internet senders. It returns them as store work for the caller to
+// commit with the outcomes; from the store it takes only message numbers.
+type reporter struct {
+	st       reportStore
+	log      *slog.Logger
+	metrics  *metrics
+	conf     func() *Config // the running configuration
+	devs     *registrar     // the reported device's version and limits
+	domain   string         // postmaster@domain signs notices
+	hostname string         // the reporting MTA of DSNs
+}
+
+// reportStore is the part of the store the reports use.
+type reportStore interface {
+	NextMessageNumber(ctx context.Context, t time.Time) (uint32, error)
+}
 
 // outcome is what happened to one recipient of a message, for a report.
 type outcome struct {
@@ -52,7 +72,7 @@ type reportItem struct {
 //
 // An item that cannot be reported (its entry does not encode) or a report
 // that cannot be built is left out with an error; the rest is returned.
-func (s *Server) reportWork(ctx context.Context, items []reportItem) (store.Work, error) {
+func (rp *reporter) reportWork(ctx context.Context, items []reportItem) (store.Work, error) {
 	type devKey struct {
 		dev uint32
 		msg string
@@ -93,14 +113,14 @@ func (s *Server) reportWork(ctx context.Context, items []reportItem) (store.Work
 		}
 	}
 	for _, k := range devOrder {
-		ds, err := s.deviceReports(ctx, k.dev, k.msg, devs[k])
+		ds, err := rp.deviceReports(ctx, k.dev, k.msg, devs[k])
 		if err != nil {
 			errs = append(errs, err)
 		}
 		w.Deliveries = append(w.Deliveries, ds...)
 	}
 	for _, k := range mlOrder {
-		rel, err := s.dsn(ctx, mails[k])
+		rel, err := rp.dsn(ctx, mails[k])
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -124,8 +144,8 @@ func reportEntry(r store.Report, o outcome) emsd.PerRecipReportData {
 
 // newLocalID allocates a local message id for a message the server
 // itself originates (reports, notices).
-func (s *Server) newLocalID(ctx context.Context, now time.Time) (emsd.MessageID, error) {
-	n, err := s.st.NextMessageNumber(ctx, now)
+func (rp *reporter) newLocalID(ctx context.Context, now time.Time) (emsd.MessageID, error) {
+	n, err := rp.st.NextMessageNumber(ctx, now)
 	if err != nil {
 		return emsd.MessageID{}, &reportStoreError{err}
 	}
@@ -148,24 +168,24 @@ type reportForm func(rep *emsd.ReportDelivery) emsd.Content
 func asReport(rep *emsd.ReportDelivery) emsd.Content { return rep }
 
 // asNotice renders reports as notices to device dev.
-func (s *Server) asNotice(dev uint32) reportForm {
-	return func(rep *emsd.ReportDelivery) emsd.Content { return s.noticeIPM(emsd.Address(dev), rep) }
+func (rp *reporter) asNotice(dev uint32) reportForm {
+	return func(rep *emsd.ReportDelivery) emsd.Content { return rp.noticeIPM(emsd.Address(dev), rep) }
 }
 
 // deviceReports are the EMSD reports to device dev about entries, the
 // recipients of its message msgID: ReportDelivery (content type 2), or
 // plain-text notices when reports = "ipm".
-func (s *Server) deviceReports(ctx context.Context, dev uint32, msgID string, entries []emsd.PerRecipReportData) ([]store.NewDelivery, error) {
+func (rp *reporter) deviceReports(ctx context.Context, dev uint32, msgID string, entries []emsd.PerRecipReportData) ([]store.NewDelivery, error) {
 	var id emsd.MessageID
 	if v, err := storedid.ParseMessageID(msgID); err == nil {
 		id = v
 	}
 	entries, err := encodableEntries(id, entries)
 	form, kind := asReport, "emsd"
-	if s.conf().Delivery.Reports == "ipm" {
-		form, kind = s.asNotice(dev), "notice"
+	if rp.conf().Delivery.Reports == "ipm" {
+		form, kind = rp.asNotice(dev), "notice"
 	}
-	ds, err2 := s.reportDeliveries(ctx, dev, id, entries, form, kind)
+	ds, err2 := rp.reportDeliveries(ctx, dev, id, entries, form, kind)
 	return ds, errors.Join(err, err2)
 }
 
@@ -198,24 +218,24 @@ func encodableEntries(id emsd.MessageID, entries []emsd.PerRecipReportData) ([]e
 
 // reportDeliveries queues entries for device dev as reports about message
 // id in the given form, as few as fit (packReports).
-func (s *Server) reportDeliveries(ctx context.Context, dev uint32, id emsd.MessageID, entries []emsd.PerRecipReportData,
+func (rp *reporter) reportDeliveries(ctx context.Context, dev uint32, id emsd.MessageID, entries []emsd.PerRecipReportData,
 	form reportForm, kind string) ([]store.NewDelivery, error) {
 	if len(entries) == 0 {
 		return nil, nil
 	}
-	contents, ct, err := s.packReports(dev, id, entries, form)
+	contents, ct, err := rp.packReports(dev, id, entries, form)
 	if err != nil {
 		return nil, err
 	}
 	now := time.Now()
-	expires := now.Add(time.Duration(s.conf().Delivery.Expiry))
+	expires := now.Add(time.Duration(rp.conf().Delivery.Expiry))
 	out := make([]store.NewDelivery, 0, len(contents))
 	for _, c := range contents {
-		mid, err := s.newLocalID(ctx, now)
+		mid, err := rp.newLocalID(ctx, now)
 		if err != nil {
 			return out, err
 		}
-		s.metrics.reports.WithLabelValues(kind).Inc()
+		rp.metrics.reports.WithLabelValues(kind).Inc()
 		out = append(out, store.NewDelivery{Device: dev, MessageID: storedid.MessageID(mid).String(), ContentType: uint32(ct),
 			Content: c, Priority: 1, NextAttempt: now, Expires: expires})
 	}
@@ -234,14 +254,14 @@ func (s *Server) reportDeliveries(ctx context.Context, dev uint32, id emsd.Messa
 //
 // A single entry that fits none of these goes alone; it is then segmented
 // or held like any other message.
-func (s *Server) packReports(dev uint32, id emsd.MessageID, entries []emsd.PerRecipReportData,
+func (rp *reporter) packReports(dev uint32, id emsd.MessageID, entries []emsd.PerRecipReportData,
 	form reportForm) ([][]byte, emsd.ContentType, error) {
 	var o emsd.Options
 	var maxLen *uint32
-	if d := s.registry().get(emsd.Address(dev)); d != nil {
-		o, maxLen = s.opts(d.version), d.Control.MaxContentLength
+	if d := rp.devs.current().get(emsd.Address(dev)); d != nil {
+		o, maxLen = rp.conf().emsdOptions(d.version), d.Control.MaxContentLength
 	}
-	sp := emsd.Splitter{Options: o, MaxUserData: s.conf().EMSD.PDUSize}
+	sp := emsd.Splitter{Options: o, MaxUserData: rp.conf().EMSD.PDUSize}
 	// The largest envelope the delivery can have: a server-made local id,
 	// no submission time (deliverOne sends none for reports).
 	env := &emsd.DeliverArgument{MessageID: emsd.LocalID(math.MaxUint32, math.MaxUint32), DeliveryTime: math.MaxUint32}
@@ -289,7 +309,7 @@ func (s *Server) packReports(dev uint32, id emsd.MessageID, entries []emsd.PerRe
 	return append(out, last), ct, nil
 }
 
-func (s *Server) noticeIPM(to emsd.Address, rep *emsd.ReportDelivery) *emsd.IPM {
+func (rp *reporter) noticeIPM(to emsd.Address, rep *emsd.ReportDelivery) *emsd.IPM {
 	var b strings.Builder
 	subject := "Delivery report"
 	fmt.Fprintf(&b, "Your message %s:\n", rep.ReportedMessageID)
@@ -317,7 +337,7 @@ func (s *Server) noticeIPM(to emsd.Address, rep *emsd.ReportDelivery) *emsd.IPM 
 	}
 	return &emsd.IPM{
 		Heading: emsd.Heading{
-			Originator: emsd.RFC822OR("postmaster@" + s.domain),
+			Originator: emsd.RFC822OR("postmaster@" + rp.domain),
 			Recipients: []emsd.RecipientData{{Recipient: emsd.LocalOR(to, "")}},
 			Subject:    subject,
 		},
@@ -329,17 +349,17 @@ func (s *Server) noticeIPM(to emsd.Address, rep *emsd.ReportDelivery) *emsd.IPM 
 // notices (reports = "auto"), as many as the device takes
 // (packReports): devices that accept only content type 32, as the
 // reference UA (docs/protocol.md EMSD §9.10).
-func (s *Server) noticeFromReport(ctx context.Context, d *store.Delivery) []store.NewDelivery {
-	if d.ContentType != uint32(emsd.ContentDeliveryReport) || s.conf().Delivery.Reports != "auto" {
+func (rp *reporter) noticeFromReport(ctx context.Context, d *store.Delivery) []store.NewDelivery {
+	if d.ContentType != uint32(emsd.ContentDeliveryReport) || rp.conf().Delivery.Reports != "auto" {
 		return nil
 	}
 	var rep emsd.ReportDelivery
 	if err := rep.Unmarshal(d.Content, emsd.Options{}); err != nil {
 		return nil
 	}
-	nds, err := s.reportDeliveries(ctx, d.Device, rep.ReportedMessageID, rep.Recipients, s.asNotice(d.Device), "notice")
+	nds, err := rp.reportDeliveries(ctx, d.Device, rep.ReportedMessageID, rep.Recipients, rp.asNotice(d.Device), "notice")
 	if err != nil {
-		s.log.Warn("report notice", "device", emsd.Address(d.Device), "err", err)
+		rp.log.Warn("report notice", "device", emsd.Address(d.Device), "err", err)
 		return nil
 	}
 	return nds
@@ -348,7 +368,7 @@ func (s *Server) noticeFromReport(ctx context.Context, d *store.Delivery) []stor
 // dsn is an RFC 3464 bounce (or success notice) to an Internet sender
 // about the items, recipients of one message: one recipient block each
 // (§2.3). It is relayed with the null reverse path.
-func (s *Server) dsn(ctx context.Context, items []reportItem) (store.NewRelay, error) {
+func (rp *reporter) dsn(ctx context.Context, items []reportItem) (store.NewRelay, error) {
 	first := items[0].r
 	rcpts := make([]mailconv.DSNRecipient, 0, len(items))
 	for _, it := range items {
@@ -365,24 +385,24 @@ func (s *Server) dsn(ctx context.Context, items []reportItem) (store.NewRelay, e
 	}
 	// An id from the message counter: two DSNs with the same text (the
 	// same mail bounced twice) are still two messages to their reader.
-	id, err := s.newLocalID(ctx, time.Now())
+	id, err := rp.newLocalID(ctx, time.Now())
 	if err != nil {
 		return store.NewRelay{}, fmt.Errorf("server: DSN id: %w", err)
 	}
 	// RET=FULL cannot be honoured beyond the header: the message was
 	// converted for the device and only its header kept (RFC 3461 §4.3
 	// lets an MTA return less than asked).
-	msg, err := mailconv.DSN(mailconv.DSNOptions{ReportingMTA: s.hostname, To: first.Mail, Date: time.Now(),
-		MessageID:       fmt.Sprintf("<DSN.%08x.%08x@%s>", uint32(id.Local.SubmissionTime), id.Local.Number, s.hostname),
+	msg, err := mailconv.DSN(mailconv.DSNOptions{ReportingMTA: rp.hostname, To: first.Mail, Date: time.Now(),
+		MessageID:       fmt.Sprintf("<DSN.%08x.%08x@%s>", uint32(id.Local.SubmissionTime), id.Local.Number, rp.hostname),
 		OriginalHeaders: first.Headers, Recipients: rcpts, EnvelopeID: parseDSNParams(first.DSN).envID,
 		ArrivalDate: parseDSNParams(first.DSN).arrival})
 	if err != nil {
 		return store.NewRelay{}, fmt.Errorf("server: DSN: %w", err)
 	}
 	now := time.Now()
-	s.metrics.reports.WithLabelValues("dsn").Inc()
+	rp.metrics.reports.WithLabelValues("dsn").Inc()
 	return store.NewRelay{From: "", Message: msg, Recipients: []store.RelayRecipient{{Addr: first.Mail}},
-		NextAttempt: now, Expires: now.Add(time.Duration(s.conf().Relay.Expiry))}, nil
+		NextAttempt: now, Expires: now.Add(time.Duration(rp.conf().Relay.Expiry))}, nil
 }
 
 func clip(s string, n int) string {

@@ -247,7 +247,7 @@ func TestReportSplit(t *testing.T) {
 			}
 			form := asReport
 			if tt.reports == "ipm" {
-				form = s.asNotice(198036)
+				form = s.rep.asNotice(198036)
 			}
 			fits := func(part []reportItem) bool {
 				rep := &emsd.ReportDelivery{ReportedMessageID: emsd.LocalID(0x6b07e3fe, 1)}

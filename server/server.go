@@ -26,19 +26,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net"
 	"net/http"
-	"net/http/pprof"
 	"net/netip"
-	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
@@ -84,7 +79,23 @@ func (e *ListenError) Error() string {
 // Unwrap returns the cause.
 func (e *ListenError) Unwrap() error { return e.Err }
 
-// Server is a running MTS.
+// Server is a running MTS: the wiring of its parts, each in its own
+// files with the part of the store it uses (docs/design.md, "server"):
+//
+//   - registrar: the device registry with authentication (registrar.go,
+//     registry.go, identify.go, authlimit.go);
+//   - contactBook: where devices are heard from (contact.go);
+//   - performer: the EMSD operations devices invoke (handlers.go,
+//     submit.go, segments.go, release.go);
+//   - reporter: reports and DSNs on outcomes (reports.go, dsnparams.go);
+//   - receiver: Internet mail in over SMTP (inbound.go, smtptls.go);
+//   - relayWorker: Internet mail out to the smarthost (relay.go);
+//   - the delivery scheduler, which is the Server itself for now
+//     (deliver.go, fleet.go, pace.go, outcomes.go);
+//   - the DTLS service (dtls.go), metrics (metrics.go), the admin
+//     listener (admin.go), the running configuration (reconfig.go).
+//
+// parts.go is the Server as the parts see it through their interfaces.
 type Server struct {
 	// live is the running configuration and what is built from it; a
 	// reconfiguration swaps it whole (never edits it), so that readers
@@ -98,8 +109,15 @@ type Server struct {
 
 	domain   string
 	hostname string
+	now      func() time.Time // the failed-authentication limiter's clock
 
-	devs    *registrar   // the device registry with authentication
+	devs     *registrar   // the device registry with authentication
+	contacts *contactBook // where devices are heard from
+	perf     *performer   // the EMSD operations devices invoke
+	rep      *reporter    // reports and DSNs on outcomes
+	inbound  *receiver    // Internet mail for devices
+	relay    *relayWorker // Internet mail to the smarthost
+
 	dtls    *dtlsService // nil when dtls.listen is off
 	ep      *esro.Endpoint
 	smtp    *gateway.InboundServer
@@ -108,14 +126,11 @@ type Server struct {
 	admin   *http.Server
 	adminLn net.Listener
 
-	perf     *performer   // the EMSD operations devices invoke
-	contacts *contactBook // where devices are heard from (contact.go)
-	seq      emsd.SequenceCounter
-
+	// The delivery scheduler (deliver.go).
+	seq       emsd.SequenceCounter
 	sched     sched
 	pace      pacer
 	rescan    time.Duration // full rescan period of the scheduler
-	relayKick chan struct{}
 	pollReset chan struct{} // store.registry_poll changed
 	metrics   *metrics
 	out       *outcomes // outcome writes and the entries held in flight (outcomes.go)
@@ -138,60 +153,16 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		return nil, err
 	}
 	cfg = cfg.clone() // the caller's stays the caller's
-	log := o.Logger
-	if log == nil {
-		log = slog.Default()
-	}
-	now := o.now
-	if now == nil {
-		now = time.Now
-	}
-	s := &Server{
-		level:     o.LogLevel,
-		log:       log,
-		domain:    cfg.domain(),
-		hostname:  cfg.hostname(),
-		relayKick: make(chan struct{}, 1),
-		pollReset: make(chan struct{}, 1),
-		rescan:    cmp.Or(o.rescan, defaultRescan),
-		metrics:   newMetrics(),
-		out:       newOutcomes(),
-	}
-	s.devs = &registrar{log: log, watch: s, ipOnly: func() bool { return s.conf().Compat.IPOnlyIdentification },
-		domains: cfg.domains(), devices: s.metrics.devices, authLimited: s.metrics.authLimited,
-		auth: newAuthLimiter(cfg.EMSD, now)}
-	s.metrics.reg.MustRegister(s.devs.auth.collectors()...)
-	s.metrics.reg.MustRegister(s.out.collectors()...)
-	if s.level != nil {
-		s.level.Set(cfg.logLevel())
-	}
-	s.live.Store(&liveConfig{cfg: cfg, relay: s.newRelay(cfg)})
-	s.sched = sched{kick: make(chan struct{}, 1), rescan: make(chan struct{}, 1), fleet: newFleet(), inflight: map[emsd.Address]*flight{}}
-	s.ctx, s.cancel = context.WithCancel(context.Background())
-	s.loopCtx, s.loopCancel = context.WithCancel(s.ctx)
-	s.devs.ctx = s.loopCtx
-	s.dctx, s.dcancel = context.WithCancel(s.ctx)
+	s := newServer(cfg, o)
 	defer func() {
 		if err != nil {
 			s.Close()
 		}
 	}()
-
-	if o.Store != nil {
-		s.st = o.Store
-	} else {
-		// One server per SQLite store (the opener locks the data
-		// directory); with PostgreSQL several servers share the store by
-		// design.
-		sc := cfg.StoreConfig()
-		sc.Serve, sc.Log = true, log
-		db, err := open.Open(ctx, sc)
-		if err != nil {
-			return nil, err
-		}
-		s.st, s.ownStore = db, true
+	if err := s.openStore(ctx, cfg, o.Store); err != nil {
+		return nil, err
 	}
-	s.devs.st = s.st
+	s.wire(cfg)
 	if err := s.devs.reload(ctx); err != nil {
 		return nil, fmt.Errorf("store: registry: %w", err)
 	}
@@ -200,125 +171,221 @@ func Start(ctx context.Context, cfg *Config, o Options) (_ *Server, err error) {
 		return nil, fmt.Errorf("store: recover: %w", err)
 	}
 	if rec.Deliveries+rec.Relays > 0 {
-		log.Info("re-queued work left in flight", "deliveries", rec.Deliveries, "relays", rec.Relays)
+		s.log.Info("re-queued work left in flight", "deliveries", rec.Deliveries, "relays", rec.Relays)
 	}
 	if cfg.Relay.Smarthost == "" {
-		log.Warn("no smarthost configured: mail for the Internet stays queued until it expires")
+		s.log.Warn("no smarthost configured: mail for the Internet stays queued until it expires")
 	}
-
 	// Listeners, all before anything is served, so that a busy port is
 	// reported before the server does anything.
-	ecfg, err := cfg.ESROConfig(log.With("layer", "esro"))
-	if err != nil {
+	if err := s.listen(cfg, o.PacketConn); err != nil {
 		return nil, err
 	}
-	s.sched.silentAfter = ecfg.Timers.RetransmitInterval()
-	pc := o.PacketConn
-	if pc == nil {
-		if pc, err = net.ListenPacket("udp", cfg.EMSD.Listen); err != nil {
-			return nil, &ListenError{"emsd", cfg.EMSD.Listen, err}
-		}
-		if want := cfg.EMSD.ReceiveBuffer; want > 0 {
-			got, err := esro.SetReceiveBuffer(pc.(*net.UDPConn), want)
-			switch {
-			case err != nil:
-				log.Warn("emsd.receive_buffer not set", "err", err)
-			case got < want:
-				log.Warn("emsd.receive_buffer capped by the system: raise net.core.rmem_max, or grant CAP_NET_ADMIN",
-					"wanted", want, "got", got)
-			}
-			g := prometheus.NewGauge(prometheus.GaugeOpts{Name: "emsd_receive_buffer_bytes",
-				Help: "Kernel receive buffer of the EMSD socket, as granted (emsd.receive_buffer asks)."})
-			g.Set(float64(got))
-			s.metrics.reg.MustRegister(g)
-		}
-	}
-	if s.ep, err = esro.NewEndpoint(pc, ecfg); err != nil {
-		pc.Close()
-		return nil, err
-	}
-	s.contacts = &contactBook{st: s.st, log: log, conf: s.conf, via: viaName(s.ep.LocalAddr().String()),
-		reachable: func(a emsd.Address) { s.touch(a, true) }, ctx: s.ctx, changes: s.metrics.addressChanges}
-	s.perf = &performer{st: s.st, log: log, metrics: s.metrics, conf: s.conf, devs: s.devs, contacts: s.contacts,
-		sched: s, reports: s, routes: s, ctx: s.ctx, domain: s.domain, hostname: s.hostname,
-		reasm: emsd.NewReassembler[submitter](emsd.ReassemblerConfig{Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
-		segs:  segCache{ttl: time.Duration(cfg.EMSD.DedupeWindow), max: 4096}}
-	if err := s.startDTLS(cfg, ecfg); err != nil {
-		return nil, err
-	}
-	if cfg.SMTP.Listen != "" && cfg.SMTP.TLSCert != "" {
-		s.tlsCert = &smtpCert{log: log.With("layer", "smtp")}
-		if err := s.tlsCert.loadFiles(cfg.SMTP.TLSCert, cfg.SMTP.TLSKey, time.Now()); err != nil {
-			return nil, err
-		}
-	}
-	if cfg.SMTP.Listen != "" {
-		if s.smtpLn, err = net.Listen("tcp", cfg.SMTP.Listen); err != nil {
-			return nil, &ListenError{"smtp", cfg.SMTP.Listen, err}
-		}
-	}
-	if cfg.Admin.Listen != "" {
-		if s.adminLn, err = net.Listen("tcp", cfg.Admin.Listen); err != nil {
-			return nil, &ListenError{"admin", cfg.Admin.Listen, err}
-		}
-	}
-	s.metrics.reg.MustRegister(newStoreCollector(s.st), newESROCollector(s.ep.Stats))
-
 	if err := s.perf.recoverSubmissions(ctx, time.Now()); err != nil {
 		return nil, fmt.Errorf("store: pending submissions: %w", err)
 	}
-	for _, sap := range []struct {
-		sap emsd.SAP
-		hs  esro.Handshake
-	}{{emsd.SAPMTSPerformer3Way, esro.ThreeWay}, {emsd.SAPMTSPerformer2Way, esro.TwoWay}} {
-		if err := s.ep.HandleFunc(uint8(sap.sap), sap.hs, s.perf.serve); err != nil {
-			return nil, err
-		}
-	}
-	s.loops.Go(s.runScheduler)
-	s.loops.Go(s.runRelay)
-	s.loops.Go(s.pollRegistry)
-	if s.smtpLn != nil {
-		inOpts := gateway.InboundOptions{
-			Domain: s.hostname, MaxMessageBytes: cfg.SMTP.MaxMessageBytes, MaxRecipients: cfg.SMTP.MaxRecipients,
-			ReadTimeout: time.Duration(cfg.SMTP.ReadTimeout), WriteTimeout: time.Duration(cfg.SMTP.WriteTimeout),
-			MinDataRate: cmp.Or(cfg.SMTP.MinDataRate, -1), StressReadTimeout: time.Duration(cfg.SMTP.StressReadTimeout),
-			SessionTimeout: time.Duration(cfg.SMTP.SessionTimeout),
-			MaxConns:       cfg.SMTP.MaxConnections, MaxConnsPerIP: cfg.SMTP.MaxConnectionsPerIP,
-			OnRefused: func(limit string) { s.metrics.refused.WithLabelValues(limit).Inc() },
-			Logger:    log.With("layer", "smtp"),
-		}
-		if s.tlsCert != nil {
-			inOpts.TLSConfig, inOpts.RequireTLS = s.tlsCert.tlsConfig(), cfg.SMTP.RequireTLS
-			inOpts.OnTLS = func(tls.ConnectionState) { s.metrics.starttls.Inc() }
-		}
-		s.smtp = gateway.NewInboundServer(receiver{s}, inOpts)
-		s.metrics.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "gateway_inbound_sessions",
-			Help: "Inbound SMTP connections open (smtp.max_connections bounds them)."},
-			func() float64 { return float64(s.smtp.Sessions()) }))
-		s.smtpUp.Store(true)
-		s.loops.Go(func() {
-			if err := s.smtp.Serve(s.smtpLn); err != nil && !errors.Is(err, gateway.ErrServerClosed) {
-				log.Error("smtp listener", "err", err)
-			}
-			s.smtpUp.Store(false)
-		})
-	}
-	if s.adminLn != nil {
-		s.admin = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
-		s.loops.Go(func() {
-			if err := s.admin.Serve(s.adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				log.Error("admin listener", "err", err)
-			}
-		})
+	if err := s.serve(cfg); err != nil {
+		return nil, err
 	}
 	dtlsAddr := "off"
 	if s.dtls != nil {
 		dtlsAddr = s.dtls.conn.LocalAddr().String()
 	}
-	log.Info("serving", "emsd", s.ep.LocalAddr(), "dtls", dtlsAddr, "smtp", addrOf(s.smtpLn), "admin", addrOf(s.adminLn),
+	s.log.Info("serving", "emsd", s.ep.LocalAddr(), "dtls", dtlsAddr, "smtp", addrOf(s.smtpLn), "admin", addrOf(s.adminLn),
 		"domain", s.domain, "devices", s.devs.current().size(), "store", storeDesc(cfg, o.Store != nil))
 	return s, nil
+}
+
+// newServer is a server with its configuration and contexts, serving
+// nothing yet.
+func newServer(cfg *Config, o Options) *Server {
+	s := &Server{
+		level:     o.LogLevel,
+		log:       cmp.Or(o.Logger, slog.Default()),
+		domain:    cfg.domain(),
+		hostname:  cfg.hostname(),
+		now:       o.now,
+		pollReset: make(chan struct{}, 1),
+		rescan:    cmp.Or(o.rescan, defaultRescan),
+		metrics:   newMetrics(),
+		out:       newOutcomes(),
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	if s.level != nil {
+		s.level.Set(cfg.logLevel())
+	}
+	s.live.Store(&liveConfig{cfg: cfg, relay: s.newRelay(cfg)})
+	s.sched = sched{kick: make(chan struct{}, 1), rescan: make(chan struct{}, 1), fleet: newFleet(), inflight: map[emsd.Address]*flight{}}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.loopCtx, s.loopCancel = context.WithCancel(s.ctx)
+	s.dctx, s.dcancel = context.WithCancel(s.ctx)
+	return s
+}
+
+// openStore opens the store cfg names for serving (with SQLite, the data
+// directory locked), or takes the given one.
+func (s *Server) openStore(ctx context.Context, cfg *Config, given store.Store) error {
+	if given != nil {
+		s.st = given
+		return nil
+	}
+	// One server per SQLite store (the opener locks the data directory);
+	// with PostgreSQL several servers share the store by design.
+	sc := cfg.StoreConfig()
+	sc.Serve, sc.Log = true, s.log
+	db, err := open.Open(ctx, sc)
+	if err != nil {
+		return err
+	}
+	s.st, s.ownStore = db, true
+	return nil
+}
+
+// wire builds the parts over the store. Each takes the part of the store
+// it uses and reaches the others through small interfaces, which the
+// Server implements where the delivery scheduler is involved (parts.go).
+func (s *Server) wire(cfg *Config) {
+	s.devs = &registrar{st: s.st, log: s.log, watch: s, domains: cfg.domains(), ctx: s.loopCtx,
+		ipOnly:  func() bool { return s.conf().Compat.IPOnlyIdentification },
+		devices: s.metrics.devices, authLimited: s.metrics.authLimited, auth: newAuthLimiter(cfg.EMSD, s.now)}
+	s.contacts = &contactBook{st: s.st, log: s.log, conf: s.conf, ctx: s.ctx, changes: s.metrics.addressChanges,
+		reachable: func(a emsd.Address) { s.touch(a, true) }}
+	s.rep = &reporter{st: s.st, log: s.log, metrics: s.metrics, conf: s.conf, devs: s.devs,
+		domain: s.domain, hostname: s.hostname}
+	s.perf = &performer{st: s.st, log: s.log, metrics: s.metrics, conf: s.conf, devs: s.devs, contacts: s.contacts,
+		sched: s, reports: s.rep, routes: s, ctx: s.ctx, domain: s.domain, hostname: s.hostname,
+		reasm: emsd.NewReassembler[submitter](emsd.ReassemblerConfig{Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
+		segs:  segCache{ttl: time.Duration(cfg.EMSD.DedupeWindow), max: 4096}}
+	s.inbound = &receiver{st: s.st, log: s.log, metrics: s.metrics, conf: s.conf, devs: s.devs, sched: s,
+		domain: s.domain, hostname: s.hostname}
+	s.relay = &relayWorker{st: s.st, log: s.log, metrics: s.metrics, live: s.live.Load, sched: s, out: s, held: s.out,
+		kicked: make(chan struct{}, 1), ctx: s.loopCtx, dctx: s.dctx}
+	s.metrics.reg.MustRegister(s.devs.auth.collectors()...)
+	s.metrics.reg.MustRegister(s.out.collectors()...)
+	s.metrics.reg.MustRegister(newStoreCollector(s.st))
+}
+
+// listen binds every listener: EMSD (or takes pc), DTLS, SMTP, admin.
+func (s *Server) listen(cfg *Config, pc net.PacketConn) error {
+	ecfg, err := cfg.ESROConfig(s.log.With("layer", "esro"))
+	if err != nil {
+		return err
+	}
+	s.sched.silentAfter = ecfg.Timers.RetransmitInterval()
+	if pc == nil {
+		if pc, err = s.listenEMSD(cfg.EMSD); err != nil {
+			return err
+		}
+	}
+	if s.ep, err = esro.NewEndpoint(pc, ecfg); err != nil {
+		pc.Close()
+		return err
+	}
+	s.contacts.via = viaName(s.ep.LocalAddr().String())
+	s.metrics.reg.MustRegister(newESROCollector(s.ep.Stats))
+	if err := s.startDTLS(cfg, ecfg); err != nil {
+		return err
+	}
+	if cfg.SMTP.Listen != "" && cfg.SMTP.TLSCert != "" {
+		s.tlsCert = &smtpCert{log: s.log.With("layer", "smtp")}
+		if err := s.tlsCert.loadFiles(cfg.SMTP.TLSCert, cfg.SMTP.TLSKey, time.Now()); err != nil {
+			return err
+		}
+	}
+	if cfg.SMTP.Listen != "" {
+		if s.smtpLn, err = net.Listen("tcp", cfg.SMTP.Listen); err != nil {
+			return &ListenError{"smtp", cfg.SMTP.Listen, err}
+		}
+	}
+	if cfg.Admin.Listen != "" {
+		if s.adminLn, err = net.Listen("tcp", cfg.Admin.Listen); err != nil {
+			return &ListenError{"admin", cfg.Admin.Listen, err}
+		}
+	}
+	return nil
+}
+
+// listenEMSD opens the EMSD socket with the receive buffer c asks for.
+func (s *Server) listenEMSD(c EMSDConfig) (net.PacketConn, error) {
+	pc, err := net.ListenPacket("udp", c.Listen)
+	if err != nil {
+		return nil, &ListenError{"emsd", c.Listen, err}
+	}
+	if want := c.ReceiveBuffer; want > 0 {
+		got, err := esro.SetReceiveBuffer(pc.(*net.UDPConn), want)
+		switch {
+		case err != nil:
+			s.log.Warn("emsd.receive_buffer not set", "err", err)
+		case got < want:
+			s.log.Warn("emsd.receive_buffer capped by the system: raise net.core.rmem_max, or grant CAP_NET_ADMIN",
+				"wanted", want, "got", got)
+		}
+		g := prometheus.NewGauge(prometheus.GaugeOpts{Name: "emsd_receive_buffer_bytes",
+			Help: "Kernel receive buffer of the EMSD socket, as granted (emsd.receive_buffer asks)."})
+		g.Set(float64(got))
+		s.metrics.reg.MustRegister(g)
+	}
+	return pc, nil
+}
+
+// serve starts serving: the EMSD operations, the background loops, SMTP
+// and the admin listener.
+func (s *Server) serve(cfg *Config) error {
+	for _, sap := range []struct {
+		sap emsd.SAP
+		hs  esro.Handshake
+	}{{emsd.SAPMTSPerformer3Way, esro.ThreeWay}, {emsd.SAPMTSPerformer2Way, esro.TwoWay}} {
+		if err := s.ep.HandleFunc(uint8(sap.sap), sap.hs, s.perf.serve); err != nil {
+			return err
+		}
+	}
+	s.loops.Go(s.runScheduler)
+	s.loops.Go(s.relay.run)
+	s.loops.Go(func() {
+		s.devs.poll(func() time.Duration { return time.Duration(s.conf().Store.RegistryPoll) }, s.pollReset)
+	})
+	if s.smtpLn != nil {
+		s.serveSMTP(cfg)
+	}
+	if s.adminLn != nil {
+		s.admin = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+		s.loops.Go(func() {
+			if err := s.admin.Serve(s.adminLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.log.Error("admin listener", "err", err)
+			}
+		})
+	}
+	return nil
+}
+
+// serveSMTP serves inbound SMTP on smtpLn.
+func (s *Server) serveSMTP(cfg *Config) {
+	inOpts := gateway.InboundOptions{
+		Domain: s.hostname, MaxMessageBytes: cfg.SMTP.MaxMessageBytes, MaxRecipients: cfg.SMTP.MaxRecipients,
+		ReadTimeout: time.Duration(cfg.SMTP.ReadTimeout), WriteTimeout: time.Duration(cfg.SMTP.WriteTimeout),
+		MinDataRate: cmp.Or(cfg.SMTP.MinDataRate, -1), StressReadTimeout: time.Duration(cfg.SMTP.StressReadTimeout),
+		SessionTimeout: time.Duration(cfg.SMTP.SessionTimeout),
+		MaxConns:       cfg.SMTP.MaxConnections, MaxConnsPerIP: cfg.SMTP.MaxConnectionsPerIP,
+		OnRefused: func(limit string) { s.metrics.refused.WithLabelValues(limit).Inc() },
+		Logger:    s.log.With("layer", "smtp"),
+	}
+	if s.tlsCert != nil {
+		inOpts.TLSConfig, inOpts.RequireTLS = s.tlsCert.tlsConfig(), cfg.SMTP.RequireTLS
+		inOpts.OnTLS = func(tls.ConnectionState) { s.metrics.starttls.Inc() }
+	}
+	s.smtp = gateway.NewInboundServer(s.inbound, inOpts)
+	s.metrics.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "gateway_inbound_sessions",
+		Help: "Inbound SMTP connections open (smtp.max_connections bounds them)."},
+		func() float64 { return float64(s.smtp.Sessions()) }))
+	s.smtpUp.Store(true)
+	s.loops.Go(func() {
+		if err := s.smtp.Serve(s.smtpLn); err != nil && !errors.Is(err, gateway.ErrServerClosed) {
+			s.log.Error("smtp listener", "err", err)
+		}
+		s.smtpUp.Store(false)
+	})
 }
 
 // storeDesc names the store for the log, without its password.
@@ -366,24 +433,6 @@ func (s *Server) Addrs() Addrs {
 		a.Admin = s.adminLn.Addr()
 	}
 	return a
-}
-
-// pollRegistry reloads the registry when another process (emsdp device)
-// changed it.
-func (s *Server) pollRegistry() {
-	t := time.NewTicker(time.Duration(s.conf().Store.RegistryPoll))
-	defer t.Stop()
-	for {
-		select {
-		case <-s.loopCtx.Done():
-			return
-		case <-s.pollReset:
-			t.Reset(time.Duration(s.conf().Store.RegistryPoll))
-			continue
-		case <-t.C:
-		}
-		s.devs.reloadIfChanged(s.loopCtx, "registry_poll")
-	}
 }
 
 // Shutdown drains: no new SMTP sessions or deliveries, SMTP transactions
@@ -459,123 +508,4 @@ func (s *Server) Close() error {
 		}
 	})
 	return err
-}
-
-// adminHandler serves /metrics, /healthz and, unless admin.pprof is
-// false, /debug/pprof.
-func (s *Server) adminHandler() http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{Registry: s.metrics.reg}))
-	mux.HandleFunc("/healthz", s.healthz)
-	if !s.conf().Admin.PProf {
-		return mux
-	}
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	return mux
-}
-
-// healthz answers 200 when the store answers, every configured listener
-// serves, no outcome write is failing and no queue entry is stuck in
-// flight past its deadline; 503 with the reasons otherwise.
-func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
-	defer cancel()
-	var bad []string
-	if err := s.st.Ping(ctx); err != nil {
-		bad = append(bad, "store: "+err.Error())
-	}
-	if s.ctx.Err() != nil {
-		bad = append(bad, "emsd: closed")
-	}
-	if s.smtpLn != nil && !s.smtpUp.Load() {
-		bad = append(bad, "smtp: not serving")
-	}
-	bad = append(bad, s.out.health()...)
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	if len(bad) > 0 {
-		w.WriteHeader(http.StatusServiceUnavailable)
-		fmt.Fprintln(w, strings.Join(bad, "\n"))
-		return
-	}
-	fmt.Fprintln(w, "ok")
-}
-
-// Reload is SIGHUP: it re-reads the device registry from the store and
-// the SMTP certificate files (a renewed certificate takes effect for new
-// STARTTLS handshakes; one that fails to load leaves the old one in use),
-// and makes the delivery scheduler and the relay worker look at the queues
-// at once, so that entries another process changed (emsdp queue retry)
-// are taken up now rather than at the next rescan (rescan, relayIdle):
-// the scheduler re-reads every device's due time and lifts the holds of
-// devices whose attempts failed.
-// The configuration file is Reconfigure's.
-func (s *Server) Reload(ctx context.Context) error {
-	var errs []error
-	if err := s.devs.reload(ctx); err != nil {
-		errs = append(errs, fmt.Errorf("registry: %w", err))
-	}
-	if err := s.rescanFleet(ctx, time.Time{}); err != nil {
-		errs = append(errs, fmt.Errorf("delivery queue: %w", err))
-	}
-	s.sched.mu.Lock()
-	s.sched.fleet.release(time.Now())
-	s.sched.mu.Unlock()
-	s.kick()
-	s.kickRelay()
-	if s.tlsCert != nil {
-		if err := s.tlsCert.load(time.Now()); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// registry is the device registry as last loaded.
-func (s *Server) registry() *registry { return s.devs.current() }
-
-// registryReplaced: the whole registry was read again.
-func (s *Server) registryReplaced(old, cur *registry) {
-	s.dtlsKeysChanged(old, cur)
-	s.unparkAll()
-}
-
-// devicesChanged: the registry entries of some devices changed; the
-// sessions of keys that changed end, and the devices' deliveries are
-// looked at again.
-func (s *Server) devicesChanged(old map[emsd.Address]*device, cur map[emsd.Address]*store.Device) {
-	if s.dtls != nil {
-		for a, o := range old {
-			if n := cur[a]; o.PSK != nil && (n == nil || string(n.PSK) != string(o.PSK)) {
-				s.dtls.conn.CloseIdentity(a.String())
-			}
-		}
-	}
-	s.unpark(slices.Collect(maps.Keys(cur)))
-}
-
-// targetOf chooses where deliveries to dev go now: over DTLS for a
-// device with a key (dtls.go), else in clear (contactBook.target).
-func (s *Server) targetOf(dev *device) (t target, why string) {
-	if t, why, ok := s.dtlsTarget(dev); ok {
-		return t, why
-	}
-	return s.contacts.target(s.dctx, dev)
-}
-
-// alive and contactFailed are the delivery scheduler's news of a contact.
-func (s *Server) alive(a emsd.Address, to netip.AddrPort) { s.contacts.alive(a, to) }
-
-func (s *Server) contactFailed(a emsd.Address, ap netip.AddrPort) { s.contacts.failed(a, ap) }
-
-// opts are the codec options for a device of version v.
-func (s *Server) opts(v emsd.Version) emsd.Options { return s.conf().emsdOptions(v) }
-
-// recoverSubmissions is the scheduler's periodic look at submissions left
-// pending (performer.recoverSubmissions).
-func (s *Server) recoverSubmissions(ctx context.Context, before time.Time) error {
-	return s.perf.recoverSubmissions(ctx, before)
 }

@@ -1,0 +1,119 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+// The Server as its parts see it: the registry watcher, the delivery
+// scheduler's view of the contacts, reports, submissions and relays, and
+// SIGHUP.
+
+// Reload is SIGHUP: it re-reads the device registry from the store and
+// the SMTP certificate files (a renewed certificate takes effect for new
+// STARTTLS handshakes; one that fails to load leaves the old one in use),
+// and makes the delivery scheduler and the relay worker look at the queues
+// at once, so that entries another process changed (emsdp queue retry)
+// are taken up now rather than at the next rescan (rescan, relayIdle):
+// the scheduler re-reads every device's due time and lifts the holds of
+// devices whose attempts failed.
+// The configuration file is Reconfigure's.
+func (s *Server) Reload(ctx context.Context) error {
+	var errs []error
+	if err := s.devs.reload(ctx); err != nil {
+		errs = append(errs, fmt.Errorf("registry: %w", err))
+	}
+	if err := s.rescanFleet(ctx, time.Time{}); err != nil {
+		errs = append(errs, fmt.Errorf("delivery queue: %w", err))
+	}
+	s.sched.mu.Lock()
+	s.sched.fleet.release(time.Now())
+	s.sched.mu.Unlock()
+	s.kick()
+	s.kickRelay()
+	if s.tlsCert != nil {
+		if err := s.tlsCert.load(time.Now()); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// registry is the device registry as last loaded.
+func (s *Server) registry() *registry { return s.devs.current() }
+
+// registryReplaced: the whole registry was read again.
+func (s *Server) registryReplaced(old, cur *registry) {
+	s.dtlsKeysChanged(old, cur)
+	s.unparkAll()
+}
+
+// devicesChanged: the registry entries of some devices changed; the
+// sessions of keys that changed end, and the devices' deliveries are
+// looked at again.
+func (s *Server) devicesChanged(old map[emsd.Address]*device, cur map[emsd.Address]*store.Device) {
+	if s.dtls != nil {
+		for a, o := range old {
+			if n := cur[a]; o.PSK != nil && (n == nil || string(n.PSK) != string(o.PSK)) {
+				s.dtls.conn.CloseIdentity(a.String())
+			}
+		}
+	}
+	s.unpark(slices.Collect(maps.Keys(cur)))
+}
+
+// targetOf chooses where deliveries to dev go now: over DTLS for a
+// device with a key (dtls.go), else in clear (contactBook.target).
+func (s *Server) targetOf(dev *device) (t target, why string) {
+	if t, why, ok := s.dtlsTarget(dev); ok {
+		return t, why
+	}
+	return s.contacts.target(s.dctx, dev)
+}
+
+// alive and contactFailed are the delivery scheduler's news of a contact.
+func (s *Server) alive(a emsd.Address, to netip.AddrPort) { s.contacts.alive(a, to) }
+
+func (s *Server) contactFailed(a emsd.Address, ap netip.AddrPort) { s.contacts.failed(a, ap) }
+
+// opts are the codec options for a device of version v.
+func (s *Server) opts(v emsd.Version) emsd.Options { return s.conf().emsdOptions(v) }
+
+// recoverSubmissions is the scheduler's periodic look at submissions left
+// pending (performer.recoverSubmissions).
+func (s *Server) recoverSubmissions(ctx context.Context, before time.Time) error {
+	return s.perf.recoverSubmissions(ctx, before)
+}
+
+// reportWork and noticeFromReport are the reports the scheduler and the
+// outcome writes ask for (reporter).
+func (s *Server) reportWork(ctx context.Context, items []reportItem) (store.Work, error) {
+	return s.rep.reportWork(ctx, items)
+}
+
+func (s *Server) noticeFromReport(ctx context.Context, d *store.Delivery) []store.NewDelivery {
+	return s.rep.noticeFromReport(ctx, d)
+}
+
+// kickRelay makes the relay worker look at its queue now.
+func (s *Server) kickRelay() { s.relay.kick() }
+
+// expireRelays fails the relay recipients past their expiry (the
+// scheduler's housekeeping pass).
+func (s *Server) expireRelays(now time.Time) { s.relay.expire(now) }
+
+// draining reports whether the server is shutting down: the relay worker
+// then claims nothing more.
+func (s *Server) draining() bool {
+	s.sched.mu.Lock()
+	defer s.sched.mu.Unlock()
+	return s.sched.draining
+}
