@@ -8,9 +8,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/store"
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Devices behind a NAT or on changing addresses.

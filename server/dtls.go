@@ -4,16 +4,19 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
 	"time"
 
+	"github.com/pion/dtls/v3"
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/esro/esrodtls"
-	"github.com/pion/dtls/v3"
-	"github.com/prometheus/client_golang/prometheus"
+	"github.com/esro-emsdp/emsdp/store"
 )
 
 // DefaultDTLSPort is the documented port of the DTLS service when
@@ -80,10 +83,16 @@ func (d DTLSConfig) suites() ([]dtls.CipherSuiteID, error) {
 }
 
 // dtlsService is the DTLS listener with its own ESRO endpoint. Its
-// handlers are the plain service's, told the device by the session.
+// handlers are the plain service's (perf), told the device by the
+// session; the keys come from the registry.
 type dtlsService struct {
 	conn *esrodtls.Conn
 	ep   *esro.Endpoint
+	devs *registrar
+	perf *performer
+	// reachable tells the delivery scheduler that a device's deliveries
+	// may go now (it invoked over its session).
+	reachable func(emsd.Address)
 
 	mu    sync.Mutex
 	limit failBuckets[srcKey]
@@ -145,44 +154,58 @@ func (s *Server) startDTLS(cfg *Config, ecfg *esro.Config) error {
 	if cfg.DTLS.Listen == "" {
 		return nil
 	}
+	d, err := newDTLSService(cfg, ecfg, s.log, s.devs, s.perf, func(a emsd.Address) { s.touch(a, true) })
+	if err != nil {
+		return err
+	}
+	s.dtls = d
+	s.metrics.reg.MustRegister(newDTLSCollector(d.conn.Stats))
+	return nil
+}
+
+// newDTLSService opens [dtls] listen and serves the EMSD operations on it.
+func newDTLSService(cfg *Config, ecfg *esro.Config, log *slog.Logger, devs *registrar, perf *performer,
+	reachable func(emsd.Address)) (*dtlsService, error) {
 	suites, _ := cfg.DTLS.suites()
 	d := &dtlsService{
-		limit: newFailBuckets[srcKey](cfg.DTLS.HandshakesBurst, cfg.DTLS.HandshakesRate, cfg.EMSD.AuthFailuresTracked),
-		epoch: time.Now(),
+		devs:      devs,
+		perf:      perf,
+		reachable: reachable,
+		limit:     newFailBuckets[srcKey](cfg.DTLS.HandshakesBurst, cfg.DTLS.HandshakesRate, cfg.EMSD.AuthFailuresTracked),
+		epoch:     time.Now(),
 	}
 	conn, err := esrodtls.Listen("udp", cfg.DTLS.Listen, esrodtls.Config{
-		PSK:              s.devicePSK,
-		Credentials:      s.deliveryCredentials,
+		PSK:              d.devicePSK,
+		Credentials:      d.deliveryCredentials,
 		CipherSuites:     suites,
 		HandshakeTimeout: time.Duration(cfg.DTLS.HandshakeTimeout),
 		IdleTimeout:      time.Duration(cfg.DTLS.IdleTimeout),
 		MaxHandshakes:    cfg.DTLS.MaxHandshakes,
 		AllowHandshake:   d.allow,
-		Logger:           s.log.With("layer", "dtls"),
+		Logger:           log.With("layer", "dtls"),
 	})
 	if err != nil {
 		var oe *net.OpError
 		if errors.As(err, &oe) {
-			return &ListenError{"dtls", cfg.DTLS.Listen, err}
+			return nil, &ListenError{"dtls", cfg.DTLS.Listen, err}
 		}
-		return err
+		return nil, err
 	}
 	d.conn = conn
 	if d.ep, err = esro.NewEndpoint(conn, esrodtls.EndpointConfig(ecfg)); err != nil {
 		conn.Close()
-		return err
+		return nil, err
 	}
-	s.dtls = d
 	for _, sap := range []struct {
 		sap emsd.SAP
 		hs  esro.Handshake
 	}{{emsd.SAPMTSPerformer3Way, esro.ThreeWay}, {emsd.SAPMTSPerformer2Way, esro.TwoWay}} {
-		if err := d.ep.HandleFunc(uint8(sap.sap), sap.hs, s.serveDTLS); err != nil {
-			return err
+		if err := d.ep.HandleFunc(uint8(sap.sap), sap.hs, d.serve); err != nil {
+			d.ep.Close()
+			return nil, err
 		}
 	}
-	s.metrics.reg.MustRegister(newDTLSCollector(conn.Stats))
-	return nil
+	return d, nil
 }
 
 // allow charges one handshake to its source and says whether the source
@@ -202,47 +225,47 @@ func (d *dtlsService) allow(src netip.AddrPort) bool {
 // devicePSK is the key of a PSK identity: the EMSD address of a device
 // that has one. The identity is parsed strictly, as the address is shown
 // (NNN.NNN), so that one device has one identity.
-func (s *Server) devicePSK(identity string) ([]byte, error) {
+func (d *dtlsService) devicePSK(identity string) ([]byte, error) {
 	a, err := emsd.ParseAddress(identity)
 	if err != nil || a.String() != identity {
 		return nil, esrodtls.ErrUnknownIdentity
 	}
-	d := s.registry().get(a)
-	if d == nil && s.devs.fresh() {
-		d = s.registry().get(a)
+	dev := d.devs.current().get(a)
+	if dev == nil && d.devs.fresh() {
+		dev = d.devs.current().get(a)
 	}
-	if d == nil || d.PSK == nil {
+	if dev == nil || dev.PSK == nil {
 		return nil, esrodtls.ErrUnknownIdentity
 	}
-	return d.PSK, nil
+	return dev.PSK, nil
 }
 
 // deliveryCredentials are what the server presents when it opens a session
 // to a device's registered address: the device's own identity and key.
-func (s *Server) deliveryCredentials(peer netip.AddrPort) (string, []byte, error) {
-	d := s.registry().atAP(peer)
-	if d == nil || d.PSK == nil {
+func (d *dtlsService) deliveryCredentials(peer netip.AddrPort) (string, []byte, error) {
+	dev := d.devs.current().atAP(peer)
+	if dev == nil || dev.PSK == nil {
 		return "", nil, fmt.Errorf("no DTLS device registered at %v", peer)
 	}
-	return d.addr.String(), d.PSK, nil
+	return dev.addr.String(), dev.PSK, nil
 }
 
-// serveDTLS is performer.serve for invocations over a DTLS session: the session's
+// serve is performer.serve for invocations over a DTLS session: the session's
 // identity is the device. Its deliveries may be waiting for it to be
 // reachable (dtlsTarget): any invocation lets them go.
-func (s *Server) serveDTLS(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
-	p, ok := s.dtls.conn.Peer(inv.Peer)
+func (d *dtlsService) serve(ctx context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
+	p, ok := d.conn.Peer(inv.Peer)
 	if !ok {
-		s.perf.refuse(w, "any", emsd.CodeSecurity, "DTLS session gone")
+		d.perf.refuse(w, "any", emsd.CodeSecurity, "DTLS session gone")
 		return
 	}
 	a, err := emsd.ParseAddress(p.Identity)
 	if err != nil {
-		s.perf.refuse(w, "any", emsd.CodeSecurity, "DTLS identity")
+		d.perf.refuse(w, "any", emsd.CodeSecurity, "DTLS identity")
 		return
 	}
-	s.touch(a, true) // the session's key proved the device
-	s.perf.serve(context.WithValue(ctx, dtlsIdentityKey{}, a), w, inv)
+	d.reachable(a) // the session's key proved the device
+	d.perf.serve(context.WithValue(ctx, dtlsIdentityKey{}, a), w, inv)
 }
 
 // dtlsTarget is targetOf for a device with a key while DTLS is on:
@@ -304,19 +327,28 @@ func (s *Server) verifyRoute(dev *device, plain []netip.AddrPort) (*esro.Endpoin
 	return s.dtls.ep, to
 }
 
-// dtlsKeysChanged ends the sessions of devices whose key changed or went,
-// so that a rotated key takes effect at once. Called after a registry
-// reload.
-func (s *Server) dtlsKeysChanged(old, cur *registry) {
-	if s.dtls == nil || old == nil {
+// registryReplaced ends the sessions of devices whose key changed or
+// went in a whole reload, so that a rotated key takes effect at once.
+func (d *dtlsService) registryReplaced(old, cur *registry) {
+	if old == nil {
 		return
 	}
-	for a, d := range old.byAddr {
-		if d.PSK == nil {
+	for a, o := range old.byAddr {
+		if o.PSK == nil {
 			continue
 		}
-		if n := cur.byAddr[a]; n == nil || string(n.PSK) != string(d.PSK) {
-			s.dtls.conn.CloseIdentity(a.String())
+		if n := cur.byAddr[a]; n == nil || string(n.PSK) != string(o.PSK) {
+			d.conn.CloseIdentity(a.String())
+		}
+	}
+}
+
+// devicesChanged is registryReplaced for the devices the store's change
+// log named: old are their entries before, cur after (nil: removed).
+func (d *dtlsService) devicesChanged(old map[emsd.Address]*device, cur map[emsd.Address]*store.Device) {
+	for a, o := range old {
+		if n := cur[a]; o.PSK != nil && (n == nil || string(n.PSK) != string(o.PSK)) {
+			d.conn.CloseIdentity(a.String())
 		}
 	}
 }

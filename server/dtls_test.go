@@ -143,11 +143,11 @@ func TestDTLSRequiredAndIdentity(t *testing.T) {
 	other.none(t, 200*time.Millisecond)
 
 	// A device with no key: unknown identity.
-	k, err := s.devicePSK("198.040")
+	k, err := s.dtls.devicePSK("198.040")
 	if !errors.Is(err, esrodtls.ErrUnknownIdentity) || k != nil {
 		t.Fatalf("key of a device without one: %v", err)
 	}
-	if _, err := s.devicePSK("198036"); !errors.Is(err, esrodtls.ErrUnknownIdentity) {
+	if _, err := s.dtls.devicePSK("198036"); !errors.Is(err, esrodtls.ErrUnknownIdentity) {
 		t.Fatalf("identity not in canonical form accepted: %v", err)
 	}
 }

@@ -52,7 +52,9 @@ func (s *Server) registry() *registry { return s.devs.current() }
 
 // registryReplaced: the whole registry was read again.
 func (s *Server) registryReplaced(old, cur *registry) {
-	s.dtlsKeysChanged(old, cur)
+	if s.dtls != nil {
+		s.dtls.registryReplaced(old, cur)
+	}
 	s.unparkAll()
 }
 
@@ -61,11 +63,7 @@ func (s *Server) registryReplaced(old, cur *registry) {
 // looked at again.
 func (s *Server) devicesChanged(old map[emsd.Address]*device, cur map[emsd.Address]*store.Device) {
 	if s.dtls != nil {
-		for a, o := range old {
-			if n := cur[a]; o.PSK != nil && (n == nil || string(n.PSK) != string(o.PSK)) {
-				s.dtls.conn.CloseIdentity(a.String())
-			}
-		}
+		s.dtls.devicesChanged(old, cur)
 	}
 	s.unpark(slices.Collect(maps.Keys(cur)))
 }
