@@ -44,10 +44,7 @@ type performer struct {
 
 // performerStore is the part of the store the operation handlers use.
 type performerStore interface {
-	AddSubmission(ctx context.Context, s *store.Submission, dedupeSince time.Time) (rec *store.Submission, dup bool, err error)
-	ReleaseSubmission(ctx context.Context, id int64, verify string, w store.Work) (released bool, err error)
-	DropSubmission(ctx context.Context, id int64, verify string) (dropped bool, err error)
-	PendingSubmissions(ctx context.Context, before time.Time) ([]*store.Submission, error)
+	store.Submissions
 	SetDeliveryControl(ctx context.Context, addr uint32, c store.DeliveryControl) error
 	QueuedDeliveries(ctx context.Context, addr uint32) ([]store.DeliveryInfo, error)
 	DeliveryStatus(ctx context.Context, addr uint32, messageID string) (uint8, error)

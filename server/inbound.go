@@ -35,8 +35,8 @@ type receiver struct {
 
 // inboundStore is the part of the store inbound mail uses.
 type inboundStore interface {
+	store.Enqueuer
 	NextMessageNumber(ctx context.Context, t time.Time) (uint32, error)
-	Enqueue(ctx context.Context, w store.Work) error
 }
 
 // Recipient accepts device addresses (number@domain for the EMSD domains,

@@ -39,9 +39,8 @@ type relayWorker struct {
 
 // relayStore is the part of the store the relay worker uses.
 type relayStore interface {
-	ClaimRelays(ctx context.Context, now time.Time, limit int) ([]*store.RelayBatch, error)
-	FinishRelays(ctx context.Context, rs []store.RelayResult, w store.Work) error
-	ExpiredRelays(ctx context.Context, now time.Time, limit int) ([]*store.RelayBatch, error)
+	store.Relays
+	// NextDue is when the next entry falls due (the worker's wake-up).
 	NextDue(ctx context.Context, after time.Time) (t time.Time, ok bool, err error)
 }
 

@@ -111,12 +111,14 @@ type Server struct {
 	hostname string
 	now      func() time.Time // the failed-authentication limiter's clock
 
-	devs     *registrar   // the device registry with authentication
-	contacts *contactBook // where devices are heard from
-	perf     *performer   // the EMSD operations devices invoke
-	rep      *reporter    // reports and DSNs on outcomes
-	inbound  *receiver    // Internet mail for devices
-	relay    *relayWorker // Internet mail to the smarthost
+	devs      *registrar    // the device registry with authentication
+	pollReset chan struct{} // store.registry_poll changed
+	contacts  *contactBook  // where devices are heard from
+	perf      *performer    // the EMSD operations devices invoke
+	rep       *reporter     // reports and DSNs on outcomes
+	inbound   *receiver     // Internet mail for devices
+	relay     *relayWorker  // Internet mail to the smarthost
+	metrics   *metrics
 
 	dtls    *dtlsService // nil when dtls.listen is off
 	ep      *esro.Endpoint
@@ -127,13 +129,11 @@ type Server struct {
 	adminLn net.Listener
 
 	// The delivery scheduler (deliver.go).
-	seq       emsd.SequenceCounter
-	sched     sched
-	pace      pacer
-	rescan    time.Duration // full rescan period of the scheduler
-	pollReset chan struct{} // store.registry_poll changed
-	metrics   *metrics
-	out       *outcomes // outcome writes and the entries held in flight (outcomes.go)
+	seq    emsd.SequenceCounter
+	sched  sched
+	pace   pacer
+	rescan time.Duration // full rescan period of the scheduler
+	out    *outcomes     // outcome writes and the entries held in flight (outcomes.go)
 
 	// ctx lives until Close: handlers and recording outcomes use it.
 	// loopCtx ends the background loops at shutdown; dctx ends deliveries
