@@ -16,6 +16,7 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/esro/esrodtls"
+	"github.com/esro-emsdp/emsdp/server/internal/authlimit"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -95,7 +96,7 @@ type dtlsService struct {
 	reachable func(emsd.Address)
 
 	mu    sync.Mutex
-	limit failBuckets[srcKey]
+	limit authlimit.Buckets[authlimit.Key]
 	epoch time.Time
 	// polls is the session each device last polled over (delivery
 	// control): where it receives, as a plain contact heard in a poll.
@@ -171,7 +172,7 @@ func newDTLSService(cfg *Config, ecfg *esro.Config, log *slog.Logger, devs *regi
 		devs:      devs,
 		perf:      perf,
 		reachable: reachable,
-		limit:     newFailBuckets[srcKey](cfg.DTLS.HandshakesBurst, cfg.DTLS.HandshakesRate, cfg.EMSD.AuthFailuresTracked),
+		limit:     authlimit.NewBuckets[authlimit.Key](cfg.DTLS.HandshakesBurst, cfg.DTLS.HandshakesRate, cfg.EMSD.AuthFailuresTracked),
 		epoch:     time.Now(),
 	}
 	conn, err := esrodtls.Listen("udp", cfg.DTLS.Listen, esrodtls.Config{
@@ -214,11 +215,11 @@ func (d *dtlsService) allow(src netip.AddrPort) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	now := int64(time.Since(d.epoch))
-	k := sourceOf(src.Addr())
-	if d.limit.over(k, now, 0) {
+	k := authlimit.Source(src.Addr())
+	if d.limit.Over(k, now, 0) {
 		return false
 	}
-	d.limit.fail(k, now)
+	d.limit.Fail(k, now)
 	return true
 }
 

@@ -10,6 +10,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/server/internal/authlimit"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -28,8 +29,8 @@ var (
 
 // pwCache remembers, per device, the last password that matched its
 // hash, so that bcrypt (tens of milliseconds by design) runs once per
-// device and password rather than once per operation. The authLimiter
-// decides when bcrypt may run.
+// device and password rather than once per operation. The registrar's
+// authlimit.Limiter decides when bcrypt may run.
 type pwCache struct {
 	mu sync.Mutex
 	ok map[emsd.Address][32]byte
@@ -75,7 +76,7 @@ func (c *pwCache) verify(d *device, pw string) bool {
 // without a security element cannot carry one). A device identified by
 // its credentials alone but without a password must also come from its
 // registered IP address. Password checks go through g.auth, the
-// failed-authentication limits (see authLimiter for why a limited source
+// failed-authentication limits (see authlimit.Limiter for why a limited source
 // is refused even the password pwCache holds).
 //
 // A device the registry does not know may have been added a moment ago:
@@ -145,31 +146,31 @@ func (g *registrar) identifyIn(ctx context.Context, r *registry, peer netip.Addr
 			pw = sec.Password
 		}
 		// The cache answers only for sources and devices within their
-		// limits; bcrypt waits for its turn (authLimiter.check), and the
+		// limits; bcrypt waits for its turn (authlimit.Limiter.Check), and the
 		// cache is asked again then, as a check of the same password
 		// that ran meanwhile may have filled it.
 		byDevice := d.ap.Addr() != peer.Addr()
-		limit := g.auth.over(peer.Addr(), d.addr, byDevice)
+		limit := g.auth.Over(peer.Addr(), d.addr, byDevice)
 		if limit == "" && g.pw.cached(d, pw) {
 			return d, true, nil
 		}
 		var ok bool
 		var err error
 		if limit == "" {
-			ok, limit, err = g.auth.check(ctx, peer.Addr(), d.addr, byDevice, func() bool {
+			ok, limit, err = g.auth.Check(ctx, peer.Addr(), d.addr, byDevice, func() bool {
 				return g.pw.cached(d, pw) || g.pw.verify(d, pw)
 			})
 		}
 		switch {
 		case limit != "":
 			g.authLimited.WithLabelValues(limit).Inc()
-			if n, warn := g.auth.refused(); warn {
+			if n, warn := g.auth.Refused(); warn {
 				g.log.Warn("authentications refused unchecked: too many failed authentications",
-					"limit", limit, "source", sourceOf(peer.Addr()).String(), "device", d.addr, "refused_since_last_warning", n)
+					"limit", limit, "source", authlimit.Source(peer.Addr()).String(), "device", d.addr, "refused_since_last_warning", n)
 			}
 			return nil, false, errAuthLimited
-		case errors.Is(err, errAuthQueueFull):
-			g.authLimited.WithLabelValues(limitQueue).Inc()
+		case errors.Is(err, authlimit.ErrQueueFull):
+			g.authLimited.WithLabelValues(authlimit.LimitQueue).Inc()
 			return nil, false, errAuthBusy
 		case err != nil:
 			return nil, false, fmt.Errorf("%w: %w", errAuthBusy, err)

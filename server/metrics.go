@@ -12,6 +12,7 @@ import (
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/internal/buildinfo"
+	"github.com/esro-emsdp/emsdp/server/internal/authlimit"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -131,7 +132,7 @@ func newMetrics() *metrics {
 	}
 	for vec, labels := range map[*prometheus.CounterVec][]string{m.submissions: submitResults, m.verifies: verifyVerdicts,
 		m.deliveries: deliverOutcomes, m.reports: reportKinds, m.inbound: inboundResults, m.relay: relayOutcomes,
-		m.authLimited: {limitSource, limitDevice}} {
+		m.authLimited: {authlimit.LimitSource, authlimit.LimitDevice}} {
 		for _, l := range labels {
 			vec.WithLabelValues(l)
 		}

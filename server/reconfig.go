@@ -95,7 +95,7 @@ func (s *Server) Reconfigure(next *Config) (restart []string, err error) {
 		}
 	}
 	if !authLimitsEqual(cur.cfg.EMSD, merged.EMSD) {
-		s.devs.auth.setLimits(merged.EMSD)
+		s.devs.auth.SetLimits(merged.EMSD.authLimits())
 	}
 	s.live.Store(&liveConfig{cfg: merged, relay: s.newRelay(merged)})
 	if s.level != nil {
@@ -173,11 +173,7 @@ func liveFrom(run, next *Config, level, tls bool) *Config {
 	return m
 }
 
-func authLimitsEqual(a, b EMSDConfig) bool {
-	return a.AuthFailuresBurst == b.AuthFailuresBurst && a.AuthFailuresRate == b.AuthFailuresRate &&
-		a.DeviceAuthFailuresBurst == b.DeviceAuthFailuresBurst && a.DeviceAuthFailuresRate == b.DeviceAuthFailuresRate &&
-		a.AuthFailuresTracked == b.AuthFailuresTracked && a.AuthQueue == b.AuthQueue && a.AuthWorkers == b.AuthWorkers
-}
+func authLimitsEqual(a, b EMSDConfig) bool { return a.authLimits() == b.authLimits() }
 
 // diffKeys names the keys ("relay.smarthost") whose values differ between
 // a and b, in the order of Config.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/mailconv"
+	"github.com/esro-emsdp/emsdp/server/internal/authlimit"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -59,7 +60,7 @@ type registrar struct {
 	recheck   sync.Mutex
 	recheckAt time.Time
 	pw        pwCache
-	auth      *authLimiter
+	auth      *authlimit.Limiter
 }
 
 // current is the registry as last loaded.

@@ -38,6 +38,7 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/gateway"
+	"github.com/esro-emsdp/emsdp/server/internal/authlimit"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/store/open"
 )
@@ -83,7 +84,7 @@ func (e *ListenError) Unwrap() error { return e.Err }
 // files with the part of the store it uses (docs/design.md, "server"):
 //
 //   - registrar: the device registry with authentication (registrar.go,
-//     registry.go, identify.go, authlimit.go);
+//     registry.go, identify.go; the limits in internal/authlimit);
 //   - contactBook: where devices are heard from (contact.go);
 //   - performer: the EMSD operations devices invoke (handlers.go,
 //     submit.go, segments.go, release.go);
@@ -249,7 +250,7 @@ func (s *Server) openStore(ctx context.Context, cfg *Config, given store.Store) 
 func (s *Server) wire(cfg *Config) {
 	s.devs = &registrar{st: s.st, log: s.log, watch: s, domains: cfg.domains(), ctx: s.loopCtx,
 		ipOnly:  func() bool { return s.conf().Compat.IPOnlyIdentification },
-		devices: s.metrics.devices, authLimited: s.metrics.authLimited, auth: newAuthLimiter(cfg.EMSD, s.now)}
+		devices: s.metrics.devices, authLimited: s.metrics.authLimited, auth: authlimit.New(cfg.EMSD.authLimits(), s.now)}
 	s.contacts = &contactBook{st: s.st, log: s.log, conf: s.conf, ctx: s.ctx, changes: s.metrics.addressChanges,
 		reachable: func(a emsd.Address) { s.touch(a, true) }}
 	s.rep = &reporter{st: s.st, log: s.log, metrics: s.metrics, conf: s.conf, devs: s.devs,
@@ -262,7 +263,7 @@ func (s *Server) wire(cfg *Config) {
 		domain: s.domain, hostname: s.hostname}
 	s.relay = &relayWorker{st: s.st, log: s.log, metrics: s.metrics, live: s.live.Load, sched: s, out: s, held: s.out,
 		kicked: make(chan struct{}, 1), ctx: s.loopCtx, dctx: s.dctx}
-	s.metrics.reg.MustRegister(s.devs.auth.collectors()...)
+	s.metrics.reg.MustRegister(s.devs.auth.Collectors()...)
 	s.metrics.reg.MustRegister(s.out.collectors()...)
 	s.metrics.reg.MustRegister(newStoreCollector(s.st))
 }
