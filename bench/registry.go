@@ -158,7 +158,7 @@ func registryWritePostgres(ctx context.Context, n int) (Result, error) {
 	if err != nil {
 		return r, err
 	}
-	db, err := postgres.Open(ctx, pg.DSN(name))
+	db, err := postgres.Open(ctx, pg.Conninfo(name))
 	if err != nil {
 		return r, err
 	}

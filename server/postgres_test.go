@@ -30,7 +30,7 @@ func TestPostgresEndToEnd(t *testing.T) {
 	t.Cleanup(func() { cluster.DropDatabase(context.Background(), name) })
 	host := startSmarthost(t, "")
 	c := testConfig(t)
-	c.Store.Driver, c.Store.Conninfo = StorePostgres, cluster.DSN(name)
+	c.Store.Driver, c.Store.Conninfo = StorePostgres, cluster.Conninfo(name)
 	c.Data = filepath.Join(t.TempDir(), "unused")
 	c.Relay.Smarthost = host.addr
 	s, err := Start(context.Background(), c, Options{Logger: testLogger(t)})

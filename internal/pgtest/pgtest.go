@@ -257,8 +257,8 @@ func isNotRunning(err error) bool {
 	return errors.As(err, &ee) && ee.ExitCode() == 1
 }
 
-// DSN returns the key=value connection string of database db.
-func (s *Server) DSN(db string) string {
+// Conninfo returns the key=value connection string of database db.
+func (s *Server) Conninfo(db string) string {
 	return fmt.Sprintf("host=%s port=%d user=%s dbname=%s sslmode=disable", s.sock, port, Superuser, db)
 }
 
@@ -283,7 +283,7 @@ func (s *Server) DropDatabase(ctx context.Context, name string) error {
 }
 
 func (s *Server) admin(ctx context.Context, sql string) error {
-	c, err := pgx.Connect(ctx, s.DSN("postgres"))
+	c, err := pgx.Connect(ctx, s.Conninfo("postgres"))
 	if err != nil {
 		return fmt.Errorf("pgtest: connect: %w", err)
 	}
@@ -295,7 +295,7 @@ func (s *Server) admin(ctx context.Context, sql string) error {
 }
 
 // NewDatabase creates a database for one test and drops it when the test
-// ends; it returns the key=value DSN.
+// ends; it returns the key=value connection string (conninfo).
 func (s *Server) NewDatabase(tb testing.TB) string {
 	tb.Helper()
 	name, err := s.CreateDatabase(context.Background())
@@ -307,7 +307,7 @@ func (s *Server) NewDatabase(tb testing.TB) string {
 			tb.Error(err)
 		}
 	})
-	return s.DSN(name)
+	return s.Conninfo(name)
 }
 
 // Log returns the end of the server log (for failure messages).

@@ -33,7 +33,7 @@ func helperStart() int {
 		fmt.Println("error:", err)
 		return 1
 	}
-	fmt.Println("started", s.dir, s.DSN("postgres"))
+	fmt.Println("started", s.dir, s.Conninfo("postgres"))
 	select {} // until killed
 }
 
@@ -123,7 +123,7 @@ func TestServer(t *testing.T) {
 		t.Fatalf("databases %v", dbs)
 	}
 	// Dropped at the end of the subtest.
-	c, err := pgx.Connect(ctx, s.DSN("postgres"))
+	c, err := pgx.Connect(ctx, s.Conninfo("postgres"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,7 +137,7 @@ func TestServer(t *testing.T) {
 	}
 
 	// A crash-style restart keeps committed data and cuts sessions.
-	c, err = pgx.Connect(ctx, s.DSN("postgres"))
+	c, err = pgx.Connect(ctx, s.Conninfo("postgres"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +151,7 @@ func TestServer(t *testing.T) {
 		t.Error("session survived the restart")
 	}
 	c.Close(ctx)
-	c, err = pgx.Connect(ctx, s.DSN("postgres"))
+	c, err = pgx.Connect(ctx, s.Conninfo("postgres"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,14 +165,14 @@ func TestServer(t *testing.T) {
 	if err := s.Halt(ctx, true); err != nil {
 		t.Fatal(err)
 	}
-	if c, err := pgx.Connect(ctx, s.DSN("postgres")); err == nil {
+	if c, err := pgx.Connect(ctx, s.Conninfo("postgres")); err == nil {
 		c.Close(ctx)
 		t.Error("a halted server answers")
 	}
 	if err := s.Resume(ctx); err != nil {
 		t.Fatal(err)
 	}
-	c, err = pgx.Connect(ctx, s.DSN("postgres"))
+	c, err = pgx.Connect(ctx, s.Conninfo("postgres"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +187,7 @@ func TestServer(t *testing.T) {
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		t.Errorf("directory left behind: %v", err)
 	}
-	if _, err := pgx.Connect(ctx, s.DSN("postgres")); err == nil {
+	if _, err := pgx.Connect(ctx, s.Conninfo("postgres")); err == nil {
 		t.Error("server still answers after Stop")
 	}
 }

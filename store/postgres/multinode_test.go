@@ -319,7 +319,7 @@ func TestOwnership(t *testing.T) {
 	_, err = a.ClaimRelays(ctx, t0, 10)
 	mustT(t, err)
 	// Several sweeps of a third server pass: live work is never swept up.
-	third := openDSN(t, dsn)
+	third := openConninfo(t, dsn)
 	time.Sleep(10 * testConfig.keepEvery)
 	mustT(t, third.Close())
 
@@ -589,9 +589,9 @@ func TestServerKilled(t *testing.T) {
 func TestConnectionsCut(t *testing.T) {
 	ctx := context.Background()
 	dsn := cluster.NewDatabase(t)
-	a := openDSN(t, dsn+" application_name=cut")
+	a := openConninfo(t, dsn+" application_name=cut")
 	defer a.Close()
-	b := openDSN(t, dsn)
+	b := openConninfo(t, dsn)
 	defer b.Close()
 	var mu sync.Mutex
 	var ok []uint32

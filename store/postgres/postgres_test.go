@@ -53,7 +53,7 @@ func TestMain(m *testing.M) {
 // testConfig is Open's, with a fast node keeper.
 var testConfig = config{version: len(migrations), keepEvery: 50 * time.Millisecond}
 
-func openDSN(t testing.TB, dsn string) *DB {
+func openConninfo(t testing.TB, dsn string) *DB {
 	t.Helper()
 	db, err := open(context.Background(), dsn, testConfig)
 	if err != nil {
@@ -66,7 +66,7 @@ func openDSN(t testing.TB, dsn string) *DB {
 // before the test ends (the database is dropped then).
 func openTemp(t testing.TB) *DB {
 	t.Helper()
-	return openDSN(t, cluster.NewDatabase(t))
+	return openConninfo(t, cluster.NewDatabase(t))
 }
 
 func TestConformance(t *testing.T) {
@@ -103,7 +103,7 @@ func delivery(addr uint32, id string) store.NewDelivery {
 func TestReopen(t *testing.T) {
 	storetest.Reopen(t, func(t *testing.T) (store.Store, func(*testing.T) store.Store) {
 		dsn := cluster.NewDatabase(t)
-		open := func(t *testing.T) store.Store { return openDSN(t, dsn) }
+		open := func(t *testing.T) store.Store { return openConninfo(t, dsn) }
 		return open(t), open
 	})
 }
@@ -119,7 +119,7 @@ func TestOpenExistingAndReadOnly(t *testing.T) {
 			t.Fatalf("%+v on an empty database: %v, want ErrNoStore", o, err)
 		}
 	}
-	rw := openDSN(t, dsn)
+	rw := openConninfo(t, dsn)
 	defer rw.Close()
 	if v, err := rw.SchemaVersion(ctx); err != nil || v != len(migrations) {
 		t.Fatalf("schema %d %v", v, err)
@@ -172,7 +172,7 @@ func TestMigrations(t *testing.T) {
 	}
 	mustT(t, db.Close())
 
-	db = openDSN(t, dsn)
+	db = openConninfo(t, dsn)
 	if v, _ := db.SchemaVersion(ctx); v != len(migrations) {
 		t.Errorf("version %d, want %d", v, len(migrations))
 	}
@@ -194,7 +194,7 @@ func TestMigrations(t *testing.T) {
 	mustT(t, db.Close())
 
 	// Reopening applies nothing twice.
-	db = openDSN(t, dsn)
+	db = openConninfo(t, dsn)
 	var rows int
 	mustT(t, db.pool.QueryRow(ctx, `SELECT COUNT(*) FROM schema_version`).Scan(&rows))
 	if rows != len(migrations) {
@@ -235,7 +235,7 @@ func TestDSN(t *testing.T) {
 	name, err := cluster.CreateDatabase(ctx)
 	mustT(t, err)
 	defer cluster.DropDatabase(ctx, name)
-	for _, dsn := range []string{cluster.DSN(name), cluster.URL(name)} {
+	for _, dsn := range []string{cluster.Conninfo(name), cluster.URL(name)} {
 		db, err := Open(ctx, dsn)
 		if err != nil {
 			t.Fatalf("%s: %v", dsn, err)
@@ -244,21 +244,21 @@ func TestDSN(t *testing.T) {
 		mustT(t, db.Close())
 	}
 	for _, dsn := range []string{"postgres://%zz", "host=/nonexistent/dir dbname=x connect_timeout=2",
-		cluster.DSN(name) + " search_path=nosuchschema"} {
+		cluster.Conninfo(name) + " search_path=nosuchschema"} {
 		if db, err := Open(ctx, dsn); err == nil {
 			db.Close()
 			t.Errorf("%q accepted", dsn)
 		}
 	}
 
-	admin, err := pgx.Connect(ctx, cluster.DSN(name))
+	admin, err := pgx.Connect(ctx, cluster.Conninfo(name))
 	mustT(t, err)
 	_, err = admin.Exec(ctx, `CREATE SCHEMA a; CREATE SCHEMA b`)
 	admin.Close(ctx)
 	mustT(t, err)
-	a := openDSN(t, cluster.DSN(name)+" search_path=a")
+	a := openConninfo(t, cluster.Conninfo(name)+" search_path=a")
 	defer a.Close()
-	b := openDSN(t, cluster.URL(name)+"&search_path=b")
+	b := openConninfo(t, cluster.URL(name)+"&search_path=b")
 	defer b.Close()
 	if a.keys == b.keys {
 		t.Error("schemas share advisory lock keys")
@@ -281,12 +281,12 @@ func TestSessionSettings(t *testing.T) {
 	name, err := cluster.CreateDatabase(ctx)
 	mustT(t, err)
 	defer cluster.DropDatabase(ctx, name)
-	admin, err := pgx.Connect(ctx, cluster.DSN(name))
+	admin, err := pgx.Connect(ctx, cluster.Conninfo(name))
 	mustT(t, err)
 	_, err = admin.Exec(ctx, `ALTER DATABASE `+name+` SET synchronous_commit = off`)
 	admin.Close(ctx)
 	mustT(t, err)
-	db := openDSN(t, cluster.DSN(name))
+	db := openConninfo(t, cluster.Conninfo(name))
 	defer db.Close()
 	for _, tc := range []struct{ name, want string }{
 		{"synchronous_commit", "on"},
