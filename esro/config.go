@@ -146,7 +146,8 @@ type Config struct {
 	// itself by answering an invocation this endpoint sent it, or when
 	// the handler calls Prove (after checking a password, say). QUIC
 	// allows 3 (RFC 9000 §8.1). Zero: 1. Negative: no limit, as the
-	// reference.
+	// reference. On an AuthenticatedConn every source is proven, so
+	// neither this nor the unproven caps below apply.
 	AmplificationFactor float64
 
 	// ProvenFor is how long a proven source stays proven after its last
@@ -190,6 +191,10 @@ type Config struct {
 	// (out true), with the peer's address. pdu must not be retained. It
 	// is called from several goroutines at once. Nil: no tracing.
 	Trace func(out bool, peer netip.AddrPort, pdu []byte)
+
+	// peersAuthenticated is set by NewEndpoint on an AuthenticatedConn:
+	// every source counts as proven (hostile.go).
+	peersAuthenticated bool
 }
 
 // Validate reports whether c can configure an Endpoint.

@@ -98,12 +98,14 @@ func Listen(network, address string, cfg *Config) (*Endpoint, error) {
 // (a UDP socket, or an in-memory network in tests). On Linux a
 // *net.UDPConn itself is read with recvmmsg and written with sendmmsg, so
 // that datagrams queued at a busy socket cost one system call together;
-// wrapped or other connections are used through their methods.
+// wrapped or other connections are used through their methods. On an
+// AuthenticatedConn every source counts as proven.
 func NewEndpoint(conn net.PacketConn, cfg *Config) (*Endpoint, error) {
 	c, err := cfg.resolved()
 	if err != nil {
 		return nil, err
 	}
+	c.peersAuthenticated = peersAuthenticated(conn)
 	e := &Endpoint{conn: conn, log: c.Logger, trace: c.Trace, closed: make(chan struct{}), work: make(chan task)}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	e.fast, _ = conn.(udpAddrPortConn)

@@ -3,6 +3,7 @@ package esro
 import (
 	"bytes"
 	"hash/maphash"
+	"net"
 	"net/netip"
 	"time"
 )
@@ -36,6 +37,9 @@ import (
 //     the table's own, for T_ref after the last duplicate, at most
 //     Config.MaxTombstones of them (the oldest go first). It keeps duplicates from being performed
 //     twice without holding an in-flight slot or a handler.
+//   - On an AuthenticatedConn (DTLS sessions) the transport has proven
+//     every peer before any of its datagrams reaches the endpoint: every
+//     source is proven, and none of the above applies.
 type hostileState struct {
 	proven map[netip.AddrPort]int64 // proven until, machine clock
 
@@ -84,7 +88,34 @@ func (m *machine) isProven(now time.Time, a netip.AddrPort) bool {
 }
 
 // provenUntil is when a's proof runs out (machine clock; 0: never proven).
-func (m *machine) provenUntil(a netip.AddrPort) int64 { return m.hostile.proven[a] }
+func (m *machine) provenUntil(a netip.AddrPort) int64 {
+	if m.cfg.peersAuthenticated {
+		return maxClock
+	}
+	return m.hostile.proven[a]
+}
+
+// AuthenticatedConn is a net.PacketConn whose peers prove their address
+// and identity beneath ESRO before any of their datagrams is read, as the
+// DTLS sessions of an esrodtls.Conn do (a cookie exchange and a key). An
+// Endpoint on one counts every source as proven: a forged source address
+// cannot reach it, so the amplification limit and the unproven caps would
+// only hold genuine peers back (every session from one address sharing
+// the per-address cap, INVOKEs beyond it waiting a retransmission
+// interval).
+type AuthenticatedConn interface {
+	net.PacketConn
+	// PeersAuthenticated reports whether every datagram ReadFrom returns
+	// comes from an authenticated peer.
+	PeersAuthenticated() bool
+}
+
+// peersAuthenticated reports whether conn is an AuthenticatedConn that
+// vouches for its peers.
+func peersAuthenticated(conn net.PacketConn) bool {
+	ac, ok := conn.(AuthenticatedConn)
+	return ok && ac.PeersAuthenticated()
+}
 
 // prove marks a as proven for Config.ProvenFor.
 func (m *machine) prove(now time.Time, a netip.AddrPort) {

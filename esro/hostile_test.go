@@ -258,3 +258,31 @@ func TestReplyProves(t *testing.T) {
 		t.Fatal("still proven after ProvenFor")
 	}
 }
+
+// On an AuthenticatedConn every source is proven: no unproven cap drops
+// its INVOKEs, however many come from one address, and replies are not
+// held to what it sent.
+func TestAuthenticatedPeersProven(t *testing.T) {
+	h := newHarness(t, func(c *Config) {
+		c.MaxUnproven, c.MaxUnprovenPerPrefix, c.MaxUnprovenPerAddr = 1, 1, 1
+		c.peersAuthenticated = true
+	})
+	h.bind(13, ThreeWay)
+	for i := range 10 {
+		h.m.receive(h.now, []byte{0xd0, byte(i), 2}, netip.AddrPortFrom(stranger.Addr(), uint16(2000+i)))
+	}
+	if len(h.started) != 10 {
+		t.Fatalf("%d of 10 INVOKEs started", len(h.started))
+	}
+	if s := h.st.snapshot(); s.Drops[DropUnprovenLimit] != 0 || s.InFlightUnproven != 0 {
+		t.Fatalf("drops %d, unproven %d", s.Drops[DropUnprovenLimit], s.InFlightUnproven)
+	}
+	h.expect()
+	h.m.answer(h.now, h.started[0], false, 1, 0, []byte("a reply longer than its INVOKE"))
+	if len(h.sent()) != 1 {
+		t.Fatal("reply withheld")
+	}
+	if s := h.st.snapshot(); s.Withheld != 0 {
+		t.Fatalf("withheld %d", s.Withheld)
+	}
+}
