@@ -193,7 +193,7 @@ func newDTLSService(cfg *Config, ecfg *esro.Config, log *slog.Logger, devs *regi
 		return nil, err
 	}
 	d.conn = conn
-	if d.ep, err = esro.NewEndpoint(conn, esrodtls.EndpointConfig(ecfg)); err != nil {
+	if d.ep, err = esro.NewEndpoint(conn, ecfg); err != nil {
 		conn.Close()
 		return nil, err
 	}

@@ -211,7 +211,7 @@ func TestDTLSDeliveryFollowsPoll(t *testing.T) {
 			return "198.036", key, nil
 		}, Logger: slog.New(slog.DiscardHandler)})
 		must(t, err)
-		ep, err := esro.NewEndpoint(cc, esrodtls.EndpointConfig(&esro.Config{Timers: fastTimers, Logger: slog.New(slog.DiscardHandler)}))
+		ep, err := esro.NewEndpoint(cc, &esro.Config{Timers: fastTimers, Logger: slog.New(slog.DiscardHandler)})
 		must(t, err)
 		t.Cleanup(func() { ep.Close() })
 		c, err := ua.New(ep, ua.Config{Server: s.Addrs().DTLS, Address: 198036, Handler: h, Logger: slog.New(slog.DiscardHandler)})

@@ -243,7 +243,7 @@ func (env *cmdEnv) esroEndpoint(key []byte, dcfg esrodtls.Config, identity strin
 	if err != nil {
 		return nil, nil, err
 	}
-	ep, err := esro.NewEndpoint(conn, esrodtls.EndpointConfig(cfg))
+	ep, err := esro.NewEndpoint(conn, cfg)
 	if err != nil {
 		conn.Close()
 		return nil, nil, err

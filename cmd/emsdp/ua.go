@@ -120,7 +120,7 @@ func (d *uaDevice) start(env *cmdEnv, ecfg *esro.Config, cfg ua.Config) (*esro.E
 			return nil, nil, err
 		}
 		d.conn = conn
-		if ep, err = esro.NewEndpoint(conn, esrodtls.EndpointConfig(ecfg)); err != nil {
+		if ep, err = esro.NewEndpoint(conn, ecfg); err != nil {
 			conn.Close()
 			return nil, nil, err
 		}

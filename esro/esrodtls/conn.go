@@ -1,7 +1,8 @@
 // Package esrodtls carries ESRO over DTLS 1.2 with pre-shared keys
 // (RFC 7925 profile), as a net.PacketConn that an esro.Endpoint runs on
 // unchanged: each ESRO PDU is the payload of one DTLS application-data
-// record, and the engine's state machines know nothing of the security layer.
+// record, and the engine's state machines know nothing of the security layer
+// beyond what PeersAuthenticated tells them: every peer proved itself.
 //
 // One Conn holds many DTLS sessions. Each session appears to the engine as
 // one peer address: the address the session's handshake came from (server
@@ -263,24 +264,13 @@ func (c *Conn) SetReadDeadline(t time.Time) error { c.rdl.Store(&t); return nil 
 // the peer.
 func (c *Conn) SetWriteDeadline(time.Time) error { return nil }
 
-var _ net.PacketConn = (*Conn)(nil)
+// PeersAuthenticated is true: ReadFrom returns only what came in a
+// session's authenticated records, and a session exists only once its peer
+// completed the handshake with a key, which takes answers received at its
+// address. An esro.Endpoint on a Conn therefore counts every peer as proven
+// (esro.AuthenticatedConn): the engine's defences against forged source
+// addresses would only hold back genuine sessions, all those from one
+// address sharing one address's cap.
+func (c *Conn) PeersAuthenticated() bool { return true }
 
-// EndpointConfig returns a copy of cfg for an esro.Endpoint on a Conn:
-// the engine's defences against reflection from forged source addresses
-// (the amplification limit and the caps on unproven sources) are off,
-// since every peer of a Conn proved its address in the handshake's
-// cookie exchange and holds the key; records from anyone else never reach
-// the engine. Everything else is cfg's.
-func EndpointConfig(cfg *esro.Config) *esro.Config {
-	var c esro.Config
-	if cfg != nil {
-		c = *cfg
-	}
-	c.AmplificationFactor = -1
-	limit := c.MaxInvocations
-	if limit <= 0 {
-		limit = 65536
-	}
-	c.MaxUnproven, c.MaxUnprovenPerPrefix, c.MaxUnprovenPerAddr = limit, limit, limit
-	return &c
-}
+var _ esro.AuthenticatedConn = (*Conn)(nil)

@@ -32,7 +32,7 @@ func keys(id string) ([]byte, error) {
 	return nil, ErrUnknownIdentity
 }
 
-func listen(t *testing.T, cfg Config) *Conn {
+func listen(t testing.TB, cfg Config) *Conn {
 	t.Helper()
 	if cfg.PSK == nil {
 		cfg.PSK = keys
