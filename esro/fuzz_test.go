@@ -1,6 +1,7 @@
 package esro
 
 import (
+	"fmt"
 	"net/netip"
 	"testing"
 	"time"
@@ -53,7 +54,7 @@ func FuzzReceive(f *testing.F) {
 				hs := TwoWay + Handshake(arg&1)
 				h.m.invoke(h.now, &Request{To: peers[arg>>7], SAP: arg & 15, Handshake: hs, Data: []byte{arg}}, peers[arg>>7])
 			case 5: // abandon an invoker
-				for _, inv := range h.m.invokers {
+				for _, inv := range h.m.invokerMap() {
 					h.m.abandon(h.now, inv, nil)
 					break
 				}
@@ -62,7 +63,7 @@ func FuzzReceive(f *testing.F) {
 					h.m.proveInvocation(h.now, h.started[int(arg)%len(h.started)])
 				}
 			case 7: // an ICMP error quoting an INVOKE sent
-				for _, inv := range h.m.invokers {
+				for _, inv := range h.m.invokerMap() {
 					if len(inv.kept) > 0 {
 						h.m.unreachable(h.now, icmpReport{to: inv.addr, payload: inv.kept[:min(int(arg), len(inv.kept))]})
 					}
@@ -79,7 +80,8 @@ func checkInvariants(t *testing.T, m *machine) {
 	t.Helper()
 	held := map[netip.AddrPort]int{}
 	perf := map[netip.AddrPort]int{}
-	for k, inv := range m.invokers {
+	invokers, performers := m.invokerMap(), m.performerMap()
+	for k, inv := range invokers {
 		if inv.perf || inv.key != k || inv.st < stInvokeSent || inv.st > stInvokerRefWait {
 			t.Fatalf("bad invoker %+v", inv)
 		}
@@ -88,7 +90,7 @@ func checkInvariants(t *testing.T, m *machine) {
 		}
 		held[k.peer]++
 	}
-	for k, inv := range m.performers {
+	for k, inv := range performers {
 		if !inv.perf || inv.key != k || inv.st < stInvokeReceived {
 			t.Fatalf("bad performer %+v", inv)
 		}
@@ -100,7 +102,7 @@ func checkInvariants(t *testing.T, m *machine) {
 		}
 	}
 	perIP := map[netip.Addr]int{}
-	for _, inv := range m.performers {
+	for _, inv := range performers {
 		perIP[inv.addr.Addr()]++
 	}
 	for a, n := range perIP {
@@ -112,7 +114,7 @@ func checkInvariants(t *testing.T, m *machine) {
 		t.Fatal("stale per-address counts")
 	}
 	unproven, unIP, unPfx := 0, map[netip.Addr]int{}, map[netip.Prefix]int{}
-	for _, inv := range m.performers {
+	for _, inv := range performers {
 		if inv.unproven {
 			unproven++
 			unIP[inv.addr.Addr()]++
@@ -138,14 +140,17 @@ func checkInvariants(t *testing.T, m *machine) {
 		t.Fatalf("%d tombstones", len(hs.tombs))
 	}
 	for k, tb := range hs.tombs {
-		if m.performers[k] != nil || tb.dead || tb.key != k || len(tb.kept) < 3 {
+		if performers[k] != nil || tb.dead || tb.key != k || len(tb.kept) < 3 {
 			t.Fatalf("tombstone %+v", tb)
 		}
+	}
+	if m.ninv != len(invokers) || m.nperf != len(performers) {
+		t.Fatalf("counted %d/%d invocations, tables %d/%d", m.ninv, m.nperf, len(invokers), len(performers))
 	}
 	if m.total() > m.cfg.MaxInvocations {
 		t.Fatalf("%d invocations over the cap", m.total())
 	}
-	if int(m.st.inflightInv.Load()) != len(m.invokers) || int(m.st.inflightPerf.Load()) != len(m.performers) {
+	if int(m.st.inflightInv.Load()) != len(invokers) || int(m.st.inflightPerf.Load()) != len(performers) {
 		t.Fatal("in-flight gauges disagree with the tables")
 	}
 	for i, e := range m.timers {
@@ -170,7 +175,7 @@ func checkInvariants(t *testing.T, m *machine) {
 		}
 	}
 	active := 0
-	for _, inv := range m.invokers {
+	for _, inv := range invokers {
 		if inv.st.active() {
 			active++
 		}
@@ -178,7 +183,7 @@ func checkInvariants(t *testing.T, m *machine) {
 			t.Fatalf("invoker without a timer in %v", inv.st)
 		}
 	}
-	for _, inv := range m.performers {
+	for _, inv := range performers {
 		if inv.st.active() {
 			active++
 		}
@@ -186,4 +191,33 @@ func checkInvariants(t *testing.T, m *machine) {
 	if active != m.active {
 		t.Fatalf("active %d, counted %d", m.active, active)
 	}
+}
+
+// invokerMap and performerMap return the invocations of the peers'
+// tables by key, failing on an entry filed under the wrong peer or number
+// or counted wrongly.
+func (m *machine) invokerMap() map[invKey]*invocation { return m.roleMap(false) }
+
+func (m *machine) performerMap() map[invKey]*invocation { return m.roleMap(true) }
+
+func (m *machine) roleMap(perf bool) map[invKey]*invocation {
+	all := map[invKey]*invocation{}
+	for k, p := range m.peers {
+		t := &p.inv
+		if perf {
+			t = &p.perf
+		}
+		n := 0
+		t.each(func(inv *invocation) {
+			n++
+			if inv.key.peer != k || t.get(inv.key.ref) != inv || all[inv.key] != nil {
+				panic(fmt.Sprintf("invocation %v filed under peer %v", inv.key, k))
+			}
+			all[inv.key] = inv
+		})
+		if n != t.n {
+			panic(fmt.Sprintf("peer %v: table counts %d, holds %d", k, t.n, n))
+		}
+	}
+	return all
 }

@@ -46,7 +46,7 @@ func (m *machine) unreachable(now time.Time, r icmpReport) {
 		return
 	}
 	to := netip.AddrPortFrom(r.to.Addr().Unmap(), r.to.Port())
-	inv := m.invokers[invKey{m.peerKey(to), p[1]}]
+	inv := m.invoker(invKey{m.peerKey(to), p[1]})
 	if inv == nil || inv.st != stInvokeSent || inv.addr != to || !bytes.HasPrefix(inv.kept, p) {
 		return
 	}

@@ -100,9 +100,93 @@ type peer struct {
 	rttvar  time.Duration
 	hasRTT  bool
 	waiters []chan struct{} // Invoke calls waiting for a free reference number
+	inv     refTable        // its invoker invocations
+	perf    refTable        // its performer invocations
 	loss    lossEstimate
 }
 
 func (p *peer) idle() bool { return p.nheld == 0 && p.nperf == 0 && len(p.waiters) == 0 }
 
 func (p *peer) isHeld(r uint8) bool { return p.held[r>>6]&(1<<(r&63)) != 0 }
+
+// refTable holds one peer's invocations of one role by reference number.
+// It replaces an engine-wide map keyed by (peer, number): the peer is
+// looked up anyway, and after that finding, adding or removing an
+// invocation is an array operation, not a hash-map insertion or deletion
+// per invocation. Most peers (devices) have an invocation or two at a
+// time, which few holds without a 2 KiB array; a busier peer (a gateway,
+// a server) gets the array, kept until the table empties.
+type refTable struct {
+	n   int
+	few [4]*invocation
+	all *[256]*invocation
+}
+
+func (t *refTable) get(r uint8) *invocation {
+	if t.all != nil {
+		return t.all[r]
+	}
+	for _, inv := range t.few {
+		if inv != nil && inv.key.ref == r {
+			return inv
+		}
+	}
+	return nil
+}
+
+// put adds inv, whose number is not in t.
+func (t *refTable) put(inv *invocation) {
+	t.n++
+	if t.all == nil {
+		for i, x := range t.few {
+			if x == nil {
+				t.few[i] = inv
+				return
+			}
+		}
+		t.all = new([256]*invocation)
+		for i, x := range t.few {
+			t.all[x.key.ref] = x
+			t.few[i] = nil
+		}
+	}
+	t.all[inv.key.ref] = inv
+}
+
+// del removes inv, which is in t.
+func (t *refTable) del(inv *invocation) {
+	t.n--
+	if t.all != nil {
+		t.all[inv.key.ref] = nil
+		if t.n == 0 {
+			t.all = nil
+		}
+		return
+	}
+	for i, x := range t.few {
+		if x == inv {
+			t.few[i] = nil
+			return
+		}
+	}
+}
+
+// each calls f for every invocation in t; f may not add or remove any.
+func (t *refTable) each(f func(*invocation)) {
+	if t.n == 0 {
+		return
+	}
+	if t.all != nil {
+		for _, inv := range t.all {
+			if inv != nil {
+				f(inv)
+			}
+		}
+		return
+	}
+	for _, inv := range t.few {
+		if inv != nil {
+			f(inv)
+		}
+	}
+}

@@ -70,18 +70,18 @@ type machine struct {
 	st  *counters
 	ev  events
 
-	saps       [MaxSAP + 1]*binding
-	invokers   map[invKey]*invocation
-	performers map[invKey]*invocation
-	peers      map[netip.AddrPort]*peer
-	perfPerIP  map[netip.Addr]int // performer invocations by source address
-	hostile    hostileState
-	idlePeers  int
-	nextRef    uint8
-	timers     timerHeap   // timers of variable durations (retransmission, user response)
-	fifos      []timerFIFO // timers of fixed durations, one queue per duration
-	epoch      time.Time   // origin of the timer heap's integer deadlines
-	tokens     sync.Pool   // of chan struct{}, see invocation.done
+	saps      [MaxSAP + 1]*binding
+	ninv      int // invoker invocations, in their peers' tables
+	nperf     int // performer invocations, in their peers' tables
+	peers     map[netip.AddrPort]*peer
+	perfPerIP map[netip.Addr]int // performer invocations by source address
+	hostile   hostileState
+	idlePeers int
+	nextRef   uint8
+	timers    timerHeap   // timers of variable durations (retransmission, user response)
+	fifos     []timerFIFO // timers of fixed durations, one queue per duration
+	epoch     time.Time   // origin of the timer heap's integer deadlines
+	tokens    sync.Pool   // of chan struct{}, see invocation.done
 
 	active  int           // invocations in a state that Shutdown waits for
 	drained chan struct{} // closed when closing and active reaches 0
@@ -182,16 +182,14 @@ func newMachine(cfg Config, st *counters, ev events) *machine {
 			hold: cfg.Timers.ReferenceHold() + max(cfg.Timers.LastWait(), cfg.Timers.Inactivity()) +
 				cfg.Timers.NSDULifetime,
 		},
-		log:        cfg.Logger,
-		rng:        rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
-		st:         st,
-		ev:         ev,
-		invokers:   make(map[invKey]*invocation),
-		performers: make(map[invKey]*invocation),
-		peers:      make(map[netip.AddrPort]*peer),
-		perfPerIP:  make(map[netip.Addr]int),
-		drained:    make(chan struct{}),
-		epoch:      time.Now(),
+		log:       cfg.Logger,
+		rng:       rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
+		st:        st,
+		ev:        ev,
+		peers:     make(map[netip.AddrPort]*peer),
+		perfPerIP: make(map[netip.Addr]int),
+		drained:   make(chan struct{}),
+		epoch:     time.Now(),
 	}
 	m.hostile.init()
 	for _, q := range []struct {
@@ -254,7 +252,35 @@ func (m *machine) unuse(p *peer) {
 	}
 }
 
-func (m *machine) total() int { return len(m.invokers) + len(m.performers) }
+func (m *machine) total() int { return m.ninv + m.nperf }
+
+// invoker and performer find the invocation of key in the given role.
+func (m *machine) invoker(key invKey) *invocation {
+	if p := m.peers[key.peer]; p != nil {
+		return p.inv.get(key.ref)
+	}
+	return nil
+}
+
+func (m *machine) performer(key invKey) *invocation {
+	if p := m.peers[key.peer]; p != nil {
+		return p.perf.get(key.ref)
+	}
+	return nil
+}
+
+// eachInvocation calls f for every invocation, invokers first; f may not
+// add or remove any.
+func (m *machine) eachInvocation(invokers, performers bool, f func(*invocation)) {
+	for _, p := range m.peers {
+		if invokers {
+			p.inv.each(f)
+		}
+		if performers {
+			p.perf.each(f)
+		}
+	}
+}
 
 func (m *machine) setState(inv *invocation, s state) {
 	if inv.st.active() != s.active() {

@@ -188,7 +188,7 @@ func TestInvoker3Way(t *testing.T) {
 		h.state(inv, stReleased)
 		h.recv(resultText) // late reply after release: FAILURE(ref, 1)
 		h.expect("04 5e 01")
-		if len(h.m.invokers) != 0 || h.m.peers[h.peer].nheld != 0 {
+		if len(h.m.invokerMap()) != 0 || h.m.peers[h.peer].nheld != 0 {
 			t.Fatal("reference not released")
 		}
 	})

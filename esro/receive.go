@@ -30,7 +30,7 @@ func (m *machine) receive(now time.Time, b []byte, from netip.AddrPort) {
 	case TypeInvoke:
 		m.onInvoke(now, &p, from, key)
 	case TypeResult, TypeError:
-		inv := m.invokers[key]
+		inv := m.invoker(key)
 		if inv == nil {
 			// No invocation: the peer's reply is for a released number
 			// (docs/protocol.md ESRO §2.7 step 4).
@@ -39,7 +39,7 @@ func (m *machine) receive(now time.Time, b []byte, from netip.AddrPort) {
 		}
 		m.onReply(now, inv, &p)
 	case TypeAck:
-		inv := m.performers[key]
+		inv := m.performer(key)
 		if inv == nil && m.tombAck(key) {
 			return
 		}
@@ -57,7 +57,12 @@ func (m *machine) receive(now time.Time, b []byte, from netip.AddrPort) {
 func (m *machine) drop(r DropReason) { m.st.drops[r].Add(1) }
 
 func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKey) {
-	if inv := m.performers[key]; inv != nil {
+	pr := m.peers[key.peer]
+	var inv *invocation
+	if pr != nil {
+		inv = pr.perf.get(key.ref)
+	}
+	if inv != nil {
 		switch {
 		case inv.sap != p.SAP:
 			m.drop(DropSAPMismatch)
@@ -70,6 +75,7 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 		m.st.superseded.Add(1)
 		m.finishPerformer(inv, &Failure{Reason: Transmission, Err: ErrSuperseded})
 		m.release(inv)
+		pr = nil // release may have forgotten the peer
 	}
 	if m.tombInvoke(now, p, key) {
 		return
@@ -93,11 +99,13 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 		m.drop(DropUnprovenLimit)
 		return
 	}
-	pr := m.peerFor(key.peer)
+	if pr == nil {
+		pr = m.peerFor(key.peer)
+	}
 	m.use(pr)
 	pr.nperf++
 	m.perfPerIP[from.Addr()]++
-	inv := &invocation{
+	inv = &invocation{
 		key: key, addr: from, peer: pr, perf: true, hs: bd.hs, sap: p.SAP, hidx: -1,
 		sum: m.fingerprint(p.SAP, p.Operation, p.Encoding, p.Data),
 		call: Invocation{
@@ -117,7 +125,8 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 	if unproven {
 		m.countUnproven(inv, 1)
 	}
-	m.performers[key] = inv
+	pr.perf.put(inv)
+	m.nperf++
 	m.st.inflightPerf.Add(1)
 	m.st.invokesIn.Add(1)
 	m.setState(inv, stInvokeReceived)
@@ -219,7 +228,7 @@ func (m *machine) onAck(now time.Time, inv *invocation) {
 
 func (m *machine) onFailurePDU(now time.Time, p *PDU, key invKey) {
 	r := FailureReason(p.Value)
-	if inv := m.invokers[key]; inv != nil && inv.st == stInvokeSent {
+	if inv := m.invoker(key); inv != nil && inv.st == stInvokeSent {
 		m.proveReply(now, inv)
 		m.st.failuresIn[reasonIndex(r)].Add(1)
 		m.disarm(inv)
@@ -229,7 +238,7 @@ func (m *machine) onFailurePDU(now time.Time, p *PDU, key invKey) {
 		m.arm(inv, tRef, now, m.td.hold)
 		return
 	}
-	if inv := m.performers[key]; inv != nil && inv.st == stAckWait {
+	if inv := m.performer(key); inv != nil && inv.st == stAckWait {
 		inv.budget.earn(m.rx)
 		// The invoker no longer knows this number (it answers a reply for a
 		// released number with FAILURE): stop retransmitting.

@@ -35,7 +35,8 @@ func (m *machine) release(inv *invocation) {
 	m.disarm(inv)
 	p := inv.peer
 	if inv.perf {
-		delete(m.performers, inv.key)
+		p.perf.del(inv)
+		m.nperf--
 		if inv.unproven {
 			m.countUnproven(inv, -1)
 		}
@@ -48,7 +49,8 @@ func (m *machine) release(inv *invocation) {
 		m.st.inflightPerf.Add(-1)
 		inv.hctx.cancel(ErrInvocationEnded)
 	} else {
-		delete(m.invokers, inv.key)
+		p.inv.del(inv)
+		m.ninv--
 		r := inv.key.ref
 		p.held[r>>6] &^= 1 << (r & 63)
 		p.nheld--
@@ -91,7 +93,8 @@ func (m *machine) invoke(now time.Time, req *Request, to netip.AddrPort) (*invoc
 		return nil, nil, err
 	}
 	inv.kept, inv.done = kept, m.token()
-	m.invokers[inv.key] = inv
+	p.inv.put(inv)
+	m.ninv++
 	m.st.inflightInv.Add(1)
 	m.st.invokesOut.Add(1)
 	m.setState(inv, stInvokeSent)
@@ -222,15 +225,15 @@ func (m *machine) unbind(now time.Time, sap uint8) error {
 		return ErrSAPNotBound
 	}
 	m.saps[sap] = nil
-	for _, inv := range m.performers {
+	m.eachInvocation(false, true, func(inv *invocation) {
 		if inv.sap != sap || inv.st == stPerformerRefWait || inv.st == stFailedRefWait {
-			continue
+			return
 		}
 		inv.kept = nil
 		m.finishPerformer(inv, ErrSAPNotBound)
 		m.setState(inv, stPerformerRefWait)
 		m.arm(inv, tRef, now, m.td.ref)
-	}
+	})
 	return nil
 }
 
@@ -245,13 +248,11 @@ func (m *machine) shutdown() {
 // close ends every invocation at once.
 func (m *machine) close() {
 	m.closed, m.closing = true, true
-	for _, inv := range m.invokers {
-		m.finishInvoker(inv, nil, ErrClosed)
-	}
-	for _, inv := range m.performers {
+	m.eachInvocation(true, false, func(inv *invocation) { m.finishInvoker(inv, nil, ErrClosed) })
+	m.eachInvocation(false, true, func(inv *invocation) {
 		m.finishPerformer(inv, ErrClosed)
 		inv.hctx.cancel(ErrClosed)
-	}
+	})
 	for _, p := range m.peers {
 		for _, w := range p.waiters {
 			close(w)

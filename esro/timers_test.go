@@ -25,11 +25,11 @@ func TestWakeAt(t *testing.T) {
 		t.Fatalf("wake at +%v, want +%v", at.Sub(h.t0), end.Add(h.m.td.hold/holdSlack).Sub(h.t0))
 	}
 	h.at(end.Sub(h.t0) - time.Nanosecond)
-	if h.m.invokers[inv.key] == nil {
+	if h.m.invoker(inv.key) == nil {
 		t.Fatal("released before the hold's end")
 	}
 	h.at(end.Sub(h.t0))
-	if h.m.invokers[inv.key] != nil || inv.st != stReleased {
+	if h.m.invoker(inv.key) != nil || inv.st != stReleased {
 		t.Fatal("not released at the hold's end")
 	}
 	if _, ok := h.m.wakeAt(); ok {
