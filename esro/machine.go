@@ -78,7 +78,7 @@ type machine struct {
 	hostile   hostileState
 	idlePeers int
 	nextRef   uint8
-	timers    timerHeap   // timers of variable durations (retransmission, user response)
+	timers    timerHeap   // timers of variable durations (retransmission)
 	fifos     []timerFIFO // timers of fixed durations, one queue per duration
 	epoch     time.Time   // origin of the timer heap's integer deadlines
 	tokens    sync.Pool   // of chan struct{}, see invocation.done
@@ -195,8 +195,8 @@ func newMachine(cfg Config, st *counters, ev events) *machine {
 	for _, q := range []struct {
 		d    time.Duration
 		hold bool
-	}{{m.td.ref, true}, {m.td.hold, true}, {m.td.inact, false}, {m.td.last, false}} {
-		if m.fifoFor(q.hold, q.d) == 0 {
+	}{{m.td.ref, true}, {m.td.hold, true}, {m.td.inact, false}, {m.td.last, false}, {m.td.noresp, false}} {
+		if q.d > 0 && m.fifoFor(q.hold, q.d) == 0 {
 			f := timerFIFO{d: int64(q.d), hold: q.hold}
 			if q.hold {
 				f.slack = int64(q.d) / holdSlack

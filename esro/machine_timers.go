@@ -18,7 +18,7 @@ const (
 func (m *machine) arm(inv *invocation, k timerKind, now time.Time, d time.Duration) {
 	inv.timer = k
 	at := int64(now.Sub(m.epoch) + d)
-	if k == tRef || k == tInact || k == tLast {
+	if k != tRetx {
 		if q := m.fifoFor(k == tRef, d); q > 0 {
 			if inv.hidx >= 0 {
 				m.timers.remove(inv.hidx)

@@ -95,7 +95,7 @@ func (h timerHeap) down(i0, n int) bool {
 }
 
 // timerFIFO holds the timers of one fixed duration (T_ref, the invoker's
-// hold, T_inact, T_last): armed at non-decreasing times, they expire in
+// hold, T_inact, T_last, the performer timeout): armed at non-decreasing times, they expire in
 // the order they were armed, so a queue does what the heap did at O(1)
 // per operation. Those timers are most of them: every invocation spends
 // its reference hold in one. A timer re-armed or disarmed leaves its
