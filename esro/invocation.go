@@ -45,6 +45,9 @@ type invocation struct {
 	// small holds kept when it fits: one allocation less for the
 	// invocations of small PDUs, which most are.
 	small [smallPDU]byte
+	// room is the larger buffer allocated with an invoker whose INVOKE
+	// does not fit small (newInvoker), nil otherwise.
+	room []byte
 
 	// invoker
 	gotReply bool
@@ -75,7 +78,32 @@ func (inv *invocation) pduBuf(n int) []byte {
 	if n <= smallPDU {
 		return inv.small[:0:n]
 	}
+	if n <= cap(inv.room) {
+		return inv.room[:0]
+	}
 	return make([]byte, 0, n)
+}
+
+// roomyInvocation is an invocation allocated together with room for an
+// INVOKE of up to roomPDU octets: one allocation rather than two for the
+// invocations of larger arguments (up to the default PDU size), whose
+// reply data then take the same buffer (replyData). The size fills the
+// allocator's size class of the whole.
+type roomyInvocation struct {
+	invocation
+	buf [roomPDU]byte
+}
+
+const roomPDU = 1600
+
+// newInvoker allocates an invoker invocation whose INVOKE takes n octets.
+func newInvoker(n int) *invocation {
+	if n <= smallPDU || n > roomPDU {
+		return new(invocation)
+	}
+	r := new(roomyInvocation)
+	r.room = r.buf[:]
+	return &r.invocation
 }
 
 // replyData copies an invoker's reply data out of the receive buffer. It

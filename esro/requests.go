@@ -85,7 +85,8 @@ func (m *machine) invoke(now time.Time, req *Request, to netip.AddrPort) (*invoc
 		m.st.refWaits.Add(1)
 		return nil, w, nil
 	}
-	inv := &invocation{key: invKey{pk, ref}, addr: to, peer: p, hs: req.Handshake, hidx: -1, sentAt: now}
+	inv := newInvoker(3 + len(req.Data))
+	inv.key, inv.addr, inv.peer, inv.hs, inv.hidx, inv.sentAt = invKey{pk, ref}, to, p, req.Handshake, -1, now
 	pdu := PDU{Type: TypeInvoke, SAP: req.SAP, Ref: ref, Operation: req.Operation, Encoding: req.Encoding, Data: req.Data}
 	kept, err := AppendPDU(inv.pduBuf(3+len(req.Data)), &pdu)
 	if err != nil { // validated by the caller; kept for safety
