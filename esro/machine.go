@@ -193,13 +193,13 @@ func newMachine(cfg Config, st *counters, ev events) *machine {
 	}
 	m.hostile.init()
 	for _, q := range []struct {
-		d    time.Duration
-		hold bool
-	}{{m.td.ref, true}, {m.td.hold, true}, {m.td.inact, false}, {m.td.last, false}, {m.td.noresp, false}} {
-		if q.d > 0 && m.fifoFor(q.hold, q.d) == 0 {
-			f := timerFIFO{d: int64(q.d), hold: q.hold}
-			if q.hold {
-				f.slack = int64(q.d) / holdSlack
+		d       time.Duration
+		lenient bool
+	}{{m.td.ref, true}, {m.td.hold, true}, {m.td.inact, true}, {m.td.last, false}, {m.td.noresp, false}} {
+		if q.d > 0 && m.fifoFor(q.lenient, q.d) == 0 {
+			f := timerFIFO{d: int64(q.d), lenient: q.lenient}
+			if q.lenient {
+				f.slack = int64(q.d) / lenientSlack
 			}
 			m.fifos = append(m.fifos, f)
 		}

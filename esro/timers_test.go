@@ -6,7 +6,7 @@ import (
 )
 
 // TestWakeAt: the endpoint's timer follows retransmission deadlines
-// exactly, and the end of a reference hold with a slack of 1/holdSlack of
+// exactly, and the end of a reference hold with a slack of 1/lenientSlack of
 // it; advance still releases the number at the hold's exact end.
 func TestWakeAt(t *testing.T) {
 	h := newHarness(t, nil)
@@ -21,8 +21,8 @@ func TestWakeAt(t *testing.T) {
 	if at, _ := h.m.nextDeadline(); !at.Equal(end) {
 		t.Fatalf("deadline +%v, want +%v", at.Sub(h.t0), end.Sub(h.t0))
 	}
-	if at, ok := h.m.wakeAt(); !ok || !at.Equal(end.Add(h.m.td.hold/holdSlack)) {
-		t.Fatalf("wake at +%v, want +%v", at.Sub(h.t0), end.Add(h.m.td.hold/holdSlack).Sub(h.t0))
+	if at, ok := h.m.wakeAt(); !ok || !at.Equal(end.Add(h.m.td.hold/lenientSlack)) {
+		t.Fatalf("wake at +%v, want +%v", at.Sub(h.t0), end.Add(h.m.td.hold/lenientSlack).Sub(h.t0))
 	}
 	h.at(end.Sub(h.t0) - time.Nanosecond)
 	if h.m.invoker(inv.key) == nil {
@@ -34,5 +34,71 @@ func TestWakeAt(t *testing.T) {
 	}
 	if _, ok := h.m.wakeAt(); ok {
 		t.Fatal("a wake-up with no timer left")
+	}
+}
+
+// TestWakeAtLenient: T_inact may wake the endpoint 1/lenientSlack of
+// itself late, like a hold (without it the endpoint's timer fired once
+// per invocation); the performer timeout and T_last stay exact; advance
+// fires each at its exact deadline.
+func TestWakeAtLenient(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		setup func(h *harness) (*invocation, timerKind)
+		d     func(td durations) time.Duration
+		slack bool
+	}{
+		{"performer timeout", func(h *harness) (*invocation, timerKind) {
+			h.bind(13, TwoWay)
+			h.recv(invokeDate)
+			return h.started[0], tNoResp
+		}, func(td durations) time.Duration { return td.noresp }, false},
+		{"2-way performer T_inact", func(h *harness) (*invocation, timerKind) {
+			h.bind(13, TwoWay)
+			h.recv(invokeDate)
+			inv := h.started[0]
+			if err := h.m.answer(h.now, inv, false, 2, 0, []byte("ok")); err != nil {
+				h.t.Fatal(err)
+			}
+			return inv, tInact
+		}, func(td durations) time.Duration { return td.inact }, true},
+		{"3-way invoker T_inact", func(h *harness) (*invocation, timerKind) {
+			inv := h.invoke(ThreeWay, "date")
+			h.recv(resultText)
+			return inv, tInact
+		}, func(td durations) time.Duration { return td.inact }, true},
+		{"invoker T_last", func(h *harness) (*invocation, timerKind) {
+			inv := h.invoke(TwoWay, "date")
+			h.run(time.Duration(h.m.cfg.Timers.RetransmitCount+1) * h.m.td.retx) // RETX with k = N starts T_last
+			return inv, tLast
+		}, func(td durations) time.Duration { return td.last }, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, nil)
+			inv, k := tc.setup(h)
+			if inv.timer != k {
+				t.Fatalf("timer %v, want %v", inv.timer, k)
+			}
+			d := tc.d(h.m.td)
+			end := h.now.Add(d)
+			if inv.fq == 0 {
+				t.Fatal("not in a timer queue")
+			}
+			want := end
+			if tc.slack {
+				want = end.Add(d / lenientSlack)
+			}
+			if at, ok := h.m.wakeAt(); !ok || !at.Equal(want) {
+				t.Fatalf("wake at +%v, want +%v", at.Sub(h.t0), want.Sub(h.t0))
+			}
+			h.at(end.Sub(h.t0) - time.Nanosecond)
+			if inv.timer != k {
+				t.Fatal("expired early")
+			}
+			h.at(end.Sub(h.t0))
+			if inv.timer == k {
+				t.Fatal("not expired at its deadline")
+			}
+		})
 	}
 }
