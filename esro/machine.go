@@ -193,15 +193,15 @@ func newMachine(cfg Config, st *counters, ev events) *machine {
 	}
 	m.hostile.init()
 	for _, q := range []struct {
-		d       time.Duration
-		lenient bool
-	}{{m.td.ref, true}, {m.td.hold, true}, {m.td.inact, true}, {m.td.last, false}, {m.td.noresp, false}} {
-		if q.d > 0 && m.fifoFor(q.lenient, q.d) == 0 {
-			f := timerFIFO{d: int64(q.d), lenient: q.lenient}
-			if q.lenient {
-				f.slack = int64(q.d) / lenientSlack
-			}
-			m.fifos = append(m.fifos, f)
+		d     time.Duration
+		slack time.Duration
+	}{
+		{m.td.ref, m.td.ref / lenientSlack}, {m.td.hold, m.td.hold / lenientSlack},
+		{m.td.inact, m.td.inact / lenientSlack}, {m.td.inact, m.td.hold / lenientSlack},
+		{m.td.last, 0}, {m.td.noresp, 0},
+	} {
+		if q.d > 0 && m.fifoFor(q.d, q.slack) == 0 {
+			m.fifos = append(m.fifos, timerFIFO{d: int64(q.d), slack: int64(q.slack)})
 		}
 	}
 	// A random first number makes re-use of recent numbers after a restart

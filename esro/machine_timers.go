@@ -19,7 +19,7 @@ func (m *machine) arm(inv *invocation, k timerKind, now time.Time, d time.Durati
 	inv.timer = k
 	at := int64(now.Sub(m.epoch) + d)
 	if k != tRetx {
-		if q := m.fifoFor(lenient(k), d); q > 0 {
+		if q := m.fifoFor(d, m.slack(inv, k, d)); q > 0 {
 			if inv.hidx >= 0 {
 				m.timers.remove(inv.hidx)
 			}
@@ -41,11 +41,11 @@ func (m *machine) arm(inv *invocation, k timerKind, now time.Time, d time.Durati
 	}
 }
 
-// fifoFor returns 1 + the index of the queue for duration d, of lenient
-// timers or not, 0 if none.
-func (m *machine) fifoFor(lenient bool, d time.Duration) int8 {
+// fifoFor returns 1 + the index of the queue for duration d and slack,
+// 0 if none.
+func (m *machine) fifoFor(d, slack time.Duration) int8 {
 	for i := range m.fifos {
-		if m.fifos[i].d == int64(d) && m.fifos[i].lenient == lenient {
+		if m.fifos[i].d == int64(d) && m.fifos[i].slack == int64(slack) {
 			return int8(i + 1)
 		}
 	}
@@ -87,25 +87,37 @@ func (m *machine) nextDeadline() (time.Time, bool) {
 	return m.epoch.Add(time.Duration(at)), true
 }
 
-// lenientSlack is the fraction of its duration by which a lenient timer
-// may expire late: see wakeAt.
+// lenientSlack is the fraction of a reference hold by which its end may
+// come late: see slack.
 const lenientSlack = 32
 
-// lenient reports whether timers of kind k may expire a little late: the
-// end of a reference hold, which only frees a number, and T_inact, after
-// which a 2-way performer takes its reply for delivered (a guess at any
-// time) and a 3-way invoker that acknowledged a reply goes on to hold its
-// number (re-acknowledging duplicates either way). 3% later does no harm
-// to either.
-func lenient(k timerKind) bool { return k == tRef || k == tInact }
+// slack is how late inv's timer of kind k, duration d, may expire: the
+// end of a reference hold, which only frees a number, 1/lenientSlack of
+// the hold; a 2-way performer's T_inact, after which it takes its reply
+// for delivered (a guess at any time), 1/lenientSlack of T_inact; a 3-way
+// invoker's T_inact, after which it goes on to hold its number
+// (re-acknowledging duplicates either way), is the first part of its
+// reference hold, and may come as late as the hold's end. The others
+// (retransmissions, T_last, the performer timeout) are exact.
+func (m *machine) slack(inv *invocation, k timerKind, d time.Duration) time.Duration {
+	switch {
+	case k == tRef:
+		return d / lenientSlack
+	case k == tInact && inv.perf:
+		return d / lenientSlack
+	case k == tInact:
+		return m.td.hold / lenientSlack
+	}
+	return 0
+}
 
 // wakeAt is when the endpoint should run advance at the latest: the
-// earliest deadline, where a lenient timer may wait 1/lenientSlack of its
-// duration longer. Under load lenient timers expire every few
-// microseconds, one or two per invocation, and the endpoint runs advance
-// on every step anyway (Endpoint.readLoop, Invoke): with the slack they
-// need no timer firing, goroutine and lock each (without it for T_inact,
-// the endpoint's timer fired about once per invocation).
+// earliest deadline, where a timer may wait its slack longer. Under load
+// such timers expire every few microseconds, one or two per invocation,
+// and the endpoint runs advance on every step anyway (Endpoint.readLoop,
+// Invoke): with the slack they need no timer firing, goroutine and lock
+// each (without it for T_inact, the endpoint's timer fired about once per
+// invocation).
 func (m *machine) wakeAt() (time.Time, bool) {
 	var at int64
 	ok := false

@@ -102,12 +102,11 @@ func (h timerHeap) down(i0, n int) bool {
 // entry behind with no invocation (found through inv.fseq), which is dropped when
 // it reaches the head.
 type timerFIFO struct {
-	d       int64 // the duration, in nanoseconds
-	lenient bool  // its timers may expire late by slack (machine.lenient)
-	slack   int64 // how late its timers may fire, see machine.wakeAt
-	items   []timerEntry
-	head    int    // first live position in items
-	base    uint64 // sequence number of items[0]
+	d     int64 // the duration, in nanoseconds
+	slack int64 // how late its timers may fire, see machine.wakeAt
+	items []timerEntry
+	head  int    // first live position in items
+	base  uint64 // sequence number of items[0]
 }
 
 // push adds inv at deadline at and returns its sequence number. A

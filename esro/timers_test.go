@@ -37,22 +37,24 @@ func TestWakeAt(t *testing.T) {
 	}
 }
 
-// TestWakeAtLenient: T_inact may wake the endpoint 1/lenientSlack of
-// itself late, like a hold (without it the endpoint's timer fired once
-// per invocation); the performer timeout and T_last stay exact; advance
-// fires each at its exact deadline.
+// TestWakeAtLenient: a 2-way performer's T_inact may wake the endpoint
+// 1/lenientSlack of itself late, and a 3-way invoker's (the start of its
+// reference hold) as late as the hold may end (without that the endpoint's
+// timer fired once per invocation); the performer timeout and T_last stay
+// exact; advance fires each at its exact deadline.
 func TestWakeAtLenient(t *testing.T) {
+	none := func(durations) time.Duration { return 0 }
 	for _, tc := range []struct {
 		name  string
 		setup func(h *harness) (*invocation, timerKind)
 		d     func(td durations) time.Duration
-		slack bool
+		slack func(td durations) time.Duration
 	}{
 		{"performer timeout", func(h *harness) (*invocation, timerKind) {
 			h.bind(13, TwoWay)
 			h.recv(invokeDate)
 			return h.started[0], tNoResp
-		}, func(td durations) time.Duration { return td.noresp }, false},
+		}, func(td durations) time.Duration { return td.noresp }, none},
 		{"2-way performer T_inact", func(h *harness) (*invocation, timerKind) {
 			h.bind(13, TwoWay)
 			h.recv(invokeDate)
@@ -61,17 +63,17 @@ func TestWakeAtLenient(t *testing.T) {
 				h.t.Fatal(err)
 			}
 			return inv, tInact
-		}, func(td durations) time.Duration { return td.inact }, true},
+		}, func(td durations) time.Duration { return td.inact }, func(td durations) time.Duration { return td.inact / lenientSlack }},
 		{"3-way invoker T_inact", func(h *harness) (*invocation, timerKind) {
 			inv := h.invoke(ThreeWay, "date")
 			h.recv(resultText)
 			return inv, tInact
-		}, func(td durations) time.Duration { return td.inact }, true},
+		}, func(td durations) time.Duration { return td.inact }, func(td durations) time.Duration { return td.hold / lenientSlack }},
 		{"invoker T_last", func(h *harness) (*invocation, timerKind) {
 			inv := h.invoke(TwoWay, "date")
 			h.run(time.Duration(h.m.cfg.Timers.RetransmitCount+1) * h.m.td.retx) // RETX with k = N starts T_last
 			return inv, tLast
-		}, func(td durations) time.Duration { return td.last }, false},
+		}, func(td durations) time.Duration { return td.last }, none},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := newHarness(t, nil)
@@ -79,15 +81,11 @@ func TestWakeAtLenient(t *testing.T) {
 			if inv.timer != k {
 				t.Fatalf("timer %v, want %v", inv.timer, k)
 			}
-			d := tc.d(h.m.td)
-			end := h.now.Add(d)
 			if inv.fq == 0 {
 				t.Fatal("not in a timer queue")
 			}
-			want := end
-			if tc.slack {
-				want = end.Add(d / lenientSlack)
-			}
+			end := h.now.Add(tc.d(h.m.td))
+			want := end.Add(tc.slack(h.m.td))
 			if at, ok := h.m.wakeAt(); !ok || !at.Equal(want) {
 				t.Fatalf("wake at +%v, want +%v", at.Sub(h.t0), want.Sub(h.t0))
 			}
