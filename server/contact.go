@@ -247,8 +247,16 @@ const (
 
 // target chooses where deliveries to dev go now in clear (see the top of
 // this file); why is set when they must wait. ctx is the deliveries'.
-func (b *contactBook) target(ctx context.Context, dev *device) (t target, why string) {
-	c, err := b.st.DeviceContact(ctx, uint32(dev.addr))
+// known is the device's contact when the caller read it already (nil:
+// read it).
+func (b *contactBook) target(ctx context.Context, dev *device, known *store.Contact) (t target, why string) {
+	var c store.Contact
+	var err error
+	if known != nil {
+		c = *known
+	} else {
+		c, err = b.st.DeviceContact(ctx, uint32(dev.addr))
+	}
 	if err != nil {
 		c = store.Contact{} // the registered address still works
 		if ctx.Err() == nil {

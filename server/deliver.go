@@ -51,7 +51,27 @@ type flight struct {
 	// store of its own: PeekDelivery), which expiry leaves alone. Under
 	// sched.mu.
 	peeked int64
+	// batch: the store read of this first attempt, made for many at once
+	// (nil: the attempt reads alone).
+	batch *firstBatch
 }
+
+// firstBatch is one store read for many first attempts
+// (store.BatchPeeker). After a start every device with mail is one not
+// heard from, maybe most of them switched off: a read each of its
+// delivery and of its contact would cost the devices that answer two
+// queries per silent device, on the store they need for their own
+// deliveries. got is set before done closes; a device missing from it
+// (held back by limits, busy, or the read failed) reads alone.
+type firstBatch struct {
+	done chan struct{}
+	got  map[uint32]store.Peeked
+}
+
+// firstBatchSize is how many first attempts one read serves: small
+// enough that the first invocations go out at once, large enough that a
+// thousand devices take a handful of queries.
+const firstBatchSize = 128
 
 // defaultRescan is the scheduler's rescan period (Server.rescan): changes
 // made by other processes without telling this one (emsdp queue retry,
@@ -338,9 +358,44 @@ func (s *Server) startWorkers(now time.Time) {
 	if sc.draining {
 		return
 	}
+	// First attempts read the store in batches when it can (SQLite: one
+	// server, attempts unclaimed).
+	bp, _ := s.st.(store.BatchPeeker)
+	if s.conf().Store.Driver == StorePostgres {
+		bp = nil
+	}
+	var batch *firstBatch
+	var addrs []uint32
+	flush := func() {
+		if batch == nil {
+			return
+		}
+		b, as := batch, addrs
+		sc.workers.Go(func() {
+			defer close(b.done)
+			got, err := bp.PeekDeliveries(s.dctx, as, now)
+			if err != nil {
+				if s.dctx.Err() == nil {
+					s.log.Warn("first attempts: batch read failed; each reads alone", "devices", len(as), "err", err)
+				}
+				return
+			}
+			b.got = got
+		})
+		batch, addrs = nil, nil
+	}
 	for _, d := range sc.fleet.take(now, deliveryLimits(s.conf().Delivery)) {
 		ctx, cancel := context.WithCancel(s.dctx)
 		f := &flight{d: d, cancel: cancel}
+		if bp != nil && d.kind == kFirst {
+			if batch == nil {
+				batch = &firstBatch{done: make(chan struct{})}
+			}
+			f.batch = batch
+			if addrs = append(addrs, uint32(d.addr)); len(addrs) == firstBatchSize {
+				flush()
+			}
+		}
 		f.progress.Store(now.UnixNano())
 		if d.kind != kProbe {
 			f.watchdog = time.AfterFunc(s.silentAfter(), func() { s.watch(d, f) })
@@ -351,6 +406,7 @@ func (s *Server) startWorkers(now time.Time) {
 			s.attemptDevice(ctx, d, f)
 		})
 	}
+	flush()
 	s.setInFlight()
 }
 
@@ -384,12 +440,28 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 		sc.mu.Unlock()
 		s.kick()
 	}()
+	var pk *store.Peeked
+	if f.batch != nil {
+		select {
+		case <-f.batch.done:
+		case <-ctx.Done():
+			o = fAbandoned
+			return
+		}
+		if p, ok := f.batch.got[uint32(a)]; ok {
+			pk = &p
+		}
+	}
 	dev := s.registry().get(a)
 	var lim store.Limits
 	var tg target
 	if dev != nil {
 		var why string
-		if tg, why = s.targetOf(dev); why != "" {
+		var known *store.Contact
+		if pk != nil {
+			known = &pk.Contact
+		}
+		if tg, why = s.targetOf(dev, known); why != "" {
 			// Offline: parked until the device is heard (contact.go);
 			// heard by another server sharing the store: left to it until
 			// the next rescan.
@@ -434,9 +506,12 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 	claimAt := time.Now()
 	var d *store.Delivery
 	var err error
-	if peek {
+	switch {
+	case peek && pk != nil && lim.MaxContentLength == nil && lim.LowestPriority == nil:
+		d, err = peekedDelivery(pk.Delivery, lim)
+	case peek:
 		d, err = s.st.PeekDelivery(ctx, uint32(a), claimAt, lim)
-	} else {
+	default:
 		d, err = s.st.ClaimDelivery(ctx, uint32(a), claimAt, lim)
 	}
 	switch {
@@ -501,6 +576,24 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 	case attemptRequeue:
 		o = fAbandoned
 	}
+}
+
+// peekedDelivery is d, read by a batch (store.BatchPeeker), as
+// PeekDelivery would have returned it under lim (no content or priority
+// limits): InstanceBase, the device's next instance id, is kept only
+// when the delivery needs instance ids.
+func peekedDelivery(d *store.Delivery, lim store.Limits) (*store.Delivery, error) {
+	next := d.InstanceBase
+	d.InstanceBase = 0
+	if lim.InstanceIDs != nil {
+		switch n := lim.InstanceIDs(d); {
+		case n < 0 || n > 256:
+			return nil, fmt.Errorf("%w: %d instance ids", store.ErrInvalid, n)
+		case n > 0:
+			d.InstanceBase = next
+		}
+	}
+	return d, nil
 }
 
 // deviceBackoff is the hold after a device's fails-th consecutive failed

@@ -36,6 +36,12 @@ type simDelivery struct {
 }
 
 func startSimFleet(t *testing.T, conf func(*Config)) *simFleet {
+	return startSimFleetWith(t, conf, Options{})
+}
+
+// startSimFleetWith starts it with o (its Logger and PacketConn are the
+// simulation's).
+func startSimFleetWith(t *testing.T, conf func(*Config), o Options) *simFleet {
 	n := lossynet.New(lossynet.Config{Delay: 2 * time.Millisecond, Seed: 1})
 	mts, err := n.Listen("10.0.0.1:641")
 	must(t, err)
@@ -47,7 +53,8 @@ func startSimFleet(t *testing.T, conf func(*Config)) *simFleet {
 	if conf != nil {
 		conf(c)
 	}
-	s, err := Start(context.Background(), c, Options{Logger: testLogger(t), PacketConn: mts})
+	o.Logger, o.PacketConn = testLogger(t), mts
+	s, err := Start(context.Background(), c, o)
 	must(t, err)
 	f := &simFleet{t: t, net: n, mts: mts, s: s, c: c, got: make(chan simDelivery, 1000)}
 	f.ctx, f.quit = context.WithCancel(context.Background())

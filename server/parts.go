@@ -69,12 +69,13 @@ func (s *Server) devicesChanged(old map[emsd.Address]*device, cur map[emsd.Addre
 }
 
 // targetOf chooses where deliveries to dev go now: over DTLS for a
-// device with a key (dtls.go), else in clear (contactBook.target).
-func (s *Server) targetOf(dev *device) (t target, why string) {
+// device with a key (dtls.go), else in clear (contactBook.target); known
+// is the device's contact when the caller read it already (nil: read it).
+func (s *Server) targetOf(dev *device, known *store.Contact) (t target, why string) {
 	if t, why, ok := s.dtlsTarget(dev); ok {
 		return t, why
 	}
-	return s.contacts.target(s.dctx, dev)
+	return s.contacts.target(s.dctx, dev, known)
 }
 
 // alive and contactFailed are the delivery scheduler's news of a contact.

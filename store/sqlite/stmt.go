@@ -25,7 +25,7 @@ func hotStatements() []string {
 		qDedupe, qAddSubmission, qResolveSubmission, qSubmissionExists, qPendingSubmissions,
 		qInsertDelivery, qInsertRelayMessage, qInsertRelay,
 		qWakeWaiting, qWake, qNextDue, qQueuedDevices, qChangedDevices, qDeviceNextDue,
-		qInFlight, qClaimable, qPeek, qClaim, qDeliveryState, qFinishDelivery, qRecordStatus,
+		qInFlight, qClaimable, qPeek, qPeekMany, qClaim, qDeliveryState, qFinishDelivery, qRecordStatus,
 		qExpiredDeliveries, qQueuedDeliveries, qDeliveryStatus,
 		qDueRelays, qClaimRelay, qFinishRelay, qExpiredRelays,
 	}

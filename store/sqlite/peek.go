@@ -1,0 +1,72 @@
+package sqlite
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+// qPeekMany is qPeek without limits for a list of devices (a JSON array),
+// with each device's contact.
+var qPeekMany = `SELECT ` + qualified("q", deliveryCols) + `, dv.next_instance,
+	dv.contact_addr, dv.contact_via, dv.contact_at, dv.contact_polled
+	FROM devices AS dv JOIN deliveries AS q ON q.id = (SELECT id FROM deliveries
+		WHERE device = dv.address AND state = ?1 AND next_attempt <= ?2 ORDER BY id LIMIT 1)
+	WHERE dv.address IN (SELECT value FROM json_each(?3))
+	AND NOT EXISTS (SELECT 1 FROM deliveries AS f WHERE f.device = dv.address AND f.state = ?4)`
+
+func qualified(table, cols string) string {
+	fs := strings.Split(cols, ",")
+	for i, c := range fs {
+		fs[i] = table + "." + strings.TrimSpace(c)
+	}
+	return strings.Join(fs, ", ")
+}
+
+// PeekDeliveries reads the first attempts of many devices in one query
+// (store.BatchPeeker).
+func (s *DB) PeekDeliveries(ctx context.Context, addrs []uint32, now time.Time) (map[uint32]store.Peeked, error) {
+	out := make(map[uint32]store.Peeked, len(addrs))
+	if len(addrs) == 0 {
+		return out, nil
+	}
+	list := make([]byte, 0, 8*len(addrs)+2)
+	list = append(list, '[')
+	for i, a := range addrs {
+		if i > 0 {
+			list = append(list, ',')
+		}
+		list = strconv.AppendUint(list, uint64(a), 10)
+	}
+	list = append(list, ']')
+	rows, err := s.query(ctx, nil, qPeekMany, string(store.DeliveryQueued), store.Millis(now), string(list),
+		string(store.DeliveryInFlight))
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: peek deliveries: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var next int64
+		var ca, via string
+		var at int64
+		var polled bool
+		d, err := scanDelivery(rows, &next, &ca, &via, &at, &polled)
+		if err != nil {
+			return nil, fmt.Errorf("sqlite: peek deliveries: %w", err)
+		}
+		d.InstanceBase = uint8(next)
+		c, err := store.ParseContact(ca, via, store.FromMillis(at), polled)
+		if err != nil {
+			continue // asked alone, which reports it
+		}
+		out[d.Device] = store.Peeked{Delivery: d, Contact: c}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("sqlite: peek deliveries: %w", err)
+	}
+	return out, nil
+}
