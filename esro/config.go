@@ -183,6 +183,15 @@ type Config struct {
 	// operation whose result was reported here.
 	NoLinger bool
 
+	// RetransmitRate, when positive, paces the timer-driven
+	// retransmissions of all invocations together to at most this many a
+	// second, after a burst of RetransmitBurst (zero: a tenth of a
+	// second's worth, at least 1). A retransmission over the rate is
+	// deferred to the next free slot, never dropped (retxpace.go). Zero:
+	// no limit.
+	RetransmitRate  float64
+	RetransmitBurst int
+
 	// Logger receives protocol diagnostics. Nil: slog.Default().
 	Logger *slog.Logger
 
@@ -231,6 +240,9 @@ func (c *Config) resolved() (Config, error) {
 		r.Jitter = 0
 	case r.Jitter > 0.5:
 		return r, fmt.Errorf("esro: jitter %v out of range 0..0.5", r.Jitter)
+	}
+	if r.RetransmitRate < 0 || r.RetransmitBurst < 0 {
+		return r, fmt.Errorf("esro: retransmission rate %v, burst %d: must not be negative", r.RetransmitRate, r.RetransmitBurst)
 	}
 	if r.PerformerTimeout == 0 {
 		r.PerformerTimeout = r.Timers.NoResponse()

@@ -23,6 +23,9 @@ type invocation struct {
 	fseq   uint64    // its entry's sequence number there
 	sentAt time.Time // when kept was first sent, for RTT samples
 	resent bool      // kept was sent more than once (Karn: no RTT sample)
+	// retxPaid: its due retransmission was deferred to a slot of the
+	// retransmission pacer, already paid for (retxpace.go).
+	retxPaid bool
 	// lingerEnd bounds an acknowledged invoker's linger: the end of the
 	// performer's retry budget (linger.go).
 	lingerEnd time.Time

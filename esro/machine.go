@@ -79,6 +79,7 @@ type machine struct {
 	idlePeers int
 	nextRef   uint8
 	timers    timerHeap   // timers of variable durations (retransmission)
+	retxPace  retxPacer   // Config.RetransmitRate (retxpace.go)
 	fifos     []timerFIFO // timers of fixed durations, one queue per duration
 	epoch     time.Time   // origin of the timer heap's integer deadlines
 	tokens    sync.Pool   // of chan struct{}, see invocation.done

@@ -204,6 +204,9 @@ func (m *machine) expire(now time.Time, inv *invocation, k timerKind) {
 	switch k {
 	case tRetx:
 		if inv.k < m.cfg.Timers.RetransmitCount {
+			if !m.paceRetransmission(now, inv) {
+				return // deferred to its slot (retxpace.go)
+			}
 			inv.k++
 			inv.resent = true
 			inv.peer.loss.lost()

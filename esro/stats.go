@@ -83,6 +83,10 @@ type Stats struct {
 	// writes), where the endpoint makes them itself (Linux UDP sockets);
 	// zero elsewhere.
 	SocketCalls uint64
+	// RetransmissionsDeferred counts retransmissions that waited for a
+	// slot of Config.RetransmitRate (each went out then, unless its
+	// invocation ended first).
+	RetransmissionsDeferred uint64
 }
 
 // counters are updated under the machine's lock but read without it.
@@ -97,6 +101,7 @@ type counters struct {
 	withheld, withheldBytes, unreachable, kernelDrops         atomic.Uint64
 	unproven, tombstones                                      atomic.Int64
 	socketCalls                                               atomic.Uint64
+	retxDeferred                                              atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -113,6 +118,7 @@ func (c *counters) snapshot() Stats {
 		InFlightUnproven: int(c.unproven.Load()), Tombstones: int(c.tombstones.Load()),
 		Unreachable: c.unreachable.Load(), KernelDrops: c.kernelDrops.Load(), SocketCalls: c.socketCalls.Load(),
 	}
+	s.RetransmissionsDeferred = c.retxDeferred.Load()
 	for i := range s.Drops {
 		s.Drops[i] = c.drops[i].Load()
 	}

@@ -91,6 +91,10 @@ type ESROConfig struct {
 	FixedTimers    bool     `toml:"fixed_timers"`
 	IPOnlyPeers    bool     `toml:"ip_only_peers"`
 	MaxInvocations int      `toml:"max_invocations"`
+	// RetransmitRate and RetransmitBurst pace the engine's retransmissions
+	// (esro.Config.RetransmitRate).
+	RetransmitRate  float64 `toml:"retransmit_rate"`
+	RetransmitBurst int     `toml:"retransmit_burst"`
 }
 
 // DeliveryConfig is delivery to devices.
@@ -356,12 +360,14 @@ func (c *Config) ESROConfig(log *slog.Logger) (*esro.Config, error) {
 			NSDULifetime:    time.Duration(c.ESRO.NSDULifetime),
 			RetransmitCount: c.ESRO.Retries,
 		},
-		FixedTimers:    c.ESRO.FixedTimers,
-		PDUSize:        c.EMSD.PDUSize,
-		IPOnlyPeers:    c.ESRO.IPOnlyPeers,
-		MaxInvocations: c.ESRO.MaxInvocations,
-		Logger:         log,
-		Trace:          decode.NewTracer(log),
+		FixedTimers:     c.ESRO.FixedTimers,
+		PDUSize:         c.EMSD.PDUSize,
+		IPOnlyPeers:     c.ESRO.IPOnlyPeers,
+		MaxInvocations:  c.ESRO.MaxInvocations,
+		RetransmitRate:  c.ESRO.RetransmitRate,
+		RetransmitBurst: c.ESRO.RetransmitBurst,
+		Logger:          log,
+		Trace:           decode.NewTracer(log),
 	}
 	return ec, ec.Validate()
 }

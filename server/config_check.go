@@ -175,6 +175,10 @@ func (c *Config) validESRO() error {
 	if c.ESRO.Retries < 0 || c.ESRO.Retries > esro.MaxRetransmitCount {
 		errs = append(errs, configErr("esro.retries %d: want 0..%d", c.ESRO.Retries, esro.MaxRetransmitCount))
 	}
+	if c.ESRO.RetransmitRate < 0 || c.ESRO.RetransmitBurst < 0 {
+		errs = append(errs, configErr("esro.retransmit_rate %v, retransmit_burst %d: must not be negative (0 = no limit, and the default burst)",
+			c.ESRO.RetransmitRate, c.ESRO.RetransmitBurst))
+	}
 	if c.ESRO.MaxInvocations < 0 {
 		errs = append(errs, configErr("esro.max_invocations %d: must not be negative (0 = the default)", c.ESRO.MaxInvocations))
 	}

@@ -2,6 +2,7 @@ package server
 
 import (
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -179,5 +180,21 @@ func TestFleetNothingClaimable(t *testing.T) {
 	f.unparkAll(now)
 	if got := f.take(now, fleetLimits{kLive: 3, kFirst: 3, kProbe: 3}); !slices.Equal(addrs(got), []emsd.Address{1}) {
 		t.Fatalf("after unparking took %v", addrs(got))
+	}
+}
+
+// esro.retransmit_rate reaches the ESRO engine; a negative one is refused.
+func TestRetransmitRateConfig(t *testing.T) {
+	c := DefaultConfig()
+	ec, err := c.ESROConfig(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ec.RetransmitRate != 1000 || ec.RetransmitBurst != 0 {
+		t.Errorf("default: retransmit rate %v, burst %d; want 1000, 0", ec.RetransmitRate, ec.RetransmitBurst)
+	}
+	c.ESRO.RetransmitRate = -1
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "esro.retransmit_rate") {
+		t.Errorf("negative rate: %v", err)
 	}
 }

@@ -224,6 +224,8 @@ func newESROCollector(stats func() esro.Stats) *esroCollector {
 	} {
 		c.descs[name] = prometheus.NewDesc("esro_"+name, help, nil, nil)
 	}
+	c.descs["retransmissions_deferred_total"] = prometheus.NewDesc("esro_retransmissions_deferred_total",
+		"Retransmissions that waited for their turn under esro.retransmit_rate.", nil, nil)
 	c.descs["drops_total"] = prometheus.NewDesc("esro_drops_total", "Datagrams dropped, by reason.", []string{"reason"}, nil)
 	c.descs["failures_total"] = prometheus.NewDesc("esro_failures_total",
 		"Failures by direction (sent, received, local) and reason value.", []string{"direction", "reason"}, nil)
@@ -255,6 +257,7 @@ func (c *esroCollector) Collect(ch chan<- prometheus.Metric) {
 	counter("answers_sent_total", st.AnswersSent)
 	counter("confirms_total", st.Confirms)
 	counter("retransmissions_total", st.Retransmissions)
+	counter("retransmissions_deferred_total", st.RetransmissionsDeferred)
 	counter("duplicates_total", st.DuplicatesIn)
 	counter("superseded_total", st.Superseded)
 	counter("reference_waits_total", st.ReferenceWaits)
