@@ -1,0 +1,415 @@
+package server
+
+import (
+	"cmp"
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/store"
+)
+
+// sched is the delivery scheduler's state: the fleet (per-device due
+// times and reachability) and the attempts in flight, under mu.
+type sched struct {
+	kick chan struct{}
+	// rescan asks the scheduler for a rescan at once (another server's
+	// work was taken over, or this server's own re-queued).
+	rescan   chan struct{}
+	mu       sync.Mutex
+	fleet    *fleet
+	inflight map[emsd.Address]*flight
+	// expireAt is when the scheduler next looks for expired entries; new
+	// work that expires sooner brings it forward.
+	expireAt time.Time
+	// silentAfter is the cut time: how long a device may leave an
+	// invocation unanswered before it counts as silent (see silentAfter).
+	silentAfter time.Duration
+	draining    bool
+	workers     sync.WaitGroup
+}
+
+// flight is one attempt in flight.
+type flight struct {
+	d      *fdev
+	cancel context.CancelFunc
+	// progress is when the device last answered (UnixNano), or when the
+	// attempt started: shutdown gives up at once on an attempt whose
+	// device has been silent for a retransmission interval.
+	progress atomic.Int64
+	// Under sched.mu: watchdog cuts a live attempt short (cut) when its
+	// device stays silent for the cut time and no probe is free;
+	// abandoned: shutdown cancelled it; done: the attempt is over.
+	watchdog             *time.Timer
+	cut, abandoned, done bool
+	// peeked: the delivery attempted unclaimed (a first attempt with a
+	// store of its own: PeekDelivery), which expiry leaves alone. Under
+	// sched.mu.
+	peeked int64
+	// batch: the store read of this first attempt, made for many at once
+	// (nil: the attempt reads alone).
+	batch *firstBatch
+}
+
+// firstBatch is one store read for many first attempts
+// (store.BatchPeeker). After a start every device with mail is one not
+// heard from, maybe most of them switched off: a read each of its
+// delivery and of its contact would cost the devices that answer two
+// queries per silent device, on the store they need for their own
+// deliveries. got is set before done closes; a device missing from it
+// (held back by limits, busy, or the read failed) reads alone.
+type firstBatch struct {
+	done chan struct{}
+	got  map[uint32]store.Peeked
+}
+
+// firstBatchSize is how many first attempts one read serves: small
+// enough that the first invocations go out at once, large enough that a
+// thousand devices take a handful of queries.
+const firstBatchSize = 128
+
+// defaultRescan is the scheduler's rescan period (Server.rescan): changes
+// made by other processes without telling this one (emsdp queue retry,
+// another server sharing the store queueing mail for a device, or
+// re-queueing the work of a server that stopped) are seen within it.
+const defaultRescan = 30 * time.Second
+
+// rescanOverlap: a rescan asks for the rows changed since the previous
+// one began, less this margin, so that the clocks of servers sharing a
+// PostgreSQL store may differ that much without a change being missed.
+const rescanOverlap = time.Minute
+
+// rescanNow makes the scheduler rescan the queue at once.
+func (s *Server) rescanNow() {
+	select {
+	case s.sched.rescan <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Server) kick() {
+	select {
+	case s.sched.kick <- struct{}{}:
+	default:
+	}
+}
+
+// probeLimit is how many probes (attempts to devices that did not answer)
+// may run at once: delivery.probes, or a quarter of delivery.concurrency.
+func probeLimit(c DeliveryConfig) int {
+	if c.Probes > 0 {
+		return c.Probes
+	}
+	return max(c.Concurrency/4, 1)
+}
+
+// firstAttempts is how many attempts to devices not heard from may run at
+// once: sixteen times delivery.concurrency. Most answer within a round
+// trip; one that does not ties up only its own attempt, for the cut time
+// at most. Many at once keep a fleet whose devices are unknown (after a
+// restart, or mail for devices idle until now) from waiting cut time
+// after cut time on switched-off devices before reaching those that
+// answer; the ESRO endpoint's invocation limit is far above it.
+func firstAttempts(c DeliveryConfig) int { return 16 * c.Concurrency }
+
+func deliveryLimits(c DeliveryConfig) fleetLimits {
+	return fleetLimits{kLive: c.Concurrency, kFirst: firstAttempts(c), kProbe: probeLimit(c)}
+}
+
+// watch is the watchdog of a live or first attempt: when the device has
+// not answered for the cut time, the attempt becomes a probe, or is cut
+// short if every probe is taken.
+func (s *Server) watch(d *fdev, f *flight) {
+	sc := &s.sched
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if f.done || f.cut || f.abandoned {
+		return
+	}
+	quiet, c := time.Since(time.Unix(0, f.progress.Load())), s.silentAfter()
+	if quiet < c {
+		f.watchdog.Reset(c - quiet)
+		return
+	}
+	if sc.fleet.promote(d, probeLimit(s.conf().Delivery)) {
+		s.setInFlight()
+		return
+	}
+	f.cut = true
+	f.cancel()
+}
+
+// unparkAll makes the scheduler try the devices held back by delivery
+// control limits again (the limits or the registry changed).
+func (s *Server) unparkAll() {
+	s.sched.mu.Lock()
+	s.sched.fleet.unparkAll(time.Now())
+	s.sched.mu.Unlock()
+	s.kick()
+}
+
+// unpark puts the given devices back in line if delivery-control limits
+// parked them (their registry entries changed).
+func (s *Server) unpark(addrs []emsd.Address) {
+	now := time.Now()
+	s.sched.mu.Lock()
+	for _, a := range addrs {
+		s.sched.fleet.unpark(a, now)
+	}
+	s.sched.mu.Unlock()
+	s.kick()
+}
+
+// wake makes a device's queued deliveries due now and lifts its hold: any
+// INVOKE from the device is its poll (docs/protocol.md EMSD §9.4). authenticated
+// says the device proved who it is, which also makes it count as
+// answering (see fleet.wake).
+func (s *Server) wake(a emsd.Address, authenticated bool) {
+	now := time.Now()
+	n, err := s.st.WakeDevice(s.ctx, uint32(a), now)
+	if err != nil {
+		s.log.Warn("wake device", "device", a, "err", err)
+	}
+	if n > 0 {
+		s.log.Debug("device poll woke its queue", "device", a, "deliveries", n)
+		s.sched.mu.Lock()
+		s.sched.fleet.note(a, now, now)
+		s.sched.mu.Unlock()
+	}
+	s.touch(a, authenticated)
+}
+
+// touch lifts the hold of a device whose queue wake already made due (a
+// sign of life, or its delivery control limits or its contact changed);
+// authenticated as for wake. A device the scheduler does not know may
+// have mail another process queued (another server sharing the store):
+// the store is asked, by an indexed look-up.
+func (s *Server) touch(a emsd.Address, authenticated bool) {
+	s.sched.mu.Lock()
+	known := s.sched.fleet.devs[a] != nil
+	s.sched.mu.Unlock()
+	if !known {
+		next, ok, err := s.st.DeviceNextDue(s.ctx, uint32(a))
+		if err != nil {
+			s.log.Warn("device queue", "device", a, "err", err)
+		}
+		if !ok {
+			return
+		}
+		s.sched.mu.Lock()
+		s.sched.fleet.note(a, next, time.Now())
+		s.sched.mu.Unlock()
+	}
+	s.sched.mu.Lock()
+	s.sched.fleet.wake(a, time.Now(), authenticated)
+	s.sched.mu.Unlock()
+	s.kick()
+}
+
+// noteQueued tells the loops about new work.
+func (s *Server) noteQueued(w store.Work) {
+	if w.Empty() {
+		return
+	}
+	now := time.Now()
+	sc := &s.sched
+	sc.mu.Lock()
+	for _, d := range w.Deliveries {
+		sc.fleet.note(emsd.Address(d.Device), cmp.Or(d.NextAttempt, now), now)
+		s.expiresLocked(d.Expires)
+	}
+	for _, r := range w.Relays {
+		s.expiresLocked(r.Expires)
+	}
+	sc.mu.Unlock()
+	s.kick()
+	if len(w.Relays) > 0 {
+		s.kickRelay()
+	}
+}
+
+// expiresLocked brings the scheduler's next look for expired entries
+// forward to t. sched.mu is held.
+func (s *Server) expiresLocked(t time.Time) {
+	if !t.IsZero() && t.Before(s.sched.expireAt) {
+		s.sched.expireAt = t
+	}
+}
+
+// rescanFleet tells the fleet about the devices with queued deliveries
+// changed since 'since' (all of them with the zero time).
+func (s *Server) rescanFleet(ctx context.Context, since time.Time) error {
+	ds, err := s.st.QueuedDevices(ctx, since)
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	s.sched.mu.Lock()
+	for _, d := range ds {
+		s.sched.fleet.note(emsd.Address(d.Device), d.Next, now)
+	}
+	s.sched.mu.Unlock()
+	return nil
+}
+
+// runScheduler starts an attempt for every due device there is a worker
+// for, expires what is too old, and sleeps until the next due time or a
+// kick. A pass costs O(attempts started): the due times are in memory
+// (fleet), rebuilt from the store at start and brought up to date with
+// what other processes changed at every rescan, which asks the store only
+// for the rows changed since the previous one.
+func (s *Server) runScheduler() {
+	t := time.NewTimer(0)
+	defer t.Stop()
+	now := time.Now()
+	lastScan := now
+	if err := s.rescanFleet(s.loopCtx, time.Time{}); err != nil && s.loopCtx.Err() == nil {
+		s.log.Error("delivery queue", "err", err)
+		lastScan = time.Time{} // the next rescan reads everything
+	}
+	purgeAt, rescanAt := now, now.Add(s.rescan)
+	s.sched.mu.Lock()
+	s.sched.expireAt = now
+	s.sched.mu.Unlock()
+	// A PostgreSQL store signals when its sweep took over the work of a
+	// server that is gone: rescan at once, and the relays too (nil: never).
+	var requeued <-chan struct{}
+	if r, ok := s.st.(interface{ Requeued() <-chan struct{} }); ok {
+		requeued = r.Requeued()
+	}
+	for {
+		select {
+		case <-s.loopCtx.Done():
+			return
+		case <-s.sched.kick:
+		case <-t.C:
+		case <-requeued:
+			s.log.Info("took over the work of a server that is gone")
+			rescanAt = time.Time{}
+			s.kickRelay()
+		case <-s.sched.rescan:
+			rescanAt = time.Time{}
+		}
+		now = time.Now()
+		if !now.Before(rescanAt) {
+			since := lastScan
+			if !since.IsZero() {
+				since = since.Add(-rescanOverlap)
+			}
+			if err := s.rescanFleet(s.loopCtx, since); err != nil {
+				if s.loopCtx.Err() == nil {
+					s.log.Error("delivery queue rescan", "err", err)
+				}
+			} else {
+				lastScan = now
+			}
+			if err := s.checkInFlight(s.loopCtx, now); err != nil && s.loopCtx.Err() == nil {
+				s.log.Error("entries in flight", "err", err)
+			}
+			rescanAt = now.Add(s.rescan)
+		}
+		s.sched.mu.Lock()
+		expireAt := s.sched.expireAt
+		s.sched.mu.Unlock()
+		if !now.Before(expireAt) {
+			s.expire(now)
+			// The next expiry (or due time, which NextDue also gives: a
+			// look too many costs an indexed query), at most once a second.
+			expireAt = rescanAt
+			if next, ok, err := s.st.NextDue(s.loopCtx, now); err == nil && ok && next.Before(expireAt) {
+				expireAt = next
+				if floor := now.Add(time.Second); expireAt.Before(floor) {
+					expireAt = floor
+				}
+			}
+			s.sched.mu.Lock()
+			if expireAt.Before(s.sched.expireAt) || !s.sched.expireAt.After(now) {
+				s.sched.expireAt = expireAt
+			}
+			s.sched.mu.Unlock()
+		}
+		if !now.Before(purgeAt) {
+			s.purge(now)
+			purgeAt = now.Add(time.Hour)
+		}
+		s.startWorkers(now)
+		wakeAt := rescanAt
+		s.sched.mu.Lock()
+		if s.sched.expireAt.Before(wakeAt) {
+			wakeAt = s.sched.expireAt
+		}
+		if next, ok := s.sched.fleet.next(); ok && next.Before(wakeAt) {
+			wakeAt = next
+		}
+		s.sched.mu.Unlock()
+		t.Reset(max(time.Until(wakeAt), time.Millisecond))
+	}
+}
+
+func (s *Server) startWorkers(now time.Time) {
+	sc := &s.sched
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if sc.draining {
+		return
+	}
+	// First attempts read the store in batches when it can (SQLite: one
+	// server, attempts unclaimed).
+	bp, _ := s.st.(store.BatchPeeker)
+	if s.conf().Store.Driver == StorePostgres {
+		bp = nil
+	}
+	var batch *firstBatch
+	var addrs []uint32
+	flush := func() {
+		if batch == nil {
+			return
+		}
+		b, as := batch, addrs
+		sc.workers.Go(func() {
+			defer close(b.done)
+			got, err := bp.PeekDeliveries(s.dctx, as, now)
+			if err != nil {
+				if s.dctx.Err() == nil {
+					s.log.Warn("first attempts: batch read failed; each reads alone", "devices", len(as), "err", err)
+				}
+				return
+			}
+			b.got = got
+		})
+		batch, addrs = nil, nil
+	}
+	for _, d := range sc.fleet.take(now, deliveryLimits(s.conf().Delivery)) {
+		ctx, cancel := context.WithCancel(s.dctx)
+		f := &flight{d: d, cancel: cancel}
+		if bp != nil && d.kind == kFirst {
+			if batch == nil {
+				batch = &firstBatch{done: make(chan struct{})}
+			}
+			f.batch = batch
+			if addrs = append(addrs, uint32(d.addr)); len(addrs) == firstBatchSize {
+				flush()
+			}
+		}
+		f.progress.Store(now.UnixNano())
+		if d.kind != kProbe {
+			f.watchdog = time.AfterFunc(s.silentAfter(), func() { s.watch(d, f) })
+		}
+		sc.inflight[d.addr] = f
+		sc.workers.Go(func() {
+			defer cancel()
+			s.attemptDevice(ctx, d, f)
+		})
+	}
+	flush()
+	s.setInFlight()
+}
+
+// setInFlight updates the in-flight gauges. sched.mu is held.
+func (s *Server) setInFlight() {
+	for k, name := range [kinds]string{kLive: "live", kFirst: "first", kProbe: "probe"} {
+		s.metrics.inflight.WithLabelValues(name).Set(float64(s.sched.fleet.busy[k]))
+	}
+}
