@@ -7,6 +7,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -42,7 +43,7 @@ func (s *Server) prepare(dev *device, d *store.Delivery) prepared {
 			return fail(emsd.ReasonUnableToTransfer, emsd.DiagContentTypeNotSupported, "cannot encode for EMSD %s: %v", dev.version, err)
 		}
 	}
-	mid, err := decodeMsgID(d.MessageID)
+	mid, err := storedid.ParseMessageID(d.MessageID)
 	if err != nil {
 		return fail(emsd.ReasonUnableToTransfer, emsd.DiagProtocolViolation, "%v", err)
 	}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -45,7 +46,7 @@ func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.
 		res.Attempted, res.InstanceIDs = true, r.ids
 		d.Attempts++
 	}
-	log := s.log.With("device", emsd.Address(d.Device), "id", idText(d.MessageID), "attempt", d.Attempts)
+	log := s.log.With("device", emsd.Address(d.Device), "id", storedid.Text(d.MessageID), "attempt", d.Attempts)
 	switch r.kind {
 	case attemptDelivered:
 		res.State, res.Status = store.DeliveryDelivered, uint8(emsd.DeliveryReportSent)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/ua"
 )
@@ -176,7 +177,7 @@ func TestDeliveryErrors(t *testing.T) {
 	if !delivered.IsLocal {
 		t.Errorf("delivered under %s, want a local id", delivered)
 	}
-	st, err := s.st.DeliveryStatus(context.Background(), 198037, encodeMsgID(delivered))
+	st, err := s.st.DeliveryStatus(context.Background(), 198037, storedid.MessageID(delivered).String())
 	must(t, err)
 	if st != uint8(emsd.NonDeliveryReportSent) {
 		t.Errorf("status %d, want 3", st)

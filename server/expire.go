@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -48,7 +49,7 @@ func (s *Server) expire(now time.Time) {
 			}
 			continue
 		}
-		s.log.Warn("delivery expired", "device", emsd.Address(d.Device), "id", idText(d.MessageID), "attempts", d.Attempts)
+		s.log.Warn("delivery expired", "device", emsd.Address(d.Device), "id", storedid.Text(d.MessageID), "attempts", d.Attempts)
 		s.metrics.deliveries.WithLabelValues("expired").Inc()
 		s.noteQueued(w)
 	}

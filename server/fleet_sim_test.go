@@ -12,6 +12,7 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/internal/lossynet"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/ua"
 )
@@ -108,7 +109,7 @@ func (f *simFleet) queue(devs []emsd.Address, n int) {
 			content, err := ipm.Marshal(emsd.Options{})
 			must(f.t, err)
 			w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(a),
-				MessageID: encodeMsgID(emsd.RFC822ID("<" + subj + "@example.com>")), ContentType: uint32(emsd.ContentIPM),
+				MessageID: storedid.MessageID(emsd.RFC822ID("<" + subj + "@example.com>")).String(), ContentType: uint32(emsd.ContentIPM),
 				Content: content, Priority: 1, NextAttempt: now, Expires: now.Add(time.Hour)})
 		}
 	}

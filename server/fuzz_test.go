@@ -9,6 +9,7 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/internal/captures"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 )
 
 // recorder is a ResponseWriter that records the answers of one
@@ -89,13 +90,13 @@ func FuzzStoredIDs(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		if m, err := decodeMsgID(s); err == nil {
-			if back, err := decodeMsgID(encodeMsgID(m)); err != nil || back != m {
+		if m, err := storedid.ParseMessageID(s); err == nil {
+			if back, err := storedid.ParseMessageID(storedid.MessageID(m).String()); err != nil || back != m {
 				t.Fatalf("%q: %v then %v (%v)", s, m, back, err)
 			}
 		}
-		a := decodeOR(s)
-		if back := decodeOR(encodeOR(a)); back != a {
+		a := storedid.ParseAddress(s)
+		if back := storedid.ParseAddress(storedid.Address(a).String()); back != a {
 			t.Fatalf("%q: %v then %v", s, a, back)
 		}
 	})

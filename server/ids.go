@@ -5,23 +5,7 @@ import (
 	"strings"
 
 	"github.com/esro-emsdp/emsdp/emsd"
-	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 )
-
-// The stored forms of message ids and O/R addresses are storedid's; these
-// are its functions under the names the delivery scheduler (deliver.go)
-// and the tests use.
-
-func encodeMsgID(m emsd.MessageID) string { return storedid.MessageID(m).String() }
-
-func decodeMsgID(s string) (emsd.MessageID, error) { return storedid.ParseMessageID(s) }
-
-// idText is a stored id as the CLI and the devices show it, for logs.
-func idText(stored string) string { return storedid.Text(stored) }
-
-func encodeOR(a emsd.ORAddress) string { return storedid.Address(a).String() }
-
-func decodeOR(s string) emsd.ORAddress { return storedid.ParseAddress(s) }
 
 // rfc822MessageID is the Message-ID a submitted message gets on the
 // Internet, derived from its local id (Open Point 10), so that a report or

@@ -20,6 +20,7 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/internal/pgtest"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/store/sqlite"
 	"github.com/esro-emsdp/emsdp/ua"
@@ -176,7 +177,7 @@ func TestInFlightCheck(t *testing.T) {
 		// Queued behind the scheduler's back (it rescans in 30 s) and
 		// claimed at once, as by a worker that then went away.
 		must(t, s.st.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{{Device: dev,
-			MessageID: encodeMsgID(emsd.RFC822ID(fmt.Sprintf("<%d@example.com>", dev))), Content: []byte{0x30, 0},
+			MessageID: storedid.MessageID(emsd.RFC822ID(fmt.Sprintf("<%d@example.com>", dev))).String(), Content: []byte{0x30, 0},
 			NextAttempt: now, Expires: now.Add(time.Hour)}}}))
 		d, err := s.st.ClaimDelivery(ctx, dev, now, store.Limits{})
 		must(t, err)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/ua"
 )
@@ -224,7 +225,7 @@ func TestRescanUnderLoad(t *testing.T) {
 				content, err := testIPM("198.036").Marshal(emsd.Options{})
 				must(t, err)
 				must(t, other.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{{Device: 198036,
-					MessageID: encodeMsgID(emsd.RFC822ID("<" + subj + "@example.com>")), ContentType: uint32(emsd.ContentIPM),
+					MessageID: storedid.MessageID(emsd.RFC822ID("<" + subj + "@example.com>")).String(), ContentType: uint32(emsd.ContentIPM),
 					Content: content, Priority: 1, NextAttempt: at, Expires: now.Add(time.Hour)}}}))
 			}
 			// Not due for this server yet, so that the other one claims it.

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -30,7 +31,7 @@ func TestReloadTakesUpRetried(t *testing.T) {
 			must(t, err)
 			// Deferred for an hour, queued behind the server's back.
 			must(t, op.Enqueue(ctx, store.Work{
-				Deliveries: []store.NewDelivery{{Device: 198036, MessageID: encodeMsgID(emsd.RFC822ID("<retried@example.com>")),
+				Deliveries: []store.NewDelivery{{Device: 198036, MessageID: storedid.MessageID(emsd.RFC822ID("<retried@example.com>")).String(),
 					ContentType: uint32(emsd.ContentIPM), Content: content, Priority: 1, NextAttempt: later,
 					Expires: later.Add(time.Hour)}},
 				Relays: []store.NewRelay{{From: "198.036@emsd.test", Message: []byte("Subject: retried\r\n\r\nbody\r\n"),

@@ -16,6 +16,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/server/internal/storedid"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -83,10 +84,10 @@ func TestReportWorkGroups(t *testing.T) {
 		dr   = uint8(emsd.RcptDeliveryReport)
 		both = ndr | dr
 	)
-	msg1 := encodeMsgID(emsd.LocalID(0x6b07e3fe, 1))
-	msg2 := encodeMsgID(emsd.LocalID(0x6b07e3fe, 2))
+	msg1 := storedid.MessageID(emsd.LocalID(0x6b07e3fe, 1)).String()
+	msg2 := storedid.MessageID(emsd.LocalID(0x6b07e3fe, 2)).String()
 	fromDev := func(dev uint32, msg string, flags uint8, rcpt string) store.Report {
-		return store.Report{Device: dev, Flags: flags, MessageID: msg, Recipient: encodeOR(emsd.RFC822OR(rcpt))}
+		return store.Report{Device: dev, Flags: flags, MessageID: msg, Recipient: storedid.Address(emsd.RFC822OR(rcpt)).String()}
 	}
 	fromMail := func(sender, msg string, flags uint8, rcpt string) store.Report {
 		return store.Report{Mail: sender, Flags: flags, MessageID: msg, Recipient: "R:" + rcpt,
@@ -209,7 +210,7 @@ func TestReportSplit(t *testing.T) {
 			for i := range tt.n {
 				r := tt.rcpt(i)
 				items = append(items, reportItem{store.Report{Device: 198036, Flags: uint8(emsd.RcptNonDeliveryReport),
-					MessageID: encodeMsgID(emsd.LocalID(0x6b07e3fe, 1)), Recipient: encodeOR(emsd.RFC822OR(r))},
+					MessageID: storedid.MessageID(emsd.LocalID(0x6b07e3fe, 1)).String(), Recipient: storedid.Address(emsd.RFC822OR(r)).String()},
 					failed(emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown, tt.text)})
 				want = append(want, "-"+r)
 			}
