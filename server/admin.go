@@ -44,7 +44,7 @@ func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
 	if s.smtpLn != nil && !s.smtpUp.Load() {
 		bad = append(bad, "smtp: not serving")
 	}
-	bad = append(bad, s.out.health()...)
+	bad = append(bad, s.sched.out.health()...)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	if len(bad) > 0 {
 		w.WriteHeader(http.StatusServiceUnavailable)

@@ -13,11 +13,11 @@ import (
 // attemptDevice makes one attempt to a device: it claims the device's
 // oldest due delivery, makes one attempt and records its outcome; then
 // the device goes back in line (fleet.finish).
-func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
+func (s *scheduler) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 	a := fd.addr
 	o, next, ok := fNothing, time.Time{}, false
 	defer func() {
-		sc := &s.sched
+		sc := s
 		sc.mu.Lock()
 		f.done = true
 		if f.watchdog != nil {
@@ -27,7 +27,7 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 		// server goes on with its queue) is left alone until new work
 		// for it or a rescan finding its queue changed (fleet.note); one
 		// the store failed to answer for, for storeErrorHold.
-		sc.fleet.finish(fd, o, time.Now(), s.deviceBackoff, next, ok, s.rescan)
+		sc.fleet.finish(fd, o, time.Now(), s.deviceBackoff, next, ok, s.rescanEvery)
 		delete(sc.inflight, a)
 		s.setInFlight()
 		sc.mu.Unlock()
@@ -45,7 +45,7 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 			pk = &p
 		}
 	}
-	dev := s.registry().get(a)
+	dev := s.srv.registry().get(a)
 	var lim store.Limits
 	var tg target
 	if dev != nil {
@@ -54,7 +54,7 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 		if pk != nil {
 			known = &pk.Contact
 		}
-		if tg, why = s.targetOf(dev, known); why != "" {
+		if tg, why = s.srv.targetOf(dev, known); why != "" {
 			// Offline: parked until the device is heard (contact.go);
 			// heard by another server sharing the store: left to it until
 			// the next rescan.
@@ -93,9 +93,9 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 	// write the live devices' writes would queue behind, and its outcome
 	// counts it (PeekDelivery). With a shared store the claim is what
 	// keeps the servers apart.
-	s.sched.mu.Lock()
+	s.mu.Lock()
 	peek := fd.kind == kFirst && s.conf().Store.Driver != StorePostgres
-	s.sched.mu.Unlock()
+	s.mu.Unlock()
 	claimAt := time.Now()
 	var d *store.Delivery
 	var err error
@@ -133,30 +133,30 @@ func (s *Server) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 	ref := store.QueueRef{Kind: store.QueueDelivery, ID: d.ID}
 	s.out.hold(ref)
 	defer s.out.release(ref)
-	s.sched.mu.Lock()
+	s.mu.Lock()
 	fails := fd.fails
 	if peek {
 		f.peeked = d.ID
 	}
-	s.sched.mu.Unlock()
+	s.mu.Unlock()
 	r := s.attempt(ctx, dev, d, &p, refIDs, &tg, f)
 	if peek && p.fail == nil && p.carries && !refIDs {
 		r.ids = len(p.segs)
 	}
-	s.sched.mu.Lock()
+	s.mu.Lock()
 	if r.kind == attemptRequeue { // cancelled: by shutdown or by the watchdog
 		switch {
 		case f.abandoned:
 			r.abandoned = true
 		case f.cut:
 			if tg.learned {
-				s.contactFailed(a, tg.to)
+				s.srv.contactFailed(a, tg.to)
 			}
 			r = attemptResult{kind: attemptRespool, silent: true, took: r.took,
 				err: fmt.Sprintf("no answer within %v, and every probe taken", r.took.Round(time.Millisecond))}
 		}
 	}
-	s.sched.mu.Unlock()
+	s.mu.Unlock()
 	s.recordOutcome(d, r, time.Now().Add(s.deviceBackoff(fails+1)))
 	switch r.kind {
 	case attemptDelivered, attemptFailed:
@@ -191,6 +191,6 @@ func peekedDelivery(d *store.Delivery, lim store.Limits) (*store.Delivery, error
 
 // deviceBackoff is the hold after a device's fails-th consecutive failed
 // attempt: delivery.retry, whose last delay repeats.
-func (s *Server) deviceBackoff(fails int) time.Duration {
+func (s *scheduler) deviceBackoff(fails int) time.Duration {
 	return backoff(s.conf().Delivery.Retry, fails)
 }

@@ -25,14 +25,14 @@ type prepared struct {
 
 // prepare encodes d for dev and splits it into segments
 // (docs/protocol.md EMSD §9.9).
-func (s *Server) prepare(dev *device, d *store.Delivery) prepared {
+func (s *scheduler) prepare(dev *device, d *store.Delivery) prepared {
 	p := prepared{ct: emsd.ContentType(d.ContentType)}
 	fail := func(reason emsd.NonDeliveryReason, diag emsd.Diagnostic, format string, a ...any) prepared {
 		text := fmt.Sprintf(format, a...)
 		p.fail = &attemptResult{kind: attemptFailed, o: failed(reason, diag, text), err: text}
 		return p
 	}
-	o := s.opts(dev.version)
+	o := s.srv.opts(dev.version)
 	content := d.Content
 	if o != (emsd.Options{}) { // stored as 1.1 in list order; re-encode for this device
 		c, err := emsd.DecodeContents(p.ct, content, emsd.Options{})

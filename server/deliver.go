@@ -39,7 +39,7 @@ type attemptResult struct {
 // until the store takes it (persist): the device stays busy meanwhile.
 // It uses the server's context, not the deliveries': an outcome is
 // recorded even when deliveries are being cancelled.
-func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.Time) {
+func (s *scheduler) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.Time) {
 	res := store.DeliveryResult{Error: r.err}
 	unclaimed := d.State == store.DeliveryQueued // PeekDelivery: the outcome counts the attempt
 	if unclaimed {
@@ -58,9 +58,9 @@ func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.
 	case attemptRespool:
 		res.State, res.NextAttempt = store.DeliveryQueued, retryAt
 		defer func() { // queued again: its expiry is the scheduler's to see
-			s.sched.mu.Lock()
+			s.mu.Lock()
 			s.expiresLocked(d.Expires)
-			s.sched.mu.Unlock()
+			s.mu.Unlock()
 		}()
 		log.Info("delivery deferred", "why", r.err, "next", res.NextAttempt.Round(time.Second))
 	case attemptRequeue:
@@ -84,7 +84,7 @@ func (s *Server) recordOutcome(d *store.Delivery, r attemptResult, retryAt time.
 			if r.kind == attemptFailed && r.refused {
 				// A device that refuses a report (the reference UA accepts
 				// only IPMs) gets it as a notice instead (delivery.reports auto).
-				w.Deliveries = append(w.Deliveries, s.noticeFromReport(ctx, d)...)
+				w.Deliveries = append(w.Deliveries, s.srv.noticeFromReport(ctx, d)...)
 			}
 			res.Work = w
 		}
@@ -126,7 +126,7 @@ func backoff(schedule []Duration, attempts int) time.Duration {
 // and invoking the same address again at once would only hold a worker
 // on a silent device for as long again; the device is retried after its
 // hold.
-func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, p *prepared, refIDs bool, tg *target, f *flight) (r attemptResult) {
+func (s *scheduler) attempt(ctx context.Context, dev *device, d *store.Delivery, p *prepared, refIDs bool, tg *target, f *flight) (r attemptResult) {
 	start := time.Now()
 	defer func() { r.took = time.Since(start) }()
 	if dev == nil {
@@ -165,11 +165,11 @@ func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, p 
 				f.progress.Store(time.Now().UnixNano()) // the device's silence counts from the send
 			}
 			s.metrics.invocations.Inc()
-			if _, err = s.endpointOf(tg).Invoke(ctx, req); !isFailure(err) {
+			if _, err = s.srv.endpointOf(tg).Invoke(ctx, req); !isFailure(err) {
 				break
 			}
 			if tg.learned {
-				s.contactFailed(dev.addr, req.To)
+				s.srv.contactFailed(dev.addr, req.To)
 			}
 			if try > 0 || !tg.fallback.IsValid() {
 				break // one invocation per address
@@ -205,7 +205,7 @@ func (s *Server) attempt(ctx context.Context, dev *device, d *store.Delivery, p 
 		}
 	}
 	if tg.learned {
-		s.alive(dev.addr, tg.to)
+		s.srv.alive(dev.addr, tg.to)
 	}
 	return attemptResult{kind: attemptDelivered}
 }

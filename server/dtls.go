@@ -155,7 +155,7 @@ func (s *Server) startDTLS(cfg *Config, ecfg *esro.Config) error {
 	if cfg.DTLS.Listen == "" {
 		return nil
 	}
-	d, err := newDTLSService(cfg, ecfg, s.log, s.devs, s.perf, func(a emsd.Address) { s.touch(a, true) })
+	d, err := newDTLSService(cfg, ecfg, s.log, s.devs, s.perf, func(a emsd.Address) { s.sched.touch(a, true) })
 	if err != nil {
 		return err
 	}

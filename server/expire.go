@@ -12,17 +12,17 @@ import (
 
 // expire drops queued deliveries and relays past their expiry with
 // non-delivery reports (docs/protocol.md EMSD §9.8: 1 hour for deliveries).
-func (s *Server) expire(now time.Time) {
+func (s *scheduler) expire(now time.Time) {
 	ctx := s.loopCtx
 	ds, err := s.st.ExpiredDeliveries(ctx, now, 100)
 	if err != nil && ctx.Err() == nil {
 		s.log.Error("expired deliveries", "err", err)
 	}
 	for _, d := range ds {
-		s.sched.mu.Lock()
-		f := s.sched.inflight[emsd.Address(d.Device)]
+		s.mu.Lock()
+		f := s.inflight[emsd.Address(d.Device)]
 		attempted := f != nil && f.peeked == d.ID
-		s.sched.mu.Unlock()
+		s.mu.Unlock()
 		if attempted {
 			continue // its attempt's outcome decides; it expires after, if still queued
 		}
@@ -53,13 +53,13 @@ func (s *Server) expire(now time.Time) {
 		s.metrics.deliveries.WithLabelValues("expired").Inc()
 		s.noteQueued(w)
 	}
-	s.expireRelays(now)
+	s.srv.expireRelays(now)
 }
 
 // purge deletes old finished entries and resolves submissions left
 // pending long after any handler could still be waiting for them.
-func (s *Server) purge(now time.Time) {
-	if err := s.recoverSubmissions(s.loopCtx, now.Add(-staleSubmission)); err != nil && s.loopCtx.Err() == nil {
+func (s *scheduler) purge(now time.Time) {
+	if err := s.srv.recoverSubmissions(s.loopCtx, now.Add(-staleSubmission)); err != nil && s.loopCtx.Err() == nil {
 		s.log.Error("pending submissions", "err", err)
 	}
 	sc := s.conf().Store
@@ -87,10 +87,10 @@ const staleSubmission = 30 * time.Minute
 // retransmission interval (silent: it would only end with an ESRO
 // failure); they are re-queued without counting the attempt, to be
 // retried after the restart.
-func (s *Server) drainDeliveries(ctx context.Context) {
-	sc := &s.sched
+func (s *scheduler) drainDeliveries(ctx context.Context) {
+	sc := s
 	sc.mu.Lock()
-	sc.draining = true
+	sc.stopping = true
 	n := len(sc.inflight)
 	devs := make([]emsd.Address, 0, min(n, 10))
 	for a := range sc.inflight {
@@ -152,4 +152,4 @@ func (s *Server) drainDeliveries(ctx context.Context) {
 // before shutdown counts it silent: one retransmission interval of the
 // configured timers (T_retx = R + RT; the ESRO keys are restart-only),
 // far beyond an answering device's round trip.
-func (s *Server) silentAfter() time.Duration { return s.sched.silentAfter }
+func (s *scheduler) silentAfter() time.Duration { return s.cutAfter }

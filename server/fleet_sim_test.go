@@ -114,7 +114,7 @@ func (f *simFleet) queue(devs []emsd.Address, n int) {
 		}
 	}
 	must(f.t, f.s.st.Enqueue(context.Background(), w))
-	f.s.noteQueued(w)
+	f.s.sched.noteQueued(w)
 }
 
 func (f *simFleet) attempts(a emsd.Address) int {

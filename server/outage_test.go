@@ -144,7 +144,7 @@ func TestReportWhileStoreRefuses(t *testing.T) {
 	addDevice(t, s, 198037, epAddr(refuser), deviceOpts{})
 	must(t, sendMail(s, "carol@example.com", []string{"198.037@emsd.test"}, inboundMsg("198.037@emsd.test", "refused", "x")))
 	eventually(t, "the outcome waiting for its report", func() bool {
-		return testutil.ToFloat64(s.metrics.storeWriteFailures) >= 1 && s.out.pending.Load() == 1
+		return testutil.ToFloat64(s.metrics.storeWriteFailures) >= 1 && s.sched.out.pending.Load() == 1
 	})
 	host.none(t, 300*time.Millisecond)
 	fs.failNumbers.Store(false)
@@ -153,7 +153,7 @@ func TestReportWhileStoreRefuses(t *testing.T) {
 		t.Errorf("DSN from %q to %v:\n%s", m.from, m.to, m.data)
 	}
 	eventually(t, "the outcome recorded", func() bool {
-		return queueStats(t, s).Deliveries[store.DeliveryFailed] == 1 && s.out.pending.Load() == 0
+		return queueStats(t, s).Deliveries[store.DeliveryFailed] == 1 && s.sched.out.pending.Load() == 0
 	})
 }
 
@@ -183,8 +183,8 @@ func TestInFlightCheck(t *testing.T) {
 		must(t, err)
 		refs = append(refs, store.QueueRef{Kind: store.QueueDelivery, ID: d.ID})
 	}
-	s.out.hold(refs[1]) // a worker of this server holds the second
-	defer s.out.release(refs[1])
+	s.sched.out.hold(refs[1]) // a worker of this server holds the second
+	defer s.sched.out.release(refs[1])
 	inFlight := func() int {
 		t.Helper()
 		l, err := s.st.ListQueue(ctx, store.QueueFilter{States: []string{"inflight"}})
@@ -192,11 +192,11 @@ func TestInFlightCheck(t *testing.T) {
 		return len(l.Entries)
 	}
 
-	must(t, s.checkInFlight(ctx, time.Now()))
+	must(t, s.sched.checkInFlight(ctx, time.Now()))
 	if n := inFlight(); n != 2 {
 		t.Fatalf("%d in flight after a check at once, want 2: a fresh claim is left alone", n)
 	}
-	must(t, s.checkInFlight(ctx, time.Now().Add(reclaimAfter+time.Second)))
+	must(t, s.sched.checkInFlight(ctx, time.Now().Add(reclaimAfter+time.Second)))
 	if e, err := s.st.QueueEntry(ctx, refs[0]); err != nil || e.State != "queued" || e.Attempts != 1 {
 		t.Errorf("the orphan after the check: %+v %v", e, err)
 	}
@@ -211,7 +211,7 @@ func TestInFlightCheck(t *testing.T) {
 	// (The re-queue made the scheduler check at once too, with the real
 	// time, which may come between this check and the look.)
 	eventually(t, "the held entry counted as stuck", func() bool {
-		must(t, s.checkInFlight(ctx, time.Now().Add(stuckAfter+time.Minute)))
+		must(t, s.sched.checkInFlight(ctx, time.Now().Add(stuckAfter+time.Minute)))
 		code, body := get(t, base+"/healthz")
 		return s.metrics.counter(t, "emsd_queue_stuck_entries", "") == 1 && code == 503 &&
 			strings.Contains(body, "queue: 1 entries in flight past their deadline")

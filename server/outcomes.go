@@ -125,7 +125,7 @@ func permanentWriteError(err error) bool {
 // persist runs the outcome write 'write' until it succeeds, a permanent
 // error ends it, or shutdown does (see outcomes). The write builds what
 // it records afresh at each try.
-func (s *Server) persist(what string, log *slog.Logger, write func(context.Context) error) error {
+func (s *scheduler) persist(what string, log *slog.Logger, write func(context.Context) error) error {
 	delay := outcomeRetryMin
 	var since, logged time.Time
 	tries := 0
@@ -177,8 +177,8 @@ func (s *Server) persist(what string, log *slog.Logger, write func(context.Conte
 // reported (it does not encode) is left out, logged; one whose report
 // needs a store write that failed (its message number) makes the outcome
 // write try again, so that no report is lost to a store failure.
-func (s *Server) reportsFor(ctx context.Context, log *slog.Logger, items []reportItem) (store.Work, error) {
-	w, err := s.reportWork(ctx, items)
+func (s *scheduler) reportsFor(ctx context.Context, log *slog.Logger, items []reportItem) (store.Work, error) {
+	w, err := s.srv.reportWork(ctx, items)
 	if err != nil {
 		if rse := (*reportStoreError)(nil); errors.As(err, &rse) {
 			return w, err
@@ -217,7 +217,7 @@ func nodeOf(st store.Store) int32 {
 
 // checkInFlight re-queues this server's entries in flight that no worker
 // holds and counts the stuck ones (see reclaimAfter).
-func (s *Server) checkInFlight(ctx context.Context, now time.Time) error {
+func (s *scheduler) checkInFlight(ctx context.Context, now time.Time) error {
 	l, err := s.st.ListQueue(ctx, store.QueueFilter{States: []string{string(store.DeliveryInFlight), string(store.RelaySending)},
 		Limit: stuckScan})
 	if err != nil {
@@ -250,7 +250,7 @@ func (s *Server) checkInFlight(ctx context.Context, now time.Time) error {
 	if ch.Forced > 0 {
 		s.log.Warn("re-queued entries this server had in flight without a worker on them", "entries", ch.Forced)
 		s.rescanNow()
-		s.kickRelay()
+		s.srv.kickRelay()
 	}
 	return nil
 }

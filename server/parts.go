@@ -31,13 +31,9 @@ func (s *Server) Reload(ctx context.Context) error {
 	if err := s.devs.reload(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("registry: %w", err))
 	}
-	if err := s.rescanFleet(ctx, time.Time{}); err != nil {
+	if err := s.sched.reload(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("delivery queue: %w", err))
 	}
-	s.sched.mu.Lock()
-	s.sched.fleet.release(time.Now())
-	s.sched.mu.Unlock()
-	s.kick()
 	s.kickRelay()
 	if s.tlsCert != nil {
 		if err := s.tlsCert.load(time.Now()); err != nil {
@@ -55,7 +51,7 @@ func (s *Server) registryReplaced(old, cur *registry) {
 	if s.dtls != nil {
 		s.dtls.registryReplaced(old, cur)
 	}
-	s.unparkAll()
+	s.sched.unparkAll()
 }
 
 // devicesChanged: the registry entries of some devices changed; the
@@ -65,7 +61,7 @@ func (s *Server) devicesChanged(old map[emsd.Address]*device, cur map[emsd.Addre
 	if s.dtls != nil {
 		s.dtls.devicesChanged(old, cur)
 	}
-	s.unpark(slices.Collect(maps.Keys(cur)))
+	s.sched.unpark(slices.Collect(maps.Keys(cur)))
 }
 
 // targetOf chooses where deliveries to dev go now: over DTLS for a
@@ -108,11 +104,3 @@ func (s *Server) kickRelay() { s.relay.kick() }
 // expireRelays fails the relay recipients past their expiry (the
 // scheduler's housekeeping pass).
 func (s *Server) expireRelays(now time.Time) { s.relay.expire(now) }
-
-// draining reports whether the server is shutting down: the relay worker
-// then claims nothing more.
-func (s *Server) draining() bool {
-	s.sched.mu.Lock()
-	defer s.sched.mu.Unlock()
-	return s.sched.draining
-}

@@ -233,7 +233,7 @@ func TestRescanUnderLoad(t *testing.T) {
 			d1, err := other.ClaimDelivery(ctx, 198036, now.Add(time.Hour), store.Limits{})
 			must(t, err)
 			queue("second", now)
-			s.noteQueued(store.Work{Deliveries: []store.NewDelivery{{Device: 198036}}})
+			s.sched.noteQueued(store.Work{Deliveries: []store.NewDelivery{{Device: 198036}}})
 			eventually(t, "the device held as busy", func() bool { return s.held(198036, true) })
 
 			var wg sync.WaitGroup
@@ -244,7 +244,7 @@ func TestRescanUnderLoad(t *testing.T) {
 					case <-stop:
 						return
 					case <-time.After(5 * time.Millisecond):
-						s.kick()
+						s.sched.kick()
 					}
 				}
 			})

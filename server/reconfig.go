@@ -123,7 +123,7 @@ func (s *Server) Reconfigure(next *Config) (restart []string, err error) {
 		}
 	}
 	s.kickRelay()
-	s.kick()
+	s.sched.kick()
 	s.log.Info("configuration reloaded", "changed", keyList(changed))
 	if merged.Relay.Smarthost == "" && cur.cfg.Relay.Smarthost != "" {
 		s.log.Warn("no smarthost configured: mail for the Internet stays queued until it expires")

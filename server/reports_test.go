@@ -468,7 +468,7 @@ func TestRelayRoundOneDSN(t *testing.T) {
 	}
 	w := store.Work{Relays: []store.NewRelay{nr}}
 	must(t, s.st.Enqueue(context.Background(), w))
-	s.noteQueued(w)
+	s.sched.noteQueued(w)
 	m := host.next(t)
 	if m.from != "" || !slices.Equal(m.to, []string{"carol@example.com"}) {
 		t.Fatalf("DSN envelope from %q to %v", m.from, m.to)

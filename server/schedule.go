@@ -3,6 +3,7 @@ package server
 import (
 	"cmp"
 	"context"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -11,24 +12,80 @@ import (
 	"github.com/esro-emsdp/emsdp/store"
 )
 
-// sched is the delivery scheduler's state: the fleet (per-device due
-// times and reachability) and the attempts in flight, under mu.
-type sched struct {
-	kick chan struct{}
+// scheduler is the delivery scheduler: it attempts the queued
+// deliveries device by device (claim.go, deliver.go, copies.go), holds
+// devices back after failures (backoff), expires what is too old
+// (expire.go), paces new invocations (pace.go) and writes every outcome
+// until the store takes it (outcomes.go). Its state is the fleet
+// (per-device due times and reachability) and the attempts in flight,
+// under mu.
+type scheduler struct {
+	st      store.Store
+	srv     *Server
+	log     *slog.Logger
+	metrics *metrics
+	conf    func() *Config
+	// ctx lives until Close (outcome writes use it); loopCtx ends the
+	// scheduler's loop at shutdown; dctx ends the attempts in flight when
+	// the drain time is over (dcancel).
+	ctx, loopCtx, dctx context.Context
+	dcancel            context.CancelFunc
+
+	seq         emsd.SequenceCounter
+	pace        pacer
+	rescanEvery time.Duration // full rescan period
+	out         *outcomes     // outcome writes and the entries held in flight
+
+	kicked chan struct{}
 	// rescan asks the scheduler for a rescan at once (another server's
 	// work was taken over, or this server's own re-queued).
-	rescan   chan struct{}
-	mu       sync.Mutex
-	fleet    *fleet
-	inflight map[emsd.Address]*flight
+	rescanReq chan struct{}
+	mu        sync.Mutex
+	fleet     *fleet
+	inflight  map[emsd.Address]*flight
 	// expireAt is when the scheduler next looks for expired entries; new
 	// work that expires sooner brings it forward.
 	expireAt time.Time
 	// silentAfter is the cut time: how long a device may leave an
 	// invocation unanswered before it counts as silent (see silentAfter).
-	silentAfter time.Duration
-	draining    bool
-	workers     sync.WaitGroup
+	cutAfter time.Duration
+	stopping bool // draining: no new attempts
+	workers  sync.WaitGroup
+}
+
+// newScheduler is a scheduler with nothing queued yet; run starts it.
+func newScheduler(s *scheduler) *scheduler {
+	s.out = newOutcomes()
+	s.rescanEvery = cmp.Or(s.rescanEvery, defaultRescan)
+	s.kicked, s.rescanReq = make(chan struct{}, 1), make(chan struct{}, 1)
+	s.fleet, s.inflight = newFleet(), map[emsd.Address]*flight{}
+	return s
+}
+
+// draining reports whether the server is shutting down: the relay worker
+// then claims nothing more.
+func (s *scheduler) draining() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stopping
+}
+
+// stop makes the scheduler start no more attempts (Close).
+func (s *scheduler) stop() {
+	s.mu.Lock()
+	s.stopping = true
+	s.mu.Unlock()
+}
+
+// reload is SIGHUP's part (Server.Reload): every device's due time read
+// again, and the holds of devices whose attempts failed lifted.
+func (s *scheduler) reload(ctx context.Context) error {
+	err := s.rescanFleet(ctx, time.Time{})
+	s.mu.Lock()
+	s.fleet.release(time.Now())
+	s.mu.Unlock()
+	s.kick()
+	return err
 }
 
 // flight is one attempt in flight.
@@ -82,16 +139,16 @@ const defaultRescan = 30 * time.Second
 const rescanOverlap = time.Minute
 
 // rescanNow makes the scheduler rescan the queue at once.
-func (s *Server) rescanNow() {
+func (s *scheduler) rescanNow() {
 	select {
-	case s.sched.rescan <- struct{}{}:
+	case s.rescanReq <- struct{}{}:
 	default:
 	}
 }
 
-func (s *Server) kick() {
+func (s *scheduler) kick() {
 	select {
-	case s.sched.kick <- struct{}{}:
+	case s.kicked <- struct{}{}:
 	default:
 	}
 }
@@ -121,8 +178,8 @@ func deliveryLimits(c DeliveryConfig) fleetLimits {
 // watch is the watchdog of a live or first attempt: when the device has
 // not answered for the cut time, the attempt becomes a probe, or is cut
 // short if every probe is taken.
-func (s *Server) watch(d *fdev, f *flight) {
-	sc := &s.sched
+func (s *scheduler) watch(d *fdev, f *flight) {
+	sc := s
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if f.done || f.cut || f.abandoned {
@@ -143,22 +200,22 @@ func (s *Server) watch(d *fdev, f *flight) {
 
 // unparkAll makes the scheduler try the devices held back by delivery
 // control limits again (the limits or the registry changed).
-func (s *Server) unparkAll() {
-	s.sched.mu.Lock()
-	s.sched.fleet.unparkAll(time.Now())
-	s.sched.mu.Unlock()
+func (s *scheduler) unparkAll() {
+	s.mu.Lock()
+	s.fleet.unparkAll(time.Now())
+	s.mu.Unlock()
 	s.kick()
 }
 
 // unpark puts the given devices back in line if delivery-control limits
 // parked them (their registry entries changed).
-func (s *Server) unpark(addrs []emsd.Address) {
+func (s *scheduler) unpark(addrs []emsd.Address) {
 	now := time.Now()
-	s.sched.mu.Lock()
+	s.mu.Lock()
 	for _, a := range addrs {
-		s.sched.fleet.unpark(a, now)
+		s.fleet.unpark(a, now)
 	}
-	s.sched.mu.Unlock()
+	s.mu.Unlock()
 	s.kick()
 }
 
@@ -166,7 +223,7 @@ func (s *Server) unpark(addrs []emsd.Address) {
 // INVOKE from the device is its poll (docs/protocol.md EMSD §9.4). authenticated
 // says the device proved who it is, which also makes it count as
 // answering (see fleet.wake).
-func (s *Server) wake(a emsd.Address, authenticated bool) {
+func (s *scheduler) wake(a emsd.Address, authenticated bool) {
 	now := time.Now()
 	n, err := s.st.WakeDevice(s.ctx, uint32(a), now)
 	if err != nil {
@@ -174,9 +231,9 @@ func (s *Server) wake(a emsd.Address, authenticated bool) {
 	}
 	if n > 0 {
 		s.log.Debug("device poll woke its queue", "device", a, "deliveries", n)
-		s.sched.mu.Lock()
-		s.sched.fleet.note(a, now, now)
-		s.sched.mu.Unlock()
+		s.mu.Lock()
+		s.fleet.note(a, now, now)
+		s.mu.Unlock()
 	}
 	s.touch(a, authenticated)
 }
@@ -186,10 +243,10 @@ func (s *Server) wake(a emsd.Address, authenticated bool) {
 // authenticated as for wake. A device the scheduler does not know may
 // have mail another process queued (another server sharing the store):
 // the store is asked, by an indexed look-up.
-func (s *Server) touch(a emsd.Address, authenticated bool) {
-	s.sched.mu.Lock()
-	known := s.sched.fleet.devs[a] != nil
-	s.sched.mu.Unlock()
+func (s *scheduler) touch(a emsd.Address, authenticated bool) {
+	s.mu.Lock()
+	known := s.fleet.devs[a] != nil
+	s.mu.Unlock()
 	if !known {
 		next, ok, err := s.st.DeviceNextDue(s.ctx, uint32(a))
 		if err != nil {
@@ -198,23 +255,23 @@ func (s *Server) touch(a emsd.Address, authenticated bool) {
 		if !ok {
 			return
 		}
-		s.sched.mu.Lock()
-		s.sched.fleet.note(a, next, time.Now())
-		s.sched.mu.Unlock()
+		s.mu.Lock()
+		s.fleet.note(a, next, time.Now())
+		s.mu.Unlock()
 	}
-	s.sched.mu.Lock()
-	s.sched.fleet.wake(a, time.Now(), authenticated)
-	s.sched.mu.Unlock()
+	s.mu.Lock()
+	s.fleet.wake(a, time.Now(), authenticated)
+	s.mu.Unlock()
 	s.kick()
 }
 
 // noteQueued tells the loops about new work.
-func (s *Server) noteQueued(w store.Work) {
+func (s *scheduler) noteQueued(w store.Work) {
 	if w.Empty() {
 		return
 	}
 	now := time.Now()
-	sc := &s.sched
+	sc := s
 	sc.mu.Lock()
 	for _, d := range w.Deliveries {
 		sc.fleet.note(emsd.Address(d.Device), cmp.Or(d.NextAttempt, now), now)
@@ -226,31 +283,31 @@ func (s *Server) noteQueued(w store.Work) {
 	sc.mu.Unlock()
 	s.kick()
 	if len(w.Relays) > 0 {
-		s.kickRelay()
+		s.srv.kickRelay()
 	}
 }
 
 // expiresLocked brings the scheduler's next look for expired entries
 // forward to t. sched.mu is held.
-func (s *Server) expiresLocked(t time.Time) {
-	if !t.IsZero() && t.Before(s.sched.expireAt) {
-		s.sched.expireAt = t
+func (s *scheduler) expiresLocked(t time.Time) {
+	if !t.IsZero() && t.Before(s.expireAt) {
+		s.expireAt = t
 	}
 }
 
 // rescanFleet tells the fleet about the devices with queued deliveries
 // changed since 'since' (all of them with the zero time).
-func (s *Server) rescanFleet(ctx context.Context, since time.Time) error {
+func (s *scheduler) rescanFleet(ctx context.Context, since time.Time) error {
 	ds, err := s.st.QueuedDevices(ctx, since)
 	if err != nil {
 		return err
 	}
 	now := time.Now()
-	s.sched.mu.Lock()
+	s.mu.Lock()
 	for _, d := range ds {
-		s.sched.fleet.note(emsd.Address(d.Device), d.Next, now)
+		s.fleet.note(emsd.Address(d.Device), d.Next, now)
 	}
-	s.sched.mu.Unlock()
+	s.mu.Unlock()
 	return nil
 }
 
@@ -260,7 +317,7 @@ func (s *Server) rescanFleet(ctx context.Context, since time.Time) error {
 // (fleet), rebuilt from the store at start and brought up to date with
 // what other processes changed at every rescan, which asks the store only
 // for the rows changed since the previous one.
-func (s *Server) runScheduler() {
+func (s *scheduler) runScheduler() {
 	t := time.NewTimer(0)
 	defer t.Stop()
 	now := time.Now()
@@ -269,10 +326,10 @@ func (s *Server) runScheduler() {
 		s.log.Error("delivery queue", "err", err)
 		lastScan = time.Time{} // the next rescan reads everything
 	}
-	purgeAt, rescanAt := now, now.Add(s.rescan)
-	s.sched.mu.Lock()
-	s.sched.expireAt = now
-	s.sched.mu.Unlock()
+	purgeAt, rescanAt := now, now.Add(s.rescanEvery)
+	s.mu.Lock()
+	s.expireAt = now
+	s.mu.Unlock()
 	// A PostgreSQL store signals when its sweep took over the work of a
 	// server that is gone: rescan at once, and the relays too (nil: never).
 	var requeued <-chan struct{}
@@ -283,13 +340,13 @@ func (s *Server) runScheduler() {
 		select {
 		case <-s.loopCtx.Done():
 			return
-		case <-s.sched.kick:
+		case <-s.kicked:
 		case <-t.C:
 		case <-requeued:
 			s.log.Info("took over the work of a server that is gone")
 			rescanAt = time.Time{}
-			s.kickRelay()
-		case <-s.sched.rescan:
+			s.srv.kickRelay()
+		case <-s.rescanReq:
 			rescanAt = time.Time{}
 		}
 		now = time.Now()
@@ -308,11 +365,11 @@ func (s *Server) runScheduler() {
 			if err := s.checkInFlight(s.loopCtx, now); err != nil && s.loopCtx.Err() == nil {
 				s.log.Error("entries in flight", "err", err)
 			}
-			rescanAt = now.Add(s.rescan)
+			rescanAt = now.Add(s.rescanEvery)
 		}
-		s.sched.mu.Lock()
-		expireAt := s.sched.expireAt
-		s.sched.mu.Unlock()
+		s.mu.Lock()
+		expireAt := s.expireAt
+		s.mu.Unlock()
 		if !now.Before(expireAt) {
 			s.expire(now)
 			// The next expiry (or due time, which NextDue also gives: a
@@ -324,11 +381,11 @@ func (s *Server) runScheduler() {
 					expireAt = floor
 				}
 			}
-			s.sched.mu.Lock()
-			if expireAt.Before(s.sched.expireAt) || !s.sched.expireAt.After(now) {
-				s.sched.expireAt = expireAt
+			s.mu.Lock()
+			if expireAt.Before(s.expireAt) || !s.expireAt.After(now) {
+				s.expireAt = expireAt
 			}
-			s.sched.mu.Unlock()
+			s.mu.Unlock()
 		}
 		if !now.Before(purgeAt) {
 			s.purge(now)
@@ -336,23 +393,23 @@ func (s *Server) runScheduler() {
 		}
 		s.startWorkers(now)
 		wakeAt := rescanAt
-		s.sched.mu.Lock()
-		if s.sched.expireAt.Before(wakeAt) {
-			wakeAt = s.sched.expireAt
+		s.mu.Lock()
+		if s.expireAt.Before(wakeAt) {
+			wakeAt = s.expireAt
 		}
-		if next, ok := s.sched.fleet.next(); ok && next.Before(wakeAt) {
+		if next, ok := s.fleet.next(); ok && next.Before(wakeAt) {
 			wakeAt = next
 		}
-		s.sched.mu.Unlock()
+		s.mu.Unlock()
 		t.Reset(max(time.Until(wakeAt), time.Millisecond))
 	}
 }
 
-func (s *Server) startWorkers(now time.Time) {
-	sc := &s.sched
+func (s *scheduler) startWorkers(now time.Time) {
+	sc := s
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	if sc.draining {
+	if sc.stopping {
 		return
 	}
 	// First attempts read the store in batches when it can (SQLite: one
@@ -408,8 +465,8 @@ func (s *Server) startWorkers(now time.Time) {
 }
 
 // setInFlight updates the in-flight gauges. sched.mu is held.
-func (s *Server) setInFlight() {
+func (s *scheduler) setInFlight() {
 	for k, name := range [kinds]string{kLive: "live", kFirst: "first", kProbe: "probe"} {
-		s.metrics.inflight.WithLabelValues(name).Set(float64(s.sched.fleet.busy[k]))
+		s.metrics.inflight.WithLabelValues(name).Set(float64(s.fleet.busy[k]))
 	}
 }

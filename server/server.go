@@ -129,12 +129,8 @@ type Server struct {
 	admin   *http.Server
 	adminLn net.Listener
 
-	// The delivery scheduler (deliver.go).
-	seq    emsd.SequenceCounter
-	sched  sched
-	pace   pacer
-	rescan time.Duration // full rescan period of the scheduler
-	out    *outcomes     // outcome writes and the entries held in flight (outcomes.go)
+	sched  *scheduler    // the delivery scheduler (schedule.go)
+	rescan time.Duration // its full rescan period (Options.rescan)
 
 	// ctx lives until Close: handlers and recording outcomes use it.
 	// loopCtx ends the background loops at shutdown; dctx ends deliveries
@@ -207,9 +203,8 @@ func newServer(cfg *Config, o Options) *Server {
 		hostname:  cfg.hostname(),
 		now:       o.now,
 		pollReset: make(chan struct{}, 1),
-		rescan:    cmp.Or(o.rescan, defaultRescan),
+		rescan:    o.rescan,
 		metrics:   newMetrics(),
-		out:       newOutcomes(),
 	}
 	if s.now == nil {
 		s.now = time.Now
@@ -218,7 +213,6 @@ func newServer(cfg *Config, o Options) *Server {
 		s.level.Set(cfg.logLevel())
 	}
 	s.live.Store(&liveConfig{cfg: cfg, relay: s.newRelay(cfg)})
-	s.sched = sched{kick: make(chan struct{}, 1), rescan: make(chan struct{}, 1), fleet: newFleet(), inflight: map[emsd.Address]*flight{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.loopCtx, s.loopCancel = context.WithCancel(s.ctx)
 	s.dctx, s.dcancel = context.WithCancel(s.ctx)
@@ -248,23 +242,25 @@ func (s *Server) openStore(ctx context.Context, cfg *Config, given store.Store) 
 // it uses and reaches the others through small interfaces, which the
 // Server implements where the delivery scheduler is involved (parts.go).
 func (s *Server) wire(cfg *Config) {
+	s.sched = newScheduler(&scheduler{st: s.st, srv: s, log: s.log, metrics: s.metrics, conf: s.conf,
+		ctx: s.ctx, loopCtx: s.loopCtx, dctx: s.dctx, dcancel: s.dcancel, rescanEvery: s.rescan})
 	s.devs = &registrar{st: s.st, log: s.log, watch: s, domains: cfg.domains(), ctx: s.loopCtx,
 		ipOnly:  func() bool { return s.conf().Compat.IPOnlyIdentification },
 		devices: s.metrics.devices, authLimited: s.metrics.authLimited, auth: authlimit.New(cfg.EMSD.authLimits(), s.now)}
 	s.contacts = &contactBook{st: s.st, log: s.log, conf: s.conf, ctx: s.ctx, changes: s.metrics.addressChanges,
-		reachable: func(a emsd.Address) { s.touch(a, true) }}
+		reachable: func(a emsd.Address) { s.sched.touch(a, true) }}
 	s.rep = &reporter{st: s.st, log: s.log, metrics: s.metrics, conf: s.conf, devs: s.devs,
 		domain: s.domain, hostname: s.hostname}
 	s.perf = &performer{st: s.st, log: s.log, metrics: s.metrics, conf: s.conf, devs: s.devs, contacts: s.contacts,
-		sched: s, reports: s.rep, routes: s, ctx: s.ctx, domain: s.domain, hostname: s.hostname,
+		sched: s.sched, reports: s.rep, routes: s, ctx: s.ctx, domain: s.domain, hostname: s.hostname,
 		reasm: emsd.NewReassembler[submitter](emsd.ReassemblerConfig{Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
 		segs:  segCache{ttl: time.Duration(cfg.EMSD.DedupeWindow), max: 4096}}
-	s.inbound = &receiver{st: s.st, log: s.log, metrics: s.metrics, conf: s.conf, devs: s.devs, sched: s,
+	s.inbound = &receiver{st: s.st, log: s.log, metrics: s.metrics, conf: s.conf, devs: s.devs, sched: s.sched,
 		domain: s.domain, hostname: s.hostname}
-	s.relay = &relayWorker{st: s.st, log: s.log, metrics: s.metrics, live: s.live.Load, sched: s, out: s, held: s.out,
+	s.relay = &relayWorker{st: s.st, log: s.log, metrics: s.metrics, live: s.live.Load, sched: s.sched, out: s.sched, held: s.sched.out,
 		kicked: make(chan struct{}, 1), ctx: s.loopCtx, dctx: s.dctx}
 	s.metrics.reg.MustRegister(s.devs.auth.Collectors()...)
-	s.metrics.reg.MustRegister(s.out.collectors()...)
+	s.metrics.reg.MustRegister(s.sched.out.collectors()...)
 	s.metrics.reg.MustRegister(newStoreCollector(s.st))
 }
 
@@ -274,7 +270,7 @@ func (s *Server) listen(cfg *Config, pc net.PacketConn) error {
 	if err != nil {
 		return err
 	}
-	s.sched.silentAfter = ecfg.Timers.RetransmitInterval()
+	s.sched.cutAfter = ecfg.Timers.RetransmitInterval()
 	if pc == nil {
 		if pc, err = s.listenEMSD(cfg.EMSD); err != nil {
 			return err
@@ -342,7 +338,7 @@ func (s *Server) serve(cfg *Config) error {
 			return err
 		}
 	}
-	s.loops.Go(s.runScheduler)
+	s.loops.Go(s.sched.runScheduler)
 	s.loops.Go(s.relay.run)
 	s.loops.Go(func() {
 		s.devs.poll(func() time.Duration { return time.Duration(s.conf().Store.RegistryPoll) }, s.pollReset)
@@ -448,7 +444,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 	}
 	dctx, cancel := context.WithTimeout(ctx, time.Duration(s.conf().Delivery.DrainTimeout))
-	s.drainDeliveries(dctx)
+	s.sched.drainDeliveries(dctx)
 	cancel()
 	s.dcancel()
 	if st := s.ep.Stats(); st.InFlightInvoker+st.InFlightPerformer > 0 {
@@ -480,9 +476,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) Close() error {
 	var err error
 	s.closeOnce.Do(func() {
-		s.sched.mu.Lock()
-		s.sched.draining = true
-		s.sched.mu.Unlock()
+		if s.sched != nil {
+			s.sched.stop()
+		}
 		s.dcancel()
 		if s.smtp != nil {
 			s.smtp.Close()
@@ -502,7 +498,9 @@ func (s *Server) Close() error {
 		}
 		s.loopCancel()
 		s.loops.Wait()
-		s.sched.workers.Wait()
+		if s.sched != nil {
+			s.sched.workers.Wait()
+		}
 		s.cancel()
 		if s.ownStore && s.st != nil {
 			err = s.st.Close()
