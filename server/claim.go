@@ -45,7 +45,7 @@ func (s *scheduler) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 			pk = &p
 		}
 	}
-	dev := s.srv.registry().get(a)
+	dev := s.devs.current().get(a)
 	var lim store.Limits
 	var tg target
 	if dev != nil {
@@ -54,7 +54,7 @@ func (s *scheduler) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 		if pk != nil {
 			known = &pk.Contact
 		}
-		if tg, why = s.srv.targetOf(dev, known); why != "" {
+		if tg, why = s.routes.targetOf(dev, known); why != "" {
 			// Offline: parked until the device is heard (contact.go);
 			// heard by another server sharing the store: left to it until
 			// the next rescan.
@@ -150,7 +150,7 @@ func (s *scheduler) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 			r.abandoned = true
 		case f.cut:
 			if tg.learned {
-				s.srv.contactFailed(a, tg.to)
+				s.contacts.failed(a, tg.to)
 			}
 			r = attemptResult{kind: attemptRespool, silent: true, took: r.took,
 				err: fmt.Sprintf("no answer within %v, and every probe taken", r.took.Round(time.Millisecond))}

@@ -32,7 +32,7 @@ func (s *scheduler) prepare(dev *device, d *store.Delivery) prepared {
 		p.fail = &attemptResult{kind: attemptFailed, o: failed(reason, diag, text), err: text}
 		return p
 	}
-	o := s.srv.opts(dev.version)
+	o := s.conf().emsdOptions(dev.version)
 	content := d.Content
 	if o != (emsd.Options{}) { // stored as 1.1 in list order; re-encode for this device
 		c, err := emsd.DecodeContents(p.ct, content, emsd.Options{})

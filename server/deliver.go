@@ -84,7 +84,7 @@ func (s *scheduler) recordOutcome(d *store.Delivery, r attemptResult, retryAt ti
 			if r.kind == attemptFailed && r.refused {
 				// A device that refuses a report (the reference UA accepts
 				// only IPMs) gets it as a notice instead (delivery.reports auto).
-				w.Deliveries = append(w.Deliveries, s.srv.noticeFromReport(ctx, d)...)
+				w.Deliveries = append(w.Deliveries, s.reports.noticeFromReport(ctx, d)...)
 			}
 			res.Work = w
 		}
@@ -165,11 +165,11 @@ func (s *scheduler) attempt(ctx context.Context, dev *device, d *store.Delivery,
 				f.progress.Store(time.Now().UnixNano()) // the device's silence counts from the send
 			}
 			s.metrics.invocations.Inc()
-			if _, err = s.srv.endpointOf(tg).Invoke(ctx, req); !isFailure(err) {
+			if _, err = s.routes.endpointOf(tg).Invoke(ctx, req); !isFailure(err) {
 				break
 			}
 			if tg.learned {
-				s.srv.contactFailed(dev.addr, req.To)
+				s.contacts.failed(dev.addr, req.To)
 			}
 			if try > 0 || !tg.fallback.IsValid() {
 				break // one invocation per address
@@ -205,7 +205,7 @@ func (s *scheduler) attempt(ctx context.Context, dev *device, d *store.Delivery,
 		}
 	}
 	if tg.learned {
-		s.srv.alive(dev.addr, tg.to)
+		s.contacts.alive(dev.addr, tg.to)
 	}
 	return attemptResult{kind: attemptDelivered}
 }

@@ -53,13 +53,13 @@ func (s *scheduler) expire(now time.Time) {
 		s.metrics.deliveries.WithLabelValues("expired").Inc()
 		s.noteQueued(w)
 	}
-	s.srv.expireRelays(now)
+	s.relays.expire(now)
 }
 
 // purge deletes old finished entries and resolves submissions left
 // pending long after any handler could still be waiting for them.
 func (s *scheduler) purge(now time.Time) {
-	if err := s.srv.recoverSubmissions(s.loopCtx, now.Add(-staleSubmission)); err != nil && s.loopCtx.Err() == nil {
+	if err := s.subs.recoverSubmissions(s.loopCtx, now.Add(-staleSubmission)); err != nil && s.loopCtx.Err() == nil {
 		s.log.Error("pending submissions", "err", err)
 	}
 	sc := s.conf().Store

@@ -51,7 +51,7 @@ type performerStore interface {
 }
 
 // deliveryScheduler is what the operation handlers tell the delivery
-// scheduler (deliver.go).
+// scheduler (schedule.go).
 type deliveryScheduler interface {
 	// wake: the device invoked an operation, so it is reachable now
 	// (authenticated: it proved itself with its password).

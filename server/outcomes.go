@@ -178,7 +178,7 @@ func (s *scheduler) persist(what string, log *slog.Logger, write func(context.Co
 // needs a store write that failed (its message number) makes the outcome
 // write try again, so that no report is lost to a store failure.
 func (s *scheduler) reportsFor(ctx context.Context, log *slog.Logger, items []reportItem) (store.Work, error) {
-	w, err := s.srv.reportWork(ctx, items)
+	w, err := s.reports.reportWork(ctx, items)
 	if err != nil {
 		if rse := (*reportStoreError)(nil); errors.As(err, &rse) {
 			return w, err
@@ -208,7 +208,7 @@ const (
 
 // nodeOf is the owner this server's claims carry (store.QueueEntry.Owner):
 // its PostgreSQL node id, 0 with SQLite.
-func nodeOf(st store.Store) int32 {
+func nodeOf(st any) int32 {
 	if n, ok := st.(interface{ NodeID() int32 }); ok {
 		return n.NodeID()
 	}
@@ -250,7 +250,7 @@ func (s *scheduler) checkInFlight(ctx context.Context, now time.Time) error {
 	if ch.Forced > 0 {
 		s.log.Warn("re-queued entries this server had in flight without a worker on them", "entries", ch.Forced)
 		s.rescanNow()
-		s.srv.kickRelay()
+		s.relays.kick()
 	}
 	return nil
 }

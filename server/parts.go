@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net/netip"
 	"slices"
 	"time"
 
@@ -13,8 +12,8 @@ import (
 	"github.com/esro-emsdp/emsdp/store"
 )
 
-// The Server as its parts see it: the registry watcher, the delivery
-// scheduler's view of the contacts, reports, submissions and relays, and
+// The Server as its parts see it: the registry watcher (registrar), the
+// delivery routes (scheduler: targetOf here, endpointOf in dtls.go), and
 // SIGHUP.
 
 // Reload is SIGHUP: it re-reads the device registry from the store and
@@ -34,7 +33,7 @@ func (s *Server) Reload(ctx context.Context) error {
 	if err := s.sched.reload(ctx); err != nil {
 		errs = append(errs, fmt.Errorf("delivery queue: %w", err))
 	}
-	s.kickRelay()
+	s.relay.kick()
 	if s.tlsCert != nil {
 		if err := s.tlsCert.load(time.Now()); err != nil {
 			errs = append(errs, err)
@@ -42,9 +41,6 @@ func (s *Server) Reload(ctx context.Context) error {
 	}
 	return errors.Join(errs...)
 }
-
-// registry is the device registry as last loaded.
-func (s *Server) registry() *registry { return s.devs.current() }
 
 // registryReplaced: the whole registry was read again.
 func (s *Server) registryReplaced(old, cur *registry) {
@@ -73,34 +69,3 @@ func (s *Server) targetOf(dev *device, known *store.Contact) (t target, why stri
 	}
 	return s.contacts.target(s.dctx, dev, known)
 }
-
-// alive and contactFailed are the delivery scheduler's news of a contact.
-func (s *Server) alive(a emsd.Address, to netip.AddrPort) { s.contacts.alive(a, to) }
-
-func (s *Server) contactFailed(a emsd.Address, ap netip.AddrPort) { s.contacts.failed(a, ap) }
-
-// opts are the codec options for a device of version v.
-func (s *Server) opts(v emsd.Version) emsd.Options { return s.conf().emsdOptions(v) }
-
-// recoverSubmissions is the scheduler's periodic look at submissions left
-// pending (performer.recoverSubmissions).
-func (s *Server) recoverSubmissions(ctx context.Context, before time.Time) error {
-	return s.perf.recoverSubmissions(ctx, before)
-}
-
-// reportWork and noticeFromReport are the reports the scheduler and the
-// outcome writes ask for (reporter).
-func (s *Server) reportWork(ctx context.Context, items []reportItem) (store.Work, error) {
-	return s.rep.reportWork(ctx, items)
-}
-
-func (s *Server) noticeFromReport(ctx context.Context, d *store.Delivery) []store.NewDelivery {
-	return s.rep.noticeFromReport(ctx, d)
-}
-
-// kickRelay makes the relay worker look at its queue now.
-func (s *Server) kickRelay() { s.relay.kick() }
-
-// expireRelays fails the relay recipients past their expiry (the
-// scheduler's housekeeping pass).
-func (s *Server) expireRelays(now time.Time) { s.relay.expire(now) }

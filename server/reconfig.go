@@ -122,7 +122,7 @@ func (s *Server) Reconfigure(next *Config) (restart []string, err error) {
 			s.log.Info("deferred relays made due", "recipients", ch.Changed)
 		}
 	}
-	s.kickRelay()
+	s.relay.kick()
 	s.sched.kick()
 	s.log.Info("configuration reloaded", "changed", keyList(changed))
 	if merged.Relay.Smarthost == "" && cur.cfg.Relay.Smarthost != "" {

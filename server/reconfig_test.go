@@ -449,5 +449,5 @@ func TestReconfigureRegistryPoll(t *testing.T) {
 	must(t, s.st.AddDevice(context.Background(), &store.Device{Address: 198036, IP: netip.MustParseAddr("127.0.0.1"),
 		Port: 7000, Version: "1.1", Mode: store.ModeComplete}))
 	reconfigure(t, s, func(c *Config) { c.Store.RegistryPoll = Duration(20 * time.Millisecond) })
-	eventually(t, "the device added elsewhere known", func() bool { return s.registry().get(198036) != nil })
+	eventually(t, "the device added elsewhere known", func() bool { return s.devs.current().get(198036) != nil })
 }

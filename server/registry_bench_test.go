@@ -58,7 +58,7 @@ func BenchmarkRegistryAdd(b *testing.B) {
 				}
 			})
 		}
-		if s.registry().get(3000001) == nil {
+		if s.devs.current().get(3000001) == nil {
 			b.Fatal("added device not in the registry")
 		}
 	}

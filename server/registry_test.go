@@ -82,7 +82,7 @@ func TestUnknownDeviceRechecksRegistry(t *testing.T) {
 	if err := submit(); err != nil {
 		t.Fatalf("device added to the store: %v", err)
 	}
-	if s.registry().get(198036) == nil {
+	if s.devs.current().get(198036) == nil {
 		t.Error("registry not reloaded")
 	}
 }
@@ -155,7 +155,7 @@ func TestRegistryChangesApplied(t *testing.T) {
 	c.Store.RegistryPoll = Duration(time.Hour)
 	s := startServerWith(t, c, Options{Logger: testLogger(t), Store: db})
 	ctx := context.Background()
-	r := s.registry()
+	r := s.devs.current()
 	n0 := r.size()
 	for i := range uint32(20) {
 		must(t, db.AddDevice(ctx, &store.Device{Address: 500000 + i, IP: netip.MustParseAddr("127.0.0.1"), Port: uint16(20000 + i),
@@ -170,7 +170,7 @@ func TestRegistryChangesApplied(t *testing.T) {
 	if !s.devs.reloadIfChanged(ctx, "test") || s.devs.reloadIfChanged(ctx, "test") {
 		t.Fatal("changes seen not exactly once")
 	}
-	if s.registry() != r {
+	if s.devs.current() != r {
 		t.Fatal("registry rebuilt instead of changed")
 	}
 	if r.size() != n0+19 || r.get(500003) != nil || r.alias("d3@example.net") != nil || r.alias("d4@example.net") != nil {

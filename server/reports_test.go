@@ -155,7 +155,7 @@ func TestReportWorkGroups(t *testing.T) {
 			c.SMTP.Listen = ""
 			c.Delivery.Reports = tt.reports
 			s := startServer(t, c)
-			w, err := s.reportWork(context.Background(), tt.items)
+			w, err := s.rep.reportWork(context.Background(), tt.items)
 			must(t, err)
 			if got := summarizeWork(t, w); !slices.Equal(got, tt.want) {
 				t.Errorf("reports\n got %q\nwant %q", got, tt.want)
@@ -214,7 +214,7 @@ func TestReportSplit(t *testing.T) {
 					failed(emsd.ReasonUnableToTransfer, emsd.DiagRecipientUnknown, tt.text)})
 				want = append(want, "-"+r)
 			}
-			w, err := s.reportWork(ctx, items)
+			w, err := s.rep.reportWork(ctx, items)
 			must(t, err)
 			t.Logf("%d entries in %d reports", tt.n, len(w.Deliveries))
 			if len(w.Deliveries) > 1 != tt.wantSplits {
@@ -232,7 +232,7 @@ func TestReportSplit(t *testing.T) {
 			}
 			// The rule of packReports, measured independently: one segment
 			// with the largest envelope a report delivery can have.
-			o := s.opts(tt.version)
+			o := s.conf().emsdOptions(tt.version)
 			sp := emsd.Splitter{Options: o, MaxUserData: tt.pdu}
 			env := func(ct emsd.ContentType) *emsd.DeliverArgument {
 				return &emsd.DeliverArgument{MessageID: emsd.LocalID(math.MaxUint32, math.MaxUint32),
@@ -493,7 +493,7 @@ func TestRelayExpiryOneReport(t *testing.T) {
 	id := submitRaw(t, s, ep, testIPM("a@example.com", "b@example.com", "c@example.com"))
 	eventually(t, "relays queued", func() bool { return queueStats(t, s).Relays[store.RelayQueued] == 3 })
 	// The expiry pass as the scheduler runs it, at a time past the expiry.
-	s.expireRelays(time.Now().Add(time.Duration(s.conf().Relay.Expiry) + time.Minute))
+	s.relay.expire(time.Now().Add(time.Duration(s.conf().Relay.Expiry) + time.Minute))
 	rep := nextReport(t, got)
 	expired := fmt.Sprintf("/%d", emsd.DiagMaximumTimeExpired)
 	if want := []string{"-a@example.com" + expired, "-b@example.com" + expired, "-c@example.com" + expired}; rep.ReportedMessageID != id ||

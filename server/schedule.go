@@ -4,11 +4,13 @@ import (
 	"cmp"
 	"context"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -20,11 +22,16 @@ import (
 // (per-device due times and reachability) and the attempts in flight,
 // under mu.
 type scheduler struct {
-	st      store.Store
-	srv     *Server
-	log     *slog.Logger
-	metrics *metrics
-	conf    func() *Config
+	st       schedulerStore
+	devs     deviceRegistry
+	routes   deliveryRoutes
+	contacts contactNews
+	reports  outcomeReports
+	subs     submissionRecovery // set after construction (the performer needs the scheduler)
+	relays   relayQueue         // likewise
+	log      *slog.Logger
+	metrics  *metrics
+	conf     func() *Config
 	// ctx lives until Close (outcome writes use it); loopCtx ends the
 	// scheduler's loop at shutdown; dctx ends the attempts in flight when
 	// the drain time is over (dcancel).
@@ -51,6 +58,59 @@ type scheduler struct {
 	cutAfter time.Duration
 	stopping bool // draining: no new attempts
 	workers  sync.WaitGroup
+}
+
+// schedulerStore is the part of the store the scheduler uses: the
+// delivery queue, the queue administration's look at the entries in
+// flight (checkInFlight) and the purge of finished entries. A store that
+// also implements store.BatchPeeker serves first attempts in batches.
+type schedulerStore interface {
+	store.Deliveries
+	ListQueue(ctx context.Context, f store.QueueFilter) (store.QueueList, error)
+	RetryQueued(ctx context.Context, sel store.QueueSelect, now time.Time) (store.QueueChange, error)
+	Purge(ctx context.Context, before, statusBefore time.Time) (int, error)
+}
+
+// deviceRegistry is the device registry as last loaded (registrar).
+type deviceRegistry interface {
+	current() *registry
+}
+
+// deliveryRoutes are where a device's deliveries go and the ESRO
+// endpoint that reaches them: in clear or over DTLS (Server.targetOf,
+// Server.endpointOf).
+type deliveryRoutes interface {
+	// targetOf is the device's target, or why it has none now; known is
+	// its contact when the caller read it already (nil: read it).
+	targetOf(dev *device, known *store.Contact) (t target, why string)
+	endpointOf(t *target) *esro.Endpoint
+}
+
+// contactNews is what attempts tell the contact book (contactBook).
+type contactNews interface {
+	// alive: the device answered at to.
+	alive(a emsd.Address, to netip.AddrPort)
+	// failed: the device did not answer at ap.
+	failed(a emsd.Address, ap netip.AddrPort)
+}
+
+// outcomeReports are the reports an outcome asks for (reporter).
+type outcomeReports interface {
+	reportWork(ctx context.Context, items []reportItem) (store.Work, error)
+	// noticeFromReport: a report the device refused, as a notice.
+	noticeFromReport(ctx context.Context, d *store.Delivery) []store.NewDelivery
+}
+
+// submissionRecovery resolves submissions left pending (performer).
+type submissionRecovery interface {
+	recoverSubmissions(ctx context.Context, before time.Time) error
+}
+
+// relayQueue is the relay worker as the scheduler sees it: told of new
+// relays, and asked to expire old ones in the housekeeping pass.
+type relayQueue interface {
+	kick()
+	expire(now time.Time)
 }
 
 // newScheduler is a scheduler with nothing queued yet; run starts it.
@@ -283,7 +343,7 @@ func (s *scheduler) noteQueued(w store.Work) {
 	sc.mu.Unlock()
 	s.kick()
 	if len(w.Relays) > 0 {
-		s.srv.kickRelay()
+		s.relays.kick()
 	}
 }
 
@@ -345,7 +405,7 @@ func (s *scheduler) runScheduler() {
 		case <-requeued:
 			s.log.Info("took over the work of a server that is gone")
 			rescanAt = time.Time{}
-			s.srv.kickRelay()
+			s.relays.kick()
 		case <-s.rescanReq:
 			rescanAt = time.Time{}
 		}

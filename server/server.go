@@ -91,12 +91,14 @@ func (e *ListenError) Unwrap() error { return e.Err }
 //   - reporter: reports and DSNs on outcomes (reports.go, dsnparams.go);
 //   - receiver: Internet mail in over SMTP (inbound.go, smtptls.go);
 //   - relayWorker: Internet mail out to the smarthost (relay.go);
-//   - the delivery scheduler, which is the Server itself for now
-//     (deliver.go, fleet.go, pace.go, outcomes.go);
+//   - scheduler: the delivery scheduler, attempts to devices with their
+//     backoff, expiry, pacing and outcome writes (schedule.go, claim.go,
+//     deliver.go, copies.go, expire.go, fleet.go, pace.go, outcomes.go);
 //   - the DTLS service (dtls.go), metrics (metrics.go), the admin
 //     listener (admin.go), the running configuration (reconfig.go).
 //
-// parts.go is the Server as the parts see it through their interfaces.
+// parts.go is the Server where it stands behind the parts' interfaces:
+// the registry watcher and the delivery routes (with dtls.go).
 type Server struct {
 	// live is the running configuration and what is built from it; a
 	// reconfiguration swaps it whole (never edits it), so that readers
@@ -239,11 +241,11 @@ func (s *Server) openStore(ctx context.Context, cfg *Config, given store.Store) 
 }
 
 // wire builds the parts over the store. Each takes the part of the store
-// it uses and reaches the others through small interfaces, which the
-// Server implements where the delivery scheduler is involved (parts.go).
+// it uses and reaches the others through small interfaces; the Server
+// stands behind those that span parts (parts.go). The scheduler is built
+// before the performer and the relay worker, which tell it of new work,
+// and learns of them after.
 func (s *Server) wire(cfg *Config) {
-	s.sched = newScheduler(&scheduler{st: s.st, srv: s, log: s.log, metrics: s.metrics, conf: s.conf,
-		ctx: s.ctx, loopCtx: s.loopCtx, dctx: s.dctx, dcancel: s.dcancel, rescanEvery: s.rescan})
 	s.devs = &registrar{st: s.st, log: s.log, watch: s, domains: cfg.domains(), ctx: s.loopCtx,
 		ipOnly:  func() bool { return s.conf().Compat.IPOnlyIdentification },
 		devices: s.metrics.devices, authLimited: s.metrics.authLimited, auth: authlimit.New(cfg.EMSD.authLimits(), s.now)}
@@ -251,6 +253,9 @@ func (s *Server) wire(cfg *Config) {
 		reachable: func(a emsd.Address) { s.sched.touch(a, true) }}
 	s.rep = &reporter{st: s.st, log: s.log, metrics: s.metrics, conf: s.conf, devs: s.devs,
 		domain: s.domain, hostname: s.hostname}
+	s.sched = newScheduler(&scheduler{st: s.st, devs: s.devs, routes: s, contacts: s.contacts, reports: s.rep,
+		log: s.log, metrics: s.metrics, conf: s.conf,
+		ctx: s.ctx, loopCtx: s.loopCtx, dctx: s.dctx, dcancel: s.dcancel, rescanEvery: s.rescan})
 	s.perf = &performer{st: s.st, log: s.log, metrics: s.metrics, conf: s.conf, devs: s.devs, contacts: s.contacts,
 		sched: s.sched, reports: s.rep, routes: s, ctx: s.ctx, domain: s.domain, hostname: s.hostname,
 		reasm: emsd.NewReassembler[submitter](emsd.ReassemblerConfig{Timeout: time.Duration(cfg.EMSD.ReassemblyTimeout)}),
@@ -259,6 +264,7 @@ func (s *Server) wire(cfg *Config) {
 		domain: s.domain, hostname: s.hostname}
 	s.relay = &relayWorker{st: s.st, log: s.log, metrics: s.metrics, live: s.live.Load, sched: s.sched, out: s.sched, held: s.sched.out,
 		kicked: make(chan struct{}, 1), ctx: s.loopCtx, dctx: s.dctx}
+	s.sched.subs, s.sched.relays = s.perf, s.relay
 	s.metrics.reg.MustRegister(s.devs.auth.Collectors()...)
 	s.metrics.reg.MustRegister(s.sched.out.collectors()...)
 	s.metrics.reg.MustRegister(newStoreCollector(s.st))
