@@ -187,7 +187,7 @@ type firstBatch struct {
 // thousand devices take a handful of queries.
 const firstBatchSize = 128
 
-// defaultRescan is the scheduler's rescan period (Server.rescan): changes
+// defaultRescan is the scheduler's rescan period (scheduler.rescanEvery): changes
 // made by other processes without telling this one (emsdp queue retry,
 // another server sharing the store queueing mail for a device, or
 // re-queueing the work of a server that stopped) are seen within it.
