@@ -9,7 +9,7 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/internal/captures"
-	"github.com/esro-emsdp/emsdp/server/internal/storedid"
+	"github.com/esro-emsdp/emsdp/store/storedid"
 )
 
 // recorder is a ResponseWriter that records the answers of one

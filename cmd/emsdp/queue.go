@@ -237,22 +237,3 @@ func queueRemove(ctx context.Context, env *cmdEnv, args []string) int {
 	}
 	return code
 }
-
-// shownID is a stored id or report recipient as the rest of the CLI, the
-// devices and the logs show it: "L:6b17127c.00000003" is
-// 6b17127c.00000003, "L:198037" the device 198.037, "R:<a@b>" <a@b>.
-func shownID(stored string) string {
-	switch {
-	case strings.HasPrefix(stored, "L:"):
-		v := stored[2:]
-		if !strings.Contains(v, ".") {
-			if n, err := strconv.ParseUint(v, 10, 32); err == nil {
-				return emsd.Address(n).String()
-			}
-		}
-		return v
-	case strings.HasPrefix(stored, "R:"):
-		return stored[2:]
-	}
-	return stored
-}

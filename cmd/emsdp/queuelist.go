@@ -13,6 +13,7 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/store/open"
+	"github.com/esro-emsdp/emsdp/store/storedid"
 )
 
 // queueTime prints a time as RFC 3339 in UTC, to the second; "-" for none.
@@ -121,7 +122,7 @@ func queueList(ctx context.Context, env *cmdEnv, args []string) int {
 	for i := range l.Entries {
 		e := &l.Entries[i]
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n", refString(e.Ref), e.Ref.Kind, e.State,
-			field(entryTo(e)), field(shownID(e.MessageID)), e.Size, e.Attempts, queueTime(e.Created), queueTime(nextAttempt(e)),
+			field(entryTo(e)), field(storedid.Shown(e.MessageID)), e.Size, e.Attempts, queueTime(e.Created), queueTime(nextAttempt(e)),
 			queueTime(e.Expires), clipError(e.LastError))
 	}
 	tw.Flush()
@@ -207,7 +208,7 @@ func printQueueJSON(env *cmdEnv, l store.QueueList) int {
 	}
 	for i := range l.Entries {
 		e := &l.Entries[i]
-		j := queueEntryJSON{ID: refString(e.Ref), Kind: string(e.Ref.Kind), State: e.State, MessageID: shownID(e.MessageID),
+		j := queueEntryJSON{ID: refString(e.Ref), Kind: string(e.Ref.Kind), State: e.State, MessageID: storedid.Shown(e.MessageID),
 			Size: e.Size, Attempts: e.Attempts, QueuedAt: e.Created.UTC(), Expires: e.Expires.UTC(),
 			LastError: e.LastError, Node: e.Owner}
 		if e.Ref.Kind == store.QueueDelivery {

@@ -15,6 +15,7 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/store/open"
+	"github.com/esro-emsdp/emsdp/store/storedid"
 )
 
 func queueShow(ctx context.Context, env *cmdEnv, args []string) int {
@@ -79,7 +80,7 @@ func printEntry(w io.Writer, e *store.QueueEntry) {
 	kv("state", e.State)
 	if e.Ref.Kind == store.QueueDelivery {
 		kv("device", emsd.Address(e.Device).String())
-		kv("message-id", orNone(shownID(e.MessageID)))
+		kv("message-id", orNone(storedid.Shown(e.MessageID)))
 		kv("content-type", fmt.Sprintf("%d (%s)", e.ContentType, emsd.ContentType(e.ContentType)))
 		kv("priority", fmt.Sprintf("%d (%s)", e.Priority, map[uint8]string{0: "non-urgent", 1: "normal", 2: "urgent"}[e.Priority]))
 		if e.SubmissionTime != nil {
@@ -95,7 +96,7 @@ func printEntry(w io.Writer, e *store.QueueEntry) {
 			kv("envelope-from", e.From)
 		}
 		kv("message-ref", fmt.Sprintf("%d (shared by the message's recipients)", e.MessageRef))
-		kv("message-id", orNone(shownID(e.MessageID)))
+		kv("message-id", orNone(storedid.Shown(e.MessageID)))
 	}
 	kv("size", fmt.Sprintf("%d octets", e.Size))
 	kv("attempts", strconv.Itoa(e.Attempts))
@@ -119,8 +120,8 @@ func printEntry(w io.Writer, e *store.QueueEntry) {
 	}
 	kv("report-to", strings.Join(to, ", "))
 	kv("report-flags", fmt.Sprintf("0x%02x", e.Report.Flags))
-	kv("report-recipient", orNone(shownID(e.Report.Recipient)))
-	kv("report-message-id", orNone(shownID(e.Report.MessageID)))
+	kv("report-recipient", orNone(storedid.Shown(e.Report.Recipient)))
+	kv("report-message-id", orNone(storedid.Shown(e.Report.MessageID)))
 	if len(e.Report.Headers) > 0 {
 		kv("report-headers", fmt.Sprintf("%d octets", len(e.Report.Headers)))
 	} else {

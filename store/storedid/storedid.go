@@ -6,7 +6,8 @@
 //	O/R address "L:<number>"  (a device)    or "R:<rfc822 text>"
 //
 // Everything the server writes into a store.Report or a delivery's
-// message id goes through here, so the prefixes are written in one place.
+// message id goes through here, and the admin commands read through it,
+// so the prefixes are written in one place.
 package storedid
 
 import (
@@ -94,3 +95,22 @@ func ParseAddress(s string) emsd.ORAddress {
 // InternetSpec is the Internet address of a stored rfc822 O/R address,
 // the text without its prefix.
 func InternetSpec(stored string) string { return strings.TrimPrefix(stored, rfc822) }
+
+// Shown is a stored message id or report recipient as the CLI, the
+// devices and the logs show it: "L:6b17127c.00000003" is
+// 6b17127c.00000003, "L:198037" the device 198.037, "R:<a@b>" <a@b>.
+// A text of neither form is shown as it is.
+func Shown(stored string) string {
+	if v, ok := strings.CutPrefix(stored, local); ok {
+		if !strings.Contains(v, ".") {
+			if n, err := strconv.ParseUint(v, 10, 32); err == nil {
+				return emsd.Address(n).String()
+			}
+		}
+		return v
+	}
+	if v, ok := strings.CutPrefix(stored, rfc822); ok {
+		return v
+	}
+	return stored
+}

@@ -69,3 +69,19 @@ func TestAddress(t *testing.T) {
 		t.Errorf("ParseAddress(L:zz) = %v", got)
 	}
 }
+
+func TestShown(t *testing.T) {
+	for _, c := range []struct{ stored, want string }{
+		{"L:6b17127c.00000003", "6b17127c.00000003"},
+		{"L:198037", "198.037"},
+		{"R:<a@b>", "<a@b>"},
+		{"R:bob@example.com", "bob@example.com"},
+		{"L:x.y", "x.y"},
+		{"plain", "plain"},
+		{"", ""},
+	} {
+		if got := Shown(c.stored); got != c.want {
+			t.Errorf("Shown(%q) = %q, want %q", c.stored, got, c.want)
+		}
+	}
+}
