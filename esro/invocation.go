@@ -48,8 +48,10 @@ type invocation struct {
 	// small holds kept when it fits: one allocation less for the
 	// invocations of small PDUs, which most are.
 	small [smallPDU]byte
-	// room is the larger buffer allocated with an invoker whose INVOKE
-	// does not fit small (newInvoker), nil otherwise.
+	// room is the larger buffer allocated with an invocation whose INVOKE
+	// does not fit small (newInvocation), nil otherwise. An invoker's
+	// INVOKE goes there; a performer's reply, or the copy of its argument
+	// that a handler worker is given (room is nil then).
 	room []byte
 
 	// invoker
@@ -87,11 +89,17 @@ func (inv *invocation) pduBuf(n int) []byte {
 	return make([]byte, 0, n)
 }
 
-// roomyInvocation is an invocation allocated together with room for an
-// INVOKE of up to roomPDU octets: one allocation rather than two for the
-// invocations of larger arguments (up to the default PDU size), whose
-// reply data then take the same buffer (replyData). The size fills the
-// allocator's size class of the whole.
+// roomyInvocation is an invocation allocated together with room for a
+// PDU of up to roomPDU octets: one allocation rather than two for the
+// invocations of larger arguments (up to the default PDU size). An
+// invoker's INVOKE goes there, and its reply data then take the same
+// buffer (replyData). A performer's reply goes there when it fits: a
+// large argument most often has a large answer (an echo, a mail
+// submission's report is small but then costs nothing extra). The
+// buffer is part of the invocation's allocation, so whoever still holds
+// the PDU (a send batch, a retransmission) keeps it alive: nothing is
+// recycled by hand. The size fills the allocator's size class of the
+// whole.
 type roomyInvocation struct {
 	invocation
 	buf [roomPDU]byte
@@ -99,8 +107,8 @@ type roomyInvocation struct {
 
 const roomPDU = 1600
 
-// newInvoker allocates an invoker invocation whose INVOKE takes n octets.
-func newInvoker(n int) *invocation {
+// newInvocation allocates an invocation whose INVOKE takes n octets.
+func newInvocation(n int) *invocation {
 	if n <= smallPDU || n > roomPDU {
 		return new(invocation)
 	}

@@ -105,20 +105,26 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 	m.use(pr)
 	pr.nperf++
 	m.perfPerIP[from.Addr()]++
-	inv = &invocation{
+	inv = newInvocation(m.rx)
+	room := inv.room
+	*inv = invocation{
 		key: key, addr: from, peer: pr, perf: true, hs: bd.hs, sap: p.SAP, hidx: -1,
 		sum: m.fingerprint(p.SAP, p.Operation, p.Encoding, p.Data),
 		call: Invocation{
 			Peer: from, SAP: p.SAP, RemoteSAP: p.SAP - 1, Ref: p.Ref,
 			Operation: p.Operation, Encoding: p.Encoding, Handshake: bd.hs,
 		},
+		room: room,
 	}
 	if _, inline := bd.h.(inlineHandler); inline {
 		// Runs before the next read: the argument stays in the receive
-		// buffer (HandleInline's contract).
+		// buffer (HandleInline's contract), and the room takes the reply.
 		inv.call.Data = p.Data
 	} else {
-		inv.call.Data = append([]byte(nil), p.Data...)
+		// The worker's copy of the argument: in the room when there is
+		// one, which then cannot take the reply as well.
+		inv.call.Data = append(inv.room[:0:len(inv.room)], p.Data...)
+		inv.room = nil
 	}
 	inv.budget.earn(m.rx)
 	inv.budget.until = until

@@ -1,6 +1,7 @@
 package esro
 
 import (
+	"bytes"
 	"testing"
 	"time"
 )
@@ -95,5 +96,77 @@ func TestInvokerRoom(t *testing.T) {
 	h.m.receive(h.now, reply, h.peer)
 	if inv.res == nil || len(inv.res.Data) != 1400 || inv.res.Data[0] != 'r' || &inv.res.Data[0] != &inv.room[0] {
 		t.Fatalf("reply data not in the room (outcome %v)", inv.err)
+	}
+}
+
+// A performer invocation whose INVOKE does not fit its small buffer is
+// allocated with room: an inline handler's reply goes there, a worker's
+// copy of the argument does (and the reply, which the handler makes
+// while it may still read its argument, then gets a buffer of its own).
+// A 1400-octet echo then costs the performer no more allocations than a
+// 10-octet one.
+func TestPerformerRoom(t *testing.T) {
+	invoke := func(ref uint8, n int) []byte {
+		b, err := AppendPDU(make([]byte, 0, 3+n), &PDU{Type: TypeInvoke, SAP: 13, Ref: ref, Operation: 2, Encoding: 2, Data: make([]byte, n)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	for _, inline := range []bool{true, false} {
+		newH := func() *harness {
+			h := newHarness(t, nil)
+			var hd Handler = HandlerFunc(nil)
+			if inline {
+				hd = inlineHandler{hd}
+			}
+			if err := h.m.bind(13, TwoWay, hd); err != nil {
+				t.Fatal(err)
+			}
+			return h
+		}
+		t.Run(map[bool]string{true: "inline", false: "worker"}[inline], func(t *testing.T) {
+			h := newH()
+			h.m.receive(h.now, invoke(1, 1400), h.peer)
+			if len(h.started) != 1 {
+				t.Fatal("no indication")
+			}
+			inv := h.started[0]
+			arg := inv.call.Data
+			if err := h.m.answer(h.now, inv, false, 2, 0, bytes.Repeat([]byte{'r'}, 1400)); err != nil {
+				t.Fatal(err)
+			}
+			inRoom := inv.room != nil && &inv.kept[0] == &inv.room[0]
+			if inRoom != inline {
+				t.Errorf("reply in the invocation's room: %v, want %v", inRoom, inline)
+			}
+			if !inline {
+				if len(arg) != 1400 || cap(arg) != roomPDU || bytes.ContainsRune(arg, 'r') {
+					t.Errorf("worker's argument: %d octets, capacity %d (want %d), overwritten: %v",
+						len(arg), cap(arg), roomPDU, bytes.ContainsRune(arg, 'r'))
+				}
+			}
+			if len(inv.kept) != 1402 || inv.kept[2] != 'r' {
+				t.Errorf("reply PDU %d octets", len(inv.kept))
+			}
+
+			allocs := func(n int) float64 {
+				h := newH()
+				var dgs [][]byte
+				for ref := range 60 {
+					dgs = append(dgs, invoke(uint8(ref), n))
+				}
+				return testing.AllocsPerRun(50, func() {
+					h.m.receive(h.now, dgs[0], h.peer)
+					dgs = dgs[1:]
+					inv := h.started[len(h.started)-1]
+					h.m.answer(h.now, inv, false, 2, 0, inv.call.Data)
+					h.m.out = h.m.out[:0]
+				})
+			}
+			if small, large := allocs(10), allocs(1400); large > small {
+				t.Errorf("a 1400-octet INVOKE and reply cost %.2f allocations, 10-octet ones %.2f", large, small)
+			}
+		})
 	}
 }

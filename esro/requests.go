@@ -85,7 +85,7 @@ func (m *machine) invoke(now time.Time, req *Request, to netip.AddrPort) (*invoc
 		m.st.refWaits.Add(1)
 		return nil, w, nil
 	}
-	inv := newInvoker(3 + len(req.Data))
+	inv := newInvocation(3 + len(req.Data))
 	inv.key, inv.addr, inv.peer, inv.hs, inv.hidx, inv.sentAt = invKey{pk, ref}, to, p, req.Handshake, -1, now
 	pdu := PDU{Type: TypeInvoke, SAP: req.SAP, Ref: ref, Operation: req.Operation, Encoding: req.Encoding, Data: req.Data}
 	kept, err := AppendPDU(inv.pduBuf(3+len(req.Data)), &pdu)
