@@ -106,12 +106,23 @@ func checkInvariants(t *testing.T, m *machine) {
 		perIP[inv.addr.Addr()]++
 	}
 	for a, n := range perIP {
-		if m.perfPerIP[a] != n || n > m.cfg.MaxPeerInvocations {
-			t.Fatalf("address %v: %d performers, counted %d", a, n, m.perfPerIP[a])
+		if l := m.perfPerIP[a]; l == nil || l.n != n || n > m.cfg.MaxPeerInvocations {
+			t.Fatalf("address %v: %d performers, counted %+v", a, n, l)
 		}
 	}
-	if len(perIP) != len(m.perfPerIP) {
-		t.Fatal("stale per-address counts")
+	pointing := map[*ipLoad]int{}
+	for _, p := range m.peers {
+		if p.ip != nil {
+			if m.perfPerIP[p.key.Addr()] != p.ip {
+				t.Fatalf("peer %v counts at a forgotten address entry", p.key)
+			}
+			pointing[p.ip]++
+		}
+	}
+	for a, l := range m.perfPerIP {
+		if l.peers == 0 || l.peers != pointing[l] || l.n != perIP[a] {
+			t.Fatalf("address %v: count %+v, %d peers pointing, %d performers", a, l, pointing[l], perIP[a])
+		}
 	}
 	unproven, unIP, unPfx := 0, map[netip.Addr]int{}, map[netip.Prefix]int{}
 	for _, inv := range performers {

@@ -142,6 +142,7 @@ type peer struct {
 	inv     refTable        // its invoker invocations
 	perf    refTable        // its performer invocations
 	loss    lossEstimate
+	ip      *ipLoad // performer invocations from its address, once it had one
 }
 
 func (p *peer) idle() bool { return p.nheld == 0 && p.nperf == 0 && len(p.waiters) == 0 }

@@ -74,7 +74,7 @@ type machine struct {
 	ninv      int // invoker invocations, in their peers' tables
 	nperf     int // performer invocations, in their peers' tables
 	peers     map[netip.AddrPort]*peer
-	perfPerIP map[netip.Addr]int // performer invocations by source address
+	perfPerIP map[netip.Addr]*ipLoad // performer invocations by source address
 	hostile   hostileState
 	idlePeers int
 	nextRef   uint8
@@ -188,7 +188,7 @@ func newMachine(cfg Config, st *counters, ev events) *machine {
 		st:        st,
 		ev:        ev,
 		peers:     make(map[netip.AddrPort]*peer),
-		perfPerIP: make(map[netip.Addr]int),
+		perfPerIP: make(map[netip.Addr]*ipLoad),
 		drained:   make(chan struct{}),
 		epoch:     time.Now(),
 	}
@@ -244,6 +244,7 @@ func (m *machine) unuse(p *peer) {
 		for k, q := range m.peers {
 			if q.idle() {
 				delete(m.peers, k)
+				m.dropIPLoad(q)
 				m.idlePeers--
 				if m.idlePeers <= maxIdlePeers/2 {
 					break
@@ -254,6 +255,41 @@ func (m *machine) unuse(p *peer) {
 }
 
 func (m *machine) total() int { return m.ninv + m.nperf }
+
+// ipLoad counts the performer invocations from one source address, for
+// MaxPeerInvocations. Each peer that ever performed for the address
+// points to it (peer.ip), so that an invocation's start and end count
+// without a lookup in perfPerIP; the entry goes with the last such peer.
+type ipLoad struct {
+	n     int // performer invocations
+	peers int // peers pointing here
+}
+
+// ipLoadOf is p's per-address count, made on p's first performer
+// invocation.
+func (m *machine) ipLoadOf(p *peer, a netip.Addr) *ipLoad {
+	if p.ip == nil {
+		l := m.perfPerIP[a]
+		if l == nil {
+			l = new(ipLoad)
+			m.perfPerIP[a] = l
+		}
+		l.peers++
+		p.ip = l
+	}
+	return p.ip
+}
+
+// dropIPLoad lets go of the per-address count of p, which is forgotten.
+func (m *machine) dropIPLoad(p *peer) {
+	if p.ip == nil {
+		return
+	}
+	if p.ip.peers--; p.ip.peers == 0 {
+		delete(m.perfPerIP, p.key.Addr())
+	}
+	p.ip = nil
+}
 
 // invoker and performer find the invocation of key in the given role.
 func (m *machine) invoker(key invKey) *invocation {

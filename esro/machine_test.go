@@ -623,6 +623,47 @@ func TestReceiveDemux(t *testing.T) {
 	})
 }
 
+// The per-address count of performer invocations lives in an entry that
+// every peer of the address points to: it must stay right while peers of
+// the address come and go, and go with the last of them (many source
+// ports of one address, more than maxIdlePeers, so idle peers are
+// forgotten along the way).
+func TestPerAddressCountAcrossPeers(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.MaxPeerInvocations = 2 })
+	h.bind(13, TwoWay)
+	addr := netip.MustParseAddr("192.0.2.7")
+	// One long-lived invocation from port 1 keeps its peer busy.
+	h.recvFrom(netip.AddrPortFrom(addr, 1), "d0 01 02")
+	if len(h.started) != 1 {
+		t.Fatal("not started")
+	}
+	for i := range maxIdlePeers + 200 {
+		from := netip.AddrPortFrom(addr, uint16(100+i))
+		h.m.prove(h.now, from)
+		h.m.receive(h.now, []byte{0xd0, byte(i), 0x02}, from)
+		inv := h.started[len(h.started)-1]
+		if inv.addr != from {
+			t.Fatalf("invocation %d not started (%v)", i, inv.addr)
+		}
+		if err := h.m.answer(h.now, inv, false, 0, 0, nil); err != nil {
+			t.Fatal(err)
+		}
+		h.m.takeOut()
+		// Past T_inact and the reference hold: released, its peer idle.
+		h.now = h.now.Add(time.Minute)
+		h.m.advance(h.now)
+		checkInvariants(t, h.m)
+	}
+	if l := h.m.perfPerIP[addr]; l == nil || l.n != 1 {
+		t.Fatalf("count %+v, want 1 invocation", l)
+	}
+	// The cap still counts every port of the address together.
+	h.recvFrom(netip.AddrPortFrom(addr, 2), "d0 02 02")
+	h.recvFrom(netip.AddrPortFrom(addr, 3), "d0 03 02")
+	h.expect("04 03 01")
+	checkInvariants(t, h.m)
+}
+
 // §4: reference numbers.
 func TestReferenceNumbers(t *testing.T) {
 	h := newHarness(t, nil)

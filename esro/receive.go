@@ -89,7 +89,14 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 		m.replyFailure(now, from, p.Ref, UserNotResponding, m.rxBudget())
 		return
 	}
-	if m.total() >= m.cfg.MaxInvocations || m.perfPerIP[from.Addr()] >= m.cfg.MaxPeerInvocations {
+	var load *ipLoad
+	if pr != nil {
+		load = pr.ip
+	}
+	if load == nil {
+		load = m.perfPerIP[from.Addr()]
+	}
+	if m.total() >= m.cfg.MaxInvocations || load != nil && load.n >= m.cfg.MaxPeerInvocations {
 		m.replyFailure(now, from, p.Ref, LocalResource, m.rxBudget())
 		return
 	}
@@ -104,7 +111,7 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 	}
 	m.use(pr)
 	pr.nperf++
-	m.perfPerIP[from.Addr()]++
+	m.ipLoadOf(pr, from.Addr()).n++
 	inv = newInvocation(m.rx)
 	room := inv.room
 	*inv = invocation{

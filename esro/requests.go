@@ -41,11 +41,7 @@ func (m *machine) release(inv *invocation) {
 			m.countUnproven(inv, -1)
 		}
 		p.nperf--
-		if n := m.perfPerIP[inv.addr.Addr()] - 1; n > 0 {
-			m.perfPerIP[inv.addr.Addr()] = n
-		} else {
-			delete(m.perfPerIP, inv.addr.Addr())
-		}
+		p.ip.n--
 		m.st.inflightPerf.Add(-1)
 		inv.hctx.cancel(ErrInvocationEnded)
 	} else {
