@@ -286,3 +286,25 @@ func TestAuthenticatedPeersProven(t *testing.T) {
 		t.Fatalf("withheld %d", s.Withheld)
 	}
 }
+
+// A proof runs ProvenFor after the last reply that renewed it; a reply
+// that comes while the proof still has all but 1/64 of that to run
+// leaves it as it is.
+func TestProofRenewal(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.ProvenFor = 64 * time.Second })
+	a := netip.MustParseAddrPort("198.51.100.9:7")
+	h.m.prove(h.now, a)
+	h.m.prove(h.now.Add(500*time.Millisecond), a) // within 1/64 (1 s): kept
+	if !h.m.isProven(h.t0.Add(64*time.Second-time.Nanosecond), a) || h.m.isProven(h.t0.Add(64*time.Second), a) {
+		t.Fatal("proof not ending 64 s after the first reply")
+	}
+	h.m.prove(h.now.Add(32*time.Second), a) // renewed
+	if !h.m.isProven(h.t0.Add(96*time.Second-time.Nanosecond), a) || h.m.isProven(h.t0.Add(96*time.Second), a) {
+		t.Fatal("proof not renewed for 64 s")
+	}
+	h.m.hostile.proven[a] = maxClock // Endpoint.Trust
+	h.m.prove(h.now.Add(40*time.Second), a)
+	if !h.m.isProven(h.t0.Add(1000*time.Hour), a) {
+		t.Fatal("a trusted source's proof ended")
+	}
+}
