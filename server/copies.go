@@ -7,8 +7,8 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
-	"github.com/esro-emsdp/emsdp/store/storedid"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/storedid"
 )
 
 // prepared is a claimed delivery made ready to send: its segments, or

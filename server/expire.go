@@ -6,8 +6,8 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
-	"github.com/esro-emsdp/emsdp/store/storedid"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/storedid"
 )
 
 // expire drops queued deliveries and relays past their expiry with

@@ -14,8 +14,8 @@ import (
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/gateway"
 	"github.com/esro-emsdp/emsdp/mailconv"
-	"github.com/esro-emsdp/emsdp/store/storedid"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/storedid"
 )
 
 // receiver is the server's side of inbound SMTP (gateway.Receiver):

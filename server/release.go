@@ -7,8 +7,8 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/mailconv"
-	"github.com/esro-emsdp/emsdp/store/storedid"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/storedid"
 )
 
 // release queues the deliveries and relays of a pending submission. ipm

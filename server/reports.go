@@ -11,8 +11,8 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/mailconv"
-	"github.com/esro-emsdp/emsdp/store/storedid"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/storedid"
 )
 
 // reporter makes the reports on outcomes (docs/protocol.md EMSD §9.10
