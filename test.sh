@@ -16,8 +16,8 @@
 #     first. Where it cannot (not Debian/Ubuntu, no root and no usable sudo, or
 #     EMSDP_TEST_NO_INSTALL=1), it prints exactly what to install and how, and
 #     stops before running any test.
-#  3. go vet on the packages, then go test with the arguments; the same for
-#     the bench module (bench/go.mod).
+#  3. gofmt -l over the tree, then go vet on the packages, then go test with
+#     the arguments; the same for the bench module (bench/go.mod).
 #
 # Adding a program the tests need = one line in PREREQS:
 #     <command>   <Debian package>   <why: which tests use it>
@@ -148,6 +148,16 @@ for a in "$@"; do
 done
 if ((${#pkgs[@]} + ${#bench_pkgs[@]} == 0)); then
 	pkgs=(./...) bench_pkgs=(./...)
+fi
+
+# gofmt over the whole tree (both modules), whatever packages were named:
+# an unformatted file fails the run before any test.
+say "gofmt -l ."
+unformatted=$(gofmt -l .)
+if [[ -n $unformatted ]]; then
+	say "not gofmt-formatted (run gofmt -w on them):"
+	printf '  %s\n' $unformatted >&2
+	exit 1
 fi
 
 if ((${#pkgs[@]})); then
