@@ -153,8 +153,13 @@ func TestServeQuickStart(t *testing.T) {
 	timers := strings.Fields(uaE2ETimers)
 	a, _ := startServe(t, "--config", serveConfigTimers(t, "", uaE2EConfigTimers), "--listen", "127.0.0.1:0", "--smtp", "127.0.0.1:0",
 		"--admin", "127.0.0.1:0", "--data", data)
-	recvAddr := serveFreeUDP(t)
-	_, port, _ := net.SplitHostPort(recvAddr)
+	// The device's client first, on a port of its own: a port found free
+	// and closed for "device add" to name may be taken by then.
+	maildir := filepath.Join(t.TempDir(), "mail")
+	m, _, _ := uaBackground(t, regexp.MustCompile(`listening on (\S+),`), append([]string{"ua", "receive", "--listen", "127.0.0.1:0",
+		"--maildir", maildir, "--server", a.emsd, "--address", "198.037", "--domain", "emsd.test", "--poll"},
+		timers...)...)
+	_, port, _ := net.SplitHostPort(m[1])
 	for _, args := range [][]string{
 		{"device", "add", "--data", data, "--address", "198.036", "--password", "secret", "--ip", "127.0.0.1"},
 		{"device", "add", "--data", data, "--address", "198.037", "--password", "", "--ip", "127.0.0.1",
@@ -164,10 +169,6 @@ func TestServeQuickStart(t *testing.T) {
 			t.Fatalf("%v: exit %d: %s", args, code, errs)
 		}
 	}
-	maildir := filepath.Join(t.TempDir(), "mail")
-	uaBackground(t, regexp.MustCompile(`listening on`), append([]string{"ua", "receive", "--listen", recvAddr,
-		"--maildir", maildir, "--server", a.emsd, "--address", "198.037", "--domain", "emsd.test", "--poll"},
-		timers...)...)
 	// The server learns of the devices by polling its store. One send: a
 	// submission that timed out on the device may still have been
 	// accepted, and sending again would send the mail twice.
