@@ -98,6 +98,14 @@ var storeConfigs = []struct {
 var fastTimers = esro.Timers{Acknowledgement: 5 * time.Millisecond, Roundtrip: 20 * time.Millisecond,
 	Retransmit: 30 * time.Millisecond, NSDULifetime: 20 * time.Millisecond, RetransmitCount: 4}
 
+// patientTimers are ESRO timers, for the server and the devices alike,
+// for tests whose invocations must be answered whatever the machine's
+// load: their performer timeout (T_noresp) is 3.8 s, where fastTimers'
+// 290 ms can pass while a busy machine's server checks a password and
+// writes the store.
+var patientTimers = esro.Timers{Acknowledgement: 5 * time.Millisecond, Roundtrip: 100 * time.Millisecond,
+	Retransmit: 300 * time.Millisecond, NSDULifetime: 100 * time.Millisecond, RetransmitCount: 8}
+
 // testWriter sends logs to t.Log while the test runs.
 type testWriter struct {
 	mu   sync.Mutex

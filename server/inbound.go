@@ -5,8 +5,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"slices"
-	"strings"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -54,21 +52,12 @@ func (rv *receiver) Recipient(ctx context.Context, spec string) error {
 			return nil
 		}
 	}
-	if !rv.localDomain(spec) {
+	if !rv.devs.inDomain(spec) {
 		rv.metrics.inbound.WithLabelValues("relay_denied").Inc()
 		return gateway.ErrRelayDenied
 	}
 	rv.metrics.inbound.WithLabelValues("unknown_recipient").Inc()
 	return gateway.ErrUnknownRecipient
-}
-
-// localDomain reports whether addr is in one of the EMSD domains.
-func (rv *receiver) localDomain(addr string) bool {
-	i := strings.LastIndexByte(addr, '@')
-	if i < 0 {
-		return true // a bare local part ("postmaster") names no other host
-	}
-	return slices.Contains(rv.devs.domains, strings.ToLower(addr[i+1:]))
 }
 
 // Deliver converts the message once per device (so that one device's Bcc

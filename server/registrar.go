@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -167,6 +169,32 @@ func (g *registrar) resolve(spec string) (emsd.Address, bool) {
 		return a, true
 	}
 	return 0, false
+}
+
+// unknownAmong reports whether routed recipients name a device reg does
+// not know: a local address, or an address in one of the EMSD domains.
+// Either may be a device the store has and the registry not yet.
+func (g *registrar) unknownAmong(reg *registry, recipients []mailconv.Recipient) bool {
+	for _, r := range recipients {
+		switch {
+		case r.Err != nil:
+		case r.Local && reg.get(r.Device) == nil:
+			return true
+		case !r.Local && g.inDomain(r.Addr):
+			return true
+		}
+	}
+	return false
+}
+
+// inDomain reports whether the addr-spec addr is in one of the EMSD
+// domains; a bare local part ("postmaster") names no other host either.
+func (g *registrar) inDomain(addr string) bool {
+	i := strings.LastIndexByte(addr, '@')
+	if i < 0 {
+		return true
+	}
+	return slices.Contains(g.domains, strings.ToLower(addr[i+1:]))
 }
 
 // mapping is how mailconv finds the devices among Internet addresses.

@@ -87,6 +87,51 @@ func TestUnknownDeviceRechecksRegistry(t *testing.T) {
 	}
 }
 
+// A submission naming a device added to the store a moment ago (emsdp
+// device add while the server runs), before the registry's next poll,
+// reaches it: by its number and by number@domain, neither refused as
+// unknown nor relayed to the Internet.
+func TestUnknownRecipientRechecksRegistry(t *testing.T) {
+	c := testConfig(t)
+	c.Store.RegistryPoll = Duration(time.Hour) // no polling during the test
+	s := startServer(t, c)
+	sender := newDevice(t, s, 198036, deviceOpts{password: "pw"})
+	got := make(chan *ua.Delivery, 10)
+	for _, a := range []emsd.Address{198037, 198038} {
+		ep := listenESRO(t, "127.0.0.1")
+		ap := epAddr(ep)
+		// Behind the server's back, as another process adds it.
+		must(t, s.st.AddDevice(context.Background(), &store.Device{Address: uint32(a), IP: ap.Addr(), Port: ap.Port(),
+			Version: "1.1", Mode: store.ModeComplete}))
+		cl, err := ua.New(ep, ua.Config{Server: s.Addrs().EMSD, Address: a, Logger: slog.New(slog.DiscardHandler),
+			Handler: ua.HandlerFunc(func(_ context.Context, d *ua.Delivery) error { got <- d; return nil })})
+		must(t, err)
+		t.Cleanup(func() { cl.Close() })
+	}
+	if s.devs.current().get(198037) != nil {
+		t.Fatal("registry already reloaded: the test proves nothing")
+	}
+	_, err := sender.ua.Submit(context.Background(), &ua.Message{To: []string{"198.037", "198.038@emsd.test"},
+		Subject: "to new devices", Body: []byte("hi\n")})
+	must(t, err)
+	for range 2 {
+		select {
+		case d := <-got:
+			if d.IPM.Heading.Subject != "to new devices" {
+				t.Errorf("got %q", d.IPM.Heading.Subject)
+			}
+		case <-time.After(15 * time.Second):
+			t.Fatal("a device added before the submission got nothing")
+		}
+	}
+	if n := s.metrics.counter(t, "emsd_deliveries_total", "rejected"); n != 0 {
+		t.Errorf("%v recipients rejected", n)
+	}
+	if st := queueStats(t, s); len(st.Relays) != 0 {
+		t.Errorf("relayed to the Internet: %v", st.Relays)
+	}
+}
+
 // The registry applies changes in place: entries replaced, removed and
 // added keep every index (address, address and port, IP, alias) right.
 func TestRegistryApply(t *testing.T) {

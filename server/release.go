@@ -54,8 +54,18 @@ func (p *performer) submissionWork(ctx context.Context, rec *store.Submission, i
 	if err != nil {
 		return w, err
 	}
-	now := time.Now()
 	reg := p.devs.current()
+	if p.devs.unknownAmong(reg, recipients) && p.devs.reloadIfChanged(ctx, "unknown recipient") {
+		// A device added a moment ago ("emsdp device add" while the server
+		// runs), before the next registry_poll: routed with it, not
+		// refused as unknown or relayed to the Internet, as on the SMTP
+		// side (receiver.Recipient).
+		m, reg = p.devs.mapping(), p.devs.current()
+		if recipients, err = mailconv.Route(ipm, p.domain, m); err != nil {
+			return w, err
+		}
+	}
+	now := time.Now()
 	prio := priorityOf(ipm)
 	var remote []store.RelayRecipient
 	var fails []reportItem

@@ -96,8 +96,8 @@ func (c *capture) all() (n, bytes int, joined []byte) {
 	return len(c.seen), bytes, joined
 }
 
-// TestUAOverDTLS: devices provisioned with "device add --psk generate"
-// submit and receive through "serve --dtls-listen" without passwords; a
+// TestUAOverDTLS: devices provisioned with "device add --psk" (a key
+// generated, or given) submit and receive through "serve --dtls-listen" without passwords; a
 // capture of the path holds neither password nor mail text; require_dtls
 // refuses the same device on plain UDP; a wrong key gets nothing through.
 func TestUAOverDTLS(t *testing.T) {
@@ -115,40 +115,38 @@ func TestUAOverDTLS(t *testing.T) {
 		"--listen", "127.0.0.1:0", "--dtls-listen", "127.0.0.1:0", "--smtp", "off", "--admin", "off", "--log-level", "warn")
 	plain, dtlsAddr := m[1], m[2]
 
-	keyRE := regexp.MustCompile(`(?m)^psk: ([0-9a-f]+)$`)
-	keys := map[string]string{}
-	ports := map[string]string{}
-	for _, dev := range []struct {
-		addr  string
-		extra []string
-	}{
-		{"198.036", []string{"--password", "pw-in-clear", "--require-dtls"}},
-		{"198.037", nil},
-	} {
-		ports[dev.addr] = freeUDPAddr(t, "127.0.0.1")
-		_, port, _ := strings.Cut(ports[dev.addr], ":")
-		code, out, errs := runCmd(t, "", append([]string{"device", "add", "--data", data, "--address", dev.addr, "--ip", "127.0.0.1",
-			"--port", port, "--psk", "generate"}, dev.extra...)...)
-		k := keyRE.FindStringSubmatch(out)
-		if code != exitOK || k == nil {
-			t.Fatalf("device add %s: %d %s %s", dev.addr, code, out, errs)
-		}
-		keys[dev.addr] = k[1]
+	// The sender's key is generated and printed; the receiver's is given,
+	// so that its client can start first, on a port of its own, before it
+	// is registered there (a port found free and closed for "device add"
+	// to name may be taken by then).
+	keys := map[string]string{"198.037": "00112233445566778899aabbccddeeff"}
+	_, senderPort, _ := strings.Cut(closedUDPPort(t), ":") // it never receives here
+	code, out, errs := runCmd(t, "", "device", "add", "--data", data, "--address", "198.036", "--ip", "127.0.0.1",
+		"--port", senderPort, "--psk", "generate", "--password", "pw-in-clear", "--require-dtls")
+	k := regexp.MustCompile(`(?m)^psk: ([0-9a-f]+)$`).FindStringSubmatch(out)
+	if code != exitOK || k == nil {
+		t.Fatalf("device add 198.036: %d %s %s", code, out, errs)
 	}
+	keys["198.036"] = k[1]
 	keyFile := filepath.Join(dir, "198.036.key")
 	if err := os.WriteFile(keyFile, []byte(keys["198.036"]+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 
 	// The receiver polls over DTLS, and the server delivers through that
-	// session.
-	_, recv, _ := uaBackground(t, regexp.MustCompile(`listening on`), append([]string{"ua", "receive", "--listen", ports["198.037"],
+	// session (or one it opens to the registered address).
+	rm, recv, _ := uaBackground(t, regexp.MustCompile(`listening on (\S+),`), append([]string{"ua", "receive", "--listen", "127.0.0.1:0",
 		"--maildir", filepath.Join(dir, "Maildir"), "--domain", "emsd.test", "--server", dtlsAddr, "--address", "198.037",
 		"--dtls", "--psk", keys["198.037"], "--poll"}, timers...)...)
+	_, port, _ := strings.Cut(rm[1], ":")
+	if code, out, errs := runCmd(t, "", "device", "add", "--data", data, "--address", "198.037", "--ip", "127.0.0.1",
+		"--port", port, "--psk", keys["198.037"]); code != exitOK {
+		t.Fatalf("device add 198.037: %d %s %s", code, out, errs)
+	}
 
 	cap := newCapture(t, dtlsAddr)
 	secretSubject, secretBody := "Quarterly numbers", "The vault code is 4711-0815, keep it quiet.\n"
-	code, out, errs := runCmdStdin(t, secretBody, append([]string{"ua", "send", "--server", cap.addr(), "--address", "198.036",
+	code, out, errs = runCmdStdin(t, secretBody, append([]string{"ua", "send", "--server", cap.addr(), "--address", "198.036",
 		"--password", "pw-in-clear", "--dtls", "--psk-file", keyFile, "--to", "198.037", "--subject", secretSubject}, timers...)...)
 	if code != exitOK || !strings.HasPrefix(out, "submitted message-id=") {
 		t.Fatalf("ua send --dtls: exit %d %q %q", code, out, errs)
