@@ -3,12 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -120,7 +122,7 @@ func TestUAOverDTLS(t *testing.T) {
 	// is registered there (a port found free and closed for "device add"
 	// to name may be taken by then).
 	keys := map[string]string{"198.037": "00112233445566778899aabbccddeeff"}
-	_, senderPort, _ := strings.Cut(closedUDPPort(t), ":") // it never receives here
+	_, senderPort, _ := strings.Cut(closedUDPAddr(t, "127.0.0.1"), ":") // it never receives here
 	code, out, errs := runCmd(t, "", "device", "add", "--data", data, "--address", "198.036", "--ip", "127.0.0.1",
 		"--port", senderPort, "--psk", "generate", "--password", "pw-in-clear", "--require-dtls")
 	k := regexp.MustCompile(`(?m)^psk: ([0-9a-f]+)$`).FindStringSubmatch(out)
@@ -253,11 +255,11 @@ func TestOpenSSLClientToPerform(t *testing.T) {
 func TestInvokeToOpenSSLServer(t *testing.T) {
 	openssl := needOpenSSL(t)
 	key := "0123456789abcdef0123456789abcdef"
-	addr := freeUDPAddr(t, "127.0.0.1")
-	_, port, _ := strings.Cut(addr, ":")
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	srv := exec.CommandContext(ctx, openssl, "s_server", "-dtls1_2", "-accept", "127.0.0.1:"+port, "-nocert",
+	// s_server binds a port of its own; with -quiet it does not print
+	// which, so the test reads it from the process's socket.
+	srv := exec.CommandContext(ctx, openssl, "s_server", "-dtls1_2", "-accept", "127.0.0.1:0", "-nocert",
 		"-psk", key, "-psk_identity", "device-9", "-cipher", "PSK-AES128-CCM8", "-quiet")
 	stdin, _ := srv.StdinPipe()
 	stdout, _ := srv.StdoutPipe()
@@ -279,7 +281,7 @@ func TestInvokeToOpenSSLServer(t *testing.T) {
 		stdin.Write(res)
 		io.Copy(io.Discard, stdout) // the ACK
 	}()
-	time.Sleep(300 * time.Millisecond) // s_server binds
+	port := procUDPPort(t, srv.Process.Pid)
 	var code int
 	var out, errs string
 	for range 5 {
@@ -293,4 +295,43 @@ func TestInvokeToOpenSSLServer(t *testing.T) {
 	if code != exitOK || out != "result enc=0 data=\"answer:ping\"\n" {
 		t.Fatalf("invoke: exit %d %q %q", code, out, errs)
 	}
+}
+
+// procUDPPort waits for process pid to bind a UDP socket on 127.0.0.1
+// and returns its port, read from /proc: the socket inodes among the
+// process's descriptors, looked up in /proc/net/udp.
+func procUDPPort(t *testing.T, pid int) string {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		if err != nil {
+			t.Fatalf("the process's descriptors: %v", err)
+		}
+		inodes := map[string]bool{}
+		for _, fd := range fds {
+			l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
+			if in, ok := strings.CutPrefix(l, "socket:["); ok {
+				inodes[strings.TrimSuffix(in, "]")] = true
+			}
+		}
+		table, err := os.ReadFile("/proc/net/udp")
+		if err != nil {
+			t.Fatalf("the UDP sockets: %v", err)
+		}
+		// "sl local_address rem_address st ... inode": local 0100007F:PORT in hex.
+		for l := range strings.Lines(string(table)) {
+			f := strings.Fields(l)
+			if len(f) < 10 || !inodes[f[9]] {
+				continue
+			}
+			if ip, port, ok := strings.Cut(f[1], ":"); ok && ip == "0100007F" {
+				n, err := strconv.ParseUint(port, 16, 16)
+				if err == nil && n != 0 {
+					return strconv.FormatUint(n, 10)
+				}
+			}
+		}
+	}
+	t.Fatalf("process %d bound no UDP port on 127.0.0.1", pid)
+	return ""
 }

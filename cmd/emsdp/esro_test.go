@@ -79,7 +79,7 @@ func TestESROCommands(t *testing.T) {
 		{"2-way error", "--to " + a2 + " --sap 7 --handshake 2 --op 1 --data hi", exitError, `^error value=7 data="hi"\n$`},
 		{"unbound SAP", "--to " + a3 + " --sap 14 --data x", exitFailure, `^failure reason=2 user not responding\n$`},
 		{"no answer", "--to " + an + " --sap 9 --handshake 2 --data x", exitFailure, `^failure reason=2 user not responding\n$`},
-		{"closed port", "--to " + closedUDPPort(t) + " --sap 9 --handshake 2 --data x", exitFailure, `^failure reason=255 unreachable\n$`},
+		{"closed port", "--to " + closedUDPAddr(t, "127.0.0.1") + " --sap 9 --handshake 2 --data x", exitFailure, `^failure reason=255 unreachable\n$`},
 		{"count", "--to " + a3 + " --sap 13 --data x --count 50 --concurrency 4", exitOK,
 			`^summary completed=50 results=50 errors=0 failures=0 invocations/s=[\d.]+ p50=\S+ p99=\S+\n$`},
 		{"count with errors", "--to " + a2 + " --sap 7 --handshake 2 --data x --count 5", exitError, `^summary completed=5 results=0 errors=5 failures=0 `},

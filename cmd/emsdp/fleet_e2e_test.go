@@ -107,36 +107,43 @@ func TestFleetProcesses(t *testing.T) {
 	}
 	const devices, first, second = 6, 3, 2
 	type dev struct {
-		addr, listen, maildir string
+		addr, maildir string
+	}
+	serveRe := regexp.MustCompile(`emsdp serve: listening emsd=(\S+) smtp=(\S+) admin=(\S+)`)
+	listen := "127.0.0.1:0"
+	serve := func() (*cliProc, serveAddrs) {
+		p, m := startCLI(t, serveRe, "serve", "--config", cfg, "--listen", listen, "--smtp", "127.0.0.1:0",
+			"--admin", "127.0.0.1:0", "--data", data)
+		return p, serveAddrs{m[1], m[2], m[3]}
+	}
+	srv, a := serve()
+	listen = a.emsd // the same after the restart: the devices know it
+	// A running device's client starts first, on a port of its own, and
+	// the device is registered where it listens: a port found free and
+	// closed for "device add" to name may be taken by then. A stopped
+	// device is registered where nothing answers, and comes back on a
+	// port of its own: it polls, and the server delivers there.
+	receive := func(d dev, server string) string {
+		_, m := startCLI(t, regexp.MustCompile(`listening on (\S+),`), append([]string{"ua", "receive", "--listen", "127.0.0.1:0",
+			"--maildir", d.maildir, "--domain", "emsd.test", "--server", server, "--address", d.addr,
+			"--password", "pw" + d.addr, "--poll"}, strings.Fields(fast)...)...)
+		return m[1]
 	}
 	var devs []dev
 	for i := range devices {
-		d := dev{addr: fmt.Sprintf("198.%03d", 100+i), listen: serveFreeUDP(t), maildir: filepath.Join(dir, fmt.Sprintf("Maildir-%d", i))}
-		_, port, _ := net.SplitHostPort(d.listen)
+		d := dev{addr: fmt.Sprintf("198.%03d", 100+i), maildir: filepath.Join(dir, fmt.Sprintf("Maildir-%d", i))}
+		var at string
+		if i%2 == 1 {
+			at = receive(d, a.emsd)
+		} else {
+			at = closedUDPAddr(t, "127.0.0.1")
+		}
+		_, port, _ := net.SplitHostPort(at)
 		if code, _, errs := runCmd(t, "", "device", "add", "--data", data, "--address", d.addr, "--password", "pw"+d.addr,
 			"--ip", "127.0.0.1", "--port", port); code != exitOK {
 			t.Fatalf("device add: exit %d: %s", code, errs)
 		}
 		devs = append(devs, d)
-	}
-	serveRe := regexp.MustCompile(`emsdp serve: listening emsd=(\S+) smtp=(\S+) admin=(\S+)`)
-	emsdAddr := serveFreeUDP(t) // the same after the restart: the devices know it
-	serve := func() (*cliProc, serveAddrs) {
-		p, m := startCLI(t, serveRe, "serve", "--config", cfg, "--listen", emsdAddr, "--smtp", "127.0.0.1:0",
-			"--admin", "127.0.0.1:0", "--data", data)
-		return p, serveAddrs{m[1], m[2], m[3]}
-	}
-	srv, a := serve()
-	receive := func(d dev, server string) *cliProc {
-		p, _ := startCLI(t, regexp.MustCompile(`listening on`), append([]string{"ua", "receive", "--listen", d.listen,
-			"--maildir", d.maildir, "--domain", "emsd.test", "--server", server, "--address", d.addr,
-			"--password", "pw" + d.addr, "--poll"}, strings.Fields(fast)...)...)
-		return p
-	}
-	for i, d := range devs {
-		if i%2 == 1 {
-			receive(d, a.emsd)
-		}
 	}
 	mail := func(to dev, n int) {
 		t.Helper()

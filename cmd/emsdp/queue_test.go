@@ -354,12 +354,13 @@ func TestQueueServe(t *testing.T) {
 		t.Fatal(err)
 	}
 	a, errb := startServe(t, "--config", cfg, "--listen", "127.0.0.1:0", "--smtp", "off", "--admin", "off", "--data", data)
-	// Nothing listens at the device's address until the receiver starts.
-	recvAddr := serveFreeUDP(t)
-	_, port, _ := strings.Cut(recvAddr, ":")
+	// Nothing answers at the device's registered address. (It has a
+	// password: a poll from another port redirects its deliveries only
+	// when it proves who it is.)
+	_, port, _ := strings.Cut(closedUDPAddr(t, "127.0.0.1"), ":")
 	for _, args := range [][]string{
 		{"device", "add", "--data", data, "--address", "198.036", "--password", "secret", "--ip", "127.0.0.1"},
-		{"device", "add", "--data", data, "--address", "198.037", "--password", "", "--ip", "127.0.0.1", "--port", port},
+		{"device", "add", "--data", data, "--address", "198.037", "--password", "pw-037", "--ip", "127.0.0.1", "--port", port},
 	} {
 		if code, _, errs := runCmd(t, "", args...); code != exitOK {
 			t.Fatalf("%v: exit %d: %s", args, code, errs)
@@ -410,11 +411,13 @@ func TestQueueServe(t *testing.T) {
 	if code, out, errs := runCmd(t, "", "queue", "remove", "--data", data, one.ID); code != exitOK || out != "removed 1 entry (silently: no report to the sender)\n" {
 		t.Fatalf("remove: exit %d %q %s", code, out, errs)
 	}
-	// The device comes up and polls: the message behind the removed one
-	// is delivered, the removed one never.
+	// The device comes up and polls, from a port of its own (its
+	// registered one could be taken by another socket meanwhile): the
+	// message behind the removed one is delivered there, the removed one
+	// never.
 	maildir := filepath.Join(t.TempDir(), "mail")
-	uaBackground(t, regexp.MustCompile(`listening on`), append([]string{"ua", "receive", "--listen", recvAddr,
-		"--maildir", maildir, "--server", a.emsd, "--address", "198.037", "--domain", "emsd.test", "--poll"},
+	uaBackground(t, regexp.MustCompile(`listening on`), append([]string{"ua", "receive", "--listen", "127.0.0.1:0",
+		"--maildir", maildir, "--server", a.emsd, "--address", "198.037", "--password", "pw-037", "--domain", "emsd.test", "--poll"},
 		strings.Fields(fast)...)...)
 	waitFor(t, "the remaining delivery done", func() bool {
 		es := queueEntries(t, "--data", data, "--state", "all")

@@ -62,20 +62,19 @@ func uaRun(t *testing.T, stdin string, args ...string) (int, string, string) {
 	return code, out.String(), errb.String()
 }
 
-// closedUDPPort returns a loopback address nothing listens on.
-func closedUDPPort(t *testing.T) string { return freeUDPAddr(t, "127.0.0.1") }
-
-// freeUDPAddr returns ip:port with a port nothing listens on (for a
-// moment: the test binds it right after).
-func freeUDPAddr(t *testing.T, ip string) string {
+// closedUDPAddr returns ip:port where nothing answers, as at a device
+// that is off: datagrams sent there get ICMP port unreachable. Until the
+// test ends the port is held by a socket connected to the discard port,
+// which the kernel gives no datagram from anyone else; a port found free
+// and closed could be taken by another socket in the meantime.
+func closedUDPAddr(t *testing.T, ip string) string {
 	t.Helper()
-	c, err := net.ListenPacket("udp4", ip+":0")
+	c, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.ParseIP(ip)}, &net.UDPAddr{IP: net.ParseIP(ip), Port: 9})
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := c.LocalAddr().String()
-	c.Close()
-	return a
+	t.Cleanup(func() { c.Close() })
+	return c.LocalAddr().String()
 }
 
 func TestUASend(t *testing.T) {
@@ -157,7 +156,7 @@ func TestUASendErrors(t *testing.T) {
 		{"unknown device", "x", "--server " + srv + " --address 198.099 --password pw --to 198.037", exitError, `^error code=4 `, `^$`},
 		// The ICMP port unreachable ends it at once (IP_RECVERR), with no
 		// second invocation nor a warning about one.
-		{"no server", "x", "--server " + closedUDPPort(t) + " --address 198.036 --password pw --to 198.037", exitFailure,
+		{"no server", "x", "--server " + closedUDPAddr(t, "127.0.0.1") + " --address 198.036 --password pw --to 198.037", exitFailure,
 			`^failure reason=255 unreachable\n$`, `^$`},
 		{"missing server", "x", "--address 198.036 --to 198.037", exitUsage, `^$`, `--server HOST:PORT is required`},
 		{"missing address", "x", "--server " + srv + " --to 198.037", exitUsage, `^$`, `--address NNN.NNN is required`},
@@ -357,7 +356,7 @@ func TestUAVerify(t *testing.T) {
 		{"--server " + srv + " --address 198.036 --password pw <in1@example.com>", exitOK, "status=2 delivery-report-sent\n"},
 		{"6B07D9D0.00000007 --server " + srv, exitOK, "status=3 non-delivery-report-sent\n"},
 		{"--server " + srv + " <other@example.com>", exitFailed, "status=1 no-report-sent\n"},
-		{"--server " + closedUDPPort(t) + " <in1@example.com>", exitFailure, "failure reason=255 unreachable\n"},
+		{"--server " + closedUDPAddr(t, "127.0.0.1") + " <in1@example.com>", exitFailure, "failure reason=255 unreachable\n"},
 		{"--server " + srv, exitUsage, ""},
 		{"--server " + srv + " a b", exitUsage, ""},
 		{"<in1@example.com>", exitUsage, ""},
@@ -469,22 +468,21 @@ func TestUAWithServer(t *testing.T) {
 	} else {
 		c.Close()
 	}
-	ports := map[string]string{}
-	for _, dev := range []string{"198.036", "198.037"} {
-		ports[dev] = freeUDPAddr(t, ips[dev])
-		_, port, _ := strings.Cut(ports[dev], ":")
-		env, out, errb := testEnv()
-		if code := run(t.Context(), env, []string{"device", "add", "--data", data, "--address", dev, "--password", "pw-" + dev,
-			"--ip", ips[dev], "--port", port}); code != exitOK {
-			t.Fatalf("device add %s: %d %s %s", dev, code, out, errb)
-		}
-	}
+	// Each device's client starts first, on a port of its own, and the
+	// device is registered where it listens: a port found free and closed
+	// for "device add" to name may be taken by then.
 	receivers := map[string]*syncBuffer{}
 	for _, dev := range []string{"198.036", "198.037"} {
-		_, out, _ := uaBackground(t, regexp.MustCompile(`listening on`), append([]string{"ua", "receive", "--listen", ports[dev],
+		m, out, _ := uaBackground(t, regexp.MustCompile(`listening on (\S+),`), append([]string{"ua", "receive", "--listen", ips[dev] + ":0",
 			"--maildir", filepath.Join(dir, "Maildir-"+dev), "--domain", "emsd.test", "--server", srv, "--address", dev,
 			"--password", "pw-" + dev, "--poll"}, timers...)...)
 		receivers[dev] = out
+		_, port, _ := strings.Cut(m[1], ":")
+		env, dout, errb := testEnv()
+		if code := run(t.Context(), env, []string{"device", "add", "--data", data, "--address", dev, "--password", "pw-" + dev,
+			"--ip", ips[dev], "--port", port}); code != exitOK {
+			t.Fatalf("device add %s: %d %s %s", dev, code, dout, errb)
+		}
 	}
 	send := func(stdin string, args ...string) (int, string, string) {
 		env, out, errb := testEnv()
@@ -574,10 +572,10 @@ func TestUAWithServer(t *testing.T) {
 		t.Fatalf("first submission answered %v %v", first, err)
 	}
 	// The re-invocation comes from the same socket, as a device's does;
-	// from another one it would be another program's message.
-	rawAddr := raw.LocalAddr().String()
-	raw.Close()
-	ep, err := esro.Listen("udp4", rawAddr, &esro.Config{Timers: uaParseTimers(t, timers)})
+	// from another one it would be another program's message. (Binding
+	// its port again after closing it could find it taken.)
+	raw.SetReadDeadline(time.Time{})
+	ep, err := esro.NewEndpoint(raw, &esro.Config{Timers: uaParseTimers(t, timers)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -621,21 +619,21 @@ func TestUARedeliveryWithServer(t *testing.T) {
 	data := filepath.Join(t.TempDir(), "data")
 	a, _ := startServe(t, "--config", serveConfig(t, ""), "--listen", "127.0.0.1:0", "--smtp", "127.0.0.1:0",
 		"--admin", "127.0.0.1:0", "--data", data)
-	recvAddr := serveFreeUDP(t)
-	_, port, _ := net.SplitHostPort(recvAddr)
-	if code, _, errs := runCmd(t, "", "device", "add", "--data", data, "--address", "198.037", "--password", "",
-		"--ip", "127.0.0.1", "--port", port); code != exitOK {
-		t.Fatalf("device add: exit %d: %s", code, errs)
-	}
 	maildir := filepath.Join(t.TempDir(), "Maildir")
 
 	// The first life of the device stores the message, then hangs until
-	// its endpoint is closed, as if killed before its RESULT went out.
-	ep, err := esro.Listen("udp", recvAddr, &esro.Config{Timers: uaFastTimers(), Logger: slog.New(slog.DiscardHandler)})
+	// its endpoint is closed, as if killed before its RESULT went out. It
+	// listens on a port of its own, and the device is registered there.
+	ep, err := esro.Listen("udp", "127.0.0.1:0", &esro.Config{Timers: uaFastTimers(), Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ep.Close()
+	_, port, _ := net.SplitHostPort(ep.LocalAddr().String())
+	if code, _, errs := runCmd(t, "", "device", "add", "--data", data, "--address", "198.037", "--password", "pw-037",
+		"--ip", "127.0.0.1", "--port", port); code != exitOK {
+		t.Fatalf("device add: exit %d: %s", code, errs)
+	}
 	md, err := ua.OpenMaildir(maildir, ua.MaildirConfig{Domain: "emsd.test", Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
@@ -670,9 +668,12 @@ func TestUARedeliveryWithServer(t *testing.T) {
 		t.Fatalf("%d messages in the Maildir", n)
 	}
 
-	// The second life.
-	_, rout, _ := uaBackground(t, regexp.MustCompile(`listening on`), append([]string{"ua", "receive", "--listen", recvAddr,
-		"--maildir", maildir, "--domain", "emsd.test"}, strings.Fields(fast)...)...)
+	// The second life, on another port (binding the first one again could
+	// find it taken by another socket since): it polls with its password,
+	// and the server delivers where the polls come from.
+	_, rout, _ := uaBackground(t, regexp.MustCompile(`listening on`), append([]string{"ua", "receive", "--listen", "127.0.0.1:0",
+		"--maildir", maildir, "--domain", "emsd.test", "--server", a.emsd, "--address", "198.037", "--password", "pw-037", "--poll"},
+		strings.Fields(fast)...)...)
 	// Delivered under the server's local id for the message.
 	waitLine(t, rout, regexp.MustCompile(`duplicate message-id=[0-9a-f]{8}\.[0-9a-f]{8} from=carol@example.com subject="Once only"\n`))
 	waitMetrics(t, a.admin, `emsd_deliveries_total{outcome="delivered"} 1`)
@@ -708,7 +709,7 @@ func TestUAReceiveElsewhere(t *testing.T) {
 	m, _, _ := uaBackground(t, regexp.MustCompile(`listening emsd=(\S+) `), "serve", "--config", cfg, "--data", data,
 		"--listen", "127.0.0.1:0", "--smtp", "off", "--admin", "off", "--log-level", "warn")
 	srv := m[1]
-	_, port, _ := strings.Cut(freeUDPAddr(t, "127.0.0.2"), ":") // nobody listens there
+	_, port, _ := strings.Cut(closedUDPAddr(t, "127.0.0.2"), ":") // nobody listens there
 	for _, args := range [][]string{
 		{"--address", "198.002", "--password", "pw2", "--ip", "127.0.0.2", "--port", port},
 		{"--address", "198.003", "--password", "pw3"},
@@ -718,14 +719,18 @@ func TestUAReceiveElsewhere(t *testing.T) {
 		}
 	}
 	recv := map[string]*syncBuffer{}
-	listen := map[string]string{"198.002": freeUDPAddr(t, "127.0.0.3"), "198.003": ""}
+	// 198.002 listens and polls on a port of its own on 127.0.0.3.
+	listen := map[string]string{"198.002": "127.0.0.3:0", "198.003": ""}
 	for dev, pw := range map[string]string{"198.002": "pw2", "198.003": "pw3"} {
 		args := []string{"ua", "receive", "--maildir", filepath.Join(dir, "Maildir-"+dev), "--domain", "emsd.test",
 			"--server", srv, "--address", dev, "--password", pw, "--poll", "--poll-interval", "200ms"}
 		if listen[dev] != "" {
 			args = append(args, "--listen", listen[dev])
 		}
-		_, out, errb := uaBackground(t, regexp.MustCompile(`listening on`), append(args, timers...)...)
+		m, out, errb := uaBackground(t, regexp.MustCompile(`listening on (\S+),`), append(args, timers...)...)
+		if listen[dev] != "" {
+			listen[dev] = m[1]
+		}
 		waitLine(t, errb, regexp.MustCompile(`delivery control answered\n`))
 		recv[dev] = out
 	}
