@@ -81,17 +81,15 @@ func TestPollWakesQueue(t *testing.T) {
 	c := testConfig(t)
 	c.Delivery.Retry = []Duration{Duration(time.Hour)}
 	s := startServer(t, c)
-	ep := listenESRO(t, "127.0.0.1")
-	ap := epAddr(ep)
-	addDevice(t, s, 198036, ap, deviceOpts{})
-	ep.Close() // off-line: the first attempt ends in an ESRO failure
+	ap, online := offlineUDP(t, "127.0.0.1")
+	addDevice(t, s, 198036, ap, deviceOpts{}) // off-line: the first attempt ends in an ESRO failure
 
 	must(t, sendMail(s, "carol@example.com", []string{"198.036@emsd.test"}, inboundMsg("198.036@emsd.test", "queued", "q")))
 	eventually(t, "delivery respooled", func() bool {
 		return s.metrics.counter(t, "emsd_deliveries_total", "deferred") >= 1
 	})
 	// The device comes back on the same port and polls.
-	ep2, err := esro.Listen("udp", ap.String(), &esro.Config{Timers: fastTimers})
+	ep2, err := esro.NewEndpoint(online(s.Addrs().EMSD), &esro.Config{Timers: fastTimers})
 	must(t, err)
 	defer ep2.Close()
 	got := make(chan *ua.Delivery, 1)

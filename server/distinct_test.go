@@ -41,29 +41,28 @@ func (f *flakyMaildir) Deliver(ctx context.Context, d *ua.Delivery) error {
 	return nil
 }
 
-// maildirDevice is device 198.037 on a fixed socket, storing into dir.
+// maildirDevice is device 198.037 on the endpoint it is registered at,
+// storing into dir.
 type maildirDevice struct {
-	ep *esro.Endpoint
-	c  *ua.Client
-	h  *flakyMaildir
+	c *ua.Client
+	h *flakyMaildir
 }
 
-func startReceiver(t *testing.T, s *Server, dir string, ap string) *maildirDevice {
+// startReceiver starts the device's client on ep for server s. The
+// endpoint outlives the client: the device comes back on the same socket
+// for the next server (binding its port again once freed could find it
+// taken).
+func startReceiver(t *testing.T, s *Server, dir string, ep *esro.Endpoint) *maildirDevice {
 	t.Helper()
 	md, err := ua.OpenMaildir(dir, ua.MaildirConfig{Domain: "emsd.test"})
-	must(t, err)
-	ep, err := esro.Listen("udp", ap, &esro.Config{Timers: fastTimers})
 	must(t, err)
 	h := &flakyMaildir{md: md}
 	c, err := ua.New(ep, ua.Config{Server: s.Addrs().EMSD, Address: 198037, Handler: h, Logger: slog.New(slog.DiscardHandler)})
 	must(t, err)
-	return &maildirDevice{ep: ep, c: c, h: h}
+	return &maildirDevice{c: c, h: h}
 }
 
-func (r *maildirDevice) close() {
-	r.c.Close()
-	r.ep.Close()
-}
+func (r *maildirDevice) close() { r.c.Close() }
 
 // Distinct messages are never merged (no message is lost because another
 // looks like it): 96 identical Internet mails without Message-ID, 96
@@ -81,7 +80,7 @@ func TestDistinctMessagesNeverMerged(t *testing.T) {
 func testDistinctMessages(t *testing.T, c *Config) {
 	const half = 48 // per round and kind; four programs submit a quarter each
 	dir := t.TempDir()
-	rAP := freeUDP(t)
+	rEP := listenESRO(t, "127.0.0.1")
 
 	s1, err := Start(context.Background(), c, Options{Logger: testLogger(t)})
 	must(t, err)
@@ -91,14 +90,14 @@ func testDistinctMessages(t *testing.T, c *Config) {
 			s1.Close()
 		}
 	}()
-	addDevice(t, s1, 198037, rAP, deviceOpts{})
-	addDevice(t, s1, 198036, freeUDP(t), deviceOpts{password: "pw"})
+	addDevice(t, s1, 198037, epAddr(rEP), deviceOpts{})
+	addDevice(t, s1, 198036, closedUDP(t, "127.0.0.1"), deviceOpts{password: "pw"})
 
 	delivered := 0 // deliveries the store must have finished
 	round := func(s *Server) (dups uint64) {
 		t.Helper()
 		delivered += 3 * half
-		r := startReceiver(t, s, dir, rAP.String())
+		r := startReceiver(t, s, dir, rEP)
 		defer r.close()
 		var wg sync.WaitGroup
 		errs := make(chan error, 2*half+4)

@@ -399,6 +399,12 @@ func startSmarthostWith(t testing.TB, addr string, configure func(*smtp.Server))
 	}
 	ln, err := net.Listen("tcp", addr)
 	must(t, err)
+	return startSmarthostOn(t, ln, configure)
+}
+
+// startSmarthostOn is startSmarthostWith on a listener of the test's.
+func startSmarthostOn(t testing.TB, ln net.Listener, configure func(*smtp.Server)) *smarthost {
+	t.Helper()
 	h := &smarthost{got: make(chan hostMsg, 100), addr: ln.Addr().String()}
 	srv := smtp.NewServer(h)
 	srv.Domain = "smarthost.test"

@@ -239,12 +239,19 @@ func addNATDevice(t testing.TB, s *Server, a emsd.Address, registered netip.Addr
 	addDevice(t, s, a, netip.AddrPort{}, deviceOpts{password: "pw"})
 }
 
-// closedUDP is an address on ip where nothing listens.
+// closedUDP returns an address on ip (IPv4 loopback) where nothing
+// answers, as at a device that is off: datagrams sent there get ICMP port
+// unreachable. Until the test ends the port is held by a socket connected
+// to the discard port, which the kernel gives no datagram from anyone
+// else; a port found free and closed could be taken by another socket
+// meanwhile.
 func closedUDP(t testing.TB, ip string) netip.AddrPort {
 	t.Helper()
-	c, err := net.ListenPacket("udp4", ip+":0")
+	a := netip.MustParseAddr(ip)
+	c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a, 0)),
+		net.UDPAddrFromAddrPort(netip.AddrPortFrom(a, 9)))
 	must(t, err)
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
 	return unmapAP(c.LocalAddr().(*net.UDPAddr).AddrPort())
 }
 

@@ -167,7 +167,7 @@ func TestInFlightCheck(t *testing.T) {
 	// never claims their entries itself.
 	var none uint64
 	for _, dev := range []emsd.Address{198040, 198041} {
-		addDevice(t, s, dev, freeUDP(t), deviceOpts{})
+		addDevice(t, s, dev, closedUDP(t, "127.0.0.1"), deviceOpts{})
 		must(t, s.st.SetDeliveryControl(ctx, uint32(dev), store.DeliveryControl{Operations: &none}))
 	}
 	must(t, s.Reload(ctx))

@@ -190,7 +190,7 @@ func TestInboundDSNExtension(t *testing.T) {
 	c.Delivery.Expiry = Duration(time.Second)
 	s := startServer(t, c)
 	dev := newDevice(t, s, 198036, deviceOpts{})
-	addDevice(t, s, 198037, freeUDP(t), deviceOpts{}) // never answers
+	addDevice(t, s, 198037, closedUDP(t, "127.0.0.1"), deviceOpts{}) // never answers
 
 	sendDSN(t, s, "carol@example.com", []string{"198.036@emsd.test"}, []*smtp.RcptOptions{{
 		Notify: []smtp.DSNNotify{smtp.DSNNotifySuccess}, OriginalRecipientType: smtp.DSNAddressTypeRFC822,

@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -72,7 +74,6 @@ func startPostfix(t *testing.T, cert *testcert.Cert, relayhost, emsdSMTP string)
 	must(t, os.WriteFile(filepath.Join(p.etc, "cert.pem"), cert.CertPEM, 0o644))
 	must(t, os.WriteFile(filepath.Join(p.etc, "key.pem"), cert.KeyPEM, 0o600))
 	must(t, os.WriteFile(filepath.Join(p.etc, "transport"), []byte("emsd.test smtp:["+strings.Replace(emsdSMTP, ":", "]:", 1)+"\n"), 0o644))
-	p.addr = freePort(t)
 	mainCF := fmt.Sprintf(`compatibility_level = 3.6
 queue_directory = %[1]s/queue
 data_directory = %[1]s/data
@@ -103,20 +104,33 @@ alias_database =
 	if err != nil {
 		t.Skipf("SKIP: Postfix's master.cf: %v", err)
 	}
-	// The smtp service on our port, not chrooted (the queue is not
-	// prepared for a chroot).
-	var lines []string
-	for _, l := range strings.Split(string(master), "\n") {
-		if f := strings.Fields(l); len(f) >= 8 && f[0] == "smtp" && f[1] == "inet" {
-			l = fmt.Sprintf("%s inet n - n - - smtpd", p.addr)
+	// Postfix's master binds the port master.cf names (it cannot be
+	// handed a socket bound for it): a port the kernel gives no socket of
+	// its own choosing (listenPort), and another one if something bound
+	// it explicitly all the same before Postfix did.
+	for attempt := 1; ; attempt++ {
+		p.addr = listenPort(t)
+		// The smtp service on our port, not chrooted (the queue is not
+		// prepared for a chroot).
+		var lines []string
+		for _, l := range strings.Split(string(master), "\n") {
+			if f := strings.Fields(l); len(f) >= 8 && f[0] == "smtp" && f[1] == "inet" {
+				l = fmt.Sprintf("%s inet n - n - - smtpd", p.addr)
+			}
+			lines = append(lines, l)
 		}
-		lines = append(lines, l)
-	}
-	must(t, os.WriteFile(filepath.Join(p.etc, "master.cf"), []byte(strings.Join(lines, "\n")), 0o644))
+		must(t, os.WriteFile(filepath.Join(p.etc, "master.cf"), []byte(strings.Join(lines, "\n")), 0o644))
 
-	// The postfix command reports to syslog, or to a terminal: its log
-	// file is the place to look when it fails.
-	if out, err := exec.Command(bin, "-c", p.etc, "start").CombinedOutput(); err != nil {
+		// The postfix command reports to syslog, or to a terminal: its log
+		// file is the place to look when it fails.
+		out, err := exec.Command(bin, "-c", p.etc, "start").CombinedOutput()
+		if err == nil {
+			break
+		}
+		if attempt < 5 && strings.Contains(p.log(), "port "+p.addr[strings.LastIndexByte(p.addr, ':')+1:]+": Address already in use") {
+			t.Logf("Postfix found %s taken; another port", p.addr)
+			continue
+		}
 		t.Fatalf("postfix start: %v %s\n%s", err, out, p.log())
 	}
 	t.Cleanup(func() {
@@ -135,6 +149,33 @@ alias_database =
 		return err == nil
 	})
 	return p
+}
+
+// listenPort returns a loopback TCP address for a program that must be
+// told its port rather than report the one it bound: a port free now,
+// below the kernel's ephemeral range (ip_local_port_range), which the
+// kernel gives no socket bound to port 0 nor any outgoing connection, so
+// that only another explicit bind can take it before the program binds
+// it.
+func listenPort(t *testing.T) string {
+	t.Helper()
+	low := 32768 // Linux's default start of the range
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil && n > 2048 {
+				low = n
+			}
+		}
+	}
+	for range 100 {
+		addr := fmt.Sprintf("127.0.0.1:%d", low/2+rand.IntN(low/2))
+		if ln, err := net.Listen("tcp", addr); err == nil {
+			ln.Close()
+			return addr
+		}
+	}
+	t.Fatalf("no free TCP port below %d", low)
+	return ""
 }
 
 func (p *postfix) log() string {

@@ -103,9 +103,9 @@ func TestTwoServers(t *testing.T) {
 		Logger: slog.New(slog.DiscardHandler)})
 	must(t, err)
 	defer a2.Close()
-	// Device 198.040 is off-line while mail for it queues on both servers.
-	rAP := freeUDP(t)
-	addDevice(t, s1, 198040, rAP, deviceOpts{aliases: []string{"r@example.net"}})
+	// Device 198.040 is off-line while mail for it queues on both
+	// servers: nothing answers at its registered address.
+	addDevice(t, s1, 198040, closedUDP(t, "127.0.0.1"), deviceOpts{password: "pw-040", aliases: []string{"r@example.net"}})
 	must(t, s2.Reload(context.Background())) // (or within registry_poll)
 
 	var subjects []string
@@ -142,14 +142,18 @@ func TestTwoServers(t *testing.T) {
 	})
 
 	got := make(chan *ua.Delivery, 100)
-	rEP, err := esro.Listen("udp", rAP.String(), &esro.Config{Timers: fastTimers})
+	// It comes up on a port of its own and polls s1, with its password,
+	// so that s1 delivers where it polls from.
+	rEP, err := esro.Listen("udp", "127.0.0.1:0", &esro.Config{Timers: fastTimers})
 	must(t, err)
 	defer rEP.Close()
-	r, err := ua.New(rEP, ua.Config{Server: s1.Addrs().EMSD, Address: 198040,
+	r, err := ua.New(rEP, ua.Config{Server: s1.Addrs().EMSD, Address: 198040, Password: "pw-040",
 		Handler: ua.HandlerFunc(func(_ context.Context, d *ua.Delivery) error { got <- d; return nil })})
 	must(t, err)
 	defer r.Close()
-	_, err = r.DeliveryControl(context.Background(), nil) // polls s1; s2 retries on its own
+	// It polls s1, which delivers its mail whichever server queued it (s2
+	// leaves alone a device another server heard while that is fresh).
+	_, err = r.DeliveryControl(context.Background(), nil)
 	must(t, err)
 
 	seen := map[string]int{}

@@ -24,21 +24,68 @@ import (
 	"github.com/esro-emsdp/emsdp/ua"
 )
 
-// freePort reserves a loopback TCP port and frees it for a later listener.
-func freePort(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+// closedTCP returns a loopback TCP address that refuses connections until
+// open is called, as a smarthost that is down and comes up later at the
+// same address. A socket bound but not listening holds the port (the
+// kernel answers a connection attempt with a reset), and open listens on
+// that very socket: the port is never free for another socket to take.
+func closedTCP(t testing.TB) (addr string, open func() net.Listener) {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
 	must(t, err)
-	defer ln.Close()
-	return ln.Addr().String()
+	syscall.CloseOnExec(fd)
+	f := os.NewFile(uintptr(fd), "closed-tcp")
+	t.Cleanup(func() { f.Close() })
+	must(t, syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}))
+	sa, err := syscall.Getsockname(fd)
+	must(t, err)
+	addr = fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
+	return addr, func() net.Listener {
+		t.Helper()
+		must(t, syscall.Listen(fd, syscall.SOMAXCONN))
+		ln, err := net.FileListener(f) // a duplicate: f is closed at the end
+		must(t, err)
+		return ln
+	}
 }
 
-// freeUDP reserves a loopback UDP address for a device that is off-line
-// for now.
-func freeUDP(t *testing.T) netip.AddrPort {
-	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+// offlineUDP is closedUDP for a device that comes back on line at the
+// same address: online connects the held socket to peer, its server,
+// instead of the discard port, and returns that very socket, so that the
+// port is never free for another socket to take in between. (A device
+// that talks to one server needs no other peer; dissolving the
+// association instead would give the port back.)
+func offlineUDP(t testing.TB, ip string) (ap netip.AddrPort, online func(peer netip.AddrPort) net.PacketConn) {
+	t.Helper()
+	a := netip.MustParseAddr(ip)
+	c, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(a, 0)),
+		net.UDPAddrFromAddrPort(netip.AddrPortFrom(a, 9)))
 	must(t, err)
-	defer c.Close()
-	return c.LocalAddr().(*net.UDPAddr).AddrPort()
+	t.Cleanup(func() { c.Close() })
+	ap = c.LocalAddr().(*net.UDPAddr).AddrPort()
+	return ap, func(peer netip.AddrPort) net.PacketConn {
+		t.Helper()
+		rc, err := c.SyscallConn()
+		must(t, err)
+		var cerr error
+		must(t, rc.Control(func(fd uintptr) {
+			cerr = syscall.Connect(int(fd), &syscall.SockaddrInet4{Addr: peer.Addr().Unmap().As4(), Port: int(peer.Port())})
+		}))
+		must(t, cerr)
+		// The net package knows c as connected to the discard port, and
+		// would refuse WriteTo; a conn made from its file is not.
+		f, err := c.File()
+		must(t, err)
+		defer f.Close()
+		pc, err := net.FilePacketConn(f)
+		must(t, err)
+		c.Close()
+		t.Cleanup(func() { pc.Close() })
+		if got := pc.LocalAddr().(*net.UDPAddr).AddrPort(); got != ap {
+			t.Fatalf("the device's socket is at %v, not %v", got, ap)
+		}
+		return pc
+	}
 }
 
 // collect gathers n deliveries of a device and checks no more come.
@@ -61,10 +108,10 @@ func collect(t *testing.T, got chan *ua.Delivery, n int) map[string]int {
 	return seen
 }
 
-// onlineDevice starts a ua client on ap talking to mts and polls.
-func onlineDevice(t *testing.T, ap, mts netip.AddrPort, addr emsd.Address) chan *ua.Delivery {
+// onlineDevice starts a ua client on pc talking to mts and polls.
+func onlineDevice(t *testing.T, pc net.PacketConn, mts netip.AddrPort, addr emsd.Address) chan *ua.Delivery {
 	t.Helper()
-	ep, err := esro.Listen("udp", ap.String(), &esro.Config{Timers: fastTimers})
+	ep, err := esro.NewEndpoint(pc, &esro.Config{Timers: fastTimers})
 	must(t, err)
 	t.Cleanup(func() { ep.Close() })
 	got := make(chan *ua.Delivery, 100)
@@ -87,12 +134,12 @@ func TestRestartInProcess(t *testing.T) {
 }
 
 func testRestartInProcess(t *testing.T, c *Config) {
-	hostAddr := freePort(t)
+	hostAddr, openHost := closedTCP(t)
 	c.Relay.Smarthost = hostAddr // nobody listens yet
 	s1, err := Start(context.Background(), c, Options{Logger: testLogger(t)})
 	must(t, err)
 	sender := newDevice(t, s1, 198036, deviceOpts{})
-	yAP := freeUDP(t)
+	yAP, online := offlineUDP(t, "127.0.0.1")
 	addDevice(t, s1, 198037, yAP, deviceOpts{}) // off-line
 
 	const n = 5
@@ -112,8 +159,8 @@ func testRestartInProcess(t *testing.T, c *Config) {
 
 	c.EMSD.Listen = "127.0.0.1:0"
 	s2 := startServer(t, c)
-	host := startSmarthost(t, hostAddr)
-	got := onlineDevice(t, yAP, s2.Addrs().EMSD, 198037)
+	host := startSmarthostOn(t, openHost(), nil)
+	got := onlineDevice(t, online(s2.Addrs().EMSD), s2.Addrs().EMSD, 198037)
 	seen := collect(t, got, 2*n+1)
 	for i := range n {
 		if seen[fmt.Sprintf("sub %d", i)] != 1 || seen[fmt.Sprintf("in %d", i)] != 1 {
@@ -215,7 +262,7 @@ func TestKillRestart(t *testing.T) {
 
 func testKillRestart(t *testing.T, c *Config) {
 	dir := t.TempDir()
-	hostAddr := freePort(t)
+	hostAddr, openHost := closedTCP(t)
 	c.Data = filepath.Join(dir, "data")
 	c.Relay.Smarthost = hostAddr
 	c.Admin.Listen = ""
@@ -233,7 +280,7 @@ func testKillRestart(t *testing.T, c *Config) {
 	must(t, err)
 	defer db.Close()
 	senderEP := listenESRO(t, "127.0.0.1")
-	yAP := freeUDP(t)
+	yAP, online := offlineUDP(t, "127.0.0.1")
 	// The recipient first: once the server knows the sender (and so takes
 	// its submissions), it knows the recipient too.
 	for _, d := range []*store.Device{
@@ -259,8 +306,9 @@ func testKillRestart(t *testing.T, c *Config) {
 	p1.kill()
 
 	p2 := startChild(t, cfgPath)
-	host := startSmarthost(t, hostAddr)
-	got := onlineDevice(t, yAP, netip.MustParseAddrPort(p2.emsd), 198037)
+	host := startSmarthostOn(t, openHost(), nil)
+	mts2 := netip.MustParseAddrPort(p2.emsd)
+	got := onlineDevice(t, online(mts2), mts2, 198037)
 	seen := collect(t, got, 2*n)
 	for i := range n {
 		if seen[fmt.Sprintf("sub %d", i)] != 1 || seen[fmt.Sprintf("in %d", i)] != 1 {
