@@ -6,10 +6,12 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"testing/fstest"
@@ -210,18 +212,27 @@ func TestLocalReal(t *testing.T) {
 	if runtime.GOOS != "linux" {
 		t.Skip("procfs only on Linux")
 	}
-	u, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	// One port on both protocols: a UDP port of the kernel's choosing,
+	// and another one if its TCP twin is taken.
+	var port int
+	for try := 0; port == 0; try++ {
+		u, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer u.Close()
+		p := u.LocalAddr().(*net.UDPAddr).Port
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			if try == 20 {
+				t.Fatalf("no UDP port of 20 had its TCP twin free: %v", err)
+			}
+			continue
+		}
+		defer l.Close()
+		port = p
 	}
-	defer u.Close()
-	port := u.LocalAddr().(*net.UDPAddr).Port
-	l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-	if err != nil {
-		t.Skipf("TCP port %d taken: %v", port, err)
-	}
-	defer l.Close()
-	free := freePort(t)
+	free := quietPort(t)
 
 	rep, err := Local(context.Background(), []int{port, free})
 	if err != nil {
@@ -249,22 +260,35 @@ func TestLocalReal(t *testing.T) {
 	}
 }
 
-// freePort finds a port free on both protocols.
-func freePort(t *testing.T) int {
+// quietPort returns a loopback port nothing is bound to on either
+// protocol, chosen below the kernel's ephemeral range
+// (ip_local_port_range): the kernel gives it to no socket bound to port 0
+// nor to any outgoing connection, so only an explicit bind could take it
+// while the test looks at it. (A port found free on port 0 and closed
+// could be taken by any socket.)
+func quietPort(t *testing.T) int {
 	t.Helper()
-	for range 20 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
+	low := 32768 // Linux's default start of the range
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil && n > 2048 {
+				low = n
+			}
 		}
-		port := l.Addr().(*net.TCPAddr).Port
+	}
+	for range 100 {
+		port := low/2 + rand.IntN(low/2)
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err != nil {
+			continue
+		}
 		l.Close()
 		if u, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
 			u.Close()
 			return port
 		}
 	}
-	t.Fatal("no free port")
+	t.Fatalf("no port free on both protocols below %d", low)
 	return 0
 }
 
