@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,17 +22,20 @@ import (
 
 // runFleet delivers queued mail to a fleet of which part is switched off:
 // the devices that answer must get their mail as fast as when all answer.
+//
+// The machine is shared: one run's figure swings with the other load
+// (the 90% run lasts a quarter of a second), so the runs are compared in
+// pairs: every round runs each case once, in an order rotated from round
+// to round, and each silent case is divided by the all-live run (and by
+// its answering devices alone) of the same round. The table gives each
+// case's median over the rounds, the paired ratios their median and
+// quartiles, and every round's ratio is stated in a note. Process CPU
+// time per live delivery is the cost measure the other load moves least.
 func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 	devices, per := 1000, 10
+	rounds := 11
 	if o.quick {
-		devices, per = 200, 5
-	}
-	// Rounds of the three runs, the best of each kept: on a shared
-	// machine a run's figure is its best chance, and the runs of a round
-	// meet the same background.
-	rounds := 5
-	if o.quick {
-		rounds = 1
+		devices, per, rounds = 200, 5, 2
 	}
 	// Each silent share also runs without its silent devices (not
 	// registered, no mail): the answering devices alone, the same work
@@ -40,34 +44,63 @@ func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 		pct   int
 		alone bool
 	}{{0, false}, {50, false}, {50, true}, {90, false}, {90, true}}
-	best := make([]Result, len(runs))
-	// Each round's ratios, each silent share to the all-live run of its
-	// round: every figure, not only the best.
-	perRound := map[int][]string{}
-	for range rounds {
-		var live0 float64
-		for i, run := range runs {
+	all := make([][]Result, len(runs)) // by case, by round
+	for round := range rounds {
+		for k := range runs {
+			i := (k + round) % len(runs)
+			run := runs[i]
 			r, err := fleetRun(ctx, o, devices, per, run.pct, 0, run.alone)
 			if err != nil {
 				return nil, fmt.Errorf("%d%% silent: %w", run.pct, err)
 			}
-			v := r.Metrics["live deliveries/s"]
-			switch {
-			case run.pct == 0:
-				live0 = v
-			case !run.alone:
-				perRound[run.pct] = append(perRound[run.pct], fmt.Sprintf("%.2f", v/live0))
-			}
-			if best[i].Metrics == nil || v > best[i].Metrics["live deliveries/s"] {
-				best[i] = r
+			all[i] = append(all[i], r)
+		}
+	}
+	rows := make([]Result, len(runs))
+	for i, rs := range all {
+		rows[i] = rs[0]
+		rows[i].Metrics, rows[i].Units, rows[i].order = map[string]float64{}, map[string]string{}, nil
+		for _, m := range []string{"live deliveries/s", "all delivered", "first deliveries", "CPU per live delivery", "datagrams/silent device", "shutdown"} {
+			if _, ok := rs[0].Metrics[m]; ok {
+				rows[i].set(m, median(column(rs, m)), rs[0].Units[m])
 			}
 		}
 	}
-	base := best[0].Metrics["live deliveries/s"]
-	for i := range best {
-		best[i].set("vs all live", best[i].Metrics["live deliveries/s"]/base, "×")
-		if i+1 < len(runs) && runs[i+1].alone {
-			best[i].set("vs alone", best[i].Metrics["live deliveries/s"]/best[i+1].Metrics["live deliveries/s"], "×")
+	// The paired ratios of each silent case: to the all-live run and to
+	// its answering devices alone, of the same round.
+	var ratioRows []Result
+	var roundNotes []string
+	for i, run := range runs {
+		if run.pct == 0 || run.alone {
+			continue
+		}
+		for _, to := range []int{0, i + 1} {
+			name := "to all live"
+			if to != 0 {
+				name = "to the answering devices alone"
+			}
+			tput := pairRatio(all[i], all[to], "live deliveries/s")
+			cpu := pairRatio(all[i], all[to], "CPU per live delivery")
+			r := newResult("fleet", fmt.Sprintf("%d%% silent, %s", run.pct, name), "rounds", strconv.Itoa(rounds))
+			q1, med, q3 := quartiles(tput)
+			r.set("throughput ratio, median", med, "×")
+			r.set("q1", q1, "×")
+			r.set("q3", q3, "×")
+			r.set("min", slices.Min(tput), "×")
+			r.set("max", slices.Max(tput), "×")
+			at := 0
+			for _, v := range tput {
+				if v >= 0.9 {
+					at++
+				}
+			}
+			r.set("rounds ≥ 0.9", float64(at), "")
+			if len(cpu) > 0 {
+				_, cmed, _ := quartiles(cpu)
+				r.set("CPU per live delivery ratio, median", cmed, "×")
+			}
+			ratioRows = append(ratioRows, r)
+			roundNotes = append(roundNotes, fmt.Sprintf("%d%% silent %s: %s", run.pct, name, ratioList(tput)))
 		}
 	}
 	// The pace holding: all devices answering, delivery.rate well below
@@ -77,8 +110,7 @@ func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 	if err != nil {
 		return nil, fmt.Errorf("paced: %w", err)
 	}
-	paced.set("vs all live", paced.Metrics["live deliveries/s"]/base, "×")
-	rows := append(best, paced)
+	rows = append(rows, paced)
 	def := server.DefaultConfig()
 	// The aggregate pacing of retransmissions: invocations to silent
 	// peers started together, their retransmissions falling due
@@ -101,8 +133,9 @@ func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 	}
 	t := esro.ShippedTimers()
 	perAttempt := t.RetransmitCount + 1
-	return &report{tables: []table{{caption: fmt.Sprintf("%d devices × %d queued messages, part of the devices switched off.", devices, per),
-		results: rows}, {caption: fmt.Sprintf("%d invocations to silent peers started at once: their retransmissions fall due together.", retxInv),
+	return &report{tables: []table{{caption: fmt.Sprintf("%d devices × %d queued messages, part of the devices switched off: each case's median over %d rounds.", devices, per, rounds),
+		results: rows}, {caption: "Live throughput and CPU with silent devices, to the all-live run and to the answering devices alone of the same round (paired ratios).",
+		results: ratioRows}, {caption: fmt.Sprintf("%d invocations to silent peers started at once: their retransmissions fall due together.", retxInv),
 		results: retxRows}}, notes: []string{
 		fmt.Sprintf("A real `server.Start` (SQLite store in a temporary directory) with the default configuration: "+
 			"delivery.concurrency %d, delivery.probes %d (a quarter; first attempts to devices not heard from: 16 × concurrency), the shipped ESRO timers (T_retx %v, T_noresp %v) on both ends. "+
@@ -111,20 +144,25 @@ func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 			"a silent one reads and counts datagrams and never answers. Messages are queued in rounds (message 1 for every device, then message 2, ...), "+
 			"devices in address order, the silent ones spread evenly among them.",
 			def.Delivery.Concurrency, max(def.Delivery.Concurrency/4, 1), t.RetransmitInterval(), t.NoResponse()),
-		fmt.Sprintf("Each run %d times, the runs interleaved; the table shows each run's best. ", rounds) +
+		fmt.Sprintf("%d rounds; each round runs every case once (the paced one apart), the order rotated by one from round to round so that no case always "+
+			"follows the same one. One run's figure swings with the machine's other load (the 90%% run delivers %d messages in a fraction of a second), "+
+			"so each silent case is compared with the runs of its own round, which met the same background: the paired ratio, given as its median, "+
+			"quartiles (q1, q3), extremes, and how many rounds reached 0.9; every round's ratio is listed below. ", rounds, devices/10*per) +
 			"live deliveries/s = messages delivered to the answering devices / time from the end of `server.Start` (store open, due times rebuilt) until the last of them; " +
-			"all delivered = that time; vs all live = to the 0% run; vs alone = to the same answering devices without the silent ones " +
+			"all delivered = that time; first deliveries = median over the answering devices of the time to their first message; " +
+			"CPU per live delivery = the process's CPU time (user + system: server, store and simulated devices) over the same time, per message delivered to an answering device, " +
+			"the cost measure the other load moves least; " +
+			"alone = the same answering devices without the silent ones " +
 			"(not registered, no mail for them), which isolates what the silent devices cost from the smaller number of devices delivered to; datagrams/silent device = datagrams each silent socket received within it, mean (1: every silent device got its first attempt, " +
 			"none a retransmission yet: the answering devices had all their mail within one retransmission interval). Shutdown = `Shutdown` right after, " +
 			"with the first attempts to the silent devices in flight: given up after one retransmission interval of silence, the rest is the ESRO " +
 			"invoker's wait after its last acknowledgement (T_last).",
+		"Every round's throughput ratio, in the order of the rounds: " + strings.Join(roundNotes, "; ") + ".",
 		fmt.Sprintf("Datagrams to a silent device over time are bounded by the backoff schedule: one attempt (%d datagrams per invocation: "+
 			"the INVOKE and %d retransmissions) after each delay of delivery.retry (%s, the last one repeating), at most %d attempts "+
 			"and %d datagrams in the first hour, %d an hour after that, fewer when more silent devices than delivery.probes wait their turn.",
 			perAttempt, t.RetransmitCount, retryList(def.Delivery.Retry), attemptsInHour(def.Delivery.Retry), perAttempt*attemptsInHour(def.Delivery.Retry),
 			perAttempt*int(time.Hour/time.Duration(def.Delivery.Retry[len(def.Delivery.Retry)-1]))),
-		fmt.Sprintf("Every round's live deliveries/s with part of the devices silent, to the all-live run of the same round: 50%% silent %s; 90%% silent %s.",
-			strings.Join(perRound[50], ", "), strings.Join(perRound[90], ", ")),
 		"A first attempt to a device not heard from is made without claiming the delivery (a read; its outcome, a store write, counts it), " +
 			"and the first attempts a scheduling pass starts read the store together, up to 128 in one query (the due delivery, the next instance id " +
 			"and the contact of each device): the silent devices' first attempts cost the answering devices neither store writes nor two queries each.",
@@ -211,6 +249,9 @@ func fleetRun(ctx context.Context, o *benchOptions, n, per, silentPct int, rate 
 	}()
 	live := 0
 	delivered := make(chan struct{}, n*per)
+	// firsts: when each answering device got its first message.
+	var firstMu sync.Mutex
+	var firsts []time.Time
 	var extra atomic.Int64 // deliveries beyond the expected (none expected)
 	for i := range n {
 		// Silent devices spread evenly: device i is silent when the
@@ -248,8 +289,13 @@ func fleetRun(ctx context.Context, o *benchOptions, n, per, silentPct int, rate 
 			Handler: ua.HandlerFunc(func(context.Context, *ua.Delivery) error {
 				mu.Lock()
 				got++
-				more := got > per
+				more, first := got > per, got == 1
 				mu.Unlock()
+				if first {
+					firstMu.Lock()
+					firsts = append(firsts, time.Now())
+					firstMu.Unlock()
+				}
 				if more {
 					extra.Add(1)
 				} else {
@@ -278,6 +324,7 @@ func fleetRun(ctx context.Context, o *benchOptions, n, per, silentPct int, rate 
 		return r, fmt.Errorf("server: %w", err)
 	}
 	start := time.Now()
+	cpu0, cpuOK := processCPU()
 	want := live * per
 	timeout := time.After(10 * time.Minute)
 	for k := 0; k < want; k++ {
@@ -292,6 +339,7 @@ func fleetRun(ctx context.Context, o *benchOptions, n, per, silentPct int, rate 
 		}
 	}
 	took := time.Since(start)
+	cpu1, _ := processCPU()
 	var heard int64
 	for _, d := range devs {
 		heard += d.heard.Load()
@@ -306,6 +354,16 @@ func fleetRun(ctx context.Context, o *benchOptions, n, per, silentPct int, rate 
 	}
 	r.set("live deliveries/s", float64(want)/took.Seconds(), "1/s")
 	r.set("all delivered", took.Seconds(), "s")
+	firstMu.Lock()
+	var fs []float64
+	for _, t := range firsts {
+		fs = append(fs, float64(t.Sub(start))/float64(time.Millisecond))
+	}
+	firstMu.Unlock()
+	r.set("first deliveries", median(fs), "ms")
+	if cpuOK {
+		r.set("CPU per live delivery", float64(cpu1-cpu0)/float64(time.Microsecond)/float64(want), "µs")
+	}
 	if silent := len(devs) - live; silent > 0 {
 		r.set("datagrams/silent device", float64(heard)/float64(silent), "")
 	}
@@ -353,4 +411,59 @@ func fleetQueue(ctx context.Context, dir string, devs []*fleetDevice, per int) e
 		}
 	}
 	return nil
+}
+
+// column is metric m of each result.
+func column(rs []Result, m string) []float64 {
+	var out []float64
+	for _, r := range rs {
+		if v, ok := r.Metrics[m]; ok {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// pairRatio is, round by round, metric m of a divided by that of b.
+func pairRatio(a, b []Result, m string) []float64 {
+	var out []float64
+	for i := range min(len(a), len(b)) {
+		x, okx := a[i].Metrics[m]
+		y, oky := b[i].Metrics[m]
+		if okx && oky && y > 0 {
+			out = append(out, x/y)
+		}
+	}
+	return out
+}
+
+// quartiles are the first quartile, the median and the third quartile of
+// vs (linear interpolation between the order statistics).
+func quartiles(vs []float64) (q1, med, q3 float64) {
+	s := slices.Sorted(slices.Values(vs))
+	q := func(p float64) float64 {
+		if len(s) == 0 {
+			return 0
+		}
+		x := p * float64(len(s)-1)
+		i := int(x)
+		if i+1 >= len(s) {
+			return s[len(s)-1]
+		}
+		return s[i] + (x-float64(i))*(s[i+1]-s[i])
+	}
+	return q(0.25), q(0.5), q(0.75)
+}
+
+func median(vs []float64) float64 {
+	_, m, _ := quartiles(vs)
+	return m
+}
+
+func ratioList(vs []float64) string {
+	var out []string
+	for _, v := range vs {
+		out = append(out, fmt.Sprintf("%.2f", v))
+	}
+	return strings.Join(out, ", ")
 }
