@@ -39,6 +39,11 @@ type Delivery struct {
 	Created      time.Time
 	Updated      time.Time
 	LastError    string
+	// Contact is the device's contact (Device.Contact), read with the
+	// delivery by ClaimDelivery and PeekDelivery, so that an attempt needs
+	// no read of its own to choose where to send (zero: never heard, or
+	// not readable; DeviceContact says why). Zero elsewhere.
+	Contact Contact
 }
 
 // DeviceDue is a device with queued deliveries and the earliest next
@@ -46,6 +51,10 @@ type Delivery struct {
 type DeviceDue struct {
 	Device uint32
 	Next   time.Time
+	// Heard is when the device was last heard from (its contact's time;
+	// zero: never): a scheduler that starts knowing nothing else of the
+	// devices may try those with a recent sign of life first.
+	Heard time.Time
 }
 
 // DeliveryInfo summarises one queued delivery for delivery control.

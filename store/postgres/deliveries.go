@@ -31,22 +31,25 @@ func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, e
 // QueuedDevices lists devices with queued deliveries changed since
 // 'since' (all with the zero time) and their earliest next attempt.
 func (s *DB) QueuedDevices(ctx context.Context, since time.Time) ([]store.DeviceDue, error) {
-	q := `SELECT device, MIN(next_attempt) FROM deliveries WHERE state = 'queued' GROUP BY device ORDER BY device`
+	where := ``
 	var args []any
 	if !since.IsZero() {
-		q = `SELECT device, MIN(next_attempt) FROM deliveries WHERE state = 'queued' AND updated >= $1
-			GROUP BY device ORDER BY device`
+		where = ` AND updated >= $1`
 		args = append(args, store.Millis(since))
 	}
+	// Each device with the time it was last heard from (its contact).
+	q := `SELECT q.device, q.next, COALESCE(dv.contact_at, 0) FROM (SELECT device, MIN(next_attempt) AS next
+		FROM deliveries WHERE state = 'queued'` + where + ` GROUP BY device) AS q
+		LEFT JOIN devices AS dv ON dv.address = q.device ORDER BY q.device`
 	rows, err := s.query(ctx, q, args...)
 	if err != nil {
 		return nil, errorf("queued devices", err)
 	}
 	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (store.DeviceDue, error) {
 		var d store.DeviceDue
-		var next int64
-		err := row.Scan(&d.Device, &next)
-		d.Next = store.FromMillis(next)
+		var next, heard int64
+		err := row.Scan(&d.Device, &next, &heard)
+		d.Next, d.Heard = store.FromMillis(next), store.FromMillis(heard)
 		return d, err
 	})
 	if err != nil {
@@ -114,12 +117,40 @@ func scanDelivery(row pgx.CollectableRow) (*store.Delivery, error) {
 	return &d, nil
 }
 
+// qBusyContact says whether a device has a delivery in flight, and reads
+// its contact (store.Delivery.Contact) in the same round trip; one row
+// even for a device not registered.
+const qBusyContact = `SELECT EXISTS (SELECT 1 FROM deliveries WHERE device = $1 AND state = 'inflight'),
+	COALESCE(dv.contact_addr, ''), COALESCE(dv.contact_via, ''::bytea), COALESCE(dv.contact_at, 0),
+	COALESCE(dv.contact_polled, FALSE)
+	FROM (SELECT 1) AS one LEFT JOIN devices AS dv ON dv.address = $1`
+
+// scanContact is a device's contact as qBusyContact reads it.
+type scanContact struct {
+	addr   string
+	via    []byte
+	at     int64
+	polled bool
+}
+
+func (c *scanContact) dest() []any { return []any{&c.addr, &c.via, &c.at, &c.polled} }
+
+// contact is the scanned contact; an unreadable one is left zero (an
+// attempt then uses the registered address, as with DeviceContact's error).
+func (c *scanContact) contact() store.Contact {
+	v, err := store.ParseContact(c.addr, string(c.via), store.FromMillis(c.at), c.polled)
+	if err != nil {
+		return store.Contact{}
+	}
+	return v
+}
+
 // PeekDelivery returns the delivery ClaimDelivery would take, unclaimed.
 // With several servers sharing the store, use ClaimDelivery.
 func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim store.Limits) (*store.Delivery, error) {
 	var busy bool
-	err := s.queryRow(ctx, `SELECT EXISTS (SELECT 1 FROM deliveries WHERE device = $1 AND state = 'inflight')`,
-		int64(addr)).Scan(&busy)
+	var sc scanContact
+	err := s.queryRow(ctx, qBusyContact, int64(addr)).Scan(append([]any{&busy}, sc.dest()...)...)
 	if err != nil {
 		return nil, errorf("peek", err)
 	}
@@ -147,6 +178,7 @@ func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim s
 	if err != nil {
 		return nil, errorf("peek", err)
 	}
+	d.Contact = sc.contact()
 	if lim.InstanceIDs != nil {
 		switch n := lim.InstanceIDs(d); {
 		case n < 0 || n > 256:
@@ -190,8 +222,8 @@ func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim 
 			return errorf("claim lock", err)
 		}
 		var busy bool
-		err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM deliveries WHERE device = $1 AND state = 'inflight')`,
-			int64(addr)).Scan(&busy)
+		var sc scanContact
+		err := tx.QueryRow(ctx, qBusyContact, int64(addr)).Scan(append([]any{&busy}, sc.dest()...)...)
 		if err != nil {
 			return errorf("claim", err)
 		}
@@ -209,6 +241,7 @@ func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim 
 		if err != nil {
 			return errorf("claim", err)
 		}
+		d.Contact = sc.contact()
 		if lim.InstanceIDs != nil {
 			switch n := lim.InstanceIDs(d); {
 			case n < 0 || n > 256:

@@ -15,13 +15,16 @@ const (
 		WHERE device = ? AND state = ? AND next_attempt > ? LIMIT 1) AS w`
 	qWake = `UPDATE deliveries SET next_attempt = ?, updated = ?
 		WHERE device = ? AND state = ? AND next_attempt > ?`
-	qQueuedDevices = `SELECT device, MIN(next_attempt) FROM deliveries WHERE state = 'queued'
-		GROUP BY device ORDER BY device`
+	// Each device with the time it was last heard from (its contact).
+	qQueuedDevices = `SELECT q.device, q.next, COALESCE(dv.contact_at, 0) FROM (SELECT device, MIN(next_attempt) AS next
+		FROM deliveries WHERE state = 'queued' GROUP BY device) AS q
+		LEFT JOIN devices AS dv ON dv.address = q.device ORDER BY q.device`
 	// The index on (state, updated), named: without statistics the
 	// planner may prefer the (state, device) order of the GROUP BY and
 	// read the whole queue.
-	qChangedDevices = `SELECT device, MIN(next_attempt) FROM deliveries INDEXED BY deliveries_changed
-		WHERE state = 'queued' AND updated >= ? GROUP BY device ORDER BY device`
+	qChangedDevices = `SELECT q.device, q.next, COALESCE(dv.contact_at, 0) FROM (SELECT device, MIN(next_attempt) AS next
+		FROM deliveries INDEXED BY deliveries_changed WHERE state = 'queued' AND updated >= ? GROUP BY device) AS q
+		LEFT JOIN devices AS dv ON dv.address = q.device ORDER BY q.device`
 	qDeviceNextDue = `SELECT MIN(next_attempt) FROM deliveries WHERE state = 'queued' AND device = ?`
 	qNextDue       = `SELECT MIN(t) FROM (
 		SELECT MIN(next_attempt) AS t FROM deliveries WHERE state = 'queued' AND next_attempt > ?1
@@ -73,11 +76,11 @@ func (s *DB) QueuedDevices(ctx context.Context, since time.Time) ([]store.Device
 	var out []store.DeviceDue
 	for rows.Next() {
 		var d store.DeviceDue
-		var next int64
-		if err := rows.Scan(&d.Device, &next); err != nil {
+		var next, heard int64
+		if err := rows.Scan(&d.Device, &next, &heard); err != nil {
 			return nil, fmt.Errorf("sqlite: queued devices: %w", err)
 		}
-		d.Next = store.FromMillis(next)
+		d.Next, d.Heard = store.FromMillis(next), store.FromMillis(heard)
 		out = append(out, d)
 	}
 	return out, rows.Err()
@@ -114,16 +117,7 @@ const (
 	deliveryCols = `id, device, message_id, submission_time, content_type, content, priority, state, attempts,
 	next_attempt, expires, created, updated, last_error, report_device, report_mail, report_flags,
 	report_recipient, report_message_id, report_headers, report_dsn`
-	qInFlight = `SELECT COUNT(*) FROM deliveries WHERE device = ? AND state = ?`
-	// A limit left NULL does not restrict.
-	qClaimable = `SELECT ` + deliveryCols + ` FROM deliveries WHERE device = ?1 AND state = ?2 AND next_attempt <= ?3
-		AND (?4 IS NULL OR length(content) <= ?4) AND (?5 IS NULL OR priority >= ?5) ORDER BY id LIMIT 1`
-	// qPeek is qClaimable, with the device's next instance id, unless the
-	// device has a delivery in flight (?6).
-	qPeek = `SELECT ` + deliveryCols + `, (SELECT next_instance FROM devices WHERE address = ?1) FROM deliveries
-		WHERE device = ?1 AND state = ?2 AND next_attempt <= ?3
-		AND (?4 IS NULL OR length(content) <= ?4) AND (?5 IS NULL OR priority >= ?5)
-		AND NOT EXISTS (SELECT 1 FROM deliveries AS f WHERE f.device = ?1 AND f.state = ?6) ORDER BY id LIMIT 1`
+	qInFlight       = `SELECT COUNT(*) FROM deliveries WHERE device = ? AND state = ?`
 	qClaim          = `UPDATE deliveries SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?`
 	qDeliveryState  = `SELECT device, message_id, state FROM deliveries WHERE id = ?`
 	qFinishDelivery = `UPDATE deliveries SET state = ?, next_attempt = ?, last_error = ?,
@@ -158,6 +152,44 @@ func scanDelivery(sc interface{ Scan(...any) error }, extra ...any) (*store.Deli
 	return &d, nil
 }
 
+// The device's contact, read with its delivery (store.Delivery.Contact).
+const contactCols = `COALESCE(dv.contact_addr, ''), COALESCE(dv.contact_via, ''), COALESCE(dv.contact_at, 0),
+	COALESCE(dv.contact_polled, 0)`
+
+var (
+	// A limit left NULL does not restrict.
+	qClaimable = `SELECT ` + qualified("q", deliveryCols) + `, ` + contactCols + `
+		FROM deliveries AS q LEFT JOIN devices AS dv ON dv.address = q.device
+		WHERE q.device = ?1 AND q.state = ?2 AND q.next_attempt <= ?3
+		AND (?4 IS NULL OR length(q.content) <= ?4) AND (?5 IS NULL OR q.priority >= ?5) ORDER BY q.id LIMIT 1`
+	// qPeek is qClaimable, with the device's next instance id, unless the
+	// device has a delivery in flight (?6).
+	qPeek = `SELECT ` + qualified("q", deliveryCols) + `, dv.next_instance, ` + contactCols + `
+		FROM deliveries AS q LEFT JOIN devices AS dv ON dv.address = q.device
+		WHERE q.device = ?1 AND q.state = ?2 AND q.next_attempt <= ?3
+		AND (?4 IS NULL OR length(q.content) <= ?4) AND (?5 IS NULL OR q.priority >= ?5)
+		AND NOT EXISTS (SELECT 1 FROM deliveries AS f WHERE f.device = ?1 AND f.state = ?6) ORDER BY q.id LIMIT 1`
+)
+
+// scanContact ends a delivery's row: the device's contact (contactCols).
+type scanContact struct {
+	addr, via string
+	at        int64
+	polled    bool
+}
+
+func (c *scanContact) dest() []any { return []any{&c.addr, &c.via, &c.at, &c.polled} }
+
+// contact is the scanned contact; an unreadable one is left zero (an
+// attempt then uses the registered address, as with DeviceContact's error).
+func (c *scanContact) contact() store.Contact {
+	v, err := store.ParseContact(c.addr, c.via, store.FromMillis(c.at), c.polled)
+	if err != nil {
+		return store.Contact{}
+	}
+	return v
+}
+
 // PeekDelivery returns the delivery ClaimDelivery would take, unclaimed.
 // A read, one query when there is one: it waits for no write.
 func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim store.Limits) (*store.Delivery, error) {
@@ -169,8 +201,9 @@ func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim s
 		lowest = int64(*lim.LowestPriority)
 	}
 	var next sql.NullInt64
+	var sc scanContact
 	d, err := scanDelivery(s.queryRow(ctx, nil, qPeek, addr, string(store.DeliveryQueued), store.Millis(now), maxLen, lowest,
-		string(store.DeliveryInFlight)), &next)
+		string(store.DeliveryInFlight)), append([]any{&next}, sc.dest()...)...)
 	if errors.Is(err, sql.ErrNoRows) {
 		var busy int
 		if err := s.queryRow(ctx, nil, qInFlight, addr, string(store.DeliveryInFlight)).Scan(&busy); err != nil {
@@ -184,6 +217,7 @@ func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim s
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: peek: %w", err)
 	}
+	d.Contact = sc.contact()
 	if lim.InstanceIDs != nil {
 		switch n := lim.InstanceIDs(d); {
 		case n < 0 || n > 256:
@@ -216,13 +250,16 @@ func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim 
 		if lim.LowestPriority != nil {
 			lowest = int64(*lim.LowestPriority)
 		}
-		d, err := scanDelivery(s.queryRow(ctx, tx, qClaimable, addr, string(store.DeliveryQueued), store.Millis(now), maxLen, lowest))
+		var sc scanContact
+		d, err := scanDelivery(s.queryRow(ctx, tx, qClaimable, addr, string(store.DeliveryQueued), store.Millis(now), maxLen, lowest),
+			sc.dest()...)
 		if errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("%w: no due delivery for device %d", store.ErrNotFound, addr)
 		}
 		if err != nil {
 			return fmt.Errorf("sqlite: claim: %w", err)
 		}
+		d.Contact = sc.contact()
 		if _, err := s.exec(ctx, tx, qClaim, string(store.DeliveryInFlight), store.Millis(now), d.ID); err != nil {
 			return fmt.Errorf("sqlite: claim: %w", err)
 		}

@@ -63,6 +63,7 @@ func (s *DB) PeekDeliveries(ctx context.Context, addrs []uint32, now time.Time) 
 		if err != nil {
 			continue // asked alone, which reports it
 		}
+		d.Contact = c
 		out[d.Device] = store.Peeked{Delivery: d, Contact: c}
 	}
 	if err := rows.Err(); err != nil {

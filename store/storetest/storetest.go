@@ -37,6 +37,7 @@ func Run(t *testing.T, open Open) {
 		{"Deliveries", testDeliveries},
 		{"DeliveryLimits", testDeliveryLimits},
 		{"QueuedDevices", testQueuedDevices},
+		{"DeliveryContact", testDeliveryContact},
 		{"ImportDevices", testImportDevices},
 		{"Relays", testRelays},
 		{"RecoverPurgeStats", testRecoverPurgeStats},
@@ -894,6 +895,73 @@ func testQueuedDevices(t *testing.T, s store.Store) {
 	must(t, err)
 	if len(ds) != 1 || ds[0].Device != 10 || !ds[0].Next.Equal(t0.Add(time.Minute)) {
 		t.Errorf("queued devices at the end %v", ds)
+	}
+}
+
+// testDeliveryContact: ClaimDelivery and PeekDelivery return the device's
+// contact with its delivery (zero when never heard, or for a device not
+// registered), and QueuedDevices when each device was last heard from.
+func testDeliveryContact(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	must(t, s.AddDevice(ctx, dev(20, "127.0.0.20")))
+	must(t, s.AddDevice(ctx, dev(21, "127.0.0.21")))
+	must(t, s.Enqueue(ctx, store.Work{Deliveries: []store.NewDelivery{
+		delivery(20, "a", t0), delivery(20, "b", t0), delivery(21, "c", t0), delivery(22, "d", t0)}}))
+	heard := func() map[uint32]time.Time {
+		t.Helper()
+		ds, err := s.QueuedDevices(ctx, time.Time{})
+		must(t, err)
+		m := map[uint32]time.Time{}
+		for _, d := range ds {
+			m[d.Device] = d.Heard
+		}
+		return m
+	}
+	if h := heard(); len(h) != 3 || !h[20].IsZero() || !h[21].IsZero() || !h[22].IsZero() {
+		t.Errorf("never heard: %v", h)
+	}
+	d, err := s.ClaimDelivery(ctx, 20, t0, store.Limits{})
+	must(t, err)
+	if d.MessageID != "a" || d.Contact != (store.Contact{}) {
+		t.Errorf("claim of a device never heard: %q %+v", d.MessageID, d.Contact)
+	}
+	must(t, s.FinishDelivery(ctx, d.ID, store.DeliveryInFlight, store.DeliveryResult{State: store.DeliveryDelivered}))
+
+	c := store.Contact{Addr: netip.MustParseAddrPort("192.0.2.20:4000"), Via: "mts-a 127.0.0.1:641", At: t0.Add(-time.Minute), Polled: true}
+	_, _, err = s.SetContact(ctx, 20, c)
+	must(t, err)
+	same := func(got store.Contact) bool {
+		return got.Addr == c.Addr && got.Via == c.Via && got.At.Equal(c.At) && got.Polled == c.Polled
+	}
+	if h := heard(); !h[20].Equal(c.At) || !h[21].IsZero() {
+		t.Errorf("heard after SetContact: %v", h)
+	}
+	if ds, err := s.QueuedDevices(ctx, time.Now().Add(-time.Hour)); err != nil || len(ds) == 0 {
+		t.Errorf("rescan: %v %v", ds, err)
+	} else if ds[0].Device != 20 || !ds[0].Heard.Equal(c.At) {
+		t.Errorf("rescan: %+v", ds[0])
+	}
+	p, err := s.PeekDelivery(ctx, 20, t0, store.Limits{})
+	must(t, err)
+	if p.MessageID != "b" || !same(p.Contact) {
+		t.Errorf("peek: %q %+v, want contact %+v", p.MessageID, p.Contact, c)
+	}
+	d, err = s.ClaimDelivery(ctx, 20, t0, store.Limits{})
+	must(t, err)
+	if d.MessageID != "b" || !same(d.Contact) {
+		t.Errorf("claim: %q %+v, want contact %+v", d.MessageID, d.Contact, c)
+	}
+	// A device not registered (removed since its mail was queued): the
+	// delivery comes, with no contact.
+	d, err = s.ClaimDelivery(ctx, 22, t0, store.Limits{})
+	must(t, err)
+	if d.MessageID != "d" || d.Contact != (store.Contact{}) {
+		t.Errorf("claim for a device not registered: %q %+v", d.MessageID, d.Contact)
+	}
+	p, err = s.PeekDelivery(ctx, 21, t0, store.Limits{})
+	must(t, err)
+	if p.MessageID != "c" || p.Contact != (store.Contact{}) {
+		t.Errorf("peek of a device never heard: %q %+v", p.MessageID, p.Contact)
 	}
 }
 
