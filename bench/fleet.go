@@ -33,25 +33,25 @@ import (
 // time per live delivery is the cost measure the other load moves least.
 func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 	devices, per := 1000, 10
-	rounds := 11
+	rounds := 9
 	if o.quick {
 		devices, per, rounds = 200, 5, 2
 	}
 	// Each silent share also runs without its silent devices (not
 	// registered, no mail): the answering devices alone, the same work
-	// minus the switched-off ones.
-	runs := []struct {
-		pct   int
-		alone bool
-	}{{0, false}, {50, false}, {50, true}, {90, false}, {90, true}}
+	// minus the switched-off ones. The known cases are a restart of a
+	// server that knew the fleet: the answering devices heard from a
+	// minute before, the silent ones a day before.
+	runs := []fleetCase{{0, false, false}, {50, false, false}, {50, true, false}, {90, false, false}, {90, true, false},
+		{0, false, true}, {50, false, true}, {90, false, true}}
+	index := func(c fleetCase) int { return slices.Index(runs, c) }
 	all := make([][]Result, len(runs)) // by case, by round
 	for round := range rounds {
 		for k := range runs {
 			i := (k + round) % len(runs)
-			run := runs[i]
-			r, err := fleetRun(ctx, o, devices, per, run.pct, 0, run.alone)
+			r, err := fleetRun(ctx, o, devices, per, runs[i], 0)
 			if err != nil {
-				return nil, fmt.Errorf("%d%% silent: %w", run.pct, err)
+				return nil, fmt.Errorf("%d%% silent: %w", runs[i].pct, err)
 			}
 			all[i] = append(all[i], r)
 		}
@@ -74,10 +74,16 @@ func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 		if run.pct == 0 || run.alone {
 			continue
 		}
-		for _, to := range []int{0, i + 1} {
+		for _, to := range []int{index(fleetCase{0, false, run.known}), index(fleetCase{run.pct, true, run.known})} {
+			if to < 0 {
+				continue
+			}
 			name := "to all live"
-			if to != 0 {
+			if runs[to].alone {
 				name = "to the answering devices alone"
+			}
+			if run.known {
+				name += ", known fleet"
 			}
 			tput := pairRatio(all[i], all[to], "live deliveries/s")
 			cpu := pairRatio(all[i], all[to], "CPU per live delivery")
@@ -106,7 +112,7 @@ func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 	// The pace holding: all devices answering, delivery.rate well below
 	// what the server does unpaced.
 	const rate = 1000
-	paced, err := fleetRun(ctx, o, devices, per, 0, rate, false)
+	paced, err := fleetRun(ctx, o, devices, per, fleetCase{}, rate)
 	if err != nil {
 		return nil, fmt.Errorf("paced: %w", err)
 	}
@@ -142,7 +148,10 @@ func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 			"The mail is in the store before the server starts, as after a restart: the scheduler rebuilds its due times from it and knows nothing of the devices. "+
 			"Every device has its own loopback socket; an answering one runs a `ua.Client` that takes every delivery; "+
 			"a silent one reads and counts datagrams and never answers. Messages are queued in rounds (message 1 for every device, then message 2, ...), "+
-			"devices in address order, the silent ones spread evenly among them.",
+			"devices in address order, the silent ones spread evenly among them. "+
+			"history none: no device was ever heard from (every device is one not heard from at the start); heard before (a known fleet): "+
+			"the store holds each answering device's contact, heard a minute before the start at its own address, and each silent device's, "+
+			"heard a day before (switched off since), as after the restart of a server that delivered to them; vs all live compares it with the all-live run of the same history.",
 			def.Delivery.Concurrency, max(def.Delivery.Concurrency/4, 1), t.RetransmitInterval(), t.NoResponse()),
 		fmt.Sprintf("%d rounds; each round runs every case once (the paced one apart), the order rotated by one from round to round so that no case always "+
 			"follows the same one. One run's figure swings with the machine's other load (the 90%% run delivers %d messages in a fraction of a second), "+
@@ -205,7 +214,17 @@ type fleetDevice struct {
 	heard  atomic.Int64 // datagrams a silent device received
 }
 
-func fleetRun(ctx context.Context, o *benchOptions, n, per, silentPct int, rate float64, alone bool) (_ Result, err error) {
+// fleetCase is one case of the fleet section: silent share, the answering
+// devices alone (the silent ones absent), and whether the store knows the
+// fleet (known: each answering device heard a minute before the start,
+// each silent one a day before).
+type fleetCase struct {
+	pct          int
+	alone, known bool
+}
+
+func fleetRun(ctx context.Context, o *benchOptions, n, per int, c fleetCase, rate float64) (_ Result, err error) {
+	silentPct, alone := c.pct, c.alone
 	pacing := "off"
 	if rate > 0 {
 		pacing = fmt.Sprintf("%g/s", rate)
@@ -214,7 +233,11 @@ func fleetRun(ctx context.Context, o *benchOptions, n, per, silentPct int, rate 
 	if alone {
 		name, silentCond = "the answering devices alone", fmt.Sprintf("(%d%% absent)", silentPct)
 	}
-	r := newResult("fleet", name, "devices", strconv.Itoa(n), "silent", silentCond, "delivery.rate", pacing)
+	history := "none"
+	if c.known {
+		history = "heard before"
+	}
+	r := newResult("fleet", name, "devices", strconv.Itoa(n), "silent", silentCond, "history", history, "delivery.rate", pacing)
 	dir, err := os.MkdirTemp("", "emsdp-fleet-")
 	if err != nil {
 		return r, err
@@ -309,7 +332,7 @@ func fleetRun(ctx context.Context, o *benchOptions, n, per, silentPct int, rate 
 		}
 	}
 	r.Conditions["devices"] = strconv.Itoa(len(devs))
-	if err := fleetQueue(ctx, dir, devs, per); err != nil {
+	if err := fleetQueue(ctx, dir, devs, per, c.known); err != nil {
 		srvConn.Close()
 		return r, err
 	}
@@ -375,8 +398,10 @@ func fleetRun(ctx context.Context, o *benchOptions, n, per, silentPct int, rate 
 }
 
 // fleetQueue registers the devices and queues per messages for each, in
-// rounds, as a running server would have received them.
-func fleetQueue(ctx context.Context, dir string, devs []*fleetDevice, per int) error {
+// rounds, as a running server would have received them. known: the
+// devices were heard from before (an answering one a minute ago, a
+// silent one a day ago: switched off since), from their own addresses.
+func fleetQueue(ctx context.Context, dir string, devs []*fleetDevice, per int, known bool) error {
 	db, err := sqlite.OpenDir(ctx, dir, nil)
 	if err != nil {
 		return fmt.Errorf("store: %w", err)
@@ -387,6 +412,15 @@ func fleetQueue(ctx context.Context, dir string, devs []*fleetDevice, per int) e
 		if err := db.AddDevice(ctx, &store.Device{Address: uint32(d.addr), IP: ap.Addr(), Port: ap.Port(),
 			Version: "1.1", Mode: store.ModeComplete}); err != nil {
 			return fmt.Errorf("device %s: %w", d.addr, err)
+		}
+		if known {
+			at := time.Now().Add(-time.Minute)
+			if d.silent {
+				at = time.Now().Add(-24 * time.Hour)
+			}
+			if _, _, err := db.SetContact(ctx, uint32(d.addr), store.Contact{Addr: ap, Via: "mts.bench earlier run", At: at, Polled: true}); err != nil {
+				return fmt.Errorf("device %s: %w", d.addr, err)
+			}
 		}
 	}
 	now := time.Now()
