@@ -45,26 +45,46 @@ func (s *scheduler) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 			pk = &p
 		}
 	}
+	// A first attempt, to a device not heard from, is made unclaimed when
+	// this server has the store to itself: it then costs a read, not a
+	// write the live devices' writes would queue behind, and its outcome
+	// counts it (PeekDelivery). With a shared store the claim is what
+	// keeps the servers apart.
+	s.mu.Lock()
+	peek := fd.kind == kFirst && s.conf().Store.Driver != StorePostgres
+	s.mu.Unlock()
 	dev := s.devs.current().get(a)
 	var lim store.Limits
 	var tg target
-	if dev != nil {
-		var why string
-		var known *store.Contact
-		if pk != nil {
-			known = &pk.Contact
+	// Where the delivery goes needs the device's contact. A peek, and the
+	// claim of a live attempt (a device that answers: it has somewhere to
+	// go), read it with the delivery (store.Delivery.Contact): no read of
+	// its own per delivery. Other attempts (probes; first attempts that
+	// claim, with a shared store) may find the device offline or another
+	// server's, so they ask first, and claim only if it goes somewhere.
+	withClaim := dev != nil && pk == nil && (peek || fd.kind == kLive)
+	// waits says why the delivery cannot go now: offline, parked until
+	// the device is heard (contact.go); heard by another server sharing
+	// the store, left to it until the next rescan.
+	waits := func(why string) {
+		s.log.Debug("delivery waits", "device", a, "why", why)
+		if why == targetElsewhere {
+			o = fElsewhere
+		} else {
+			o, next, ok = fParked, time.Now(), true
 		}
-		if tg, why = s.routes.targetOf(dev, known); why != "" {
-			// Offline: parked until the device is heard (contact.go);
-			// heard by another server sharing the store: left to it until
-			// the next rescan.
-			s.log.Debug("delivery waits", "device", a, "why", why)
-			if why == targetElsewhere {
-				o = fElsewhere
-			} else {
-				o, next, ok = fParked, time.Now(), true
+	}
+	if dev != nil {
+		if !withClaim {
+			var why string
+			var known *store.Contact
+			if pk != nil {
+				known = &pk.Contact
 			}
-			return
+			if tg, why = s.routes.targetOf(dev, known); why != "" {
+				waits(why)
+				return
+			}
 		}
 		c := dev.Control
 		if c.Operations != nil && !emsd.OperationSet(*c.Operations).Has(deliveryOp(dev.version)) {
@@ -88,14 +108,6 @@ func (s *scheduler) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 			return len(p.segs)
 		}
 	}
-	// A first attempt, to a device not heard from, is made unclaimed when
-	// this server has the store to itself: it then costs a read, not a
-	// write the live devices' writes would queue behind, and its outcome
-	// counts it (PeekDelivery). With a shared store the claim is what
-	// keeps the servers apart.
-	s.mu.Lock()
-	peek := fd.kind == kFirst && s.conf().Store.Driver != StorePostgres
-	s.mu.Unlock()
 	claimAt := time.Now()
 	var d *store.Delivery
 	var err error
@@ -133,6 +145,16 @@ func (s *scheduler) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 	ref := store.QueueRef{Kind: store.QueueDelivery, ID: d.ID}
 	s.out.hold(ref)
 	defer s.out.release(ref)
+	if withClaim {
+		var why string
+		if tg, why = s.routes.targetOf(dev, &d.Contact); why != "" {
+			if !peek { // claimed: back in the queue, the attempt not counted
+				s.recordOutcome(d, attemptResult{kind: attemptRequeue, err: "waits: device " + why}, time.Time{})
+			}
+			waits(why)
+			return
+		}
+	}
 	s.mu.Lock()
 	fails := fd.fails
 	if peek {
