@@ -222,6 +222,18 @@ func (b *contactBook) alive(a emsd.Address, to netip.AddrPort) {
 	}
 }
 
+// lastHeard is when device a was last heard from as this server knows it
+// (heard or alive since start; zero: not, or its contact has stopped
+// answering): the scheduler tries such a device before those not heard
+// from (fleet.noteHeard).
+func (b *contactBook) lastHeard(a emsd.Address) time.Time {
+	c, ok := b.cache.get(a)
+	if !ok || b.cache.isDead(a, c.Addr) {
+		return time.Time{}
+	}
+	return c.At
+}
+
 // contactFailed notes that the contact ap of device a did not answer a
 // delivery.
 func (b *contactBook) failed(a emsd.Address, ap netip.AddrPort) {

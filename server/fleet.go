@@ -20,10 +20,14 @@ import (
 // failed is held until its retry time, all its messages with it.
 // Attempts are of three kinds, each with a limit (fleetLimits):
 //   - live: to devices that answered their last attempt (or proved who
-//     they are since): delivery.concurrency;
+//     they are since), and, until an attempt says otherwise, to devices
+//     the store knows were heard lately (noteHeard: after a restart, the
+//     devices that were answering): delivery.concurrency;
 //   - first: to devices not heard from (new mail for an idle device, or
 //     any device after a restart): many, since most answer within a round
-//     trip and one that does not only ties up its own attempt;
+//     trip and one that does not only ties up its own attempt; but only
+//     the probe share while the live devices have work waiting for a
+//     worker (see take);
 //   - probe: to devices whose last attempt got no answer:
 //     delivery.probes, so that switched-off devices never take more.
 //
@@ -40,6 +44,14 @@ type fleet struct {
 	wait  dueHeap // devices not yet due, by ready time
 	lines [kinds]line
 	busy  [kinds]int // attempts in flight by kind
+	// contended is when live devices last waited for a worker; calm is
+	// how long after it first attempts stay held to the probe share (the
+	// cut time: see take).
+	contended time.Time
+	calm      time.Duration
+	// heldUntil: first attempts were held to the probe share with devices
+	// left in line; the full budget applies from then (next).
+	heldUntil time.Time
 }
 
 // Attempt kinds.
@@ -167,6 +179,26 @@ func (f *fleet) note(a emsd.Address, t, now time.Time) {
 	f.place(d, now)
 }
 
+// noteHeard tells the fleet when a device with queued deliveries was
+// last heard from as the store knows it (its contact's time). A device
+// this server has no outcome of yet (neither answered nor silent) and
+// heard within recent counts as answering: its attempts are live ones,
+// ahead of the first attempts to devices not heard from, until an
+// attempt says otherwise (a live attempt left unanswered is cut or
+// becomes a probe after the cut time, as any). After a restart this puts
+// the devices that were answering before the ones that were switched
+// off, which would otherwise share the first pass with them.
+func (f *fleet) noteHeard(a emsd.Address, heard, now time.Time, recent time.Duration) {
+	d := f.devs[a]
+	if d == nil || d.answered || d.silent || d.fails > 0 || heard.IsZero() || now.Sub(heard) >= recent {
+		return
+	}
+	d.answered = true
+	if d.where == fReady {
+		f.place(d, now) // to the live line
+	}
+}
+
 // wake makes a device's queue due now (docs/protocol.md EMSD §9.4: any INVOKE is a
 // poll) and lifts its hold. An authenticated sign of life also makes it
 // answering (live); an unauthenticated one (any datagram from its
@@ -235,6 +267,17 @@ func (f *fleet) release(now time.Time) {
 
 // take starts attempts: it returns due devices within the limits and
 // marks them busy.
+//
+// While live devices wait for a worker (all delivery.concurrency live
+// attempts run), and for calm after, first attempts are held to the
+// probe share (lim[kProbe]): the answering devices use all the workers
+// there are, so reaching more devices sooner would not deliver more, and
+// a first attempt to a switched-off device costs the CPU, the store
+// reads and the datagrams the live ones need. With no live work waiting
+// (after a start that knows nothing of the devices; or mail for idle
+// devices) the full first budget applies. A live device's next message
+// waits in line for a moment after each delivery: calm (the cut time)
+// keeps that moment from opening the budget.
 func (f *fleet) take(now time.Time, lim fleetLimits) []*fdev {
 	for len(f.wait) > 0 && !f.wait[0].ready().After(now) {
 		d := heap.Pop(&f.wait).(*fdev)
@@ -242,8 +285,17 @@ func (f *fleet) take(now time.Time, lim fleetLimits) []*fdev {
 		f.place(d, now)
 	}
 	var out []*fdev
+	f.heldUntil = time.Time{}
 	for k := range kinds {
-		for f.busy[k] < lim[k] {
+		limit := lim[k]
+		if k == kFirst && f.lines[kLive].waiting() {
+			f.contended = now
+		}
+		held := k == kFirst && !f.contended.IsZero() && !now.After(f.contended.Add(f.calm)) && lim[kProbe] < limit
+		if held {
+			limit = lim[kProbe]
+		}
+		for f.busy[k] < limit {
 			d := f.lines[k].pop()
 			if d == nil {
 				break
@@ -251,6 +303,9 @@ func (f *fleet) take(now time.Time, lim fleetLimits) []*fdev {
 			d.where, d.kind, d.again = fBusy, k, false
 			f.busy[k]++
 			out = append(out, d)
+		}
+		if held && f.busy[k] < lim[k] && f.lines[k].waiting() {
+			f.heldUntil = f.contended.Add(f.calm)
 		}
 	}
 	return out
@@ -274,12 +329,14 @@ func (f *fleet) promote(d *fdev, probeLimit int) bool {
 	return true
 }
 
-// next is when the earliest held or future device falls due.
+// next is when the earliest held or future device falls due, or first
+// attempts held to the probe share may go (take).
 func (f *fleet) next() (time.Time, bool) {
-	if len(f.wait) == 0 {
-		return time.Time{}, false
+	t, ok := f.heldUntil, !f.heldUntil.IsZero()
+	if len(f.wait) > 0 && (!ok || f.wait[0].ready().Before(t)) {
+		t, ok = f.wait[0].ready(), true
 	}
-	return f.wait[0].ready(), true
+	return t, ok
 }
 
 // outcome of one attempt, as the fleet sees it.
@@ -336,7 +393,9 @@ func (f *fleet) finish(d *fdev, o fleetOutcome, now time.Time, backoff func(fail
 			d.due, d.parked = next, true
 		}
 	case fElsewhere:
-		d.hold, d.elsewhere = now.Add(elsewhere), true
+		// Not this server's to call answering: its next attempt asks
+		// where the device is before it claims (attemptDevice).
+		d.hold, d.elsewhere, d.answered = now.Add(elsewhere), true, false
 	case fStoreError:
 		d.hold = now.Add(storeErrorHold)
 	case fAbandoned:
@@ -362,6 +421,20 @@ func (l *line) push(d *fdev) {
 		l.head = 0
 	}
 	l.q = append(l.q, lineEntry{d, d.seq})
+}
+
+// waiting reports whether a device waits in the line (entries of devices
+// that moved on are dropped on the way).
+func (l *line) waiting() bool {
+	for l.head < len(l.q) {
+		e := l.q[l.head]
+		if e.d.where == fReady && e.d.seq == e.seq {
+			return true
+		}
+		l.q[l.head] = lineEntry{}
+		l.head++
+	}
+	return false
 }
 
 func (l *line) pop() *fdev {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -359,6 +360,82 @@ func TestFirstAttemptUnclaimed(t *testing.T) {
 		}{{silent, 1}, {live, 2}} {
 			if got, err := f.s.st.ReserveInstanceIDs(ctx, uint32(c.dev), 1); err != nil || got != c.want {
 				t.Errorf("device %s: next instance id %d (%v), want %d", c.dev, got, err, c.want)
+			}
+		}
+	})
+}
+
+// After a restart the scheduler knows the devices only from the store:
+// the devices heard from lately (a stored contact) are tried as live ones
+// before those not heard from, and while they have work waiting for a
+// worker, the devices not heard from (here all switched off) get no more
+// than the probe share of first attempts; once the heard devices are
+// done, the others are all tried. The heard devices' mail must not wait
+// on a silent device's cut time.
+func TestFleetHeardDevicesFirst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := startSimFleet(t, func(c *Config) { c.Delivery.Concurrency, c.Delivery.Probes = 2, 1 })
+		defer f.close()
+		ctx := context.Background()
+		var live, dead []emsd.Address
+		for i := range 12 {
+			a := emsd.Address(198300 + i)
+			f.register(a)
+			if i%3 != 0 {
+				dead = append(dead, a)
+				continue
+			}
+			live = append(live, a)
+			f.switchOn(a)
+			// Heard a minute before the restart, at its address.
+			_, _, err := f.s.st.SetContact(ctx, uint32(a), store.Contact{Addr: netip.MustParseAddrPort(simIP(a)),
+				Via: "an earlier run", At: time.Now().Add(-time.Minute), Polled: true})
+			must(t, err)
+		}
+		// The mail is in the store, and the scheduler reads it as at a
+		// start (runScheduler's first rescan).
+		var w store.Work
+		for i := range 3 {
+			for _, a := range append(slices.Clone(dead), live...) {
+				ipm := testIPM(a.String())
+				ipm.Heading.Subject = fmt.Sprintf("%s/%d", a, i)
+				content, err := ipm.Marshal(emsd.Options{})
+				must(t, err)
+				w.Deliveries = append(w.Deliveries, store.NewDelivery{Device: uint32(a),
+					MessageID:   storedid.MessageID(emsd.RFC822ID("<" + ipm.Heading.Subject + "@example.com>")).String(),
+					ContentType: uint32(emsd.ContentIPM), Content: content, Priority: 1,
+					NextAttempt: time.Now(), Expires: time.Now().Add(time.Hour)})
+			}
+		}
+		must(t, f.s.st.Enqueue(ctx, w))
+		must(t, f.s.sched.rescanFleet(ctx, time.Time{}))
+		f.s.sched.kick()
+		start := time.Now()
+		var last time.Time
+		maxFirst := 0
+		for range len(live) * 3 {
+			select {
+			case d := <-f.got:
+				last = d.at
+			case <-time.After(10 * time.Minute):
+				t.Fatal("the heard devices did not get their mail")
+			}
+			f.s.sched.mu.Lock()
+			maxFirst = max(maxFirst, f.s.sched.fleet.busy[kFirst])
+			f.s.sched.mu.Unlock()
+		}
+		if took := last.Sub(start); took >= esro.ShippedTimers().RetransmitInterval() {
+			t.Errorf("the heard devices' mail took %v: they waited on a silent device", took)
+		}
+		if maxFirst > 1 {
+			t.Errorf("%d first attempts at once while the heard devices had mail, want the probe share (1)", maxFirst)
+		}
+		// Once they are done, every device not heard from is tried.
+		time.Sleep(esro.ShippedTimers().NoResponse() + 10*time.Second)
+		synctest.Wait()
+		for _, a := range dead {
+			if n := f.attempts(a); n < 1 {
+				t.Errorf("device %s not tried after the heard devices were done", a)
 			}
 		}
 	})

@@ -144,6 +144,56 @@ func TestFleetWake(t *testing.T) {
 	}
 }
 
+// Devices heard from lately (the store's contacts, after a restart) are
+// tried as live ones, before the devices not heard from; while live
+// devices wait for a worker, and for calm after, first attempts are
+// held to the probe share; then the full first budget applies again.
+func TestFleetHeardFirst(t *testing.T) {
+	f := newFleet()
+	f.calm = 3 * time.Second
+	now := fleetT0
+	lim := fleetLimits{kLive: 2, kFirst: 4, kProbe: 1}
+	for a := emsd.Address(1); a <= 9; a++ {
+		f.note(a, now, now)
+	}
+	// 3, 6 and 9 were heard a minute ago; 1 a day ago; the rest never.
+	for _, a := range []emsd.Address{3, 6, 9} {
+		f.noteHeard(a, now.Add(-time.Minute), now, time.Hour)
+	}
+	f.noteHeard(1, now.Add(-24*time.Hour), now, time.Hour)
+	got := f.take(now, lim)
+	if !slices.Equal(addrs(got), []emsd.Address{3, 6, 1}) || got[0].kind != kLive || got[1].kind != kLive || got[2].kind != kFirst {
+		t.Fatalf("first pass took %v (busy %v), want 3, 6 live, then 1 alone as a first attempt while 9 waits", addrs(got), f.busy)
+	}
+	// 3 answers; 9 and 3 take the live workers, first attempts stay held.
+	f.finish(f.devs[3], fDone, now, fixedBackoff, time.Time{}, false, time.Minute)
+	f.finish(f.devs[1], fSilent, now, fixedBackoff, time.Time{}, false, time.Minute)
+	if got := f.take(now, lim); !slices.Equal(addrs(got), []emsd.Address{9, 2}) {
+		t.Fatalf("took %v, want 9 (live) and 2 (the one first attempt)", addrs(got))
+	}
+	// The live devices are done: nothing waits for a live worker, but
+	// first attempts stay held for calm.
+	soon := now.Add(time.Second)
+	for _, a := range []emsd.Address{6, 9} {
+		f.finish(f.devs[a], fNothing, soon, fixedBackoff, time.Time{}, false, time.Minute)
+	}
+	f.finish(f.devs[2], fSilent, soon, fixedBackoff, time.Time{}, false, time.Minute)
+	if got := f.take(soon, lim); !slices.Equal(addrs(got), []emsd.Address{3, 4}) {
+		t.Fatalf("took %v, want live 3 and one first attempt (4)", addrs(got))
+	}
+	f.finish(f.devs[3], fNothing, soon, fixedBackoff, time.Time{}, false, time.Minute)
+	later := now.Add(4 * time.Second)
+	if got := f.take(later, lim); !slices.Equal(addrs(got), []emsd.Address{5, 7, 8}) || f.busy[kFirst] != 4 {
+		t.Fatalf("after calm took %v (busy %v), want the full first budget: 5, 7, 8", addrs(got), f.busy)
+	}
+	// A device with an outcome of this server's is not presumed: a
+	// silent one stays a probe however recent its stored contact.
+	f.noteHeard(1, later, later, time.Hour)
+	if d := f.devs[1]; d.answered || !d.silent {
+		t.Errorf("silent device presumed answering: %+v", d)
+	}
+}
+
 // A device whose due deliveries are all held back by its limits is
 // parked until something changes; one whose next delivery is later
 // waits for it; one with nothing queued is forgotten.

@@ -86,8 +86,12 @@ type deliveryRoutes interface {
 	endpointOf(t *target) *esro.Endpoint
 }
 
-// contactNews is what attempts tell the contact book (contactBook).
+// contactNews is what attempts tell the contact book (contactBook), and
+// what it tells the scheduler of new work's devices.
 type contactNews interface {
+	// lastHeard: when the device was last heard from since start (zero:
+	// not, or its contact stopped answering).
+	lastHeard(a emsd.Address) time.Time
 	// alive: the device answered at to.
 	alive(a emsd.Address, to netip.AddrPort)
 	// failed: the device did not answer at ap.
@@ -331,10 +335,13 @@ func (s *scheduler) noteQueued(w store.Work) {
 		return
 	}
 	now := time.Now()
+	recent := time.Duration(s.conf().Delivery.Expiry)
 	sc := s
 	sc.mu.Lock()
 	for _, d := range w.Deliveries {
-		sc.fleet.note(emsd.Address(d.Device), cmp.Or(d.NextAttempt, now), now)
+		a := emsd.Address(d.Device)
+		sc.fleet.note(a, cmp.Or(d.NextAttempt, now), now)
+		sc.fleet.noteHeard(a, s.contacts.lastHeard(a), now, recent)
 		s.expiresLocked(d.Expires)
 	}
 	for _, r := range w.Relays {
@@ -356,16 +363,21 @@ func (s *scheduler) expiresLocked(t time.Time) {
 }
 
 // rescanFleet tells the fleet about the devices with queued deliveries
-// changed since 'since' (all of them with the zero time).
+// changed since 'since' (all of them with the zero time), and when each
+// was last heard from: one heard within delivery.expiry (the time mail
+// is given to reach a device) counts as answering until an attempt says
+// otherwise (fleet.noteHeard).
 func (s *scheduler) rescanFleet(ctx context.Context, since time.Time) error {
 	ds, err := s.st.QueuedDevices(ctx, since)
 	if err != nil {
 		return err
 	}
 	now := time.Now()
+	recent := time.Duration(s.conf().Delivery.Expiry)
 	s.mu.Lock()
 	for _, d := range ds {
 		s.fleet.note(emsd.Address(d.Device), d.Next, now)
+		s.fleet.noteHeard(emsd.Address(d.Device), d.Heard, now, recent)
 	}
 	s.mu.Unlock()
 	return nil
@@ -380,6 +392,9 @@ func (s *scheduler) rescanFleet(ctx context.Context, since time.Time) error {
 func (s *scheduler) runScheduler() {
 	t := time.NewTimer(0)
 	defer t.Stop()
+	s.mu.Lock()
+	s.fleet.calm = s.silentAfter()
+	s.mu.Unlock()
 	now := time.Now()
 	lastScan := now
 	if err := s.rescanFleet(s.loopCtx, time.Time{}); err != nil && s.loopCtx.Err() == nil {
