@@ -157,7 +157,7 @@ func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 			"follows the same one. One run's figure swings with the machine's other load (the 90%% run delivers %d messages in a fraction of a second), "+
 			"so each silent case is compared with the runs of its own round, which met the same background: the paired ratio, given as its median, "+
 			"quartiles (q1, q3), extremes, and how many rounds reached 0.9; every round's ratio is listed below. ", rounds, devices/10*per) +
-			"live deliveries/s = messages delivered to the answering devices / time from the end of `server.Start` (store open, due times rebuilt) until the last of them; " +
+			"live deliveries/s = messages delivered to the answering devices / time from the end of `server.Start` (store open; the scheduler's rebuild of its due times from the store runs after it, within that time) until the last of them; " +
 			"all delivered = that time; first deliveries = median over the answering devices of the time to their first message; " +
 			"CPU per live delivery = the process's CPU time (user + system: server, store and simulated devices) over the same time, per message delivered to an answering device, " +
 			"the cost measure the other load moves least; " +
