@@ -6,15 +6,15 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io/fs"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"testing"
 	"testing/fstest"
+
+	"github.com/esro-emsdp/emsdp/internal/testport"
 )
 
 // procAddr formats an address the way this machine's kernel would.
@@ -268,28 +268,7 @@ func TestLocalReal(t *testing.T) {
 // could be taken by any socket.)
 func quietPort(t *testing.T) int {
 	t.Helper()
-	low := 32768 // Linux's default start of the range
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			if n, err := strconv.Atoi(f[0]); err == nil && n > 2048 {
-				low = n
-			}
-		}
-	}
-	for range 100 {
-		port := low/2 + rand.IntN(low/2)
-		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-		if err != nil {
-			continue
-		}
-		l.Close()
-		if u, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
-			u.Close()
-			return port
-		}
-	}
-	t.Fatalf("no port free on both protocols below %d", low)
-	return 0
+	return testport.Quiet(t, "tcp", "udp")
 }
 
 func TestBindTest(t *testing.T) {

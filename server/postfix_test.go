@@ -4,14 +4,12 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +17,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/esro-emsdp/emsdp/internal/testcert"
+	"github.com/esro-emsdp/emsdp/internal/testport"
 	"github.com/esro-emsdp/emsdp/store"
 )
 
@@ -159,23 +158,7 @@ alias_database =
 // it.
 func listenPort(t *testing.T) string {
 	t.Helper()
-	low := 32768 // Linux's default start of the range
-	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
-		if f := strings.Fields(string(b)); len(f) == 2 {
-			if n, err := strconv.Atoi(f[0]); err == nil && n > 2048 {
-				low = n
-			}
-		}
-	}
-	for range 100 {
-		addr := fmt.Sprintf("127.0.0.1:%d", low/2+rand.IntN(low/2))
-		if ln, err := net.Listen("tcp", addr); err == nil {
-			ln.Close()
-			return addr
-		}
-	}
-	t.Fatalf("no free TCP port below %d", low)
-	return ""
+	return fmt.Sprintf("127.0.0.1:%d", testport.Quiet(t, "tcp"))
 }
 
 func (p *postfix) log() string {
