@@ -170,9 +170,20 @@ func procSockets(ctx context.Context, fsys fs.FS, ports []int) ([]Socket, []stri
 			return nil, nil, fmt.Errorf("ports: %s: %w", fam, err)
 		}
 		read++
+		// One socket is one inode. The kernel walks its table afresh on
+		// every read of the file, so a table that changes between two
+		// reads (a busy host opening and closing sockets) can list a
+		// socket twice.
+		seen := map[uint64]bool{}
 		for _, e := range entries {
 			if !want[int(e.Local.Port())] {
 				continue
+			}
+			if e.Inode != 0 {
+				if seen[e.Inode] {
+					continue
+				}
+				seen[e.Inode] = true
 			}
 			s := Socket{Family: fam, Local: e.Local.String(), State: stateName(fam, e.State), UID: e.UID, Inode: e.Inode}
 			if e.Remote.Port() != 0 {

@@ -149,6 +149,25 @@ func TestLocalFakeProc(t *testing.T) {
 	}
 }
 
+// A table read while it changes (a busy host opening and closing
+// sockets) can list a socket twice: one socket it is, not two.
+func TestLocalSocketListedTwice(t *testing.T) {
+	f := fakeProc()
+	f["net/udp"] = &fstest.MapFile{Data: []byte(procHeader +
+		procRow("127.0.0.1:641", "0.0.0.0:0", udpUnconn, 0, 5001) +
+		procRow("0.0.0.0:642", "0.0.0.0:0", udpUnconn, 4242, 5002) +
+		procRow("127.0.0.1:641", "0.0.0.0:0", udpUnconn, 0, 5001))}
+	rep, err := (&Inspector{ServicesFile: "-", procFS: f}).Local(context.Background(), []int{641})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range rep.Ports {
+		if p.Proto == "udp" && (len(p.Sockets) != 1 || len(p.Sockets[0].Processes) != 1) {
+			t.Errorf("641/udp sockets = %+v, want the one socket of pid 100", p.Sockets)
+		}
+	}
+}
+
 func TestLocalFakeProcDetails(t *testing.T) {
 	rep, err := (&Inspector{ServicesFile: "-", procFS: fakeProc()}).Local(context.Background(), []int{641})
 	if err != nil {
