@@ -72,18 +72,17 @@ func (s *DB) QueuedDevices(ctx context.Context, since time.Time) ([]store.Device
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: queued devices: %w", err)
 	}
-	defer rows.Close()
-	var out []store.DeviceDue
-	for rows.Next() {
+	out, err := collectRows(rows, func(r *sql.Rows) (store.DeviceDue, error) {
 		var d store.DeviceDue
 		var next, heard int64
-		if err := rows.Scan(&d.Device, &next, &heard); err != nil {
-			return nil, fmt.Errorf("sqlite: queued devices: %w", err)
-		}
+		err := r.Scan(&d.Device, &next, &heard)
 		d.Next, d.Heard = store.FromMillis(next), store.FromMillis(heard)
-		out = append(out, d)
+		return d, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: queued devices: %w", err)
 	}
-	return out, rows.Err()
+	return out, nil
 }
 
 // DeviceNextDue returns the earliest next attempt of a device's queued
@@ -341,16 +340,11 @@ func (s *DB) ExpiredDeliveries(ctx context.Context, now time.Time, limit int) ([
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: expired deliveries: %w", err)
 	}
-	defer rows.Close()
-	var out []*store.Delivery
-	for rows.Next() {
-		d, err := scanDelivery(rows)
-		if err != nil {
-			return nil, fmt.Errorf("sqlite: expired deliveries: %w", err)
-		}
-		out = append(out, d)
+	out, err := collectRows(rows, func(r *sql.Rows) (*store.Delivery, error) { return scanDelivery(r) })
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: expired deliveries: %w", err)
 	}
-	return out, rows.Err()
+	return out, nil
 }
 
 // QueuedDeliveries summarises a device's queued deliveries.
@@ -359,16 +353,14 @@ func (s *DB) QueuedDeliveries(ctx context.Context, addr uint32) ([]store.Deliver
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: queued deliveries: %w", err)
 	}
-	defer rows.Close()
-	var out []store.DeliveryInfo
-	for rows.Next() {
-		var i store.DeliveryInfo
-		if err := rows.Scan(&i.ContentType, &i.Length, &i.Priority); err != nil {
-			return nil, fmt.Errorf("sqlite: queued deliveries: %w", err)
-		}
-		out = append(out, i)
+	out, err := collectRows(rows, func(r *sql.Rows) (i store.DeliveryInfo, err error) {
+		err = r.Scan(&i.ContentType, &i.Length, &i.Priority)
+		return i, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: queued deliveries: %w", err)
 	}
-	return out, rows.Err()
+	return out, nil
 }
 
 // DeliveryStatus returns the recorded status of a delivered message id.

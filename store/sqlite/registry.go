@@ -67,16 +67,11 @@ func (s *DB) RegistryChanges(ctx context.Context, since int64) (int64, []uint32,
 	if err != nil {
 		return 0, nil, false, fmt.Errorf("sqlite: registry changes: %w", err)
 	}
-	defer rows.Close()
-	var addrs []uint32
-	for rows.Next() {
-		var a uint32
-		if err := rows.Scan(&a); err != nil {
-			return 0, nil, false, fmt.Errorf("sqlite: registry changes: %w", err)
-		}
-		addrs = append(addrs, a)
-	}
-	if err := rows.Err(); err != nil {
+	addrs, err := collectRows(rows, func(r *sql.Rows) (a uint32, err error) {
+		err = r.Scan(&a)
+		return a, err
+	})
+	if err != nil {
 		return 0, nil, false, fmt.Errorf("sqlite: registry changes: %w", err)
 	}
 	var from int64

@@ -105,3 +105,18 @@ func (s *DB) queryRow(ctx context.Context, tx *sql.Tx, q string, args ...any) ro
 	}
 	return s.sql.QueryRowContext(ctx, q, args...)
 }
+
+// collectRows reads every row with scan and closes rows, as pgx.CollectRows
+// does for the PostgreSQL backend.
+func collectRows[T any](rows *sql.Rows, scan func(*sql.Rows) (T, error)) ([]T, error) {
+	defer rows.Close()
+	var out []T
+	for rows.Next() {
+		v, err := scan(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}

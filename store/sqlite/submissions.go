@@ -112,14 +112,9 @@ func (s *DB) PendingSubmissions(ctx context.Context, before time.Time) ([]*store
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: pending submissions: %w", err)
 	}
-	defer rows.Close()
-	var out []*store.Submission
-	for rows.Next() {
-		sub, err := scanSubmission(rows)
-		if err != nil {
-			return nil, fmt.Errorf("sqlite: pending submissions: %w", err)
-		}
-		out = append(out, sub)
+	out, err := collectRows(rows, func(r *sql.Rows) (*store.Submission, error) { return scanSubmission(r) })
+	if err != nil {
+		return nil, fmt.Errorf("sqlite: pending submissions: %w", err)
 	}
-	return out, rows.Err()
+	return out, nil
 }
