@@ -134,6 +134,12 @@ func registryWriteSQLite(ctx context.Context, n int) (Result, error) {
 		return r, err
 	}
 	defer db.Close()
+	return importRate(ctx, r, db, n)
+}
+
+// importRate writes n devices into db as emsdp device import does and
+// records the rate in r.
+func importRate(ctx context.Context, r Result, db store.Registry, n int) (Result, error) {
 	devs, err := fakeDevices(n)
 	if err != nil {
 		return r, err
@@ -163,17 +169,7 @@ func registryWritePostgres(ctx context.Context, n int) (Result, error) {
 		return r, err
 	}
 	defer db.Close()
-	devs, err := fakeDevices(n)
-	if err != nil {
-		return r, err
-	}
-	took, err := writeDevices(ctx, db, devs)
-	if err != nil {
-		return r, err
-	}
-	r.set("devices/s", float64(n)/took.Seconds(), "1/s")
-	r.set("time", took.Seconds(), "s")
-	return r, nil
+	return importRate(ctx, r, db, n)
 }
 
 func registryStart(ctx context.Context, o *benchOptions, n int) (Result, error) {
