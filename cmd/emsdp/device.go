@@ -291,6 +291,28 @@ func deviceRemove(ctx context.Context, env *cmdEnv, args []string) int {
 	return exitOK
 }
 
+// editDevice reads device a, lets edit change it and writes it back, in
+// the store the flags name. A failure is reported, and its exit code
+// returned; an error from edit is the user's (a usage error, say).
+func (st *deviceStore) editDevice(ctx context.Context, env *cmdEnv, a emsd.Address, edit func(*store.Device) error) (*store.Device, int) {
+	db, err := st.open(ctx, env, open.Existing)
+	if err != nil {
+		return nil, fail(env, err)
+	}
+	defer db.Close()
+	d, err := db.Device(ctx, uint32(a))
+	if err != nil {
+		return nil, storeFail(env, a, err)
+	}
+	if err := edit(d); err != nil {
+		return nil, fail(env, err)
+	}
+	if err := db.UpdateDevice(ctx, d); err != nil {
+		return nil, storeFail(env, a, err)
+	}
+	return d, exitOK
+}
+
 func devicePasswd(ctx context.Context, env *cmdEnv, args []string) int {
 	var password *string
 	fs := flag.NewFlagSet("emsdp device passwd", flag.ContinueOnError)
@@ -309,18 +331,11 @@ func devicePasswd(ctx context.Context, env *cmdEnv, args []string) int {
 	if err != nil {
 		return fail(env, err)
 	}
-	db, err := st.open(ctx, env, open.Existing)
-	if err != nil {
-		return fail(env, err)
-	}
-	defer db.Close()
-	d, err := db.Device(ctx, uint32(a))
-	if err != nil {
-		return storeFail(env, a, err)
-	}
-	d.PasswordHash = hash
-	if err := db.UpdateDevice(ctx, d); err != nil {
-		return storeFail(env, a, err)
+	if _, code := st.editDevice(ctx, env, a, func(d *store.Device) error {
+		d.PasswordHash = hash
+		return nil
+	}); code != exitOK {
+		return code
 	}
 	if hash == "" {
 		fmt.Fprintf(env.stdout, "password removed for device %s\n", a)

@@ -10,7 +10,6 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/store"
-	"github.com/esro-emsdp/emsdp/store/open"
 )
 
 // pskFlag parses --psk: "" none, "generate" a fresh random key of 128 bits
@@ -73,30 +72,24 @@ func devicePSK(ctx context.Context, env *cmdEnv, args []string) int {
 			return fail(env, err)
 		}
 	}
-	db, err := st.open(ctx, env, open.Existing)
-	if err != nil {
-		return fail(env, err)
-	}
-	defer db.Close()
-	d, err := db.Device(ctx, uint32(a))
-	if err != nil {
-		return storeFail(env, a, err)
-	}
-	d.PSK = key
-	switch strings.ToLower(*require) {
-	case "":
-	case "yes", "true":
-		d.RequireDTLS = true
-	case "no", "false":
-		d.RequireDTLS = false
-	default:
-		return fail(env, usagef("--require-dtls %q: want yes or no", *require))
-	}
-	if key == nil && d.RequireDTLS {
-		return fail(env, usagef("device %s requires DTLS: removing its key needs --require-dtls no", a))
-	}
-	if err := db.UpdateDevice(ctx, d); err != nil {
-		return storeFail(env, a, err)
+	d, code := st.editDevice(ctx, env, a, func(d *store.Device) error {
+		d.PSK = key
+		switch strings.ToLower(*require) {
+		case "":
+		case "yes", "true":
+			d.RequireDTLS = true
+		case "no", "false":
+			d.RequireDTLS = false
+		default:
+			return usagef("--require-dtls %q: want yes or no", *require)
+		}
+		if key == nil && d.RequireDTLS {
+			return usagef("device %s requires DTLS: removing its key needs --require-dtls no", a)
+		}
+		return nil
+	})
+	if code != exitOK {
+		return code
 	}
 	switch {
 	case key == nil:
