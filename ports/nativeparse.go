@@ -78,9 +78,9 @@ func parseLsof(r io.Reader, want map[int]bool) ([]nativeSocket, error) {
 		case 'n':
 			if cur != nil {
 				local, remote, _ := strings.Cut(v, "->")
-				cur.Local = lsofAddr(local)
+				cur.Local = nativeAddr(local)
 				if remote != "" {
-					cur.Remote = lsofAddr(remote)
+					cur.Remote = nativeAddr(remote)
 				}
 			}
 		case 'T':
@@ -105,9 +105,10 @@ func parseLsof(r io.Reader, want map[int]bool) ([]nativeSocket, error) {
 	return out, nil
 }
 
-// lsofAddr turns lsof's "*:641", "127.0.0.1:641" and "[::1]:641" into
-// the "ip:port" form of the procfs view ("0.0.0.0:641", "[::]:641").
-func lsofAddr(s string) string {
+// nativeAddr turns the "*:641", "127.0.0.1:641" and "[::1]:641" of lsof
+// and sockstat into the "ip:port" form of the procfs view
+// ("0.0.0.0:641", "[::]:641").
+func nativeAddr(s string) string {
 	host, port, ok := cutHostPort(s)
 	if !ok {
 		return s
@@ -174,7 +175,7 @@ func parseSockstat(r io.Reader, want map[int]bool) ([]nativeSocket, error) {
 		if !strings.HasPrefix(proto, "tcp") && !strings.HasPrefix(proto, "udp") {
 			continue
 		}
-		local, remote := sockstatAddr(f[5]), sockstatAddr(f[6])
+		local, remote := nativeAddr(f[5]), nativeAddr(f[6])
 		if !want[portOf(local)] {
 			continue
 		}
@@ -213,17 +214,6 @@ func parseSockstat(r io.Reader, want map[int]bool) ([]nativeSocket, error) {
 		return nil, fmt.Errorf("sockstat: %w", err)
 	}
 	return out, nil
-}
-
-func sockstatAddr(s string) string {
-	host, port, ok := cutHostPort(s)
-	if !ok {
-		return s
-	}
-	if host == "*" {
-		host = "0.0.0.0"
-	}
-	return joinAddr(host, port)
 }
 
 // winConn is the part of a Windows socket-table row (GetExtendedTcpTable,
