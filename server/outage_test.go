@@ -61,13 +61,10 @@ func (f *failingStore) FinishRelays(ctx context.Context, rs []store.RelayResult,
 	return f.Store.FinishRelays(ctx, rs, w)
 }
 
-// The store refuses outcome writes while a delivery and a relay are in
-// flight: the device has the message, the smarthost too, and the
-// outcomes wait in memory, retried; /healthz and the metrics say so; the
-// device's next message waits behind the first. Once the store takes
-// writes again, both outcomes are recorded, the next message is
-// delivered, and nothing is delivered or relayed twice.
-func TestOutcomeWriteFailures(t *testing.T) {
+// startFailingServer starts a server relaying to a smarthost of its own on
+// a SQLite store whose writes the test can make fail.
+func startFailingServer(t *testing.T) (*Server, *failingStore, *smarthost) {
+	t.Helper()
 	db, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "own.db"), nil)
 	must(t, err)
 	t.Cleanup(func() { db.Close() })
@@ -75,7 +72,17 @@ func TestOutcomeWriteFailures(t *testing.T) {
 	host := startSmarthost(t, "")
 	c := testConfig(t)
 	c.Relay.Smarthost = host.addr
-	s := startServerWith(t, c, Options{Logger: testLogger(t), Store: fs})
+	return startServerWith(t, c, Options{Logger: testLogger(t), Store: fs}), fs, host
+}
+
+// The store refuses outcome writes while a delivery and a relay are in
+// flight: the device has the message, the smarthost too, and the
+// outcomes wait in memory, retried; /healthz and the metrics say so; the
+// device's next message waits behind the first. Once the store takes
+// writes again, both outcomes are recorded, the next message is
+// delivered, and nothing is delivered or relayed twice.
+func TestOutcomeWriteFailures(t *testing.T) {
+	s, fs, host := startFailingServer(t)
 	dev := newDevice(t, s, 198036, deviceOpts{})
 
 	fs.fail.Store(true)
@@ -85,7 +92,7 @@ func TestOutcomeWriteFailures(t *testing.T) {
 	if d := dev.next(t); d.IPM.Heading.Subject != "one" {
 		t.Fatalf("delivered %q first", d.IPM.Heading.Subject)
 	}
-	_, err = dev.ua.Submit(context.Background(), &ua.Message{To: []string{"bob@example.com"}, Subject: "out", Body: []byte("b\n")})
+	_, err := dev.ua.Submit(context.Background(), &ua.Message{To: []string{"bob@example.com"}, Subject: "out", Body: []byte("b\n")})
 	must(t, err)
 	host.next(t)
 
@@ -128,14 +135,7 @@ func TestOutcomeWriteFailures(t *testing.T) {
 // the DSN reaches the sender once the store takes writes again; it is
 // not left out.
 func TestReportWhileStoreRefuses(t *testing.T) {
-	db, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "own.db"), nil)
-	must(t, err)
-	t.Cleanup(func() { db.Close() })
-	fs := &failingStore{Store: db}
-	host := startSmarthost(t, "")
-	c := testConfig(t)
-	c.Relay.Smarthost = host.addr
-	s := startServerWith(t, c, Options{Logger: testLogger(t), Store: fs})
+	s, fs, host := startFailingServer(t)
 	refuser := listenESRO(t, "127.0.0.1")
 	must(t, refuser.HandleFunc(3, esro.ThreeWay, func(_ context.Context, w esro.ResponseWriter, inv *esro.Invocation) {
 		fs.failNumbers.Store(true) // from now on, until the test says
