@@ -12,28 +12,9 @@ import (
 
 	"github.com/esro-emsdp/emsdp/emsd"
 	"github.com/esro-emsdp/emsdp/esro"
+	"github.com/esro-emsdp/emsdp/internal/testclock"
 	"github.com/esro-emsdp/emsdp/server/internal/authlimit"
 )
-
-// fakeClock is a clock the test moves.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newFakeClock() *fakeClock { return &fakeClock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
 
 func TestAuthLimitConfig(t *testing.T) {
 	limits := func(e EMSDConfig) [5]float64 {
@@ -98,7 +79,7 @@ func deliveryControl(t *testing.T, s *Server, ep *esro.Endpoint, dev emsd.Addres
 // (or device) gets the transient ERROR 6 with parameter 6, even for the
 // correct password, and the refusals are counted.
 func TestAuthFailureLimit(t *testing.T) {
-	clk := newFakeClock()
+	clk := testclock.New()
 	s := startServerWith(t, testConfig(t), Options{Logger: testLogger(t), now: clk.Now})
 	home := listenESRO(t, "127.0.0.1")
 	addDevice(t, s, 198036, epAddr(home), deviceOpts{password: "pw"})
@@ -159,7 +140,7 @@ func TestAuthFailureLimitIPOnly(t *testing.T) {
 	c := testConfig(t)
 	c.Compat.IPOnlyIdentification = true
 	c.EMSD.AuthFailuresBurst, c.EMSD.DeviceAuthFailuresBurst = 1, 1
-	s := startServerWith(t, c, Options{Logger: testLogger(t), now: newFakeClock().Now})
+	s := startServerWith(t, c, Options{Logger: testLogger(t), now: testclock.New().Now})
 	ep := listenESRO(t, "127.0.0.1")
 	addDevice(t, s, 198036, epAddr(ep), deviceOpts{password: "pw"})
 	for i := range 5 {

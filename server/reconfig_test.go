@@ -19,6 +19,7 @@ import (
 
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/internal/testcert"
+	"github.com/esro-emsdp/emsdp/internal/testclock"
 	"github.com/esro-emsdp/emsdp/store"
 	"github.com/esro-emsdp/emsdp/ua"
 )
@@ -205,7 +206,7 @@ func TestReconfigureRelayTLS(t *testing.T) {
 // Failed-authentication limits change in place, the failures on record
 // kept; a compat switch changes the answer at once.
 func TestReconfigureAuthAndCompat(t *testing.T) {
-	clk := newFakeClock()
+	clk := testclock.New()
 	c := testConfig(t)
 	c.EMSD.AuthFailuresBurst = 3
 	s := startServerWith(t, c, Options{Logger: testLogger(t), now: clk.Now})

@@ -12,27 +12,8 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/internal/testclock"
 )
-
-// fakeClock is a clock the test moves.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newFakeClock() *fakeClock { return &fakeClock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
 
 // authTestConfig is the server's default limits: 10 failures then 6 a minute per
 // source, 20 then 12 a minute per device.
@@ -126,7 +107,7 @@ func TestAuthLimiter(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			clk := newFakeClock()
+			clk := testclock.New()
 			l := New(tc.cfg, clk.Now)
 			n := 0
 			for i, st := range tc.steps {
@@ -175,7 +156,7 @@ func TestAuthLimiterFlood(t *testing.T) {
 			const bound = 64
 			cfg := authTestConfig()
 			cfg.Tracked = bound
-			clk := newFakeClock()
+			clk := testclock.New()
 			l := New(cfg, clk.Now)
 			attacker := netip.MustParseAddr("192.0.2.66")
 			for range 10 {
@@ -248,7 +229,7 @@ func TestFailBucketsEvict(t *testing.T) {
 // The warning about refusals comes at most once a minute and counts the
 // refusals since the previous one.
 func TestAuthLimiterWarn(t *testing.T) {
-	clk := newFakeClock()
+	clk := testclock.New()
 	l := New(authTestConfig(), clk.Now)
 	for i, st := range []struct {
 		after time.Duration
@@ -276,7 +257,7 @@ func TestAuthLimiterWarn(t *testing.T) {
 func TestAuthQueue(t *testing.T) {
 	cfg := authTestConfig()
 	cfg.Workers = 2
-	l := New(cfg, newFakeClock().Now)
+	l := New(cfg, testclock.New().Now)
 	src := netip.MustParseAddr("192.0.2.1")
 	var mu sync.Mutex
 	running, peak := 0, 0
@@ -331,7 +312,7 @@ func TestAuthQueue(t *testing.T) {
 func TestAuthQueueFair(t *testing.T) {
 	cfg := authTestConfig()
 	cfg.Workers, cfg.SourceBurst, cfg.Queue = 1, 0, 400
-	l := New(cfg, newFakeClock().Now)
+	l := New(cfg, testclock.New().Now)
 	a, b := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.2")
 	release := make(chan struct{})
 	var order []string
@@ -367,7 +348,7 @@ func TestAuthQueueFair(t *testing.T) {
 func TestAuthQueueFull(t *testing.T) {
 	cfg := authTestConfig()
 	cfg.Workers, cfg.Queue = 1, 8
-	l := New(cfg, newFakeClock().Now)
+	l := New(cfg, testclock.New().Now)
 	release := make(chan struct{})
 	block := func() bool { <-release; return true }
 	var wg sync.WaitGroup
@@ -427,7 +408,7 @@ func TestAuthLimiterSetLimits(t *testing.T) {
 		{"smaller table: trimmed", 3, []Limits{limits(func(c *Limits) { c.Tracked = 2 })}, "", -1, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			l := New(authTestConfig(), newFakeClock().Now)
+			l := New(authTestConfig(), testclock.New().Now)
 			for i := range tc.fails {
 				l.Check(context.Background(), netip.AddrFrom4([4]byte{10, 0, 0, byte(i)}), 1, true, fail)
 				l.Check(context.Background(), src, 1, false, fail)
