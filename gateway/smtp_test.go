@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"crypto/tls"
-	"errors"
 	"io"
 	"log"
 	"net"
@@ -159,11 +158,6 @@ func withTLS(t *testing.T) (func(*smtp.Server), *tls.Config) {
 	return func(s *smtp.Server) {
 		s.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
 	}, &tls.Config{RootCAs: pool}
-}
-
-func isSMTPCode(err error, code int) bool {
-	var se *smtp.SMTPError
-	return errors.As(err, &se) && se.Code == code
 }
 
 var testMessage = []byte(strings.ReplaceAll("From: 198.036@emsd.example.test\nTo: bob@example.com\nSubject: t\n\nhello\n.leading dot\n", "\n", "\r\n"))

@@ -21,13 +21,6 @@ func addrs(ds []*fdev) []emsd.Address {
 	return out
 }
 
-// finishAll ends every attempt in ds with outcome o.
-func finishAll(f *fleet, ds []*fdev, o fleetOutcome, now time.Time) {
-	for _, d := range ds {
-		f.finish(d, o, now, fixedBackoff, time.Time{}, false, time.Minute)
-	}
-}
-
 // lim4 allows 2 live attempts, 4 first and 1 probe at once.
 var lim4 = fleetLimits{kLive: 2, kFirst: 4, kProbe: 1}
 

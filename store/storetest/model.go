@@ -71,16 +71,6 @@ func (m *deliveryModel) nextDue(after time.Time) (time.Time, bool) {
 	return best, !best.IsZero()
 }
 
-func (m *deliveryModel) count(s store.DeliveryState) int {
-	n := 0
-	for _, r := range m.rows {
-		if r.state == s {
-			n++
-		}
-	}
-	return n
-}
-
 // testDeliveryModel drives the delivery queue with random operations and
 // checks every answer against a model of the state machine:
 // queued -> in-flight -> delivered | failed | queued, queued -> failed by
