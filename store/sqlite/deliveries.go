@@ -11,10 +11,13 @@ import (
 )
 
 const (
+	// The states are literals in every query: SQLite uses a partial
+	// index (schema.go) only for a query whose own terms imply its
+	// condition.
 	qWakeWaiting = `SELECT COUNT(*) FROM (SELECT 1 FROM deliveries
-		WHERE device = ? AND state = ? AND next_attempt > ? LIMIT 1) AS w`
+		WHERE device = ? AND state = 'queued' AND next_attempt > ? LIMIT 1) AS w`
 	qWake = `UPDATE deliveries SET next_attempt = ?, updated = ?
-		WHERE device = ? AND state = ? AND next_attempt > ?`
+		WHERE device = ? AND state = 'queued' AND next_attempt > ?`
 	// Each device with the time it was last heard from (its contact).
 	qQueuedDevices = `SELECT q.device, q.next, COALESCE(dv.contact_at, 0) FROM (SELECT device, MIN(next_attempt) AS next
 		FROM deliveries WHERE state = 'queued' GROUP BY device) AS q
@@ -38,8 +41,7 @@ func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, e
 	// Every INVOKE wakes its device; usually nothing waits. Look first
 	// without the write lock, which submissions need.
 	var waiting int
-	err := s.queryRow(ctx, nil, qWakeWaiting,
-		addr, string(store.DeliveryQueued), store.Millis(now)).Scan(&waiting)
+	err := s.queryRow(ctx, nil, qWakeWaiting, addr, store.Millis(now)).Scan(&waiting)
 	if err != nil {
 		return 0, fmt.Errorf("sqlite: wake device: %w", err)
 	}
@@ -48,8 +50,7 @@ func (s *DB) WakeDevice(ctx context.Context, addr uint32, now time.Time) (int, e
 	}
 	var n int64
 	err = s.tx(ctx, func(tx *sql.Tx) error {
-		r, err := s.exec(ctx, tx, qWake,
-			store.Millis(now), store.Millis(now), addr, string(store.DeliveryQueued), store.Millis(now))
+		r, err := s.exec(ctx, tx, qWake, store.Millis(now), store.Millis(now), addr, store.Millis(now))
 		if err != nil {
 			return fmt.Errorf("sqlite: wake device: %w", err)
 		}
@@ -112,23 +113,31 @@ func (s *DB) NextDue(ctx context.Context, after time.Time) (time.Time, bool, err
 	return store.FromMillis(v.Int64), true, nil
 }
 
+// A delivery as scanDelivery reads it: the row q with its content c.
+var (
+	deliveryCols = qualified("q", `id, device, message_id, submission_time, content_type`) + `, c.content, ` +
+		qualified("q", `priority, state, attempts, next_attempt, expires, created, updated, last_error, report_device,
+		report_mail, report_flags, report_recipient, report_message_id, report_headers, report_dsn`)
+	deliveryFrom = `deliveries AS q JOIN delivery_content AS c ON c.id = q.id`
+)
+
 const (
-	deliveryCols = `id, device, message_id, submission_time, content_type, content, priority, state, attempts,
-	next_attempt, expires, created, updated, last_error, report_device, report_mail, report_flags,
-	report_recipient, report_message_id, report_headers, report_dsn`
-	qInFlight       = `SELECT COUNT(*) FROM deliveries WHERE device = ? AND state = ?`
+	qInFlight       = `SELECT COUNT(*) FROM deliveries WHERE device = ? AND state = 'inflight'`
 	qClaim          = `UPDATE deliveries SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?`
 	qDeliveryState  = `SELECT device, message_id, state FROM deliveries WHERE id = ?`
 	qFinishDelivery = `UPDATE deliveries SET state = ?, next_attempt = ?, last_error = ?,
 		attempts = MAX(attempts - ? + ?, 0), updated = ? WHERE id = ?`
 	qRecordStatus = `INSERT INTO delivery_status (device, message_id, status, updated) VALUES (?, ?, ?, ?)
 		ON CONFLICT (device, message_id) DO UPDATE SET status = excluded.status, updated = excluded.updated`
-	qExpiredDeliveries = `SELECT ` + deliveryCols + ` FROM deliveries WHERE state = ? AND expires <= ?
-		ORDER BY id LIMIT ?`
-	qQueuedDeliveries = `SELECT content_type, length(content), priority FROM deliveries
-		WHERE device = ? AND state = ? ORDER BY id`
+	qQueuedDeliveries = `SELECT content_type, size, priority FROM deliveries
+		WHERE device = ? AND state = 'queued' ORDER BY id`
 	qDeliveryStatus = `SELECT status FROM delivery_status WHERE device = ? AND message_id = ?`
 )
+
+// The index named: without statistics the planner may prefer reading the
+// whole table in id order to sorting the expired rows.
+var qExpiredDeliveries = `SELECT ` + deliveryCols + ` FROM deliveries AS q INDEXED BY deliveries_expires
+	JOIN delivery_content AS c ON c.id = q.id WHERE q.state = 'queued' AND q.expires <= ? ORDER BY q.id LIMIT ?`
 
 // scanDelivery scans the deliveryCols of a row, then extra columns into
 // extra.
@@ -156,18 +165,20 @@ const contactCols = `COALESCE(dv.contact_addr, ''), COALESCE(dv.contact_via, '')
 	COALESCE(dv.contact_polled, 0)`
 
 var (
-	// A limit left NULL does not restrict.
-	qClaimable = `SELECT ` + qualified("q", deliveryCols) + `, ` + contactCols + `
-		FROM deliveries AS q LEFT JOIN devices AS dv ON dv.address = q.device
-		WHERE q.device = ?1 AND q.state = ?2 AND q.next_attempt <= ?3
-		AND (?4 IS NULL OR length(q.content) <= ?4) AND (?5 IS NULL OR q.priority >= ?5) ORDER BY q.id LIMIT 1`
+	// The device's oldest due delivery within the limits (a limit left
+	// NULL does not restrict), found first: the content of that one only
+	// is read.
+	qClaimableID = `SELECT id FROM deliveries WHERE device = ?1 AND state = 'queued' AND next_attempt <= ?2
+		AND (?3 IS NULL OR size <= ?3) AND (?4 IS NULL OR priority >= ?4) ORDER BY id LIMIT 1`
+	qClaimable = `SELECT ` + deliveryCols + `, ` + contactCols + `
+		FROM ` + deliveryFrom + ` LEFT JOIN devices AS dv ON dv.address = q.device
+		WHERE q.id = (` + qClaimableID + `)`
 	// qPeek is qClaimable, with the device's next instance id, unless the
-	// device has a delivery in flight (?6).
-	qPeek = `SELECT ` + qualified("q", deliveryCols) + `, dv.next_instance, ` + contactCols + `
-		FROM deliveries AS q LEFT JOIN devices AS dv ON dv.address = q.device
-		WHERE q.device = ?1 AND q.state = ?2 AND q.next_attempt <= ?3
-		AND (?4 IS NULL OR length(q.content) <= ?4) AND (?5 IS NULL OR q.priority >= ?5)
-		AND NOT EXISTS (SELECT 1 FROM deliveries AS f WHERE f.device = ?1 AND f.state = ?6) ORDER BY q.id LIMIT 1`
+	// device has a delivery in flight.
+	qPeek = `SELECT ` + deliveryCols + `, dv.next_instance, ` + contactCols + `
+		FROM ` + deliveryFrom + ` LEFT JOIN devices AS dv ON dv.address = q.device
+		WHERE q.id = (` + qClaimableID + `)
+		AND NOT EXISTS (SELECT 1 FROM deliveries AS f WHERE f.device = ?1 AND f.state = 'inflight')`
 )
 
 // scanContact ends a delivery's row: the device's contact (contactCols).
@@ -201,11 +212,11 @@ func (s *DB) PeekDelivery(ctx context.Context, addr uint32, now time.Time, lim s
 	}
 	var next sql.NullInt64
 	var sc scanContact
-	d, err := scanDelivery(s.queryRow(ctx, nil, qPeek, addr, string(store.DeliveryQueued), store.Millis(now), maxLen, lowest,
-		string(store.DeliveryInFlight)), append([]any{&next}, sc.dest()...)...)
+	d, err := scanDelivery(s.queryRow(ctx, nil, qPeek, addr, store.Millis(now), maxLen, lowest),
+		append([]any{&next}, sc.dest()...)...)
 	if errors.Is(err, sql.ErrNoRows) {
 		var busy int
-		if err := s.queryRow(ctx, nil, qInFlight, addr, string(store.DeliveryInFlight)).Scan(&busy); err != nil {
+		if err := s.queryRow(ctx, nil, qInFlight, addr).Scan(&busy); err != nil {
 			return nil, fmt.Errorf("sqlite: peek: %w", err)
 		}
 		if busy > 0 {
@@ -235,7 +246,7 @@ func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim 
 	var out *store.Delivery
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		var busy int
-		err := s.queryRow(ctx, tx, qInFlight, addr, string(store.DeliveryInFlight)).Scan(&busy)
+		err := s.queryRow(ctx, tx, qInFlight, addr).Scan(&busy)
 		if err != nil {
 			return fmt.Errorf("sqlite: claim: %w", err)
 		}
@@ -250,7 +261,7 @@ func (s *DB) ClaimDelivery(ctx context.Context, addr uint32, now time.Time, lim 
 			lowest = int64(*lim.LowestPriority)
 		}
 		var sc scanContact
-		d, err := scanDelivery(s.queryRow(ctx, tx, qClaimable, addr, string(store.DeliveryQueued), store.Millis(now), maxLen, lowest),
+		d, err := scanDelivery(s.queryRow(ctx, tx, qClaimable, addr, store.Millis(now), maxLen, lowest),
 			sc.dest()...)
 		if errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("%w: no due delivery for device %d", store.ErrNotFound, addr)
@@ -336,7 +347,7 @@ func (s *DB) FinishDelivery(ctx context.Context, id int64, from store.DeliverySt
 
 // ExpiredDeliveries lists queued deliveries past their expiry.
 func (s *DB) ExpiredDeliveries(ctx context.Context, now time.Time, limit int) ([]*store.Delivery, error) {
-	rows, err := s.query(ctx, nil, qExpiredDeliveries, string(store.DeliveryQueued), store.Millis(now), limit)
+	rows, err := s.query(ctx, nil, qExpiredDeliveries, store.Millis(now), limit)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: expired deliveries: %w", err)
 	}
@@ -349,7 +360,7 @@ func (s *DB) ExpiredDeliveries(ctx context.Context, now time.Time, limit int) ([
 
 // QueuedDeliveries summarises a device's queued deliveries.
 func (s *DB) QueuedDeliveries(ctx context.Context, addr uint32) ([]store.DeliveryInfo, error) {
-	rows, err := s.query(ctx, nil, qQueuedDeliveries, addr, string(store.DeliveryQueued))
+	rows, err := s.query(ctx, nil, qQueuedDeliveries, addr)
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: queued deliveries: %w", err)
 	}

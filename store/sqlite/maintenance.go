@@ -9,13 +9,23 @@ import (
 	"github.com/esro-emsdp/emsdp/store"
 )
 
+// The deliveries' statements of the calls below, which keep their text
+// (stmt.go). Each names the states it wants, so that it reads their
+// partial indices (schema.go), not the table.
+const (
+	qRecoverDeliveries = `UPDATE deliveries SET state = 'queued', updated = ? WHERE state = 'inflight'`
+	qPurgeDeliveries   = `DELETE FROM deliveries WHERE state IN ('delivered', 'failed') AND updated < ?`
+	qCountDeliveries   = `SELECT 'queued', COUNT(*) FROM deliveries WHERE state = 'queued' HAVING COUNT(*) > 0
+		UNION ALL SELECT 'inflight', COUNT(*) FROM deliveries WHERE state = 'inflight' HAVING COUNT(*) > 0
+		UNION ALL SELECT state, COUNT(*) FROM deliveries WHERE state IN ('delivered', 'failed') GROUP BY state`
+)
+
 // Recover re-queues in-flight work of a stopped process.
 func (s *DB) Recover(ctx context.Context) (store.Recovered, error) {
 	var rec store.Recovered
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		now := store.Millis(time.Now())
-		r, err := tx.ExecContext(ctx, `UPDATE deliveries SET state = ?, updated = ? WHERE state = ?`,
-			string(store.DeliveryQueued), now, string(store.DeliveryInFlight))
+		r, err := tx.ExecContext(ctx, qRecoverDeliveries, now)
 		if err != nil {
 			return fmt.Errorf("sqlite: recover: %w", err)
 		}
@@ -42,7 +52,7 @@ func (s *DB) Purge(ctx context.Context, before, statusBefore time.Time) (int, er
 			sql  string
 			args []any
 		}{
-			{`DELETE FROM deliveries WHERE state IN ('delivered', 'failed') AND updated < ?`, []any{store.Millis(before)}},
+			{qPurgeDeliveries, []any{store.Millis(before)}},
 			{`DELETE FROM relays WHERE state IN ('sent', 'failed') AND updated < ?`, []any{store.Millis(before)}},
 			{`DELETE FROM relay_messages WHERE NOT EXISTS (SELECT 1 FROM relays WHERE relays.message = relay_messages.id)`, nil},
 			{`DELETE FROM submissions WHERE state IN ('released', 'dropped') AND updated < ?`, []any{store.Millis(before)}},
@@ -78,7 +88,7 @@ func (s *DB) Stats(ctx context.Context) (store.Stats, error) {
 		sql string
 		put func(string, int)
 	}{
-		{`SELECT state, COUNT(*) FROM deliveries GROUP BY state`, func(k string, n int) { st.Deliveries[store.DeliveryState(k)] = n }},
+		{qCountDeliveries, func(k string, n int) { st.Deliveries[store.DeliveryState(k)] = n }},
 		{`SELECT state, COUNT(*) FROM relays GROUP BY state`, func(k string, n int) { st.Relays[store.RelayState(k)] = n }},
 	} {
 		rows, err := tx.QueryContext(ctx, q.sql)

@@ -12,12 +12,13 @@ import (
 
 // qPeekMany is qPeek without limits for a list of devices (a JSON array),
 // with each device's contact.
-var qPeekMany = `SELECT ` + qualified("q", deliveryCols) + `, dv.next_instance,
+var qPeekMany = `SELECT ` + deliveryCols + `, dv.next_instance,
 	dv.contact_addr, dv.contact_via, dv.contact_at, dv.contact_polled
 	FROM devices AS dv JOIN deliveries AS q ON q.id = (SELECT id FROM deliveries
-		WHERE device = dv.address AND state = ?1 AND next_attempt <= ?2 ORDER BY id LIMIT 1)
-	WHERE dv.address IN (SELECT value FROM json_each(?3))
-	AND NOT EXISTS (SELECT 1 FROM deliveries AS f WHERE f.device = dv.address AND f.state = ?4)`
+		WHERE device = dv.address AND state = 'queued' AND next_attempt <= ?1 ORDER BY id LIMIT 1)
+	JOIN delivery_content AS c ON c.id = q.id
+	WHERE dv.address IN (SELECT value FROM json_each(?2))
+	AND NOT EXISTS (SELECT 1 FROM deliveries AS f WHERE f.device = dv.address AND f.state = 'inflight')`
 
 func qualified(table, cols string) string {
 	fs := strings.Split(cols, ",")
@@ -43,8 +44,7 @@ func (s *DB) PeekDeliveries(ctx context.Context, addrs []uint32, now time.Time) 
 		list = strconv.AppendUint(list, uint64(a), 10)
 	}
 	list = append(list, ']')
-	rows, err := s.query(ctx, nil, qPeekMany, string(store.DeliveryQueued), store.Millis(now), string(list),
-		string(store.DeliveryInFlight))
+	rows, err := s.query(ctx, nil, qPeekMany, store.Millis(now), string(list))
 	if err != nil {
 		return nil, fmt.Errorf("sqlite: peek deliveries: %w", err)
 	}

@@ -71,7 +71,7 @@ func (s *DB) ListQueue(ctx context.Context, f store.QueueFilter) (store.QueueLis
 	var args []any
 	if d.ok {
 		parts = append(parts, `SELECT 'delivery' AS kind, id, state, device, '' AS rcpt, '' AS sender, 0 AS message,
-			message_id, content_type, priority, submission_time, length(content) AS size, attempts, next_attempt,
+			message_id, content_type, priority, submission_time, size, attempts, next_attempt,
 			expires, created, updated, last_error FROM deliveries WHERE `+d.where)
 		args = append(args, d.args...)
 	}
@@ -163,7 +163,7 @@ func (s *DB) QueueEntry(ctx context.Context, ref store.QueueRef) (*store.QueueEn
 		return nil, err
 	}
 	if ref.Kind == store.QueueDelivery {
-		d, err := scanDelivery(s.sql.QueryRowContext(ctx, `SELECT `+deliveryCols+` FROM deliveries WHERE id = ?`, ref.ID))
+		d, err := scanDelivery(s.sql.QueryRowContext(ctx, `SELECT `+deliveryCols+` FROM `+deliveryFrom+` WHERE q.id = ?`, ref.ID))
 		if errors.Is(err, sql.ErrNoRows) {
 			return nil, fmt.Errorf("%w: delivery %d", store.ErrNotFound, ref.ID)
 		}

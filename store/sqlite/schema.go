@@ -140,4 +140,35 @@ var migrations = []string{
 		PRIMARY KEY (version, address)
 	) WITHOUT ROWID;
 	INSERT INTO meta (key, value) SELECT 'registry_log_from', value FROM meta WHERE key = 'registry_version';`,
+
+	// 8: a delivery's row is written twice (its claim and its outcome),
+	// its content never: the content moves to a table of its own, so
+	// that the rows are narrow and many share a page, and the size stays
+	// with the row (limits, listings). A content row goes with its
+	// delivery (purge, queue remove), never with an outcome. The indices
+	// hold the rows of the states their look-ups want, as PostgreSQL's
+	// do: the queued ones in four, the ones in flight in one, the
+	// finished ones (purge, counts) in one. Indices led by the state
+	// moved an entry in each of four indices at every claim and every
+	// outcome; now a claim takes the entries out of the queued ones and
+	// an outcome moves one. The queries name the states as literals,
+	// which is what lets SQLite use a partial index.
+	`CREATE TABLE delivery_content (
+		id      INTEGER PRIMARY KEY REFERENCES deliveries (id) ON DELETE CASCADE,
+		content BLOB    NOT NULL
+	);
+	INSERT INTO delivery_content (id, content) SELECT id, content FROM deliveries;
+	ALTER TABLE deliveries ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+	UPDATE deliveries SET size = length(content);
+	ALTER TABLE deliveries DROP COLUMN content;
+	DROP INDEX deliveries_due;
+	DROP INDEX deliveries_expires;
+	DROP INDEX deliveries_next;
+	DROP INDEX deliveries_changed;
+	CREATE INDEX deliveries_queue ON deliveries (device, next_attempt) WHERE state = 'queued';
+	CREATE INDEX deliveries_due ON deliveries (next_attempt) WHERE state = 'queued';
+	CREATE INDEX deliveries_expires ON deliveries (expires) WHERE state = 'queued';
+	CREATE INDEX deliveries_changed ON deliveries (updated) WHERE state = 'queued';
+	CREATE INDEX deliveries_inflight ON deliveries (device) WHERE state = 'inflight';
+	CREATE INDEX deliveries_done ON deliveries (state, updated) WHERE state IN ('delivered', 'failed');`,
 }

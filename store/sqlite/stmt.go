@@ -23,7 +23,7 @@ func hotStatements() []string {
 		qDevice, qDeviceAliases, qDevices, qAliases, qSetControl, qRegistryVersion, qContact, qSetContact, qTouchContact,
 		qInstanceNext, qInstanceSet, qCounter, qCounterSet,
 		qDedupe, qAddSubmission, qResolveSubmission, qSubmissionExists, qPendingSubmissions,
-		qInsertDelivery, qInsertRelayMessage, qInsertRelay,
+		qInsertDelivery, qInsertDeliveryContent, qInsertRelayMessage, qInsertRelay,
 		qWakeWaiting, qWake, qNextDue, qQueuedDevices, qChangedDevices, qDeviceNextDue,
 		qInFlight, qClaimable, qPeek, qPeekMany, qClaim, qDeliveryState, qFinishDelivery, qRecordStatus,
 		qExpiredDeliveries, qQueuedDeliveries, qDeliveryStatus,

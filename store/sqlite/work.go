@@ -10,12 +10,14 @@ import (
 )
 
 const (
-	qInsertDelivery = `INSERT INTO deliveries (device, message_id, submission_time, content_type, content,
+	qInsertDelivery = `INSERT INTO deliveries (device, message_id, submission_time, content_type, size,
 		priority, state, attempts, next_attempt, expires, created, updated, last_error,
 		report_device, report_mail, report_flags, report_recipient, report_message_id, report_headers, report_dsn)
 		VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?, ?)`
-	qInsertRelayMessage = `INSERT INTO relay_messages (envelope_from, data, created) VALUES (?, ?, ?) RETURNING id`
-	qInsertRelay        = `INSERT INTO relays (message, rcpt, state, attempts, next_attempt, expires, created,
+	// The content of the delivery just inserted, on the same connection.
+	qInsertDeliveryContent = `INSERT INTO delivery_content (id, content) VALUES (last_insert_rowid(), ?)`
+	qInsertRelayMessage    = `INSERT INTO relay_messages (envelope_from, data, created) VALUES (?, ?, ?) RETURNING id`
+	qInsertRelay           = `INSERT INTO relays (message, rcpt, state, attempts, next_attempt, expires, created,
 		updated, last_error, report_device, report_mail, report_flags, report_recipient, report_message_id,
 		report_headers, report_dsn) VALUES (?, ?, ?, 0, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?, ?)`
 )
@@ -30,10 +32,13 @@ func (s *DB) insertWork(ctx context.Context, tx *sql.Tx, w store.Work, now time.
 			st = int64(*d.SubmissionTime)
 		}
 		_, err := s.exec(ctx, tx, qInsertDelivery,
-			d.Device, d.MessageID, st, d.ContentType, store.NonNil(d.Content), d.Priority, string(store.DeliveryQueued),
+			d.Device, d.MessageID, st, d.ContentType, len(d.Content), d.Priority, string(store.DeliveryQueued),
 			store.Millis(d.NextAttempt), store.Millis(d.Expires), store.Millis(now), store.Millis(now),
 			d.Report.Device, d.Report.Mail, d.Report.Flags, d.Report.Recipient, d.Report.MessageID, d.Report.Headers,
 			d.Report.DSN)
+		if err == nil {
+			_, err = s.exec(ctx, tx, qInsertDeliveryContent, store.NonNil(d.Content))
+		}
 		if err != nil {
 			return fmt.Errorf("sqlite: queue delivery: %w", err)
 		}
