@@ -167,9 +167,10 @@ const contactCols = `COALESCE(dv.contact_addr, ''), COALESCE(dv.contact_via, '')
 var (
 	// The device's oldest due delivery within the limits (a limit left
 	// NULL does not restrict), found first: the content of that one only
-	// is read.
-	qClaimableID = `SELECT id FROM deliveries WHERE device = ?1 AND state = 'queued' AND next_attempt <= ?2
-		AND (?3 IS NULL OR size <= ?3) AND (?4 IS NULL OR priority >= ?4) ORDER BY id LIMIT 1`
+	// is read. MIN, not ORDER BY id LIMIT 1: the index range gives it
+	// without sorting the due rows.
+	qClaimableID = `SELECT MIN(id) FROM deliveries WHERE device = ?1 AND state = 'queued' AND next_attempt <= ?2
+		AND (?3 IS NULL OR size <= ?3) AND (?4 IS NULL OR priority >= ?4)`
 	qClaimable = `SELECT ` + deliveryCols + `, ` + contactCols + `
 		FROM ` + deliveryFrom + ` LEFT JOIN devices AS dv ON dv.address = q.device
 		WHERE q.id = (` + qClaimableID + `)`

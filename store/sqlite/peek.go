@@ -14,8 +14,8 @@ import (
 // with each device's contact.
 var qPeekMany = `SELECT ` + deliveryCols + `, dv.next_instance,
 	dv.contact_addr, dv.contact_via, dv.contact_at, dv.contact_polled
-	FROM devices AS dv JOIN deliveries AS q ON q.id = (SELECT id FROM deliveries
-		WHERE device = dv.address AND state = 'queued' AND next_attempt <= ?1 ORDER BY id LIMIT 1)
+	FROM devices AS dv JOIN deliveries AS q ON q.id = (SELECT MIN(id) FROM deliveries
+		WHERE device = dv.address AND state = 'queued' AND next_attempt <= ?1)
 	JOIN delivery_content AS c ON c.id = q.id
 	WHERE dv.address IN (SELECT value FROM json_each(?2))
 	AND NOT EXISTS (SELECT 1 FROM deliveries AS f WHERE f.device = dv.address AND f.state = 'inflight')`
