@@ -121,7 +121,12 @@ func NewEndpoint(conn net.PacketConn, cfg *Config) (*Endpoint, error) {
 func (e *Endpoint) LocalAddr() net.Addr { return e.conn.LocalAddr() }
 
 // Stats returns a snapshot of the endpoint's counters.
-func (e *Endpoint) Stats() Stats { return e.st.snapshot() }
+func (e *Endpoint) Stats() Stats {
+	if src, ok := e.batch.(icmpSource); ok {
+		src.refreshDrops()
+	}
+	return e.st.snapshot()
+}
 
 // Handle binds sap (1..15) with a handshake and a handler (SAP-BIND, see
 // docs/protocol.md ESRO §3.3). INVOKEs for an unbound SAP are answered FAILURE(2).

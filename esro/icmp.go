@@ -68,6 +68,8 @@ type icmpSource interface {
 	afterSendError(err error) bool
 	// setCounters gives the endpoint's counters for the drop count.
 	setCounters(*counters)
+	// refreshDrops brings the drop count up to date.
+	refreshDrops()
 }
 
 // wireICMP connects the batch I/O's reports to the counters.

@@ -63,6 +63,30 @@ func (b *batchConn) noteDrops(oob []byte) {
 	}
 }
 
+// refreshDrops reads the socket's drop count (SO_MEMINFO), which reads of
+// one datagram do not bring in a control message (doRecvFrom).
+func (b *batchConn) refreshDrops() {
+	if b.st == nil {
+		return
+	}
+	var info [unix.SK_MEMINFO_VARS]uint32
+	var e syscall.Errno
+	if err := b.rc.Control(func(fd uintptr) {
+		l := uint32(unsafe.Sizeof(info))
+		_, _, e = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_MEMINFO,
+			uintptr(unsafe.Pointer(&info[0])), uintptr(unsafe.Pointer(&l)), 0)
+	}); err != nil || e != 0 {
+		return
+	}
+	d := uint64(info[unix.SK_MEMINFO_DROPS])
+	for {
+		cur := b.st.kernelDrops.Load()
+		if d <= cur || b.st.kernelDrops.CompareAndSwap(cur, d) {
+			return
+		}
+	}
+}
+
 // maxErrQueue bounds the reports read at once.
 const maxErrQueue = 64
 

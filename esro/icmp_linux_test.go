@@ -82,35 +82,52 @@ func TestUnreachableMustQuote(t *testing.T) {
 	h.state(inv, stInvokerRefWait)
 }
 
-// Datagrams the kernel drops for want of receive buffer are counted
-// (SO_RXQ_OVFL).
+// Datagrams the kernel drops for want of receive buffer are counted:
+// from SO_MEMINFO when the socket is quiet (its reads bring no control
+// messages), from SO_RXQ_OVFL once it is busy.
 func TestKernelDrops(t *testing.T) {
-	c := listenUDP(t, "udp4", "127.0.0.1:0")
-	c.SetReadBuffer(4096) // the kernel's minimum: a few datagrams
-	b := newBatchConn(c).(*batchConn)
-	var st counters
-	b.setCounters(&st)
-	tx := listenUDP(t, "udp4", "127.0.0.1:0")
-	const sent = 200
-	for range sent {
-		tx.WriteToUDPAddrPort(make([]byte, 100), c.LocalAddr().(*net.UDPAddr).AddrPort())
-	}
-	// A datagram carries the count as it was when it was queued: read
-	// what queued before the drops, then one sent after them.
-	to := c.LocalAddr().(*net.UDPAddr).AddrPort()
-	c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-	for {
-		if _, err := b.read(); err != nil {
-			break
-		}
-	}
-	c.SetReadDeadline(time.Time{})
-	tx.WriteToUDPAddrPort(make([]byte, 100), to)
-	if _, err := b.read(); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("%d dropped", st.kernelDrops.Load())
-	if d := st.kernelDrops.Load(); d == 0 || d >= sent {
-		t.Fatalf("%d drops of %d", d, sent)
+	for _, busy := range []bool{false, true} {
+		t.Run(map[bool]string{false: "quiet", true: "busy"}[busy], func(t *testing.T) {
+			c := listenUDP(t, "udp4", "127.0.0.1:0")
+			c.SetReadBuffer(4096) // the kernel's minimum: a few datagrams
+			b := newBatchConn(c).(*batchConn)
+			if busy { // as after busyReads reads that found a datagram waiting
+				for len(b.bufs) < batchSlots {
+					b.bufs = append(b.bufs, make([]byte, maxDatagram+1))
+				}
+			}
+			var st counters
+			b.setCounters(&st)
+			tx := listenUDP(t, "udp4", "127.0.0.1:0")
+			const sent = 200
+			to := c.LocalAddr().(*net.UDPAddr).AddrPort()
+			for range sent {
+				tx.WriteToUDPAddrPort(make([]byte, 100), to)
+			}
+			// A datagram carries the count as it was when it was
+			// queued: read what queued before the drops, then one sent
+			// after them.
+			c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+			for {
+				if _, err := b.read(); err != nil {
+					break
+				}
+			}
+			c.SetReadDeadline(time.Time{})
+			tx.WriteToUDPAddrPort(make([]byte, 100), to)
+			if _, err := b.read(); err != nil {
+				t.Fatal(err)
+			}
+			if !busy {
+				if len(b.bufs) != 1 {
+					t.Fatalf("%d read buffers: the quiet path was not tested", len(b.bufs))
+				}
+				b.refreshDrops()
+			}
+			t.Logf("%d dropped", st.kernelDrops.Load())
+			if d := st.kernelDrops.Load(); d == 0 || d >= sent {
+				t.Fatalf("%d drops of %d", d, sent)
+			}
+		})
 	}
 }
