@@ -22,13 +22,11 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
@@ -59,10 +57,10 @@ type Options struct {
 
 // Server is a running throwaway cluster.
 type Server struct {
-	bin      string // directory of initdb, pg_ctl, postgres
-	dir      string // temporary directory: data, socket, log
-	sock     string // socket directory
-	cred     *syscall.Credential
+	bin      string      // directory of initdb, pg_ctl, postgres
+	dir      string      // temporary directory: data, socket, log
+	sock     string      // socket directory
+	cred     *serverCred // nil: run the server as this process's user
 	watchdog *exec.Cmd
 	stopPipe io.WriteCloser
 	seq      atomic.Int64
@@ -163,40 +161,11 @@ func Start(ctx context.Context, o Options) (s *Server, err error) {
 	return s, nil
 }
 
-// serverUser returns the credentials of the postgres system user,
-// creating it when missing (PostgreSQL refuses to run as root).
-func serverUser(ctx context.Context) (*syscall.Credential, error) {
-	u, err := user.Lookup("postgres")
-	if err != nil {
-		var unknown user.UnknownUserError
-		if !errors.As(err, &unknown) {
-			return nil, fmt.Errorf("pgtest: look up user postgres: %w", err)
-		}
-		out, err := exec.CommandContext(ctx, "useradd", "--system", "--user-group", "--no-create-home",
-			"--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "postgres").CombinedOutput()
-		if err != nil {
-			return nil, fmt.Errorf("pgtest: running as root and there is no postgres user to run the server as; "+
-				"useradd failed: %w\n%s", err, out)
-		}
-		if u, err = user.Lookup("postgres"); err != nil {
-			return nil, fmt.Errorf("pgtest: look up user postgres: %w", err)
-		}
-	}
-	uid, err1 := strconv.ParseUint(u.Uid, 10, 32)
-	gid, err2 := strconv.ParseUint(u.Gid, 10, 32)
-	if err1 != nil || err2 != nil {
-		return nil, fmt.Errorf("pgtest: user postgres has non-numeric ids %s:%s", u.Uid, u.Gid)
-	}
-	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), NoSetGroups: true}, nil
-}
-
 func (s *Server) command(ctx context.Context, name string, args ...string) *exec.Cmd {
 	c := exec.CommandContext(ctx, filepath.Join(s.bin, name), args...)
 	c.Dir = s.dir
 	c.Env = append(os.Environ(), "LC_ALL=C", "PGTZ=UTC")
-	if s.cred != nil {
-		c.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
-	}
+	runAs(c, s.cred)
 	return c
 }
 
@@ -211,15 +180,10 @@ func (s *Server) startWatchdog(data string) error {
 		filepath.Join(s.bin, "pg_ctl"), data)
 	c.Dir = s.dir
 	c.Env = append(os.Environ(), "LC_ALL=C")
-	if s.cred != nil {
-		c.SysProcAttr = &syscall.SysProcAttr{Credential: s.cred}
-	}
+	runAs(c, s.cred)
 	// Detach from the terminal's process group so that ^C reaches only
 	// the test binary; the watchdog still stops the server after it.
-	if c.SysProcAttr == nil {
-		c.SysProcAttr = &syscall.SysProcAttr{}
-	}
-	c.SysProcAttr.Setpgid = true
+	detach(c)
 	w, err := c.StdinPipe()
 	if err != nil {
 		return fmt.Errorf("pgtest: watchdog: %w", err)
