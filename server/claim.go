@@ -178,7 +178,19 @@ func (s *scheduler) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 				err: fmt.Sprintf("no answer within %v, and every probe taken", r.took.Round(time.Millisecond))}
 		}
 	}
+	// The attempt is over: its slot goes to the next device in line while
+	// the outcome is written (fleet.record).
+	freed := s.fleet.record(fd, s.conf().Delivery.Concurrency)
+	if freed {
+		if f.watchdog != nil {
+			f.watchdog.Stop()
+		}
+		s.setInFlight()
+	}
 	s.mu.Unlock()
+	if freed {
+		s.kick()
+	}
 	s.recordOutcome(d, r, time.Now().Add(s.deviceBackoff(fails+1)))
 	switch r.kind {
 	case attemptDelivered, attemptFailed:

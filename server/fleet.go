@@ -44,6 +44,8 @@ type fleet struct {
 	wait  dueHeap // devices not yet due, by ready time
 	lines [kinds]line
 	busy  [kinds]int // attempts in flight by kind
+	// recording: attempts over whose outcomes are being written (record).
+	recording int
 	// contended is when live devices last waited for a worker; calm is
 	// how long after it first attempts stay held to the probe share (the
 	// cut time: see take).
@@ -98,11 +100,14 @@ type fdev struct {
 	// again: new work or a sign of life came while an attempt was in
 	// flight: look again when it ends.
 	again bool
-	where int
-	line  int    // its line while ready
-	kind  int    // the kind of its attempt while busy
-	idx   int    // heap index while waiting
-	seq   uint64 // line entry generation: stale entries are skipped
+	// recording: its attempt is over and its outcome being written; the
+	// device stays busy, its worker's slot is free (fleet.record).
+	recording bool
+	where     int
+	line      int    // its line while ready
+	kind      int    // the kind of its attempt while busy
+	idx       int    // heap index while waiting
+	seq       uint64 // line entry generation: stale entries are skipped
 }
 
 func newFleet() *fleet { return &fleet{devs: map[emsd.Address]*fdev{}} }
@@ -314,10 +319,30 @@ func (f *fleet) take(now time.Time, lim fleetLimits) []*fdev {
 // inFlight is the number of attempts in flight.
 func (f *fleet) inFlight() int { return f.busy[kLive] + f.busy[kFirst] + f.busy[kProbe] }
 
+// record frees the slot of d's attempt once the attempt is over and only
+// its outcome remains to be written: the next device in line can claim
+// and invoke while that write waits for its commit. The limits bound the
+// attempts on the network; a device's outcome write, a commit wait of
+// several milliseconds, would otherwise hold a slot for a third of a live
+// delivery's time, which with fewer answering devices than slots in
+// line makes the rate follow the store's commit latency. d stays busy
+// (one attempt per device at a time; its next waits for the outcome, and
+// finish). At most limit outcomes are written that way at once; beyond,
+// the slot is held as before. false: not freed.
+func (f *fleet) record(d *fdev, limit int) bool {
+	if d.where != fBusy || d.recording || f.recording >= limit {
+		return false
+	}
+	f.busy[d.kind]--
+	d.recording = true
+	f.recording++
+	return true
+}
+
 // promote makes d's attempt, unanswered for the cut time, a probe if
 // fewer than probeLimit run; false: cut it short.
 func (f *fleet) promote(d *fdev, probeLimit int) bool {
-	if d.where != fBusy || d.kind == kProbe {
+	if d.where != fBusy || d.recording || d.kind == kProbe {
 		return true
 	}
 	if f.busy[kProbe] >= probeLimit {
@@ -364,7 +389,12 @@ const storeErrorHold = 2 * time.Second
 // server delivers to.
 func (f *fleet) finish(d *fdev, o fleetOutcome, now time.Time, backoff func(fails int) time.Duration,
 	next time.Time, ok bool, elsewhere time.Duration) {
-	f.busy[d.kind]--
+	if d.recording {
+		d.recording = false
+		f.recording--
+	} else {
+		f.busy[d.kind]--
+	}
 	d.where = fIdle
 	again := d.again
 	d.again, d.elsewhere = false, false

@@ -241,3 +241,45 @@ func TestRetransmitRateConfig(t *testing.T) {
 		t.Errorf("negative rate: %v", err)
 	}
 }
+
+// An attempt whose outcome is being written frees its slot for the next
+// device in line, but not its device: no second attempt to it before the
+// outcome is in (finish), and no more outcomes written that way than the
+// limit, beyond which the slot is held as before.
+func TestFleetRecordFreesSlot(t *testing.T) {
+	f := newFleet()
+	now := fleetT0
+	for a := emsd.Address(1); a <= 4; a++ {
+		f.get(a).answered = true
+		f.note(a, now, now)
+	}
+	if got := f.take(now, lim4); !slices.Equal(addrs(got), []emsd.Address{1, 2}) {
+		t.Fatalf("took %v, want live 1, 2", addrs(got))
+	}
+	if !f.record(f.devs[1], 1) || f.busy[kLive] != 1 || f.recording != 1 {
+		t.Fatalf("record: busy %v, recording %d", f.busy, f.recording)
+	}
+	if f.record(f.devs[1], 1) {
+		t.Fatal("recorded twice")
+	}
+	if f.record(f.devs[2], 1) || f.busy[kLive] != 1 {
+		t.Fatalf("a second outcome beyond the limit freed its slot: busy %v", f.busy)
+	}
+	// A watchdog firing late has nothing to promote.
+	if !f.promote(f.devs[1], 1) || f.busy[kProbe] != 0 || f.devs[1].kind != kLive {
+		t.Fatalf("promote of a recording attempt: busy %v", f.busy)
+	}
+	f.note(1, now, now) // new mail meanwhile: device 1 stays busy
+	if got := f.take(now, lim4); !slices.Equal(addrs(got), []emsd.Address{3}) {
+		t.Fatalf("took %v, want 3 in 1's slot (1 is still busy)", addrs(got))
+	}
+	f.finish(f.devs[1], fDone, now, fixedBackoff, time.Time{}, false, time.Minute)
+	if f.recording != 0 || f.busy[kLive] != 2 || f.devs[1].recording || f.devs[1].where != fReady {
+		t.Fatalf("after finish: busy %v, recording %d, device %+v", f.busy, f.recording, f.devs[1])
+	}
+	f.finish(f.devs[2], fDone, now, fixedBackoff, time.Time{}, false, time.Minute)
+	// Back at the end of the line, behind 4: fairness as before.
+	if got := f.take(now, lim4); !slices.Equal(addrs(got), []emsd.Address{4}) {
+		t.Fatalf("took %v, want 4 (1 and 2 behind it)", addrs(got))
+	}
+}
