@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/esro-emsdp/emsdp/emsd"
+	"github.com/esro-emsdp/emsdp/internal/testclock"
 	"github.com/esro-emsdp/emsdp/ua/uatest"
 )
 
@@ -44,24 +45,6 @@ func (c *captureLog) count(lv slog.Level, s string) int {
 		}
 	}
 	return n
-}
-
-// clock is an injectable clock.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
 }
 
 var t0 = time.Date(2026, 11, 26, 8, 0, 0, 0, time.UTC)
@@ -238,7 +221,7 @@ func TestDeliveredIndexDamaged(t *testing.T) {
 			dir := t.TempDir()
 			must(t, os.WriteFile(filepath.Join(dir, DeliveredIndexName), []byte(tc.content), 0o600))
 			logs := &captureLog{}
-			cfg := MaildirConfig{Now: (&clock{t: t0}).Now, Logger: slog.New(logs)}
+			cfg := MaildirConfig{Now: testclock.At(t0).Now, Logger: slog.New(logs)}
 			md := openTestMaildir(t, dir, cfg)
 			if store(t, md, testDelivery(1)) || store(t, md, testDelivery(2)) {
 				t.Fatal("a valid entry was not recognised")
@@ -269,21 +252,21 @@ func TestDeliveredIndexDamaged(t *testing.T) {
 // survive the compaction and re-opening.
 func TestDeliveredIndexRetention(t *testing.T) {
 	dir := t.TempDir()
-	clk := &clock{t: t0}
+	clk := testclock.At(t0)
 	cfg := MaildirConfig{Now: clk.Now, Retention: 30 * 24 * time.Hour}
 	md := openTestMaildir(t, dir, cfg)
 	const old, recent = 100, 10
 	for n := range old {
 		store(t, md, testDelivery(n))
 	}
-	clk.advance(20 * 24 * time.Hour)
+	clk.Advance(20 * 24 * time.Hour)
 	for n := old; n < old+recent; n++ {
 		store(t, md, testDelivery(n))
 	}
 	if l := len(indexLines(t, dir)); l != old+recent {
 		t.Fatalf("%d lines before expiry, want %d", l, old+recent)
 	}
-	clk.advance(11 * 24 * time.Hour) // the first 100 are 31 days old
+	clk.Advance(11 * 24 * time.Hour) // the first 100 are 31 days old
 	if !store(t, md, testDelivery(-1)) {
 		t.Fatal("new delivery not stored")
 	}
@@ -320,7 +303,7 @@ func TestDeliveredIndexRetention(t *testing.T) {
 // At most MaxDelivered entries are remembered, and the file stays bounded.
 func TestDeliveredIndexMax(t *testing.T) {
 	dir := t.TempDir()
-	cfg := MaildirConfig{Now: (&clock{t: t0}).Now, MaxDelivered: 10}
+	cfg := MaildirConfig{Now: testclock.At(t0).Now, MaxDelivered: 10}
 	md := openTestMaildir(t, dir, cfg)
 	const total = 200
 	for n := range total {
@@ -423,7 +406,7 @@ func FuzzDeliveredIndex(f *testing.F) {
 	f.Fuzz(func(t *testing.T, content []byte) {
 		dir := t.TempDir()
 		must(t, os.WriteFile(filepath.Join(dir, DeliveredIndexName), content, 0o600))
-		cfg := MaildirConfig{Domain: "emsd.example", Now: (&clock{t: t0}).Now, Logger: slog.New(slog.DiscardHandler), MaxDelivered: 3}
+		cfg := MaildirConfig{Domain: "emsd.example", Now: testclock.At(t0).Now, Logger: slog.New(slog.DiscardHandler), MaxDelivered: 3}
 		md, err := OpenMaildir(dir, cfg)
 		must(t, err)
 		for n := 2; n < 5; n++ {

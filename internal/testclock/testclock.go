@@ -14,7 +14,10 @@ type Clock struct {
 }
 
 // New returns a clock at 2026-01-02 03:04:05 UTC.
-func New() *Clock { return &Clock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
+func New() *Clock { return At(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)) }
+
+// At returns a clock at t.
+func At(t time.Time) *Clock { return &Clock{t: t} }
 
 // Now is the clock's time.
 func (c *Clock) Now() time.Time {
