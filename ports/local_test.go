@@ -251,7 +251,7 @@ func TestLocalReal(t *testing.T) {
 		defer l.Close()
 		port = p
 	}
-	free := quietPort(t)
+	free := testport.Quiet(t, "tcp", "udp") // nothing bound to it, on either protocol
 
 	rep, err := Local(context.Background(), []int{port, free})
 	if err != nil {
@@ -277,17 +277,6 @@ func TestLocalReal(t *testing.T) {
 			t.Errorf("verdict %q, want %q", lp.Verdict, want)
 		}
 	}
-}
-
-// quietPort returns a loopback port nothing is bound to on either
-// protocol, chosen below the kernel's ephemeral range
-// (ip_local_port_range): the kernel gives it to no socket bound to port 0
-// nor to any outgoing connection, so only an explicit bind could take it
-// while the test looks at it. (A port found free on port 0 and closed
-// could be taken by any socket.)
-func quietPort(t *testing.T) int {
-	t.Helper()
-	return testport.Quiet(t, "tcp", "udp")
 }
 
 func TestBindTest(t *testing.T) {
