@@ -64,7 +64,7 @@ func (b *batchConn) noteDrops(oob []byte) {
 }
 
 // refreshDrops reads the socket's drop count (SO_MEMINFO), which reads of
-// one datagram do not bring in a control message (doRecvFrom).
+// one datagram (recvfrom, doRecv) do not bring in a control message.
 func (b *batchConn) refreshDrops() {
 	if b.st == nil {
 		return
