@@ -54,8 +54,7 @@ func (m *machine) unreachable(now time.Time, r icmpReport) {
 	m.disarm(inv)
 	inv.kept = nil
 	m.finishInvoker(inv, nil, m.localFailure(Unreachable, &UnreachableError{Addr: to, Err: r.err}))
-	m.setState(inv, stInvokerRefWait)
-	m.arm(inv, tRef, now, m.td.hold)
+	m.refWait(now, inv)
 }
 
 // icmpSource is a batchIO that reports ICMP errors (Linux, IP_RECVERR)

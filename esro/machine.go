@@ -319,6 +319,19 @@ func (m *machine) eachInvocation(invokers, performers bool, f func(*invocation))
 	}
 }
 
+// refWait ends inv's exchange but keeps its reference number held, so
+// that a late duplicate is recognised: T_ref for a performer, the
+// invoker's hold time for an invoker.
+func (m *machine) refWait(now time.Time, inv *invocation) {
+	if inv.perf {
+		m.setState(inv, stPerformerRefWait)
+		m.arm(inv, tRef, now, m.td.ref)
+	} else {
+		m.setState(inv, stInvokerRefWait)
+		m.arm(inv, tRef, now, m.td.hold)
+	}
+}
+
 func (m *machine) setState(inv *invocation, s state) {
 	if inv.st.active() != s.active() {
 		if s.active() {

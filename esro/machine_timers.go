@@ -224,23 +224,16 @@ func (m *machine) expire(now time.Time, inv *invocation, k timerKind) {
 		inv.kept = nil
 		if inv.perf {
 			m.finishPerformer(inv, m.localFailure(Transmission, nil))
-			m.setState(inv, stPerformerRefWait)
-			m.arm(inv, tRef, now, m.td.ref)
 		} else {
 			m.finishInvoker(inv, nil, m.localFailure(UserNotResponding, nil))
-			m.setState(inv, stInvokerRefWait)
-			m.arm(inv, tRef, now, m.td.hold)
 		}
+		m.refWait(now, inv)
 	case tInact:
 		if inv.perf { // 2-way performer: assume the reply arrived
 			m.st.confirms.Add(1)
 			m.finishPerformer(inv, nil)
-			m.setState(inv, stPerformerRefWait)
-			m.arm(inv, tRef, now, m.td.ref)
-		} else {
-			m.setState(inv, stInvokerRefWait)
-			m.arm(inv, tRef, now, m.td.hold)
 		}
+		m.refWait(now, inv)
 	case tNoResp:
 		m.replyFailure(now, inv.addr, inv.key.ref, UserNotResponding, &inv.budget)
 		m.finishPerformer(inv, m.localFailure(LocalResource, ErrNoResponse))

@@ -200,8 +200,7 @@ func (m *machine) onReply(now time.Time, inv *invocation, p *PDU) {
 			m.setState(inv, stAckSent)
 			m.arm(inv, tInact, now, m.td.inact)
 		} else {
-			m.setState(inv, stInvokerRefWait)
-			m.arm(inv, tRef, now, m.td.hold)
+			m.refWait(now, inv)
 		}
 	case stAckSent:
 		m.st.duplicates.Add(1)
@@ -228,8 +227,7 @@ func (m *machine) onAck(now time.Time, inv *invocation) {
 		inv.kept = nil
 		m.st.confirms.Add(1)
 		m.finishPerformer(inv, nil)
-		m.setState(inv, stPerformerRefWait)
-		m.arm(inv, tRef, now, m.td.ref)
+		m.refWait(now, inv)
 	case stPerformerRefWait:
 		m.st.duplicates.Add(1)
 		m.arm(inv, tRef, now, m.td.ref)
@@ -247,8 +245,7 @@ func (m *machine) onFailurePDU(now time.Time, p *PDU, key invKey) {
 		m.disarm(inv)
 		inv.kept = nil
 		m.finishInvoker(inv, nil, &Failure{Reason: r, Remote: true})
-		m.setState(inv, stInvokerRefWait)
-		m.arm(inv, tRef, now, m.td.hold)
+		m.refWait(now, inv)
 		return
 	}
 	if inv := m.performer(key); inv != nil && inv.st == stAckWait {
@@ -260,8 +257,7 @@ func (m *machine) onFailurePDU(now time.Time, p *PDU, key invKey) {
 		m.disarm(inv)
 		inv.kept = nil
 		m.finishPerformer(inv, &Failure{Reason: r, Remote: true})
-		m.setState(inv, stPerformerRefWait)
-		m.arm(inv, tRef, now, m.td.ref)
+		m.refWait(now, inv)
 		return
 	}
 	m.drop(DropUnmatchedFailure)

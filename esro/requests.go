@@ -158,8 +158,7 @@ func (m *machine) abandon(now time.Time, inv *invocation, cause error) {
 	m.finishInvoker(inv, nil, cause)
 	if inv.st == stInvokeSent {
 		inv.kept = nil
-		m.setState(inv, stInvokerRefWait)
-		m.arm(inv, tRef, now, m.td.hold)
+		m.refWait(now, inv)
 	}
 }
 
@@ -228,8 +227,7 @@ func (m *machine) unbind(now time.Time, sap uint8) error {
 		}
 		inv.kept = nil
 		m.finishPerformer(inv, ErrSAPNotBound)
-		m.setState(inv, stPerformerRefWait)
-		m.arm(inv, tRef, now, m.td.ref)
+		m.refWait(now, inv)
 	})
 	return nil
 }
