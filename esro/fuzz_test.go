@@ -97,8 +97,8 @@ func checkInvariants(t *testing.T, m *machine) {
 		perf[k.peer]++
 	}
 	for k, p := range m.peers {
-		if p.nheld != held[k] || p.nperf != perf[k] {
-			t.Fatalf("peer %v counts %d/%d, tables %d/%d", k, p.nheld, p.nperf, held[k], perf[k])
+		if p.nheld != held[k] || p.perf.n != perf[k] {
+			t.Fatalf("peer %v counts %d/%d, tables %d/%d", k, p.nheld, p.perf.n, held[k], perf[k])
 		}
 	}
 	perIP := map[netip.Addr]int{}

@@ -134,7 +134,6 @@ type peer struct {
 	key     netip.AddrPort
 	held    [4]uint64 // reference numbers held by invoker invocations
 	nheld   int
-	nperf   int
 	srtt    time.Duration
 	rttvar  time.Duration
 	hasRTT  bool
@@ -145,7 +144,7 @@ type peer struct {
 	ip      *ipLoad // performer invocations from its address, once it had one
 }
 
-func (p *peer) idle() bool { return p.nheld == 0 && p.nperf == 0 && len(p.waiters) == 0 }
+func (p *peer) idle() bool { return p.nheld == 0 && p.perf.n == 0 && len(p.waiters) == 0 }
 
 func (p *peer) isHeld(r uint8) bool { return p.held[r>>6]&(1<<(r&63)) != 0 }
 

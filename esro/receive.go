@@ -109,8 +109,6 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 	if pr == nil {
 		pr = m.peerFor(key.peer)
 	}
-	m.use(pr)
-	pr.nperf++
 	m.ipLoadOf(pr, from.Addr()).n++
 	inv = newInvocation(m.rx)
 	room := inv.room
@@ -138,6 +136,7 @@ func (m *machine) onInvoke(now time.Time, p *PDU, from netip.AddrPort, key invKe
 	if unproven {
 		m.countUnproven(inv, 1)
 	}
+	m.use(pr)
 	pr.perf.put(inv)
 	m.nperf++
 	m.st.inflightPerf.Add(1)

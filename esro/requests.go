@@ -40,7 +40,6 @@ func (m *machine) release(inv *invocation) {
 		if inv.unproven {
 			m.countUnproven(inv, -1)
 		}
-		p.nperf--
 		p.ip.n--
 		m.st.inflightPerf.Add(-1)
 		inv.hctx.cancel(ErrInvocationEnded)
