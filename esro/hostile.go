@@ -120,8 +120,12 @@ func peersAuthenticated(conn net.PacketConn) bool {
 // prove marks a as proven for Config.ProvenFor. A proof that still has
 // all but 1/64 of that to run is left as it is: a busy peer proves itself
 // on every reply, and one lookup then costs less than a lookup and a
-// store, for a proof that may end that much sooner.
+// store, for a proof that may end that much sooner. On an
+// AuthenticatedConn every source is proven already: nothing is kept.
 func (m *machine) prove(now time.Time, a netip.AddrPort) {
+	if m.cfg.peersAuthenticated {
+		return
+	}
 	h := &m.hostile
 	until := m.clock(now) + int64(m.cfg.ProvenFor)
 	t, ok := h.proven[a]

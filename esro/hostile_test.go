@@ -285,6 +285,11 @@ func TestAuthenticatedPeersProven(t *testing.T) {
 	if s := h.st.snapshot(); s.Withheld != 0 {
 		t.Fatalf("withheld %d", s.Withheld)
 	}
+	// Nor is a proof kept for any of them.
+	h.m.prove(h.now, stranger)
+	if n := len(h.m.hostile.proven); n != 0 {
+		t.Fatalf("%d proofs kept", n)
+	}
 }
 
 // A proof runs ProvenFor after the last reply that renewed it; a reply
