@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -555,4 +556,56 @@ func TestHandlerPanicIsContained(t *testing.T) {
 			t.Fatalf("got %v", err)
 		}
 	})
+}
+
+// rearm only ever moves the endpoint's armed timer earlier: when the
+// machine next wants it later, the timer fires early and is armed again
+// then, rather than being reset on every change.
+func TestRearmOnlyEarlier(t *testing.T) {
+	ep, err := Listen("udp", "127.0.0.1:0", &Config{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ep.Close()
+	silent, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		ep.Invoke(ctx, &Request{To: silent.LocalAddr().(*net.UDPAddr).AddrPort(), SAP: 13, Handshake: TwoWay, Operation: 2, Data: []byte("x")})
+	}()
+	defer func() { cancel(); <-done }()
+	// The INVOKE's retransmission timer arms the endpoint's.
+	for start := time.Now(); ; time.Sleep(time.Millisecond) {
+		ep.mu.Lock()
+		armed := ep.armed
+		ep.mu.Unlock()
+		if armed {
+			break
+		}
+		if time.Since(start) > 10*time.Second {
+			t.Fatal("the endpoint's timer was never armed")
+		}
+	}
+	ep.mu.Lock()
+	defer ep.mu.Unlock()
+	at, ok := ep.m.wakeAt()
+	if !ok {
+		t.Fatal("no wake-up wanted")
+	}
+	early := at.Add(-time.Second)
+	ep.timerAt = early
+	ep.rearm(time.Now())
+	if !ep.timerAt.Equal(early) {
+		t.Fatalf("armed timer moved %v later", ep.timerAt.Sub(early))
+	}
+	ep.timerAt = at.Add(time.Second)
+	ep.rearm(time.Now())
+	if !ep.timerAt.Equal(at) {
+		t.Fatalf("armed timer at +%v of the wake-up, not moved to it", ep.timerAt.Sub(at))
+	}
 }
