@@ -101,9 +101,7 @@ const lenientSlack = 32
 // (retransmissions, T_last, the performer timeout) are exact.
 func (m *machine) slack(inv *invocation, k timerKind, d time.Duration) time.Duration {
 	switch {
-	case k == tRef:
-		return d / lenientSlack
-	case k == tInact && inv.perf:
+	case k == tRef, k == tInact && inv.perf:
 		return d / lenientSlack
 	case k == tInact:
 		return m.td.hold / lenientSlack
