@@ -127,16 +127,13 @@ func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 	}
 	var retxRows []Result
 	for _, rate := range []float64{0, def.ESRO.RetransmitRate} {
-		r, err := retxPaceRun(ctx, retxInv, retxPeers, rate)
+		r, err := retxPaceRun(ctx, retxInv, retxPeers, rate, def.ESRO.RetransmitBurst)
 		if err != nil {
 			return nil, fmt.Errorf("retransmissions at %g/s: %w", rate, err)
 		}
 		retxRows = append(retxRows, r)
 	}
-	retxBurst := def.ESRO.RetransmitBurst
-	if retxBurst == 0 {
-		retxBurst = max(1, int(def.ESRO.RetransmitRate/10))
-	}
+	retxBurst := (&esro.Config{RetransmitRate: def.ESRO.RetransmitRate, RetransmitBurst: def.ESRO.RetransmitBurst}).RetransmitBucket()
 	t := esro.ShippedTimers()
 	perAttempt := t.RetransmitCount + 1
 	return &report{tables: []table{{caption: fmt.Sprintf("%d devices × %d queued messages, part of the devices switched off: each case's median over %d rounds.", devices, per, rounds),
@@ -176,11 +173,11 @@ func runFleet(ctx context.Context, o *benchOptions) (*report, error) {
 			"and the first attempts a scheduling pass starts read the store together, up to 128 in one query (the due delivery, the next instance id " +
 			"and the contact of each device): the silent devices' first attempts cost the answering devices neither store writes nor two queries each.",
 		fmt.Sprintf("Retransmissions: one `esro.Endpoint` (the shipped timers, retries cut to 2 for a short run) invoking %d times towards %d silent "+
-			"loopback sockets at once, without a limit and with esro.retransmit_rate at the server's default (%g/s, burst %d: at most %d in any second); "+
+			"loopback sockets at once, without a limit and with esro.retransmit_rate at the server's default (%g/s, burst %g: at most %g in any second); "+
 			"times are when the endpoint wrote each datagram (its Trace hook), every one checked to arrive. over = from the first retransmission "+
 			"to the last; deferred = retransmissions that waited for their turn (none is dropped: all %d were sent); all failed after = until every "+
 			"invocation ended with its no-answer failure, which pacing delays by as much as it spreads the retransmissions.",
-			retxInv, retxPeers, def.ESRO.RetransmitRate, retxBurst, retxBurst+int(def.ESRO.RetransmitRate), 2*retxInv),
+			retxInv, retxPeers, def.ESRO.RetransmitRate, retxBurst, retxBurst+def.ESRO.RetransmitRate, 2*retxInv),
 	}}, nil
 }
 

@@ -17,7 +17,7 @@ import (
 // retxPaceRun starts invocations to silent peers all at once, so that
 // their retransmissions fall due together, and measures what leaves: with
 // esro.Config.RetransmitRate the aggregate must hold the rate.
-func retxPaceRun(ctx context.Context, invocations, peers int, rate float64) (_ Result, err error) {
+func retxPaceRun(ctx context.Context, invocations, peers int, rate float64, burst int) (_ Result, err error) {
 	pacing := "off"
 	if rate > 0 {
 		pacing = fmt.Sprintf("%g/s", rate)
@@ -59,7 +59,7 @@ func retxPaceRun(ctx context.Context, invocations, peers int, rate float64) (_ R
 	}
 	timers := esro.ShippedTimers()
 	timers.RetransmitCount = 2 // a short run: two rounds of retransmissions
-	ep, err := esro.NewEndpoint(conn, &esro.Config{Timers: timers, RetransmitRate: rate,
+	ep, err := esro.NewEndpoint(conn, &esro.Config{Timers: timers, RetransmitRate: rate, RetransmitBurst: burst,
 		Trace: func(out bool, _ netip.AddrPort, _ []byte) {
 			if out {
 				now := time.Now()

@@ -206,6 +206,16 @@ type Config struct {
 	peersAuthenticated bool
 }
 
+// RetransmitBucket is how many retransmissions the pacing lets out at
+// once: RetransmitBurst, or its default when zero. Meaningful only with
+// RetransmitRate > 0.
+func (c *Config) RetransmitBucket() float64 {
+	if c.RetransmitBurst > 0 {
+		return float64(c.RetransmitBurst)
+	}
+	return max(1, c.RetransmitRate/10) // a tenth of a second's worth
+}
+
 // Validate reports whether c can configure an Endpoint.
 func (c *Config) Validate() error {
 	_, err := c.resolved()

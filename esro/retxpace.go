@@ -25,14 +25,6 @@ type retxPacer struct {
 	last   time.Time // of the last refill; zero: the bucket is full
 }
 
-// retxBurst is the bucket's size for cfg (RetransmitRate > 0).
-func retxBurst(cfg *Config) float64 {
-	if cfg.RetransmitBurst > 0 {
-		return float64(cfg.RetransmitBurst)
-	}
-	return max(1, cfg.RetransmitRate/10) // a tenth of a second's worth
-}
-
 // paceRetransmission reports whether inv's due retransmission may go out
 // now. When not, it has re-armed inv's retransmission timer for its slot
 // and counted the deferral. The machine's lock is held.
@@ -45,7 +37,7 @@ func (m *machine) paceRetransmission(now time.Time, inv *invocation) bool {
 		inv.retxPaid = false // its slot has come
 		return true
 	}
-	p, burst := &m.retxPace, retxBurst(&m.cfg)
+	p, burst := &m.retxPace, m.cfg.RetransmitBucket()
 	if p.last.IsZero() {
 		p.tokens = burst
 	} else if now.After(p.last) {

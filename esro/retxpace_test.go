@@ -151,7 +151,7 @@ func TestRetransmitRateValidation(t *testing.T) {
 		burst int
 		want  float64
 	}{{1, 0, 1}, {1000, 0, 100}, {1000, 7, 7}} {
-		if got := retxBurst(&Config{RetransmitRate: c.rate, RetransmitBurst: c.burst}); got != c.want {
+		if got := (&Config{RetransmitRate: c.rate, RetransmitBurst: c.burst}).RetransmitBucket(); got != c.want {
 			t.Errorf("rate %v burst %d: bucket of %v, want %v", c.rate, c.burst, got, c.want)
 		}
 	}
