@@ -21,6 +21,7 @@ type Peeked struct {
 type BatchPeeker interface {
 	// PeekDeliveries returns, for each of addrs that has a due queued
 	// delivery and none in flight, what PeekDelivery and DeviceContact
-	// would. A device left out is to be asked alone.
+	// would (an unreadable contact left zero, as PeekDelivery leaves
+	// it). A device left out is to be asked alone.
 	PeekDeliveries(ctx context.Context, addrs []uint32, now time.Time) (map[uint32]Peeked, error)
 }

@@ -51,20 +51,14 @@ func (s *DB) PeekDeliveries(ctx context.Context, addrs []uint32, now time.Time) 
 	defer rows.Close()
 	for rows.Next() {
 		var next int64
-		var ca, via string
-		var at int64
-		var polled bool
-		d, err := scanDelivery(rows, &next, &ca, &via, &at, &polled)
+		var sc scanContact
+		d, err := scanDelivery(rows, append([]any{&next}, sc.dest()...)...)
 		if err != nil {
 			return nil, fmt.Errorf("sqlite: peek deliveries: %w", err)
 		}
 		d.InstanceBase = uint8(next)
-		c, err := store.ParseContact(ca, via, store.FromMillis(at), polled)
-		if err != nil {
-			continue // asked alone, which reports it
-		}
-		d.Contact = c
-		out[d.Device] = store.Peeked{Delivery: d, Contact: c}
+		d.Contact = sc.contact()
+		out[d.Device] = store.Peeked{Delivery: d, Contact: d.Contact}
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("sqlite: peek deliveries: %w", err)

@@ -82,6 +82,22 @@ func TestPeekDeliveries(t *testing.T) {
 	if got[2].Delivery.InstanceBase != 7 || got[2].Contact.Addr != c.Addr {
 		t.Errorf("device 2: instance base %d, contact %v; want 7, %v", got[2].Delivery.InstanceBase, got[2].Contact.Addr, c.Addr)
 	}
+	// An unreadable contact is left zero, as PeekDelivery leaves it: the
+	// device is peeked all the same.
+	if _, err := db.sql.ExecContext(ctx, `UPDATE devices SET contact_addr = 'nonsense', contact_at = 1 WHERE address = 2`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.DeviceContact(ctx, 2); err == nil {
+		t.Fatal("an unreadable contact was read")
+	}
+	alone, err := db.PeekDelivery(ctx, 2, now, store.Limits{InstanceIDs: next})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err = db.PeekDeliveries(ctx, []uint32{2}, now)
+	if p, ok := got[2]; err != nil || !ok || p.Contact != (store.Contact{}) || !reflect.DeepEqual(p.Delivery, alone) {
+		t.Errorf("unreadable contact: batch %+v %v, alone %+v", got, err, alone)
+	}
 	if none, err := db.PeekDeliveries(ctx, nil, now); err != nil || len(none) != 0 {
 		t.Errorf("no devices: %v, %v", none, err)
 	}
