@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -14,6 +16,7 @@ import (
 	"github.com/esro-emsdp/emsdp/esro"
 	"github.com/esro-emsdp/emsdp/internal/lossynet"
 	"github.com/esro-emsdp/emsdp/store"
+	"github.com/esro-emsdp/emsdp/store/sqlite"
 	"github.com/esro-emsdp/emsdp/store/storedid"
 	"github.com/esro-emsdp/emsdp/ua"
 )
@@ -436,6 +439,91 @@ func TestFleetHeardDevicesFirst(t *testing.T) {
 		for _, a := range dead {
 			if n := f.attempts(a); n < 1 {
 				t.Errorf("device %s not tried after the heard devices were done", a)
+			}
+		}
+	})
+}
+
+// heldOutcome is a SQLite store whose first outcome write of a claimed
+// delivery waits until released.
+type heldOutcome struct {
+	*sqlite.DB
+	taken   atomic.Bool
+	held    chan struct{} // closed when the held write begins
+	release chan struct{}
+}
+
+func (h *heldOutcome) FinishDelivery(ctx context.Context, id int64, from store.DeliveryState, r store.DeliveryResult) error {
+	if from == store.DeliveryInFlight {
+		if h.taken.CompareAndSwap(false, true) {
+			close(h.held)
+			<-h.release
+		}
+	}
+	return h.DB.FinishDelivery(ctx, id, from, r)
+}
+
+// An attempt's slot goes to the next device in line while its outcome is
+// written (fleet.record): with delivery.concurrency 1 and one answering
+// device's outcome write held, the other answering device is delivered
+// to meanwhile. Shutdown still waits for the held write, which is then
+// recorded.
+func TestFleetOutcomeWriteFreesSlot(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		db, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), sqlite.FileName), nil)
+		must(t, err)
+		defer db.Close()
+		st := &heldOutcome{DB: db, held: make(chan struct{}), release: make(chan struct{})}
+		f := startSimFleetWith(t, func(c *Config) { c.Delivery.Concurrency = 1 }, Options{Store: st})
+		released := false
+		defer func() {
+			if !released {
+				close(st.release)
+			}
+			f.close()
+		}()
+		devs := []emsd.Address{198300, 198301}
+		for _, a := range devs {
+			f.register(a)
+			f.switchOn(a)
+		}
+		// Each device's first message goes by a first attempt (unclaimed:
+		// its outcome is not held), after which the device answers and
+		// its second goes by a live attempt, one at a time. The first
+		// live attempt's outcome write is held.
+		f.queue(devs, 2)
+		for i := range 4 {
+			select {
+			case <-f.got:
+			case <-time.After(time.Second): // under the cut time, which would free the slot too (promote)
+				t.Fatalf("%d messages delivered within a second, want 4 (one live attempt's outcome write held)", i)
+			}
+		}
+		<-st.held
+		done := make(chan error, 1)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			done <- f.s.Shutdown(ctx)
+		}()
+		time.Sleep(time.Second)
+		synctest.Wait()
+		select {
+		case err := <-done:
+			t.Fatalf("shutdown returned (%v) before the held outcome was written", err)
+		default:
+		}
+		close(st.release)
+		released = true
+		must(t, <-done)
+		l, err := db.ListQueue(context.Background(), store.QueueFilter{Kind: store.QueueDelivery})
+		must(t, err)
+		if len(l.Entries) != 4 {
+			t.Errorf("%d deliveries, want 4", len(l.Entries))
+		}
+		for _, e := range l.Entries {
+			if e.State != string(store.DeliveryDelivered) {
+				t.Errorf("after shutdown: %s %s, want every delivery delivered", e.MessageID, e.State)
 			}
 		}
 	})
