@@ -17,8 +17,7 @@ func (s *scheduler) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 	a := fd.addr
 	o, next, ok := fNothing, time.Time{}, false
 	defer func() {
-		sc := s
-		sc.mu.Lock()
+		s.mu.Lock()
 		f.done = true
 		if f.watchdog != nil {
 			f.watchdog.Stop()
@@ -27,10 +26,10 @@ func (s *scheduler) attemptDevice(ctx context.Context, fd *fdev, f *flight) {
 		// server goes on with its queue) is left alone until new work
 		// for it or a rescan finding its queue changed (fleet.note); one
 		// the store failed to answer for, for storeErrorHold.
-		sc.fleet.finish(fd, o, time.Now(), s.deviceBackoff, next, ok, s.rescanEvery)
-		delete(sc.inflight, a)
+		s.fleet.finish(fd, o, time.Now(), s.deviceBackoff, next, ok, s.rescanEvery)
+		delete(s.inflight, a)
 		s.setInFlight()
-		sc.mu.Unlock()
+		s.mu.Unlock()
 		s.kick()
 	}()
 	var pk *store.Peeked

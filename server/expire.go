@@ -88,21 +88,20 @@ const staleSubmission = 30 * time.Minute
 // failure); they are re-queued without counting the attempt, to be
 // retried after the restart.
 func (s *scheduler) drainDeliveries(ctx context.Context) {
-	sc := s
-	sc.mu.Lock()
-	sc.stopping = true
-	n := len(sc.inflight)
+	s.mu.Lock()
+	s.stopping = true
+	n := len(s.inflight)
 	devs := make([]emsd.Address, 0, min(n, 10))
-	for a := range sc.inflight {
+	for a := range s.inflight {
 		if len(devs) == cap(devs) {
 			break
 		}
 		devs = append(devs, a)
 	}
-	sc.mu.Unlock()
+	s.mu.Unlock()
 	done := make(chan struct{})
 	go func() {
-		sc.workers.Wait()
+		s.workers.Wait()
 		close(done)
 	}()
 	if n > 0 {
@@ -118,9 +117,9 @@ func (s *scheduler) drainDeliveries(ctx context.Context) {
 		case <-done:
 			return
 		case <-ctx.Done():
-			sc.mu.Lock()
-			left := len(sc.inflight)
-			sc.mu.Unlock()
+			s.mu.Lock()
+			left := len(s.inflight)
+			s.mu.Unlock()
 			s.log.Warn("shutdown: drain time over; cancelling deliveries in flight (re-queued)", "deliveries", left)
 			s.dcancel()
 			<-done
@@ -131,8 +130,8 @@ func (s *scheduler) drainDeliveries(ctx context.Context) {
 		// turn silent.
 		now := time.Now()
 		wait := silent
-		sc.mu.Lock()
-		for _, f := range sc.inflight {
+		s.mu.Lock()
+		for _, f := range s.inflight {
 			quiet := now.Sub(time.Unix(0, f.progress.Load()))
 			if quiet >= silent || f.d.kind == kProbe {
 				if !f.abandoned {
@@ -143,7 +142,7 @@ func (s *scheduler) drainDeliveries(ctx context.Context) {
 			}
 			wait = min(wait, silent-quiet)
 		}
-		sc.mu.Unlock()
+		s.mu.Unlock()
 		t.Reset(wait)
 	}
 }

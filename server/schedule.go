@@ -243,9 +243,8 @@ func deliveryLimits(c DeliveryConfig) fleetLimits {
 // not answered for the cut time, the attempt becomes a probe, or is cut
 // short if every probe is taken.
 func (s *scheduler) watch(d *fdev, f *flight) {
-	sc := s
-	sc.mu.Lock()
-	defer sc.mu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if f.done || f.cut || f.abandoned {
 		return
 	}
@@ -254,7 +253,7 @@ func (s *scheduler) watch(d *fdev, f *flight) {
 		f.watchdog.Reset(c - quiet)
 		return
 	}
-	if sc.fleet.promote(d, probeLimit(s.conf().Delivery)) {
+	if s.fleet.promote(d, probeLimit(s.conf().Delivery)) {
 		s.setInFlight()
 		return
 	}
@@ -336,18 +335,17 @@ func (s *scheduler) noteQueued(w store.Work) {
 	}
 	now := time.Now()
 	recent := time.Duration(s.conf().Delivery.Expiry)
-	sc := s
-	sc.mu.Lock()
+	s.mu.Lock()
 	for _, d := range w.Deliveries {
 		a := emsd.Address(d.Device)
-		sc.fleet.note(a, cmp.Or(d.NextAttempt, now), now)
-		sc.fleet.noteHeard(a, s.contacts.lastHeard(a), now, recent)
+		s.fleet.note(a, cmp.Or(d.NextAttempt, now), now)
+		s.fleet.noteHeard(a, s.contacts.lastHeard(a), now, recent)
 		s.expiresLocked(d.Expires)
 	}
 	for _, r := range w.Relays {
 		s.expiresLocked(r.Expires)
 	}
-	sc.mu.Unlock()
+	s.mu.Unlock()
 	s.kick()
 	if len(w.Relays) > 0 {
 		s.relays.kick()
@@ -481,10 +479,9 @@ func (s *scheduler) runScheduler() {
 }
 
 func (s *scheduler) startWorkers(now time.Time) {
-	sc := s
-	sc.mu.Lock()
-	defer sc.mu.Unlock()
-	if sc.stopping {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopping {
 		return
 	}
 	// First attempts read the store in batches when it can (SQLite: one
@@ -500,7 +497,7 @@ func (s *scheduler) startWorkers(now time.Time) {
 			return
 		}
 		b, as := batch, addrs
-		sc.workers.Go(func() {
+		s.workers.Go(func() {
 			defer close(b.done)
 			got, err := bp.PeekDeliveries(s.dctx, as, now)
 			if err != nil {
@@ -513,7 +510,7 @@ func (s *scheduler) startWorkers(now time.Time) {
 		})
 		batch, addrs = nil, nil
 	}
-	for _, d := range sc.fleet.take(now, deliveryLimits(s.conf().Delivery)) {
+	for _, d := range s.fleet.take(now, deliveryLimits(s.conf().Delivery)) {
 		ctx, cancel := context.WithCancel(s.dctx)
 		f := &flight{d: d, cancel: cancel}
 		if bp != nil && d.kind == kFirst {
@@ -529,8 +526,8 @@ func (s *scheduler) startWorkers(now time.Time) {
 		if d.kind != kProbe {
 			f.watchdog = time.AfterFunc(s.silentAfter(), func() { s.watch(d, f) })
 		}
-		sc.inflight[d.addr] = f
-		sc.workers.Go(func() {
+		s.inflight[d.addr] = f
+		s.workers.Go(func() {
 			defer cancel()
 			s.attemptDevice(ctx, d, f)
 		})
